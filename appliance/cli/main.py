@@ -1,0 +1,575 @@
+"""`appliance <noun> <verb>`: each command parses, calls one core function, prints.
+
+Verbs mirror core function names. `--home` and `--json` are accepted on every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from appliance import __version__
+from appliance.cli.output import emit, table
+from appliance.errors import ApplianceError
+
+F = Callable[..., Any]
+
+
+def _open(home: str | None) -> Any:
+    from appliance.core.context import Appliance
+
+    ctx = click.get_current_context()
+    root = ctx.find_root().params.get("home")
+    return Appliance.open(home or root)
+
+
+def command(group: click.Group, name: str, listing: bool = True) -> Callable[[F], F]:
+    """Register a command with --home and (for output commands) --json; opens the home."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(home: str | None, as_json: bool = False, **kwargs: Any) -> Any:
+            app = _open(home)
+            try:
+                return fn(app, as_json, **kwargs) if listing else fn(app, **kwargs)
+            finally:
+                app.close()
+
+        wrapper = click.option("--home", type=click.Path(), help="Appliance home directory.")(
+            wrapper
+        )
+        if listing:
+            wrapper = click.option(
+                "--json", "as_json", is_flag=True, help="Print machine-readable JSON."
+            )(wrapper)
+        return group.command(name)(wrapper)
+
+    return decorate
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(),
+    help="Appliance home (default $APPLIANCE_HOME or ~/.local/share/appliance).",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: str | None) -> None:
+    """appliance: a self-hosted ML platform. With no command, opens the terminal UI."""
+    if ctx.invoked_subcommand is None:
+        from appliance.core.context import Appliance
+        from appliance.tui.app import run_tui
+
+        run_tui(Appliance.open(home))
+
+
+@cli.command("version")
+def version() -> None:
+    """Print the appliance version."""
+    click.echo(__version__)
+
+
+@command(cli, "doctor")
+def doctor_cmd(app: Any, as_json: bool) -> None:
+    """Report home, versions, store health, free disk and configured backends."""
+    from appliance.core.doctor import doctor
+
+    report = doctor(app)
+    if as_json:
+        emit(report, True)
+    else:
+        for key in ("home", "config_file", "executor", "object_store", "disk_free_gb", "schema"):
+            click.echo(f"{key:13} {report.get(key)}")
+        for name, value in report["versions"].items():
+            click.echo(f"{'version':13} {name} {value}")
+        for name, value in report["checks"].items():
+            click.echo(f"{'check':13} {name}: {value}")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@command(cli, "quickstart")
+@click.option("--keep-serving", is_flag=True, help="Leave the deployment running afterwards.")
+@click.option("--name", default="churn", show_default=True, help="Dataset/model/deployment name.")
+def quickstart_cmd(app: Any, as_json: bool, keep_serving: bool, name: str) -> None:
+    """Run the whole lifecycle on the bundled churn sample, end to end."""
+    from appliance.core.quickstart import run_quickstart
+
+    step = {"n": 0}
+
+    def progress(message: str) -> None:
+        step["n"] += 1
+        click.echo(f"[{step['n']}/6] {message}", err=True)
+
+    summary = run_quickstart(app, name=name, keep_serving=keep_serving, progress=progress)
+    if as_json:
+        emit(summary, True)
+        return
+    click.echo(f"dataset      {summary['dataset']}")
+    for model in summary["models"]:
+        click.echo(f"model        {model['ref']}  AUC {model['auc']:.4f}  (run {model['run_id']})")
+    click.echo(f"served       versions {' -> '.join(summary['served_versions'])}")
+    verdict = "ok" if summary["rollback_ok"] else "FAILED"
+    click.echo(
+        f"rollback     {verdict}: revision {summary['revision']} serves "
+        f"version {summary['served_versions'][-1]}"
+    )
+    state = "serving" if summary["serving"] else "stopped (use --keep-serving to leave it up)"
+    click.echo(f"endpoint     {summary['url']}/v2/models/{summary['deployment']}/infer  [{state}]")
+    click.echo("timings      " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()))
+    click.echo(
+        "next         appliance runs list | appliance lineage "
+        f"deployment:{summary['deployment']} | appliance"
+    )
+    if not summary["rollback_ok"]:
+        sys.exit(1)
+
+
+@command(cli, "lineage")
+@click.argument("ref")
+def lineage_cmd(app: Any, as_json: bool, ref: str) -> None:
+    """What REF came from and what depends on it (dataset:N@V, run:ID, model:N@V, deployment:N)."""
+    from appliance.core.lineage import lineage
+
+    graph = lineage(app, ref)
+    if as_json:
+        emit(graph, True)
+        return
+    click.echo(f"{graph['ref']}  ({graph['type']})")
+    for key, arrow in (("upstream", "<-"), ("downstream", "->")):
+        click.echo(f"{key}:")
+        if not graph[key]:
+            click.echo("  (none)")
+        _print_tree(graph[key], graph["ref"], arrow)
+
+
+def _print_tree(nodes: list[dict[str, Any]], root: str, arrow: str) -> None:
+    """Nodes found breadth-first, each under the node it was reached from."""
+    children: dict[str, list[dict[str, Any]]] = {}
+    for node in nodes:
+        children.setdefault(node["via"], []).append(node)
+
+    def show(ref: str, depth: int) -> None:
+        for node in children.get(ref, []):
+            click.echo(f"{'  ' * depth}{arrow} {node['ref']}  ({node['type']})")
+            show(node["ref"], depth + 1)
+
+    show(root, 1)
+
+
+# ---- data -------------------------------------------------------------------------------------
+@cli.group("data")
+def data() -> None:
+    """Datasets: import, list, show."""
+
+
+@command(data, "import")
+@click.argument("csv_path", type=click.Path())
+@click.option("--name", required=True, help="Dataset name.")
+def data_import(app: Any, as_json: bool, csv_path: str, name: str) -> None:
+    """Import a CSV as a new dataset version (Parquet, content-addressed)."""
+    from appliance.core.datasets import import_csv
+
+    result = import_csv(app, csv_path, name)
+    if not as_json:
+        note = "" if result["created"] else " (unchanged: same content as the latest version)"
+        click.echo(f"imported {result['ref']}: {result['row_count']} rows{note}")
+        return
+    emit(result, True)
+
+
+@command(data, "list")
+def data_list(app: Any, as_json: bool) -> None:
+    """List datasets with their latest version."""
+    from appliance.core.resources import list_resources
+
+    columns, rows = list_resources(app, "datasets")
+    emit(rows, as_json, columns)
+
+
+@command(data, "show")
+@click.argument("ref")
+def data_show(app: Any, as_json: bool, ref: str) -> None:
+    """Show a dataset version (NAME or NAME@VERSION) and its schema."""
+    from appliance.core.datasets import get_dataset_version
+
+    version = get_dataset_version(app, ref)
+    if as_json:
+        emit(version, True)
+        return
+    emit({k: v for k, v in version.items() if k != "schema"}, False)
+    click.echo(table(version["schema"], ("name", "type")))
+
+
+@command(data, "versions")
+@click.argument("name")
+def data_versions(app: Any, as_json: bool, name: str) -> None:
+    """List every version of a dataset."""
+    from appliance.core.datasets import list_dataset_versions
+
+    emit(
+        list_dataset_versions(app, name),
+        as_json,
+        ("ref", "row_count", "sha256", "source", "created_at"),
+    )
+
+
+# ---- jobs -------------------------------------------------------------------------------------
+@cli.group("jobs")
+def jobs_group() -> None:
+    """Jobs: train, run your own script, list, logs, cancel."""
+
+
+def _watch(app: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Show a progress bar on stderr until the job ends."""
+    import time
+
+    from appliance.core.jobs import FINAL_STATES, get_job
+
+    with click.progressbar(length=100, label=f"job {job['id']}", file=sys.stderr) as bar:
+        shown = 0
+        while True:
+            job = get_job(app, job["id"])
+            total = job.get("progress_total") or 0
+            done = int(100 * (job.get("progress_current") or 0) / total) if total else 0
+            if done > shown:
+                bar.update(done - shown)
+                shown = done
+            if job["state"] in FINAL_STATES:
+                break
+            time.sleep(0.2)
+    return job
+
+
+def _report_job(app: Any, job: dict[str, Any], as_json: bool, wait: bool) -> None:
+    if wait:
+        job = _watch(app, job)
+    emit(job, as_json)
+    if wait and job["state"] != "succeeded":
+        sys.exit(1)
+
+
+@command(jobs_group, "train")
+@click.option("--dataset", required=True, help="Dataset NAME or NAME@VERSION.")
+@click.option("--target", required=True, help="Column to predict.")
+@click.option("--feature", "features", multiple=True, help="Feature column (default: all others).")
+@click.option("--param", "params", multiple=True, help="LightGBM parameter KEY=VALUE.")
+@click.option("--experiment", default="default", show_default=True)
+@click.option("--name", help="Run name.")
+@click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
+def jobs_train(
+    app: Any,
+    as_json: bool,
+    dataset: str,
+    target: str,
+    features: tuple[str, ...],
+    params: tuple[str, ...],
+    experiment: str,
+    name: str | None,
+    wait: bool,
+) -> None:
+    """Submit a LightGBM training job on a dataset version."""
+    from appliance.core.training import parse_param, submit_training
+
+    job = submit_training(
+        app,
+        dataset,
+        target,
+        params=dict(parse_param(p) for p in params),
+        features=list(features) or None,
+        experiment=experiment,
+        name=name,
+    )
+    _report_job(app, job, as_json, wait)
+
+
+@command(jobs_group, "run")
+@click.argument("command_args", nargs=-1, required=True)
+@click.option("--experiment", default="default", show_default=True)
+@click.option("--name", help="Run name.")
+@click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
+def jobs_run(
+    app: Any,
+    as_json: bool,
+    command_args: tuple[str, ...],
+    experiment: str,
+    name: str | None,
+    wait: bool,
+) -> None:
+    """Run your own command as a job (use -- before it); its JSON lines become metrics."""
+    from appliance.core.jobs import JobSpec, submit_job
+
+    job = submit_job(
+        app,
+        JobSpec(kind="command", command=list(command_args)),
+        experiment=experiment,
+        run_name=name or command_args[0],
+    )
+    _report_job(app, job, as_json, wait)
+
+
+@command(jobs_group, "list")
+def jobs_list(app: Any, as_json: bool) -> None:
+    """List jobs, newest first."""
+    from appliance.core.resources import list_resources
+
+    columns, rows = list_resources(app, "jobs")
+    emit(rows, as_json, columns)
+
+
+@command(jobs_group, "show")
+@click.argument("job_id")
+def jobs_show(app: Any, as_json: bool, job_id: str) -> None:
+    """Show one job's state, progress and error."""
+    from appliance.core.jobs import get_job
+
+    emit(get_job(app, job_id), as_json)
+
+
+@command(jobs_group, "wait")
+@click.argument("job_id")
+@click.option("--timeout", type=float, help="Seconds to wait at most.")
+def jobs_wait(app: Any, as_json: bool, job_id: str, timeout: float | None) -> None:
+    """Wait until a job ends; exits non-zero unless it succeeded."""
+    from appliance.core.jobs import wait_job
+
+    job = wait_job(app, job_id, timeout=timeout)
+    emit(job, as_json)
+    if job["state"] != "succeeded":
+        sys.exit(1)
+
+
+@command(jobs_group, "logs", listing=False)
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def jobs_logs(app: Any, job_id: str, follow: bool) -> None:
+    """Print a job's log (its plain output lines and errors)."""
+    from appliance.core.jobs import follow_log, job_log
+
+    if follow:
+        for chunk in follow_log(app, job_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(job_log(app, job_id), nl=False)
+
+
+@command(jobs_group, "cancel")
+@click.argument("job_id")
+def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
+    """Cancel a queued or running job."""
+    from appliance.core.jobs import cancel_job
+
+    emit(cancel_job(app, job_id), as_json)
+
+
+# ---- runs -------------------------------------------------------------------------------------
+@cli.group("runs")
+def runs_group() -> None:
+    """Runs: params, metrics and outputs of every job."""
+
+
+@command(runs_group, "list")
+@click.option("--experiment", help="Only runs of this experiment.")
+def runs_list(app: Any, as_json: bool, experiment: str | None) -> None:
+    """List runs, newest first."""
+    from appliance.core.resources import KINDS
+    from appliance.core.runs import list_runs
+
+    emit(list_runs(app, experiment), as_json, KINDS["runs"].columns)
+
+
+@command(runs_group, "show")
+@click.argument("run_id")
+def runs_show(app: Any, as_json: bool, run_id: str) -> None:
+    """Show one run (a unique id prefix is enough)."""
+    from appliance.core.runs import get_run
+
+    emit(get_run(app, run_id), as_json)
+
+
+@command(runs_group, "metrics")
+@click.argument("run_id")
+@click.argument("key")
+def runs_metrics(app: Any, as_json: bool, run_id: str, key: str) -> None:
+    """Print the history of one metric (step, value, timestamp)."""
+    from appliance.core.runs import metric_history
+
+    emit(metric_history(app, run_id, key), as_json, ("step", "value", "timestamp"))
+
+
+# ---- models -----------------------------------------------------------------------------------
+@cli.group("models")
+def models_group() -> None:
+    """Model registry: register, list, show, alias."""
+
+
+@command(models_group, "register")
+@click.argument("name")
+@click.option("--run", "run_id", required=True, help="The finished run whose model to register.")
+def models_register(app: Any, as_json: bool, name: str, run_id: str) -> None:
+    """Register a run's model as the next version of NAME."""
+    from appliance.core.registry import register_model
+
+    version = register_model(app, name, run_id)
+    if as_json:
+        emit(version, True)
+    else:
+        click.echo(f"registered {version['ref']} from run {version['run_id']}")
+
+
+@command(models_group, "list")
+def models_list(app: Any, as_json: bool) -> None:
+    """List registered models."""
+    from appliance.core.resources import list_resources
+
+    columns, rows = list_resources(app, "models")
+    emit(rows, as_json, columns)
+
+
+@command(models_group, "versions")
+@click.argument("name")
+def models_versions(app: Any, as_json: bool, name: str) -> None:
+    """List the versions of a model."""
+    from appliance.core.registry import list_model_versions
+
+    emit(
+        list_model_versions(app, name),
+        as_json,
+        ("ref", "run_id", "dataset", "metrics", "aliases", "created_at"),
+    )
+
+
+@command(models_group, "show")
+@click.argument("ref")
+def models_show(app: Any, as_json: bool, ref: str) -> None:
+    """Show a model version: NAME (latest), NAME@VERSION or NAME@ALIAS."""
+    from appliance.core.registry import get_model_version
+
+    emit(get_model_version(app, ref), as_json)
+
+
+@command(models_group, "alias")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=int)
+def models_alias(app: Any, as_json: bool, name: str, alias: str, version: int) -> None:
+    """Point ALIAS of model NAME at VERSION (kept in the alias history)."""
+    from appliance.core.registry import set_alias
+
+    emit(set_alias(app, name, alias, version), as_json)
+
+
+# ---- deployments ------------------------------------------------------------------------------
+@cli.group("deployments")
+def deployments_group() -> None:
+    """Deployments: serve a model, deploy versions, roll back."""
+
+
+@command(deployments_group, "create")
+@click.argument("name")
+@click.option("--model", "model_ref", required=True, help="NAME, NAME@VERSION or NAME@ALIAS.")
+@click.option("--no-start", is_flag=True, help="Record it without starting a server.")
+def deployments_create(app: Any, as_json: bool, name: str, model_ref: str, no_start: bool) -> None:
+    """Create a deployment serving a model version on 127.0.0.1."""
+    from appliance.core.deployments import create_deployment
+
+    emit(create_deployment(app, name, model_ref, start=not no_start), as_json)
+
+
+@command(deployments_group, "deploy")
+@click.argument("name")
+@click.option("--model", "model_ref", required=True, help="NAME@VERSION or NAME@ALIAS.")
+def deployments_deploy(app: Any, as_json: bool, name: str, model_ref: str) -> None:
+    """Serve another model version as a new revision."""
+    from appliance.core.deployments import deploy
+
+    emit(deploy(app, name, model_ref), as_json)
+
+
+@command(deployments_group, "rollback")
+@click.argument("name")
+@click.option("--to-revision", type=int, help="Revision to go back to (default: the previous).")
+def deployments_rollback(app: Any, as_json: bool, name: str, to_revision: int | None) -> None:
+    """Roll back to an earlier revision's model version."""
+    from appliance.core.deployments import rollback
+
+    emit(rollback(app, name, to_revision), as_json)
+
+
+@command(deployments_group, "list")
+def deployments_list(app: Any, as_json: bool) -> None:
+    """List deployments."""
+    from appliance.core.resources import list_resources
+
+    columns, rows = list_resources(app, "deployments")
+    emit(rows, as_json, columns)
+
+
+@command(deployments_group, "show")
+@click.argument("name")
+def deployments_show(app: Any, as_json: bool, name: str) -> None:
+    """Show a deployment and its revision history."""
+    from appliance.core.deployments import get_deployment, list_revisions
+
+    dep = get_deployment(app, name)
+    revisions = list_revisions(app, name)
+    if as_json:
+        emit({**dep, "revisions": revisions}, True)
+        return
+    emit(dep, False)
+    click.echo(table(revisions, ("revision", "model_version", "action", "created_at")))
+
+
+@command(deployments_group, "start")
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, type=int, help="Port (default: a free one).")
+def deployments_start(app: Any, as_json: bool, name: str, host: str, port: int) -> None:
+    """Start a stopped deployment's server in the background."""
+    from appliance.core.deployments import start_deployment
+
+    emit(start_deployment(app, name, host=host, port=port), as_json)
+
+
+@command(deployments_group, "stop")
+@click.argument("name")
+def deployments_stop(app: Any, as_json: bool, name: str) -> None:
+    """Stop a deployment's server (its history stays)."""
+    from appliance.core.deployments import stop_deployment
+
+    emit(stop_deployment(app, name), as_json)
+
+
+@command(deployments_group, "serve", listing=False)
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, type=int, help="Port (default: a free one).")
+def deployments_serve(app: Any, name: str, host: str, port: int) -> None:
+    """Serve a deployment in the foreground (for systemd units and containers)."""
+    from appliance.core.serving import serve_deployment
+
+    serve_deployment(app, name, host=host, port=port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors and exit codes instead of tracebacks."""
+    try:
+        cli.main(args=argv, prog_name="appliance", standalone_mode=False)
+    except ApplianceError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0

@@ -1,0 +1,165 @@
+"""Experiments and runs: params, metrics (with step and timestamp), tags and outputs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from appliance.core.context import Appliance
+from appliance.core.lineage import Node, record_execution
+from appliance.core.names import validate_name
+from appliance.errors import InvalidInput, NotFound
+from appliance.store.db import utcnow
+
+MetricRow = tuple[str, float, int, float]  # key, value, step, timestamp
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def create_run(
+    conn: sqlite3.Connection,
+    experiment: str,
+    name: str,
+    params: dict[str, Any],
+    job_id: str | None,
+    inputs: Iterable[Node] = (),
+) -> str:
+    """Insert a run (inside the caller's transaction) and its lineage execution."""
+    validate_name("experiment", experiment)
+    now = utcnow()
+    conn.execute(
+        "INSERT INTO experiments (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        (experiment, now),
+    )
+    experiment_id = conn.execute(
+        "SELECT id FROM experiments WHERE name = ?", (experiment,)
+    ).fetchone()[0]
+    run_id = new_id()
+    conn.execute(
+        "INSERT INTO runs (id, experiment_id, name, status, job_id, created_at) "
+        "VALUES (?, ?, ?, 'queued', ?, ?)",
+        (run_id, experiment_id, name, job_id, now),
+    )
+    conn.executemany(
+        "INSERT INTO run_params (run_id, key, value) VALUES (?, ?, ?)",
+        [(run_id, k, json.dumps(v)) for k, v in sorted(params.items())],
+    )
+    record_execution(
+        conn,
+        "Train",
+        f"run:{run_id}",
+        inputs=inputs,
+        state="NEW",
+        context=("Experiment", experiment),
+    )
+    return run_id
+
+
+def log_metrics(app: Appliance, run_id: str, rows: list[MetricRow]) -> None:
+    """Append metric rows in one transaction."""
+    if not rows:
+        return
+    with app.db.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO run_metrics (run_id, key, value, step, timestamp) VALUES (?, ?, ?, ?, ?)",
+            [(run_id, k, float(v), int(s), float(t)) for k, v, s, t in rows],
+        )
+
+
+def log_metric(app: Appliance, run_id: str, key: str, value: float, step: int = 0) -> None:
+    log_metrics(app, run_id, [(key, value, step, time.time())])
+
+
+def set_params(conn: sqlite3.Connection, run_id: str, params: dict[str, Any]) -> None:
+    conn.executemany(
+        "INSERT INTO run_params (run_id, key, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+        [(run_id, str(k), json.dumps(v)) for k, v in params.items()],
+    )
+
+
+def set_tags(conn: sqlite3.Connection, run_id: str, tags: dict[str, Any]) -> None:
+    conn.executemany(
+        "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+        [(run_id, str(k), str(v)) for k, v in tags.items()],
+    )
+
+
+def _resolve_id(app: Appliance, run_id: str) -> str:
+    if not run_id or not all(c in "0123456789abcdef" for c in run_id):
+        raise InvalidInput(f"run id {run_id!r}: expected hexadecimal characters")
+    ids = [r["id"] for r in app.db.rows("SELECT id FROM runs WHERE id LIKE ?", (run_id + "%",))]
+    if not ids:
+        raise NotFound(f"run {run_id!r} not found")
+    if len(ids) > 1:
+        raise InvalidInput(f"run id {run_id!r} is ambiguous: matches {len(ids)} runs")
+    return str(ids[0])
+
+
+def latest_metrics(app: Appliance, run_id: str) -> dict[str, float]:
+    rows = app.db.rows(
+        "SELECT key, value FROM run_metrics WHERE id IN "
+        "(SELECT max(id) FROM run_metrics WHERE run_id = ? GROUP BY key) ORDER BY key",
+        (run_id,),
+    )
+    return {r["key"]: r["value"] for r in rows}
+
+
+def get_run(app: Appliance, run_id: str) -> dict[str, Any]:
+    """A run with its params, latest metrics, tags and outputs; `run_id` may be a unique prefix."""
+    full_id = _resolve_id(app, run_id)
+    run = app.db.one(
+        "SELECT r.id, e.name AS experiment, r.name, r.status, r.job_id, r.created_at, "
+        "r.finished_at FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE r.id = ?",
+        (full_id,),
+    )
+    assert run is not None
+    run["params"] = {
+        r["key"]: json.loads(r["value"])
+        for r in app.db.rows("SELECT key, value FROM run_params WHERE run_id = ?", (full_id,))
+    }
+    run["metrics"] = latest_metrics(app, full_id)
+    run["tags"] = {
+        r["key"]: r["value"]
+        for r in app.db.rows("SELECT key, value FROM run_tags WHERE run_id = ?", (full_id,))
+    }
+    run["outputs"] = [
+        {**{k: v for k, v in r.items() if k != "meta_json"}, "meta": json.loads(r["meta_json"])}
+        for r in app.db.rows(
+            "SELECT o.name, a.sha256, a.uri, a.size, o.meta_json FROM run_outputs o "
+            "JOIN artifacts a ON a.id = o.artifact_id WHERE o.run_id = ? ORDER BY o.name",
+            (full_id,),
+        )
+    ]
+    return run
+
+
+def metric_history(app: Appliance, run_id: str, key: str) -> list[dict[str, Any]]:
+    full_id = _resolve_id(app, run_id)
+    return app.db.rows(
+        "SELECT step, value, timestamp FROM run_metrics WHERE run_id = ? AND key = ? ORDER BY id",
+        (full_id, key),
+    )
+
+
+def list_runs(app: Appliance, experiment: str | None = None) -> list[dict[str, Any]]:
+    sql = (
+        "SELECT r.id, e.name AS experiment, r.name, r.status, r.job_id, r.created_at "
+        "FROM runs r JOIN experiments e ON e.id = r.experiment_id "
+    )
+    params: tuple[Any, ...] = ()
+    if experiment:
+        sql += "WHERE e.name = ? "
+        params = (experiment,)
+    rows = app.db.rows(sql + "ORDER BY r.created_at DESC, r.rowid DESC", params)
+    for row in rows:
+        metrics = latest_metrics(app, row["id"])
+        row["metrics"] = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    return rows

@@ -1,0 +1,54 @@
+"""Process entry points that outlive the CLI call that started them.
+
+python -m appliance.runner supervise JOB_ID   the local executor's supervisor for one job
+python -m appliance.runner run                a built-in job body (spec in APPLIANCE_JOB_SPEC)
+python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m appliance.runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sup = sub.add_parser("supervise")
+    sup.add_argument("job_id")
+    sub.add_parser("run")
+    serve = sub.add_parser("serve")
+    serve.add_argument("deployment")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        from appliance.core.jobs import SPEC_ENV, JobSpec, emit
+
+        spec = JobSpec.from_json(os.environ[SPEC_ENV])
+        if spec.kind == "train-lightgbm":
+            from appliance.core.training import train_lightgbm
+
+            train_lightgbm(spec, emit)
+            return 0
+        print(f"no built-in job body for kind {spec.kind!r}", file=sys.stderr)
+        return 2
+
+    from appliance.core.context import Appliance
+
+    app = Appliance.open(os.environ.get("APPLIANCE_HOME"))
+    if args.command == "supervise":
+        from appliance.core.jobs import supervise
+
+        state = supervise(app, args.job_id)
+        return 0 if state == "succeeded" else 1
+    from appliance.core.serving import serve_deployment
+
+    serve_deployment(app, args.deployment, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

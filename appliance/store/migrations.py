@@ -1,0 +1,221 @@
+"""Versioned schema migrations (sqlite-utils Migrations); each runs in its own transaction.
+
+Never edit an applied migration: add a new one below it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("appliance")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    _run_script(
+        db,
+        """
+        CREATE TABLE artifacts (
+            id INTEGER PRIMARY KEY,
+            sha256 TEXT NOT NULL UNIQUE,
+            uri TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            media_type TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE datasets (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE dataset_versions (
+            id INTEGER PRIMARY KEY,
+            dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+            version INTEGER NOT NULL,
+            artifact_id INTEGER NOT NULL REFERENCES artifacts(id),
+            source TEXT NOT NULL,
+            row_count INTEGER NOT NULL,
+            schema_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (dataset_id, version)
+        );
+        CREATE TABLE experiments (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            spec_json TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'lost')),
+            executor TEXT NOT NULL,
+            pid INTEGER,
+            exit_code INTEGER,
+            error TEXT,
+            log_path TEXT NOT NULL,
+            progress_current REAL,
+            progress_total REAL,
+            progress_message TEXT,
+            submitted_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT
+        );
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+            name TEXT NOT NULL,
+            status TEXT NOT NULL,
+            job_id TEXT REFERENCES jobs(id),
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE TABLE run_params (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (run_id, key)
+        );
+        CREATE TABLE run_metrics (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            key TEXT NOT NULL,
+            value REAL NOT NULL,
+            step INTEGER NOT NULL DEFAULT 0,
+            timestamp REAL NOT NULL
+        );
+        CREATE INDEX run_metrics_run_key ON run_metrics (run_id, key, step);
+        CREATE TABLE run_tags (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (run_id, key)
+        );
+        CREATE TABLE run_outputs (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            name TEXT NOT NULL,
+            artifact_id INTEGER NOT NULL REFERENCES artifacts(id),
+            meta_json TEXT NOT NULL,
+            PRIMARY KEY (run_id, name)
+        );
+        CREATE TABLE registered_models (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE model_versions (
+            id INTEGER PRIMARY KEY,
+            model_id INTEGER NOT NULL REFERENCES registered_models(id),
+            version INTEGER NOT NULL,
+            artifact_id INTEGER NOT NULL REFERENCES artifacts(id),
+            run_id TEXT REFERENCES runs(id),
+            dataset_version_id INTEGER REFERENCES dataset_versions(id),
+            flavor TEXT NOT NULL,
+            signature_json TEXT NOT NULL,
+            metrics_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (model_id, version)
+        );
+        CREATE TABLE model_aliases (
+            model_id INTEGER NOT NULL REFERENCES registered_models(id),
+            alias TEXT NOT NULL,
+            version_id INTEGER NOT NULL REFERENCES model_versions(id),
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (model_id, alias)
+        );
+        CREATE TABLE alias_history (
+            id INTEGER PRIMARY KEY,
+            model_id INTEGER NOT NULL REFERENCES registered_models(id),
+            alias TEXT NOT NULL,
+            version_id INTEGER REFERENCES model_versions(id),
+            changed_at TEXT NOT NULL
+        );
+        CREATE TABLE deployments (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            model_id INTEGER NOT NULL REFERENCES registered_models(id),
+            current_revision INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            host TEXT,
+            port INTEGER,
+            pid INTEGER,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE deployment_revisions (
+            id INTEGER PRIMARY KEY,
+            deployment_id INTEGER NOT NULL REFERENCES deployments(id),
+            revision INTEGER NOT NULL,
+            model_version_id INTEGER NOT NULL REFERENCES model_versions(id),
+            action TEXT NOT NULL CHECK (action IN ('deploy', 'rollback')),
+            created_at TEXT NOT NULL,
+            UNIQUE (deployment_id, revision)
+        );
+        -- Lineage in the shape of ML Metadata: artifacts and executions joined by events.
+        CREATE TABLE lineage_artifacts (
+            id INTEGER PRIMARY KEY,
+            type TEXT NOT NULL,
+            ref TEXT NOT NULL UNIQUE,
+            uri TEXT,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE lineage_executions (
+            id INTEGER PRIMARY KEY,
+            type TEXT NOT NULL,
+            ref TEXT NOT NULL UNIQUE,
+            state TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE lineage_events (
+            id INTEGER PRIMARY KEY,
+            artifact_id INTEGER NOT NULL REFERENCES lineage_artifacts(id),
+            execution_id INTEGER NOT NULL REFERENCES lineage_executions(id),
+            type TEXT NOT NULL CHECK (type IN ('INPUT', 'OUTPUT')),
+            created_at TEXT NOT NULL,
+            UNIQUE (artifact_id, execution_id, type)
+        );
+        CREATE TABLE lineage_contexts (
+            id INTEGER PRIMARY KEY,
+            type TEXT NOT NULL,
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (type, name)
+        );
+        CREATE TABLE lineage_attributions (
+            context_id INTEGER NOT NULL REFERENCES lineage_contexts(id),
+            artifact_id INTEGER NOT NULL REFERENCES lineage_artifacts(id),
+            PRIMARY KEY (context_id, artifact_id)
+        );
+        CREATE TABLE lineage_associations (
+            context_id INTEGER NOT NULL REFERENCES lineage_contexts(id),
+            execution_id INTEGER NOT NULL REFERENCES lineage_executions(id),
+            PRIMARY KEY (context_id, execution_id)
+        );
+        """,
+    )
+
+
+def _run_script(db: sqlite_utils.Database, script: str) -> None:
+    # executescript() would COMMIT the migration's transaction first; run statements one by one.
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.conn.execute(statement)
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply pending migrations; returns the names applied."""
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    pending = [m.name for m in migrations.pending(db)]
+    if pending:
+        migrations.apply(db)
+    return pending
+
+
+def schema_version(conn: sqlite3.Connection) -> list[str]:
+    """Names of the applied migrations, oldest first."""
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    return [m.name for m in migrations.applied(db)]

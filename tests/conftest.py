@@ -1,0 +1,77 @@
+"""Shared fixtures: temporary homes, a trained home reused by read-only tests, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.cli.main import main
+from appliance.core.context import Appliance
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's own APPLIANCE_* settings must never leak into a test.
+    for key in list(os.environ):
+        if key.startswith("APPLIANCE_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def app(home: Path) -> Iterator[Appliance]:
+    appliance = Appliance.open(home)
+    yield appliance
+    appliance.close()
+
+
+@pytest.fixture(scope="session")
+def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home after a full quickstart (dataset, two runs, two versions, a stopped deployment)."""
+    from appliance.core.quickstart import run_quickstart
+
+    home = tmp_path_factory.mktemp("trained") / "home"
+    appliance = Appliance.open(home)
+    try:
+        summary = run_quickstart(appliance)
+    finally:
+        appliance.close()
+    (home / "summary.json").write_text(json.dumps(summary))
+    return home
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run `appliance ARGS...` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

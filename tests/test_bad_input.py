@@ -1,0 +1,99 @@
+"""Bad input: a clear one-line error, a non-zero exit, and nothing stored changes."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.quickstart import sample_csv
+
+
+def _snapshot(home: Path) -> dict[str, list[tuple]]:
+    conn = sqlite3.connect(home / "metadata.db")
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    snap = {t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
+    conn.close()
+    return snap
+
+
+@pytest.fixture
+def seeded(home: Path) -> Path:
+    app = Appliance.open(home)
+    from appliance.core.datasets import import_csv
+
+    import_csv(app, sample_csv(), "seed")
+    app.close()
+    return home
+
+
+def _assert_clean_failure(result, field: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.code != 0
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert field in lines[0]
+    assert "Traceback" not in result.err + result.out
+
+
+@pytest.mark.parametrize(
+    "setup, args, field",
+    [
+        (None, ["data", "import", "{tmp}/missing.csv", "--name", "x"], "missing.csv: no such file"),
+        ("", ["data", "import", "{tmp}/in.csv", "--name", "x"], "in.csv: file is empty"),
+        ("a,b\n", ["data", "import", "{tmp}/in.csv", "--name", "x"], "no data rows"),
+        ("a,b\n1,2\n", ["data", "import", "{tmp}/in.csv", "--name", "a/b"], "'a/b'"),
+        ("a,b\n1,2\n", ["data", "import", "{tmp}/in.csv", "--name", ".."], "'..'"),
+        ("a,b\n1,2\n", ["data", "import", "{tmp}/in.csv", "--name", "has space"], "'has space'"),
+        (None, ["models", "register", "../evil", "--run", "abc"], "'../evil'"),
+        (None, ["models", "register", "ok", "--run", "ffffffff"], "run 'ffffffff' not found"),
+        (None, ["deployments", "create", "bad name", "--model", "seed"], "'bad name'"),
+        (None, ["jobs", "train", "--dataset", "seed", "--target", "nope"], "--target 'nope'"),
+        (
+            None,
+            ["jobs", "train", "--dataset", "seed", "--target", "churned", "--param", "x"],
+            "expected KEY=VALUE",
+        ),
+        (None, ["data", "show", "seed@9"], "'seed@9' not found"),
+        (None, ["lineage", "widget:1"], "unknown kind"),
+    ],
+)
+def test_bad_input_changes_nothing(cli, seeded: Path, tmp_path: Path, setup, args, field) -> None:  # type: ignore[no-untyped-def]
+    if setup is not None:
+        (tmp_path / "in.csv").write_text(setup)
+    before = _snapshot(seeded)
+    result = cli(*[a.format(tmp=tmp_path) for a in args], "--home", str(seeded))
+    _assert_clean_failure(result, field)
+    assert _snapshot(seeded) == before
+
+
+def test_rollback_without_earlier_revision(cli, trained_home: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(trained_home)
+    assert (
+        cli(
+            "deployments", "create", "lonely", "--model", "churn@1", "--no-start", "--home", home
+        ).code
+        == 0
+    )
+    before = _snapshot(trained_home)
+    result = cli("deployments", "rollback", "lonely", "--home", home)
+    _assert_clean_failure(result, "no earlier revision")
+    assert _snapshot(trained_home) == before
+
+
+def test_home_pointing_at_a_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    result = cli("--home", str(target), "data", "list")
+    _assert_clean_failure(result, "not a directory")
+    assert target.read_text() == "not a directory"
+    result = cli("data", "list", "--home", str(target / "below"))
+    _assert_clean_failure(result, "--home")
+
+
+def test_unreadable_csv_is_named(cli, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "binary.csv"
+    bad.write_bytes(b"\x00\xff\xfe" * 1000)
+    result = cli("data", "import", str(bad), "--name", "bin", "--home", str(home))
+    assert result.code != 0 and "binary.csv" in result.err

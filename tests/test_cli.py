@@ -1,0 +1,68 @@
+"""CLI `--json` outputs are machine-readable and carry the fields scripts rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def test_listings_as_json(cli, trained_home: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(trained_home)
+    datasets = cli("data", "list", "--home", home, "--json").json()
+    assert datasets[0]["name"] == "churn" and datasets[0]["rows"] == 5000
+    jobs = cli("jobs", "list", "--home", home, "--json").json()
+    assert {j["state"] for j in jobs} == {"succeeded"} and len(jobs) == 2
+    runs = cli("runs", "list", "--home", home, "--json").json()
+    assert {r["experiment"] for r in runs} == {"quickstart"}
+    models = cli("models", "list", "--home", home, "--json").json()
+    assert models[0]["name"] == "churn" and models[0]["versions"] == 2
+    deps = cli("deployments", "list", "--home", home, "--json").json()
+    assert "churn" in {d["name"] for d in deps}
+
+
+def test_show_commands_as_json(cli, trained_home: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(trained_home)
+    version = cli("data", "show", "churn@1", "--home", home, "--json").json()
+    assert {c["name"] for c in version["schema"]} >= {"churned", "tenure_months"}
+    assert len(version["sha256"]) == 64
+    model = cli("models", "show", "churn@2", "--home", home, "--json").json()
+    assert model["version"] == 2 and model["dataset"] == "churn@1"
+    assert model["metrics"]["auc"] > 0.9 and len(model["sha256"]) == 64
+    assert model["signature"]["signature"][0]["name"] == "tenure_months"
+    run = cli("runs", "show", model["run_id"][:6], "--home", home, "--json").json()
+    assert run["id"] == model["run_id"] and run["params"]["num_leaves"] == 31
+    assert run["outputs"][0]["name"] == "model"
+    job = cli("jobs", "show", run["job_id"], "--home", home, "--json").json()
+    assert job["state"] == "succeeded"
+    history = cli("runs", "metrics", run["id"], "valid_auc", "--home", home, "--json").json()
+    assert len(history) == 200 and history[-1]["step"] == 200
+    dep = cli("deployments", "show", "churn", "--home", home, "--json").json()
+    assert [r["action"] for r in dep["revisions"]][:3] == ["deploy", "deploy", "rollback"]
+    doctor = cli("doctor", "--home", home, "--json").json()
+    assert doctor["ok"] and doctor["checks"] == {"metadata": "ok", "object_store": "ok"}
+
+
+def test_lineage_upstream_and_downstream(cli, trained_home: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(trained_home)
+    graph = cli("lineage", "model:churn@1", "--home", home, "--json").json()
+    up = [n["ref"] for n in graph["upstream"]]
+    assert up[0] == "register:churn@1" and "dataset:churn@1" in up
+    assert any(n["ref"].startswith("deployment:churn#") for n in graph["downstream"])
+    dataset = cli("lineage", "dataset:churn@1", "--home", home, "--json").json()
+    assert {"model:churn@1", "model:churn@2"} <= {n["ref"] for n in dataset["downstream"]}
+    run_id = graph["upstream"][2]["ref"].removeprefix("run:")
+    run_graph = cli("lineage", f"run:{run_id}", "--home", home, "--json").json()
+    assert run_graph["type"] == "Train"
+    text = cli("lineage", "deployment:churn", "--home", home)
+    assert text.code == 0 and "<- model:churn@1" in text.out
+
+
+def test_table_output_and_version(cli, trained_home: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli("models", "list", "--home", str(trained_home))
+    assert result.code == 0 and result.out.splitlines()[0].startswith("NAME")
+    assert cli("version").out.strip() == "0.1.0"
+
+
+def test_home_flag_on_group_or_command(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("--home", str(tmp_path / "a"), "data", "list", "--json").json() == []
+    assert cli("data", "list", "--home", str(tmp_path / "b"), "--json").json() == []
+    assert (tmp_path / "a" / "metadata.db").exists() and (tmp_path / "b" / "metadata.db").exists()

@@ -1,0 +1,129 @@
+"""The local executor: jobs that succeed, fail, get cancelled, and outlive their submitter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.jobs import JobSpec, cancel_job, get_job, job_log, submit_job, wait_job
+from appliance.core.processes import alive
+from appliance.core.runs import get_run, metric_history
+from appliance.errors import Conflict, InvalidInput
+
+REPORTING_JOB = """
+import json, sys
+print("hello from the job")
+for step in range(1, 6):
+    print(json.dumps({"type": "metric", "key": "loss", "value": 1.0 / step, "step": step}))
+    print(json.dumps({"type": "progress", "current": step, "total": 5}))
+print(json.dumps({"type": "param", "key": "lr", "value": 0.1}))
+print(json.dumps({"type": "metric", "key": "broken"}))
+print("{not json at all")
+print("done", file=sys.stderr)
+"""
+
+
+def _py(code: str) -> JobSpec:
+    return JobSpec(kind="command", command=[sys.executable, "-c", code])
+
+
+def test_job_that_succeeds_reports_metrics_progress_and_logs(app: Appliance) -> None:
+    job = submit_job(app, _py(REPORTING_JOB), experiment="exec")
+    done = wait_job(app, job["id"], timeout=60)
+    assert done["state"] == "succeeded"
+    assert done["exit_code"] == 0
+    assert (done["progress_current"], done["progress_total"]) == (5, 5)
+    history = metric_history(app, job["run_id"], "loss")
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["value"] == pytest.approx(0.2)
+    run = get_run(app, job["run_id"])
+    assert run["status"] == "finished"
+    assert run["params"]["lr"] == 0.1
+    log = job_log(app, job["id"])
+    assert "hello from the job" in log
+    assert "{not json at all" in log  # plain lines are logs, even when they look like JSON
+    assert "ignored malformed event" in log  # a bad event is reported, not fatal
+    assert '"type": "metric", "key": "loss"' not in log  # protocol lines are not log noise
+
+
+def test_job_that_fails_shows_its_error(app: Appliance) -> None:
+    job = submit_job(app, _py("print('working'); raise ValueError('column xyz is missing')"))
+    done = wait_job(app, job["id"], timeout=60)
+    assert done["state"] == "failed"
+    assert done["exit_code"] == 1
+    assert "ValueError: column xyz is missing" in done["error"]
+    assert "Traceback" in job_log(app, job["id"])
+    assert get_run(app, job["run_id"])["status"] == "failed"
+
+
+def test_job_that_is_cancelled_stops_and_says_so(app: Appliance, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "started"
+    code = f"import pathlib, time\npathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(120)\n"
+    job = submit_job(app, _py(code))
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert get_job(app, job["id"])["state"] == "running"
+    started = time.monotonic()
+    done = cancel_job(app, job["id"])
+    assert done["state"] == "cancelled"
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5  # the supervisor exits right after recording the state
+    while alive(done["pid"]) and time.monotonic() < deadline:  # alive() also reaps it
+        time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(done["pid"], 0)  # nothing of the job's process group is left
+    with pytest.raises(Conflict):
+        cancel_job(app, job["id"])
+    assert get_run(app, job["run_id"])["status"] == "cancelled"
+
+
+def test_job_outlives_the_cli_that_submitted_it(app: Appliance) -> None:
+    code = "import time; time.sleep(1.5); print('still here')"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "jobs",
+            "run",
+            "--home",
+            str(app.settings.home),
+            "--json",
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    submitted = json.loads(result.stdout)
+    assert submitted["state"] in ("queued", "running")
+    done = wait_job(app, submitted["id"], timeout=60)
+    assert done["state"] == "succeeded"
+    assert "still here" in job_log(app, submitted["id"])
+
+
+def test_a_command_that_cannot_start_fails_cleanly(app: Appliance) -> None:
+    job = submit_job(app, JobSpec(kind="command", command=["/nonexistent/binary"]))
+    done = wait_job(app, job["id"], timeout=60)
+    assert done["state"] == "failed"
+    assert "could not start" in done["error"]
+
+
+@pytest.mark.parametrize(
+    "spec", [JobSpec(kind="command", command=[]), JobSpec(kind="train-pytorch-someday")]
+)
+def test_invalid_specs_are_refused_before_anything_is_stored(app: Appliance, spec: JobSpec) -> None:
+    with pytest.raises(InvalidInput):
+        submit_job(app, spec)
+    assert app.db.scalar("SELECT count(*) FROM jobs") == 0

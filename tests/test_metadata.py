@@ -1,0 +1,111 @@
+"""The metadata store: schema, pragmas, transactions, and many concurrent writers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.runs import create_run
+from appliance.store.db import open_database
+from appliance.store.migrations import schema_version
+
+TABLES = {
+    "datasets",
+    "dataset_versions",
+    "jobs",
+    "experiments",
+    "runs",
+    "run_params",
+    "run_metrics",
+    "run_tags",
+    "artifacts",
+    "registered_models",
+    "model_versions",
+    "model_aliases",
+    "alias_history",
+    "deployments",
+    "deployment_revisions",
+    "lineage_artifacts",
+    "lineage_executions",
+    "lineage_events",
+    "lineage_contexts",
+    "lineage_attributions",
+    "lineage_associations",
+}
+
+
+def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
+    home.mkdir()
+    db = open_database(home / "metadata.db")
+    names = {r["name"] for r in db.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert TABLES <= names
+    assert db.scalar("PRAGMA journal_mode") == "wal"
+    assert db.scalar("PRAGMA foreign_keys") == 1
+    assert db.scalar("PRAGMA busy_timeout") >= 5000
+    applied = schema_version(db.conn)
+    db.close()
+    again = open_database(home / "metadata.db")
+    assert schema_version(again.conn) == applied == ["m001_initial"]
+    again.close()
+
+
+def test_failed_transaction_leaves_nothing(app: Appliance) -> None:
+    with pytest.raises(RuntimeError), app.db.transaction() as conn:
+        conn.execute("INSERT INTO experiments (name, created_at) VALUES ('x', 'now')")
+        raise RuntimeError("boom")
+    assert app.db.scalar("SELECT count(*) FROM experiments") == 0
+
+
+def test_foreign_keys_are_enforced(app: Appliance) -> None:
+    import sqlite3
+
+    with pytest.raises(sqlite3.IntegrityError):
+        app.db.execute(
+            "INSERT INTO run_metrics (run_id, key, value, step, timestamp) "
+            "VALUES ('nope', 'k', 1, 0, 0)"
+        )
+
+
+WRITER = """
+import sys, time
+from appliance.core.context import Appliance
+from appliance.core.runs import log_metric
+home, run_id, worker, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+app = Appliance.open(home)
+while time.time() < start:
+    time.sleep(0.001)
+for step in range(500):
+    log_metric(app, run_id, f"w{worker}", float(step), step)
+"""
+
+
+def test_eight_processes_write_500_metrics_each_without_loss(app: Appliance) -> None:
+    with app.db.transaction() as conn:
+        run_id = create_run(conn, "concurrency", "writers", {}, None)
+    start = time.time() + 2.0  # every writer begins its loop at the same instant
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(app.settings.home), run_id, str(w), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(8)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert "locked" not in err
+    counts = app.db.rows(
+        "SELECT key, count(*) AS n, count(DISTINCT step) AS steps FROM run_metrics "
+        "WHERE run_id = ? GROUP BY key ORDER BY key",
+        (run_id,),
+    )
+    assert [(r["key"], r["n"], r["steps"]) for r in counts] == [
+        (f"w{w}", 500, 500) for w in range(8)
+    ]

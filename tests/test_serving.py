@@ -1,0 +1,234 @@
+"""The model server over real HTTP on 127.0.0.1: V2 and /invocations, bad input, rollback."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.core import deployments
+from appliance.core.context import Appliance
+from appliance.core.quickstart import _sample_rows
+from appliance.errors import Conflict
+
+NAME = "serve-test"
+
+
+@pytest.fixture(scope="module")
+def served(trained_home: Path) -> Iterator[tuple[Appliance, dict[str, Any]]]:
+    app = Appliance.open(trained_home)
+    dep = deployments.create_deployment(app, NAME, "churn@1")
+    yield app, dep
+    deployments.stop_deployment(app, NAME)
+    app.close()
+
+
+def call(
+    url: str,
+    payload: Any = None,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    data = raw if raw is not None else (None if payload is None else json.dumps(payload).encode())
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method if data is not None or method == "GET" else "GET",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode()
+        assert "Traceback" not in body
+        return exc.code, json.loads(body)
+
+
+def v2_inputs(features: list[str], rows: list[list[Any]]) -> list[dict[str, Any]]:
+    out = []
+    for j, name in enumerate(features):
+        column = [r[j] for r in rows]
+        datatype = "BYTES" if any(isinstance(v, str) for v in column) else "FP64"
+        out.append({"name": name, "shape": [len(rows)], "datatype": datatype, "data": column})
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample() -> tuple[list[str], list[list[Any]]]:
+    return _sample_rows(4)
+
+
+def test_health_and_metadata(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    url = dep["url"]
+    assert url.startswith("http://127.0.0.1:")
+    assert call(f"{url}/v2/health/live", method="GET")[0] == 200
+    assert call(f"{url}/v2/health/ready", method="GET")[0] == 200
+    status, server = call(f"{url}/v2", method="GET")
+    assert status == 200 and server["extensions"] == [] and server["name"] == "appliance"
+    status, meta = call(f"{url}/v2/models/churn", method="GET")
+    assert status == 200
+    assert [i["name"] for i in meta["inputs"]] == sample[0]
+    assert meta["outputs"][0]["name"] == "predict"
+    assert call(f"{url}/v2/models/churn/ready", method="GET")[0] == 200
+    assert call(f"{url}/v2/models/nope/ready", method="GET")[0] == 404
+
+
+def test_v2_infer_and_invocations_agree(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    features, rows = sample
+    status, v2 = call(
+        f"{dep['url']}/v2/models/churn/infer", {"id": "abc", "inputs": v2_inputs(features, rows)}
+    )
+    assert status == 200
+    assert v2["id"] == "abc" and v2["model_name"] == "churn" and v2["model_version"] == "1"
+    out = v2["outputs"][0]
+    assert out["shape"] == [4] and out["datatype"] == "FP64" and len(out["data"]) == 4
+    assert all(0.0 <= p <= 1.0 for p in out["data"])
+
+    status, split = call(
+        f"{dep['url']}/invocations", {"dataframe_split": {"columns": features, "data": rows}}
+    )
+    assert status == 200 and split["predictions"] == pytest.approx(out["data"])
+    records = [dict(zip(features, r, strict=True)) for r in rows]
+    status, recs = call(f"{dep['url']}/invocations", {"dataframe_records": records})
+    assert status == 200 and recs["predictions"] == pytest.approx(out["data"])
+
+
+def test_v2_nested_data_and_single_matrix_tensor(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    features, rows = sample
+    _, flat = call(f"{dep['url']}/v2/models/churn/infer", {"inputs": v2_inputs(features, rows)})
+    nested = v2_inputs(features, rows)
+    for tensor in nested:
+        tensor["shape"] = [len(rows), 1]
+        tensor["data"] = [[v] for v in tensor["data"]]
+    status, body = call(f"{dep['url']}/v2/models/churn/infer", {"inputs": nested})
+    assert status == 200 and body["outputs"][0]["data"] == flat["outputs"][0]["data"]
+    matrix = {
+        "name": "input-0",
+        "shape": [len(rows), len(features)],
+        "datatype": "BYTES",
+        "data": rows,
+    }
+    status, body = call(f"{dep['url']}/v2/models/churn/infer", {"inputs": [matrix]})
+    assert status == 200 and body["outputs"][0]["data"] == flat["outputs"][0]["data"]
+
+
+def test_versioned_path_serves_that_version(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    inputs = v2_inputs(*sample)
+    status, body = call(f"{dep['url']}/v2/models/churn/versions/2/infer", {"inputs": inputs})
+    assert status == 200 and body["model_version"] == "2"
+    status, body = call(f"{dep['url']}/v2/models/churn/versions/99/infer", {"inputs": inputs})
+    assert status == 404 and "error" in body
+
+
+def _without(inputs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [t for t in inputs if t["name"] != name]
+
+
+def _with_value(inputs: list[dict[str, Any]], name: str, value: Any) -> list[dict[str, Any]]:
+    return [
+        {**t, "data": [value, *t["data"][1:]], "datatype": "BYTES"} if t["name"] == name else t
+        for t in inputs
+    ]
+
+
+@pytest.mark.parametrize(
+    "mutate, status, needle",
+    [
+        (lambda i: _without(i, "tenure_months"), 400, "tenure_months"),
+        (lambda i: _with_value(i, "monthly_charges", "lots"), 400, "monthly_charges"),
+        (lambda i: [{**i[0], "shape": [3]}, *i[1:]], 400, "shape"),
+        (lambda i: [{**i[0], "datatype": "FP128"}, *i[1:]], 400, "datatype"),
+        (
+            lambda i: [*i, {"name": "extra", "shape": [4], "datatype": "FP64", "data": [1] * 4}],
+            400,
+            "extra",
+        ),
+        (lambda i: [{**i[0], "datatype": "FP64", "data": ["x"] * 4}, *i[1:]], 400, "element"),
+    ],
+)
+def test_v2_bad_input_is_a_400_naming_the_field(served, sample, mutate, status, needle) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    code, body = call(f"{dep['url']}/v2/models/churn/infer", {"inputs": mutate(v2_inputs(*sample))})
+    assert code == status
+    assert needle in body["error"]
+
+
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ({"dataframe_records": [{"tenure_months": 3}]}, "contract"),
+        ({"dataframe_split": {"columns": ["tenure_months"], "data": [["ten"]]}}, "missing"),
+        ({"dataframe_split": {"columns": ["a", "b"], "data": [[1]]}}, "data[0]"),
+        ({"instances": [], "dataframe_records": []}, "exactly one"),
+        ([1, 2, 3], "JSON object"),
+    ],
+)
+def test_invocations_bad_input_is_a_400(served, payload, needle) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    code, body = call(f"{dep['url']}/invocations", payload)
+    assert code == 400 and needle in body["error"]
+
+
+def test_string_for_number_in_records_names_the_field(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    features, rows = sample
+    record = dict(zip(features, rows[0], strict=True))
+    record["tenure_months"] = "twelve"
+    code, body = call(f"{dep['url']}/invocations", {"dataframe_records": [record]})
+    assert code == 400 and "tenure_months" in body["error"] and "twelve" in body["error"]
+
+
+def test_protocol_errors(served) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    url = dep["url"]
+    assert call(f"{url}/v2/models/churn/infer", raw=b"{not json")[0] == 400
+    assert call(f"{url}/v2/models/other/infer", {"inputs": []})[0] == 404
+    assert call(f"{url}/nowhere", method="GET")[0] == 404
+    code, _ = call(f"{url}/invocations", raw=b"a,b\n1,2", headers={"Content-Type": "text/csv"})
+    assert code == 415
+    code, body = call(f"{url}/admin/reload", {})
+    assert code == 401 and "token" in body["error"]
+    code, _ = call(f"{url}/admin/reload", {}, headers={"Authorization": "Bearer wrong"})
+    assert code == 401
+
+
+def test_deploy_and_rollback_switch_versions_immediately(served, sample) -> None:  # type: ignore[no-untyped-def]
+    app, dep = served
+    inputs = v2_inputs(*sample)
+    infer = f"{dep['url']}/v2/models/churn/infer"
+    _, before = call(infer, {"inputs": inputs})
+    deployments.deploy(app, NAME, "churn@2")
+    _, after_deploy = call(infer, {"inputs": inputs})  # no sleep: the reload is synchronous
+    assert (before["model_version"], after_deploy["model_version"]) == ("1", "2")
+    rolled = deployments.rollback(app, NAME)
+    _, after_rollback = call(infer, {"inputs": inputs})
+    assert after_rollback["model_version"] == "1"
+    assert after_rollback["outputs"] == before["outputs"]
+    revisions = deployments.list_revisions(app, NAME)
+    assert [(r["model_version"], r["action"]) for r in revisions] == [
+        (1, "deploy"),
+        (2, "deploy"),
+        (1, "rollback"),
+    ]
+    assert rolled["current_revision"] == 3
+
+
+def test_rollback_without_earlier_revision_is_refused(trained_home: Path) -> None:
+    app = Appliance.open(trained_home)
+    deployments.create_deployment(app, "single", "churn@1", start=False)
+    before = deployments.list_revisions(app, "single")
+    with pytest.raises(Conflict, match="no earlier revision"):
+        deployments.rollback(app, "single")
+    assert deployments.list_revisions(app, "single") == before
+    app.close()
