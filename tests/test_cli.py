@@ -66,3 +66,38 @@ def test_home_flag_on_group_or_command(cli, tmp_path: Path) -> None:  # type: ig
     assert cli("--home", str(tmp_path / "a"), "data", "list", "--json").json() == []
     assert cli("data", "list", "--home", str(tmp_path / "b"), "--json").json() == []
     assert (tmp_path / "a" / "metadata.db").exists() and (tmp_path / "b" / "metadata.db").exists()
+
+
+def test_train_with_wait_shows_progress_and_logs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from appliance.core.quickstart import sample_csv
+
+    home = str(tmp_path / "h")
+    assert cli("data", "import", str(sample_csv()), "--name", "c", "--home", home).code == 0
+    result = cli(
+        "jobs",
+        "train",
+        "--dataset",
+        "c",
+        "--target",
+        "churned",
+        "--param",
+        "num_boost_round=20",
+        "--cpus",
+        "2",
+        "--wait",
+        "--json",
+        "--home",
+        home,
+    )
+    assert result.code == 0, result.err
+    job = result.json()
+    assert job["state"] == "succeeded"
+    assert "100%" in result.err  # the progress bar reached the end
+    run = cli("runs", "show", job["run_id"], "--home", home, "--json").json()
+    assert run["params"]["num_boost_round"] == 20 and run["metrics"]["auc"] > 0.85
+    logs = cli("jobs", "logs", job["id"], "--home", home)
+    assert logs.code == 0
+    failing = cli(
+        "jobs", "run", "--wait", "--home", home, "--", "python3", "-c", "import sys; sys.exit(3)"
+    )
+    assert failing.code == 1 and "exit code 3" in failing.out

@@ -127,3 +127,19 @@ def test_invalid_specs_are_refused_before_anything_is_stored(app: Appliance, spe
     with pytest.raises(InvalidInput):
         submit_job(app, spec)
     assert app.db.scalar("SELECT count(*) FROM jobs") == 0
+
+
+def test_a_killed_supervisor_shows_as_lost(app: Appliance) -> None:
+    import signal
+
+    job = submit_job(app, _py("import time; time.sleep(60)"))
+    deadline = time.monotonic() + 30
+    while get_job(app, job["id"])["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job["pid"], signal.SIGKILL)  # what the OOM killer or a power cut would do
+    deadline = time.monotonic() + 10
+    while get_job(app, job["id"])["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = get_job(app, job["id"])
+    assert done["state"] == "lost" and "disappeared" in done["error"]
+    assert get_run(app, job["run_id"])["status"] == "lost"

@@ -232,3 +232,11 @@ def test_rollback_without_earlier_revision_is_refused(trained_home: Path) -> Non
         deployments.rollback(app, "single")
     assert deployments.list_revisions(app, "single") == before
     app.close()
+
+
+def test_admin_token_is_private(served) -> None:  # type: ignore[no-untyped-def]
+    app, _ = served
+    secrets = app.settings.secrets_dir
+    token = secrets / "deployments" / f"{NAME}.token"
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert token.stat().st_mode & 0o777 == 0o600

@@ -225,11 +225,12 @@ def jobs_group() -> None:
 
 
 def _watch(app: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Show a progress bar on stderr until the job ends."""
+    """Show progress on stderr until the job ends: a bar on a terminal, else a line per 25%."""
     import time
 
     from appliance.core.jobs import FINAL_STATES, get_job
 
+    interactive = sys.stderr.isatty()
     with click.progressbar(length=100, label=f"job {job['id']}", file=sys.stderr) as bar:
         shown = 0
         while True:
@@ -237,11 +238,16 @@ def _watch(app: Any, job: dict[str, Any]) -> dict[str, Any]:
             total = job.get("progress_total") or 0
             done = int(100 * (job.get("progress_current") or 0) / total) if total else 0
             if done > shown:
-                bar.update(done - shown)
+                if interactive:
+                    bar.update(done - shown)
+                elif done // 25 > shown // 25 or done == 100:
+                    message = job.get("progress_message") or ""
+                    click.echo(f"job {job['id']}: {done}% {message}".rstrip(), err=True)
                 shown = done
             if job["state"] in FINAL_STATES:
                 break
             time.sleep(0.2)
+    click.echo(f"job {job['id']}: {job['state']}", err=True)
     return job
 
 
@@ -258,6 +264,7 @@ def _report_job(app: Any, job: dict[str, Any], as_json: bool, wait: bool) -> Non
 @click.option("--target", required=True, help="Column to predict.")
 @click.option("--feature", "features", multiple=True, help="Feature column (default: all others).")
 @click.option("--param", "params", multiple=True, help="LightGBM parameter KEY=VALUE.")
+@click.option("--cpus", default=1, show_default=True, type=click.IntRange(1), help="Threads.")
 @click.option("--experiment", default="default", show_default=True)
 @click.option("--name", help="Run name.")
 @click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
@@ -268,6 +275,7 @@ def jobs_train(
     target: str,
     features: tuple[str, ...],
     params: tuple[str, ...],
+    cpus: int,
     experiment: str,
     name: str | None,
     wait: bool,
@@ -283,6 +291,7 @@ def jobs_train(
         features=list(features) or None,
         experiment=experiment,
         name=name,
+        cpus=cpus,
     )
     _report_job(app, job, as_json, wait)
 

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -30,7 +31,7 @@ from appliance.core.context import Appliance
 from appliance.core.lineage import Node, record_execution, set_execution_state
 from appliance.core.processes import alive
 from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_params, set_tags
-from appliance.errors import Conflict, InvalidInput, NotFound
+from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
 BUILTIN_KINDS = ("train-lightgbm",)
@@ -142,7 +143,13 @@ def submit_job(
         run_id = create_run(
             conn, experiment, run_name or spec.kind, spec.params, job_id, inputs or []
         )
-    pid = executor.start(app, job_id)
+    try:
+        pid = executor.start(app, job_id)
+    except OSError as exc:
+        _finish(
+            app, job_id, "failed", None, f"the {executor.name} executor could not start it: {exc}"
+        )
+        raise ApplianceError(f"job {job_id}: could not start ({exc})") from exc
     app.db.execute("UPDATE jobs SET pid = coalesce(pid, ?) WHERE id = ?", (pid, job_id))
     return {**get_job(app, job_id), "run_id": run_id}
 
@@ -239,7 +246,7 @@ def job_log(app: Appliance, job_id: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def follow_log(app: Appliance, job_id: str, poll: float = 0.2):  # type: ignore[no-untyped-def]
+def follow_log(app: Appliance, job_id: str, poll: float = 0.2) -> Iterator[str]:
     """Yield log text as it is written, until the job ends."""
     job = get_job(app, job_id)
     path = Path(job["log_path"])

@@ -75,6 +75,7 @@ def submit_training(
     features: list[str] | None = None,
     experiment: str = "default",
     name: str | None = None,
+    cpus: int = 1,
 ) -> dict[str, Any]:
     """Validate against the dataset's schema, then submit a train-lightgbm job."""
     version = get_dataset_version(app, dataset)
@@ -105,6 +106,7 @@ def submit_training(
             }
         },
         params={**merged, "target": target, "features": chosen},
+        resources={"cpu": cpus, "memory": "2Gi", "gpu": 0},
     )
     return submit_job(
         app,

@@ -149,10 +149,13 @@ class ApplianceApp(App[None]):
                     if any(self.filter_text.lower() in str(v).lower() for v in r.values())
                 ]
         table = self.query_one("#table", DataTable)
+        cursor_row = table.cursor_row  # a refresh must not throw the user back to the top
         table.clear(columns=True)
         table.add_columns(*(c.upper() for c in columns))
         for row in shown:
             table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        if shown:
+            table.move_cursor(row=min(cursor_row, len(shown) - 1))
         filt = f"  filter /{self.filter_text}" if self.filter_text else ""
         self.query_one("#status", Static).update(
             f":{self.kind}  {len(shown)} of {len(rows)} shown{filt}"
@@ -187,6 +190,7 @@ class ApplianceApp(App[None]):
             try:
                 self.kind = find_kind(event.value.lstrip(":")).name
                 self.filter_text = ""
+                self.query_one("#table", DataTable).move_cursor(row=0)
             except ApplianceError as exc:
                 self.notify(exc.message, severity="error")
         else:
