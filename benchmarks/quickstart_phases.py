@@ -105,7 +105,7 @@ def main() -> None:
     bare = bare_lightgbm_seconds()
     timings = summary["timings"]
     print(f"{'phase':<28}{'seconds':>10}")
-    for label in ("import", "train", "register", "serve", "deploy", "rollback"):
+    for label in ("import", "train", "register", "serve-ready", "predict", "deploy", "rollback"):
         print(f"{label:<28}{timings[label]:>10.3f}")
     print(f"{'quickstart total (wall)':<28}{wall:>10.3f}")
     print()

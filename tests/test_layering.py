@@ -36,3 +36,17 @@ def test_core_import_loads_no_heavy_or_ui_library() -> None:
     # click is absent from the list: sqlite-utils imports it for its own CLI.
     for heavy in ("textual", "torch", "lightgbm", "duckdb", "minio"):
         assert heavy not in loaded, f"importing the core loaded {heavy}"
+
+
+def test_cli_import_stays_light() -> None:
+    """`appliance --help` must not pay for the TUI or the ML libraries."""
+    script = (
+        "import json, sys\n"
+        "import appliance.cli.main\n"
+        "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(json.loads(result.stdout))
+    assert not loaded & {"textual", "torch", "lightgbm", "duckdb", "minio"}

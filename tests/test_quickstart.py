@@ -32,8 +32,8 @@ def test_quickstart_cli_end_to_end(tmp_path: Path) -> None:
     assert summary["url"].startswith("http://127.0.0.1:")
     assert summary["serving"] is False
     assert sum(summary["timings"].values()) < 60
-    for step in range(1, 7):  # progress is shown on stderr
-        assert f"[{step}/6]" in result.stderr
+    for step in range(1, 8):  # progress is shown on stderr
+        assert f"[{step}/7]" in result.stderr
 
     app = Appliance.open(home)
     dep = get_deployment(app, "churn")

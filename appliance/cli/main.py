@@ -103,7 +103,7 @@ def quickstart_cmd(app: Any, as_json: bool, keep_serving: bool, name: str) -> No
 
     def progress(message: str) -> None:
         step["n"] += 1
-        click.echo(f"[{step['n']}/6] {message}", err=True)
+        click.echo(f"[{step['n']}/7] {message}", err=True)
 
     summary = run_quickstart(app, name=name, keep_serving=keep_serving, progress=progress)
     if as_json:

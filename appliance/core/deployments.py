@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -88,41 +89,47 @@ def list_revisions(app: Appliance, name: str) -> list[dict[str, Any]]:
     )
 
 
-def _add_revision(app: Appliance, name: str, model_version: dict[str, Any], action: str) -> int:
+def _append_revision(
+    conn: sqlite3.Connection, deployment_id: int, name: str, mv: dict[str, Any], action: str
+) -> int:
+    """Add the next revision, point the deployment at it, and record the lineage."""
     now = utcnow()
+    revision = conn.execute(
+        "SELECT coalesce(max(revision), 0) + 1 FROM deployment_revisions WHERE deployment_id = ?",
+        (deployment_id,),
+    ).fetchone()[0]
+    conn.execute(
+        "INSERT INTO deployment_revisions (deployment_id, revision, model_version_id, action, "
+        "created_at) VALUES (?, ?, ?, ?, ?)",
+        (deployment_id, revision, mv["id"], action, now),
+    )
+    conn.execute(
+        "UPDATE deployments SET current_revision = ?, updated_at = ? WHERE id = ?",
+        (revision, now, deployment_id),
+    )
+    record_execution(
+        conn,
+        "Deploy",
+        f"{action}:{name}#{revision}",
+        inputs=[("ModelVersion", f"model:{mv['ref']}")],
+        outputs=[("DeploymentRevision", f"deployment:{name}#{revision}")],
+        context=("Deployment", name),
+    )
+    return int(revision)
+
+
+def _add_revision(app: Appliance, name: str, mv: dict[str, Any], action: str) -> int:
     with app.db.transaction() as conn:
         dep = conn.execute(
-            "SELECT d.id, d.current_revision, m.name FROM deployments d "
+            "SELECT d.id, m.name FROM deployments d "
             "JOIN registered_models m ON m.id = d.model_id WHERE d.name = ?",
             (name,),
         ).fetchone()
         if dep is None:
             raise NotFound(f"deployment {name!r} not found")
-        if dep[2] != model_version["model"]:
-            raise InvalidInput(
-                f"deployment {name!r} serves model {dep[2]!r}, not {model_version['model']!r}"
-            )
-        revision = conn.execute(
-            "SELECT max(revision) + 1 FROM deployment_revisions WHERE deployment_id = ?", (dep[0],)
-        ).fetchone()[0]
-        conn.execute(
-            "INSERT INTO deployment_revisions (deployment_id, revision, model_version_id, action, "
-            "created_at) VALUES (?, ?, ?, ?, ?)",
-            (dep[0], revision, model_version["id"], action, now),
-        )
-        conn.execute(
-            "UPDATE deployments SET current_revision = ?, updated_at = ? WHERE id = ?",
-            (revision, now, dep[0]),
-        )
-        record_execution(
-            conn,
-            "Deploy",
-            f"{action}:{name}#{revision}",
-            inputs=[("ModelVersion", f"model:{model_version['ref']}")],
-            outputs=[("DeploymentRevision", f"deployment:{name}#{revision}")],
-            context=("Deployment", name),
-        )
-    return int(revision)
+        if dep[1] != mv["model"]:
+            raise InvalidInput(f"deployment {name!r} serves model {dep[1]!r}, not {mv['model']!r}")
+        return _append_revision(conn, dep[0], name, mv, action)
 
 
 def create_deployment(
@@ -140,22 +147,10 @@ def create_deployment(
         ).fetchone()[0]
         cur = conn.execute(
             "INSERT INTO deployments (name, model_id, current_revision, status, created_at, "
-            "updated_at) VALUES (?, ?, 1, 'stopped', ?, ?)",
+            "updated_at) VALUES (?, ?, 0, 'stopped', ?, ?)",
             (name, model_id, now, now),
         )
-        conn.execute(
-            "INSERT INTO deployment_revisions (deployment_id, revision, model_version_id, action, "
-            "created_at) VALUES (?, 1, ?, 'deploy', ?)",
-            (cur.lastrowid, mv["id"], now),
-        )
-        record_execution(
-            conn,
-            "Deploy",
-            f"deploy:{name}#1",
-            inputs=[("ModelVersion", f"model:{mv['ref']}")],
-            outputs=[("DeploymentRevision", f"deployment:{name}#1")],
-            context=("Deployment", name),
-        )
+        _append_revision(conn, int(cur.lastrowid or 0), name, mv, "deploy")
     _write_token(app, name)
     if start:
         return start_deployment(app, name)

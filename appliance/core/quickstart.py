@@ -112,13 +112,14 @@ def run_quickstart(
     v1, v2 = versions
 
     features, rows = _sample_rows(5)
-    with phase("serve", f"serving {v1['ref']} on 127.0.0.1"):
+    with phase("serve-ready", f"serving {v1['ref']} on 127.0.0.1"):
         try:
             deployments.get_deployment(app, name)
             deployments.deploy(app, name, v1["ref"])
             dep = deployments.start_deployment(app, name)
         except NotFound:
             dep = deployments.create_deployment(app, name, v1["ref"])
+    with phase("predict", "sending predictions (KServe V2)"):
         first = predict_v2(dep["url"], name, features, rows)
 
     with phase("deploy", f"deploying {v2['ref']}"):
