@@ -79,7 +79,8 @@ def resolve_home(home: str | Path | None = None) -> Path:
     raw = home if home is not None else os.environ.get("APPLIANCE_HOME") or DEFAULT_HOME
     path = Path(raw).expanduser()
     if path.exists() and not path.is_dir():
-        raise InvalidInput(f"--home {path}: exists and is not a directory")
+        source = "--home" if home is not None else "APPLIANCE_HOME"
+        raise InvalidInput(f"{source} {path}: exists and is not a directory")
     return path.resolve()
 
 

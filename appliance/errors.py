@@ -33,3 +33,9 @@ class CorruptObject(ApplianceError):
     """An object's bytes no longer match the sha256 it is stored under."""
 
     exit_code = 5
+
+
+class StoreUnavailable(ApplianceError):
+    """The object store cannot be reached or refused the request."""
+
+    exit_code = 6

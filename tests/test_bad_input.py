@@ -57,6 +57,9 @@ def _assert_clean_failure(result, field: str) -> None:  # type: ignore[no-untype
         ),
         (None, ["data", "show", "seed@9"], "'seed@9' not found"),
         (None, ["lineage", "widget:1"], "unknown kind"),
+        ("\n\n\n", ["data", "import", "{tmp}/in.csv", "--name", "x"], "no data rows"),
+        ('a,b\n"open,2\n3,4\n', ["data", "import", "{tmp}/in.csv", "--name", "x"], "in.csv"),
+        (None, ["deployments", "rollback", "nope", "--to-revision", "0"], "--to-revision 0"),
     ],
 )
 def test_bad_input_changes_nothing(cli, seeded: Path, tmp_path: Path, setup, args, field) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +92,7 @@ def test_home_pointing_at_a_file(cli, tmp_path: Path) -> None:  # type: ignore[n
     _assert_clean_failure(result, "not a directory")
     assert target.read_text() == "not a directory"
     result = cli("data", "list", "--home", str(target / "below"))
-    _assert_clean_failure(result, "--home")
+    _assert_clean_failure(result, "cannot create directory")
 
 
 def test_unreadable_csv_is_named(cli, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -97,3 +100,38 @@ def test_unreadable_csv_is_named(cli, home: Path, tmp_path: Path) -> None:  # ty
     bad.write_bytes(b"\x00\xff\xfe" * 1000)
     result = cli("data", "import", str(bad), "--name", "bin", "--home", str(home))
     assert result.code != 0 and "binary.csv" in result.err
+
+
+def test_glob_characters_in_a_path_are_taken_literally(cli, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for name in ("x1.csv", "x2.csv"):
+        (tmp_path / name).write_text("a,b\n9,9\n9,9\n")
+    literal = tmp_path / "x*.csv"
+    literal.write_text("a,b\n1,2\n")
+    result = cli("data", "import", str(literal), "--name", "lit", "--home", str(home), "--json")
+    assert result.code == 0 and result.json()["row_count"] == 1
+
+
+def test_registering_a_model_without_a_signature_is_refused(cli, home: Path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from appliance.core.jobs import wait_job
+
+    code = (
+        "import json, pathlib, tempfile\n"
+        "from appliance.config import load_settings\n"
+        "from appliance.store.objects import open_object_store\n"
+        "p = pathlib.Path(tempfile.mkdtemp()) / 'm.txt'; p.write_text('not a model')\n"
+        "s = open_object_store(load_settings()).put_file(p)\n"
+        "print(json.dumps({'type': 'artifact', 'name': 'model', 'sha256': s.sha256,\n"
+        "    'size': s.size, 'uri': s.uri, 'meta': {'dataset': 'foo'}}))\n"
+    )
+    job = cli("jobs", "run", "--json", "--home", str(home), "--", sys.executable, "-c", code)
+    assert job.code == 0
+    app = Appliance.open(home)
+    done = wait_job(app, job.json()["id"], timeout=60)
+    assert done["state"] == "succeeded"
+    before = _snapshot(home)
+    result = cli("models", "register", "m", "--run", done["run_id"], "--home", str(home))
+    _assert_clean_failure(result, "flavor")
+    assert _snapshot(home) == before
+    app.close()

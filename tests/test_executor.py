@@ -24,6 +24,8 @@ for step in range(1, 6):
     print(json.dumps({"type": "progress", "current": step, "total": 5}))
 print(json.dumps({"type": "param", "key": "lr", "value": 0.1}))
 print(json.dumps({"type": "metric", "key": "broken"}))
+print('{"type": "metric", "key": "nan", "value": NaN, "step": 1}')
+print('{"type": "metric", "key": "far", "value": 1, "step": 1e300}')
 print("{not json at all")
 print("done", file=sys.stderr)
 """
@@ -48,7 +50,8 @@ def test_job_that_succeeds_reports_metrics_progress_and_logs(app: Appliance) -> 
     log = job_log(app, job["id"])
     assert "hello from the job" in log
     assert "{not json at all" in log  # plain lines are logs, even when they look like JSON
-    assert "ignored malformed event" in log  # a bad event is reported, not fatal
+    assert log.count("ignored malformed event") == 3  # bad events are reported, not fatal
+    assert "finite" in log
     assert '"type": "metric", "key": "loss"' not in log  # protocol lines are not log noise
 
 
@@ -143,3 +146,16 @@ def test_a_killed_supervisor_shows_as_lost(app: Appliance) -> None:
     done = get_job(app, job["id"])
     assert done["state"] == "lost" and "disappeared" in done["error"]
     assert get_run(app, job["run_id"])["status"] == "lost"
+
+
+def test_training_on_a_tiny_split_fails_with_a_reason(app: Appliance, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from appliance.core.datasets import import_csv
+    from appliance.core.training import submit_training
+
+    csv = tmp_path / "tiny.csv"
+    csv.write_text("x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    import_csv(app, csv, "tiny")
+    job = submit_training(app, "tiny", "y", params={"valid_fraction": 0.001})
+    done = wait_job(app, job["id"], timeout=60)
+    assert done["state"] == "failed"
+    assert "empty training or validation split" in done["error"]

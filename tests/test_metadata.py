@@ -79,15 +79,17 @@ home, run_id, worker, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(
 app = Appliance.open(home)
 while time.time() < start:
     time.sleep(0.001)
+first = time.time()
 for step in range(500):
     log_metric(app, run_id, f"w{worker}", float(step), step)
+print(first, time.time())
 """
 
 
 def test_eight_processes_write_500_metrics_each_without_loss(app: Appliance) -> None:
     with app.db.transaction() as conn:
         run_id = create_run(conn, "concurrency", "writers", {}, None)
-    start = time.time() + 2.0  # every writer begins its loop at the same instant
+    start = time.time() + 3.0  # every writer begins its loop at the same instant
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, str(app.settings.home), run_id, str(w), str(start)],
@@ -97,10 +99,14 @@ def test_eight_processes_write_500_metrics_each_without_loss(app: Appliance) -> 
         )
         for w in range(8)
     ]
+    spans = []
     for proc in procs:
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err
         assert "locked" not in err
+        spans.append([float(t) for t in out.split()])
+    # The writers really contended: every one started before any of them finished.
+    assert max(s[0] for s in spans) < min(s[1] for s in spans)
     counts = app.db.rows(
         "SELECT key, count(*) AS n, count(DISTINCT step) AS steps FROM run_metrics "
         "WHERE run_id = ? GROUP BY key ORDER BY key",

@@ -67,3 +67,21 @@ def test_quickstart_keep_serving_then_rerun(tmp_path: Path) -> None:
     finally:
         stop_deployment(app, "churn")
         app.close()
+
+
+@pytest.mark.slow
+def test_a_failing_quickstart_leaves_no_server(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import appliance.core.quickstart as qs
+    from appliance.core.processes import alive
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("network hiccup")
+
+    monkeypatch.setattr(qs, "predict_v2", broken)
+    app = Appliance.open(tmp_path / "h")
+    with pytest.raises(RuntimeError):
+        qs.run_quickstart(app)
+    assert get_deployment(app, "churn")["status"] == "stopped"
+    pid = app.db.scalar("SELECT pid FROM deployments WHERE name = 'churn'")
+    assert pid is None or not alive(pid)
+    app.close()

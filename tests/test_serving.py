@@ -240,3 +240,86 @@ def test_admin_token_is_private(served) -> None:  # type: ignore[no-untyped-def]
     token = secrets / "deployments" / f"{NAME}.token"
     assert secrets.stat().st_mode & 0o777 == 0o700
     assert token.stat().st_mode & 0o777 == 0o600
+
+
+def _raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.putrequest("POST", parts.path, skip_accept_encoding=True)
+    for key, value in headers.items():
+        conn.putheader(key, value.encode("utf-8"))
+    conn.endheaders(body)
+    response = conn.getresponse()
+    payload = response.read().decode()
+    conn.close()
+    assert "Traceback" not in payload
+    return response.status, json.loads(payload)
+
+
+def test_hostile_requests_get_4xx_not_500(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    infer = f"{dep['url']}/v2/models/churn/infer"
+    inputs = v2_inputs(*sample)
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert call(infer, raw=deep)[0] == 400
+    assert call(infer, raw=b'{"inputs": [' + b"9" * 5000 + b"]}")[0] == 400
+    big = [
+        {**t, "data": [10**400, *t["data"][1:]], "datatype": "INT64"}
+        if t["name"] == "tenure_months"
+        else t
+        for t in inputs
+    ]
+    code, body = call(infer, {"inputs": big})
+    assert code == 400 and "tenure_months" in body["error"]
+    infinite = [
+        {**t, "data": [float("inf"), *t["data"][1:]]} if t["name"] == "tenure_months" else t
+        for t in inputs
+    ]
+    code, body = call(infer, {"inputs": infinite})  # json.dumps writes Infinity
+    assert code == 400 and "out of range" in body["error"]
+    long_version = f"{dep['url']}/v2/models/churn/versions/{'9' * 30}/infer"
+    assert call(long_version, {"inputs": inputs})[0] == 404
+    assert call(infer, {"inputs": [*inputs, inputs[0]]})[0] == 400  # duplicate tensor
+    assert call(infer, {"inputs": [{**inputs[0], "shape": [True]}]})[0] == 400
+    assert _raw(infer, b"{}", {"Content-Length": "\u00b2"})[0] == 411
+    reload_url = f"{dep['url']}/admin/reload"
+    assert (
+        _raw(reload_url, b"{}", {"Content-Length": "2", "Authorization": "Bearer \u00e9"})[0] == 401
+    )
+    assert call(f"{dep['url']}/v2/health/ready", method="GET")[0] == 200  # still serving
+
+
+def test_concurrent_starts_leave_one_server(trained_home: Path) -> None:
+    import subprocess
+    import sys
+
+    app = Appliance.open(trained_home)
+    deployments.create_deployment(app, "racer", "churn@1", start=False)
+    command = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "deployments",
+        "start",
+        "racer",
+        "--home",
+        str(trained_home),
+        "--json",
+    ]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    try:
+        urls = {json.loads(p.communicate(timeout=120)[0])["url"] for p in procs}
+        assert len(urls) == 1
+        servers = subprocess.run(
+            ["pgrep", "-f", "appliance.runner serve racer"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(servers) == 1
+    finally:
+        deployments.stop_deployment(app, "racer")
+        app.close()

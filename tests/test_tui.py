@@ -88,7 +88,7 @@ def test_refresh_never_blocks_the_ui(tmp_path: Path, monkeypatch) -> None:  # ty
             started = time.monotonic()
             await pilot.press("colon", *"models", "enter")
             assert app.kind == "models"
-            assert time.monotonic() - started < 1.0  # one refresh pass sleeps 2.5 s
+            assert time.monotonic() - started < 2.0  # one refresh pass sleeps 2.5 s
             await pilot.press("q")
 
     asyncio.run(scenario())

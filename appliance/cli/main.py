@@ -22,9 +22,8 @@ F = Callable[..., Any]
 def _open(home: str | None) -> Any:
     from appliance.core.context import Appliance
 
-    ctx = click.get_current_context()
-    root = ctx.find_root().params.get("home")
-    return Appliance.open(home or root)
+    root = click.get_current_context().find_root().params
+    return Appliance.open(home or root.get("home"), store=root.get("store"))
 
 
 def command(group: click.Group, name: str, listing: bool = True) -> Callable[[F], F]:
@@ -57,20 +56,27 @@ def command(group: click.Group, name: str, listing: bool = True) -> Callable[[F]
     type=click.Path(),
     help="Appliance home (default $APPLIANCE_HOME or ~/.local/share/appliance).",
 )
+@click.option(
+    "--store",
+    type=click.Choice(["local", "s3"]),
+    help="Object store backend (overrides appliance.toml and APPLIANCE_STORE).",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, store: str | None) -> None:
     """appliance: a self-hosted ML platform. With no command, opens the terminal UI."""
     if ctx.invoked_subcommand is None:
-        from appliance.core.context import Appliance
         from appliance.tui.app import run_tui
 
-        run_tui(Appliance.open(home))
+        run_tui(_open(home))
 
 
-@cli.command("version")
-def version() -> None:
+@command(cli, "version")
+def version(app: Any, as_json: bool) -> None:
     """Print the appliance version."""
-    click.echo(__version__)
+    if as_json:
+        emit({"version": __version__}, True)
+    else:
+        click.echo(__version__)
 
 
 @command(cli, "doctor")
@@ -501,7 +507,12 @@ def deployments_deploy(app: Any, as_json: bool, name: str, model_ref: str) -> No
 
 @command(deployments_group, "rollback")
 @click.argument("name")
-@click.option("--to-revision", type=int, help="Revision to go back to (default: the previous).")
+@click.option(
+    "--to-revision",
+    type=int,
+    help="Revision whose model version to serve again (default: the one before the current, "
+    "like kubectl rollout undo).",
+)
 def deployments_rollback(app: Any, as_json: bool, name: str, to_revision: int | None) -> None:
     """Roll back to an earlier revision's model version."""
     from appliance.core.deployments import rollback
@@ -581,4 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # last resort: one line, not a traceback
+        click.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+        return 1
     return 0

@@ -24,7 +24,9 @@ class Appliance:
         try:
             settings.home.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
-            raise InvalidInput(f"--home {settings.home}: cannot create directory ({exc})") from exc
+            raise InvalidInput(
+                f"home {settings.home}: cannot create directory ({exc.strerror or exc})"
+            ) from exc
         return cls(settings)
 
     @cached_property

@@ -18,21 +18,33 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _sql_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _csv_to_parquet(csv_path: Path, parquet_path: Path) -> tuple[int, list[dict[str, str]]]:
     import duckdb
 
+    # DuckDB expands glob characters in paths; read through a plain-named link instead.
+    plain = parquet_path.parent / "source.csv"
+    plain.symlink_to(csv_path)
     con = duckdb.connect()
     try:
-        source = f"read_csv({_sql_string(str(csv_path))})"
+        # RFC 4180 quoting stated, not sniffed, so an unterminated quote is an error.
+        source = f"read_csv({_sql_string(str(plain))}, quote='\"', escape='\"')"
         try:
             described = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+            schema = [{"name": str(r[0]), "type": str(r[1])} for r in described]
+            any_value = " OR ".join(f"{_sql_identifier(c['name'])} IS NOT NULL" for c in schema)
             rows = int(con.execute(f"SELECT count(*) FROM {source}").fetchone()[0])  # type: ignore[index]
+            filled = int(
+                con.execute(f"SELECT count(*) FROM {source} WHERE {any_value}").fetchone()[0]  # type: ignore[index]
+            )
         except duckdb.Error as exc:
-            first_line = str(exc).strip().splitlines()[0]
+            first_line = str(exc).strip().splitlines()[0].replace(str(plain), str(csv_path))
             raise InvalidInput(f"{csv_path}: cannot be read as CSV: {first_line}") from exc
-        if rows == 0:
+        if rows == 0 or filled == 0:
             raise InvalidInput(f"{csv_path}: has no data rows")
-        schema = [{"name": str(r[0]), "type": str(r[1])} for r in described]
         con.execute(
             f"COPY (SELECT * FROM {source}) TO {_sql_string(str(parquet_path))} "
             "(FORMAT parquet, COMPRESSION zstd)"

@@ -22,7 +22,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.lineage import record_execution
 from appliance.core.names import validate_name
-from appliance.core.processes import alive
+from appliance.core.processes import alive, exclusive, signal_ours
 from appliance.core.registry import get_model_version
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
@@ -191,6 +191,8 @@ def deploy(app: Appliance, name: str, model_ref: str) -> dict[str, Any]:
 
 def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[str, Any]:
     """Go back to the model version of an earlier revision (default: the one before current)."""
+    if to_revision is not None and to_revision < 1:
+        raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
     target = to_revision if to_revision is not None else dep["current_revision"] - 1
     if target < 1:
@@ -218,9 +220,15 @@ def start_deployment(
     app: Appliance, name: str, host: str = "127.0.0.1", port: int = 0
 ) -> dict[str, Any]:
     """Start the deployment's server as a detached process and wait until it is ready."""
-    dep = get_deployment(app, name)
-    if dep["status"] == "serving":
-        return dep
+    get_deployment(app, name)  # validates the name before it becomes a lock file name
+    with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
+        dep = get_deployment(app, name)
+        if dep["status"] == "serving":
+            return dep
+        return _spawn_server(app, name, host, port)
+
+
+def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
     log_path = app.settings.logs_dir / "deployments" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "APPLIANCE_HOME": str(app.settings.home)}
@@ -267,16 +275,11 @@ def stop_deployment(app: Appliance, name: str, timeout: float = 10.0) -> dict[st
     """Stop the deployment's server; its revisions and history stay."""
     dep = get_deployment(app, name)
     pid = dep["pid"]
-    if dep["status"] == "serving" and pid:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    if dep["status"] == "serving" and signal_ours(pid, signal.SIGTERM):
         deadline = time.monotonic() + timeout
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        signal_ours(pid, signal.SIGKILL)
     app.db.execute(
         "UPDATE deployments SET status = 'stopped', pid = NULL, updated_at = ? WHERE name = ?",
         (utcnow(), name),

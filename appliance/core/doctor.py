@@ -51,6 +51,14 @@ def doctor(app: Appliance) -> dict[str, Any]:
         checks["object_store"] = "ok"
     except Exception as exc:
         checks["object_store"] = f"error: {exc}"
+    config = settings.config_path
+    if config.exists() and "secret_key" in config.read_text(errors="replace"):
+        loose = config.stat().st_mode & 0o077
+        checks["config_permissions"] = (
+            f"warning: {config} holds a secret key but is readable by others (chmod 600)"
+            if loose
+            else "ok"
+        )
     report["checks"] = checks
-    report["ok"] = all(v == "ok" for v in checks.values())
+    report["ok"] = not any(v.startswith("error") for v in checks.values())
     return report

@@ -15,8 +15,10 @@ the metadata store, so job code never touches SQLite and runs unchanged in a k3s
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,7 +31,7 @@ from typing import Any, Protocol, TextIO
 
 from appliance.core.context import Appliance
 from appliance.core.lineage import Node, record_execution, set_execution_state
-from appliance.core.processes import alive
+from appliance.core.processes import alive, signal_ours
 from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_params, set_tags
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
@@ -106,11 +108,7 @@ class LocalExecutor:
         return proc.pid
 
     def cancel(self, job: dict[str, Any]) -> None:
-        if job.get("pid"):
-            try:
-                os.killpg(job["pid"], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_ours(job.get("pid"), signal.SIGTERM, group=True)
 
     def is_alive(self, job: dict[str, Any]) -> bool:
         return alive(job.get("pid"))
@@ -229,11 +227,7 @@ def cancel_job(app: Appliance, job_id: str, grace: float = 10.0) -> dict[str, An
     executor.cancel(job)
     job = wait_job(app, job_id, timeout=grace)
     if job["state"] not in FINAL_STATES:
-        if job.get("pid"):
-            try:
-                os.killpg(job["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_ours(job.get("pid"), signal.SIGKILL, group=True)
         _finish(app, job_id, "cancelled", None, "cancelled (killed after grace period)")
     elif job["state"] == "lost":
         _finish(app, job_id, "cancelled", None, "cancelled", force=True)
@@ -339,7 +333,7 @@ class LineRecorder:
         if isinstance(event, dict) and isinstance(event.get("type"), str):
             try:
                 self._handle_event(event)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError, sqlite3.Error) as exc:
                 self.write_log(f"[appliance] ignored malformed event ({exc}): {stripped}")
         else:
             self.write_log(line)
@@ -352,14 +346,14 @@ class LineRecorder:
     def _handle_event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "metric":
-            self.metrics.append(
-                (
-                    str(event["key"]),
-                    float(event["value"]),
-                    int(event.get("step", 0)),
-                    float(event.get("timestamp", time.time())),
-                )
-            )
+            value = float(event["value"])
+            step = int(event.get("step", 0))
+            timestamp = float(event.get("timestamp", time.time()))
+            if not math.isfinite(value) or not math.isfinite(timestamp):
+                raise ValueError(f"metric {event['key']!r}: value must be a finite number")
+            if not 0 <= step < 2**63:
+                raise ValueError(f"metric {event['key']!r}: step must be a non-negative integer")
+            self.metrics.append((str(event["key"]), value, step, timestamp))
         elif kind == "progress":
             total = event.get("total")
             self.progress = (
@@ -412,7 +406,10 @@ class LineRecorder:
 
     def flush(self) -> None:
         metrics, self.metrics = self.metrics, []
-        log_metrics(self.app, self.run_id, metrics)
+        try:
+            log_metrics(self.app, self.run_id, metrics)
+        except sqlite3.Error as exc:  # a bad batch must not take the supervisor down
+            self.write_log(f"[appliance] could not record {len(metrics)} metric rows: {exc}")
         if self.progress is not None:
             current, total, message = self.progress
             self.progress = None

@@ -112,30 +112,33 @@ def run_quickstart(
     v1, v2 = versions
 
     features, rows = _sample_rows(5)
-    with phase("serve-ready", f"serving {v1['ref']} on 127.0.0.1"):
-        try:
-            deployments.get_deployment(app, name)
-            deployments.deploy(app, name, v1["ref"])
-            dep = deployments.start_deployment(app, name)
-        except NotFound:
-            dep = deployments.create_deployment(app, name, v1["ref"])
-    with phase("predict", "sending predictions (KServe V2)"):
-        first = predict_v2(dep["url"], name, features, rows)
+    serving_started = False
+    try:
+        with phase("serve-ready", f"serving {v1['ref']} on 127.0.0.1"):
+            try:
+                deployments.get_deployment(app, name)
+                deployments.deploy(app, name, v1["ref"])
+                dep = deployments.start_deployment(app, name)
+            except NotFound:
+                dep = deployments.create_deployment(app, name, v1["ref"])
+            serving_started = True
+        with phase("predict", "sending predictions (KServe V2)"):
+            first = predict_v2(dep["url"], name, features, rows)
 
-    with phase("deploy", f"deploying {v2['ref']}"):
-        deployments.deploy(app, name, v2["ref"])
-        second = predict_v2(dep["url"], name, features, rows)
+        with phase("deploy", f"deploying {v2['ref']}"):
+            deployments.deploy(app, name, v2["ref"])
+            second = predict_v2(dep["url"], name, features, rows)
 
-    with phase("rollback", f"rolling back to {v1['ref']}"):
-        dep = deployments.rollback(app, name)
-        third = predict_v2(dep["url"], name, features, rows)
+        with phase("rollback", f"rolling back to {v1['ref']}"):
+            dep = deployments.rollback(app, name)
+            third = predict_v2(dep["url"], name, features, rows)
+    finally:
+        if serving_started and not keep_serving:  # never leave a server behind on failure
+            deployments.stop_deployment(app, name)
 
     served = [first["model_version"], second["model_version"], third["model_version"]]
     expected = [str(v1["version"]), str(v2["version"]), str(v1["version"])]
     rollback_ok = served == expected and third["outputs"][0]["data"] == first["outputs"][0]["data"]
-    url = dep["url"]
-    if not keep_serving:
-        deployments.stop_deployment(app, name)
     return {
         "dataset": dataset["ref"],
         "models": [
@@ -143,7 +146,7 @@ def run_quickstart(
             for v in versions
         ],
         "deployment": name,
-        "url": url,
+        "url": dep["url"],
         "served_versions": served,
         "rollback_ok": rollback_ok,
         "revision": dep["current_revision"],

@@ -36,6 +36,40 @@ def _version_row(app: Appliance, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _validated_meta(run_id: str, meta: Any) -> dict[str, Any]:
+    """A servable model needs a known flavor and an input signature; say what is missing."""
+    where = f"run {run_id} model artifact meta"
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"{where}: must be an object")
+    if meta.get("flavor") != "lightgbm":
+        raise InvalidInput(f"{where}.flavor: only 'lightgbm' models can be registered")
+    signature = meta.get("signature")
+    if (
+        not isinstance(signature, list)
+        or not signature
+        or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and (
+                f.get("type") == "double"
+                or (f.get("type") == "category" and isinstance(f.get("categories"), list))
+            )
+            for f in signature
+        )
+    ):
+        raise InvalidInput(
+            f"{where}.signature: a non-empty list of {{name, type: double|category}} is required"
+        )
+    dataset = meta.get("dataset")
+    if dataset is not None:
+        name, _, version = str(dataset).partition("@")
+        if not version.isdigit():
+            raise InvalidInput(f"{where}.dataset: expected NAME@VERSION, got {dataset!r}")
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise InvalidInput(f"{where}.metrics: must be an object")
+    return meta
+
+
 def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
     """Register the model a finished run produced as the next version of `name`."""
     validate_name("model name", name)
@@ -45,7 +79,7 @@ def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
     output = next((o for o in run["outputs"] if o["name"] == "model"), None)
     if output is None:
         raise Conflict(f"run {run['id']} produced no 'model' artifact")
-    meta = output["meta"]
+    meta = _validated_meta(run["id"], output["meta"])
     dataset_ref = meta.get("dataset")
     now = utcnow()
     with app.db.transaction() as conn:

@@ -105,7 +105,15 @@ class ModelRuntime:
             if value is None:
                 out.append(math.nan)
             elif isinstance(value, int | float) and not isinstance(value, bool):
-                out.append(float(value))
+                try:
+                    number = float(value)  # NaN means missing, as in LightGBM
+                except OverflowError:
+                    number = math.inf
+                if math.isinf(number):
+                    raise RequestError(
+                        400, f"feature {name!r} row {row}: {str(value)[:20]} is out of range"
+                    )
+                out.append(number)
             else:
                 raise RequestError(
                     400, f"feature {name!r} row {row}: expected a number, got {value!r}"
@@ -159,7 +167,11 @@ def parse_v2_request(body: Any, runtime: ModelRuntime) -> tuple[dict[str, list[A
         name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
         if not isinstance(name, str):
             raise RequestError(400, f"inputs[{i}].name: required string")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if any(name == seen for seen, _, _ in tensors):
+            raise RequestError(400, f"input {name!r} appears more than once")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise RequestError(
                 400, f"input {name!r}: shape must be a list of non-negative integers"
             )
@@ -270,6 +282,7 @@ class ModelServer:
         self.current: ModelRuntime | None = None
         self._loaded: dict[int, ModelRuntime] = {}
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
 
     def runtime_for(self, version: int) -> ModelRuntime:
         with self._lock:
@@ -296,11 +309,12 @@ class ModelServer:
         )
         if row is None:
             raise ApplianceError(f"deployment {self.deployment!r} not found")
-        if row["current_revision"] == self.revision:
-            return False
-        self.model = row["model"]
-        runtime = self.runtime_for(int(row["version"]))  # load before the swap
-        self.current, self.revision = runtime, int(row["current_revision"])
+        with self._sync_lock:  # the poll thread and /admin/reload must not interleave
+            if int(row["current_revision"]) <= self.revision:
+                return False  # revisions only grow: never step back to an older read
+            self.model = row["model"]
+            runtime = self.runtime_for(int(row["version"]))  # load before the swap
+            self.current, self.revision = runtime, int(row["current_revision"])
         log.info("serving %s@%s (revision %s)", self.model, runtime.version, self.revision)
         return True
 
@@ -326,7 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             raise RequestError(411, "Content-Length header required")
         size = int(length)
         if size > MAX_BODY:
@@ -335,8 +349,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(size)
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise RequestError(400, f"request body is not valid JSON: {reason}") from exc
 
     def _dispatch(self, method: str) -> None:
         try:
@@ -360,8 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(404, f"model {name!r} is not served here (serving {ms.model!r})")
         if version is None:
             return ms.current
-        if not version.isdigit():
-            raise RequestError(404, f"model version {version!r} not found")
+        if not (version.isascii() and version.isdigit()) or len(version) > 9:
+            raise RequestError(404, f"model version {version[:20]!r} not found")
         return ms.runtime_for(int(version))
 
     def _route(self, method: str, path: str) -> tuple[int, Any]:
@@ -413,7 +428,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"predictions": runtime.predict(columns)}
         if method == "POST" and path == "/admin/reload":
             supplied = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
-            if not supplied or not hmac.compare_digest(supplied, ms.token):
+            if not supplied or not hmac.compare_digest(
+                supplied.encode("utf-8", "surrogateescape"), ms.token.encode()
+            ):
                 raise RequestError(401, "admin token required")
             ms.sync()
             assert ms.current is not None

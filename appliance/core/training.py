@@ -205,6 +205,11 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
         labels = []
     rng = np.random.default_rng(seed)
     is_valid = rng.random(len(y)) < valid_fraction
+    if not 0 < int(is_valid.sum()) < len(y):
+        raise ValueError(
+            f"valid_fraction={valid_fraction} leaves an empty training or validation split "
+            f"of {len(y)} rows"
+        )
     categorical = [i for i, s in enumerate(signature) if s["type"] == "category"]
     lgb_params = {
         "objective": objective,
@@ -227,6 +232,8 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
         step = env.iteration + 1
         now = time.time()
         for _, metric, value, _ in env.evaluation_result_list:
+            if not np.isfinite(value):
+                continue
             emit(
                 {
                     "type": "metric",
@@ -259,7 +266,10 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
     final["n_train"] = float((~is_valid).sum())
     final["n_valid"] = float(is_valid.sum())
     for key, value in final.items():
-        emit({"type": "metric", "key": key, "value": value, "step": rounds})
+        if np.isfinite(value):  # AUC is undefined when the validation split has one class
+            emit({"type": "metric", "key": key, "value": value, "step": rounds})
+        else:
+            print(f"metric {key} is undefined on this validation split; not recorded")
 
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "model.txt"
@@ -280,7 +290,7 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
                 "signature": signature,
                 "target": target,
                 "dataset": dataset["ref"],
-                "metrics": final,
+                "metrics": {k: v for k, v in final.items() if np.isfinite(v)},
             },
         }
     )

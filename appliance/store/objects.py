@@ -10,12 +10,14 @@ import hashlib
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from appliance.config import Settings
-from appliance.errors import CorruptObject, NotFound
+from appliance.errors import ApplianceError, CorruptObject, NotFound, StoreUnavailable
 
 CHUNK = 1 << 20
 
@@ -107,6 +109,10 @@ class LocalObjectStore:
         return f"local {self.root}"
 
 
+_MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
+_COPY_LIMIT = 5 * 2**30  # S3 CopyObject's limit; larger objects are copied part by part
+
+
 class S3ObjectStore:
     """Objects in an S3 bucket through the minio SDK; reads are cached locally and verified."""
 
@@ -120,41 +126,76 @@ class S3ObjectStore:
         cache_dir: Path,
         region: str = "us-east-1",
     ) -> None:
+        import urllib3
         from minio import Minio
 
         self.bucket = bucket
         self.endpoint = endpoint
         self.cache_dir = cache_dir
-        self.client = Minio(
-            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+        # Few, quick retries: an unreachable endpoint should fail in seconds with its name.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=120),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(502, 503, 504)),
         )
-        if not self.client.bucket_exists(bucket):
-            self.client.make_bucket(bucket)
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
+        with self._talking():
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+
+    @contextmanager
+    def _talking(self) -> Iterator[None]:
+        """Turn transport and server failures into one error that names the endpoint."""
+        import urllib3
+        from minio.error import MinioException
+
+        try:
+            yield
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if isinstance(exc, ApplianceError):
+                raise
+            reason = getattr(exc, "code", None) or type(exc).__name__
+            raise StoreUnavailable(
+                f"object store s3://{self.endpoint}/{self.bucket}: {reason}: {exc}"[:300]
+            ) from exc
 
     def exists(self, sha256: str) -> bool:
         from minio.error import S3Error
 
-        try:
-            self.client.stat_object(self.bucket, object_key(sha256))
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                return False
-            raise
+        with self._talking():
+            try:
+                self.client.stat_object(self.bucket, object_key(sha256))
+            except S3Error as exc:
+                if exc.code in _MISSING:
+                    return False
+                raise
         return True
 
     def put_file(self, path: Path) -> StoredObject:
-        from minio.commonconfig import CopySource
+        from minio.commonconfig import ComposeSource, CopySource
 
         sha = sha256_file(path)
         size = path.stat().st_size
         key = object_key(sha)
-        if not self.exists(sha):
-            tmp_key = f"tmp/{uuid.uuid4().hex}"
-            self.client.fput_object(self.bucket, tmp_key, str(path))
-            try:
-                self.client.copy_object(self.bucket, key, CopySource(self.bucket, tmp_key))
-            finally:
-                self.client.remove_object(self.bucket, tmp_key)
+        with self._talking():
+            if not self.exists(sha):
+                tmp_key = f"tmp/{uuid.uuid4().hex}"
+                self.client.fput_object(self.bucket, tmp_key, str(path))
+                try:
+                    if size <= _COPY_LIMIT:
+                        self.client.copy_object(self.bucket, key, CopySource(self.bucket, tmp_key))
+                    else:
+                        self.client.compose_object(
+                            self.bucket, key, [ComposeSource(self.bucket, tmp_key)]
+                        )
+                finally:
+                    self.client.remove_object(self.bucket, tmp_key)
         return StoredObject(sha256=sha, size=size, uri=f"s3://{self.bucket}/{key}")
 
     def get_file(self, sha256: str) -> Path:
@@ -169,12 +210,13 @@ class S3ObjectStore:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            try:
-                self.client.fget_object(self.bucket, key, str(tmp))
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject"):
-                    raise NotFound(f"object {key} is missing from s3://{self.bucket}") from exc
-                raise
+            with self._talking():
+                try:
+                    self.client.fget_object(self.bucket, key, str(tmp))
+                except S3Error as exc:
+                    if exc.code in _MISSING:
+                        raise NotFound(f"object {key} is missing from s3://{self.bucket}") from exc
+                    raise
             actual = sha256_file(tmp)
             if actual != sha256:
                 raise CorruptObject(
