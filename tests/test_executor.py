@@ -159,3 +159,14 @@ def test_training_on_a_tiny_split_fails_with_a_reason(app: Appliance, tmp_path) 
     done = wait_job(app, job["id"], timeout=60)
     assert done["state"] == "failed"
     assert "empty training or validation split" in done["error"]
+
+
+def test_follow_streams_the_log_until_the_job_ends(app: Appliance) -> None:
+    from appliance.core.jobs import follow_log
+
+    code = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True); time.sleep(0.3)"
+    job = submit_job(app, _py(code))
+    chunks = list(follow_log(app, job["id"], poll=0.05))
+    assert len(chunks) >= 2  # arrived in pieces, while the job ran
+    assert "".join(chunks).splitlines() == ["line 0", "line 1", "line 2"]
+    assert get_job(app, job["id"])["state"] == "succeeded"

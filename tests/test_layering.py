@@ -20,33 +20,33 @@ def test_import_linter_contracts_hold() -> None:
     assert "Contracts: 3 kept, 0 broken" in result.stdout
 
 
-def test_core_import_loads_no_heavy_or_ui_library() -> None:
+HEAVY = {"textual", "torch", "lightgbm", "duckdb", "minio"}
+
+
+def _top_level_modules_after(imports: str) -> set[str]:
+    """Top-level packages in sys.modules after running `imports` in a fresh interpreter."""
     script = (
-        "import importlib, json, pkgutil, sys\n"
-        "import appliance.core\n"
-        "for m in pkgutil.iter_modules(appliance.core.__path__):\n"
-        "    importlib.import_module('appliance.core.' + m.name)\n"
-        "import appliance.store.db, appliance.store.objects\n"
-        "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))\n"
+        imports
+        + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
-    loaded = set(json.loads(result.stdout))
-    # click is absent from the list: sqlite-utils imports it for its own CLI.
-    for heavy in ("textual", "torch", "lightgbm", "duckdb", "minio"):
-        assert heavy not in loaded, f"importing the core loaded {heavy}"
+    return set(json.loads(result.stdout))
+
+
+def test_core_import_loads_no_heavy_or_ui_library() -> None:
+    loaded = _top_level_modules_after(
+        "import importlib, pkgutil\n"
+        "import appliance.core\n"
+        "for m in pkgutil.iter_modules(appliance.core.__path__):\n"
+        "    importlib.import_module('appliance.core.' + m.name)\n"
+        "import appliance.store.db, appliance.store.objects"
+    )
+    # click is not in HEAVY: sqlite-utils imports it for its own CLI.
+    assert not loaded & HEAVY
 
 
 def test_cli_import_stays_light() -> None:
     """`appliance --help` must not pay for the TUI or the ML libraries."""
-    script = (
-        "import json, sys\n"
-        "import appliance.cli.main\n"
-        "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
-    )
-    loaded = set(json.loads(result.stdout))
-    assert not loaded & {"textual", "torch", "lightgbm", "duckdb", "minio"}
+    assert not _top_level_modules_after("import appliance.cli.main") & HEAVY
