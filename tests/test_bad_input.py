@@ -40,12 +40,12 @@ def _assert_clean_failure(result, field: str) -> None:  # type: ignore[no-untype
 @pytest.mark.parametrize(
     "setup, args, field",
     [
-        (None, ["data", "import", "{tmp}/missing.csv", "--name", "x"], "missing.csv: no such file"),
-        ("", ["data", "import", "{tmp}/in.csv", "--name", "x"], "in.csv: file is empty"),
-        ("a,b\n", ["data", "import", "{tmp}/in.csv", "--name", "x"], "no data rows"),
-        ("a,b\n1,2\n", ["data", "import", "{tmp}/in.csv", "--name", "a/b"], "'a/b'"),
-        ("a,b\n1,2\n", ["data", "import", "{tmp}/in.csv", "--name", ".."], "'..'"),
-        ("a,b\n1,2\n", ["data", "import", "{tmp}/in.csv", "--name", "has space"], "'has space'"),
+        (None, ["data", "import", "x", "{tmp}/missing.csv"], "missing.csv: no such file"),
+        ("", ["data", "import", "x", "{tmp}/in.csv"], "in.csv: file is empty"),
+        ("a,b\n", ["data", "import", "x", "{tmp}/in.csv"], "no data rows"),
+        ("a,b\n1,2\n", ["data", "import", "a/b", "{tmp}/in.csv"], "'a/b'"),
+        ("a,b\n1,2\n", ["data", "import", "..", "{tmp}/in.csv"], "'..'"),
+        ("a,b\n1,2\n", ["data", "import", "has space", "{tmp}/in.csv"], "'has space'"),
         (None, ["models", "register", "../evil", "--run", "abc"], "'../evil'"),
         (None, ["models", "register", "ok", "--run", "ffffffff"], "run 'ffffffff' not found"),
         (None, ["deployments", "create", "bad name", "--model", "seed"], "'bad name'"),
@@ -57,8 +57,8 @@ def _assert_clean_failure(result, field: str) -> None:  # type: ignore[no-untype
         ),
         (None, ["data", "show", "seed@9"], "'seed@9' not found"),
         (None, ["lineage", "widget:1"], "unknown kind"),
-        ("\n\n\n", ["data", "import", "{tmp}/in.csv", "--name", "x"], "no data rows"),
-        ('a,b\n"open,2\n3,4\n', ["data", "import", "{tmp}/in.csv", "--name", "x"], "in.csv"),
+        ("\n\n\n", ["data", "import", "x", "{tmp}/in.csv"], "no data rows"),
+        ('a,b\n"open,2\n3,4\n', ["data", "import", "x", "{tmp}/in.csv"], "in.csv"),
         (None, ["deployments", "rollback", "nope", "--to-revision", "0"], "--to-revision 0"),
     ],
 )
@@ -98,7 +98,7 @@ def test_home_pointing_at_a_file(cli, tmp_path: Path) -> None:  # type: ignore[n
 def test_unreadable_csv_is_named(cli, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "binary.csv"
     bad.write_bytes(b"\x00\xff\xfe" * 1000)
-    result = cli("data", "import", str(bad), "--name", "bin", "--home", str(home))
+    result = cli("data", "import", "bin", str(bad), "--home", str(home))
     assert result.code != 0 and "binary.csv" in result.err
 
 
@@ -107,7 +107,7 @@ def test_glob_characters_in_a_path_are_taken_literally(cli, home: Path, tmp_path
         (tmp_path / name).write_text("a,b\n9,9\n9,9\n")
     literal = tmp_path / "x*.csv"
     literal.write_text("a,b\n1,2\n")
-    result = cli("data", "import", str(literal), "--name", "lit", "--home", str(home), "--json")
+    result = cli("data", "import", "lit", str(literal), "--home", str(home), "--json")
     assert result.code == 0 and result.json()["row_count"] == 1
 
 

@@ -72,7 +72,7 @@ def test_train_with_wait_shows_progress_and_logs(cli, tmp_path: Path) -> None:  
     from appliance.core.quickstart import sample_csv
 
     home = str(tmp_path / "h")
-    assert cli("data", "import", str(sample_csv()), "--name", "c", "--home", home).code == 0
+    assert cli("data", "import", "c", str(sample_csv()), "--home", home).code == 0
     result = cli(
         "jobs",
         "train",

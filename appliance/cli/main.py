@@ -174,18 +174,79 @@ def data() -> None:
 
 
 @command(data, "import")
-@click.argument("csv_path", type=click.Path())
-@click.option("--name", required=True, help="Dataset name.")
-def data_import(app: Any, as_json: bool, csv_path: str, name: str) -> None:
-    """Import a CSV as a new dataset version (Parquet, content-addressed)."""
-    from appliance.core.datasets import import_csv
+@click.argument("name")
+@click.argument("source")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "tsv", "parquet", "json", "ndjson"]),
+    help="Source format (default: from the file extension).",
+)
+@click.option("--delimiter", help="CSV field delimiter (default: detected).")
+@click.option("--header/--no-header", default=None, help="Whether the CSV has a header row.")
+@click.option("--quote", default='"', show_default=True, help="CSV quote character.")
+@click.option("--escape", help="CSV escape character (default: the quote).")
+@click.option("--encoding", help="CSV encoding: utf-8 (default), utf-16, latin-1.")
+@click.option("--schema", "schema", multiple=True, help="Column type override COL=TYPE.")
+@click.option("--timestamp-col", help="The column holding each row's event time.")
+@click.option(
+    "--strict/--rejects",
+    "strict",
+    default=True,
+    help="Fail on bad rows (default), or keep going and store them as rejects.",
+)
+@click.option("--checks", "checks_file", type=click.Path(), help="Validation checks (YAML).")
+@click.option("--allow-invalid", is_flag=True, help="Keep a version that fails its checks.")
+def data_import(
+    app: Any,
+    as_json: bool,
+    name: str,
+    source: str,
+    fmt: str | None,
+    delimiter: str | None,
+    header: bool | None,
+    quote: str,
+    escape: str | None,
+    encoding: str | None,
+    schema: tuple[str, ...],
+    timestamp_col: str | None,
+    strict: bool,
+    checks_file: str | None,
+    allow_invalid: bool,
+) -> None:
+    """Import SOURCE (file, directory, glob or s3:// URL) as the next version of NAME."""
+    from appliance.core.datasets import ImportOptions, import_data
+    from appliance.errors import InvalidInput
 
-    result = import_csv(app, csv_path, name)
-    if not as_json:
-        note = "" if result["created"] else " (unchanged: same content as the latest version)"
-        click.echo(f"imported {result['ref']}: {result['row_count']} rows{note}")
+    overrides = {}
+    for item in schema:
+        column, sep, duck_type = item.partition("=")
+        if not sep or not column or not duck_type:
+            raise InvalidInput(f"--schema {item!r}: expected COL=TYPE")
+        overrides[column] = duck_type
+    options = ImportOptions(
+        format=fmt,
+        delimiter=delimiter,
+        header=header,
+        quote=quote,
+        escape=escape,
+        encoding=encoding,
+        schema=overrides,
+        timestamp_col=timestamp_col,
+        rejects=not strict,
+        checks_file=checks_file,
+        allow_invalid=allow_invalid,
+    )
+    result = import_data(app, name, source, options)
+    if as_json:
+        emit(result, True)
         return
-    emit(result, True)
+    note = "" if result["created"] else " (unchanged: same content as the latest version)"
+    rejected = f", {result['rejects_count']} rejected" if result["rejects_count"] else ""
+    click.echo(f"imported {result['ref']}: {result['row_count']} rows{rejected}{note}")
+    failed = [v for v in result["validation"] if v["failing"]]
+    for check in failed:
+        click.echo(f"  check failed (allowed): {check['check']}: {check['failing']}", err=True)
 
 
 @command(data, "list")
@@ -222,6 +283,273 @@ def data_versions(app: Any, as_json: bool, name: str) -> None:
         as_json,
         ("ref", "row_count", "sha256", "source", "created_at"),
     )
+
+
+@command(data, "diff")
+@click.argument("ref_a")
+@click.argument("ref_b")
+def data_diff(app: Any, as_json: bool, ref_a: str, ref_b: str) -> None:
+    """How REF_B differs from REF_A: rows added/removed, schema, column stats."""
+    from appliance.core.query import diff
+
+    result = diff(app, ref_a, ref_b)
+    if as_json:
+        emit(result, True)
+        return
+    click.echo(
+        f"{result['from']} -> {result['to']}: rows {result['rows'][0]} -> "
+        f"{result['rows'][1]} (+{result['rows_added']} / -{result['rows_removed']})"
+    )
+    sch = result["schema"]
+    for label in ("added", "removed"):
+        if sch[label]:
+            click.echo(f"columns {label}: {', '.join(sch[label])}")
+    for change in sch["type_changed"]:
+        click.echo(f"type changed: {change['column']} {change['from']} -> {change['to']}")
+    rows = [
+        {
+            "column": c["column"],
+            "nulls": f"{c['nulls'][0]} -> {c['nulls'][1]}",
+            "mean": "" if "mean" not in c else f"{_fmt(c['mean'][0])} -> {_fmt(c['mean'][1])}",
+        }
+        for c in result["columns"]
+    ]
+    click.echo(table(rows, ("column", "nulls", "mean")))
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{float(value):.6g}"
+
+
+@command(data, "export")
+@click.argument("ref")
+@click.argument("path", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def data_export(app: Any, as_json: bool, ref: str, path: str, force: bool) -> None:
+    """Write a version to PATH (.parquet or .csv)."""
+    from appliance.core.datasets import export
+
+    emit(export(app, ref, path, overwrite=force), as_json)
+
+
+@command(data, "rm")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove even if models or datasets depend on it.")
+def data_rm(app: Any, as_json: bool, ref: str, force: bool) -> None:
+    """Remove a dataset version (NAME@VERSION)."""
+    from appliance.core.datasets import remove_version
+
+    emit(remove_version(app, ref, force=force), as_json)
+
+
+@command(data, "preview")
+@click.argument("ref")
+@click.option("--limit", default=20, show_default=True, type=int)
+@click.option("--offset", default=0, show_default=True, type=int)
+def data_preview(app: Any, as_json: bool, ref: str, limit: int, offset: int) -> None:
+    """Show a page of rows of a version."""
+    from appliance.core.datasets import preview
+
+    page = preview(app, ref, limit=limit, offset=offset)
+    if as_json:
+        emit(page, True)
+        return
+    rows = [dict(zip(page["columns"], r, strict=True)) for r in page["rows"]]
+    click.echo(table(rows, page["columns"]))
+    end = page["offset"] + len(page["rows"])
+    click.echo(f"rows {page['offset'] + 1}-{end} of {page['total']}", err=True)
+
+
+@command(data, "profile")
+@click.argument("ref")
+@click.option("--label", help="Label column: adds each column's correlation or MI with it.")
+def data_profile(app: Any, as_json: bool, ref: str, label: str | None) -> None:
+    """Profile every column of a version (computed once, then cached)."""
+    from appliance.core.profiles import profile
+
+    result = profile(app, ref, label=label)
+    if as_json:
+        emit(result, True)
+        return
+    rows = []
+    for c in result["columns"]:
+        assoc = c.get("vs_label", {})
+        rows.append(
+            {
+                "column": c["name"],
+                "type": c["type"],
+                "nulls": f"{c['null_pct']}%",
+                "distinct": c["distinct_approx"],
+                "min": c["min"],
+                "max": c["max"],
+                "mean": c.get("mean"),
+                "top": ", ".join(str(t["value"]) for t in c["top"][:3]),
+                "vs_label": next(iter(assoc.values()), None),
+            }
+        )
+    click.echo(
+        table(
+            rows, ("column", "type", "nulls", "distinct", "min", "max", "mean", "top", "vs_label")
+        )
+    )
+
+
+@command(data, "sql")
+@click.argument("sql")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1))
+def data_sql(app: Any, as_json: bool, sql: str, as_csv: bool, limit: int) -> None:
+    """Run read-only SQL; dataset names read their latest version, "name@v" a given one."""
+    from appliance.core.query import run_sql
+
+    result = run_sql(app, sql, limit=limit)
+    if as_json:
+        emit(result, True)
+    elif as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result["columns"])
+        writer.writerows(result["rows"])
+    else:
+        click.echo(
+            table(
+                [dict(zip(result["columns"], r, strict=True)) for r in result["rows"]],
+                result["columns"],
+            )
+        )
+    if result["truncated"]:
+        click.echo(f"(first {limit} rows shown)", err=True)
+
+
+@command(data, "rejects")
+@click.argument("ref")
+def data_rejects(app: Any, as_json: bool, ref: str) -> None:
+    """Show the rows an import rejected, with line numbers and reasons."""
+    from appliance.core.datasets import rejected_rows
+
+    emit(
+        rejected_rows(app, ref),
+        as_json,
+        ("file", "line", "column_name", "error_type", "error_message", "csv_line"),
+    )
+
+
+@command(data, "checks")
+@click.argument("name")
+@click.argument("checks_file", required=False, type=click.Path())
+def data_checks(app: Any, as_json: bool, name: str, checks_file: str | None) -> None:
+    """Show the checks of NAME, or set them from CHECKS_FILE (YAML)."""
+    from pathlib import Path
+
+    from appliance.core.datasets import get_checks_text, set_checks_text
+    from appliance.errors import InvalidInput
+
+    if checks_file:
+        path = Path(checks_file)
+        if not path.is_file():
+            raise InvalidInput(f"{checks_file}: no such file")
+        set_checks_text(app, name, path.read_text())
+    text = get_checks_text(app, name)
+    if as_json:
+        emit({"dataset": name, "checks": text}, True)
+    else:
+        click.echo(text or "(none)")
+
+
+@command(data, "split")
+@click.argument("ref")
+@click.option("--fractions", default="0.7,0.15,0.15", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--stratify", help="Keep the label's proportions in every split.")
+@click.option("--time-col", help="Split by time: earliest rows train, latest test.")
+@click.option("--group", help="Keep each group in one split.")
+@click.option("--out", help="Output name prefix (default: the dataset's name).")
+def data_split(
+    app: Any,
+    as_json: bool,
+    ref: str,
+    fractions: str,
+    seed: int,
+    stratify: str | None,
+    time_col: str | None,
+    group: str | None,
+    out: str | None,
+) -> None:
+    """Split a version into PREFIX_train, PREFIX_valid and PREFIX_test."""
+    from appliance.core.splits import parse_fractions, split
+
+    versions = split(
+        app,
+        ref,
+        parse_fractions(fractions),
+        seed=seed,
+        stratify=stratify,
+        time_col=time_col,
+        group=group,
+        out=out,
+    )
+    emit(
+        [{"ref": v["ref"], "rows": v["row_count"], "created": v["created"]} for v in versions],
+        as_json,
+        ("ref", "rows", "created"),
+    )
+
+
+@data.group("recipe")
+def recipe_group() -> None:
+    """Recipes: SQL files that turn dataset versions into a new one."""
+
+
+@command(recipe_group, "run")
+@click.argument("file", type=click.Path())
+@click.option("--out", required=True, help="Output dataset name.")
+@click.option("--checks", "checks_file", type=click.Path(), help="Validation checks (YAML).")
+@click.option("--allow-invalid", is_flag=True, help="Keep an output that fails its checks.")
+@click.option("--timestamp-col", help="The output's event-time column.")
+@click.option("--no-wait", is_flag=True, help="Submit and return without waiting.")
+def recipe_run(
+    app: Any,
+    as_json: bool,
+    file: str,
+    out: str,
+    checks_file: str | None,
+    allow_invalid: bool,
+    timestamp_col: str | None,
+    no_wait: bool,
+) -> None:
+    """Run a SQL recipe through the job executor; reuses the output when nothing changed."""
+    from appliance.core.recipes import cached_output, run_recipe
+
+    result = run_recipe(
+        app,
+        file,
+        out,
+        checks_file=checks_file,
+        allow_invalid=allow_invalid,
+        timestamp_col=timestamp_col,
+    )
+    if result["cached"]:
+        version = result["version"]
+        if as_json:
+            emit({"cached": True, **version}, True)
+        else:
+            click.echo(f"cache hit: {version['ref']} ({version['row_count']} rows), not recomputed")
+        return
+    job = result["job"]
+    if no_wait:
+        emit(job, as_json)
+        return
+    job = _watch(app, job)
+    if job["state"] != "succeeded":
+        click.echo(f"error: recipe job {job['id']} {job['state']}: {job.get('error')}", err=True)
+        sys.exit(1)
+    version = cached_output(app, result["key"])
+    assert version is not None
+    if as_json:
+        emit({"cached": False, "job_id": job["id"], **version}, True)
+    else:
+        click.echo(f"created {version['ref']} ({version['row_count']} rows) by job {job['id']}")
 
 
 # ---- jobs -------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
-BUILTIN_KINDS = ("train-lightgbm",)
+BUILTIN_KINDS = ("train-lightgbm", "recipe")
+EXECUTION_TYPES = {"train-lightgbm": "Train", "recipe": "Recipe", "command": "Run"}
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 SPEC_ENV = "APPLIANCE_JOB_SPEC"
 
@@ -139,7 +140,13 @@ def submit_job(
             (job_id, spec.kind, spec.to_json(), executor.name, str(log_path), utcnow()),
         )
         run_id = create_run(
-            conn, experiment, run_name or spec.kind, spec.params, job_id, inputs or []
+            conn,
+            experiment,
+            run_name or spec.kind,
+            {k: v for k, v in spec.params.items() if k != "sql"},
+            job_id,
+            inputs or [],
+            execution_type=EXECUTION_TYPES[spec.kind],
         )
     try:
         pid = executor.start(app, job_id)
@@ -396,13 +403,19 @@ class LineRecorder:
                 "meta_json = excluded.meta_json",
                 (self.run_id, str(event["name"]), artifact_id, json.dumps(event.get("meta", {}))),
             )
-            record_execution(
-                conn,
-                "Train",
-                f"run:{self.run_id}",
-                outputs=[("ModelFile" if event["name"] == "model" else "File", f"blob:{sha}")],
-                state="RUNNING",
-            )
+            meta = event.get("meta") or {}
+            if "dataset_version" not in meta:  # a dataset output is recorded as a version below
+                record_execution(
+                    conn,
+                    "Run",
+                    f"run:{self.run_id}",
+                    outputs=[("ModelFile" if event["name"] == "model" else "File", f"blob:{sha}")],
+                    state="RUNNING",
+                )
+        if "dataset_version" in (event.get("meta") or {}):
+            from appliance.core.recipes import record_output
+
+            record_output(self.app, self.run_id, event)
 
     def flush(self) -> None:
         metrics, self.metrics = self.metrics, []

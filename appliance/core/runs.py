@@ -29,6 +29,7 @@ def create_run(
     params: dict[str, Any],
     job_id: str | None,
     inputs: Iterable[Node] = (),
+    execution_type: str = "Run",
 ) -> str:
     """Insert a run (inside the caller's transaction) and its lineage execution."""
     validate_name("experiment", experiment)
@@ -52,7 +53,7 @@ def create_run(
     )
     record_execution(
         conn,
-        "Train",
+        execution_type,
         f"run:{run_id}",
         inputs=inputs,
         state="NEW",

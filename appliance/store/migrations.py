@@ -199,6 +199,38 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m002_data_stage(db: sqlite_utils.Database) -> None:
+    _run_script(
+        db,
+        """
+        ALTER TABLE dataset_versions ADD COLUMN creator TEXT;
+        ALTER TABLE dataset_versions ADD COLUMN timestamp_col TEXT;
+        ALTER TABLE dataset_versions
+            ADD COLUMN rejects_artifact_id INTEGER REFERENCES artifacts(id);
+        ALTER TABLE dataset_versions ADD COLUMN rejects_count INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE dataset_versions ADD COLUMN validation_json TEXT;
+        CREATE TABLE dataset_checks (
+            dataset_id INTEGER PRIMARY KEY REFERENCES datasets(id),
+            checks_yaml TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE dataset_profiles (
+            dataset_version_id INTEGER NOT NULL REFERENCES dataset_versions(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            profile_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (dataset_version_id, label)
+        );
+        CREATE TABLE recipe_cache (
+            key TEXT PRIMARY KEY,
+            dataset_version_id INTEGER NOT NULL REFERENCES dataset_versions(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL
+        )
+        """,
+    )
+
+
 def _run_script(db: sqlite_utils.Database, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
