@@ -34,3 +34,32 @@ def test_quickstart_on_s3(s3_endpoint: str, tmp_path: Path, monkeypatch) -> None
     assert len(keys) == 3  # the dataset's Parquet and two model files, nothing temporary
     assert not (tmp_path / "h" / "objects").exists()
     app.close()
+
+
+def test_import_from_an_s3_url_through_offline_httpfs(
+    s3_endpoint: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    import io
+
+    from appliance.core.datasets import import_data
+
+    env = {
+        "APPLIANCE_STORE": "s3",
+        "APPLIANCE_S3_ENDPOINT": s3_endpoint,
+        "APPLIANCE_S3_BUCKET": "landing",
+        "APPLIANCE_S3_ACCESS_KEY": "test",
+        "APPLIANCE_S3_SECRET_KEY": "testtest",
+        "APPLIANCE_S3_SECURE": "false",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    app = Appliance.open(tmp_path / "h")
+    store = app.objects
+    assert isinstance(store, S3ObjectStore)
+    body = b"id,v\n1,a\n2,b\n3,c\n"
+    store.client.put_object("landing", "raw/events.csv", io.BytesIO(body), len(body))
+    version = import_data(app, "events", "s3://landing/raw/events.csv")
+    assert version["row_count"] == 3 and version["source"] == "s3://landing/raw/events.csv"
+    app.close()

@@ -346,7 +346,7 @@ def import_data(
                 checks,
                 opts.allow_invalid,
             )
-            stored = app.objects.put_file(data)
+            stored = app.objects.put_file(data, move=True)
             rejects_stored = None
             if rejects:
                 rejects_file = Path(tmp) / "rejects.parquet"
@@ -715,3 +715,18 @@ def rejected_rows(app: Appliance, ref: str) -> list[dict[str, Any]]:
         return [dict(zip(names, map(_jsonable, r), strict=True)) for r in cur.fetchall()]
     finally:
         con.close()
+
+
+def list_all_versions(app: Appliance) -> list[dict[str, Any]]:
+    """Every version of every dataset, newest dataset versions first within each name."""
+    return [
+        {
+            "ref": f"{r['name']}@{r['version']}",
+            "rows": r["row_count"],
+            "columns": len(json.loads(r["schema_json"])),
+            "creator": r["creator"],
+            "source": r["source"],
+            "created_at": r["created_at"],
+        }
+        for r in app.db.rows(_VERSION_SELECT + "ORDER BY d.name, dv.version DESC")
+    ]

@@ -225,7 +225,7 @@ def recipe_job(spec: JobSpec, emit: Emit) -> None:
             checks,
             bool(params.get("allow_invalid")),
         )
-        stored = store.put_file(output)
+        stored = store.put_file(output, move=True)
     con.close()
     emit(
         {

@@ -104,7 +104,7 @@ def split(
                         f"split {name}: would be empty ({version['row_count']} rows, "
                         f"fractions {fractions})"
                     )
-                stored.append((name, app.objects.put_file(path), rows, schema))
+                stored.append((name, app.objects.put_file(path, move=True), rows, schema))
     finally:
         con.close()
     for name, obj, rows, schema in stored:

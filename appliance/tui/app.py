@@ -73,6 +73,7 @@ class ApplianceApp(App[None]):
         Binding("colon", "prompt('jump')", "Jump", key_display=":"),
         Binding("slash", "prompt('filter')", "Filter", key_display="/"),
         Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("d", "data", "Data"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -206,6 +207,17 @@ class ApplianceApp(App[None]):
             if isinstance(b, Binding) and b.description
         ]
         self.push_screen(HelpScreen(lines))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # The dashboard's own actions mean nothing on a pushed screen (the Data screen).
+        if action in ("prompt", "clear_prompt", "data", "refresh") and len(self.screen_stack) > 1:
+            return False
+        return True
+
+    def action_data(self) -> None:
+        from appliance.tui.data import DataScreen
+
+        self.push_screen(DataScreen(self.ctx))
 
     def action_refresh(self) -> None:
         self.refresh_resources()
