@@ -363,12 +363,6 @@ def test_bad_recipes_are_refused_before_a_job(
 
 def _numbers(app: Appliance, tmp_path: Path, n: int = 1000) -> None:
     lines = ["id,label,grp,ts"] + [
-        f"{i},{int(i % 4 == 0)},g{i % 37},2026-01-01 00:00:00 + {i}" for i in range(n)
-    ]
-    write(
-        tmp_path / "n.csv", "\n".join(line.replace(" + ", "") if False else line for line in lines)
-    )
-    lines = ["id,label,grp,ts"] + [
         f"{i},{int(i % 4 == 0)},g{i % 37},{2026 - (i % 3)}-01-{1 + i % 28:02d} 00:00:00"
         for i in range(n)
     ]
@@ -409,10 +403,11 @@ def test_stratified_time_and_group_splits(app: Appliance, tmp_path: Path) -> Non
     )[0]
     assert all(r == pytest.approx(0.25, abs=0.01) for r in rates)
     split(app, "n", [0.6, 0.2, 0.2], time_col="ts", out="tm")
+    # Every timestamp lands in one split only: the cuts are strict (84 distinct times, 1000 rows).
     order = _count(
         app,
-        "SELECT (SELECT max(ts) FROM tm_train) <= (SELECT min(ts) FROM tm_valid),"
-        " (SELECT max(ts) FROM tm_valid) <= (SELECT min(ts) FROM tm_test)",
+        "SELECT (SELECT max(ts) FROM tm_train) < (SELECT min(ts) FROM tm_valid),"
+        " (SELECT max(ts) FROM tm_valid) < (SELECT min(ts) FROM tm_test)",
     )[0]
     assert order == [True, True]
     split(app, "n", [0.6, 0.2, 0.2], seed=3, group="grp", out="gr")
@@ -508,3 +503,92 @@ def test_recipe_output_is_validated(cli, app: Appliance, tmp_path: Path) -> None
     )
     assert result.code == 1 and "not_null" in result.err
     assert versions(app, "o2") == []
+
+
+# ---- edge cases found in review -------------------------------------------------------------
+
+
+def test_recipe_with_trailing_semicolon_and_comment(cli, app: Appliance, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(app.settings.home)
+    import_data(app, "orders", str(write(tmp_path / "o.csv", CSV)))
+    recipe = write(tmp_path / "r.sql", "SELECT id, amount FROM orders; -- the output")
+    made = cli("data", "recipe", "run", str(recipe), "--out", "o2", "--json", "--home", home)
+    assert made.code == 0, made.err
+    assert made.json()["row_count"] == 4
+
+
+def test_recipe_that_writes_to_an_input_is_refused_up_front(
+    cli, app: Appliance, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    home = str(app.settings.home)
+    import_data(app, "orders", str(write(tmp_path / "o.csv", CSV)))
+    recipe = write(tmp_path / "r.sql", "INSERT INTO orders VALUES (9, 1, 'x', NULL); SELECT 1")
+    result = cli("data", "recipe", "run", str(recipe), "--out", "o3", "--home", home)
+    assert result.code == 2 and "statement 1" in result.err
+    assert cli("jobs", "list", "--json", "--home", home).json() == []
+
+
+def test_version_numbers_are_never_reused(app: Appliance, tmp_path: Path) -> None:
+    from appliance.core.datasets import remove_version
+
+    import_data(app, "v", str(write(tmp_path / "a.csv", CSV)))
+    import_data(app, "v", str(write(tmp_path / "b.csv", CSV + "5,1,x,2026-01-05 00:00:00\n")))
+    remove_version(app, "v@2")
+    again = import_data(
+        app, "v", str(write(tmp_path / "c.csv", CSV + "6,2,y,2026-01-06 00:00:00\n"))
+    )
+    assert again["ref"] == "v@3"
+
+
+def test_names_in_any_case_and_not_in_strings(app: Appliance, tmp_path: Path) -> None:
+    from appliance.core.query import run_sql
+
+    import_data(app, "sales", str(write(tmp_path / "a.csv", CSV)))
+    import_data(app, "other", str(write(tmp_path / "b.csv", CSV)))
+    result = run_sql(
+        app, "SELECT count(*) FROM sales s1 JOIN Sales s2 USING (id) WHERE 'other' <> '' -- other"
+    )
+    assert result["rows"] == [[4]] and result["datasets"] == ["sales@1"]
+
+
+def test_diff_without_shared_columns(app: Appliance, tmp_path: Path) -> None:
+    from appliance.core.query import diff
+
+    import_data(app, "x", str(write(tmp_path / "a.csv", "a\n1\n2\n")))
+    import_data(app, "x", str(write(tmp_path / "b.csv", "b\n1\n")))
+    result = diff(app, "x@1", "x@2")
+    assert (result["rows_added"], result["rows_removed"]) == (1, 2)
+    assert result["schema"]["added"] == ["b"] and result["schema"]["removed"] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "check, needle",
+    [
+        ("- range: {column: status, min: 0}", "cannot run on this data"),
+        ("- allowed_values: {column: status, values: []}", "non-empty list"),
+        ("- max_null_fraction: {column: amount, max: abc}", "must be a number"),
+        ("- row_count: {min: many}", "must be a number"),
+    ],
+)
+def test_badly_typed_checks_are_named(cli, home: Path, tmp_path: Path, check, needle) -> None:  # type: ignore[no-untyped-def]
+    checks = write(tmp_path / "c.yaml", f"checks:\n  {check}\n")
+    source = write(tmp_path / "a.csv", CSV)
+    result = cli("data", "import", "c", str(source), "--checks", str(checks), "--home", str(home))
+    assert result.code == 2 and needle in result.err, result.err
+    assert "unexpected" not in result.err
+
+
+def test_quoted_empty_string_is_not_null_and_rejects_name_the_file(
+    cli,
+    home: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    source = write(tmp_path / "q.csv", 'id,note\n1,""\n2,\n3,x,extra\n')
+    made = cli("data", "import", "q", str(source), "--rejects", "--json", "--home", str(home))
+    assert made.code == 0, made.err
+    rows = cli(
+        "data", "sql", "SELECT id, note IS NULL FROM q ORDER BY id", "--json", "--home", str(home)
+    ).json()["rows"]
+    assert rows == [[1, False], [2, True]]
+    rejects = cli("data", "rejects", "q@1", "--json", "--home", str(home)).json()
+    assert [r["file"] for r in rejects] == [str(source)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from appliance.core.duck import sql_identifier, sql_string
@@ -98,8 +99,19 @@ def parse_checks(data: Any, source: str) -> list[Check]:
                 raise InvalidInput(f"{where}: give min, max or both")
             if kind == "row_count" and "min" not in args and "max" not in args:
                 raise InvalidInput(f"{where}: give min, max or both")
-            if kind == "allowed_values" and not isinstance(args["values"], list):
-                raise InvalidInput(f"{where}: 'values' must be a list")
+            if kind == "allowed_values" and (
+                not isinstance(args["values"], list) or not args["values"]
+            ):
+                raise InvalidInput(f"{where}: 'values' must be a non-empty list")
+            for key in ("min", "max"):
+                if kind in ("range", "row_count", "max_null_fraction") and key in args:
+                    value = args[key]
+                    if not isinstance(value, int | float) or isinstance(value, bool):
+                        if kind == "range" and isinstance(value, str | date):
+                            continue  # dates and strings compare as such
+                        raise InvalidInput(f"{where}: {key} must be a number, got {value!r}")
+            if kind == "max_null_fraction" and not 0 <= args["max"] <= 1:
+                raise InvalidInput(f"{where}: max must be a fraction between 0 and 1")
             if kind == "regex":
                 try:
                     re.compile(str(args["pattern"]))
@@ -136,7 +148,11 @@ def _queries(check: Check, table: str, timestamp_col: str | None) -> tuple[str, 
         cond = " OR ".join(f"{sql_identifier(c)} IS NULL" for c in a["columns"])
     elif check.kind == "unique":
         cols = ", ".join(sql_identifier(c) for c in a["columns"])
-        dup = f"SELECT {cols}, count(*) AS duplicates FROM {table} GROUP BY ALL HAVING count(*) > 1"
+        present = " OR ".join(f"{sql_identifier(c)} IS NOT NULL" for c in a["columns"])
+        dup = (
+            f"SELECT {cols}, count(*) AS duplicates FROM {table} WHERE {present} "
+            "GROUP BY ALL HAVING count(*) > 1"
+        )
         return f"SELECT coalesce(sum(duplicates), 0) FROM ({dup})", f"{dup} LIMIT {SAMPLE_ROWS}"
     elif check.kind == "range":
         col = sql_identifier(a["column"])
@@ -181,8 +197,9 @@ def _queries(check: Check, table: str, timestamp_col: str | None) -> tuple[str, 
         ts = sql_identifier(timestamp_col)
         interval = f"INTERVAL {int(number)} {_AGE_UNITS[unit]}"
         return (
+            # Naive timestamps are taken as UTC; make_timestamp(epoch_us(now())) is UTC now.
             f"SELECT CASE WHEN max({ts}) IS NULL OR CAST(max({ts}) AS TIMESTAMP) < "
-            f"CAST(now() AS TIMESTAMP) - {interval} THEN 1 ELSE 0 END FROM {table}",
+            f"make_timestamp(epoch_us(now())) - {interval} THEN 1 ELSE 0 END FROM {table}",
             f"SELECT max({ts}) AS newest FROM {table}",
         )
     return (
@@ -195,6 +212,8 @@ def run_checks(
     con: Any, table: str, checks: list[Check], columns: list[str], timestamp_col: str | None
 ) -> list[dict[str, Any]]:
     """Run every check on `table`; returns one result per check (failing 0 = passed)."""
+    import duckdb
+
     known = {c.lower() for c in columns}
     results = []
     for check in checks:
@@ -205,12 +224,20 @@ def run_checks(
         if missing:
             raise InvalidInput(f"check {check.describe()}: no column {missing[0]!r} in the data")
         count_sql, rows_sql = _queries(check, table, timestamp_col)
-        failing = int(con.execute(count_sql).fetchone()[0] or 0)
-        sample: list[dict[str, Any]] = []
-        if failing and rows_sql:
-            cur = con.execute(rows_sql)
-            names = [d[0] for d in cur.description]
-            sample = [dict(zip(names, map(_jsonable, row), strict=True)) for row in cur.fetchall()]
+        try:
+            failing = int(con.execute(count_sql).fetchone()[0] or 0)
+            sample: list[dict[str, Any]] = []
+            if failing and rows_sql:
+                cur = con.execute(rows_sql)
+                names = [d[0] for d in cur.description]
+                sample = [
+                    dict(zip(names, map(_jsonable, row), strict=True)) for row in cur.fetchall()
+                ]
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise InvalidInput(
+                f"check {check.describe()}: cannot run on this data: {first}"
+            ) from exc
         results.append({"check": check.describe(), "failing": failing, "rows": sample})
     return results
 

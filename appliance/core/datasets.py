@@ -125,6 +125,7 @@ def _reader(fmt: str, paths: list[str], opts: ImportOptions) -> str:
             "store_rejects = true",
             "rejects_table = 'appliance_reject_errors'",
             "rejects_scan = 'appliance_reject_scans'",
+            "allow_quoted_nulls = false",  # "" is an empty string, not a missing value
             f"quote = {duck.sql_string(opts.quote)}",
             f"escape = {duck.sql_string(opts.escape or opts.quote)}",
         ]
@@ -214,12 +215,22 @@ def _rejects(con: Any, links: dict[str, str]) -> list[dict[str, Any]]:
     ]
 
 
+def _original_path_sql(column: str, links: dict[str, str]) -> str:
+    """A SQL expression turning our temporary link names back into the user's paths."""
+    cases = " ".join(
+        f"WHEN {duck.sql_string(link)} THEN {duck.sql_string(original)}"
+        for link, original in links.items()
+    )
+    return f"CASE {column} {cases} ELSE {column} END" if cases else column
+
+
 def _rejects_message(rejects: list[dict[str, Any]]) -> str:
     lines = [f"{len(rejects)} bad row(s); nothing was imported (use --rejects to keep going)"]
     for r in rejects[:5]:
         hint = " (try --encoding)" if r["error"] == "INVALID ENCODING" else ""
         column = f" column {r['column']!r}" if r["column"] else ""
-        lines.append(f"  {r['file']}: line {r['line']}{column}: {r['message']}{hint}")
+        message = r["message"] if len(r["message"]) <= 200 else r["message"][:200] + "…"
+        lines.append(f"  {r['file']}: line {r['line']}{column}: {message}{hint}")
     return "\n".join(lines)
 
 
@@ -295,6 +306,7 @@ def import_data(
     checks, checks_text = _checks_for(app, name, opts.checks_file)
     tmp_root = app.settings.cache_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
+    sweep_stale(tmp_root)
     con = duck.connect(app.settings, s3=remote)
     try:
         with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
@@ -351,7 +363,9 @@ def import_data(
             if rejects:
                 rejects_file = Path(tmp) / "rejects.parquet"
                 con.execute(
-                    "COPY (SELECT DISTINCT ON (s.file_path, e.line) s.file_path AS file, e.line, "
+                    "COPY (SELECT DISTINCT ON (s.file_path, e.line) "
+                    + _original_path_sql("s.file_path", links)
+                    + " AS file, e.line, "
                     "e.column_name, e.error_type, e.error_message, e.csv_line "
                     "FROM appliance_reject_errors e "
                     "JOIN appliance_reject_scans s ON s.scan_id = e.scan_id "
@@ -377,6 +391,20 @@ def import_data(
     if checks_text is not None:
         set_checks_text(app, name, checks_text)
     return version
+
+
+def sweep_stale(tmp_root: Path, older_than: float = 6 * 3600) -> None:
+    """Remove temp directories left by imports that were killed (kill -9, power loss)."""
+    import shutil
+    import time
+
+    cutoff = time.time() - older_than
+    for entry in tmp_root.iterdir():
+        try:
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def import_csv(app: Appliance, csv_path: str | Path, name: str) -> dict[str, Any]:
@@ -411,18 +439,24 @@ def add_version(
         )
         dataset_id = conn.execute("SELECT id FROM datasets WHERE name = ?", (name,)).fetchone()[0]
         latest = conn.execute(
-            "SELECT dv.version, a.sha256 FROM dataset_versions dv "
+            "SELECT dv.version, a.sha256, dv.timestamp_col FROM dataset_versions dv "
             "JOIN artifacts a ON a.id = dv.artifact_id WHERE dv.dataset_id = ? "
             "ORDER BY dv.version DESC LIMIT 1",
             (dataset_id,),
         ).fetchone()
-        if latest is not None and latest[1] == stored.sha256:
+        if latest is not None and (latest[1], latest[2]) == (stored.sha256, timestamp_col):
             version, created = int(latest[0]), False
         else:
             artifact_id = _artifact(conn, stored, PARQUET_MEDIA, now)
             rejects_obj, rejects_count = rejects
             rejects_id = _artifact(conn, rejects_obj, PARQUET_MEDIA, now) if rejects_obj else None
-            version = (latest[0] if latest else 0) + 1
+            version = int(
+                conn.execute(
+                    "UPDATE datasets SET last_version = last_version + 1 WHERE id = ? "
+                    "RETURNING last_version",
+                    (dataset_id,),
+                ).fetchone()[0]
+            )
             created = True
             conn.execute(
                 "INSERT INTO dataset_versions (dataset_id, version, artifact_id, source, "

@@ -129,7 +129,7 @@ def _compute(con: Any, version: dict[str, Any], types: dict[str, str], label: st
         else:
             column.update(min=stats[2], max=stats[3])
             stats = stats[4:]
-        repeating = count and distinct < UNIQUE_SHARE * count
+        repeating = count and (distinct <= 1000 or distinct < UNIQUE_SHARE * count)
         column["top"] = (
             [
                 {"value": str(v), "count": int(n)}
@@ -168,15 +168,17 @@ def _association(con: Any, ident: str, duck_type: str, label: str, label_type: s
     if is_numeric(duck_type) and is_numeric(label_type):
         value = con.execute(f"SELECT corr({ident}, {lab}) FROM t").fetchone()[0]
         return {"correlation": _num(value)}
-    # Mutual information (nats) between the column (binned if numeric) and the label.
-    feature = (
-        f"ntile(10) OVER (ORDER BY {ident})"
-        if is_numeric(duck_type)
-        else f"CAST({ident} AS VARCHAR)"
-    )
-    target = (
-        f"ntile(10) OVER (ORDER BY {lab})" if is_numeric(label_type) else f"CAST({lab} AS VARCHAR)"
-    )
+
+    # Mutual information (nats) between the column and the label, numeric ones in 10
+    # equal-width bins (ties always share a bin, unlike quantile bins).
+    def binned(x: str) -> str:
+        return (
+            f"coalesce(least(CAST(floor(({x} - min({x}) OVER ()) / "
+            f"nullif((max({x}) OVER () - min({x}) OVER ()) / 10, 0)) AS INTEGER), 9), 0)"
+        )
+
+    feature = binned(ident) if is_numeric(duck_type) else f"CAST({ident} AS VARCHAR)"
+    target = binned(lab) if is_numeric(label_type) else f"CAST({lab} AS VARCHAR)"
     value = con.execute(
         f"WITH j AS (SELECT {feature} AS x, {target} AS y FROM t "
         f"WHERE {ident} IS NOT NULL AND {lab} IS NOT NULL), "

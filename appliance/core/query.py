@@ -15,22 +15,42 @@ from appliance.core.context import Appliance
 from appliance.core.datasets import get_dataset_version, table_sql
 from appliance.errors import InvalidInput, NotFound
 
-_TOKEN = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_]*)')
 MAX_ROWS = 10_000
 
 
+def _identifiers(sql: str) -> list[str]:
+    """Identifiers as DuckDB's tokenizer sees them: not inside strings or comments."""
+    import duckdb
+
+    try:
+        tokens = duckdb.tokenize(sql)
+    except duckdb.Error:
+        return []
+    found = []
+    for i, (start, kind) in enumerate(tokens):
+        if kind.name != "identifier":
+            continue
+        end = tokens[i + 1][0] if i + 1 < len(tokens) else len(sql)
+        text = sql[start:end].strip()
+        if text.startswith('"'):
+            text = text[1 : text.rfind('"')].replace('""', '"')
+        else:
+            text = re.split(r"[\s.,;()]", text, maxsplit=1)[0]
+        found.append(text)
+    return found
+
+
 def referenced_datasets(app: Appliance, sql: str) -> dict[str, dict[str, Any]]:
-    """{identifier as written: dataset version} for each dataset the SQL may read."""
+    """{identifier (lower case, as DuckDB compares them): version} for each dataset read."""
     names = {r["name"].lower(): r["name"] for r in app.db.rows("SELECT name FROM datasets")}
     found: dict[str, dict[str, Any]] = {}
-    for match in _TOKEN.finditer(sql):
-        token = (match.group(1) or "").replace('""', '"') or match.group(2)
-        base = token.partition("@")[0].lower()
-        if base not in names or token in found:
+    for token in _identifiers(sql):
+        key = token.lower()
+        base = key.partition("@")[0]
+        if base not in names or key in found:
             continue
-        ref = names[base] + token[len(base) :]
         try:
-            found[token] = get_dataset_version(app, ref)
+            found[key] = get_dataset_version(app, names[base] + token[len(base) :])
         except (NotFound, InvalidInput):
             continue
     return found
@@ -129,12 +149,15 @@ def diff(app: Appliance, ref_a: str, ref_b: str) -> dict[str, Any]:
             else duck.sql_identifier(c)
             for c in common
         )
-        added = con.execute(
-            f"SELECT count(*) FROM (SELECT {cols} FROM b EXCEPT ALL SELECT {cols} FROM a)"
-        ).fetchone()[0]
-        removed = con.execute(
-            f"SELECT count(*) FROM (SELECT {cols} FROM a EXCEPT ALL SELECT {cols} FROM b)"
-        ).fetchone()[0]
+        if common:
+            added = con.execute(
+                f"SELECT count(*) FROM (SELECT {cols} FROM b EXCEPT ALL SELECT {cols} FROM a)"
+            ).fetchone()[0]
+            removed = con.execute(
+                f"SELECT count(*) FROM (SELECT {cols} FROM a EXCEPT ALL SELECT {cols} FROM b)"
+            ).fetchone()[0]
+        else:  # nothing in common: every row of B is new, every row of A is gone
+            added, removed = b["row_count"], a["row_count"]
         stats = []
         for column in common:
             ident = duck.sql_identifier(column)

@@ -42,27 +42,48 @@ def _parse(sql: str, where: str) -> list[Any]:
     return parsed
 
 
+def _last_select(stmt: Any) -> str:
+    """The last statement's text without its trailing ';' (and any comment after it)."""
+    import duckdb
+
+    text = stmt.query
+    tokens = duckdb.tokenize(text)
+    while tokens and text[tokens[-1][0]] == ";":
+        text = text[: tokens.pop()[0]]
+    return text
+
+
+def _execute_all(con: Any, parsed: list[Any], where: str, finish: Callable[[Any], None]) -> None:
+    """Run the recipe's statements; the last SELECT becomes a relation handed to `finish`."""
+    import duckdb
+
+    for i, stmt in enumerate(parsed, 1):
+        try:
+            if i < len(parsed):
+                con.execute(stmt.query)
+            else:
+                finish(con.sql(_last_select(stmt)))
+        except duckdb.Error as exc:
+            message = str(exc).strip()
+            if "Table with name" in message and "does not exist" in message:
+                message += " (no dataset or table by that name)"
+            raise InvalidInput(f"{where}: statement {i}: {message}") from exc
+
+
 def _dry_run(sql: str, parsed: list[Any], inputs: dict[str, dict[str, Any]], where: str) -> None:
     """Run the recipe on empty tables of the inputs' schemas: catches every binding error
     (a missing dataset, a wrong column) before a job starts, at no data cost."""
-    import duckdb
-
     con = duck.connect()
     try:
-        for token, version in inputs.items():
+        for n, (token, version) in enumerate(inputs.items()):
             cols = ", ".join(
                 f"{duck.sql_identifier(c['name'])} {c['type']}" for c in version["schema"]
             )
-            con.execute(f"CREATE TABLE {duck.sql_identifier(token)} ({cols})")
+            # A view, as in the real run, over an empty table of the input's schema.
+            con.execute(f"CREATE TABLE __empty_{n} ({cols})")
+            con.execute(f"CREATE VIEW {duck.sql_identifier(token)} AS SELECT * FROM __empty_{n}")
         lock_down(con, [])
-        for i, stmt in enumerate(parsed, 1):
-            try:
-                con.execute(stmt.query)
-            except duckdb.Error as exc:
-                message = str(exc).strip()
-                if "Table with name" in message and "does not exist" in message:
-                    message += " (no dataset or table by that name)"
-                raise InvalidInput(f"{where}: statement {i}: {message}") from exc
+        _execute_all(con, parsed, where, lambda rel: rel.limit(0).fetchall())
     finally:
         con.close()
 
@@ -203,14 +224,13 @@ def recipe_job(spec: JobSpec, emit: Emit) -> None:
                 f"SELECT * FROM read_parquet({duck.sql_string(path)})"
             )
         lock_down(con, files, Path(tmp))
-        for i, stmt in enumerate(parsed[:-1], 1):
-            emit({"type": "progress", "current": i, "total": total, "message": f"statement {i}"})
-            con.execute(stmt.query)
         output = Path(tmp) / "data.parquet"
-        emit({"type": "progress", "current": len(parsed), "total": total, "message": "output"})
-        con.execute(
-            f"COPY ({parsed[-1].query}) TO {duck.sql_string(str(output))} "
-            "(FORMAT parquet, COMPRESSION zstd)"
+        emit({"type": "progress", "current": 1, "total": total, "message": "running"})
+        _execute_all(
+            con,
+            parsed,
+            params["recipe"],
+            lambda rel: rel.write_parquet(str(output), compression="zstd"),
         )
         table = f"read_parquet({duck.sql_string(str(output))})"
         rows, schema = describe_parquet(con, table)

@@ -50,6 +50,11 @@ def split(
     prefix = out or version["name"]
     names = [validate_name("--out", f"{prefix}_{part}") for part in PARTS[: len(fractions)]]
     columns = {c["name"] for c in version["schema"]}
+    if "file_row_number" in columns:
+        raise InvalidInput(
+            f"{version['ref']}: a column named file_row_number clashes with the row numbers a "
+            "split is computed from; rename it with a recipe first"
+        )
     for flag, column in (("--stratify", stratify), ("--time-col", time_col), ("--group", group)):
         if column and column not in columns:
             raise InvalidInput(f"{flag} {column!r}: no such column in {version['ref']}")
@@ -63,9 +68,8 @@ def split(
         mode = f"stratify={stratify}"
     elif time_col:
         col = duck.sql_identifier(time_col)
-        position = (
-            f"(row_number() OVER (ORDER BY {col} NULLS FIRST, {rn}) - 1)::DOUBLE / count(*) OVER ()"
-        )
+        # rank(): rows with the same time share a position, so a cut never splits a timestamp.
+        position = f"(rank() OVER (ORDER BY {col} NULLS FIRST) - 1)::DOUBLE / count(*) OVER ()"
         mode = f"time={time_col}"
     elif group:
         position = f"hash({duck.sql_identifier(group)}, {seed})::DOUBLE / {_HASH_SPACE}"

@@ -231,6 +231,19 @@ def m002_data_stage(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m003_version_counter(db: sqlite_utils.Database) -> None:
+    # Version numbers are never reused, even after `data rm`: a ref always means one content.
+    _run_script(
+        db,
+        """
+        ALTER TABLE datasets ADD COLUMN last_version INTEGER NOT NULL DEFAULT 0;
+        UPDATE datasets SET last_version =
+            (SELECT coalesce(max(version), 0) FROM dataset_versions WHERE dataset_id = datasets.id)
+        """,
+    )
+
+
 def _run_script(db: sqlite_utils.Database, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
