@@ -1,0 +1,31 @@
+"""The benchmark scripts keep working (their figures are read by people, not asserted here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, args, expect",
+    [
+        ("quickstart_phases.py", ["--requests", "20"], "http / Booster.predict"),
+        ("data_import_profile.py", ["--rows", "20000"], "speed-up vs pandas"),
+    ],
+)
+def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert expect in result.stdout
