@@ -592,3 +592,14 @@ def test_quoted_empty_string_is_not_null_and_rejects_name_the_file(
     assert rows == [[1, False], [2, True]]
     rejects = cli("data", "rejects", "q@1", "--json", "--home", str(home)).json()
     assert [r["file"] for r in rejects] == [str(source)]
+
+
+def test_profile_of_booleans_and_awkward_column_names(app: Appliance, tmp_path: Path) -> None:
+    from appliance.core.profiles import profile
+
+    source = write(tmp_path / "b.csv", 'b,"n ""q""",t\ntrue,1,x\nfalse,2,y\ntrue,3,x\n')
+    import_data(app, "awkward", str(source))
+    cols = {c["name"]: c for c in profile(app, "awkward", label='n "q"')["columns"]}
+    assert cols["b"]["mean"] == pytest.approx(2 / 3)
+    assert sum(cols["b"]["histogram"]["counts"]) == 3
+    assert cols["t"]["top"][0] == {"value": "x", "count": 2}

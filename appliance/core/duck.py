@@ -14,6 +14,27 @@ from appliance.config import Settings
 from appliance.errors import InvalidInput
 
 MEMORY_ENV = "APPLIANCE_DUCKDB_MEMORY_LIMIT"
+_NUMERIC = (
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+    "FLOAT",
+    "DOUBLE",
+    "REAL",
+    "BOOLEAN",
+)
+
+
+def is_numeric(duck_type: str) -> bool:
+    """Whether a DuckDB column type holds numbers (booleans count: they train as 0/1)."""
+    upper = duck_type.upper()
+    return upper in _NUMERIC or upper.startswith("DECIMAL")
 
 
 def sql_string(value: str) -> str:

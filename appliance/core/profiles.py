@@ -14,6 +14,7 @@ from typing import Any
 from appliance.core import duck
 from appliance.core.context import Appliance
 from appliance.core.datasets import get_dataset_version, table_sql
+from appliance.core.duck import is_numeric
 from appliance.errors import InvalidInput
 from appliance.store.db import utcnow
 
@@ -21,25 +22,6 @@ TOP_K = 5
 BINS = 20
 QUANTILE_SAMPLE = 65_536  # quartiles from a reservoir sample: exact enough, 4x faster
 UNIQUE_SHARE = 0.5  # columns with more distinct values than this share of rows get no top-k
-_NUMERIC = (
-    "TINYINT",
-    "SMALLINT",
-    "INTEGER",
-    "BIGINT",
-    "HUGEINT",
-    "UTINYINT",
-    "USMALLINT",
-    "UINTEGER",
-    "UBIGINT",
-    "FLOAT",
-    "DOUBLE",
-    "REAL",
-)
-
-
-def is_numeric(duck_type: str) -> bool:
-    upper = duck_type.upper()
-    return upper in _NUMERIC or upper.startswith("DECIMAL")
 
 
 def _num(value: Any) -> Any:
@@ -91,10 +73,10 @@ def _compute(con: Any, version: dict[str, Any], types: dict[str, str], label: st
         exprs += [f"count({c})", f"approx_count_distinct({c})"]
         if is_numeric(types[name]):
             exprs += [
-                f"min({c})::DOUBLE",
-                f"max({c})::DOUBLE",
-                f"avg({c})::DOUBLE",
-                f"stddev_samp({c})::DOUBLE",
+                f"min({c}::DOUBLE)",
+                f"max({c}::DOUBLE)",
+                f"avg({c}::DOUBLE)",
+                f"stddev_samp({c}::DOUBLE)",
                 f"reservoir_quantile({c}::DOUBLE, [0.25, 0.5, 0.75], {QUANTILE_SAMPLE})",
             ]
         else:
@@ -156,8 +138,8 @@ def _histogram(con: Any, ident: str, low: Any, high: Any) -> dict[str, Any]:
     width = (high - low) / BINS
     counts = [0] * BINS
     for bucket, count in con.execute(
-        f"SELECT least(CAST(floor(({ident} - {low!r}) / {width!r}) AS INTEGER), {BINS - 1}) "
-        f"AS b, count(*) FROM t WHERE {ident} IS NOT NULL GROUP BY b"
+        f"SELECT least(CAST(floor(({ident}::DOUBLE - {low!r}) / {width!r}) AS INTEGER), "
+        f"{BINS - 1}), count(*) FROM t WHERE {ident} IS NOT NULL GROUP BY 1"
     ).fetchall():
         counts[int(bucket)] += int(count)
     return {"edges": [low + i * width for i in range(BINS + 1)], "counts": counts}
@@ -166,15 +148,16 @@ def _histogram(con: Any, ident: str, low: Any, high: Any) -> dict[str, Any]:
 def _association(con: Any, ident: str, duck_type: str, label: str, label_type: str) -> dict:
     lab = duck.sql_identifier(label)
     if is_numeric(duck_type) and is_numeric(label_type):
-        value = con.execute(f"SELECT corr({ident}, {lab}) FROM t").fetchone()[0]
+        value = con.execute(f"SELECT corr({ident}::DOUBLE, {lab}::DOUBLE) FROM t").fetchone()[0]
         return {"correlation": _num(value)}
 
     # Mutual information (nats) between the column and the label, numeric ones in 10
     # equal-width bins (ties always share a bin, unlike quantile bins).
     def binned(x: str) -> str:
         return (
-            f"coalesce(least(CAST(floor(({x} - min({x}) OVER ()) / "
-            f"nullif((max({x}) OVER () - min({x}) OVER ()) / 10, 0)) AS INTEGER), 9), 0)"
+            f"coalesce(least(CAST(floor(({x}::DOUBLE - min({x}::DOUBLE) OVER ()) / "
+            f"nullif((max({x}::DOUBLE) OVER () - min({x}::DOUBLE) OVER ()) / 10, 0)) "
+            "AS INTEGER), 9), 0)"
         )
 
     feature = binned(ident) if is_numeric(duck_type) else f"CAST({ident} AS VARCHAR)"

@@ -161,7 +161,7 @@ def diff(app: Appliance, ref_a: str, ref_b: str) -> dict[str, Any]:
         stats = []
         for column in common:
             ident = duck.sql_identifier(column)
-            numeric = types_a[column] == types_b[column] and _numeric(types_a[column])
+            numeric = types_a[column] == types_b[column] and duck.is_numeric(types_a[column])
             agg = f"count(*) FILTER ({ident} IS NULL)" + (
                 f", avg({ident}), min({ident}), max({ident})" if numeric else ""
             )
@@ -184,9 +184,3 @@ def diff(app: Appliance, ref_a: str, ref_b: str) -> dict[str, Any]:
         "schema": schema,
         "columns": stats,
     }
-
-
-def _numeric(duck_type: str) -> bool:
-    from appliance.core.profiles import is_numeric
-
-    return is_numeric(duck_type)

@@ -16,6 +16,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.datasets import get_dataset_version
+from appliance.core.duck import is_numeric
 from appliance.core.jobs import JobSpec, submit_job
 from appliance.errors import InvalidInput
 
@@ -30,24 +31,6 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "valid_fraction": 0.2,
     "seed": 42,
 }
-_NUMERIC = (
-    "TINYINT",
-    "SMALLINT",
-    "INTEGER",
-    "BIGINT",
-    "HUGEINT",
-    "UTINYINT",
-    "USMALLINT",
-    "UINTEGER",
-    "UBIGINT",
-    "FLOAT",
-    "DOUBLE",
-    "BOOLEAN",
-)
-
-
-def _is_numeric(duck_type: str) -> bool:
-    return duck_type.upper() in _NUMERIC or duck_type.upper().startswith("DECIMAL")
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -137,7 +120,7 @@ def build_signature(schema: list[dict[str, str]], features: list[str], data: dic
     columns = []
     for name in features:
         values = data[name]
-        if _is_numeric(types[name]):
+        if is_numeric(types[name]):
             signature.append({"name": name, "type": "double"})
             columns.append(np.asarray(values, dtype=np.float64))
         else:
