@@ -38,6 +38,8 @@ if [ ! -x "$prefix/bin/python" ]; then
 fi
 
 pip=("$prefix/bin/python" -m pip install --disable-pip-version-check -q -c "$here/constraints.txt")
+# torch first and pinned, so nothing below resolves a different (CUDA, GBs) build of it.
+"${pip[@]}" "torch==2.13.0"
 if [ "$dev" = 1 ]; then
   echo "==> installing appliance (editable) with test tools"
   "${pip[@]}" -e "$here[dev]"

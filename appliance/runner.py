@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                 from appliance.core.training import train_lightgbm
 
                 train_lightgbm(spec, emit)
+            elif spec.kind == "train-mlp":
+                from appliance.core.training import train_mlp
+
+                train_mlp(spec, emit)
             elif spec.kind == "recipe":
                 from appliance.core.recipes import recipe_job
 

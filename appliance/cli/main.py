@@ -598,6 +598,13 @@ def _report_job(app: Any, job: dict[str, Any], as_json: bool, wait: bool) -> Non
 @click.option("--target", required=True, help="Column to predict.")
 @click.option("--feature", "features", multiple=True, help="Feature column (default: all others).")
 @click.option("--param", "params", multiple=True, help="LightGBM parameter KEY=VALUE.")
+@click.option(
+    "--trainer",
+    type=click.Choice(["lightgbm", "mlp"]),
+    default="lightgbm",
+    show_default=True,
+    help="LightGBM, or a PyTorch MLP (CUDA when present).",
+)
 @click.option("--cpus", default=1, show_default=True, type=click.IntRange(1), help="Threads.")
 @click.option("--experiment", default="default", show_default=True)
 @click.option("--name", help="Run name.")
@@ -609,12 +616,13 @@ def jobs_train(
     target: str,
     features: tuple[str, ...],
     params: tuple[str, ...],
+    trainer: str,
     cpus: int,
     experiment: str,
     name: str | None,
     wait: bool,
 ) -> None:
-    """Submit a LightGBM training job on a dataset version."""
+    """Submit a training job (LightGBM or MLP) on a dataset version."""
     from appliance.core.training import parse_param, submit_training
 
     job = submit_training(
@@ -626,6 +634,7 @@ def jobs_train(
         experiment=experiment,
         name=name,
         cpus=cpus,
+        trainer=trainer,
     )
     _report_job(app, job, as_json, wait)
 

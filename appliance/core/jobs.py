@@ -36,8 +36,13 @@ from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
-BUILTIN_KINDS = ("train-lightgbm", "recipe")
-EXECUTION_TYPES = {"train-lightgbm": "Train", "recipe": "Recipe", "command": "Run"}
+BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe")
+EXECUTION_TYPES = {
+    "train-lightgbm": "Train",
+    "train-mlp": "Train",
+    "recipe": "Recipe",
+    "command": "Run",
+}
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 SPEC_ENV = "APPLIANCE_JOB_SPEC"
 

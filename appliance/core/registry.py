@@ -41,8 +41,8 @@ def _validated_meta(run_id: str, meta: Any) -> dict[str, Any]:
     where = f"run {run_id} model artifact meta"
     if not isinstance(meta, dict):
         raise InvalidInput(f"{where}: must be an object")
-    if meta.get("flavor") != "lightgbm":
-        raise InvalidInput(f"{where}.flavor: only 'lightgbm' models can be registered")
+    if meta.get("flavor") not in ("lightgbm", "mlp"):
+        raise InvalidInput(f"{where}.flavor: only 'lightgbm' and 'mlp' models can be registered")
     signature = meta.get("signature")
     if (
         not isinstance(signature, list)

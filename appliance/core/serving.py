@@ -16,6 +16,7 @@ import re
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from appliance import __version__
@@ -58,8 +59,6 @@ class ModelRuntime:
     """A loaded model version and its input signature; validates what it is asked to predict."""
 
     def __init__(self, version: dict[str, Any], model_file: str) -> None:
-        import lightgbm as lgb
-
         self.model = version["model"]
         self.version = int(version["version"])
         signature = version["signature"]
@@ -71,13 +70,23 @@ class ModelRuntime:
             for f in self.features
             if f["type"] == "category"
         }
-        self.booster = lgb.Booster(model_file=model_file)
+        self.flavor = version.get("flavor", "lightgbm")
+        if (
+            self.flavor == "mlp"
+        ):  # numpy forward pass: serving needs neither torch nor training code
+            from appliance.core.mlp import MlpModel
+
+            self.booster: Any = MlpModel.load(Path(model_file))
+        else:
+            import lightgbm as lgb
+
+            self.booster = lgb.Booster(model_file=model_file)
 
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.model,
             "versions": [str(self.version)],
-            "platform": "lightgbm",
+            "platform": self.flavor,
             "inputs": [
                 {
                     "name": f["name"],
