@@ -471,6 +471,19 @@ def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
         "APPLIANCE_HOME": str(app.settings.home),
         "PYTHONUNBUFFERED": "1",
     }
+    started: list[subprocess.Popen[str]] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        cancelled.set()
+        for child in started:
+            child.terminate()
+            killer = threading.Timer(kill_after, lambda c=child: c.poll() is None and c.kill())
+            killer.daemon = True  # must not hold the supervisor open once the child is gone
+            killer.start()
+
+    # Installed before the child starts: a cancel that arrives early still ends as 'cancelled'.
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     with log_path.open("a", encoding="utf-8") as log:
         recorder = LineRecorder(app, job_id, run_id, log)
         try:
@@ -487,16 +500,9 @@ def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
         except OSError as exc:
             _finish(app, job_id, "failed", None, f"could not start {spec.command[:1]}: {exc}")
             return "failed"
-
-        def on_term(signum: int, frame: object) -> None:
-            cancelled.set()
+        started.append(child)
+        if cancelled.is_set():
             child.terminate()
-            killer = threading.Timer(kill_after, lambda: child.poll() is None and child.kill())
-            killer.daemon = True  # must not hold the supervisor open once the child is gone
-            killer.start()
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
         stderr_tail: deque[str] = deque(maxlen=20)
 
         def pump_stderr() -> None:
