@@ -718,6 +718,41 @@ def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
     emit(cancel_job(app, job_id), as_json)
 
 
+@cli.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("script", type=click.Path())
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--experiment", default="default", show_default=True)
+@click.option("--name", help="Run name (default: the script's file name).")
+@click.option("--input", "inputs", multiple=True, help="Dataset NAME@V the script reads.")
+@click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
+@click.option("--home", type=click.Path(), help="Appliance home directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def run_script(
+    script: str,
+    script_args: tuple[str, ...],
+    experiment: str,
+    name: str | None,
+    inputs: tuple[str, ...],
+    wait: bool,
+    home: str | None,
+    as_json: bool,
+) -> None:
+    """Run your own Python script as a tracked job: appliance run train.py -- --lr 0.1"""
+    from appliance.core.jobs import submit_script
+
+    app = _open(home)
+    try:
+        job = submit_script(
+            app, script, list(script_args), experiment=experiment, name=name, inputs=list(inputs)
+        )
+        if not wait and not as_json:
+            click.echo(job["run_id"])
+            return
+        _report_job(app, job, as_json, wait)
+    finally:
+        app.close()
+
+
 # ---- runs -------------------------------------------------------------------------------------
 @cli.group("runs")
 def runs_group() -> None:

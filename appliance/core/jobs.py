@@ -61,6 +61,7 @@ class JobSpec:
     inputs: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "memory": "2Gi", "gpu": 0})
+    workdir: str | None = None  # where a command runs (local executor); None: the home
 
     def validate(self) -> JobSpec:
         if self.kind == "command":
@@ -345,7 +346,14 @@ class LineRecorder:
         if isinstance(event, dict) and isinstance(event.get("type"), str):
             try:
                 self._handle_event(event)
-            except (KeyError, TypeError, ValueError, OverflowError, sqlite3.Error) as exc:
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+                OverflowError,
+                sqlite3.Error,
+                ApplianceError,
+            ) as exc:
                 self.write_log(f"[appliance] ignored malformed event ({exc}): {stripped}")
         else:
             self.write_log(line)
@@ -379,8 +387,28 @@ class LineRecorder:
                 setter(conn, self.run_id, {str(event["key"]): event["value"]})
         elif kind == "artifact":
             self._record_artifact(event)
+        elif kind == "input":
+            self._record_input(str(event["ref"]))
+        elif kind == "status":
+            self.app.db.execute(
+                "UPDATE jobs SET progress_message = ? WHERE id = ?",
+                (str(event["message"])[:500], self.job_id),
+            )
         else:
             raise ValueError(f"unknown event type {kind!r}")
+
+    def _record_input(self, ref: str) -> None:
+        from appliance.core.datasets import get_dataset_version
+
+        version = get_dataset_version(self.app, ref)  # NotFound is reported as a bad event
+        with self.app.db.transaction() as conn:
+            record_execution(
+                conn,
+                "Run",
+                f"run:{self.run_id}",
+                inputs=[("DatasetVersion", f"dataset:{version['ref']}")],
+                state="RUNNING",
+            )
 
     def _record_artifact(self, event: dict[str, Any]) -> None:
         sha = str(event["sha256"])
@@ -496,6 +524,7 @@ def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
                 errors="replace",
                 bufsize=1,
                 env=env,
+                cwd=spec.workdir or app.settings.home,
             )
         except OSError as exc:
             _finish(app, job_id, "failed", None, f"could not start {spec.command[:1]}: {exc}")
@@ -536,3 +565,80 @@ def emit(event: dict[str, Any]) -> None:
     """Print one protocol line (used by built-in jobs and any Python job script)."""
     sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+def environment_tags() -> dict[str, str]:
+    """The versions a run ran with, recorded as tags so runs can be compared later."""
+    import platform
+    from importlib import metadata
+
+    tags = {"env.python": platform.python_version()}
+    for package in ("lightgbm", "torch", "duckdb", "numpy"):
+        try:
+            tags[f"env.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return tags
+
+
+def git_commit(path: Path) -> str | None:
+    """The commit a script's checkout is at ('+dirty' when it has changes), if it is in git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def submit_script(
+    app: Appliance,
+    script: str | Path,
+    args: list[str],
+    experiment: str = "default",
+    name: str | None = None,
+    inputs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run a user's Python file as a tracked job (it may use `appliance.sdk`)."""
+    from appliance.core.datasets import get_dataset_version
+
+    path = Path(script).expanduser()
+    if not path.is_file():
+        raise InvalidInput(f"{script}: no such script")
+    declared = {}
+    for ref in inputs or []:
+        version = get_dataset_version(app, ref)
+        declared[ref] = {"ref": version["ref"], "sha256": version["sha256"]}
+    spec = JobSpec(
+        kind="command",
+        command=[sys.executable, str(path.resolve()), *args],
+        inputs={"datasets": declared},
+        workdir=str(path.resolve().parent),
+    )
+    job = submit_job(
+        app,
+        spec,
+        experiment=experiment,
+        run_name=name or path.name,
+        inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in declared.values()],
+    )
+    tags = environment_tags()
+    commit = git_commit(path.resolve().parent)
+    if commit:
+        tags["git.commit"] = commit
+    tags["script"] = str(path.resolve())
+    with app.db.transaction() as conn:
+        set_tags(conn, job["run_id"], tags)
+    return job
