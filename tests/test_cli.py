@@ -101,3 +101,33 @@ def test_train_with_wait_shows_progress_and_logs(cli, tmp_path: Path) -> None:  
         "jobs", "run", "--wait", "--home", home, "--", "python3", "-c", "import sys; sys.exit(3)"
     )
     assert failing.code == 1 and "exit code 3" in failing.out
+
+
+def test_runs_sort_compare_and_delete(cli, trained_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(trained_home)
+    by_auc = cli("runs", "list", "--sort", "-metric.auc", "--json", "--home", home).json()
+    aucs = [r["metric_values"]["auc"] for r in by_auc]
+    assert aucs == sorted(aucs, reverse=True)
+    by_leaves = cli("runs", "list", "--sort", "param.num_leaves", "--json", "--home", home).json()
+    assert [r["name"] for r in by_leaves] == ["churn-v1", "churn-v2"]
+    assert cli("runs", "list", "--sort", "nonsense", "--home", home).code == 2
+
+    ids = [r["id"] for r in by_leaves]
+    result = cli("runs", "compare", *ids, "--json", "--home", home).json()
+    params = {p["param"]: p for p in result["params"]}
+    assert params["num_leaves"]["differs"] and params["num_leaves"]["values"] == [15, 31]
+    assert not params["target"]["differs"]
+    metrics = {m["metric"]: m for m in result["metrics"]}
+    assert metrics["auc"]["better"] == "max" and metrics["valid_binary_logloss"]["better"] == "min"
+    assert metrics["auc"]["leader"] == by_auc[0]["id"]
+    text = cli("runs", "compare", *ids, "--home", home)
+    assert "* num_leaves" in text.out
+
+    refused = cli("runs", "delete", ids[0], "--home", home)
+    assert refused.code == 4 and "churn@" in refused.err
+
+    other = str(tmp_path / "h")
+    job = cli("jobs", "run", "--wait", "--json", "--home", other, "--", "python3", "-c", "print(1)")
+    run_id = job.json()["run_id"]
+    assert cli("runs", "delete", run_id, "--home", other).code == 0
+    assert cli("runs", "show", run_id, "--home", other).code == 3

@@ -761,12 +761,59 @@ def runs_group() -> None:
 
 @command(runs_group, "list")
 @click.option("--experiment", help="Only runs of this experiment.")
-def runs_list(app: Any, as_json: bool, experiment: str | None) -> None:
-    """List runs, newest first."""
+@click.option("--sort", help="metric.NAME, param.NAME or a column; '-' first for descending.")
+def runs_list(app: Any, as_json: bool, experiment: str | None, sort: str | None) -> None:
+    """List runs, newest first (or sorted by a metric or param)."""
     from appliance.core.resources import KINDS
-    from appliance.core.runs import list_runs
+    from appliance.core.runs import runs_table
 
-    emit(list_runs(app, experiment), as_json, KINDS["runs"].columns)
+    emit(runs_table(app, experiment, sort), as_json, KINDS["runs"].columns)
+
+
+@command(runs_group, "compare")
+@click.argument("run_ids", nargs=-1, required=True)
+def runs_compare(app: Any, as_json: bool, run_ids: tuple[str, ...]) -> None:
+    """Params side by side (differences marked *) and final/best metrics of runs."""
+    from appliance.core.runs import compare_runs
+
+    result = compare_runs(app, list(run_ids))
+    if as_json:
+        emit(result, True)
+        return
+    ids = result["runs"]
+    rows = [
+        {
+            "key": ("* " if p["differs"] else "  ") + p["param"],
+            **{i: json_cell(v) for i, v in zip(ids, p["values"], strict=True)},
+        }
+        for p in result["params"]
+    ]
+    rows += [
+        {
+            "key": f"  {m['metric']} (final/best, {m['better']})",
+            **{
+                i: f"{_fmt(f)} / {_fmt(b)}" + (" <" if m["leader"] == i else "")
+                for i, f, b in zip(ids, m["final"], m["best"], strict=True)
+            },
+        }
+        for m in result["metrics"]
+    ]
+    click.echo(table(rows, ["key", *ids]))
+
+
+def json_cell(value: Any) -> str:
+    import json
+
+    return "" if value is None else json.dumps(value)
+
+
+@command(runs_group, "delete")
+@click.argument("run_id")
+def runs_delete(app: Any, as_json: bool, run_id: str) -> None:
+    """Delete a run (refused while a registered model version comes from it)."""
+    from appliance.core.runs import delete_run
+
+    emit(delete_run(app, run_id), as_json)
 
 
 @command(runs_group, "show")

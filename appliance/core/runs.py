@@ -12,7 +12,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.lineage import Node, record_execution
 from appliance.core.names import validate_name
-from appliance.errors import InvalidInput, NotFound
+from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
 MetricRow = tuple[str, float, int, float]  # key, value, step, timestamp
@@ -164,3 +164,114 @@ def list_runs(app: Appliance, experiment: str | None = None) -> list[dict[str, A
         metrics = latest_metrics(app, row["id"])
         row["metrics"] = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     return rows
+
+
+_LOWER_IS_BETTER = ("loss", "rmse", "mae", "mse", "error", "l1", "l2", "seconds")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of this metric is the better one (loss, rmse, …)."""
+    return any(part in metric.lower() for part in _LOWER_IS_BETTER)
+
+
+def sort_runs(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Sort by `metric.NAME`, `param.NAME` or a column; a leading '-' sorts descending.
+    Runs without the value go last either way."""
+    descending = key.startswith("-")
+    field = key.lstrip("-")
+    kind, _, name = field.partition(".")
+    if kind not in ("metric", "param") or not name:
+        if rows and field not in rows[0]:
+            raise InvalidInput(f"--sort {key!r}: use metric.NAME, param.NAME or a column name")
+        kind, name = "column", field
+
+    def value(row: dict[str, Any]) -> Any:
+        if kind == "metric":
+            return row["_metrics"].get(name)
+        if kind == "param":
+            return row["_params"].get(name)
+        return row.get(name)
+
+    present = [r for r in rows if value(r) is not None]
+    missing = [r for r in rows if value(r) is None]
+    try:
+        present.sort(key=value, reverse=descending)
+    except TypeError:
+        present.sort(key=lambda r: str(value(r)), reverse=descending)
+    return present + missing
+
+
+def runs_table(
+    app: Appliance, experiment: str | None = None, sort: str | None = None
+) -> list[dict]:
+    """`list_runs` with each run's params and final metrics attached, optionally sorted."""
+    rows = list_runs(app, experiment)
+    for row in rows:
+        row["_metrics"] = latest_metrics(app, row["id"])
+        row["_params"] = {
+            r["key"]: json.loads(r["value"])
+            for r in app.db.rows("SELECT key, value FROM run_params WHERE run_id = ?", (row["id"],))
+        }
+    if sort:
+        rows = sort_runs(rows, sort)
+    for row in rows:
+        row.pop("_params")
+        row["metric_values"] = row.pop("_metrics")
+    return rows
+
+
+def compare_runs(app: Appliance, run_ids: list[str]) -> dict[str, Any]:
+    """Params side by side (with which differ) and final and best metrics of each run."""
+    if len(run_ids) < 2:
+        raise InvalidInput("runs compare: give at least two run ids")
+    runs = [get_run(app, r) for r in run_ids]
+    ids = [r["id"] for r in runs]
+    param_keys = sorted({k for r in runs for k in r["params"]})
+    params = []
+    for key in param_keys:
+        values = [r["params"].get(key) for r in runs]
+        same = all(
+            json.dumps(v, sort_keys=True) == json.dumps(values[0], sort_keys=True) for v in values
+        )
+        params.append({"param": key, "values": values, "differs": not same})
+    metric_keys = sorted({k for r in runs for k in r["metrics"]})
+    metrics = []
+    for key in metric_keys:
+        best_fn = "min" if lower_is_better(key) else "max"
+        best = [
+            app.db.scalar(
+                f"SELECT {best_fn}(value) FROM run_metrics WHERE run_id = ? AND key = ?",
+                (run_id, key),
+            )
+            for run_id in ids
+        ]
+        final = [r["metrics"].get(key) for r in runs]
+        candidates = [v for v in final if v is not None]
+        winner = None
+        if candidates:
+            target = min(candidates) if best_fn == "min" else max(candidates)
+            winner = ids[final.index(target)]
+        metrics.append(
+            {"metric": key, "final": final, "best": best, "better": best_fn, "leader": winner}
+        )
+    return {"runs": ids, "names": [r["name"] for r in runs], "params": params, "metrics": metrics}
+
+
+def delete_run(app: Appliance, run_id: str) -> dict[str, Any]:
+    """Delete a finished run and its records; refused while a model version comes from it."""
+    run = get_run(app, run_id)
+    if run["status"] in ("queued", "running"):
+        raise Conflict(f"run {run['id']} is {run['status']}; cancel its job first")
+    used = app.db.rows(
+        "SELECT m.name, mv.version FROM model_versions mv "
+        "JOIN registered_models m ON m.id = mv.model_id WHERE mv.run_id = ?",
+        (run["id"],),
+    )
+    if used:
+        refs = ", ".join(f"{u['name']}@{u['version']}" for u in used)
+        raise Conflict(f"run {run['id']} produced registered model version(s) {refs}")
+    with app.db.transaction() as conn:
+        for table in ("run_metrics", "run_params", "run_tags", "run_outputs"):
+            conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run["id"],))
+        conn.execute("DELETE FROM runs WHERE id = ?", (run["id"],))
+    return {"deleted": run["id"]}
