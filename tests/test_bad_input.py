@@ -49,7 +49,7 @@ def _assert_clean_failure(result, field: str) -> None:  # type: ignore[no-untype
         (None, ["models", "register", "../evil", "--run", "abc"], "'../evil'"),
         (None, ["models", "register", "ok", "--run", "ffffffff"], "run 'ffffffff' not found"),
         (None, ["deployments", "create", "bad name", "--model", "seed"], "'bad name'"),
-        (None, ["jobs", "train", "--dataset", "seed", "--target", "nope"], "--target 'nope'"),
+        (None, ["jobs", "train", "--dataset", "seed", "--target", "nope"], "--label 'nope'"),
         (
             None,
             ["jobs", "train", "--dataset", "seed", "--target", "churned", "--param", "x"],

@@ -34,7 +34,9 @@ def test_show_commands_as_json(cli, trained_home: Path) -> None:  # type: ignore
     job = cli("jobs", "show", run["job_id"], "--home", home, "--json").json()
     assert job["state"] == "succeeded"
     history = cli("runs", "metrics", run["id"], "valid_auc", "--home", home, "--json").json()
-    assert len(history) == 200 and history[-1]["step"] == 200
+    steps = [h["step"] for h in history]  # one point per round until early stopping, then final
+    assert steps[:-1] == list(range(1, len(steps))) and steps[-1] == steps[-2]
+    assert run["params"]["best_iteration"] < len(steps) <= 201
     dep = cli("deployments", "show", "churn", "--home", home, "--json").json()
     assert [r["action"] for r in dep["revisions"]][:3] == ["deploy", "deploy", "rollback"]
     doctor = cli("doctor", "--home", home, "--json").json()
@@ -116,7 +118,7 @@ def test_runs_sort_compare_and_delete(cli, trained_home: Path, tmp_path: Path) -
     result = cli("runs", "compare", *ids, "--json", "--home", home).json()
     params = {p["param"]: p for p in result["params"]}
     assert params["num_leaves"]["differs"] and params["num_leaves"]["values"] == [15, 31]
-    assert not params["target"]["differs"]
+    assert not params["label"]["differs"]
     metrics = {m["metric"]: m for m in result["metrics"]}
     assert metrics["auc"]["better"] == "max" and metrics["valid_binary_logloss"]["better"] == "min"
     assert metrics["auc"]["leader"] == by_auc[0]["id"]

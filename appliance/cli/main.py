@@ -595,7 +595,7 @@ def _report_job(app: Any, job: dict[str, Any], as_json: bool, wait: bool) -> Non
 
 @command(jobs_group, "train")
 @click.option("--dataset", required=True, help="Dataset NAME or NAME@VERSION.")
-@click.option("--target", required=True, help="Column to predict.")
+@click.option("--label", "--target", "target", required=True, help="Column to predict.")
 @click.option("--feature", "features", multiple=True, help="Feature column (default: all others).")
 @click.option("--param", "params", multiple=True, help="LightGBM parameter KEY=VALUE.")
 @click.option(
@@ -716,6 +716,89 @@ def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
     from appliance.core.jobs import cancel_job
 
     emit(cancel_job(app, job_id), as_json)
+
+
+@command(cli, "train")
+@click.option("--trainer", type=click.Choice(["lightgbm", "mlp"]), help="default: lightgbm")
+@click.option("--train", "train_ref", help="Training dataset NAME[@V].")
+@click.option("--valid", "valid_ref", help="Validation dataset (default: a fraction of train).")
+@click.option("--test", "test_ref", help="Test dataset, evaluated once at the end.")
+@click.option("--label", help="Column to predict.")
+@click.option(
+    "--objective",
+    type=click.Choice(["binary", "multiclass", "regression"]),
+    help="default: inferred from the label",
+)
+@click.option("--feature", "features", multiple=True, help="Feature column (default: all others).")
+@click.option("--param", "params", multiple=True, help="Trainer parameter KEY=VALUE.")
+@click.option("--config", "config_file", type=click.Path(), help="The same keys in YAML.")
+@click.option("--experiment", help="default: default")
+@click.option("--name", help="Run name.")
+@click.option("--cpus", type=click.IntRange(1), help="Threads (default 1).")
+@click.option("--wait", is_flag=True, help="Wait for the job; exit non-zero if it failed.")
+def train_cmd(
+    app: Any,
+    as_json: bool,
+    trainer: str | None,
+    train_ref: str | None,
+    valid_ref: str | None,
+    test_ref: str | None,
+    label: str | None,
+    objective: str | None,
+    features: tuple[str, ...],
+    params: tuple[str, ...],
+    config_file: str | None,
+    experiment: str | None,
+    name: str | None,
+    cpus: int | None,
+    wait: bool,
+) -> None:
+    """Train LightGBM or a PyTorch MLP on dataset versions; prints the run id."""
+    from appliance.core.training import load_train_config, parse_param, submit_training
+    from appliance.errors import InvalidInput
+
+    config = load_train_config(config_file) if config_file else {}
+    flags = {
+        "trainer": trainer,
+        "train": train_ref,
+        "valid": valid_ref,
+        "test": test_ref,
+        "label": label,
+        "objective": objective,
+        "experiment": experiment,
+        "name": name,
+        "cpus": cpus,
+    }
+    merged = {**config, **{k: v for k, v in flags.items() if v is not None}}
+    merged["params"] = {**config.get("params", {}), **dict(parse_param(p) for p in params)}
+    if features:
+        merged["features"] = list(features)
+    for required in ("train", "label"):
+        if not merged.get(required):
+            raise InvalidInput(f"--{required} is required (or '{required}:' in --config)")
+    job = submit_training(
+        app,
+        merged["train"],
+        merged["label"],
+        params=merged["params"],
+        features=merged.get("features"),
+        experiment=merged.get("experiment", "default"),
+        name=merged.get("name"),
+        cpus=int(merged.get("cpus", 1)),
+        trainer=merged.get("trainer", "lightgbm"),
+        valid=merged.get("valid"),
+        test=merged.get("test"),
+        objective=merged.get("objective"),
+    )
+    if wait:
+        job = _watch(app, job)
+    if as_json:
+        emit({"run_id": job["run_id"], "job_id": job["id"], "state": job["state"]}, True)
+    else:
+        click.echo(job["run_id"])
+    if wait and job["state"] != "succeeded":
+        click.echo(f"error: job {job['id']} {job['state']}: {job.get('error')}", err=True)
+        sys.exit(1)
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True})

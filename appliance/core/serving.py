@@ -144,11 +144,15 @@ class ModelRuntime:
             matrix[:, j] = self._column(name, columns[name])
         return matrix
 
-    def predict(self, columns: dict[str, list[Any]]) -> list[float]:
+    def predict(self, columns: dict[str, list[Any]]) -> list[Any]:
+        """One value per row, or one list of class probabilities per row (multiclass)."""
         matrix = self.matrix(columns)
         if matrix.shape[0] == 0:
             return []
-        return [float(v) for v in self.booster.predict(matrix)]
+        return [
+            [float(p) for p in row] if hasattr(row, "__len__") else float(row)
+            for row in self.booster.predict(matrix)
+        ]
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -417,7 +421,12 @@ class _Handler(BaseHTTPRequestHandler):
                     "outputs": [
                         {
                             "name": out,
-                            "shape": [len(predictions)],
+                            "shape": [len(predictions)]
+                            + (
+                                [len(predictions[0])]
+                                if predictions and isinstance(predictions[0], list)
+                                else []
+                            ),
                             "datatype": "FP64",
                             "data": predictions,
                         }

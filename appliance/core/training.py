@@ -1,7 +1,9 @@
-"""Training: submit a LightGBM or MLP job on a dataset version, and the job bodies.
+"""Training: submit a LightGBM or MLP job on dataset versions, and the job bodies.
 
-The job bodies (`train_lightgbm`, `train_mlp`) run in the job process: they read the dataset
-from the object store by sha256, train, write the model back content-addressed and report
+A job trains on a `train` version, stops early on a `valid` version (or a seeded fraction of
+the training rows when none is given) and is evaluated on a `test` version when one is given.
+The job bodies (`train_lightgbm`, `train_mlp`) run in the job process: they read the data from
+the object store by sha256, train, write the model back content-addressed and report
 everything as protocol lines. They never open the metadata database.
 """
 
@@ -29,9 +31,12 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "num_boost_round": 200,
     "min_data_in_leaf": 20,
     "feature_fraction": 0.9,
-    "valid_fraction": 0.2,
-    "seed": 42,
+    "early_stopping_rounds": 20,
 }
+COMMON_DEFAULTS: dict[str, Any] = {"valid_fraction": 0.2, "seed": 42}
+TRAINERS = ("lightgbm", "mlp")
+OBJECTIVES = ("binary", "multiclass", "regression")
+MAX_CLASSES = 50
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -51,8 +56,44 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key, value
 
 
-TRAINERS = ("lightgbm", "mlp")
-COMMON_PARAMS = ("valid_fraction", "seed")
+CONFIG_KEYS = {
+    "trainer",
+    "train",
+    "valid",
+    "test",
+    "label",
+    "objective",
+    "features",
+    "params",
+    "experiment",
+    "name",
+    "cpus",
+}
+
+
+def load_train_config(path: str | Path) -> dict[str, Any]:
+    """`appliance train --config train.yaml`: the command's options as YAML keys."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidInput(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path}: expected a mapping of options")
+    unknown = sorted(set(data) - CONFIG_KEYS)
+    if unknown:
+        raise InvalidInput(f"{path}: unknown key {unknown[0]!r}; known: {sorted(CONFIG_KEYS)}")
+    if "params" in data and not isinstance(data["params"], dict):
+        raise InvalidInput(f"{path}: 'params' must be a mapping")
+    return data
+
+
+def _input(version: dict[str, Any]) -> dict[str, Any]:
+    return {"ref": version["ref"], "sha256": version["sha256"], "schema": version["schema"]}
 
 
 def submit_training(
@@ -65,59 +106,72 @@ def submit_training(
     name: str | None = None,
     cpus: int = 1,
     trainer: str = "lightgbm",
+    valid: str | None = None,
+    test: str | None = None,
+    objective: str | None = None,
 ) -> dict[str, Any]:
-    """Validate against the dataset's schema, then submit a training job."""
+    """Validate against the datasets' schemas, then submit a training job.
+
+    `dataset` is the training version; `target` the label column; `valid`/`test` optional
+    versions with the same columns.
+    """
     if trainer not in TRAINERS:
         raise InvalidInput(f"--trainer {trainer!r}: expected one of {', '.join(TRAINERS)}")
-    version = get_dataset_version(app, dataset)
-    columns = {c["name"]: c["type"] for c in version["schema"]}
+    if objective is not None and objective not in OBJECTIVES:
+        raise InvalidInput(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    train = get_dataset_version(app, dataset)
+    columns = {c["name"]: c["type"] for c in train["schema"]}
     if target not in columns:
-        raise InvalidInput(f"--target {target!r}: not a column of dataset {version['ref']}")
+        raise InvalidInput(f"--label {target!r}: not a column of dataset {train['ref']}")
     chosen = features or [c for c in columns if c != target]
     for feature in chosen:
         if feature not in columns:
-            raise InvalidInput(f"--feature {feature!r}: not a column of dataset {version['ref']}")
+            raise InvalidInput(f"--feature {feature!r}: not a column of dataset {train['ref']}")
         if feature == target:
-            raise InvalidInput(f"--feature {feature!r}: the target cannot be a feature")
+            raise InvalidInput(f"--feature {feature!r}: the label cannot be a feature")
+    inputs = {"train": _input(train)}
+    for role, ref in (("valid", valid), ("test", test)):
+        if ref:
+            version = get_dataset_version(app, ref)
+            have = {c["name"] for c in version["schema"]}
+            missing = [c for c in [*chosen, target] if c not in have]
+            if missing:
+                raise InvalidInput(f"--{role} {version['ref']}: has no column {missing[0]!r}")
+            inputs[role] = _input(version)
     given = dict(params or {})
+    common = {**COMMON_DEFAULTS, **{k: given.pop(k) for k in COMMON_DEFAULTS if k in given}}
     if trainer == "lightgbm":
-        # Keys beyond DEFAULT_PARAMS pass through to LightGBM as they are.
-        merged = {**DEFAULT_PARAMS, **given}
-        if not isinstance(merged["num_boost_round"], int) or merged["num_boost_round"] < 1:
+        merged = {**DEFAULT_PARAMS, **given}  # other keys pass through to LightGBM as they are
+        for key in ("num_boost_round", "early_stopping_rounds"):
+            if not isinstance(merged[key], int) or merged[key] < 0:
+                raise InvalidInput(f"param {key}: must be a non-negative integer")
+        if merged["num_boost_round"] < 1:
             raise InvalidInput("param num_boost_round: must be a positive integer")
     else:
         from appliance.core.mlp import MlpConfig
 
-        common = {k: given.pop(k) for k in COMMON_PARAMS if k in given}
         if "hidden" in given and isinstance(given["hidden"], str):
             given["hidden"] = [int(w) for w in given["hidden"].split("x")]  # 64x32
+        given.setdefault("seed", common["seed"])
         try:
-            config = MlpConfig.from_params(given)
+            merged = {"mlp": asdict(MlpConfig.from_params(given))}
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"param: {exc}") from exc
-        merged = {"valid_fraction": 0.2, "seed": config.seed, **common, "mlp": asdict(config)}
-    if not isinstance(merged["valid_fraction"], int | float) or not (
-        0 < merged["valid_fraction"] < 1
-    ):
+    fraction = common["valid_fraction"]
+    if not isinstance(fraction, int | float) or not 0 < fraction < 1:
         raise InvalidInput("param valid_fraction: must be a number between 0 and 1")
     spec = JobSpec(
         kind=f"train-{trainer}",
-        inputs={
-            "dataset": {
-                "ref": version["ref"],
-                "sha256": version["sha256"],
-                "schema": version["schema"],
-            }
-        },
-        params={**merged, "target": target, "features": chosen},
+        inputs=inputs,
+        params={**merged, **common, "label": target, "features": chosen, "objective": objective},
         resources={"cpu": cpus, "memory": "2Gi", "gpu": 1 if trainer == "mlp" else 0},
     )
     return submit_job(
         app,
         spec,
         experiment=experiment,
-        run_name=name or f"{trainer}-{version['name']}",
-        inputs=[("DatasetVersion", f"dataset:{version['ref']}")],
+        run_name=name or f"{trainer}-{train['name']}",
+        inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in inputs.values()],
     )
 
 
@@ -132,32 +186,56 @@ def _load_columns(path: Path, names: list[str]) -> dict[str, Any]:
         con.close()
 
 
-def build_signature(schema: list[dict[str, str]], features: list[str], data: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Input signature: numeric features as doubles, text features as categories (codes)."""
+def fit_signature(
+    schema: list[dict[str, str]], features: list[str], data: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Input signature: numeric features as doubles, others as categories seen in `data`."""
     import numpy as np
 
     types = {c["name"]: c["type"] for c in schema}
-    signature = []
-    columns = []
+    signature: list[dict[str, Any]] = []
     for name in features:
-        values = data[name]
+        if is_numeric(types[name]):
+            signature.append({"name": name, "type": "double"})
+        else:
+            raw, missing = np.ma.getdata(data[name]), np.ma.getmaskarray(data[name])
+            levels = {str(v) for v, m in zip(raw, missing, strict=True) if not m and v is not None}
+            signature.append({"name": name, "type": "category", "categories": sorted(levels)})
+    return signature
+
+
+def encode(signature: list[dict[str, Any]], data: dict[str, Any]) -> Any:
+    """The float64 matrix both trainers take: NULL (and unseen levels) become NaN."""
+    import numpy as np
+
+    columns = []
+    for feature in signature:
+        values = data[feature["name"]]
         # DuckDB's fetchnumpy returns NULLs as masked entries; they must become missing values.
         missing = np.ma.getmaskarray(values)
         raw = np.ma.getdata(values)
-        if is_numeric(types[name]):
-            signature.append({"name": name, "type": "double"})
+        if feature["type"] == "double":
             numbers = np.asarray(raw, dtype=np.float64).copy()
             numbers[missing] = np.nan
             columns.append(numbers)
         else:
-            texts = [None if m or v is None else str(v) for v, m in zip(raw, missing, strict=True)]
-            categories = sorted({t for t in texts if t is not None})
-            index = {c: i for i, c in enumerate(categories)}
-            signature.append({"name": name, "type": "category", "categories": categories})
+            index = {c: i for i, c in enumerate(feature["categories"])}
             columns.append(
-                np.array([index[t] if t is not None else np.nan for t in texts], dtype=np.float64)
+                np.array(
+                    [
+                        np.nan if m or v is None else index.get(str(v), np.nan)
+                        for v, m in zip(raw, missing, strict=True)
+                    ],
+                    dtype=np.float64,
+                )
             )
-    return signature, np.column_stack(columns)
+    return np.column_stack(columns)
+
+
+def build_signature(schema: list[dict[str, str]], features: list[str], data: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """Signature and matrix of one table (fit and encode on the same rows)."""
+    signature = fit_signature(schema, features, data)
+    return signature, encode(signature, data)
 
 
 def _auc(y: Any, p: Any) -> float:
@@ -166,10 +244,8 @@ def _auc(y: Any, p: Any) -> float:
     order = np.argsort(p, kind="mergesort")
     ranks = np.empty(len(p), dtype=np.float64)
     sorted_p = np.asarray(p)[order]
-    # average ranks for ties
-    i = 0
-    n = len(p)
-    while i < n:
+    i, n = 0, len(p)
+    while i < n:  # average ranks for ties
         j = i
         while j + 1 < n and sorted_p[j + 1] == sorted_p[i]:
             j += 1
@@ -182,20 +258,99 @@ def _auc(y: Any, p: Any) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def evaluate(objective: str, y: Any, pred: Any, classes: int = 2) -> dict[str, float]:
+    """Final metrics of one split (names without the split prefix)."""
+    import numpy as np
+
+    if objective == "regression":
+        err = pred - y
+        total = float(((y - y.mean()) ** 2).sum())
+        return {
+            "rmse": float(np.sqrt(np.mean(err**2))),
+            "mae": float(np.mean(np.abs(err))),
+            "r2": 1 - float((err**2).sum()) / total if total else float("nan"),
+        }
+    if objective == "binary":
+        prob = np.clip(pred, 1e-15, 1 - 1e-15)
+        hard = (pred >= 0.5).astype(int)
+        truth = (y == 1).astype(int)
+        logloss = float(-np.mean(truth * np.log(prob) + (1 - truth) * np.log(1 - prob)))
+    else:
+        prob = np.clip(pred, 1e-15, 1)
+        hard = prob.argmax(axis=1)
+        truth = y.astype(int)
+        logloss = float(-np.mean(np.log(prob[np.arange(len(truth)), truth])))
+    metrics = {"logloss": logloss, "accuracy": float(np.mean(hard == truth))}
+    if objective == "binary":
+        metrics["auc"] = _auc(truth, pred)
+    f1s, precisions, recalls = [], [], []
+    for cls in [1] if objective == "binary" else range(classes):
+        tp = float(((hard == cls) & (truth == cls)).sum())
+        fp = float(((hard == cls) & (truth != cls)).sum())
+        fn = float(((hard != cls) & (truth == cls)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        precisions.append(p)
+        recalls.append(r)
+        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+    metrics["precision"] = float(np.mean(precisions))
+    metrics["recall"] = float(np.mean(recalls))
+    metrics["f1"] = float(np.mean(f1s))
+    return metrics
+
+
+@dataclass
+class Split:
+    x: Any
+    y: Any
+
+
 @dataclass
 class Prepared:
-    """What both trainers start from: the matrix, the label and the split."""
+    """What both trainers start from: encoded splits, the label's meaning, the signature."""
 
     store: Any
     signature: list[dict[str, Any]]
-    x: Any
-    y: Any
     objective: str
     labels: list[Any]
-    is_valid: Any
-    dataset: dict[str, Any]
-    target: str
+    train: Split
+    valid: Split
+    test: Split | None
+    inputs: dict[str, Any]
+    label: str
     features: list[str]
+
+    @property
+    def classes(self) -> int:
+        return len(self.labels) if self.objective == "multiclass" else 2
+
+
+def _labels(objective: str | None, label: str, values: Any) -> tuple[str, list[Any]]:
+    import numpy as np
+
+    distinct = sorted({v.item() if hasattr(v, "item") else v for v in values})
+    numeric = np.asarray(values).dtype.kind in "iufb"
+    if objective is None:
+        if len(distinct) == 2:
+            objective = "binary"
+        elif numeric and (len(distinct) > MAX_CLASSES or np.asarray(values).dtype.kind == "f"):
+            objective = "regression"
+        else:
+            objective = "multiclass"
+    if objective == "binary" and len(distinct) != 2:
+        raise ValueError(
+            f"label {label!r} has {len(distinct)} class(es) in the training split; "
+            "a binary objective needs exactly 2"
+        )
+    if objective == "multiclass" and not 2 <= len(distinct) <= MAX_CLASSES:
+        raise ValueError(
+            f"label {label!r} has {len(distinct)} classes; multiclass takes 2 to {MAX_CLASSES}"
+        )
+    if objective == "regression":
+        if not numeric:
+            raise ValueError(f"label {label!r} is not numeric; regression needs numbers")
+        return objective, []
+    return objective, distinct
 
 
 def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
@@ -205,63 +360,84 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
     from appliance.store.objects import open_object_store
 
     params = spec.params
-    target, features = params["target"], params["features"]
-    dataset = spec.inputs["dataset"]
+    label, features = params["label"], params["features"]
     store = open_object_store(load_settings(os.environ.get("APPLIANCE_HOME")))
     emit({"type": "progress", "current": 0, "total": total, "message": "loading data"})
-    data = _load_columns(store.get_file(dataset["sha256"]), [*features, target])
-    signature, x = build_signature(dataset["schema"], features, data)
-    known = ~np.ma.getmaskarray(data[target])
-    if not known.all():
-        print(f"dropped {int((~known).sum())} rows whose label {target!r} is missing")
-        x = x[known]
-    y_raw = np.asarray(np.ma.getdata(data[target]))[known]
-    labels = sorted({v.item() if hasattr(v, "item") else v for v in y_raw if v is not None})
-    if len(labels) == 2:
-        objective = "binary"
-        y = (y_raw == labels[1]).astype(np.float64)
+    loaded = {
+        role: _load_columns(store.get_file(item["sha256"]), [*features, label])
+        for role, item in spec.inputs.items()
+    }
+    for role, data in loaded.items():
+        known = ~np.ma.getmaskarray(data[label])
+        if not known.all():
+            print(f"{role}: dropped {int((~known).sum())} rows whose label {label!r} is missing")
+            loaded[role] = {k: v[known] for k, v in data.items()}
+    train_raw = np.asarray(np.ma.getdata(loaded["train"][label]))
+    objective, labels = _labels(params.get("objective"), label, train_raw)
+    signature = fit_signature(spec.inputs["train"]["schema"], features, loaded["train"])
+
+    def split(data: dict[str, Any]) -> Split:
+        raw = np.asarray(np.ma.getdata(data[label]))
+        if objective == "regression":
+            y = raw.astype(np.float64)
+        else:
+            index = {v: i for i, v in enumerate(labels)}
+            keys = [v.item() if hasattr(v, "item") else v for v in raw]
+            unknown = [k for k in keys if k not in index]
+            if unknown:
+                raise ValueError(f"label {label!r} has value {unknown[0]!r}, unseen in training")
+            y = np.array([index[k] for k in keys], dtype=np.float64)
+        return Split(encode(signature, data), y)
+
+    train = split(loaded["train"])
+    if "valid" in loaded:
+        valid = split(loaded["valid"])
     else:
-        objective = "regression"
-        y = y_raw.astype(np.float64)
-        labels = []
-    rng = np.random.default_rng(int(params["seed"]))
-    is_valid = rng.random(len(y)) < float(params["valid_fraction"])
-    if not 0 < int(is_valid.sum()) < len(y):
-        raise ValueError(
-            f"valid_fraction={params['valid_fraction']} leaves an empty training or validation "
-            f"split of {len(y)} rows"
-        )
-    return Prepared(store, signature, x, y, objective, labels, is_valid, dataset, target, features)
+        rng = np.random.default_rng(int(params["seed"]))
+        is_valid = rng.random(len(train.y)) < float(params["valid_fraction"])
+        if not 0 < int(is_valid.sum()) < len(train.y):
+            raise ValueError(
+                f"valid_fraction={params['valid_fraction']} leaves an empty training or "
+                f"validation split of {len(train.y)} rows"
+            )
+        valid = Split(train.x[is_valid], train.y[is_valid])
+        train = Split(train.x[~is_valid], train.y[~is_valid])
+    test = split(loaded["test"]) if "test" in loaded else None
+    return Prepared(
+        store, signature, objective, labels, train, valid, test, spec.inputs, label, features
+    )
 
 
 def _report_model(
     p: Prepared,
-    pred: Any,
+    predict: Callable[[Any], Any],
     model_path: Path,
     flavor: str,
     steps: int,
     emit: Emit,
     extra_meta: dict[str, Any] | None = None,
 ) -> None:
-    """Final validation metrics, then the model artifact with its signature."""
+    """Final metrics named by split (`valid_auc`, `test_rmse`…), then the model artifact.
+
+    They are logged at the last step run, after the streamed per-step values of the same name,
+    so the latest value of `valid_auc` is the final model's."""
     import numpy as np
 
-    yv = p.y[p.is_valid]
-    final: dict[str, float] = {}
-    if p.objective == "binary":
-        final["auc"] = _auc(yv, pred)
-        prob = np.clip(pred, 1e-15, 1 - 1e-15)
-        final["logloss"] = float(-np.mean(yv * np.log(prob) + (1 - yv) * np.log(1 - prob)))
-        final["accuracy"] = float(np.mean((pred >= 0.5) == (yv == 1)))
-    else:
-        final["rmse"] = float(np.sqrt(np.mean((pred - yv) ** 2)))
-    final["n_train"] = float((~p.is_valid).sum())
-    final["n_valid"] = float(p.is_valid.sum())
+    final: dict[str, float] = {"n_train": float(len(p.train.y)), "n_valid": float(len(p.valid.y))}
+    for role, part in (("valid", p.valid), ("test", p.test)):
+        if part is None:
+            continue
+        for key, value in evaluate(p.objective, part.y, predict(part.x), p.classes).items():
+            final[f"{role}_{key}"] = value
+    if p.test is not None:
+        final["n_test"] = float(len(p.test.y))
+    if "valid_auc" in final:
+        final["auc"] = final["valid_auc"]  # the headline number the quickstart prints
     for key, value in final.items():
-        if np.isfinite(value):  # AUC is undefined when the validation split has one class
+        if np.isfinite(value):  # AUC is undefined when a split has one class
             emit({"type": "metric", "key": key, "value": value, "step": steps})
         else:
-            print(f"metric {key} is undefined on this validation split; not recorded")
+            print(f"metric {key} is undefined on this data; not recorded")
     stored = p.store.put_file(model_path)
     emit(
         {
@@ -276,8 +452,8 @@ def _report_model(
                 "objective": p.objective,
                 "labels": p.labels,
                 "signature": p.signature,
-                "target": p.target,
-                "dataset": p.dataset["ref"],
+                "target": p.label,
+                "dataset": p.inputs["train"]["ref"],
                 "metrics": {k: v for k, v in final.items() if np.isfinite(v)},
                 **(extra_meta or {}),
             },
@@ -287,43 +463,52 @@ def _report_model(
 
 
 def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
-    """The body of a train-lightgbm job: emits progress, metrics and the model artifact."""
+    """The body of a train-lightgbm job: early stopping on valid, evaluation on test."""
     import lightgbm as lgb
     import numpy as np
 
     params = dict(spec.params)
     rounds = int(params["num_boost_round"])
+    stop_after = int(params.pop("early_stopping_rounds", 0))
     p = _prepare(spec, emit, rounds)
-    for key in ("target", "features", "num_boost_round", "valid_fraction", "seed"):
-        params.pop(key)
-    metrics = ["auc", "binary_logloss"] if p.objective == "binary" else ["l2"]
+    for key in ("label", "features", "num_boost_round", "valid_fraction", "seed", "objective"):
+        params.pop(key, None)
+    metric = {
+        "binary": ["auc", "binary_logloss"],
+        "multiclass": ["multi_logloss", "multi_error"],
+        "regression": ["l2", "l1"],
+    }[p.objective]
     categorical = [i for i, s in enumerate(p.signature) if s["type"] == "category"]
     lgb_params = {
         "objective": p.objective,
-        "metric": metrics,
+        "metric": metric,
         "verbosity": -1,
         "seed": int(spec.params["seed"]),
         "num_threads": int(spec.resources.get("cpu", 1) or 1),
+        **({"num_class": p.classes} if p.objective == "multiclass" else {}),
         **params,
     }
     train_set = lgb.Dataset(
-        p.x[~p.is_valid],
-        p.y[~p.is_valid],
+        p.train.x,
+        p.train.y,
         categorical_feature=categorical,
         feature_name=p.features,
         free_raw_data=False,
     )
-    valid_set = lgb.Dataset(p.x[p.is_valid], p.y[p.is_valid], reference=train_set)
+    valid_set = lgb.Dataset(p.valid.x, p.valid.y, reference=train_set)
+
+    last_step = [0]
 
     def report(env: Any) -> None:
         step = env.iteration + 1
+        last_step[0] = step
         now = time.time()
-        for _, metric, value, _ in env.evaluation_result_list:
+        for _, name, value, _ in env.evaluation_result_list:
             if np.isfinite(value):
                 emit(
                     {
                         "type": "metric",
-                        "key": f"valid_{metric}",
+                        "key": f"valid_{name}",
                         "value": value,
                         "step": step,
                         "timestamp": now,
@@ -331,57 +516,55 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
                 )
         emit({"type": "progress", "current": step, "total": rounds, "message": "boosting"})
 
+    callbacks = [report]
+    if stop_after:
+        callbacks.append(lgb.early_stopping(stop_after, first_metric_only=True, verbose=False))
     booster = lgb.train(
         lgb_params,
         train_set,
         num_boost_round=rounds,
         valid_sets=[valid_set],
         valid_names=["valid"],
-        callbacks=[report],
+        callbacks=callbacks,
     )
+    best = booster.best_iteration or rounds
+    emit({"type": "param", "key": "best_iteration", "value": best})
+    gains = booster.feature_importance(importance_type="gain")
+    importance = {n: float(g) for n, g in zip(p.features, gains, strict=True)}
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "model.txt"
-        booster.save_model(str(model_path))
-        _report_model(p, booster.predict(p.x[p.is_valid]), model_path, "lightgbm", rounds, emit)
+        booster.save_model(str(model_path), num_iteration=best)
+        _report_model(
+            p,
+            lambda x: booster.predict(x, num_iteration=best),
+            model_path,
+            "lightgbm",
+            last_step[0],
+            emit,
+            {"feature_importance_gain": importance},
+        )
 
 
 def train_mlp(spec: JobSpec, emit: Emit) -> None:
     """The body of a train-mlp job: a tabular MLP on CUDA when there is one, else the CPU."""
+    import numpy as np
+
     from appliance.core.mlp import MlpConfig, fit, pick_device
 
     config = MlpConfig(**spec.params["mlp"])
     p = _prepare(spec, emit, config.epochs)
-    if p.objective == "regression" and p.labels == [] and len(set(p.y.tolist())) < 2:
-        raise ValueError(f"label {p.target!r} has a single value; nothing to learn")
     device = pick_device()
     print(f"training the MLP on {device}")
     levels = [len(s["categories"]) if s["type"] == "category" else 0 for s in p.signature]
+    epochs_run = [0]
 
     def on_epoch(report: Any) -> None:
-        emit(
-            {
-                "type": "metric",
-                "key": "train_loss",
-                "value": report.train_loss,
-                "step": report.epoch,
-            }
-        )
-        emit(
-            {
-                "type": "metric",
-                "key": "valid_loss",
-                "value": report.valid_loss,
-                "step": report.epoch,
-            }
-        )
-        emit(
-            {
-                "type": "metric",
-                "key": "epoch_seconds",
-                "value": report.seconds,
-                "step": report.epoch,
-            }
-        )
+        epochs_run[0] = report.epoch
+        for key in ("train_loss", "valid_loss", "seconds"):
+            name = "epoch_seconds" if key == "seconds" else key
+            emit(
+                {"type": "metric", "key": name, "value": getattr(report, key), "step": report.epoch}
+            )
         emit(
             {
                 "type": "progress",
@@ -392,28 +575,32 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
         )
 
     model = fit(
-        p.x[~p.is_valid],
-        p.y[~p.is_valid],
-        p.x[p.is_valid],
-        p.y[p.is_valid],
+        p.train.x,
+        p.train.y,
+        p.valid.x,
+        p.valid.y,
         levels,
         p.objective,
         config,
+        classes=p.classes,
         device=device,
         on_epoch=on_epoch,
     )
-    if model.imputed.get("train") or model.imputed.get("valid"):
-        print(f"imputed missing numeric values with the training mean: {model.imputed}")
+    imputed = dict(model.imputed)
+    if p.test is not None:
+        imputed["test"] = model.layout.transform(p.test.x)[2]
+    if any(imputed.values()):
+        print(f"imputed missing numeric values with the training mean: {imputed}")
     emit({"type": "tag", "key": "device", "value": device})
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "model.npz"
         model.save(model_path)
         _report_model(
             p,
-            model.predict(p.x[p.is_valid]),
+            lambda x: np.asarray(model.predict(x)),
             model_path,
             "mlp",
-            config.epochs,
+            epochs_run[0],
             emit,
-            {"imputed": model.imputed, "device": device},
+            {"imputed": imputed, "device": device},
         )

@@ -1,0 +1,125 @@
+"""`appliance train`: explicit splits, objectives, final metrics by split, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _write(tmp_path: Path, name: str, rows: list[str]) -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def splits(cli, tmp_path: Path) -> str:  # type: ignore[no-untyped-def]
+    """A 3-class problem with a numeric target too, split into train/valid/test."""
+    home = str(tmp_path / "h")
+    rng = np.random.default_rng(0)
+    rows = ["a,b,kind,cls,amount"]
+    for i in range(1500):
+        a, b = rng.normal(), rng.normal()
+        kind = "xyz"[i % 3]
+        cls = "low" if a < -0.4 else ("mid" if a < 0.4 else "high")
+        amount = 3 * a - b + (kind == "x") + rng.normal() * 0.1
+        rows.append(f"{a if i % 97 else ''},{b},{kind},{cls},{amount}")
+    source = _write(tmp_path, "d.csv", rows)
+    assert cli("data", "import", "d", str(source), "--home", home).code == 0
+    assert (
+        cli("data", "split", "d", "--fractions", "0.6,0.2,0.2", "--seed", "1", "--home", home).code
+        == 0
+    )
+    return home
+
+
+def _train(cli, home: str, *args: str):  # type: ignore[no-untyped-def]
+    result = cli(
+        "train",
+        "--train",
+        "d_train",
+        "--valid",
+        "d_valid",
+        "--test",
+        "d_test",
+        "--wait",
+        "--json",
+        "--home",
+        home,
+        *args,
+    )
+    assert result.code == 0, result.err
+    out = result.json()
+    assert set(out) >= {"run_id", "job_id"}
+    return cli("runs", "show", out["run_id"], "--json", "--home", home).json()
+
+
+def test_lightgbm_multiclass_with_test_metrics(cli, splits: str) -> None:  # type: ignore[no-untyped-def]
+    run = _train(
+        cli, splits, "--label", "cls", "--feature", "a", "--feature", "b", "--feature", "kind"
+    )
+    m = run["metrics"]
+    assert run["status"] == "finished"
+    assert m["test_accuracy"] > 0.9 and m["valid_accuracy"] > 0.9
+    assert {"test_logloss", "test_f1", "test_precision", "test_recall"} <= set(m)
+    meta = run["outputs"][0]["meta"]
+    assert meta["objective"] == "multiclass" and meta["labels"] == ["high", "low", "mid"]
+    assert max(meta["feature_importance_gain"], key=meta["feature_importance_gain"].get) == "a"
+
+
+def test_mlp_regression_from_a_config_file(cli, splits: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = _write(
+        tmp_path,
+        "train.yaml",
+        [
+            "trainer: mlp",
+            "label: amount",
+            "objective: regression",
+            "features: [a, b, kind]",
+            "params: {epochs: 40, hidden: [32, 16], lr: 0.01}",
+        ],
+    )
+    run = _train(cli, splits, "--config", str(config))
+    m = run["metrics"]
+    assert m["test_r2"] > 0.8 and m["test_rmse"] > 0 and "test_mae" in m
+    assert run["outputs"][0]["meta"]["imputed"]["train"] > 0  # blank 'a' values, imputed
+
+
+def test_bad_training_input(cli, splits: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = splits
+    missing = cli("train", "--train", "d_train", "--label", "nope", "--home", home)
+    assert missing.code == 2 and "'nope'" in missing.err
+    no_train = cli("train", "--label", "cls", "--home", home)
+    assert no_train.code == 2 and "--train" in no_train.err
+    bad_key = _write(tmp_path, "bad.yaml", ["trainer: mlp", "lables: cls"])
+    result = cli("train", "--config", str(bad_key), "--home", home)
+    assert result.code == 2 and "'lables'" in result.err
+    bad_param = cli(
+        "train",
+        "--trainer",
+        "mlp",
+        "--train",
+        "d_train",
+        "--label",
+        "cls",
+        "--param",
+        "dropout=2",
+        "--home",
+        home,
+    )
+    assert bad_param.code == 2 and "dropout" in bad_param.err
+    one_class = cli(
+        "train",
+        "--train",
+        "d_train",
+        "--label",
+        "kind",
+        "--objective",
+        "binary",
+        "--wait",
+        "--home",
+        home,
+    )
+    assert one_class.code == 1 and "binary objective needs exactly 2" in one_class.err
