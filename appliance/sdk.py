@@ -79,7 +79,9 @@ def save_model(
     model: Any,
     flavor: str,
     signature: list[dict[str, Any]],
-    objective: str = "binary",
+    objective: str | None = None,
+    labels: list[Any] | None = None,
+    target: str | None = None,
     metrics: dict[str, float] | None = None,
 ) -> str:
     """Save a model in a pickle-free format as the run's 'model', ready to register and serve.
@@ -87,9 +89,39 @@ def save_model(
     flavor 'lightgbm': a lightgbm.Booster (saved as its text format).
     flavor 'mlp': an appliance.core.mlp.MlpModel (weights and preprocessing as .npz).
     signature: [{"name": ..., "type": "double"} or {"name", "type": "category", "categories"}].
+    objective: binary, multiclass or regression (read from a Booster when not given).
+    labels: the classes in the order the model's outputs use (binary: [negative, positive]).
     """
     if flavor not in _FLAVORS:
         raise ValueError(f"flavor {flavor!r}: expected one of {_FLAVORS} (pickle is not offered)")
+    if (
+        not isinstance(signature, list)
+        or not signature
+        or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and (
+                f.get("type") == "double"
+                or (f.get("type") == "category" and isinstance(f.get("categories"), list))
+            )
+            for f in signature
+        )
+    ):
+        raise ValueError(
+            "signature: a list of {name, type: double} or {name, type: category, categories: [...]}"
+        )
+    if objective is None:
+        objective = getattr(model, "objective", None)
+        if flavor == "lightgbm":
+            objective = str(getattr(model, "params", {}).get("objective", "binary"))
+        objective = objective or "binary"
+    objective = {"regression_l2": "regression", "multiclassova": "multiclass"}.get(
+        objective, objective
+    )
+    if objective not in ("binary", "multiclass", "regression"):
+        raise ValueError(f"objective {objective!r}: expected binary, multiclass or regression")
+    if labels is None:
+        labels = [0, 1] if objective == "binary" else []
     with tempfile.TemporaryDirectory() as tmp:
         if flavor == "lightgbm":
             path = Path(tmp) / "model.txt"
@@ -101,7 +133,8 @@ def save_model(
             "flavor": flavor,
             "signature": signature,
             "objective": objective,
-            "labels": [0, 1] if objective == "binary" else [],
+            "labels": labels,
+            "target": target,
             "metrics": metrics or {},
         }
         dataset = os.environ.get("APPLIANCE_LAST_INPUT")
@@ -111,20 +144,20 @@ def save_model(
 
 
 def input_dataset(ref: str) -> Path:
-    """A dataset version's Parquet file (verified), recorded as an input of this run."""
+    """A dataset version's Parquet file (verified), recorded as an input of this run.
+
+    The version must be declared when the job is submitted (`appliance run --input REF`): the
+    job process reads the object store but never the metadata database, so it runs the same
+    on every executor.
+    """
     spec = json.loads(os.environ.get("APPLIANCE_JOB_SPEC", "{}"))
     declared = (spec.get("inputs") or {}).get("datasets", {})
     found = declared.get(ref)
-    if found is None:  # not declared at submit: resolve it read-only in the local store
-        from appliance.core.context import Appliance
-        from appliance.core.datasets import get_dataset_version
-
-        app = Appliance.open(os.environ.get("APPLIANCE_HOME"))
-        try:
-            version = get_dataset_version(app, ref)
-        finally:
-            app.close()
-        found = {"ref": version["ref"], "sha256": version["sha256"]}
+    if found is None:
+        raise LookupError(
+            f"dataset {ref!r} was not declared for this run; submit it with "
+            f"`appliance run --input {ref} ...` (declared: {sorted(declared) or 'none'})"
+        )
     _emit({"type": "input", "ref": found["ref"]})
     os.environ["APPLIANCE_LAST_INPUT"] = found["ref"]
     return _store().get_file(found["sha256"])

@@ -34,9 +34,17 @@ def test_show_commands_as_json(cli, trained_home: Path) -> None:  # type: ignore
     job = cli("jobs", "show", run["job_id"], "--home", home, "--json").json()
     assert job["state"] == "succeeded"
     history = cli("runs", "metrics", run["id"], "valid_auc", "--home", home, "--json").json()
-    steps = [h["step"] for h in history]  # one point per round until early stopping, then final
-    assert steps[:-1] == list(range(1, len(steps))) and steps[-1] == steps[-2]
-    assert run["params"]["best_iteration"] < len(steps) <= 201
+    # One point per round until early stopping, then the kept round's value restated and the
+    # final evaluation, both at the best iteration: the latest value is the saved model's.
+    best = run["params"]["best_iteration"]
+    steps = [h["step"] for h in history]
+    rounds = len(steps) - 2
+    assert steps[:rounds] == list(range(1, rounds + 1)) and steps[rounds:] == [best, best]
+    assert best < rounds <= 200
+    loss = cli("runs", "metrics", run["id"], "valid_binary_logloss", "--home", home, "--json")
+    loss_history = loss.json()
+    assert loss_history[-1]["value"] == loss_history[best - 1]["value"]
+    assert run["metrics"]["valid_binary_logloss"] == loss_history[best - 1]["value"]
     dep = cli("deployments", "show", "churn", "--home", home, "--json").json()
     assert [r["action"] for r in dep["revisions"]][:3] == ["deploy", "deploy", "rollback"]
     doctor = cli("doctor", "--home", home, "--json").json()

@@ -151,3 +151,13 @@ def test_mlp_job_end_to_end(cli, tmp_path: Path) -> None:  # type: ignore[no-unt
     )
     assert preds[0] > preds[1]
     app.close()
+
+
+def test_missing_and_unseen_levels_share_a_zero_embedding() -> None:
+    model = _fit()
+    assert not model.weights["embeddings.0.weight"][0].any()  # padding row stays zero
+    x, _ = _data(2, seed=7)
+    x[0, 3], x[1, 3] = np.nan, 42  # missing, unseen
+    x[1, :3] = x[0, :3]
+    preds = model.predict(x)
+    assert preds[0] == preds[1]

@@ -43,7 +43,18 @@ def test_script_is_tracked_like_a_built_in(cli, tmp_path: Path) -> None:  # type
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     result = cli(
-        "run", str(script), "--experiment", "mine", "--wait", "--json", "--home", home, "--", "0.3"
+        "run",
+        str(script),
+        "--input",
+        "points@1",
+        "--experiment",
+        "mine",
+        "--wait",
+        "--json",
+        "--home",
+        home,
+        "--",
+        "0.3",
     )
     assert result.code == 0, result.err
     run = cli("runs", "show", result.json()["run_id"], "--json", "--home", home).json()
@@ -81,3 +92,12 @@ def test_missing_script_and_input(cli, tmp_path: Path) -> None:  # type: ignore[
     script.write_text("print('hi')\n")
     result = cli("run", str(script), "--input", "ghost@1", "--home", home)
     assert result.code == 3 and "ghost@1" in result.err
+
+
+def test_an_undeclared_input_is_refused_inside_the_job(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = str(tmp_path / "h")
+    _points(cli, home, tmp_path)
+    script = tmp_path / "reads.py"
+    script.write_text("from appliance import sdk\nsdk.input_dataset('points@1')\n")
+    result = cli("run", str(script), "--wait", "--json", "--home", home)
+    assert result.code == 1 and "--input points@1" in result.json()["error"]

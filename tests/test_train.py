@@ -123,3 +123,85 @@ def test_bad_training_input(cli, splits: str, tmp_path: Path) -> None:  # type: 
         home,
     )
     assert one_class.code == 1 and "binary objective needs exactly 2" in one_class.err
+
+
+def test_evaluate_against_hand_computed_values() -> None:
+    from appliance.core.training import evaluate
+
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.6, 0.4, 0.8, 0.9])
+    m = evaluate("binary", y, p)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["auc"] == pytest.approx(5 / 6)
+    # Macro averages skip classes that occur in neither the truth nor the predictions.
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
+    multi = evaluate("multiclass", np.array([0, 1]), probs, classes=3)
+    assert multi["accuracy"] == 1.0 and multi["f1"] == 1.0
+    reg = evaluate("regression", np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
+    assert reg["r2"] == pytest.approx(0.5) and reg["mae"] == pytest.approx(1 / 3)
+
+
+def test_multiclass_model_serves_class_probabilities(cli, splits: str) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import urllib.request
+
+    run = _train(cli, splits, "--label", "cls", "--feature", "a", "--feature", "kind")
+    assert cli("models", "register", "tri", "--run", run["id"], "--home", splits).code == 0
+    dep = cli("deployments", "create", "tri", "--model", "tri@1", "--json", "--home", splits)
+    url = dep.json()["url"]
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/tri", timeout=10) as response:
+            meta = json.loads(response.read())
+        assert meta["outputs"][0]["shape"] == [-1, 3]
+        assert json.loads(meta["parameters"]["labels"]) == ["high", "low", "mid"]
+        body = {
+            "inputs": [
+                {"name": "a", "shape": [2], "datatype": "FP64", "data": [2.0, -2.0]},
+                {"name": "kind", "shape": [2], "datatype": "BYTES", "data": ["x", "y"]},
+            ]
+        }
+        request = urllib.request.Request(
+            f"{url}/v2/models/tri/infer",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            out = json.loads(response.read())["outputs"][0]
+        assert out["shape"] == [2, 3] and len(out["data"]) == 6
+        first, second = out["data"][:3], out["data"][3:]
+        assert first.index(max(first)) == 0 and second.index(max(second)) == 1  # high, low
+    finally:
+        cli("deployments", "stop", "tri", "--home", splits)
+
+
+def test_parameter_mistakes_are_named(cli, splits: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    base = ["train", "--train", "d_train", "--label", "cls", "--home", splits]
+    for params, needle in [
+        (["--param", "num_leavs=3"], "'num_leavs'"),
+        (["--param", "learning_rate=abc"], "learning_rate"),
+        (["--trainer", "mlp", "--param", "epochs=2.5"], "epochs"),
+        (["--trainer", "mlp", "--param", "lr=nan"], "lr"),
+        (["--trainer", "mlp", "--param", "hidden=64,32"], "hidden"),
+    ]:
+        result = cli(*base, *params)
+        assert result.code == 2 and needle in result.err, (params, result.err)
+    config = _write(tmp_path, "c.yaml", ["cpus: abc"])
+    result = cli(*base, "--config", str(config))
+    assert result.code == 2 and "'cpus'" in result.err
+
+
+def test_run_delete_leaves_nothing_behind(cli, splits: str) -> None:  # type: ignore[no-untyped-def]
+    from appliance.core.context import Appliance
+
+    run = _train(cli, splits, "--label", "cls", "--feature", "a", "--param", "num_boost_round=5")
+    assert cli("runs", "delete", run["id"], "--home", splits).code == 0
+    app = Appliance.open(splits)
+    assert app.db.scalar("SELECT count(*) FROM jobs WHERE id = ?", (run["job_id"],)) == 0
+    assert (
+        app.db.scalar(
+            "SELECT count(*) FROM lineage_executions WHERE ref = ?", (f"run:{run['id']}",)
+        )
+        == 0
+    )
+    app.close()

@@ -597,7 +597,7 @@ def _report_job(app: Any, job: dict[str, Any], as_json: bool, wait: bool) -> Non
 @click.option("--dataset", required=True, help="Dataset NAME or NAME@VERSION.")
 @click.option("--label", "--target", "target", required=True, help="Column to predict.")
 @click.option("--feature", "features", multiple=True, help="Feature column (default: all others).")
-@click.option("--param", "params", multiple=True, help="LightGBM parameter KEY=VALUE.")
+@click.option("--param", "params", multiple=True, help="Trainer parameter KEY=VALUE.")
 @click.option(
     "--trainer",
     type=click.Choice(["lightgbm", "mlp"]),

@@ -8,6 +8,8 @@ the metadata store, so job code never touches SQLite and runs unchanged in a k3s
     {"type": "metric", "key": "valid_auc", "value": 0.91, "step": 10}
     {"type": "param", "key": "num_leaves", "value": 31}
     {"type": "tag", "key": "engine", "value": "lightgbm"}
+    {"type": "input", "ref": "churn@2"}           (a dataset version the job read: lineage)
+    {"type": "status", "message": "waiting for data"}
     {"type": "artifact", "name": "model", "sha256": "…", "size": 1234, "uri": "…",
      "media_type": "text/plain", "meta": {…}}
 """
@@ -133,6 +135,7 @@ def submit_job(
     experiment: str = "default",
     run_name: str | None = None,
     inputs: list[Node] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Record a job and its run, then start it on the configured executor."""
     spec.validate()
@@ -154,6 +157,8 @@ def submit_job(
             inputs or [],
             execution_type=EXECUTION_TYPES[spec.kind],
         )
+        if tags:
+            set_tags(conn, run_id, tags)
     try:
         pid = executor.start(app, job_id)
     except OSError as exc:
@@ -581,23 +586,22 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def git_commit(path: Path) -> str | None:
-    """The commit a script's checkout is at ('+dirty' when it has changes), if it is in git."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
+def git_commit(script: Path) -> str | None:
+    """The commit a script is at: '+dirty' when it or tracked files changed, 'untracked' when
+    git does not track the script itself; None outside a git checkout."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(script.parent), *args], capture_output=True, text=True, timeout=10
         )
+
+    try:
+        head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        if git("ls-files", "--error-unmatch", script.name).returncode != 0:
+            return f"{head.stdout.strip()}+untracked"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -627,18 +631,16 @@ def submit_script(
         inputs={"datasets": declared},
         workdir=str(path.resolve().parent),
     )
-    job = submit_job(
+    tags = environment_tags()
+    commit = git_commit(path.resolve())
+    if commit:
+        tags["git.commit"] = commit
+    tags["script"] = str(path.resolve())
+    return submit_job(
         app,
         spec,
         experiment=experiment,
         run_name=name or path.name,
         inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in declared.values()],
+        tags=tags,
     )
-    tags = environment_tags()
-    commit = git_commit(path.resolve().parent)
-    if commit:
-        tags["git.commit"] = commit
-    tags["script"] = str(path.resolve())
-    with app.db.transaction() as conn:
-        set_tags(conn, job["run_id"], tags)
-    return job

@@ -35,19 +35,50 @@ class MlpConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> MlpConfig:
-        known = {f for f in cls.__dataclass_fields__}
+        """Checked construction: every error names the parameter."""
+        import math
+
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown MLP parameter(s) {unknown}; known: {sorted(known)}")
-        config = cls(**params)
-        if isinstance(config.hidden, int):
-            config.hidden = [config.hidden]
-        if not config.hidden or any(int(h) < 1 for h in config.hidden):
-            raise ValueError("hidden: layer widths must be positive integers")
+        values = dict(params)
+        hidden = values.get("hidden", [64, 32])
+        if isinstance(hidden, str):  # 64x32
+            try:
+                hidden = [int(w) for w in hidden.split("x")]
+            except ValueError:
+                raise ValueError(f"hidden {hidden!r}: widths like 64x32") from None
+        if isinstance(hidden, int) and not isinstance(hidden, bool):
+            hidden = [hidden]
+        if (
+            not isinstance(hidden, list)
+            or not hidden
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
+        ):
+            raise ValueError(f"hidden {hidden!r}: positive integer widths, like 64x32")
+        values["hidden"] = hidden
+        for key, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("seed", 0)):
+            value = values.get(key)
+            if key in values and (
+                not isinstance(value, int) or isinstance(value, bool) or value < low
+            ):
+                raise ValueError(f"{key} {value!r}: an integer of at least {low}")
+        for key in ("lr", "weight_decay", "dropout"):
+            value = values.get(key)
+            if key in values and (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{key} {value!r}: a finite number")
+        config = cls(**values)
+        if config.lr <= 0:
+            raise ValueError(f"lr {config.lr!r}: must be positive")
+        if config.weight_decay < 0:
+            raise ValueError(f"weight_decay {config.weight_decay!r}: must not be negative")
         if not 0 <= config.dropout < 1:
-            raise ValueError("dropout must be in [0, 1)")
-        if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
-            raise ValueError("epochs, batch_size and lr must be positive")
+            raise ValueError(f"dropout {config.dropout!r}: must be in [0, 1)")
         return config
 
 
@@ -109,8 +140,9 @@ def _build(layout: Layout, config: MlpConfig, outputs: int) -> Any:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            # Index 0 (missing or unseen level) is a fixed zero vector, not random noise.
             self.embeddings = nn.ModuleList(
-                nn.Embedding(n + 1, _embedding_dim(n)) for n in layout.levels if n
+                nn.Embedding(n + 1, _embedding_dim(n), padding_idx=0) for n in layout.levels if n
             )
             width = sum(1 for n in layout.levels if not n) + sum(
                 _embedding_dim(n) for n in layout.levels if n
@@ -160,14 +192,46 @@ def fit(
 ) -> MlpModel:
     """Train with early stopping on the validation loss; returns the best epoch's model."""
     import torch
-    from torch import nn
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: expected one of {OBJECTIVES}")
     device = pick_device(device)
     torch.manual_seed(config.seed)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device == "cpu":
         torch.use_deterministic_algorithms(True)
+    try:
+        return _fit(
+            x_train,
+            y_train,
+            x_valid,
+            y_valid,
+            levels,
+            objective,
+            config,
+            classes,
+            device,
+            on_epoch,
+        )
+    finally:  # the setting is process-wide: give the caller back what it had
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _fit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_valid: np.ndarray,
+    y_valid: np.ndarray,
+    levels: list[int],
+    objective: str,
+    config: MlpConfig,
+    classes: int,
+    device: str,
+    on_epoch: Callable[[EpochReport], None],
+) -> MlpModel:
+    import torch
+    from torch import nn
+
     layout = Layout.fit(x_train, levels)
     y_mean = float(y_train.mean()) if objective == "regression" else 0.0
     y_std = float(y_train.std() or 1.0) if objective == "regression" else 1.0
@@ -195,7 +259,7 @@ def fit(
     }[objective]
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    best, best_state, stale = float("inf"), None, 0
+    best, best_state, stale, best_epoch = float("inf"), None, 0, 0
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         net.train()
@@ -215,13 +279,17 @@ def fit(
             torch.cuda.synchronize()
         on_epoch(EpochReport(epoch, total / len(ty), valid_loss, time.perf_counter() - started))
         if valid_loss < best - 1e-6:
-            best, stale = valid_loss, 0
+            best, stale, best_epoch = valid_loss, 0, epoch
             best_state = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
         else:
             stale += 1
             if stale >= config.patience:
                 break
-    assert best_state is not None
+    if best_state is None:
+        raise ValueError(
+            "the validation loss was never finite: the training diverged (try a lower lr) "
+            f"or the validation split is empty ({len(y_valid)} rows)"
+        )
     return MlpModel(
         layout=layout,
         config=config,
@@ -232,6 +300,7 @@ def fit(
         y_std=y_std,
         imputed={"train": imputed_train, "valid": imputed_valid},
         device=device,
+        best_epoch=best_epoch,
     )
 
 
@@ -248,6 +317,7 @@ class MlpModel:
     y_std: float = 1.0
     imputed: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
+    best_epoch: int = 0
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Probabilities (binary: P(class 1); multiclass: one row per class) or values."""
@@ -280,6 +350,7 @@ class MlpModel:
             "y_std": self.y_std,
             "imputed": self.imputed,
             "device": self.device,
+            "best_epoch": self.best_epoch,
         }
         arrays = {f"w:{k}": v for k, v in self.weights.items()}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
@@ -304,4 +375,5 @@ class MlpModel:
             y_std=header["y_std"],
             imputed=header["imputed"],
             device=header["device"],
+            best_epoch=header.get("best_epoch", 0),
         )

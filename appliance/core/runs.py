@@ -7,6 +7,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
@@ -270,8 +271,19 @@ def delete_run(app: Appliance, run_id: str) -> dict[str, Any]:
     if used:
         refs = ", ".join(f"{u['name']}@{u['version']}" for u in used)
         raise Conflict(f"run {run['id']} produced registered model version(s) {refs}")
+    log_path = app.db.scalar("SELECT log_path FROM jobs WHERE id = ?", (run["job_id"],))
     with app.db.transaction() as conn:
         for table in ("run_metrics", "run_params", "run_tags", "run_outputs"):
             conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run["id"],))
         conn.execute("DELETE FROM runs WHERE id = ?", (run["id"],))
-    return {"deleted": run["id"]}
+        conn.execute("DELETE FROM jobs WHERE id = ?", (run["job_id"],))
+        execution = conn.execute(
+            "SELECT id FROM lineage_executions WHERE ref = ?", (f"run:{run['id']}",)
+        ).fetchone()
+        if execution is not None:
+            for table in ("lineage_events", "lineage_associations"):
+                conn.execute(f"DELETE FROM {table} WHERE execution_id = ?", (execution[0],))
+            conn.execute("DELETE FROM lineage_executions WHERE id = ?", (execution[0],))
+    if log_path:
+        Path(log_path).unlink(missing_ok=True)
+    return {"deleted": run["id"], "job": run["job_id"]}

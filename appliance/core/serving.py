@@ -64,6 +64,7 @@ class ModelRuntime:
         signature = version["signature"]
         self.features: list[dict[str, Any]] = signature["signature"]
         self.objective = signature.get("objective", "binary")
+        self.labels = list(signature.get("labels") or [])
         self.feature_names = [f["name"] for f in self.features]
         self._categories = {
             f["name"]: {c: i for i, c in enumerate(f["categories"])}
@@ -95,7 +96,15 @@ class ModelRuntime:
                 }
                 for f in self.features
             ],
-            "outputs": [{"name": PREDICT_OUTPUT, "datatype": "FP64", "shape": [-1]}],
+            "outputs": [
+                {
+                    "name": PREDICT_OUTPUT,
+                    "datatype": "FP64",
+                    # multiclass: one probability per class, in the order of `labels`
+                    "shape": [-1, len(self.labels)] if self.objective == "multiclass" else [-1],
+                }
+            ],
+            "parameters": {"objective": self.objective, "labels": json.dumps(self.labels)},
         }
 
     def _column(self, name: str, values: list[Any]) -> list[float]:
@@ -415,20 +424,19 @@ class _Handler(BaseHTTPRequestHandler):
                 body = self._read_json()
                 columns, outputs = parse_v2_request(body, runtime)
                 predictions = runtime.predict(columns)
+                shape, flat = [len(predictions)], predictions
+                if predictions and isinstance(predictions[0], list):  # [N, classes], row-major
+                    shape = [len(predictions), len(predictions[0])]
+                    flat = [p for row in predictions for p in row]
                 response: dict[str, Any] = {
                     "model_name": runtime.model,
                     "model_version": str(runtime.version),
                     "outputs": [
                         {
                             "name": out,
-                            "shape": [len(predictions)]
-                            + (
-                                [len(predictions[0])]
-                                if predictions and isinstance(predictions[0], list)
-                                else []
-                            ),
+                            "shape": shape,
                             "datatype": "FP64",
-                            "data": predictions,
+                            "data": flat,
                         }
                         for out in outputs
                     ],

@@ -20,7 +20,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.datasets import get_dataset_version
 from appliance.core.duck import is_numeric
-from appliance.core.jobs import JobSpec, submit_job
+from appliance.core.jobs import JobSpec, environment_tags, submit_job
 from appliance.errors import InvalidInput
 
 Emit = Callable[[dict[str, Any]], None]
@@ -89,7 +89,35 @@ def load_train_config(path: str | Path) -> dict[str, Any]:
         raise InvalidInput(f"{path}: unknown key {unknown[0]!r}; known: {sorted(CONFIG_KEYS)}")
     if "params" in data and not isinstance(data["params"], dict):
         raise InvalidInput(f"{path}: 'params' must be a mapping")
+    for key in ("trainer", "train", "valid", "test", "label", "objective", "experiment", "name"):
+        if key in data and not isinstance(data[key], str):
+            raise InvalidInput(f"{path}: {key!r} must be a string")
+    if "features" in data and not (
+        isinstance(data["features"], list) and all(isinstance(f, str) for f in data["features"])
+    ):
+        raise InvalidInput(f"{path}: 'features' must be a list of column names")
+    if "cpus" in data and not (
+        isinstance(data["cpus"], int) and not isinstance(data["cpus"], bool) and data["cpus"] >= 1
+    ):
+        raise InvalidInput(f"{path}: 'cpus' must be a positive integer")
     return data
+
+
+def _check_lightgbm_params(params: dict[str, Any]) -> None:
+    """Refuse names LightGBM does not know (it would ignore a typo silently)."""
+    from lightgbm.basic import _ConfigAliases
+
+    known = set(DEFAULT_PARAMS)
+    for name, aliases in _ConfigAliases._get_all_param_aliases().items():
+        known.add(name)
+        known.update(aliases)
+    for key, value in params.items():
+        if key not in known:
+            raise InvalidInput(f"param {key!r}: not a LightGBM parameter")
+        if key in ("objective", "num_class"):
+            raise InvalidInput(f"param {key!r}: set the objective with --objective")
+        if isinstance(value, str) and key in DEFAULT_PARAMS:
+            raise InvalidInput(f"param {key}: expected a number, got {value!r}")
 
 
 def _input(version: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +169,7 @@ def submit_training(
     given = dict(params or {})
     common = {**COMMON_DEFAULTS, **{k: given.pop(k) for k in COMMON_DEFAULTS if k in given}}
     if trainer == "lightgbm":
+        _check_lightgbm_params(given)
         merged = {**DEFAULT_PARAMS, **given}  # other keys pass through to LightGBM as they are
         for key in ("num_boost_round", "early_stopping_rounds"):
             if not isinstance(merged[key], int) or merged[key] < 0:
@@ -150,8 +179,6 @@ def submit_training(
     else:
         from appliance.core.mlp import MlpConfig
 
-        if "hidden" in given and isinstance(given["hidden"], str):
-            given["hidden"] = [int(w) for w in given["hidden"].split("x")]  # 64x32
         given.setdefault("seed", common["seed"])
         try:
             merged = {"mlp": asdict(MlpConfig.from_params(given))}
@@ -169,6 +196,7 @@ def submit_training(
     return submit_job(
         app,
         spec,
+        tags=environment_tags(),
         experiment=experiment,
         run_name=name or f"{trainer}-{train['name']}",
         inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in inputs.values()],
@@ -284,7 +312,8 @@ def evaluate(objective: str, y: Any, pred: Any, classes: int = 2) -> dict[str, f
     if objective == "binary":
         metrics["auc"] = _auc(truth, pred)
     f1s, precisions, recalls = [], [], []
-    for cls in [1] if objective == "binary" else range(classes):
+    present = [1] if objective == "binary" else np.union1d(truth, hard).tolist()
+    for cls in present:  # macro averages over the classes that occur, as scikit-learn does
         tp = float(((hard == cls) & (truth == cls)).sum())
         fp = float(((hard == cls) & (truth != cls)).sum())
         fn = float(((hard != cls) & (truth == cls)).sum())
@@ -372,8 +401,22 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
         if not known.all():
             print(f"{role}: dropped {int((~known).sum())} rows whose label {label!r} is missing")
             loaded[role] = {k: v[known] for k, v in data.items()}
+    if "valid" not in loaded:  # hold out validation rows before anything is fitted
+        rows = len(loaded["train"][label])
+        rng = np.random.default_rng(int(params["seed"]))
+        is_valid = rng.random(rows) < float(params["valid_fraction"])
+        if not 0 < int(is_valid.sum()) < rows:
+            raise ValueError(
+                f"valid_fraction={params['valid_fraction']} leaves an empty training or "
+                f"validation split of {rows} rows"
+            )
+        whole = loaded["train"]
+        loaded["valid"] = {k: v[is_valid] for k, v in whole.items()}
+        loaded["train"] = {k: v[~is_valid] for k, v in whole.items()}
     train_raw = np.asarray(np.ma.getdata(loaded["train"][label]))
     objective, labels = _labels(params.get("objective"), label, train_raw)
+    print(f"objective: {objective}" + (f", classes {labels}" if labels else ""))
+    # Categorical levels come from the training rows alone: no vocabulary leaks from valid/test.
     signature = fit_signature(spec.inputs["train"]["schema"], features, loaded["train"])
 
     def split(data: dict[str, Any]) -> Split:
@@ -389,19 +432,7 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
             y = np.array([index[k] for k in keys], dtype=np.float64)
         return Split(encode(signature, data), y)
 
-    train = split(loaded["train"])
-    if "valid" in loaded:
-        valid = split(loaded["valid"])
-    else:
-        rng = np.random.default_rng(int(params["seed"]))
-        is_valid = rng.random(len(train.y)) < float(params["valid_fraction"])
-        if not 0 < int(is_valid.sum()) < len(train.y):
-            raise ValueError(
-                f"valid_fraction={params['valid_fraction']} leaves an empty training or "
-                f"validation split of {len(train.y)} rows"
-            )
-        valid = Split(train.x[is_valid], train.y[is_valid])
-        train = Split(train.x[~is_valid], train.y[~is_valid])
+    train, valid = split(loaded["train"]), split(loaded["valid"])
     test = split(loaded["test"]) if "test" in loaded else None
     return Prepared(
         store, signature, objective, labels, train, valid, test, spec.inputs, label, features
@@ -419,8 +450,8 @@ def _report_model(
 ) -> None:
     """Final metrics named by split (`valid_auc`, `test_rmse`…), then the model artifact.
 
-    They are logged at the last step run, after the streamed per-step values of the same name,
-    so the latest value of `valid_auc` is the final model's."""
+    They are logged at the kept step (best iteration or epoch), after the streamed values, so
+    the latest value of each name is the saved model's."""
     import numpy as np
 
     final: dict[str, float] = {"n_train": float(len(p.train.y)), "n_valid": float(len(p.valid.y))}
@@ -462,6 +493,16 @@ def _report_model(
     emit({"type": "progress", "current": steps, "total": steps, "message": "done"})
 
 
+def _restate(streamed: dict[str, dict[int, float]], best: int, emit: Emit) -> None:
+    """Log each streamed metric's value at the kept step once more, last: its latest value
+    (what runs show, list and compare read) is then the saved model's, not the last step's."""
+    import numpy as np
+
+    for key, values in streamed.items():
+        if best in values and np.isfinite(values[best]):
+            emit({"type": "metric", "key": key, "value": values[best], "step": best})
+
+
 def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
     """The body of a train-lightgbm job: early stopping on valid, evaluation on test."""
     import lightgbm as lgb
@@ -474,7 +515,8 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
     for key in ("label", "features", "num_boost_round", "valid_fraction", "seed", "objective"):
         params.pop(key, None)
     metric = {
-        "binary": ["auc", "binary_logloss"],
+        # The first metric drives early stopping: log loss, steadier than AUC on small splits.
+        "binary": ["binary_logloss", "auc"],
         "multiclass": ["multi_logloss", "multi_error"],
         "regression": ["l2", "l1"],
     }[p.objective]
@@ -497,13 +539,13 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
     )
     valid_set = lgb.Dataset(p.valid.x, p.valid.y, reference=train_set)
 
-    last_step = [0]
+    streamed: dict[str, dict[int, float]] = {}
 
     def report(env: Any) -> None:
         step = env.iteration + 1
-        last_step[0] = step
         now = time.time()
         for _, name, value, _ in env.evaluation_result_list:
+            streamed.setdefault(f"valid_{name}", {})[step] = value
             if np.isfinite(value):
                 emit(
                     {
@@ -527,8 +569,9 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
         valid_names=["valid"],
         callbacks=callbacks,
     )
-    best = booster.best_iteration or rounds
+    best = booster.best_iteration or booster.current_iteration()
     emit({"type": "param", "key": "best_iteration", "value": best})
+    _restate(streamed, best, emit)
     gains = booster.feature_importance(importance_type="gain")
     importance = {n: float(g) for n, g in zip(p.features, gains, strict=True)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -539,7 +582,7 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
             lambda x: booster.predict(x, num_iteration=best),
             model_path,
             "lightgbm",
-            last_step[0],
+            best,
             emit,
             {"feature_importance_gain": importance},
         )
@@ -548,6 +591,7 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
 def train_mlp(spec: JobSpec, emit: Emit) -> None:
     """The body of a train-mlp job: a tabular MLP on CUDA when there is one, else the CPU."""
     import numpy as np
+    import torch
 
     from appliance.core.mlp import MlpConfig, fit, pick_device
 
@@ -556,10 +600,12 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
     device = pick_device()
     print(f"training the MLP on {device}")
     levels = [len(s["categories"]) if s["type"] == "category" else 0 for s in p.signature]
-    epochs_run = [0]
+    streamed: dict[str, dict[int, float]] = {}
+    torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1) or 1)))
 
     def on_epoch(report: Any) -> None:
-        epochs_run[0] = report.epoch
+        for key in ("train_loss", "valid_loss"):
+            streamed.setdefault(key, {})[report.epoch] = getattr(report, key)
         for key in ("train_loss", "valid_loss", "seconds"):
             name = "epoch_seconds" if key == "seconds" else key
             emit(
@@ -586,6 +632,8 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
         device=device,
         on_epoch=on_epoch,
     )
+    emit({"type": "param", "key": "best_epoch", "value": model.best_epoch})
+    _restate(streamed, model.best_epoch, emit)
     imputed = dict(model.imputed)
     if p.test is not None:
         imputed["test"] = model.layout.transform(p.test.x)[2]
@@ -600,7 +648,7 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
             lambda x: np.asarray(model.predict(x)),
             model_path,
             "mlp",
-            epochs_run[0],
+            model.best_epoch,
             emit,
             {"imputed": imputed, "device": device},
         )
