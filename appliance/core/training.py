@@ -105,12 +105,13 @@ def load_train_config(path: str | Path) -> dict[str, Any]:
 
 def _check_lightgbm_params(params: dict[str, Any]) -> None:
     """Refuse names LightGBM does not know (it would ignore a typo silently)."""
-    from lightgbm.basic import _ConfigAliases
-
     known = set(DEFAULT_PARAMS)
-    for name, aliases in _ConfigAliases._get_all_param_aliases().items():
-        known.add(name)
-        known.update(aliases)
+    if set(params) - known:  # only then pay for importing lightgbm in the submitting process
+        from lightgbm.basic import _ConfigAliases
+
+        for name, aliases in _ConfigAliases._get_all_param_aliases().items():
+            known.add(name)
+            known.update(aliases)
     for key, value in params.items():
         if key not in known:
             raise InvalidInput(f"param {key!r}: not a LightGBM parameter")
