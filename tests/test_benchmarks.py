@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("quickstart_phases.py", ["--requests", "20"], "http / Booster.predict"),
         ("data_import_profile.py", ["--rows", "20000"], "speed-up vs pandas"),
+        (
+            "training_overhead.py",
+            ["--rows", "5000", "--starts", "2", "--points", "2000"],
+            "job start latency",
+        ),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:

@@ -6,15 +6,14 @@ Never edit an applied migration: add a new one below it.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
-migrations = Migrations("appliance")
+SET_NAME = "appliance"
+TABLE = "_sqlite_migrations"
 
 
-@migrations()
-def m001_initial(db: sqlite_utils.Database) -> None:
+def m001_initial(db: Any) -> None:
     _run_script(
         db,
         """
@@ -199,8 +198,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-@migrations()
-def m002_data_stage(db: sqlite_utils.Database) -> None:
+def m002_data_stage(db: Any) -> None:
     _run_script(
         db,
         """
@@ -231,8 +229,7 @@ def m002_data_stage(db: sqlite_utils.Database) -> None:
     )
 
 
-@migrations()
-def m003_version_counter(db: sqlite_utils.Database) -> None:
+def m003_version_counter(db: Any) -> None:
     # Version numbers are never reused, even after `data rm`: a ref always means one content.
     _run_script(
         db,
@@ -244,23 +241,49 @@ def m003_version_counter(db: sqlite_utils.Database) -> None:
     )
 
 
-def _run_script(db: sqlite_utils.Database, script: str) -> None:
+def _run_script(db: Any, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
         if statement.strip():
             db.conn.execute(statement)
 
 
+STEPS: list[Callable[[Any], None]] = [m001_initial, m002_data_stage, m003_version_counter]
+
+
+def applied_names(conn: sqlite3.Connection) -> list[str]:
+    """Names of the applied migrations, oldest first (a plain query: no sqlite-utils import)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+    ).fetchone()
+    if not exists:
+        return []
+    rows = conn.execute(
+        f"SELECT name FROM {TABLE} WHERE migration_set = ? ORDER BY rowid", (SET_NAME,)
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply pending migrations; returns the names applied."""
-    db = sqlite_utils.Database(conn, execute_plugins=False)
-    pending = [m.name for m in migrations.pending(db)]
-    if pending:
-        migrations.apply(db)
+    """Apply pending migrations; returns the names applied.
+
+    sqlite-utils (which pulls in pandas when installed) is imported only when something is
+    pending, so opening an up-to-date store stays fast for every CLI call and job process.
+    """
+    done = set(applied_names(conn))
+    pending = [step.__name__ for step in STEPS if step.__name__ not in done]
+    if not pending:
+        return []
+    import sqlite_utils
+    from sqlite_utils.migrations import Migrations
+
+    migrations = Migrations(SET_NAME)
+    for step in STEPS:
+        migrations(name=step.__name__)(step)
+    migrations.apply(sqlite_utils.Database(conn, execute_plugins=False))
     return pending
 
 
 def schema_version(conn: sqlite3.Connection) -> list[str]:
     """Names of the applied migrations, oldest first."""
-    db = sqlite_utils.Database(conn, execute_plugins=False)
-    return [m.name for m in migrations.applied(db)]
+    return applied_names(conn)

@@ -1,0 +1,121 @@
+"""Training platform overhead, job start latency and metric ingestion, measured in one run.
+
+    .venv/bin/python benchmarks/training_overhead.py [--rows 200000] [--starts 10]
+
+1. bare `lightgbm.train` on ROWS x 20 synthetic rows (200 trees, 2 threads) vs the same
+   training through `appliance train` (submit to succeeded: data load, tracking, artifact).
+2. job start latency: submit -> the job's first output line, p50 over STARTS jobs.
+3. metric ingestion: a job printing 50,000 metric lines; points stored per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--starts", type=int, default=10)
+    parser.add_argument("--points", type=int, default=50_000)
+    args = parser.parse_args()
+
+    import duckdb
+    import lightgbm as lgb
+
+    from appliance.core.context import Appliance
+    from appliance.core.datasets import import_data
+    from appliance.core.jobs import JobSpec, get_job, submit_job, wait_job
+    from appliance.core.training import submit_training
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.rows, 20))
+    y = (x[:, 0] + x[:, 1] * x[:, 2] + rng.normal(size=args.rows) > 0).astype(int)
+    params = {
+        "objective": "binary",
+        "num_threads": 2,
+        "verbosity": -1,
+        "num_leaves": 31,
+        "learning_rate": 0.05,
+    }
+    started = time.perf_counter()
+    lgb.train(params, lgb.Dataset(x, y), num_boost_round=200)
+    bare = time.perf_counter() - started
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = Appliance.open(Path(tmp) / "home")
+        table = {f"f{i}": x[:, i] for i in range(20)} | {"label": y}
+        parquet = Path(tmp) / "train.parquet"
+        duckdb.from_df(__import__("pandas").DataFrame(table)).write_parquet(str(parquet))
+        import_data(app, "bench", str(parquet))
+        started = time.perf_counter()
+        job = submit_training(
+            app,
+            "bench",
+            "label",
+            cpus=2,
+            params={
+                "num_boost_round": 200,
+                "early_stopping_rounds": 0,
+                "num_leaves": 31,
+                "learning_rate": 0.05,
+                "valid_fraction": 0.01,
+            },
+        )
+        done = wait_job(app, job["id"], timeout=600)
+        platform = time.perf_counter() - started
+        assert done["state"] == "succeeded", done
+
+        latencies = []
+        for _ in range(args.starts):
+            started = time.perf_counter()
+            job = submit_job(
+                app, JobSpec(kind="command", command=[sys.executable, "-c", "print('ready')"])
+            )
+            log = Path(job["log_path"])
+            while not (log.exists() and "ready" in log.read_text()):
+                time.sleep(0.002)
+            latencies.append(time.perf_counter() - started)
+            wait_job(app, job["id"], timeout=60)
+
+        emitter = (
+            "import json, sys\n"
+            f"for i in range({args.points}):\n"
+            "    sys.stdout.write(json.dumps({'type': 'metric', 'key': 'm', 'value': i, "
+            "'step': i}) + '\\n')\n"
+        )
+        job = submit_job(app, JobSpec(kind="command", command=[sys.executable, "-c", emitter]))
+        done = wait_job(app, job["id"], timeout=600)
+        stored = app.db.scalar(
+            "SELECT count(*) FROM run_metrics WHERE run_id = ?", (done["run_id"],)
+        )
+        job = get_job(app, job["id"])
+        from datetime import datetime
+
+        def ts(text: str) -> float:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+        ingest = ts(job["finished_at"]) - ts(job["started_at"])
+        app.close()
+
+    print(f"{'measure':<40}{'value':>12}")
+    print(f"{'bare lightgbm.train (s)':<40}{bare:>12.2f}")
+    print(f"{'appliance train, submit->succeeded (s)':<40}{platform:>12.2f}")
+    print(f"{'overhead ratio (target <= 1.15)':<40}{platform / bare:>12.2f}x")
+    print(
+        f"{'job start latency p50 (ms, target <300)':<40}"
+        f"{1000 * statistics.median(latencies):>12.0f}"
+    )
+    print(f"{'metric points stored':<40}{stored:>12}")
+    print(f"{'ingestion (points/s, target >= 20000)':<40}{stored / ingest:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()
