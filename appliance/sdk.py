@@ -94,19 +94,9 @@ def save_model(
     """
     if flavor not in _FLAVORS:
         raise ValueError(f"flavor {flavor!r}: expected one of {_FLAVORS} (pickle is not offered)")
-    if (
-        not isinstance(signature, list)
-        or not signature
-        or not all(
-            isinstance(f, dict)
-            and isinstance(f.get("name"), str)
-            and (
-                f.get("type") == "double"
-                or (f.get("type") == "category" and isinstance(f.get("categories"), list))
-            )
-            for f in signature
-        )
-    ):
+    from appliance.core.registry import is_valid_signature
+
+    if not is_valid_signature(signature):
         raise ValueError(
             "signature: a list of {name, type: double} or {name, type: category, categories: [...]}"
         )

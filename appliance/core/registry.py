@@ -36,18 +36,13 @@ def _version_row(app: Appliance, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _validated_meta(run_id: str, meta: Any) -> dict[str, Any]:
-    """A servable model needs a known flavor and an input signature; say what is missing."""
-    where = f"run {run_id} model artifact meta"
-    if not isinstance(meta, dict):
-        raise InvalidInput(f"{where}: must be an object")
-    if meta.get("flavor") not in ("lightgbm", "mlp"):
-        raise InvalidInput(f"{where}.flavor: only 'lightgbm' and 'mlp' models can be registered")
-    signature = meta.get("signature")
-    if (
-        not isinstance(signature, list)
-        or not signature
-        or not all(
+def is_valid_signature(signature: Any) -> bool:
+    """A model's input signature: a non-empty list of {name, type: double} or
+    {name, type: category, categories: [...]} entries."""
+    return (
+        isinstance(signature, list)
+        and bool(signature)
+        and all(
             isinstance(f, dict)
             and isinstance(f.get("name"), str)
             and (
@@ -56,7 +51,17 @@ def _validated_meta(run_id: str, meta: Any) -> dict[str, Any]:
             )
             for f in signature
         )
-    ):
+    )
+
+
+def _validated_meta(run_id: str, meta: Any) -> dict[str, Any]:
+    """A servable model needs a known flavor and an input signature; say what is missing."""
+    where = f"run {run_id} model artifact meta"
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"{where}: must be an object")
+    if meta.get("flavor") not in ("lightgbm", "mlp"):
+        raise InvalidInput(f"{where}.flavor: only 'lightgbm' and 'mlp' models can be registered")
+    if not is_valid_signature(meta.get("signature")):
         raise InvalidInput(
             f"{where}.signature: a non-empty list of {{name, type: double|category}} is required"
         )
