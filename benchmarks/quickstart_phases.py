@@ -19,7 +19,7 @@ from pathlib import Path
 
 from appliance.core import deployments, registry
 from appliance.core.context import Appliance
-from appliance.core.quickstart import VARIANTS, _sample_rows, run_quickstart, sample_csv
+from appliance.core.quickstart import VARIANTS, run_quickstart, sample_csv, sample_rows
 from appliance.core.serving import ModelRuntime
 from appliance.core.training import DEFAULT_PARAMS
 
@@ -83,7 +83,7 @@ def main() -> None:
         summary = run_quickstart(app, keep_serving=True)
         wall = time.perf_counter() - wall
         try:
-            features, rows = _sample_rows(1)
+            features, rows = sample_rows(1)
             http = http_latencies(summary["url"], features, rows[0], args.requests)
             mv = registry.get_model_version(app, "churn@1")
             runtime = ModelRuntime(mv, str(app.objects.get_file(mv["sha256"])))

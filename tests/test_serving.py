@@ -13,7 +13,7 @@ import pytest
 
 from appliance.core import deployments
 from appliance.core.context import Appliance
-from appliance.core.quickstart import _sample_rows
+from appliance.core.quickstart import sample_rows
 from appliance.errors import Conflict
 
 NAME = "serve-test"
@@ -62,7 +62,7 @@ def v2_inputs(features: list[str], rows: list[list[Any]]) -> list[dict[str, Any]
 
 @pytest.fixture(scope="module")
 def sample() -> tuple[list[str], list[list[Any]]]:
-    return _sample_rows(4)
+    return sample_rows(4)
 
 
 def test_health_and_metadata(served, sample) -> None:  # type: ignore[no-untyped-def]

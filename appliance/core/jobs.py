@@ -197,13 +197,6 @@ def get_job(app: Appliance, job_id: str) -> dict[str, Any]:
     return job
 
 
-def get_job_spec(app: Appliance, job_id: str) -> JobSpec:
-    row = app.db.one("SELECT spec_json FROM jobs WHERE id = ?", (job_id,))
-    if row is None:
-        raise NotFound(f"job {job_id!r} not found")
-    return JobSpec.from_json(row["spec_json"])
-
-
 def list_jobs(app: Appliance) -> list[dict[str, Any]]:
     rows = app.db.rows(
         "SELECT j.id, j.kind, j.state, j.pid, j.executor, j.progress_current, j.progress_total, "

@@ -30,7 +30,7 @@ def sample_csv() -> Path:
     return Path(str(resources.files("appliance.samples").joinpath("churn.csv")))
 
 
-def _sample_rows(count: int) -> tuple[list[str], list[list[Any]]]:
+def sample_rows(count: int) -> tuple[list[str], list[list[Any]]]:
     with sample_csv().open() as fh:
         reader = csv.DictReader(fh)
         rows = [row for _, row in zip(range(count), reader, strict=False)]
@@ -111,7 +111,7 @@ def run_quickstart(
         versions = [registry.register_model(app, name, job["run_id"]) for job in finished]
     v1, v2 = versions
 
-    features, rows = _sample_rows(5)
+    features, rows = sample_rows(5)
     serving_started = False
     try:
         with phase("serve-ready", f"serving {v1['ref']} on 127.0.0.1"):
