@@ -1,6 +1,7 @@
 """Process entry points that outlive the CLI call that started them.
 
-python -m appliance.runner supervise JOB_ID   the local executor's supervisor for one job
+python -m appliance.runner agent              the scheduler that starts queued jobs
+python -m appliance.runner supervise JOB_ID   run one queued job in the foreground (debugging)
 python -m appliance.runner run                a built-in job body (spec in APPLIANCE_JOB_SPEC)
 python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
 """
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     sup = sub.add_parser("supervise")
     sup.add_argument("job_id")
     sub.add_parser("run")
+    agent = sub.add_parser("agent")
+    agent.add_argument("--idle-exit", type=float, default=None)
     serve = sub.add_parser("serve")
     serve.add_argument("deployment")
     serve.add_argument("--host", default="127.0.0.1")
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from appliance.core.context import Appliance
 
     app = Appliance.open(os.environ.get("APPLIANCE_HOME"))
+    if args.command == "agent":
+        from appliance.core.agent import run_agent
+
+        return run_agent(app, idle_exit=args.idle_exit)
     if args.command == "supervise":
         from appliance.core.jobs import supervise
 

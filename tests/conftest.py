@@ -21,11 +21,31 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("APPLIANCE_"):
             monkeypatch.delenv(key)
+    # Agents started on demand by a test go away soon after its jobs end.
+    monkeypatch.setenv("APPLIANCE_AGENT_IDLE_EXIT", "3")
+
+
+def stop_agent_of(home: Path) -> None:
+    """Stop the agent a test's jobs started (its running jobs, if any, are cancelled first)."""
+    if not (home / "agent.lock").exists():
+        return
+    from appliance.core.agent import stop_agent
+    from appliance.core.jobs import ACTIVE_STATES, cancel_job
+
+    appliance = Appliance.open(home)
+    try:
+        for row in appliance.db.rows("SELECT id FROM jobs WHERE state IN (?, ?)", ACTIVE_STATES):
+            cancel_job(appliance, row["id"])
+        stop_agent(appliance)
+    finally:
+        appliance.close()
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
+def home(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "home"
+    yield path
+    stop_agent_of(path)
 
 
 @pytest.fixture
@@ -36,18 +56,21 @@ def app(home: Path) -> Iterator[Appliance]:
 
 
 @pytest.fixture(scope="session")
-def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A home after a full quickstart (dataset, two runs, two versions, a stopped deployment)."""
     from appliance.core.quickstart import run_quickstart
 
     home = tmp_path_factory.mktemp("trained") / "home"
-    appliance = Appliance.open(home)
-    try:
-        summary = run_quickstart(appliance)
-    finally:
-        appliance.close()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("APPLIANCE_AGENT_IDLE_EXIT", "3")
+        appliance = Appliance.open(home)
+        try:
+            summary = run_quickstart(appliance)
+        finally:
+            appliance.close()
     (home / "summary.json").write_text(json.dumps(summary))
-    return home
+    yield home
+    stop_agent_of(home)
 
 
 class CliResult:

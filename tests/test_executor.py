@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,6 @@ import pytest
 
 from appliance.core.context import Appliance
 from appliance.core.jobs import JobSpec, cancel_job, get_job, job_log, submit_job, wait_job
-from appliance.core.processes import alive
 from appliance.core.runs import get_run, metric_history
 from appliance.errors import Conflict, InvalidInput
 
@@ -44,6 +42,15 @@ def _running_in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
+
+
+def _live(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _py(code: str) -> JobSpec:
@@ -80,22 +87,39 @@ def test_job_that_fails_shows_its_error(app: Appliance) -> None:
     assert get_run(app, job["run_id"])["status"] == "failed"
 
 
-def test_job_that_is_cancelled_stops_and_says_so(app: Appliance, tmp_path) -> None:  # type: ignore[no-untyped-def]
+# A job whose process tree resists: the job ignores SIGTERM, has a child in its group that
+# ignores SIGTERM too, and a grandchild that left the group for a session of its own.
+STUBBORN_JOB = """
+import os, pathlib, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+a = subprocess.Popen([sys.executable, "-c", stubborn])
+b = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                     start_new_session=True)
+pathlib.Path(sys.argv[1]).write_text(f"{a.pid} {b.pid}")
+time.sleep(120)
+"""
+
+
+def test_job_that_is_cancelled_stops_its_whole_tree_within_2_s(app: Appliance, tmp_path) -> None:  # type: ignore[no-untyped-def]
     marker = tmp_path / "started"
-    code = f"import pathlib, time\npathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(120)\n"
-    job = submit_job(app, _py(code))
+    job = submit_job(
+        app, JobSpec(kind="command", command=[sys.executable, "-c", STUBBORN_JOB, str(marker)])
+    )
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert get_job(app, job["id"])["state"] == "running"
+    running = get_job(app, job["id"])
+    assert running["state"] == "running"
+    tree = [running["child_pid"], *map(int, marker.read_text().split())]
+    assert all(_live(pid) for pid in tree)
     started = time.monotonic()
     done = cancel_job(app, job["id"])
-    assert done["state"] == "cancelled"
-    assert time.monotonic() - started < 10
-    deadline = time.monotonic() + 5  # the supervisor exits right after recording the state
-    while alive(done["pid"]) and time.monotonic() < deadline:  # alive() also reaps it
-        time.sleep(0.05)
-    assert _running_in_group(done["pid"]) == []  # nothing of the job's process group runs
+    took = time.monotonic() - started
+    assert done["state"] == "cancelled" and done["error"] == "cancelled by request"
+    assert took < 2.0, took
+    assert [pid for pid in tree if _live(pid)] == []
+    assert _running_in_group(running["child_pid"]) == []
     with pytest.raises(Conflict):
         cancel_job(app, job["id"])
     assert get_run(app, job["run_id"])["status"] == "cancelled"
@@ -144,22 +168,6 @@ def test_invalid_specs_are_refused_before_anything_is_stored(app: Appliance, spe
     with pytest.raises(InvalidInput):
         submit_job(app, spec)
     assert app.db.scalar("SELECT count(*) FROM jobs") == 0
-
-
-def test_a_killed_supervisor_shows_as_lost(app: Appliance) -> None:
-    import signal
-
-    job = submit_job(app, _py("import time; time.sleep(60)"))
-    deadline = time.monotonic() + 30
-    while get_job(app, job["id"])["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(job["pid"], signal.SIGKILL)  # what the OOM killer or a power cut would do
-    deadline = time.monotonic() + 10
-    while get_job(app, job["id"])["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    done = get_job(app, job["id"])
-    assert done["state"] == "lost" and "disappeared" in done["error"]
-    assert get_run(app, job["run_id"])["status"] == "lost"
 
 
 def test_training_on_a_tiny_split_fails_with_a_reason(app: Appliance, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -51,7 +51,12 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
     db.close()
     again = open_database(home / "metadata.db")
     assert schema_version(again.conn) == applied
-    assert applied == ["m001_initial", "m002_data_stage", "m003_version_counter"]
+    assert applied == [
+        "m001_initial",
+        "m002_data_stage",
+        "m003_version_counter",
+        "m004_job_queue",
+    ]
     again.close()
 
 

@@ -664,6 +664,17 @@ def jobs_run(
     _report_job(app, job, as_json, wait)
 
 
+@command(jobs_group, "submit")
+@click.argument("spec_file", type=click.Path())
+@click.option("--wait", is_flag=True, help="Wait for the job; exit non-zero if it failed.")
+def jobs_submit(app: Any, as_json: bool, spec_file: str, wait: bool) -> None:
+    """Queue a job from a spec file (YAML or JSON): kind, entry, resources, timeout, retries."""
+    from appliance.core.jobs import load_job_spec, submit_spec
+
+    job = submit_spec(app, load_job_spec(spec_file), source=spec_file)
+    _report_job(app, job, as_json, wait)
+
+
 @command(jobs_group, "list")
 def jobs_list(app: Any, as_json: bool) -> None:
     """List jobs, newest first."""
@@ -718,6 +729,67 @@ def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
     emit(cancel_job(app, job_id), as_json)
 
 
+@cli.group("agent", invoke_without_command=True)
+@click.option("--idle-exit", type=float, help="Exit after this many idle seconds.")
+@click.option("--home", type=click.Path(), help="Appliance home directory.")
+@click.pass_context
+def agent_group(ctx: click.Context, idle_exit: float | None, home: str | None) -> None:
+    """The job scheduler. Alone: run it in the foreground (what the systemd unit runs)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from appliance.core.agent import run_agent
+
+    app = _open(home)
+    try:
+        code = run_agent(app, idle_exit=idle_exit)
+    finally:
+        app.close()
+    sys.exit(code)
+
+
+@command(agent_group, "status")
+def agent_status_cmd(app: Any, as_json: bool) -> None:
+    """Whether the agent runs, its pid, the queue and the machine's capacity."""
+    from appliance.core.agent import agent_status
+
+    emit(agent_status(app), as_json)
+
+
+@command(agent_group, "start")
+def agent_start_cmd(app: Any, as_json: bool) -> None:
+    """Start the agent in the background unless it runs (submitting a job does this too)."""
+    import time
+
+    from appliance.core.agent import agent_status, ensure_agent
+
+    ensure_agent(app)
+    deadline = time.monotonic() + 10
+    status = agent_status(app)
+    while not status["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = agent_status(app)
+    emit(status, as_json)
+    if not status["running"]:
+        sys.exit(1)
+
+
+@command(agent_group, "stop")
+def agent_stop_cmd(app: Any, as_json: bool) -> None:
+    """Stop the agent; running jobs go on under their supervisors."""
+    from appliance.core.agent import stop_agent
+
+    emit(stop_agent(app), as_json)
+
+
+@command(agent_group, "unit", listing=False)
+@click.option("--user", help="Run as this user (a system unit); default: a user unit.")
+def agent_unit_cmd(app: Any, user: str | None) -> None:
+    """Print a systemd unit that keeps the agent running for this home."""
+    from appliance.core.agent import systemd_unit
+
+    click.echo(systemd_unit(app, user=user), nl=False)
+
+
 @command(cli, "train")
 @click.option("--trainer", type=click.Choice(["lightgbm", "mlp"]), help="default: lightgbm")
 @click.option("--train", "train_ref", help="Training dataset NAME[@V].")
@@ -735,6 +807,8 @@ def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
 @click.option("--experiment", help="default: default")
 @click.option("--name", help="Run name.")
 @click.option("--cpus", type=click.IntRange(1), help="Threads (default 1).")
+@click.option("--timeout", help="Kill the job after this long: seconds, or '30m', '2h'.")
+@click.option("--retries", type=click.IntRange(0, 10), help="Run a failed job again (default 0).")
 @click.option("--wait", is_flag=True, help="Wait for the job; exit non-zero if it failed.")
 def train_cmd(
     app: Any,
@@ -751,6 +825,8 @@ def train_cmd(
     experiment: str | None,
     name: str | None,
     cpus: int | None,
+    timeout: str | None,
+    retries: int | None,
     wait: bool,
 ) -> None:
     """Train LightGBM or a PyTorch MLP on dataset versions; prints the run id."""
@@ -768,6 +844,8 @@ def train_cmd(
         "experiment": experiment,
         "name": name,
         "cpus": cpus,
+        "timeout": timeout,
+        "retries": retries,
     }
     merged = {**config, **{k: v for k, v in flags.items() if v is not None}}
     merged["params"] = {**config.get("params", {}), **dict(parse_param(p) for p in params)}
@@ -789,6 +867,8 @@ def train_cmd(
         valid=merged.get("valid"),
         test=merged.get("test"),
         objective=merged.get("objective"),
+        timeout=merged.get("timeout"),
+        retries=merged.get("retries", 0),
     )
     if wait:
         job = _watch(app, job)
@@ -807,6 +887,10 @@ def train_cmd(
 @click.option("--experiment", default="default", show_default=True)
 @click.option("--name", help="Run name (default: the script's file name).")
 @click.option("--input", "inputs", multiple=True, help="Dataset NAME@V the script reads.")
+@click.option("--timeout", help="Kill the job after this long: seconds, or '30m', '2h'.")
+@click.option("--retries", type=click.IntRange(0, 10), default=0, help="Run a failed job again.")
+@click.option("--cpus", type=float, help="Cores the job needs (default 1).")
+@click.option("--gpus", type=click.IntRange(0), help="GPUs the job needs (default 0).")
 @click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
 @click.option("--home", type=click.Path(), help="Appliance home directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -816,6 +900,10 @@ def run_script(
     experiment: str,
     name: str | None,
     inputs: tuple[str, ...],
+    timeout: str | None,
+    retries: int,
+    cpus: float | None,
+    gpus: int | None,
     wait: bool,
     home: str | None,
     as_json: bool,
@@ -823,10 +911,21 @@ def run_script(
     """Run your own Python script as a tracked job: appliance run train.py -- --lr 0.1"""
     from appliance.core.jobs import submit_script
 
+    resources = None
+    if cpus is not None or gpus is not None:
+        resources = {"cpu": cpus if cpus is not None else 1, "memory": "2Gi", "gpu": gpus or 0}
     app = _open(home)
     try:
         job = submit_script(
-            app, script, list(script_args), experiment=experiment, name=name, inputs=list(inputs)
+            app,
+            script,
+            list(script_args),
+            experiment=experiment,
+            name=name,
+            inputs=list(inputs),
+            timeout=timeout,
+            retries=retries,
+            resources=resources,
         )
         if not wait and not as_json:
             click.echo(job["run_id"])

@@ -33,7 +33,7 @@ from typing import Any, Protocol, TextIO
 
 from appliance.core.context import Appliance
 from appliance.core.lineage import Node, record_execution, set_execution_state
-from appliance.core.processes import alive, signal_ours
+from appliance.core.processes import is_ours, kill_tree, signal_ours
 from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_params, set_tags
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
@@ -45,8 +45,74 @@ EXECUTION_TYPES = {
     "recipe": "Recipe",
     "command": "Run",
 }
-FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 SPEC_ENV = "APPLIANCE_JOB_SPEC"
+KILL_GRACE = 1.0  # SIGTERM -> SIGKILL: cancel and timeout end the whole tree within 2 s
+CLAIM_GRACE = 30.0  # a claimed job whose supervisor never reported a pid is gone after this
+MAX_RETRIES = 10
+RESOURCE_KEYS = ("cpu", "memory", "gpu")
+_MEMORY_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def parse_memory(value: Any, field_name: str = "resources.memory") -> int:
+    """Bytes from a Kubernetes quantity ("512Mi", "2Gi", "1G") or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"{field_name}: expected a size like '2Gi', got {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip()
+        digits = text.rstrip("kMGTi")
+        number_text, unit = digits, text[len(digits) :]
+        try:
+            number = float(number_text)
+        except ValueError:
+            number = -1.0
+        if unit not in _MEMORY_UNITS:
+            number = -1.0
+    if not math.isfinite(number) or number < 0:
+        raise InvalidInput(f"{field_name}: expected a size like '512Mi' or '2Gi', got {value!r}")
+    return int(number * _MEMORY_UNITS[unit])
+
+
+def parse_duration(value: Any, field_name: str = "timeout") -> float:
+    """Seconds from a number or a string like '90s', '30m', '2h'."""
+    factors = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        factor = factors.get(text[-1], 0) if not text[-1].isdigit() else 1
+        try:
+            seconds = float(text[:-1] if not text[-1].isdigit() else text) * factor
+        except ValueError:
+            seconds = None
+        if factor == 0:
+            seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidInput(f"{field_name}: expected seconds or '30m'/'2h', got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one job takes from the machine while it runs."""
+
+    cpu: float
+    memory: int
+    gpu: int
 
 
 @dataclass
@@ -55,7 +121,9 @@ class JobSpec:
 
     kind: a built-in entry ("train-lightgbm") or "command" (run `command` as given).
     inputs: resolved references the job reads (e.g. a dataset version's sha256 and schema).
-    params: the job's parameters. resources: cpu, memory, gpu requests.
+    params: the job's parameters. resources: cpu, memory, gpu requests (as a Kubernetes pod's).
+    timeout: seconds per attempt before the job is killed and ends 'timed_out'.
+    retries: how many times a failed attempt (non-zero exit, vanished process) runs again.
     """
 
     kind: str
@@ -64,6 +132,9 @@ class JobSpec:
     params: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "memory": "2Gi", "gpu": 0})
     workdir: str | None = None  # where a command runs (local executor); None: the home
+    timeout: float | None = None
+    retries: int = 0
+    experiment: str = "default"
 
     def validate(self) -> JobSpec:
         if self.kind == "command":
@@ -73,7 +144,31 @@ class JobSpec:
             raise InvalidInput(
                 f"job spec kind {self.kind!r}: expected 'command' or one of {list(BUILTIN_KINDS)}"
             )
+        self.request()
+        if self.timeout is not None:
+            self.timeout = parse_duration(self.timeout)
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int):
+            raise InvalidInput(f"retries: expected an integer, got {self.retries!r}")
+        if not 0 <= self.retries <= MAX_RETRIES:
+            raise InvalidInput(f"retries: expected 0 to {MAX_RETRIES}, got {self.retries}")
         return self
+
+    def request(self) -> Request:
+        """The resources as numbers; names the offending key when one is wrong."""
+        if not isinstance(self.resources, dict):
+            raise InvalidInput(f"resources: expected a mapping, got {self.resources!r}")
+        unknown = sorted(set(self.resources) - set(RESOURCE_KEYS))
+        if unknown:
+            raise InvalidInput(f"resources.{unknown[0]}: unknown key (expected cpu, memory, gpu)")
+        cpu = self.resources.get("cpu", 1)
+        if isinstance(cpu, str) and cpu.endswith("m") and cpu[:-1].isdigit():
+            cpu = int(cpu[:-1]) / 1000  # Kubernetes millicores
+        if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu < 4096:
+            raise InvalidInput(f"resources.cpu: expected a positive number of cores, got {cpu!r}")
+        gpu = self.resources.get("gpu", 0)
+        if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+            raise InvalidInput(f"resources.gpu: expected a whole number of GPUs, got {gpu!r}")
+        return Request(float(cpu), parse_memory(self.resources.get("memory", 0)), gpu)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -97,30 +192,50 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Each job is a detached `python -m appliance.runner supervise JOB` process group."""
+    """Each job is supervised by a process forked from the agent into a session of its own.
+
+    Forking skips an interpreter start (about 100 ms) per job; the supervisor survives the
+    agent's exit or kill -9, and records the job's end itself.
+    """
 
     name = "local"
 
     def start(self, app: Appliance, job_id: str) -> int:
         log_path = app.settings.logs_dir / "jobs" / f"{job_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "APPLIANCE_HOME": str(app.settings.home)}
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.runner", "supervise", job_id],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env,
-                start_new_session=True,  # outlives the CLI; cancel signals the whole group
-            )
-        return proc.pid
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # SQLite keeps per-process lock state that a forked child must not inherit: close the
+        # connection first (the parent reopens it on next use; about a millisecond).
+        app.close()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:  # the child: never return into the caller's loop
+            os.setsid()
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            null_fd = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null_fd, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.closerange(3, 65536)  # the agent's lock, socket and database stay with it
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            child_app = Appliance(app.settings)  # a fresh SQLite connection: never share one
+            code = 0 if supervise(child_app, job_id) in ("succeeded", "queued") else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
 
     def cancel(self, job: dict[str, Any]) -> None:
-        signal_ours(job.get("pid"), signal.SIGTERM, group=True)
+        signal_ours(job.get("pid"), signal.SIGTERM)
 
     def is_alive(self, job: dict[str, Any]) -> bool:
-        return alive(job.get("pid"))
+        return is_ours(job.get("pid"))
 
 
 def get_executor(name: str) -> Executor:
@@ -132,25 +247,44 @@ def get_executor(name: str) -> Executor:
 def submit_job(
     app: Appliance,
     spec: JobSpec,
-    experiment: str = "default",
+    experiment: str | None = None,
     run_name: str | None = None,
     inputs: list[Node] | None = None,
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Record a job and its run, then start it on the configured executor."""
+    """Queue a job and its run; the agent (started here if it is not running) starts it."""
+    from appliance.core.agent import ensure_agent, machine_capacity
+
+    if experiment is not None:
+        spec.experiment = experiment
     spec.validate()
+    request = spec.request()
+    machine_capacity().check_fits(request)
     executor = get_executor(app.settings.executor)
     job_id = new_id()
     log_path = app.settings.logs_dir / "jobs" / f"{job_id}.log"
     with app.db.transaction() as conn:
         conn.execute(
-            "INSERT INTO jobs (id, kind, spec_json, state, executor, log_path, submitted_at) "
-            "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-            (job_id, spec.kind, spec.to_json(), executor.name, str(log_path), utcnow()),
+            "INSERT INTO jobs (id, kind, spec_json, state, executor, log_path, submitted_at, "
+            "retries, timeout_s, cpu, memory_bytes, gpu) "
+            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                spec.kind,
+                spec.to_json(),
+                executor.name,
+                str(log_path),
+                utcnow(),
+                spec.retries,
+                spec.timeout,
+                request.cpu,
+                request.memory,
+                request.gpu,
+            ),
         )
         run_id = create_run(
             conn,
-            experiment,
+            spec.experiment,
             run_name or spec.kind,
             {k: v for k, v in spec.params.items() if k != "sql"},
             job_id,
@@ -159,14 +293,7 @@ def submit_job(
         )
         if tags:
             set_tags(conn, run_id, tags)
-    try:
-        pid = executor.start(app, job_id)
-    except OSError as exc:
-        _finish(
-            app, job_id, "failed", None, f"the {executor.name} executor could not start it: {exc}"
-        )
-        raise ApplianceError(f"job {job_id}: could not start ({exc})") from exc
-    app.db.execute("UPDATE jobs SET pid = coalesce(pid, ?) WHERE id = ?", (pid, job_id))
+    ensure_agent(app)
     return {**get_job(app, job_id), "run_id": run_id}
 
 
@@ -177,43 +304,64 @@ def _job_row(app: Appliance, job_id: str) -> dict[str, Any] | None:
     )
 
 
-def _mark_lost_if_dead(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
-    # A supervisor killed by the OS (OOM, reboot) cannot report; don't show it running forever.
-    if job["state"] in ("queued", "running") and job.get("pid"):
-        if not get_executor(job["executor"]).is_alive(job):
-            fresh = _job_row(app, job["id"])
-            if fresh and fresh["state"] in ("queued", "running"):
-                _finish(app, job["id"], "lost", None, "the job's supervisor process disappeared")
-            return _job_row(app, job["id"]) or job
-    return job
+def _seconds_since(timestamp: str | None) -> float:
+    if not timestamp:
+        return 0.0
+    then = time.mktime(time.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    return time.time() - then
+
+
+def supervisor_gone(app: Appliance, job: dict[str, Any]) -> bool:
+    """True when a running job has no supervisor left to report its end."""
+    if job["state"] != "running":
+        return False
+    if not job.get("pid"):
+        return _seconds_since(job.get("started_at")) > CLAIM_GRACE
+    return not get_executor(job["executor"]).is_alive(job)
+
+
+def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
+    """Settle a running job whose supervisor vanished (OOM kill, reboot, kill -9): kill what is
+    left of its process, then queue it again while retries remain, else fail it."""
+    if not supervisor_gone(app, job):
+        return job
+    if job.get("child_pid") and is_ours(job["child_pid"], marker=""):
+        kill_tree(job["child_pid"], grace=0.2)
+    _fail_or_retry(
+        app,
+        job["id"],
+        None,
+        "the job's supervisor process disappeared (killed, or the machine restarted)",
+        expect_pid=job.get("pid"),
+    )
+    return _job_row(app, job["id"]) or job
 
 
 def get_job(app: Appliance, job_id: str) -> dict[str, Any]:
     job = _job_row(app, job_id)
     if job is None:
         raise NotFound(f"job {job_id!r} not found")
-    job = _mark_lost_if_dead(app, job)
+    job = reconcile_job(app, job)
     job.pop("spec_json", None)
     return job
 
 
 def list_jobs(app: Appliance) -> list[dict[str, Any]]:
     rows = app.db.rows(
-        "SELECT j.id, j.kind, j.state, j.pid, j.executor, j.progress_current, j.progress_total, "
-        "j.submitted_at, j.finished_at, j.exit_code, j.error, r.id AS run_id "
+        "SELECT j.id, j.kind, j.state, j.pid, j.child_pid, j.executor, j.progress_current, "
+        "j.progress_total, j.progress_message, j.submitted_at, j.started_at, j.finished_at, "
+        "j.exit_code, j.error, j.attempt, j.retries, r.id AS run_id, r.name AS run_name "
         "FROM jobs j LEFT JOIN runs r ON r.job_id = j.id ORDER BY j.submitted_at DESC"
     )
     out = []
     for row in rows:
-        row = _mark_lost_if_dead(app, row)
+        if row["state"] == "running":
+            row = {**row, **reconcile_job(app, row)}
         total = row.get("progress_total")
-        row["progress"] = f"{100 * (row['progress_current'] or 0) / total:.0f}%" if total else ""
-        out.append(
-            {
-                k: row.get(k)
-                for k in ("id", "kind", "state", "progress", "run_id", "submitted_at", "error")
-            }
-        )
+        fraction = (row["progress_current"] or 0) / total if total else None
+        row["progress"] = f"{100 * fraction:.0f}%" if fraction is not None else ""
+        row["fraction"] = fraction
+        out.append(row)
     return out
 
 
@@ -226,22 +374,26 @@ def wait_job(app: Appliance, job_id: str, timeout: float | None = None) -> dict[
             return job
         if deadline is not None and time.monotonic() > deadline:
             return job
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
-def cancel_job(app: Appliance, job_id: str, grace: float = 10.0) -> dict[str, Any]:
-    """Stop a queued or running job; it ends in state 'cancelled'."""
+def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
+    """Stop a queued or running job and its whole process tree; it ends 'cancelled'."""
     job = get_job(app, job_id)
     if job["state"] in FINAL_STATES:
         raise Conflict(f"job {job_id} already {job['state']}; nothing to cancel")
-    executor = get_executor(job["executor"])
-    executor.cancel(job)
-    job = wait_job(app, job_id, timeout=grace)
-    if job["state"] not in FINAL_STATES:
-        signal_ours(job.get("pid"), signal.SIGKILL, group=True)
-        _finish(app, job_id, "cancelled", None, "cancelled (killed after grace period)")
-    elif job["state"] == "lost":
-        _finish(app, job_id, "cancelled", None, "cancelled", force=True)
+    if job["state"] == "queued":
+        _finish(app, job_id, "cancelled", None, "cancelled before it started", only=("queued",))
+        job = get_job(app, job_id)
+        if job["state"] in FINAL_STATES:
+            return job
+    get_executor(job["executor"]).cancel(job)  # the supervisor kills the tree, records the end
+    job = wait_job(app, job_id, timeout=KILL_GRACE + 1.0)
+    if job["state"] not in FINAL_STATES:  # a supervisor that does not answer: do it from here
+        if job.get("child_pid") and is_ours(job["child_pid"], marker=""):
+            kill_tree(job["child_pid"], grace=0.2)
+        signal_ours(job.get("pid"), signal.SIGKILL)
+        _finish(app, job_id, "cancelled", None, "cancelled (the supervisor did not answer)")
     return get_job(app, job_id)
 
 
@@ -249,6 +401,24 @@ def job_log(app: Appliance, job_id: str) -> str:
     job = get_job(app, job_id)
     path = Path(job["log_path"])
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def log_tail(app: Appliance, job_id: str, max_bytes: int = 16_384) -> str:
+    """The end of a job's log (the TUI's following view reads this every refresh)."""
+    job = _job_row(app, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    path = Path(job["log_path"])
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return text if size <= max_bytes else text.split("\n", 1)[-1]
 
 
 def follow_log(app: Appliance, job_id: str, poll: float = 0.2) -> Iterator[str]:
@@ -275,13 +445,13 @@ _RUN_STATUS = {
     "succeeded": "finished",
     "failed": "failed",
     "cancelled": "cancelled",
-    "lost": "lost",
+    "timed_out": "timed_out",
 }
 _EXEC_STATE = {
     "succeeded": "COMPLETE",
     "failed": "FAILED",
     "cancelled": "CANCELED",
-    "lost": "FAILED",
+    "timed_out": "FAILED",
 }
 
 
@@ -291,18 +461,19 @@ def _finish(
     state: str,
     exit_code: int | None,
     error: str | None,
-    force: bool = False,
-) -> None:
+    only: tuple[str, ...] = ACTIVE_STATES,
+) -> bool:
+    """Move a job (and its run) to a final state, unless it already left `only`."""
     now = utcnow()
-    guard = "" if force else " AND state IN ('queued', 'running')"
+    marks = ", ".join("?" for _ in only)
     with app.db.transaction() as conn:
         cur = conn.execute(
-            "UPDATE jobs SET state = ?, exit_code = ?, error = ?, finished_at = ? WHERE id = ?"
-            + guard,
-            (state, exit_code, error, now, job_id),
+            "UPDATE jobs SET state = ?, exit_code = ?, error = ?, finished_at = ? "
+            f"WHERE id = ? AND state IN ({marks})",
+            (state, exit_code, error, now, job_id, *only),
         )
         if cur.rowcount == 0:
-            return
+            return False
         run = conn.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,)).fetchone()
         if run is not None:
             conn.execute(
@@ -310,6 +481,77 @@ def _finish(
                 (_RUN_STATUS[state], now, run[0]),
             )
             set_execution_state(conn, f"run:{run[0]}", _EXEC_STATE[state])
+    return True
+
+
+def _fail_or_retry(
+    app: Appliance,
+    job_id: str,
+    exit_code: int | None,
+    error: str,
+    expect_pid: int | None = None,
+) -> str:
+    """A failed attempt: queue the job again while retries remain, else end it 'failed'.
+
+    `expect_pid` guards reconciliation: only the observer that saw this supervisor vanish
+    settles it, so an agent and a CLI looking at once cannot both act.
+    """
+    with app.db.transaction() as conn:
+        row = conn.execute(
+            "SELECT state, attempt, retries, pid FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        if row is None or row["state"] != "running":
+            return row["state"] if row else "failed"
+        if expect_pid is not None and row["pid"] != expect_pid:
+            return "running"
+        if row["attempt"] <= row["retries"]:
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', attempt = attempt + 1, pid = NULL, "
+                "child_pid = NULL, started_at = NULL, exit_code = ?, error = ?, "
+                "progress_current = NULL, progress_total = NULL WHERE id = ?",
+                (exit_code, f"attempt {row['attempt']} failed: {error}", job_id),
+            )
+            conn.execute("UPDATE runs SET status = 'queued' WHERE job_id = ?", (job_id,))
+            retry = True
+        else:
+            retry = False
+    if retry:
+        _append_log(
+            app,
+            job_id,
+            f"[appliance] attempt {row['attempt']} of {row['retries'] + 1} failed ({error}); "
+            "queued again",
+        )
+        from appliance.core.agent import wake_agent
+
+        wake_agent(app)
+        return "queued"
+    _finish(app, job_id, "failed", exit_code, error, only=("running",))
+    return "failed"
+
+
+def _append_log(app: Appliance, job_id: str, line: str) -> None:
+    path = app.settings.logs_dir / "jobs" / f"{job_id}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def claim_job(app: Appliance, job_id: str) -> bool:
+    """The agent takes a queued job: it counts against capacity from this moment."""
+    with app.db.transaction() as conn:
+        cur = conn.execute(
+            "UPDATE jobs SET state = 'running', pid = NULL, child_pid = NULL, started_at = ?, "
+            "error = CASE WHEN attempt > 1 THEN error END WHERE id = ? AND state = 'queued'",
+            (utcnow(), job_id),
+        )
+        if cur.rowcount == 0:
+            return False
+        conn.execute("UPDATE runs SET status = 'running' WHERE job_id = ?", (job_id,))
+        run = conn.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+        if run is not None:
+            set_execution_state(conn, f"run:{run[0]}", "RUNNING")
+    return True
 
 
 class LineRecorder:
@@ -471,22 +713,38 @@ def _job_command(spec: JobSpec) -> list[str]:
     return [sys.executable, "-m", "appliance.runner", "run"]
 
 
-def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
-    """Run one job to its end: start its process, record its lines, set its final state."""
+def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
+    """Run one attempt of a job: start its process in a process group of its own, record its
+    lines, enforce its timeout, and set its end state (or queue it again to retry)."""
     row = _job_row(app, job_id)
     if row is None:
         raise NotFound(f"job {job_id!r} not found")
+    if row["state"] == "queued" and not claim_job(app, job_id):  # run by hand, not the agent
+        return str(get_job(app, job_id)["state"])
     spec = JobSpec.from_json(row["spec_json"])
     run_id = row["run_id"]
     with app.db.transaction() as conn:
-        conn.execute(
-            "UPDATE jobs SET state = 'running', pid = ?, started_at = ? WHERE id = ?",
-            (os.getpid(), utcnow(), job_id),
+        cur = conn.execute(
+            "UPDATE jobs SET pid = ? WHERE id = ? AND state = 'running'", (os.getpid(), job_id)
         )
-        conn.execute("UPDATE runs SET status = 'running' WHERE id = ?", (run_id,))
-        set_execution_state(conn, f"run:{run_id}", "RUNNING")
+    if cur.rowcount == 0:  # cancelled between the claim and now
+        return str(get_job(app, job_id)["state"])
 
-    cancelled = threading.Event()
+    stop_reason: list[str] = []
+    started: list[subprocess.Popen[str]] = []
+    stop_lock = threading.Lock()
+
+    def stop(reason: str) -> None:
+        with stop_lock:
+            if stop_reason:
+                return
+            stop_reason.append(reason)
+            for child in started:
+                threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
+
+    # Installed before the child starts: a cancel that arrives early still ends as 'cancelled'.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop("cancelled"))
+    signal.signal(signal.SIGINT, lambda signum, frame: stop("cancelled"))
     log_path = Path(row["log_path"])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {
@@ -495,23 +753,13 @@ def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
         "APPLIANCE_JOB_ID": job_id,
         "APPLIANCE_RUN_ID": run_id,
         "APPLIANCE_HOME": str(app.settings.home),
+        "APPLIANCE_ATTEMPT": str(row["attempt"]),
         "PYTHONUNBUFFERED": "1",
     }
-    started: list[subprocess.Popen[str]] = []
-
-    def on_term(signum: int, frame: object) -> None:
-        cancelled.set()
-        for child in started:
-            child.terminate()
-            killer = threading.Timer(kill_after, lambda c=child: c.poll() is None and c.kill())
-            killer.daemon = True  # must not hold the supervisor open once the child is gone
-            killer.start()
-
-    # Installed before the child starts: a cancel that arrives early still ends as 'cancelled'.
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
     with log_path.open("a", encoding="utf-8") as log:
         recorder = LineRecorder(app, job_id, run_id, log)
+        if row["attempt"] > 1:
+            recorder.write_log(f"[appliance] attempt {row['attempt']} of {row['retries'] + 1}")
         try:
             child = subprocess.Popen(
                 _job_command(spec),
@@ -523,14 +771,26 @@ def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
                 bufsize=1,
                 env=env,
                 cwd=spec.workdir or app.settings.home,
+                start_new_session=True,  # its group is what cancel and timeout kill
             )
         except OSError as exc:
-            _finish(app, job_id, "failed", None, f"could not start {spec.command[:1]}: {exc}")
-            return "failed"
-        started.append(child)
-        if cancelled.is_set():
-            child.terminate()
+            return _fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
+        app.db.execute("UPDATE jobs SET child_pid = ? WHERE id = ?", (child.pid, job_id))
+        with stop_lock:
+            started.append(child)
+            if stop_reason:
+                threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
+        timer = None
+        if spec.timeout:
+            timer = threading.Timer(spec.timeout, stop, args=("timed_out",))
+            timer.daemon = True
+            timer.start()
         stderr_tail: deque[str] = deque(maxlen=20)
+
+        def pump_stdout() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                recorder.handle(line)
 
         def pump_stderr() -> None:
             assert child.stderr is not None
@@ -538,25 +798,32 @@ def supervise(app: Appliance, job_id: str, kill_after: float = 10.0) -> str:
                 stderr_tail.append(line.rstrip("\n"))
                 recorder.write_log(line)
 
-        err_thread = threading.Thread(target=pump_stderr, daemon=True)
-        err_thread.start()
-        assert child.stdout is not None
-        for line in child.stdout:
-            recorder.handle(line)
+        pumps = [threading.Thread(target=f, daemon=True) for f in (pump_stdout, pump_stderr)]
+        for pump in pumps:
+            pump.start()
         exit_code = child.wait()
-        err_thread.join(timeout=5)
+        if timer is not None:
+            timer.cancel()
+        for pump in pumps:
+            pump.join(timeout=2)
+        if any(p.is_alive() for p in pumps):  # something the job left behind holds its pipes
+            kill_tree(child.pid, grace=0.2)
+            for pump in pumps:
+                pump.join(timeout=2)
         recorder.flush()
 
-    if cancelled.is_set():
-        state, error = "cancelled", "cancelled by request"
-    elif exit_code == 0:
-        state, error = "succeeded", None
-    else:
-        last = [ln for ln in stderr_tail if ln.strip()]
-        reason = last[-1] if last else "no error output"
-        state, error = "failed", f"exit code {exit_code}: {reason}"
-    _finish(app, job_id, state, exit_code, error)
-    return state
+    if stop_reason and stop_reason[0] == "cancelled":
+        _finish(app, job_id, "cancelled", exit_code, "cancelled by request")
+        return "cancelled"
+    if stop_reason:
+        _finish(app, job_id, "timed_out", exit_code, f"timed out after {spec.timeout:g} s")
+        return "timed_out"
+    if exit_code == 0:
+        _finish(app, job_id, "succeeded", 0, None)
+        return "succeeded"
+    last = [ln for ln in stderr_tail if ln.strip()]
+    reason = last[-1] if last else "no error output"
+    return _fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}")
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -607,6 +874,9 @@ def submit_script(
     experiment: str = "default",
     name: str | None = None,
     inputs: list[str] | None = None,
+    timeout: float | str | None = None,
+    retries: int = 0,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a user's Python file as a tracked job (it may use `appliance.sdk`)."""
     from appliance.core.datasets import get_dataset_version
@@ -623,6 +893,9 @@ def submit_script(
         command=[sys.executable, str(path.resolve()), *args],
         inputs={"datasets": declared},
         workdir=str(path.resolve().parent),
+        timeout=timeout,  # type: ignore[arg-type]  # validate() turns '30m' into seconds
+        retries=retries,
+        **({"resources": resources} if resources is not None else {}),
     )
     tags = environment_tags()
     commit = git_commit(path.resolve())
@@ -636,4 +909,127 @@ def submit_script(
         run_name=name or path.name,
         inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in declared.values()],
         tags=tags,
+    )
+
+
+SPEC_KEYS = {
+    "kind",
+    "entry",
+    "command",
+    "workdir",
+    "inputs",
+    "params",
+    "resources",
+    "timeout",
+    "retries",
+    "experiment",
+    "name",
+}
+TRAIN_SPEC_KEYS = {"kind", "resources", "timeout", "retries", "experiment", "name", "trainer"}
+
+
+def load_job_spec(path: str | Path) -> dict[str, Any]:
+    """Read a job spec file (YAML or JSON); every error names the file and the key."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidInput(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path}: invalid YAML/JSON: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path}: expected a mapping of spec keys")
+    return data
+
+
+def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> dict[str, Any]:
+    """`appliance jobs submit FILE`: kind 'command' (entry: a command line or a Python file)
+    or 'train' (the keys of `appliance train --config`), plus resources, timeout, retries,
+    experiment and name."""
+    import shlex
+
+    kind = data.get("kind")
+    if kind == "train":
+        from appliance.core.training import CONFIG_KEYS, submit_training
+
+        unknown = sorted(set(data) - CONFIG_KEYS - TRAIN_SPEC_KEYS)
+        if unknown:
+            raise InvalidInput(f"{source}: unknown key {unknown[0]!r} for kind 'train'")
+        for required in ("train", "label"):
+            if not data.get(required):
+                raise InvalidInput(f"{source}: {required!r} is required for kind 'train'")
+        return submit_training(
+            app,
+            data["train"],
+            data["label"],
+            params=data.get("params") or {},
+            features=data.get("features"),
+            experiment=data.get("experiment", "default"),
+            name=data.get("name"),
+            cpus=int((data.get("resources") or {}).get("cpu", data.get("cpus", 1))),
+            trainer=data.get("trainer", "lightgbm"),
+            valid=data.get("valid"),
+            test=data.get("test"),
+            objective=data.get("objective"),
+            timeout=data.get("timeout"),
+            retries=data.get("retries", 0),
+        )
+    if kind != "command":
+        raise InvalidInput(f"{source}: kind {kind!r}: expected 'command' or 'train'")
+    unknown = sorted(set(data) - SPEC_KEYS)
+    if unknown:
+        raise InvalidInput(f"{source}: unknown key {unknown[0]!r}; known: {sorted(SPEC_KEYS)}")
+    entry = data.get("entry", data.get("command"))
+    if isinstance(entry, str):
+        entry = shlex.split(entry)
+    if not isinstance(entry, list) or not entry or not all(isinstance(e, str) for e in entry):
+        raise InvalidInput(f"{source}: entry: a command line or a list of strings is required")
+    inputs = data.get("inputs") or []
+    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+        raise InvalidInput(f"{source}: inputs: a list of dataset refs (NAME@V) is expected")
+    for key in ("params", "resources"):
+        if key in data and not isinstance(data[key], dict):
+            raise InvalidInput(f"{source}: {key}: a mapping is expected")
+    common = {
+        "timeout": data.get("timeout"),
+        "retries": data.get("retries", 0),
+        "resources": data.get("resources"),
+    }
+    if entry[0].endswith(".py"):  # a Python file: tracked like `appliance run`
+        script = Path(entry[0])
+        if data.get("workdir") and not script.is_absolute():
+            script = Path(data["workdir"]) / script
+        return submit_script(
+            app,
+            script,
+            entry[1:],
+            experiment=data.get("experiment", "default"),
+            name=data.get("name"),
+            inputs=inputs,
+            **common,
+        )
+    from appliance.core.datasets import get_dataset_version
+
+    declared = {}
+    for ref in inputs:
+        version = get_dataset_version(app, ref)
+        declared[ref] = {"ref": version["ref"], "sha256": version["sha256"]}
+    spec = JobSpec(
+        kind="command",
+        command=entry,
+        inputs={"datasets": declared},
+        params=data.get("params") or {},
+        workdir=data.get("workdir"),
+        timeout=common["timeout"],
+        retries=common["retries"],
+        experiment=data.get("experiment", "default"),
+        **({"resources": common["resources"]} if common["resources"] is not None else {}),
+    )
+    return submit_job(
+        app,
+        spec,
+        run_name=data.get("name") or Path(entry[0]).name,
+        inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in declared.values()],
     )

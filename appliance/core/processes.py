@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,3 +68,93 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _proc_table() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, ppid, pgrp) for every process, from /proc; {} without procfs."""
+    table: dict[int, tuple[str, int, int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        table[int(entry)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def tree_members(pid: int) -> list[int]:
+    """The live (non-zombie) processes of a job: `pid`, everything below it, and its group."""
+    table = _proc_table()
+    if not table:  # no procfs: the group is all we can reach
+        return [pid] if _exists(pid) else []
+    children: dict[int, list[int]] = {}
+    for child, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(child)
+    found = {pid} if pid in table else set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    found |= {p for p, (_, _, pgrp) in table.items() if pgrp == pid}
+    return sorted(p for p in found if table.get(p, ("Z",))[0] != "Z")
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _live(pids: set[int]) -> set[int]:
+    table = _proc_table()
+    if not table:
+        return {p for p in pids if _exists(p)}
+    return {p for p in pids if p in table and table[p][0] != "Z"}
+
+
+def _signal_all(pids: set[int], pgid: int, signum: int) -> None:
+    for target in pids:
+        try:
+            os.kill(target, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tree(pid: int | None, grace: float = 1.0) -> bool:
+    """SIGTERM a process-group leader and everything below it, SIGKILL what is left after
+    `grace` seconds; True once none of it runs. Never reaps, so the parent keeps the exit code.
+    The caller vouches that `pid` is ours (see is_ours)."""
+    if not pid:
+        return True
+    # Remember the first snapshot: a grandchild orphaned by its parent's death is still ours.
+    seen = set(tree_members(pid))
+
+    def remaining() -> set[int]:
+        seen.update(tree_members(pid))
+        return _live(seen)
+
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
+        _signal_all(remaining(), pid, signum)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not remaining():
+                return True
+            time.sleep(0.02)
+    return not remaining()

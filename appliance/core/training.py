@@ -68,6 +68,8 @@ CONFIG_KEYS = {
     "experiment",
     "name",
     "cpus",
+    "timeout",
+    "retries",
 }
 
 
@@ -138,12 +140,16 @@ def submit_training(
     valid: str | None = None,
     test: str | None = None,
     objective: str | None = None,
+    timeout: float | str | None = None,
+    retries: int = 0,
 ) -> dict[str, Any]:
     """Validate against the datasets' schemas, then submit a training job.
 
     `dataset` is the training version; `target` the label column; `valid`/`test` optional
-    versions with the same columns.
+    versions with the same columns. The MLP requests one GPU when the machine has one.
     """
+    from appliance.core.agent import machine_capacity
+
     if trainer not in TRAINERS:
         raise InvalidInput(f"--trainer {trainer!r}: expected one of {', '.join(TRAINERS)}")
     if objective is not None and objective not in OBJECTIVES:
@@ -192,7 +198,13 @@ def submit_training(
         kind=f"train-{trainer}",
         inputs=inputs,
         params={**merged, **common, "label": target, "features": chosen, "objective": objective},
-        resources={"cpu": cpus, "memory": "2Gi", "gpu": 1 if trainer == "mlp" else 0},
+        resources={
+            "cpu": cpus,
+            "memory": "2Gi",
+            "gpu": 1 if trainer == "mlp" and machine_capacity().gpu > 0 else 0,
+        },
+        timeout=timeout,  # type: ignore[arg-type]  # validate() turns '30m' into seconds
+        retries=retries,
     )
     return submit_job(
         app,
@@ -598,7 +610,8 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
 
     config = MlpConfig(**spec.params["mlp"])
     p = _prepare(spec, emit, config.epochs)
-    device = pick_device()
+    # Only a GPU the scheduler granted: an unrequested one may be another job's.
+    device = pick_device() if int(spec.resources.get("gpu", 0) or 0) > 0 else "cpu"
     print(f"training the MLP on {device}")
     levels = [len(s["categories"]) if s["type"] == "category" else 0 for s in p.signature]
     streamed: dict[str, dict[int, float]] = {}

@@ -241,6 +241,44 @@ def m003_version_counter(db: Any) -> None:
     )
 
 
+def m004_job_queue(db: Any) -> None:
+    # The agent's queue: requested resources, timeout, retries and the attempt count per job,
+    # the job process's own pid (its process group is what cancel and timeout kill), and the
+    # final state 'timed_out'. 'lost' is no longer produced: a job whose process vanished is
+    # reconciled to 'failed' (or queued again while retries remain).
+    #
+    # Adding a value to the state CHECK uses SQLite's documented writable_schema procedure for
+    # schema changes that leave stored rows valid; rebuilding the table instead would trip the
+    # foreign key from runs.job_id inside the migration's transaction.
+    conn = db.conn
+    (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
+    conn.execute("PRAGMA writable_schema = ON")
+    changed = conn.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' AND name = 'jobs'",
+        ("'cancelled', 'lost')", "'cancelled', 'lost', 'timed_out')"),
+    ).rowcount
+    conn.execute(f"PRAGMA schema_version = {int(schema_version) + 1}")
+    conn.execute("PRAGMA writable_schema = OFF")
+    if changed != 1:
+        raise sqlite3.DatabaseError("m004_job_queue: the jobs table's state check was not found")
+    _run_script(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN timeout_s REAL;
+        ALTER TABLE jobs ADD COLUMN child_pid INTEGER;
+        ALTER TABLE jobs ADD COLUMN cpu REAL NOT NULL DEFAULT 1;
+        ALTER TABLE jobs ADD COLUMN memory_bytes INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN gpu INTEGER NOT NULL DEFAULT 0;
+        UPDATE jobs SET state = 'failed',
+            error = coalesce(error, 'the job process disappeared') WHERE state = 'lost';
+        UPDATE runs SET status = 'failed' WHERE status = 'lost';
+        CREATE INDEX jobs_state ON jobs (state, submitted_at)
+        """,
+    )
+
+
 def _run_script(db: Any, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
@@ -248,7 +286,12 @@ def _run_script(db: Any, script: str) -> None:
             db.conn.execute(statement)
 
 
-STEPS: list[Callable[[Any], None]] = [m001_initial, m002_data_stage, m003_version_counter]
+STEPS: list[Callable[[Any], None]] = [
+    m001_initial,
+    m002_data_stage,
+    m003_version_counter,
+    m004_job_queue,
+]
 
 
 def applied_names(conn: sqlite3.Connection) -> list[str]:

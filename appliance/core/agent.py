@@ -1,0 +1,433 @@
+"""The agent: one long-lived scheduler per home that starts queued jobs as capacity allows.
+
+The CLI and TUI only queue jobs; `ensure_agent` starts an agent in the background when none
+answers, and a systemd unit can keep one running instead. One agent per home is guaranteed by
+an exclusive lock on `agent.lock` (which holds its pid); a datagram socket `agent.sock` wakes it
+when a job is queued, so a job starts within milliseconds without busy polling.
+
+Each job runs under its own supervisor process (see `LocalExecutor`), so jobs outlive the agent:
+stopping, restarting or kill -9 of the agent never stops a job. When an agent starts it
+reconciles: a `running` job whose supervisor is gone is queued again while retries remain,
+else failed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import IO, Any
+
+from appliance.core.context import Appliance
+from appliance.core.jobs import (
+    ACTIVE_STATES,
+    Request,
+    claim_job,
+    get_executor,
+    reconcile_job,
+)
+from appliance.core.processes import alive
+from appliance.errors import ApplianceError, Conflict, InvalidInput
+from appliance.store.db import utcnow
+
+IDLE_EXIT_ENV = "APPLIANCE_AGENT_IDLE_EXIT"
+DEFAULT_IDLE_EXIT = 600.0  # an agent started on demand goes away after 10 idle minutes
+POLL_SECONDS = 1.0
+RECONCILE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the machine offers to jobs at once."""
+
+    cpu: float
+    memory: int
+    gpu: int
+
+    def check_fits(self, request: Request) -> None:
+        """Refuse, at submit, a job that could never start here (it would queue forever)."""
+        for key, asked, have, unit in (
+            ("cpu", request.cpu, self.cpu, "cores"),
+            ("memory", request.memory, self.memory, "bytes"),
+            ("gpu", request.gpu, self.gpu, "GPUs"),
+        ):
+            if asked > have:
+                raise InvalidInput(
+                    f"resources.{key}: {asked:g} requested but this machine has {have:g} {unit}"
+                )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cpu": self.cpu, "memory": self.memory, "gpu": self.gpu}
+
+
+def _cgroup_cpu_limit() -> float | None:
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _memory_total() -> int:
+    total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs visible to jobs (`nvidia-smi -L`), honouring CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    found = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if visible is not None:
+        found = min(found, len([v for v in visible.split(",") if v.strip()]))
+    return found
+
+
+@cache
+def machine_capacity() -> Capacity:
+    """Cores (affinity and cgroup quota), memory (RAM and cgroup limit) and GPUs."""
+    cpu = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    quota = _cgroup_cpu_limit()
+    if quota is not None:
+        cpu = min(cpu, max(1.0, quota))
+    return Capacity(cpu=cpu, memory=_memory_total(), gpu=count_gpus())
+
+
+# ---- one agent per home -------------------------------------------------------------------
+
+
+def _lock_path(app: Appliance) -> Path:
+    return app.settings.home / "agent.lock"
+
+
+def _socket_address(app: Appliance) -> str:
+    path = str(app.settings.home / "agent.sock")
+    if len(path.encode()) < 100:
+        return path
+    # Too long for a socket path: Linux's abstract namespace, named after the home.
+    return "\0appliance-agent-" + hashlib.sha256(path.encode()).hexdigest()[:24]
+
+
+def wake_agent(app: Appliance) -> bool:
+    """Nudge the running agent to look at the queue now; False when no agent answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"wake", _socket_address(app))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except BlockingIOError:
+            return True  # its queue of wake-ups is full: it is awake already
+        except OSError:
+            return False
+    return True
+
+
+def agent_status(app: Appliance) -> dict[str, Any]:
+    """Whether an agent runs for this home, its pid, and the queue it sees."""
+    pid = _locked_by(app)
+    counts = {f"jobs_{state}": 0 for state in ACTIVE_STATES}
+    for row in app.db.rows(
+        "SELECT state, count(*) AS n FROM jobs WHERE state IN ('queued', 'running') GROUP BY state"
+    ):
+        counts[f"jobs_{row['state']}"] = row["n"]
+    return {
+        "running": pid is not None,
+        "pid": pid,
+        "home": str(app.settings.home),
+        "capacity": machine_capacity().as_dict(),
+        **counts,
+    }
+
+
+def _locked_by(app: Appliance) -> int | None:
+    """The pid holding the agent lock, or None; probing never takes the lock itself."""
+    path = _lock_path(app)
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    pid = int(text) if text.isdigit() else None
+    if pid is None or not alive(pid):
+        return None
+    if not wake_agent(app):
+        return None
+    return pid
+
+
+def ensure_agent(app: Appliance) -> None:
+    """Start an agent in the background unless one answers (jobs outlive this process)."""
+    if wake_agent(app):
+        return
+    log = app.settings.logs_dir / "agent.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "APPLIANCE_HOME": str(app.settings.home)}
+    idle = os.environ.get(IDLE_EXIT_ENV, str(DEFAULT_IDLE_EXIT))
+    with log.open("ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "appliance.runner", "agent", "--idle-exit", idle],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def stop_agent(app: Appliance, timeout: float = 5.0) -> dict[str, Any]:
+    """Stop the agent (running jobs keep running under their supervisors)."""
+    pid = _locked_by(app)
+    if pid is None:
+        return {"stopped": False, "pid": None}
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.05)
+    if alive(pid):
+        raise Conflict(f"agent {pid} did not stop within {timeout:g} s")
+    return {"stopped": True, "pid": pid}
+
+
+class Agent:
+    """The scheduling loop. `run()` returns when stopped, or after `idle_exit` idle seconds."""
+
+    def __init__(
+        self, app: Appliance, idle_exit: float | None = None, capacity: Capacity | None = None
+    ) -> None:
+        self.app = app
+        self.idle_exit = idle_exit
+        self.capacity = capacity or machine_capacity()
+        self.executor = get_executor(app.settings.executor)
+        self.stopping = False
+        self._lock_file: IO[str] | None = None
+        self._sock: socket.socket | None = None
+
+    def acquire(self, wait: float = 0.5) -> bool:
+        """Take the home's agent lock; False if another agent holds it."""
+        path = _lock_path(self.app)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = path.open("a+")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    fh.close()
+                    return False
+                time.sleep(0.05)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock_file = fh
+        address = _socket_address(self.app)
+        if not address.startswith("\0"):
+            Path(address).unlink(missing_ok=True)  # left by an agent that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(address)
+        sock.setblocking(False)
+        self._sock = sock
+        return True
+
+    def release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            address = _socket_address(self.app)
+            if not address.startswith("\0"):
+                Path(address).unlink(missing_ok=True)
+            self._sock = None
+        if self._lock_file is not None:
+            self._lock_file.seek(0)
+            self._lock_file.truncate()
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def reconcile(self) -> int:
+        """Settle running jobs whose supervisor is gone; returns how many were settled."""
+        settled = 0
+        for job in self.app.db.rows("SELECT * FROM jobs WHERE state = 'running'"):
+            if reconcile_job(self.app, job)["state"] != "running":
+                settled += 1
+        return settled
+
+    def schedule(self) -> list[str]:
+        """Start queued jobs, oldest first, while their requests fit in what is free.
+
+        A job that does not fit now does not block smaller ones behind it (backfill).
+        """
+        used = self.app.db.one(
+            "SELECT coalesce(sum(cpu), 0) AS cpu, coalesce(sum(memory_bytes), 0) AS memory, "
+            "coalesce(sum(gpu), 0) AS gpu FROM jobs WHERE state = 'running'"
+        ) or {"cpu": 0, "memory": 0, "gpu": 0}
+        free_cpu = self.capacity.cpu - used["cpu"]
+        free_memory = self.capacity.memory - used["memory"]
+        free_gpu = self.capacity.gpu - used["gpu"]
+        started = []
+        for job in self.app.db.rows(
+            "SELECT id, cpu, memory_bytes, gpu FROM jobs WHERE state = 'queued' "
+            "ORDER BY submitted_at, id"
+        ):
+            if job["cpu"] > free_cpu + 1e-9 or job["memory_bytes"] > free_memory:
+                continue
+            if job["gpu"] > free_gpu:
+                continue
+            if not claim_job(self.app, job["id"]):
+                continue  # cancelled meanwhile
+            try:
+                pid = self.executor.start(self.app, job["id"])
+            except OSError as exc:
+                from appliance.core.jobs import _fail_or_retry
+
+                _fail_or_retry(self.app, job["id"], None, f"could not start: {exc}")
+                continue
+            self.app.db.execute(
+                "UPDATE jobs SET pid = coalesce(pid, ?) WHERE id = ? AND state = 'running'",
+                (pid, job["id"]),
+            )
+            free_cpu -= job["cpu"]
+            free_memory -= job["memory_bytes"]
+            free_gpu -= job["gpu"]
+            started.append(job["id"])
+        return started
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def _active(self) -> int:
+        return int(
+            self.app.db.scalar("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
+        )
+
+    def _wait(self, seconds: float) -> None:
+        assert self._sock is not None
+        try:
+            ready, _, _ = select.select([self._sock], [], [], seconds)
+        except InterruptedError:
+            return
+        if ready:
+            while True:
+                try:
+                    self._sock.recv(64)
+                except (BlockingIOError, OSError):
+                    break
+
+    def run(self) -> None:
+        """Reconcile, then schedule on every wake-up until stopped or idle."""
+        previous = {s: signal.signal(s, self._on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.reconcile()
+            last_reconcile = idle_since = time.monotonic()
+            while not self.stopping:
+                self._reap()
+                now = time.monotonic()
+                if now - last_reconcile >= RECONCILE_SECONDS:
+                    self.reconcile()
+                    last_reconcile = now
+                self.schedule()
+                if self._active():
+                    idle_since = now
+                elif self.idle_exit is not None and now - idle_since >= self.idle_exit:
+                    break
+                self._wait(POLL_SECONDS)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+
+def run_agent(app: Appliance, idle_exit: float | None = None) -> int:
+    """`appliance agent`: run the scheduler in the foreground (what systemd and on-demand
+    starts both run). Returns 1 at once, with a message, if another agent holds this home."""
+    agent = Agent(app, idle_exit=idle_exit)
+    if not agent.acquire():
+        holder = _lock_path(app).read_text().strip() or "?"
+        print(
+            f"appliance agent: another agent (pid {holder}) already runs for {app.settings.home}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        print(
+            f"{utcnow()} agent {os.getpid()} started for {app.settings.home}; "
+            f"capacity {agent.capacity.as_dict()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        agent.run()
+    except ApplianceError as exc:
+        print(f"appliance agent: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        agent.release()
+    print(f"{utcnow()} agent {os.getpid()} stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def systemd_unit(app: Appliance, user: str | None = None) -> str:
+    """A unit file that keeps the agent running for this home across reboots.
+
+    KillMode=process: stopping or restarting the agent must not kill running jobs, which
+    live in the same cgroup; the restarted agent adopts or reconciles them.
+    """
+    exe = Path(sys.executable).parent / "appliance"
+    command = f"{exe} agent" if exe.exists() else f"{sys.executable} -m appliance.runner agent"
+    lines = [
+        "[Unit]",
+        "Description=appliance job agent",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        *([f"User={user}"] if user else []),
+        f"Environment=APPLIANCE_HOME={app.settings.home}",
+        f"ExecStart={command}",
+        "KillMode=process",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "NoNewPrivileges=true",
+        "",
+        "[Install]",
+        f"WantedBy={'multi-user.target' if user else 'default.target'}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,303 @@
+"""The agent and the durable job queue: capacity, timeouts, retries, crashes and restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.core.agent import agent_status, ensure_agent, machine_capacity, systemd_unit
+from appliance.core.context import Appliance
+from appliance.core.jobs import JobSpec, get_job, submit_job, wait_job
+from appliance.core.runs import get_run, metric_history
+from appliance.errors import InvalidInput
+
+
+def _py(code: str, **spec: object) -> JobSpec:
+    return JobSpec(kind="command", command=[sys.executable, "-c", code], **spec)  # type: ignore[arg-type]
+
+
+def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _agent_pid(app: Appliance) -> int:
+    _until(lambda: agent_status(app)["running"])
+    return int(agent_status(app)["pid"])
+
+
+def test_a_timed_out_job_is_killed_with_its_tree_and_says_so(app: Appliance) -> None:
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('started', flush=True); time.sleep(120)"
+    )
+    job = submit_job(app, _py(code, timeout="1s", retries=2))
+    _until(lambda: get_job(app, job["id"])["child_pid"] is not None)
+    child = get_job(app, job["id"])["child_pid"]
+    done = wait_job(app, job["id"], timeout=30)
+    assert done["state"] == "timed_out"
+    assert done["error"] == "timed out after 1 s"
+    assert done["attempt"] == 1  # a timeout is final: retries are for failures
+    assert get_run(app, job["run_id"])["status"] == "timed_out"
+    from appliance.core.processes import tree_members
+
+    assert tree_members(child) == []
+
+
+def test_a_failed_attempt_runs_again_while_retries_remain(app: Appliance, tmp_path: Path) -> None:
+    marker = tmp_path / "attempts"
+    code = (
+        "import json, os, pathlib, sys\n"
+        f"p = pathlib.Path({str(marker)!r})\n"
+        "p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+        "attempt = int(os.environ['APPLIANCE_ATTEMPT'])\n"
+        "event = {'type': 'metric', 'key': 'attempt', 'value': attempt, 'step': attempt}\n"
+        "print(json.dumps(event))\n"
+        "sys.exit(0 if attempt == 3 else 1)"
+    )
+    job = submit_job(app, _py(code, retries=2))
+    done = wait_job(app, job["id"], timeout=60)
+    assert done["state"] == "succeeded" and done["attempt"] == 3
+    assert marker.read_text() == "xxx"
+    assert [m["value"] for m in metric_history(app, job["run_id"], "attempt")] == [1, 2, 3]
+    log = (app.settings.logs_dir / "jobs" / f"{job['id']}.log").read_text()
+    assert "attempt 1 of 3 failed" in log and "attempt 2 of 3 failed" in log
+
+    always_fails = submit_job(app, _py("import sys; sys.exit(3)", retries=1))
+    done = wait_job(app, always_fails["id"], timeout=60)
+    assert done["state"] == "failed" and done["attempt"] == 2 and done["exit_code"] == 3
+
+
+def test_jobs_run_within_the_machines_capacity(app: Appliance, tmp_path: Path) -> None:
+    """Whole-machine jobs run one at a time; half-machine jobs share it, two at once."""
+    cores = machine_capacity().cpu
+    code = (
+        "import pathlib, sys, time\n"
+        "start = time.time(); time.sleep(0.6)\n"
+        "pathlib.Path(sys.argv[1]).write_text(f'{start} {time.time()}')"
+    )
+
+    def spans(cpu: float, count: int) -> list[tuple[float, float]]:
+        jobs = []
+        for i in range(count):
+            out = tmp_path / f"{cpu}-{i}"
+            spec = JobSpec(
+                kind="command",
+                command=[sys.executable, "-c", code, str(out)],
+                resources={"cpu": cpu, "memory": "64Mi"},
+            )
+            jobs.append((submit_job(app, spec), out))
+        for job, _ in jobs:
+            assert wait_job(app, job["id"], timeout=60)["state"] == "succeeded"
+        return sorted(tuple(map(float, out.read_text().split())) for _, out in jobs)  # type: ignore[misc]
+
+    whole = spans(cores, 3)
+    assert all(whole[i][1] <= whole[i + 1][0] for i in range(2)), whole  # never overlapped
+    half = spans(cores / 2, 2)
+    assert half[0][1] > half[1][0], half  # ran side by side
+
+
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        ({"cpu": 100_000}, "resources.cpu"),
+        ({"cpu": "lots"}, "resources.cpu"),
+        ({"memory": "64Pi"}, "resources.memory"),
+        ({"memory": "3 apples"}, "resources.memory"),
+        ({"gpu": 1.5}, "resources.gpu"),
+        ({"gpus": 1}, "resources.gpus"),
+    ],
+)
+def test_impossible_or_malformed_requests_are_refused_naming_the_key(
+    app: Appliance, resources: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidInput, match=field.replace(".", r"\.")):
+        submit_job(app, _py("pass", resources=resources))
+    assert app.db.scalar("SELECT count(*) FROM jobs") == 0
+
+
+def test_a_gpu_request_needs_a_gpu(app: Appliance) -> None:
+    if machine_capacity().gpu:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(InvalidInput, match=r"resources\.gpu: 1 requested but this machine has 0"):
+        submit_job(app, _py("pass", resources={"gpu": 1}))
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [({"timeout": "soon"}, "timeout"), ({"timeout": -1}, "timeout"), ({"retries": 99}, "retries")],
+)
+def test_bad_timeout_or_retries_name_the_key(
+    app: Appliance, spec: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidInput, match=f"^{field}:"):
+        submit_job(app, _py("pass", **spec))
+
+
+def test_two_agents_started_at_once_leave_exactly_one(app: Appliance) -> None:
+    env = {**os.environ, "APPLIANCE_HOME": str(app.settings.home)}
+    command = [sys.executable, "-m", "appliance", "agent", "--idle-exit", "5"]
+    procs = [
+        subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    try:
+        _until(lambda: any(p.poll() is not None for p in procs), timeout=20)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        assert loser.returncode == 1
+        assert "another agent" in loser.stderr.read()  # type: ignore[union-attr]
+        assert winner.poll() is None
+        assert agent_status(app)["pid"] == winner.pid
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+    assert not agent_status(app)["running"]
+
+
+PROGRESSING_JOB = """
+import json, sys, time
+for step in range(1, 1000):
+    print(json.dumps({"type": "metric", "key": "loss", "value": 1 / step, "step": step}))
+    sys.stdout.flush()
+    time.sleep(float(sys.argv[1]))
+    if step == int(sys.argv[2]):
+        break
+"""
+
+
+def test_kill_9_of_the_agent_does_not_stop_a_running_job(app: Appliance) -> None:
+    spec = JobSpec(kind="command", command=[sys.executable, "-c", PROGRESSING_JOB, "0.05", "40"])
+    job = submit_job(app, spec)
+    agent = _agent_pid(app)
+    _until(lambda: len(metric_history(app, job["run_id"], "loss")) >= 5)
+    os.kill(agent, signal.SIGKILL)
+    _until(lambda: _gone(agent))
+    done = wait_job(app, job["id"], timeout=60)  # its supervisor carried on alone
+    assert done["state"] == "succeeded"
+    assert len(metric_history(app, job["run_id"], "loss")) == 40
+    ensure_agent(app)  # the restarted agent finds nothing to fix
+    assert _agent_pid(app) != agent
+    assert get_job(app, job["id"])["state"] == "succeeded"
+
+
+def test_after_a_crash_a_restarted_agent_settles_running_jobs(app: Appliance) -> None:
+    """Agent, supervisors and jobs all killed (a power cut); the next agent reconciles:
+    failed when no retries remain, queued and run again when they do; metrics kept."""
+    slow = [sys.executable, "-c", PROGRESSING_JOB, "0.1", "9999"]
+    doomed = submit_job(app, JobSpec(kind="command", command=slow))
+    retried = submit_job(
+        app,
+        JobSpec(kind="command", command=[sys.executable, "-c", PROGRESSING_JOB, "0.01", "3"]),
+    )
+    agent = _agent_pid(app)
+    _until(lambda: len(metric_history(app, doomed["run_id"], "loss")) >= 3)
+    _until(lambda: get_job(app, retried["id"])["state"] != "queued")
+    # Let the second job be one that could retry, then cut the power on everything.
+    app.db.execute("UPDATE jobs SET retries = 1 WHERE id = ?", (retried["id"],))
+    os.kill(agent, signal.SIGKILL)
+    for job in (doomed, retried):
+        row = app.db.one("SELECT pid, child_pid FROM jobs WHERE id = ?", (job["id"],))
+        assert row is not None
+        for pid in (row["pid"], row["child_pid"]):
+            if pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    _until(lambda: _gone(agent))
+    kept = len(metric_history(app, doomed["run_id"], "loss"))
+    assert kept >= 3
+
+    ensure_agent(app)
+    done = wait_job(app, doomed["id"], timeout=30)
+    assert done["state"] == "failed" and "disappeared" in done["error"]
+    assert get_run(app, doomed["run_id"])["status"] == "failed"
+    assert len(metric_history(app, doomed["run_id"], "loss")) == kept
+    again = wait_job(app, retried["id"], timeout=60)
+    if again["attempt"] == 2:  # it was still running when the power went
+        assert again["state"] == "succeeded"
+    else:  # it had already finished
+        assert again["state"] == "succeeded" and again["attempt"] == 1
+    assert app.db.scalar("SELECT count(*) FROM jobs WHERE state = 'running'") == 0
+
+
+def test_stopping_the_agent_leaves_running_jobs_running(app: Appliance) -> None:
+    from appliance.core.agent import stop_agent
+
+    spec = JobSpec(kind="command", command=[sys.executable, "-c", PROGRESSING_JOB, "0.05", "30"])
+    job = submit_job(app, spec)
+    _agent_pid(app)
+    _until(lambda: get_job(app, job["id"])["state"] == "running")
+    assert stop_agent(app)["stopped"]
+    assert not agent_status(app)["running"]
+    assert wait_job(app, job["id"], timeout=60)["state"] == "succeeded"
+
+
+def test_the_cli_reports_and_controls_the_agent(cli, home: Path) -> None:  # type: ignore[no-untyped-def]
+    started = cli("agent", "start", "--home", str(home), "--json")
+    assert started.code == 0 and started.json()["running"]
+    status = cli("agent", "status", "--home", str(home), "--json").json()
+    assert status["pid"] == started.json()["pid"] and status["capacity"]["cpu"] >= 1
+    again = cli("agent", "start", "--home", str(home), "--json").json()
+    assert again["pid"] == status["pid"]  # one agent per home
+    stopped = cli("agent", "stop", "--home", str(home), "--json")
+    assert stopped.json() == {"stopped": True, "pid": status["pid"]}
+    assert cli("agent", "status", "--home", str(home), "--json").json()["running"] is False
+
+
+def test_systemd_unit_keeps_jobs_alive_across_agent_restarts(app: Appliance) -> None:
+    unit = systemd_unit(app, user="appliance")
+    assert "KillMode=process" in unit  # jobs share the agent's cgroup
+    assert f"Environment=APPLIANCE_HOME={app.settings.home}" in unit
+    assert "User=appliance" in unit and "WantedBy=multi-user.target" in unit
+    exec_line = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_line.endswith(" agent")
+    shipped = Path(__file__).parents[1] / "provisioning" / "systemd" / "appliance-agent.service"
+    assert "KillMode=process" in shipped.read_text()
+
+
+def test_jobs_submit_reads_a_spec_file(cli, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "kind: command\n"
+        f"entry: {sys.executable} -c \"print('hi from a spec')\"\n"
+        "resources: {cpu: 0.5, memory: 128Mi}\n"
+        "timeout: 2m\n"
+        "retries: 1\n"
+        "experiment: specs\n"
+    )
+    result = cli("jobs", "submit", str(spec), "--home", str(home), "--json", "--wait")
+    assert result.code == 0, result.err
+    job = result.json()
+    assert job["state"] == "succeeded"
+    assert job["timeout_s"] == 120 and job["retries"] == 1 and job["cpu"] == 0.5
+    assert job["memory_bytes"] == 128 * 2**20
+    runs = cli("runs", "list", "--experiment", "specs", "--home", str(home), "--json").json()
+    assert [r["id"] for r in runs] == [job["run_id"]]
+
+    spec.write_text("kind: command\nentry: [echo, hi]\nresource: {cpu: 1}\n")
+    bad = cli("jobs", "submit", str(spec), "--home", str(home))
+    assert bad.code == 2 and "unknown key 'resource'" in bad.err
+    spec.write_text(json.dumps({"kind": "cron", "entry": "echo"}))
+    bad = cli("jobs", "submit", str(spec), "--home", str(home))
+    assert bad.code == 2 and "kind 'cron'" in bad.err
