@@ -71,6 +71,15 @@ class LocalObjectStore:
         return self.root / object_key(sha256)
 
     def put_file(self, path: Path, move: bool = False) -> StoredObject:
+        try:
+            return self._put_file(path, move)
+        except OSError as exc:  # disk full, quota, file too large: nothing half-written stays
+            raise StoreUnavailable(
+                f"object store {self.root}: could not store {path.name} "
+                f"({exc.strerror or exc}); nothing was stored"
+            ) from exc
+
+    def _put_file(self, path: Path, move: bool) -> StoredObject:
         if move and path.stat().st_dev == self.root.stat().st_dev:
             # The caller's temp file becomes the object: hash it, then one rename, no copy.
             sha = sha256_file(path)

@@ -1,0 +1,79 @@
+"""Storage faults during a job: a write that cannot complete fails the run cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.jobs import submit_script, wait_job
+from appliance.core.runs import get_run
+
+# Writes a big artifact, then (only if that raised) proves the store still takes small ones.
+ARTIFACT_SCRIPT = """
+import os, resource, sys
+from appliance import sdk
+
+big = "big.bin"
+with open(big, "wb") as fh:
+    fh.write(os.urandom(512 * 1024))
+limit = int(sys.argv[1])
+if limit:  # the kernel refuses writes past this size: EFBIG, as a full disk refuses with ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+sdk.log_param("size", 512 * 1024)
+sdk.log_artifact(big, name="model")
+"""
+
+
+def _objects(app: Appliance) -> list[Path]:
+    return [p for p in app.settings.objects_dir.rglob("*") if p.is_file()]
+
+
+def _assert_failed_cleanly(app: Appliance, job: dict, reason: str) -> None:  # type: ignore[type-arg]
+    done = wait_job(app, job["id"], timeout=60)
+    assert done["state"] == "failed", done
+    assert reason in done["error"] and "nothing was stored" in done["error"]
+    run = get_run(app, job["run_id"])
+    assert run["status"] == "failed"
+    assert run["outputs"] == []
+    assert app.db.scalar("SELECT count(*) FROM artifacts") == 0
+    assert _objects(app) == []  # no half-written object, no temp file
+
+
+def test_a_write_the_kernel_refuses_fails_the_run_without_a_half_artifact(
+    app: Appliance, tmp_path: Path
+) -> None:
+    script = tmp_path / "log_big.py"
+    script.write_text(ARTIFACT_SCRIPT)
+    # The store's copy of big.bin goes past the limit halfway.
+    job = submit_script(app, script, [str(256 * 1024)], experiment="faults")
+    _assert_failed_cleanly(app, job, "File too large")
+
+
+def test_disk_full_while_writing_an_artifact_fails_the_run_cleanly(
+    app: Appliance, tmp_path: Path
+) -> None:
+    objects = app.settings.objects_dir
+    objects.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(objects)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root: " + mounted.stderr.decode().strip())
+    try:
+        script = tmp_path / "log_big.py"
+        script.write_text(ARTIFACT_SCRIPT)
+        job = submit_script(app, script, ["0"], experiment="faults")
+        _assert_failed_cleanly(app, job, "No space left on device")
+        # The store is still usable once the job is gone.
+        small = tmp_path / "small.py"
+        small.write_text(
+            "import pathlib\nfrom appliance import sdk\n"
+            "pathlib.Path('s.txt').write_text('ok')\nsdk.log_artifact('s.txt')\n"
+        )
+        ok = wait_job(app, submit_script(app, small, [])["id"], timeout=60)
+        assert ok["state"] == "succeeded"
+    finally:
+        subprocess.run(["umount", "-l", str(objects)], check=False)
