@@ -151,6 +151,21 @@ def metric_history(app: Appliance, run_id: str, key: str) -> list[dict[str, Any]
     )
 
 
+def curve_keys(app: Appliance, run_ids: list[str]) -> list[str]:
+    """Metrics with more than one point in any of these runs: the ones worth drawing."""
+    keys: set[str] = set()
+    for run_id in run_ids:
+        keys.update(
+            r["key"]
+            for r in app.db.rows(
+                "SELECT key FROM run_metrics WHERE run_id = ? GROUP BY key HAVING count(*) > 1",
+                (_resolve_id(app, run_id),),
+            )
+        )
+    # Validation curves first: they are what early stopping watched.
+    return sorted(keys, key=lambda k: (not k.startswith("valid"), k))
+
+
 def list_runs(app: Appliance, experiment: str | None = None) -> list[dict[str, Any]]:
     sql = (
         "SELECT r.id, e.name AS experiment, r.name, r.status, r.job_id, r.created_at "
@@ -176,15 +191,19 @@ def lower_is_better(metric: str) -> bool:
 
 
 def sort_runs(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """Sort by `metric.NAME`, `param.NAME` or a column; a leading '-' sorts descending.
+    """Sort by `metric.NAME`, `param.NAME` or a column. A metric sorts best first (highest
+    AUC, lowest loss); a leading '-' sorts descending and '+' ascending, explicitly.
     Runs without the value go last either way."""
-    descending = key.startswith("-")
-    field = key.lstrip("-")
+    field = key.lstrip("+-")
     kind, _, name = field.partition(".")
     if kind not in ("metric", "param") or not name:
         if rows and field not in rows[0]:
             raise InvalidInput(f"--sort {key!r}: use metric.NAME, param.NAME or a column name")
         kind, name = "column", field
+    if key[:1] in "+-" and key:
+        descending = key.startswith("-")
+    else:
+        descending = kind == "metric" and not lower_is_better(name)
 
     def value(row: dict[str, Any]) -> Any:
         if kind == "metric":
@@ -223,9 +242,13 @@ def runs_table(
 
 def compare_runs(app: Appliance, run_ids: list[str]) -> dict[str, Any]:
     """Params side by side (with which differ) and final and best metrics of each run."""
-    if len(run_ids) < 2:
-        raise InvalidInput("runs compare: give at least two run ids")
-    runs = [get_run(app, r) for r in run_ids]
+    runs = []
+    for run_id in run_ids:
+        run = get_run(app, run_id)
+        if run["id"] not in [r["id"] for r in runs]:  # the same run named twice counts once
+            runs.append(run)
+    if len(runs) < 2:
+        raise InvalidInput("runs compare: give at least two different run ids")
     ids = [r["id"] for r in runs]
     param_keys = sorted({k for r in runs for k in r["params"]})
     params = []

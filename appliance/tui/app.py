@@ -74,6 +74,8 @@ class ApplianceApp(App[None]):
         Binding("slash", "prompt('filter')", "Filter", key_display="/"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("d", "data", "Data"),
+        Binding("j", "jobs", "Jobs"),
+        Binding("e", "runs", "Runs"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -210,7 +212,10 @@ class ApplianceApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The dashboard's own actions mean nothing on a pushed screen (the Data screen).
-        if action in ("prompt", "clear_prompt", "data", "refresh") and len(self.screen_stack) > 1:
+        if (
+            action in ("prompt", "clear_prompt", "data", "jobs", "runs", "refresh")
+            and len(self.screen_stack) > 1
+        ):
             return False
         return True
 
@@ -218,6 +223,26 @@ class ApplianceApp(App[None]):
         from appliance.tui.data import DataScreen
 
         self.push_screen(DataScreen(self.ctx))
+
+    def action_jobs(self) -> None:
+        from appliance.tui.jobs import JobsScreen
+
+        self.push_screen(JobsScreen(self.ctx))
+
+    def action_runs(self) -> None:
+        from appliance.tui.runs import RunsScreen
+
+        self.push_screen(RunsScreen(self.ctx))
+
+    @on(DataTable.RowSelected, "#table")
+    def _on_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a row opens its kind's own screen (k9s's drill-down)."""
+        if self.kind == "jobs":
+            self.action_jobs()
+        elif self.kind == "runs":
+            self.action_runs()
+        elif self.kind == "datasets":
+            self.action_data()
 
     def action_refresh(self) -> None:
         self.refresh_resources()
