@@ -28,30 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from appliance.core.jobs import SPEC_ENV, JobSpec, emit
-        from appliance.errors import ApplianceError
+        from appliance.core.jobs import run_body
 
-        spec = JobSpec.from_json(os.environ[SPEC_ENV])
-        try:
-            if spec.kind == "train-lightgbm":
-                from appliance.core.training import train_lightgbm
-
-                train_lightgbm(spec, emit)
-            elif spec.kind == "train-mlp":
-                from appliance.core.training import train_mlp
-
-                train_mlp(spec, emit)
-            elif spec.kind == "recipe":
-                from appliance.core.recipes import recipe_job
-
-                recipe_job(spec, emit)
-            else:
-                print(f"no built-in job body for kind {spec.kind!r}", file=sys.stderr)
-                return 2
-        except ApplianceError as exc:  # a user-facing reason, not a traceback, as the error
-            print(exc.message.replace("\n", " | "), file=sys.stderr)
-            return 1
-        return 0
+        return run_body()
 
     from appliance.core.context import Appliance
 

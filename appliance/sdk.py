@@ -30,7 +30,7 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def log_param(key: str, value: Any) -> None:
-    _emit({"type": "param", "key": key, "value": value})
+    _emit({"type": "param", "name": key, "value": value})
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -39,15 +39,15 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_metric(key: str, value: float, step: int = 0) -> None:
-    _emit({"type": "metric", "key": key, "value": float(value), "step": int(step)})
+    _emit({"type": "metric", "name": key, "value": float(value), "step": int(step)})
 
 
 def set_tag(key: str, value: Any) -> None:
-    _emit({"type": "tag", "key": key, "value": str(value)})
+    _emit({"type": "tag", "name": key, "value": str(value)})
 
 
 def progress(done: float, total: float | None = None, message: str = "") -> None:
-    _emit({"type": "progress", "current": done, "total": total, "message": message})
+    _emit({"type": "progress", "done": done, "total": total, "message": message})
 
 
 def _store() -> Any:

@@ -177,7 +177,7 @@ def test_two_agents_started_at_once_leave_exactly_one(app: Appliance) -> None:
 PROGRESSING_JOB = """
 import json, sys, time
 for step in range(1, 1000):
-    print(json.dumps({"type": "metric", "key": "loss", "value": 1 / step, "step": step}))
+    print(json.dumps({"type": "metric", "name": "loss", "value": 1 / step, "step": step}))
     sys.stdout.flush()
     time.sleep(float(sys.argv[1]))
     if step == int(sys.argv[2]):

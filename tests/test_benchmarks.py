@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("data_import_profile.py", ["--rows", "20000"], "speed-up vs pandas"),
         (
             "training_overhead.py",
-            ["--rows", "5000", "--starts", "2", "--points", "2000"],
+            ["--rows", "5000", "--starts", "2", "--points", "2000", "--repeat", "1"],
             "job start latency",
         ),
     ],

@@ -19,7 +19,7 @@ LONG_JOB = """
 import json, sys, time
 for step in range(1, 10_000):
     print(f"working on step {step}", flush=True)
-    print(json.dumps({"type": "progress", "current": step, "total": 400}), flush=True)
+    print(json.dumps({"type": "progress", "done": step, "total": 400}), flush=True)
     time.sleep(0.05)
 """
 

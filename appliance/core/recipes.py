@@ -212,7 +212,7 @@ def recipe_job(spec: JobSpec, emit: Emit) -> None:
     store = open_object_store(settings)
     parsed = _parse(params["sql"], params["recipe"])
     total = len(parsed) + 2
-    emit({"type": "progress", "current": 0, "total": total, "message": "loading inputs"})
+    emit({"type": "progress", "done": 0, "total": total, "message": "loading inputs"})
     con = duck.connect(settings)
     with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
         files = []
@@ -225,7 +225,7 @@ def recipe_job(spec: JobSpec, emit: Emit) -> None:
             )
         lock_down(con, files, Path(tmp))
         output = Path(tmp) / "data.parquet"
-        emit({"type": "progress", "current": 1, "total": total, "message": "running"})
+        emit({"type": "progress", "done": 1, "total": total, "message": "running"})
         _execute_all(
             con,
             parsed,
@@ -269,4 +269,4 @@ def recipe_job(spec: JobSpec, emit: Emit) -> None:
             },
         }
     )
-    emit({"type": "progress", "current": total, "total": total, "message": "done"})
+    emit({"type": "progress", "done": total, "total": total, "message": "done"})

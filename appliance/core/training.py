@@ -367,11 +367,42 @@ class Prepared:
         return len(self.labels) if self.objective == "multiclass" else 2
 
 
+def _distinct(values: Any) -> list[Any]:
+    """Sorted distinct values as Python scalars (vectorised: labels have 10^5+ rows)."""
+    import numpy as np
+
+    array = np.asarray(values)
+    if array.dtype.kind in "iufbU":
+        return [v.item() if hasattr(v, "item") else v for v in np.unique(array)]
+    return sorted({v.item() if hasattr(v, "item") else v for v in array})
+
+
+def _label_codes(raw: Any, labels: list[Any], label: str) -> Any:
+    """Each row's class index in `labels`; refuses a value the training rows never had."""
+    import numpy as np
+
+    array = np.asarray(raw)
+    if array.dtype.kind in "iufbU":
+        uniq, inverse = np.unique(array, return_inverse=True)
+        keys = [v.item() if hasattr(v, "item") else v for v in uniq]
+    else:
+        keys_of_rows = [v.item() if hasattr(v, "item") else v for v in array]
+        keys = sorted(set(keys_of_rows), key=repr)
+        position = {k: i for i, k in enumerate(keys)}
+        inverse = np.array([position[k] for k in keys_of_rows], dtype=np.int64)
+    index = {v: i for i, v in enumerate(labels)}
+    unknown = [k for k in keys if k not in index]
+    if unknown:
+        raise ValueError(f"label {label!r} has value {unknown[0]!r}, unseen in training")
+    lookup = np.array([index[k] for k in keys], dtype=np.float64)
+    return lookup[inverse.reshape(-1)] if len(keys) else np.zeros(0, dtype=np.float64)
+
+
 def _labels(objective: str | None, label: str, values: Any) -> tuple[str, list[Any]]:
     import numpy as np
 
-    distinct = sorted({v.item() if hasattr(v, "item") else v for v in values})
     numeric = np.asarray(values).dtype.kind in "iufb"
+    distinct = _distinct(values)
     if objective is None:
         if len(distinct) == 2:
             objective = "binary"
@@ -404,7 +435,7 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
     params = spec.params
     label, features = params["label"], params["features"]
     store = open_object_store(load_settings(os.environ.get("APPLIANCE_HOME")))
-    emit({"type": "progress", "current": 0, "total": total, "message": "loading data"})
+    emit({"type": "progress", "done": 0, "total": total, "message": "loading data"})
     loaded = {
         role: _load_columns(store.get_file(item["sha256"]), [*features, label])
         for role, item in spec.inputs.items()
@@ -437,12 +468,7 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
         if objective == "regression":
             y = raw.astype(np.float64)
         else:
-            index = {v: i for i, v in enumerate(labels)}
-            keys = [v.item() if hasattr(v, "item") else v for v in raw]
-            unknown = [k for k in keys if k not in index]
-            if unknown:
-                raise ValueError(f"label {label!r} has value {unknown[0]!r}, unseen in training")
-            y = np.array([index[k] for k in keys], dtype=np.float64)
+            y = _label_codes(raw, labels, label)
         return Split(encode(signature, data), y)
 
     train, valid = split(loaded["train"]), split(loaded["valid"])
@@ -479,7 +505,7 @@ def _report_model(
         final["auc"] = final["valid_auc"]  # the headline number the quickstart prints
     for key, value in final.items():
         if np.isfinite(value):  # AUC is undefined when a split has one class
-            emit({"type": "metric", "key": key, "value": value, "step": steps})
+            emit({"type": "metric", "name": key, "value": value, "step": steps})
         else:
             print(f"metric {key} is undefined on this data; not recorded")
     stored = p.store.put_file(model_path)
@@ -503,7 +529,7 @@ def _report_model(
             },
         }
     )
-    emit({"type": "progress", "current": steps, "total": steps, "message": "done"})
+    emit({"type": "progress", "done": steps, "total": steps, "message": "done"})
 
 
 def _restate(streamed: dict[str, dict[int, float]], best: int, emit: Emit) -> None:
@@ -513,7 +539,7 @@ def _restate(streamed: dict[str, dict[int, float]], best: int, emit: Emit) -> No
 
     for key, values in streamed.items():
         if best in values and np.isfinite(values[best]):
-            emit({"type": "metric", "key": key, "value": values[best], "step": best})
+            emit({"type": "metric", "name": key, "value": values[best], "step": best})
 
 
 def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
@@ -563,13 +589,13 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
                 emit(
                     {
                         "type": "metric",
-                        "key": f"valid_{name}",
+                        "name": f"valid_{name}",
                         "value": value,
                         "step": step,
                         "timestamp": now,
                     }
                 )
-        emit({"type": "progress", "current": step, "total": rounds, "message": "boosting"})
+        emit({"type": "progress", "done": step, "total": rounds, "message": "boosting"})
 
     callbacks = [report]
     if stop_after:
@@ -583,7 +609,7 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
         callbacks=callbacks,
     )
     best = booster.best_iteration or booster.current_iteration()
-    emit({"type": "param", "key": "best_iteration", "value": best})
+    emit({"type": "param", "name": "best_iteration", "value": best})
     _restate(streamed, best, emit)
     gains = booster.feature_importance(importance_type="gain")
     importance = {n: float(g) for n, g in zip(p.features, gains, strict=True)}
@@ -623,12 +649,17 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
         for key in ("train_loss", "valid_loss", "seconds"):
             name = "epoch_seconds" if key == "seconds" else key
             emit(
-                {"type": "metric", "key": name, "value": getattr(report, key), "step": report.epoch}
+                {
+                    "type": "metric",
+                    "name": name,
+                    "value": getattr(report, key),
+                    "step": report.epoch,
+                }
             )
         emit(
             {
                 "type": "progress",
-                "current": report.epoch,
+                "done": report.epoch,
                 "total": config.epochs,
                 "message": f"epoch {report.epoch} on {device}",
             }
@@ -646,14 +677,14 @@ def train_mlp(spec: JobSpec, emit: Emit) -> None:
         device=device,
         on_epoch=on_epoch,
     )
-    emit({"type": "param", "key": "best_epoch", "value": model.best_epoch})
+    emit({"type": "param", "name": "best_epoch", "value": model.best_epoch})
     _restate(streamed, model.best_epoch, emit)
     imputed = dict(model.imputed)
     if p.test is not None:
         imputed["test"] = model.layout.transform(p.test.x)[2]
     if any(imputed.values()):
         print(f"imputed missing numeric values with the training mean: {imputed}")
-    emit({"type": "tag", "key": "device", "value": device})
+    emit({"type": "tag", "name": "device", "value": device})
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "model.npz"
         model.save(model_path)
