@@ -301,3 +301,68 @@ def test_jobs_submit_reads_a_spec_file(cli, home: Path, tmp_path: Path) -> None:
     spec.write_text(json.dumps({"kind": "cron", "entry": "echo"}))
     bad = cli("jobs", "submit", str(spec), "--home", str(home))
     assert bad.code == 2 and "kind 'cron'" in bad.err
+
+
+def test_gpus_are_counted_with_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.core.agent import count_gpus
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo "$@" >> "$(dirname "$0")/calls"\n'
+        "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+        "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert count_gpus() == 2
+    assert (fake.parent / "calls").read_text().split() == ["-L"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert count_gpus() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert count_gpus() == 0
+
+
+def test_the_mlp_requests_a_gpu_only_where_there_is_one(
+    app: Appliance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import appliance.core.agent as agent
+    from appliance.core.agent import Capacity
+    from appliance.core.datasets import import_data
+    from appliance.core.jobs import cancel_job
+    from appliance.core.training import submit_training
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(50)))
+    import_data(app, "d", str(csv))
+    here = machine_capacity()
+    monkeypatch.setattr(agent, "machine_capacity", lambda: Capacity(here.cpu, here.memory, 1))
+    job = submit_training(app, "d", "y", trainer="mlp")
+    spec = json.loads(app.db.scalar("SELECT spec_json FROM jobs WHERE id = ?", (job["id"],)))
+    assert spec["resources"]["gpu"] == 1 and job["gpu"] == 1
+    cancel_job(app, job["id"])  # the real machine may have no GPU to run it on
+    monkeypatch.setattr(agent, "machine_capacity", lambda: Capacity(here.cpu, here.memory, 0))
+    job = submit_training(app, "d", "y", trainer="mlp")
+    assert job["gpu"] == 0
+    cancel_job(app, job["id"])
+
+
+def test_a_queued_job_with_no_agent_gets_one_when_anyone_waits_or_looks(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import appliance.core.agent as agent
+    from appliance.core.jobs import list_jobs
+
+    real = agent.ensure_agent
+    monkeypatch.setattr(agent, "ensure_agent", lambda app: None)  # as if the agent died
+    first = submit_job(app, _py("print('one')"))
+    second = submit_job(app, _py("print('two')"))
+    time.sleep(0.3)
+    assert get_job(app, first["id"])["state"] == "queued"
+    assert not agent_status(app)["running"]
+    monkeypatch.setattr(agent, "ensure_agent", real)
+    assert wait_job(app, first["id"], timeout=30)["state"] == "succeeded"
+    assert wait_job(app, second["id"], timeout=30)["state"] == "succeeded"
+    assert all(j["state"] == "succeeded" for j in list_jobs(app))

@@ -355,6 +355,8 @@ def list_jobs(app: Appliance) -> list[dict[str, Any]]:
         "j.exit_code, j.error, j.attempt, j.retries, r.id AS run_id, r.name AS run_name "
         "FROM jobs j LEFT JOIN runs r ON r.job_id = j.id ORDER BY j.submitted_at DESC"
     )
+    if any(r["state"] == "queued" for r in rows):
+        _ensure_scheduler(app)
     out = []
     for row in rows:
         if row["state"] == "running":
@@ -367,13 +369,23 @@ def list_jobs(app: Appliance) -> list[dict[str, Any]]:
     return out
 
 
+def _ensure_scheduler(app: Appliance) -> None:
+    from appliance.core.agent import ensure_agent
+
+    ensure_agent(app)
+
+
 def wait_job(app: Appliance, job_id: str, timeout: float | None = None) -> dict[str, Any]:
     """Block until the job reaches a final state (or the timeout passes)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    checked = 0.0
     while True:
         job = get_job(app, job_id)
         if job["state"] in FINAL_STATES:
             return job
+        if job["state"] == "queued" and time.monotonic() - checked > 2.0:
+            _ensure_scheduler(app)  # queued with no agent (it was killed): start one
+            checked = time.monotonic()
         if deadline is not None and time.monotonic() > deadline:
             return job
         time.sleep(0.05)
@@ -524,9 +536,9 @@ def _fail_or_retry(
             f"[appliance] attempt {row['attempt']} of {row['retries'] + 1} failed ({error}); "
             "queued again",
         )
-        from appliance.core.agent import wake_agent
+        from appliance.core.agent import ensure_agent
 
-        wake_agent(app)
+        ensure_agent(app)
         return "queued"
     _finish(app, job_id, "failed", exit_code, error, only=("running",))
     return "failed"
