@@ -366,3 +366,27 @@ def test_a_queued_job_with_no_agent_gets_one_when_anyone_waits_or_looks(
     assert wait_job(app, first["id"], timeout=30)["state"] == "succeeded"
     assert wait_job(app, second["id"], timeout=30)["state"] == "succeeded"
     assert all(j["state"] == "succeeded" for j in list_jobs(app))
+
+
+def test_a_train_spec_file_runs_the_built_in_trainer(cli, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    csv = tmp_path / "d.csv"
+    csv.write_text("x,z,y\n" + "".join(f"{i},{i % 7},{(i * 7) % 3 == 0}\n" for i in range(300)))
+    assert cli("data", "import", "d", str(csv), "--home", str(home)).code == 0
+    spec = tmp_path / "train.yaml"
+    spec.write_text(
+        "kind: train\ntrain: d\nlabel: y\nexperiment: specs\nretries: 1\ntimeout: 5m\n"
+        "resources: {cpu: 1}\nparams: {num_boost_round: 20}\n"
+    )
+    result = cli("jobs", "submit", str(spec), "--home", str(home), "--json", "--wait")
+    assert result.code == 0, result.err
+    job = result.json()
+    assert job["state"] == "succeeded" and job["retries"] == 1 and job["timeout_s"] == 300
+    run = cli("runs", "show", job["run_id"], "--home", str(home), "--json").json()
+    assert run["experiment"] == "specs" and "valid_auc" in run["metrics"]
+
+    spec.write_text("kind: train\ntrain: d\nlabel: y\nresources: {cpu: 0.5}\n")
+    bad = cli("jobs", "submit", str(spec), "--home", str(home))
+    assert bad.code == 2 and "resources.cpu" in bad.err
+    spec.write_text("kind: train\ntrain: d\nlabel: y\nfeatures: x\n")
+    bad = cli("jobs", "submit", str(spec), "--home", str(home))
+    assert bad.code == 2 and "'features'" in bad.err

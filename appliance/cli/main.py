@@ -830,8 +830,7 @@ def train_cmd(
     wait: bool,
 ) -> None:
     """Train LightGBM or a PyTorch MLP on dataset versions; prints the run id."""
-    from appliance.core.training import load_train_config, parse_param, submit_training
-    from appliance.errors import InvalidInput
+    from appliance.core.training import load_train_config, parse_param, submit_train_config
 
     config = load_train_config(config_file) if config_file else {}
     flags = {
@@ -851,25 +850,7 @@ def train_cmd(
     merged["params"] = {**config.get("params", {}), **dict(parse_param(p) for p in params)}
     if features:
         merged["features"] = list(features)
-    for required in ("train", "label"):
-        if not merged.get(required):
-            raise InvalidInput(f"--{required} is required (or '{required}:' in --config)")
-    job = submit_training(
-        app,
-        merged["train"],
-        merged["label"],
-        params=merged["params"],
-        features=merged.get("features"),
-        experiment=merged.get("experiment", "default"),
-        name=merged.get("name"),
-        cpus=int(merged.get("cpus", 1)),
-        trainer=merged.get("trainer", "lightgbm"),
-        valid=merged.get("valid"),
-        test=merged.get("test"),
-        objective=merged.get("objective"),
-        timeout=merged.get("timeout"),
-        retries=merged.get("retries", 0),
-    )
+    job = submit_train_config(app, merged)
     if wait:
         job = _watch(app, job)
     if as_json:

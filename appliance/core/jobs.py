@@ -1059,20 +1059,25 @@ SPEC_KEYS = {
 TRAIN_SPEC_KEYS = {"kind", "resources", "timeout", "retries", "experiment", "name", "trainer"}
 
 
-def load_job_spec(path: str | Path) -> dict[str, Any]:
-    """Read a job spec file (YAML or JSON); every error names the file and the key."""
+def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML (or JSON) file holding one mapping; errors name the option and the file."""
     import yaml
 
     file = Path(path)
     if not file.is_file():
-        raise InvalidInput(f"{path}: no such file")
+        raise InvalidInput(f"{what} {path}: no such file")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InvalidInput(f"{path}: invalid YAML/JSON: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
-        raise InvalidInput(f"{path}: expected a mapping of spec keys")
+        raise InvalidInput(f"{path}: expected a mapping of keys")
     return data
+
+
+def load_job_spec(path: str | Path) -> dict[str, Any]:
+    """Read a job spec file (YAML or JSON)."""
+    return load_yaml_mapping(path, "spec")
 
 
 def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> dict[str, Any]:
@@ -1083,30 +1088,16 @@ def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> d
 
     kind = data.get("kind")
     if kind == "train":
-        from appliance.core.training import CONFIG_KEYS, submit_training
+        from appliance.core.training import check_train_config, submit_train_config
 
-        unknown = sorted(set(data) - CONFIG_KEYS - TRAIN_SPEC_KEYS)
-        if unknown:
-            raise InvalidInput(f"{source}: unknown key {unknown[0]!r} for kind 'train'")
-        for required in ("train", "label"):
-            if not data.get(required):
-                raise InvalidInput(f"{source}: {required!r} is required for kind 'train'")
-        return submit_training(
-            app,
-            data["train"],
-            data["label"],
-            params=data.get("params") or {},
-            features=data.get("features"),
-            experiment=data.get("experiment", "default"),
-            name=data.get("name"),
-            cpus=int((data.get("resources") or {}).get("cpu", data.get("cpus", 1))),
-            trainer=data.get("trainer", "lightgbm"),
-            valid=data.get("valid"),
-            test=data.get("test"),
-            objective=data.get("objective"),
-            timeout=data.get("timeout"),
-            retries=data.get("retries", 0),
-        )
+        config = check_train_config(data, source, extra=TRAIN_SPEC_KEYS)
+        if "resources" in config:  # a spec's cpu request is the trainer's thread count
+            cpu = JobSpec("train-lightgbm", resources=config["resources"]).request().cpu
+            if cpu != int(cpu):
+                raise InvalidInput(f"{source}: resources.cpu: a training job takes whole cores")
+            config = {**config, "cpus": int(cpu)}
+        config.pop("resources", None)
+        return submit_train_config(app, config)
     if kind != "command":
         raise InvalidInput(f"{source}: kind {kind!r}: expected 'command' or 'train'")
     unknown = sorted(set(data) - SPEC_KEYS)

@@ -20,12 +20,8 @@ def alive(pid: int | None) -> bool:
             return False
     except ChildProcessError:
         pass  # not our child: its parent (or init) reaps it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _exists(pid):
         return False
-    except PermissionError:
-        return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -75,34 +75,53 @@ CONFIG_KEYS = {
 
 def load_train_config(path: str | Path) -> dict[str, Any]:
     """`appliance train --config train.yaml`: the command's options as YAML keys."""
-    import yaml
+    from appliance.core.jobs import load_yaml_mapping
 
-    file = Path(path)
-    if not file.is_file():
-        raise InvalidInput(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{path}: expected a mapping of options")
-    unknown = sorted(set(data) - CONFIG_KEYS)
+    return check_train_config(load_yaml_mapping(path, "--config"), str(path))
+
+
+def check_train_config(data: dict[str, Any], source: str, extra: set[str] = set()) -> dict:  # noqa: B006
+    """Refuse unknown keys and wrong types in a training config, naming the key."""
+    unknown = sorted(set(data) - CONFIG_KEYS - extra)
     if unknown:
-        raise InvalidInput(f"{path}: unknown key {unknown[0]!r}; known: {sorted(CONFIG_KEYS)}")
+        raise InvalidInput(f"{source}: unknown key {unknown[0]!r}; known: {sorted(CONFIG_KEYS)}")
     if "params" in data and not isinstance(data["params"], dict):
-        raise InvalidInput(f"{path}: 'params' must be a mapping")
+        raise InvalidInput(f"{source}: 'params' must be a mapping")
     for key in ("trainer", "train", "valid", "test", "label", "objective", "experiment", "name"):
         if key in data and not isinstance(data[key], str):
-            raise InvalidInput(f"{path}: {key!r} must be a string")
+            raise InvalidInput(f"{source}: {key!r} must be a string")
     if "features" in data and not (
         isinstance(data["features"], list) and all(isinstance(f, str) for f in data["features"])
     ):
-        raise InvalidInput(f"{path}: 'features' must be a list of column names")
+        raise InvalidInput(f"{source}: 'features' must be a list of column names")
     if "cpus" in data and not (
         isinstance(data["cpus"], int) and not isinstance(data["cpus"], bool) and data["cpus"] >= 1
     ):
-        raise InvalidInput(f"{path}: 'cpus' must be a positive integer")
+        raise InvalidInput(f"{source}: 'cpus' must be a positive integer")
     return data
+
+
+def submit_train_config(app: Appliance, config: dict[str, Any]) -> dict[str, Any]:
+    """Submit from merged options (`train` flags over `--config`, or a `kind: train` spec)."""
+    for required in ("train", "label"):
+        if not config.get(required):
+            raise InvalidInput(f"--{required} is required (or '{required}:' in the config)")
+    return submit_training(
+        app,
+        config["train"],
+        config["label"],
+        params=config.get("params") or {},
+        features=config.get("features"),
+        experiment=config.get("experiment", "default"),
+        name=config.get("name"),
+        cpus=int(config.get("cpus", 1)),
+        trainer=config.get("trainer", "lightgbm"),
+        valid=config.get("valid"),
+        test=config.get("test"),
+        objective=config.get("objective"),
+        timeout=config.get("timeout"),
+        retries=config.get("retries", 0),
+    )
 
 
 def _check_lightgbm_params(params: dict[str, Any]) -> None:
