@@ -11,14 +11,7 @@ from appliance.core.context import Appliance
 from appliance.core.datasets import import_data
 from appliance.tui.app import ApplianceApp
 from appliance.tui.data import DataScreen, histogram_bars
-
-
-async def _until(pilot, condition, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        await pilot.pause(0.05)
-        if condition():
-            return
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.pilot import until
 
 
 def test_histogram_bars() -> None:
@@ -40,9 +33,9 @@ def test_data_screen(tmp_path: Path) -> None:
             assert isinstance(app.screen, DataScreen)
             screen = app.screen
             versions = screen.query_one("#versions", DataTable)
-            await _until(pilot, lambda: versions.row_count == 1, "versions")
+            await until(pilot, lambda: versions.row_count == 1, "versions")
             preview = screen.query_one("#preview", DataTable)
-            await _until(pilot, lambda: preview.row_count == 40, "preview rows")
+            await until(pilot, lambda: preview.row_count == 40, "preview rows")
             profile = str(screen.query_one("#profile", Static).render())
             assert "amount" in profile and "█" in profile  # a histogram drawn as bars
             lineage = str(screen.query_one("#lineage", Static).render())
@@ -53,7 +46,7 @@ def test_data_screen(tmp_path: Path) -> None:
             screen.query_one("#sql").focus()
             await pilot.press(*"SELECT count(*) AS n FROM sales", "enter")
             results = screen.query_one("#sql-results", DataTable)
-            await _until(pilot, lambda: results.row_count == 1, "SQL results")
+            await until(pilot, lambda: results.row_count == 1, "SQL results")
             assert str(results.get_row_at(0)[0]) == "40"
 
             screen.query_one("#tabs").active = "tab-recipe"
@@ -62,8 +55,8 @@ def test_data_screen(tmp_path: Path) -> None:
             screen.query_one("#recipe-out").focus()
             await pilot.press(*"totals", "enter")
             status = screen.query_one("#recipe-status", Static)
-            await _until(pilot, lambda: "created totals@1" in str(status.render()), "recipe")
-            await _until(pilot, lambda: versions.row_count == 2, "the new version listed")
+            await until(pilot, lambda: "created totals@1" in str(status.render()), "recipe")
+            await until(pilot, lambda: versions.row_count == 2, "the new version listed")
 
             await pilot.press("escape")  # leaves the input
             await pilot.press("escape")

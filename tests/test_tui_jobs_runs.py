@@ -14,6 +14,7 @@ from appliance.core.runs import runs_table
 from appliance.tui.app import ApplianceApp
 from appliance.tui.jobs import ConfirmScreen, JobsScreen, progress_cell
 from appliance.tui.runs import RunsScreen
+from tests.pilot import until
 
 LONG_JOB = """
 import json, sys, time
@@ -22,14 +23,6 @@ for step in range(1, 10_000):
     print(json.dumps({"type": "progress", "done": step, "total": 400}), flush=True)
     time.sleep(0.05)
 """
-
-
-async def _until(pilot, condition, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        await pilot.pause(0.05)
-        if condition():
-            return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _cells(table: DataTable) -> list[list[str]]:
@@ -55,19 +48,19 @@ def test_jobs_screen_follows_a_running_job_and_cancels_it_after_confirming(home:
             assert isinstance(app.screen, JobsScreen)
             screen = app.screen
             table = screen.query_one("#jobs", DataTable)
-            await _until(pilot, lambda: table.row_count == 2, "two jobs")
-            await _until(
+            await until(pilot, lambda: table.row_count == 2, "two jobs")
+            await until(
                 pilot,
                 lambda: "█" in _cells(table)[0][4] and "running" in _cells(table)[0][3],
                 "a progress bar in the running job's row",
             )
             assert screen.selected == running["id"]  # the newest job is highlighted
             bar = screen.query_one("#job-progress", ProgressBar)
-            await _until(pilot, lambda: (bar.progress or 0) > 0, "the progress widget")
+            await until(pilot, lambda: (bar.progress or 0) > 0, "the progress widget")
             log = screen.query_one("#job-log", Log)
-            await _until(pilot, lambda: "working on step 3" in "\n".join(log.lines), "log tail")
+            await until(pilot, lambda: "working on step 3" in "\n".join(log.lines), "log tail")
             lines_before = len(log.lines)
-            await _until(pilot, lambda: len(log.lines) > lines_before + 5, "the log to follow")
+            await until(pilot, lambda: len(log.lines) > lines_before + 5, "the log to follow")
 
             await pilot.press("c")
             assert isinstance(app.screen, ConfirmScreen)
@@ -79,17 +72,17 @@ def test_jobs_screen_follows_a_running_job_and_cancels_it_after_confirming(home:
 
             await pilot.press("c")
             await pilot.press("y")
-            await _until(
+            await until(
                 pilot,
                 lambda: get_job(ctx, running["id"])["state"] == "cancelled",
                 "the job to be cancelled",
             )
-            await _until(
+            await until(
                 pilot, lambda: "cancelled" in _cells(table)[0][3], "the row to say cancelled"
             )
 
             await pilot.press("down")  # the finished job: cancel refuses, says why
-            await _until(pilot, lambda: screen.selected == done["id"], "the cursor to move")
+            await until(pilot, lambda: screen.selected == done["id"], "the cursor to move")
             await pilot.press("c")
             assert isinstance(app.screen, JobsScreen)  # no confirmation for a finished job
 
@@ -119,32 +112,32 @@ def test_runs_screen_sorts_by_metric_compares_and_draws_curves(trained_home: Pat
             assert isinstance(app.screen, RunsScreen)
             screen = app.screen
             table = screen.query_one("#runs", DataTable)
-            await _until(pilot, lambda: table.row_count == 2, "two runs")
+            await until(pilot, lambda: table.row_count == 2, "two runs")
 
             await pilot.press("s", *metric, "enter")  # a bare name sorts by that metric
-            await _until(pilot, lambda: screen.sort == f"metric.{metric}", "the sort")
-            await _until(pilot, lambda: [r[1] for r in _cells(table)] == best_first, "order")
+            await until(pilot, lambda: screen.sort == f"metric.{metric}", "the sort")
+            await until(pilot, lambda: [r[1] for r in _cells(table)] == best_first, "order")
             columns = [str(c.label) for c in table.columns.values()]
             assert columns[5].startswith(metric.upper())  # the sorted metric comes first
 
             await pilot.press("s", *f"-metric.{metric}", "enter")
-            await _until(pilot, lambda: [r[1] for r in _cells(table)] == worst_first, "reversed")
+            await until(pilot, lambda: [r[1] for r in _cells(table)] == worst_first, "reversed")
 
             # Curves: the highlighted run's validation metric, one point per iteration.
-            await _until(pilot, lambda: bool(screen.series), "a metric curve")
+            await until(pilot, lambda: bool(screen.series), "a metric curve")
             assert screen.metric is not None and screen.metric.startswith("valid")
             assert all(len(points) > 1 for points in screen.series.values())
             first_metric = screen.metric
             await pilot.press("m")
-            await _until(pilot, lambda: screen.metric != first_metric, "the next curve")
+            await until(pilot, lambda: screen.metric != first_metric, "the next curve")
 
             await pilot.press("c")  # fewer than two runs: says so, compares nothing
             other = "up" if table.cursor_row == 1 else "down"
             await pilot.press("space", other, "space")
-            await _until(pilot, lambda: len(screen.series) == 2, "both runs' curves")
+            await until(pilot, lambda: len(screen.series) == 2, "both runs' curves")
             await pilot.press("c")
             compare = screen.query_one("#compare", Static)
-            await _until(pilot, lambda: "metrics" in str(compare.render()), "the comparison")
+            await until(pilot, lambda: "metrics" in str(compare.render()), "the comparison")
             text = str(compare.render())
             assert "params" in text and metric in text
 
