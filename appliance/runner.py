@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run")
     agent = sub.add_parser("agent")
     agent.add_argument("--idle-exit", type=float, default=None)
+    agent.add_argument("--wait-lock", action="store_true")
     serve = sub.add_parser("serve")
     serve.add_argument("deployment")
     serve.add_argument("--host", default="127.0.0.1")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":
         from appliance.core.agent import run_agent
 
-        return run_agent(app, idle_exit=args.idle_exit)
+        return run_agent(app, idle_exit=args.idle_exit, wait_lock=args.wait_lock)
     if args.command == "supervise":
         from appliance.core.jobs import supervise
 

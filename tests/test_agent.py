@@ -44,6 +44,11 @@ def _agent_pid(app: Appliance) -> int:
 
 
 def test_a_timed_out_job_is_killed_with_its_tree_and_says_so(app: Appliance) -> None:
+    from datetime import datetime
+
+    def ts(text: str) -> float:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
     code = (
         "import subprocess, sys, time\n"
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
@@ -56,6 +61,7 @@ def test_a_timed_out_job_is_killed_with_its_tree_and_says_so(app: Appliance) -> 
     assert done["state"] == "timed_out"
     assert done["error"] == "timed out after 1 s"
     assert done["attempt"] == 1  # a timeout is final: retries are for failures
+    assert 1.0 <= ts(done["finished_at"]) - ts(done["started_at"]) < 3.5  # 1 s + at most 2 s
     assert get_run(app, job["run_id"])["status"] == "timed_out"
     from appliance.core.processes import tree_members
 
@@ -200,33 +206,47 @@ def test_kill_9_of_the_agent_does_not_stop_a_running_job(app: Appliance) -> None
     assert get_job(app, job["id"])["state"] == "succeeded"
 
 
+RETRY_AWARE_JOB = """
+import json, os, sys, time
+slow = os.environ["APPLIANCE_ATTEMPT"] == "1"
+for step in range(1, 9999 if slow else 4):
+    print(json.dumps({"type": "metric", "name": "loss", "value": 1 / step, "step": step}))
+    sys.stdout.flush()
+    time.sleep(0.1 if slow else 0.01)
+"""
+
+
 def test_after_a_crash_a_restarted_agent_settles_running_jobs(app: Appliance) -> None:
     """Agent, supervisors and jobs all killed (a power cut); the next agent reconciles:
     failed when no retries remain, queued and run again when they do; metrics kept."""
+    half = {"cpu": 0.5, "memory": "64Mi"}
     slow = [sys.executable, "-c", PROGRESSING_JOB, "0.1", "9999"]
-    doomed = submit_job(app, JobSpec(kind="command", command=slow))
+    doomed = submit_job(app, JobSpec(kind="command", command=slow, resources=half))
     retried = submit_job(
         app,
-        JobSpec(kind="command", command=[sys.executable, "-c", PROGRESSING_JOB, "0.01", "3"]),
+        JobSpec(
+            kind="command",
+            command=[sys.executable, "-c", RETRY_AWARE_JOB],
+            resources=half,
+            retries=1,
+        ),
     )
     agent = _agent_pid(app)
-    _until(lambda: len(metric_history(app, doomed["run_id"], "loss")) >= 3)
-    _until(lambda: get_job(app, retried["id"])["state"] != "queued")
-    # Let the second job be one that could retry, then cut the power on everything.
-    app.db.execute("UPDATE jobs SET retries = 1 WHERE id = ?", (retried["id"],))
+    for job in (doomed, retried):
+        _until(lambda job=job: len(metric_history(app, job["run_id"], "loss")) >= 3)
     os.kill(agent, signal.SIGKILL)
     for job in (doomed, retried):
         row = app.db.one("SELECT pid, child_pid FROM jobs WHERE id = ?", (job["id"],))
-        assert row is not None
+        assert row is not None and row["pid"] and row["child_pid"]
         for pid in (row["pid"], row["child_pid"]):
-            if pid:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     _until(lambda: _gone(agent))
     kept = len(metric_history(app, doomed["run_id"], "loss"))
     assert kept >= 3
+    assert get_job(app, doomed["id"])["state"] in ("running", "failed")  # not yet, or by us
 
     ensure_agent(app)
     done = wait_job(app, doomed["id"], timeout=30)
@@ -234,11 +254,27 @@ def test_after_a_crash_a_restarted_agent_settles_running_jobs(app: Appliance) ->
     assert get_run(app, doomed["run_id"])["status"] == "failed"
     assert len(metric_history(app, doomed["run_id"], "loss")) == kept
     again = wait_job(app, retried["id"], timeout=60)
-    if again["attempt"] == 2:  # it was still running when the power went
-        assert again["state"] == "succeeded"
-    else:  # it had already finished
-        assert again["state"] == "succeeded" and again["attempt"] == 1
+    assert again["state"] == "succeeded" and again["attempt"] == 2
+    assert "attempt 1 failed" not in (again["error"] or "")  # a success clears the reason
     assert app.db.scalar("SELECT count(*) FROM jobs WHERE state = 'running'") == 0
+
+
+def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:
+    """However early the cancel lands (claim, fork, registration), the job ends cancelled,
+    is not retried, and within 2 s."""
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1):
+        job = submit_job(app, _py("import time; time.sleep(30)", retries=1))
+        _until(lambda job=job: get_job(app, job["id"])["state"] == "running", timeout=10)
+        time.sleep(delay)
+        started = time.monotonic()
+        from appliance.core.jobs import cancel_job
+
+        done = cancel_job(app, job["id"])
+        took = time.monotonic() - started
+        assert done["state"] == "cancelled", (delay, done)
+        assert done["attempt"] == 1 and took < 2.0, (delay, took)
+        time.sleep(0.3)
+        assert get_job(app, job["id"])["state"] == "cancelled"  # nothing restarted it
 
 
 def test_stopping_the_agent_leaves_running_jobs_running(app: Appliance) -> None:
@@ -271,7 +307,7 @@ def test_systemd_unit_keeps_jobs_alive_across_agent_restarts(app: Appliance) -> 
     assert f"Environment=APPLIANCE_HOME={app.settings.home}" in unit
     assert "User=appliance" in unit and "WantedBy=multi-user.target" in unit
     exec_line = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    assert exec_line.endswith(" agent")
+    assert exec_line.endswith(" agent --wait-lock")  # no restart loop behind an on-demand agent
     shipped = Path(__file__).parents[1] / "provisioning" / "systemd" / "appliance-agent.service"
     assert "KillMode=process" in shipped.read_text()
 
@@ -390,3 +426,120 @@ def test_a_train_spec_file_runs_the_built_in_trainer(cli, home: Path, tmp_path: 
     spec.write_text("kind: train\ntrain: d\nlabel: y\nfeatures: x\n")
     bad = cli("jobs", "submit", str(spec), "--home", str(home))
     assert bad.code == 2 and "'features'" in bad.err
+
+
+def test_jobs_get_the_agents_environment_plus_their_own_env(
+    cli, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    script = tmp_path / "show.py"
+    script.write_text("import os\nprint('GREETING=' + os.environ.get('GREETING', '-'))\n")
+    result = cli(
+        "run", str(script), "--home", str(home), "--json", "--wait", "--env", "GREETING=hi"
+    )
+    assert result.code == 0, result.err
+    log = (home / "logs" / "jobs" / f"{result.json()['id']}.log").read_text()
+    assert "GREETING=hi" in log
+    bad = cli("run", str(script), "--home", str(home), "--env", "APPLIANCE_HOME=/elsewhere")
+    assert bad.code == 2 and "env.APPLIANCE_HOME" in bad.err
+    bad = cli("run", str(script), "--home", str(home), "--env", "novalue")
+    assert bad.code == 2 and "--env 'novalue'" in bad.err
+
+
+def test_waiting_on_the_cli_restarts_a_missing_agent(
+    cli, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`--wait` on a job whose agent is gone (killed, or exited idle at the wrong moment)."""
+    import appliance.core.agent as agent
+
+    real, calls = agent.ensure_agent, []
+
+    def first_call_lost(app: Appliance) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            real(app)
+
+    monkeypatch.setattr(agent, "ensure_agent", first_call_lost)
+    result = cli(
+        "jobs", "run", "--home", str(home), "--json", "--wait", "--", sys.executable, "-c", "1"
+    )
+    assert result.code == 0, result.err
+    assert result.json()["state"] == "succeeded" and len(calls) > 1
+
+
+def test_gpus_are_handed_out_one_job_at_a_time(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a 2-GPU machine: two 1-GPU jobs get GPU 0 and GPU 1, a 0-GPU job sees none, a
+    third GPU job waits; a job needing more GPUs than the agent's machine has fails."""
+    import appliance.core.agent as agent
+    from appliance.core.agent import Agent, Capacity
+
+    here = machine_capacity()
+    two = Capacity(here.cpu * 4, here.memory, 2)
+    monkeypatch.setattr(agent, "machine_capacity", lambda: two)
+    monkeypatch.setattr(agent, "ensure_agent", lambda app: None)  # only the agent below
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    small = {"cpu": 0.25, "memory": "1Mi"}
+    jobs = [submit_job(app, _py("pass", resources={**small, "gpu": 1})) for _ in range(3)]
+    cpu_only = submit_job(app, _py("pass", resources=small))
+
+    class Recording:
+        name = "local"
+        started: list[str] = []
+
+        def start(self, app: Appliance, job_id: str) -> int:
+            self.started.append(job_id)
+            return os.getpid()
+
+    scheduler = Agent(app, capacity=two)
+    scheduler.executor = Recording()  # type: ignore[assignment]
+    scheduler.schedule()
+    rows = {r["id"]: r for r in app.db.rows("SELECT id, state, gpu_ids FROM jobs")}
+    assert [rows[j["id"]]["gpu_ids"] for j in jobs[:2]] == ["0", "1"], rows
+    assert rows[jobs[2]["id"]]["state"] == "queued"  # both GPUs are taken
+    assert rows[cpu_only["id"]]["gpu_ids"] == ""  # sees no GPU at all
+
+    smaller = Agent(app, capacity=Capacity(two.cpu, two.memory, 0))
+    smaller.executor = Recording()  # type: ignore[assignment]
+    smaller.schedule()
+    failed = get_job(app, jobs[2]["id"])
+    assert failed["state"] == "failed" and "resources.gpu" in failed["error"]
+    app.db.execute("UPDATE jobs SET state = 'cancelled' WHERE state = 'running'")
+
+
+def test_a_big_job_that_waited_long_is_not_overtaken(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backfill lets small jobs pass a big one that does not fit yet, but not for ever."""
+    import appliance.core.agent as agent
+    from appliance.core.agent import RESERVE_AFTER, Agent, Capacity
+
+    four = Capacity(4, machine_capacity().memory, 0)
+    monkeypatch.setattr(agent, "machine_capacity", lambda: four)
+    monkeypatch.setattr(agent, "ensure_agent", lambda app: None)  # only the agent below
+
+    class Recording:
+        name = "local"
+
+        def start(self, app: Appliance, job_id: str) -> int:
+            return os.getpid()
+
+    scheduler = Agent(app, capacity=four)
+    scheduler.executor = Recording()  # type: ignore[assignment]
+    mem = {"memory": "1Mi"}
+    busy = submit_job(app, _py("pass", resources={"cpu": 3, **mem}))
+    assert scheduler.schedule() == [busy["id"]]
+    big = submit_job(app, _py("pass", resources={"cpu": 4, **mem}))
+    small = submit_job(app, _py("pass", resources={"cpu": 1, **mem}))
+    assert scheduler.schedule() == [small["id"]]  # backfilled past the big one
+    app.db.execute("UPDATE jobs SET state = 'succeeded' WHERE id = ?", (small["id"],))
+    app.db.execute(
+        "UPDATE jobs SET submitted_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", (big["id"],)
+    )
+    later = submit_job(app, _py("pass", resources={"cpu": 1, **mem}))
+    assert RESERVE_AFTER < 60
+    assert scheduler.schedule() == []  # the big one has waited long: it goes next
+    app.db.execute("UPDATE jobs SET state = 'succeeded' WHERE id = ?", (busy["id"],))
+    assert scheduler.schedule() == [big["id"]]
+    assert get_job(app, later["id"])["state"] == "queued"
+    app.db.execute("UPDATE jobs SET state = 'cancelled' WHERE state IN ('queued', 'running')")

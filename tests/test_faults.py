@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,26 @@ def test_disk_full_while_writing_an_artifact_fails_the_run_cleanly(
         assert ok["state"] == "succeeded"
     finally:
         subprocess.run(["umount", "-l", str(objects)], check=False)
+
+
+def test_a_full_disk_under_the_job_logs_fails_the_job_instead_of_hanging_it(
+    app: Appliance,
+) -> None:
+    from appliance.core.jobs import JobSpec, submit_job
+
+    logs = app.settings.logs_dir / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(logs)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root: " + mounted.stderr.decode().strip())
+    try:
+        chatty = "import sys\nfor i in range(20000):\n    print('x' * 100)\n"
+        job = submit_job(app, JobSpec(kind="command", command=[sys.executable, "-c", chatty]))
+        done = wait_job(app, job["id"], timeout=60)  # it drains, so it ends
+        assert done["state"] == "failed"
+        assert "could not write the job log" in done["error"]
+        assert "No space left on device" in done["error"]
+    finally:
+        subprocess.run(["umount", "-l", str(logs)], check=False)

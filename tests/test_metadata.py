@@ -56,6 +56,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m002_data_stage",
         "m003_version_counter",
         "m004_job_queue",
+        "m005_process_identity",
     ]
     again.close()
 

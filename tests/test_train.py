@@ -205,3 +205,28 @@ def test_run_delete_leaves_nothing_behind(cli, splits: str) -> None:  # type: ig
         == 0
     )
     app.close()
+
+
+def test_nan_and_inf_features_train_on_both_trainers(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """LightGBM takes NaN and ±inf as it does natively; the MLP imputes them and says so."""
+    home = str(tmp_path / "h")
+    rng = np.random.default_rng(2)
+    rows = ["a,b,y"]
+    for i in range(600):
+        a, b = rng.normal(), rng.normal()
+        shown = "" if i % 11 == 0 else ("inf" if i % 13 == 0 else ("-inf" if i % 17 == 0 else a))
+        rows.append(f"{shown},{b},{int(a + b > 0)}")
+    source = _write(tmp_path, "d.csv", rows)
+    assert cli("data", "import", "d", str(source), "--home", home).code == 0
+    for trainer in ("lightgbm", "mlp"):
+        result = cli(
+            "train", "--trainer", trainer, "--train", "d", "--label", "y",
+            "--param", "epochs=3" if trainer == "mlp" else "num_boost_round=20",
+            "--home", home, "--json", "--wait",
+        )  # fmt: skip
+        assert result.code == 0, result.err
+        run = cli("runs", "show", result.json()["run_id"], "--home", home, "--json").json()
+        assert run["status"] == "finished" and run["metrics"]["valid_auc"] > 0.6
+        log = cli("jobs", "logs", result.json()["job_id"], "--home", home).out
+        if trainer == "mlp":
+            assert "imputed missing numeric values with the training mean" in log

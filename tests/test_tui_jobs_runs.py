@@ -37,7 +37,8 @@ def test_progress_cell_draws_a_bar() -> None:
 
 def test_jobs_screen_follows_a_running_job_and_cancels_it_after_confirming(home: Path) -> None:
     ctx = Appliance.open(home)
-    done = submit_job(ctx, JobSpec(kind="command", command=[sys.executable, "-c", "print(1)"]))
+    hello = "print('the finished job says hi')"
+    done = submit_job(ctx, JobSpec(kind="command", command=[sys.executable, "-c", hello]))
     wait_job(ctx, done["id"], timeout=60)
     running = submit_job(ctx, JobSpec(kind="command", command=[sys.executable, "-c", LONG_JOB]))
 
@@ -81,8 +82,13 @@ def test_jobs_screen_follows_a_running_job_and_cancels_it_after_confirming(home:
                 pilot, lambda: "cancelled" in _cells(table)[0][3], "the row to say cancelled"
             )
 
-            await pilot.press("down")  # the finished job: cancel refuses, says why
+            await pilot.press("down")  # the finished job: its log, and cancel refuses
             await until(pilot, lambda: screen.selected == done["id"], "the cursor to move")
+            await until(
+                pilot, lambda: "the finished job says hi" in "\n".join(log.lines), "its log"
+            )
+            await pilot.pause(2.5)  # refreshes come and go; the user's selection stays
+            assert screen.selected == done["id"] and table.cursor_row == 1
             await pilot.press("c")
             assert isinstance(app.screen, JobsScreen)  # no confirmation for a finished job
 

@@ -553,6 +553,22 @@ def recipe_run(
 
 
 # ---- jobs -------------------------------------------------------------------------------------
+def _env(values: tuple[str, ...]) -> dict[str, str]:
+    """--env NAME=VALUE options as a mapping (the spec validates the names)."""
+    from appliance.errors import InvalidInput
+
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InvalidInput(f"--env {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+ENV_HELP = "Set NAME=VALUE for the job (repeatable); jobs get the agent's environment plus these."
+
+
 @cli.group("jobs")
 def jobs_group() -> None:
     """Jobs: train, run your own script, list, logs, cancel."""
@@ -562,13 +578,13 @@ def _watch(app: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Show progress on stderr until the job ends: a bar on a terminal, else a line per 25%."""
     import time
 
-    from appliance.core.jobs import FINAL_STATES, get_job
+    from appliance.core.jobs import FINAL_STATES, poll_job
 
     interactive = sys.stderr.isatty()
     with click.progressbar(length=100, label=f"job {job['id']}", file=sys.stderr) as bar:
         shown = 0
         while True:
-            job = get_job(app, job["id"])
+            job = poll_job(app, job["id"])
             total = job.get("progress_total") or 0
             done = int(100 * (job.get("progress_current") or 0) / total) if total else 0
             if done > shown:
@@ -643,6 +659,7 @@ def jobs_train(
 @click.argument("command_args", nargs=-1, required=True)
 @click.option("--experiment", default="default", show_default=True)
 @click.option("--name", help="Run name.")
+@click.option("--env", "env", multiple=True, help=ENV_HELP)
 @click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
 def jobs_run(
     app: Any,
@@ -650,6 +667,7 @@ def jobs_run(
     command_args: tuple[str, ...],
     experiment: str,
     name: str | None,
+    env: tuple[str, ...],
     wait: bool,
 ) -> None:
     """Run your own command as a job (use -- before it); its JSON lines become metrics."""
@@ -657,7 +675,7 @@ def jobs_run(
 
     job = submit_job(
         app,
-        JobSpec(kind="command", command=list(command_args)),
+        JobSpec(kind="command", command=list(command_args), env=_env(env)),
         experiment=experiment,
         run_name=name or command_args[0],
     )
@@ -731,9 +749,14 @@ def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
 
 @cli.group("agent", invoke_without_command=True)
 @click.option("--idle-exit", type=float, help="Exit after this many idle seconds.")
+@click.option(
+    "--wait-lock", is_flag=True, help="Wait while another agent runs, instead of exiting (service)."
+)
 @click.option("--home", type=click.Path(), help="Appliance home directory.")
 @click.pass_context
-def agent_group(ctx: click.Context, idle_exit: float | None, home: str | None) -> None:
+def agent_group(
+    ctx: click.Context, idle_exit: float | None, wait_lock: bool, home: str | None
+) -> None:
     """The job scheduler. Alone: run it in the foreground (what the systemd unit runs)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -741,7 +764,7 @@ def agent_group(ctx: click.Context, idle_exit: float | None, home: str | None) -
 
     app = _open(home)
     try:
-        code = run_agent(app, idle_exit=idle_exit)
+        code = run_agent(app, idle_exit=idle_exit, wait_lock=wait_lock)
     finally:
         app.close()
     sys.exit(code)
@@ -809,6 +832,7 @@ def agent_unit_cmd(app: Any, user: str | None) -> None:
 @click.option("--cpus", type=click.IntRange(1), help="Threads (default 1).")
 @click.option("--timeout", help="Kill the job after this long: seconds, or '30m', '2h'.")
 @click.option("--retries", type=click.IntRange(0, 10), help="Run a failed job again (default 0).")
+@click.option("--env", "env", multiple=True, help=ENV_HELP)
 @click.option("--wait", is_flag=True, help="Wait for the job; exit non-zero if it failed.")
 def train_cmd(
     app: Any,
@@ -827,6 +851,7 @@ def train_cmd(
     cpus: int | None,
     timeout: str | None,
     retries: int | None,
+    env: tuple[str, ...],
     wait: bool,
 ) -> None:
     """Train LightGBM or a PyTorch MLP on dataset versions; prints the run id."""
@@ -850,6 +875,8 @@ def train_cmd(
     merged["params"] = {**config.get("params", {}), **dict(parse_param(p) for p in params)}
     if features:
         merged["features"] = list(features)
+    if env:
+        merged["env"] = _env(env)
     job = submit_train_config(app, merged)
     if wait:
         job = _watch(app, job)
@@ -872,6 +899,7 @@ def train_cmd(
 @click.option("--retries", type=click.IntRange(0, 10), default=0, help="Run a failed job again.")
 @click.option("--cpus", type=float, help="Cores the job needs (default 1).")
 @click.option("--gpus", type=click.IntRange(0), help="GPUs the job needs (default 0).")
+@click.option("--env", "env", multiple=True, help=ENV_HELP)
 @click.option("--wait", is_flag=True, help="Wait for the job and show progress.")
 @click.option("--home", type=click.Path(), help="Appliance home directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -885,6 +913,7 @@ def run_script(
     retries: int,
     cpus: float | None,
     gpus: int | None,
+    env: tuple[str, ...],
     wait: bool,
     home: str | None,
     as_json: bool,
@@ -907,6 +936,7 @@ def run_script(
             timeout=timeout,
             retries=retries,
             resources=resources,
+            env=_env(env),
         )
         if not wait and not as_json:
             click.echo(job["run_id"])

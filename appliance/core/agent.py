@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,12 +34,15 @@ from appliance.core.context import Appliance
 from appliance.core.jobs import (
     ACTIVE_STATES,
     Request,
+    _fail_or_retry,
+    _finish,
+    _seconds_since,
     claim_job,
     get_executor,
     reconcile_job,
     warm_jobs_enabled,
 )
-from appliance.core.processes import alive
+from appliance.core.processes import alive, identity
 from appliance.errors import ApplianceError, Conflict, InvalidInput
 from appliance.store.db import utcnow
 
@@ -46,6 +50,7 @@ IDLE_EXIT_ENV = "APPLIANCE_AGENT_IDLE_EXIT"
 DEFAULT_IDLE_EXIT = 600.0  # an agent started on demand goes away after 10 idle minutes
 POLL_SECONDS = 1.0
 RECONCILE_SECONDS = 2.0
+RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any more
 
 
 @dataclass(frozen=True)
@@ -192,16 +197,25 @@ def _locked_by(app: Appliance) -> int | None:
     return pid
 
 
+_spawned: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+SPAWN_GRACE = 5.0  # an agent takes ~0.2 s to answer; do not start a crowd meanwhile
+
+
 def ensure_agent(app: Appliance) -> None:
     """Start an agent in the background unless one answers (jobs outlive this process)."""
     if wake_agent(app):
         return
+    home = str(app.settings.home)
+    if home in _spawned:
+        proc, when = _spawned[home]
+        if proc.poll() is None and time.monotonic() - when < SPAWN_GRACE:
+            return  # ours is still starting up
     log = app.settings.logs_dir / "agent.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "APPLIANCE_HOME": str(app.settings.home)}
     idle = os.environ.get(IDLE_EXIT_ENV, str(DEFAULT_IDLE_EXIT))
     with log.open("ab") as out:
-        subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.runner", "agent", "--idle-exit", idle],
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -209,6 +223,7 @@ def ensure_agent(app: Appliance) -> None:
             env=env,
             start_new_session=True,
         )
+    _spawned[home] = (proc, time.monotonic())
 
 
 def stop_agent(app: Appliance, timeout: float = 5.0) -> dict[str, Any]:
@@ -239,26 +254,34 @@ class Agent:
         self._lock_file: IO[str] | None = None
         self._sock: socket.socket | None = None
 
-    def acquire(self, wait: float = 0.5) -> bool:
-        """Take the home's agent lock; False if another agent holds it."""
+    def acquire(self, wait: float | None = 0.5) -> bool:
+        """Take the home's agent lock; False if another agent holds it after `wait` seconds
+        (None: wait for it, as a service does while an on-demand agent finishes)."""
         path = _lock_path(self.app)
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = path.open("a+")
-        deadline = time.monotonic() + wait
+        deadline = None if wait is None else time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() > deadline:
                     fh.close()
                     return False
-                time.sleep(0.05)
+                if self.stopping:
+                    fh.close()
+                    return False
+                time.sleep(0.05 if deadline is not None else 0.5)
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
         self._lock_file = fh
+        self._open_socket()
+        return True
+
+    def _open_socket(self) -> None:
         address = _socket_address(self.app)
         if not address.startswith("\0"):
             Path(address).unlink(missing_ok=True)  # left by an agent that was killed
@@ -266,15 +289,17 @@ class Agent:
         sock.bind(address)
         sock.setblocking(False)
         self._sock = sock
-        return True
 
-    def release(self) -> None:
+    def _close_socket(self) -> None:
         if self._sock is not None:
             self._sock.close()
             address = _socket_address(self.app)
             if not address.startswith("\0"):
                 Path(address).unlink(missing_ok=True)
             self._sock = None
+
+    def release(self) -> None:
+        self._close_socket()
         if self._lock_file is not None:
             self._lock_file.seek(0)
             self._lock_file.truncate()
@@ -316,42 +341,66 @@ class Agent:
     def schedule(self) -> list[str]:
         """Start queued jobs, oldest first, while their requests fit in what is free.
 
-        A job that does not fit now does not block smaller ones behind it (backfill).
+        A job that does not fit now lets smaller ones behind it start (backfill), until it
+        has waited RESERVE_AFTER seconds: then nothing passes it, so it cannot starve.
         """
-        used = self.app.db.one(
-            "SELECT coalesce(sum(cpu), 0) AS cpu, coalesce(sum(memory_bytes), 0) AS memory, "
-            "coalesce(sum(gpu), 0) AS gpu FROM jobs WHERE state = 'running'"
-        ) or {"cpu": 0, "memory": 0, "gpu": 0}
-        free_cpu = self.capacity.cpu - used["cpu"]
-        free_memory = self.capacity.memory - used["memory"]
-        free_gpu = self.capacity.gpu - used["gpu"]
+        running = self.app.db.rows(
+            "SELECT cpu, memory_bytes, gpu, gpu_ids FROM jobs WHERE state = 'running'"
+        )
+        free_cpu = self.capacity.cpu - sum(r["cpu"] for r in running)
+        free_memory = self.capacity.memory - sum(r["memory_bytes"] for r in running)
+        busy_gpus = {g for r in running for g in (r["gpu_ids"] or "").split(",") if g}
+        free_gpus = [g for g in self.gpu_names() if g not in busy_gpus]
+        free_gpus = free_gpus[: max(0, self.capacity.gpu - sum(r["gpu"] for r in running))]
         started = []
         for job in self.app.db.rows(
-            "SELECT id, cpu, memory_bytes, gpu FROM jobs WHERE state = 'queued' "
-            "ORDER BY submitted_at, id"
+            "SELECT id, cpu, memory_bytes, gpu, submitted_at FROM jobs WHERE state = 'queued' "
+            "ORDER BY submitted_at, rowid"
         ):
-            if job["cpu"] > free_cpu + 1e-9 or job["memory_bytes"] > free_memory:
+            request = Request(job["cpu"], job["memory_bytes"], job["gpu"])
+            try:
+                self.capacity.check_fits(request)
+            except InvalidInput as exc:  # submitted where another machine's limits applied
+                _finish(
+                    self.app, job["id"], "failed", None, f"{exc.message} (the agent's)", ("queued",)
+                )
                 continue
-            if job["gpu"] > free_gpu:
+            fits = (
+                job["cpu"] <= free_cpu + 1e-9
+                and job["memory_bytes"] <= free_memory
+                and job["gpu"] <= len(free_gpus)
+            )
+            if not fits:
+                if _seconds_since(job["submitted_at"]) > RESERVE_AFTER:
+                    break  # reserve what frees up for this job
                 continue
-            if not claim_job(self.app, job["id"]):
+            gpu_ids = None
+            if self.capacity.gpu > 0:  # jobs see only the GPUs they were given (maybe none)
+                gpu_ids = ",".join(free_gpus[: job["gpu"]])
+            if not claim_job(self.app, job["id"], gpu_ids=gpu_ids):
                 continue  # cancelled meanwhile
             try:
                 pid = self.executor.start(self.app, job["id"])
             except OSError as exc:
-                from appliance.core.jobs import _fail_or_retry
-
                 _fail_or_retry(self.app, job["id"], None, f"could not start: {exc}")
                 continue
             self.app.db.execute(
-                "UPDATE jobs SET pid = coalesce(pid, ?) WHERE id = ? AND state = 'running'",
-                (pid, job["id"]),
+                "UPDATE jobs SET pid = coalesce(pid, ?), pid_identity = coalesce(pid_identity, ?) "
+                "WHERE id = ? AND state = 'running'",
+                (pid, identity(pid), job["id"]),
             )
             free_cpu -= job["cpu"]
             free_memory -= job["memory_bytes"]
-            free_gpu -= job["gpu"]
+            free_gpus = free_gpus[job["gpu"] :]
             started.append(job["id"])
         return started
+
+    def gpu_names(self) -> list[str]:
+        """What CUDA_VISIBLE_DEVICES values mean here: the agent's own list, else 0..n-1."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            return [v.strip() for v in visible.split(",") if v.strip()][: self.capacity.gpu]
+        return [str(i) for i in range(self.capacity.gpu)]
 
     def _reap(self) -> None:
         while True:
@@ -368,7 +417,9 @@ class Agent:
         )
 
     def _wait(self, seconds: float) -> None:
-        assert self._sock is not None
+        if self._sock is None:
+            time.sleep(seconds)
+            return
         try:
             ready, _, _ = select.select([self._sock], [], [], seconds)
         except InterruptedError:
@@ -384,35 +435,63 @@ class Agent:
         """Reconcile, then schedule on every wake-up until stopped or idle."""
         previous = {s: signal.signal(s, self._on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.reconcile()
-            self.schedule()  # what was queued while no agent ran starts before the preload
+            self._step(first=True)
             self.preload()
             last_reconcile = idle_since = time.monotonic()
             while not self.stopping:
-                self._reap()
                 now = time.monotonic()
-                if now - last_reconcile >= RECONCILE_SECONDS:
-                    self.reconcile()
+                reconcile = now - last_reconcile >= RECONCILE_SECONDS
+                if reconcile:
                     last_reconcile = now
-                self.schedule()
-                if self._active():
+                if self._step(reconcile=reconcile):
                     idle_since = now
                 elif self.idle_exit is not None and now - idle_since >= self.idle_exit:
-                    break
+                    # Stop answering first, then look once more: a job queued in between
+                    # either sees no agent (and starts one) or is seen here.
+                    self._close_socket()
+                    if not self._safe_active():
+                        break
+                    self._open_socket()
+                    idle_since = now
                 self._wait(POLL_SECONDS)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _step(self, first: bool = False, reconcile: bool = False) -> bool:
+        """One pass: reap, reconcile (when due), schedule. True while jobs are queued or running.
+        A failing pass (the disk full, the database busy) is logged and retried, never fatal."""
+        try:
+            self._reap()
+            if first or reconcile:
+                self.reconcile()
+            self.schedule()
+            return self._active() > 0
+        except (sqlite3.Error, OSError, ApplianceError) as exc:
+            print(f"{utcnow()} agent pass failed, retrying: {exc}", file=sys.stderr, flush=True)
+            self.app.close()  # a fresh connection next time
+            return True
+
+    def _safe_active(self) -> bool:
+        try:
+            return self._active() > 0
+        except sqlite3.Error:
+            return True
+
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
 
 
-def run_agent(app: Appliance, idle_exit: float | None = None) -> int:
+def run_agent(app: Appliance, idle_exit: float | None = None, wait_lock: bool = False) -> int:
     """`appliance agent`: run the scheduler in the foreground (what systemd and on-demand
-    starts both run). Returns 1 at once, with a message, if another agent holds this home."""
+    starts both run). Returns 1 at once, with a message, if another agent holds this home;
+    with `wait_lock` (the service), it waits for that agent to exit instead."""
     agent = Agent(app, idle_exit=idle_exit)
-    if not agent.acquire():
+    if wait_lock:
+        signal.signal(signal.SIGTERM, agent._on_stop)
+    if not agent.acquire(wait=None if wait_lock else 0.5):
+        if agent.stopping:
+            return 0
         holder = (_lock_path(app).read_text().split() or ["?"])[0]
         print(
             f"appliance agent: another agent (pid {holder}) already runs for {app.settings.home}",
@@ -443,7 +522,11 @@ def systemd_unit(app: Appliance, user: str | None = None) -> str:
     live in the same cgroup; the restarted agent adopts or reconciles them.
     """
     exe = Path(sys.executable).parent / "appliance"
-    command = f"{exe} agent" if exe.exists() else f"{sys.executable} -m appliance.runner agent"
+    command = (
+        f"{exe} agent --wait-lock"
+        if exe.exists()
+        else f"{sys.executable} -m appliance.runner agent --wait-lock"
+    )
     lines = [
         "[Unit]",
         "Description=appliance job agent",

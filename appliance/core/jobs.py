@@ -18,6 +18,7 @@ the metadata store, so job code never touches SQLite and runs unchanged in a k3s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from typing import Any, Protocol, TextIO
 
 from appliance.core.context import Appliance
 from appliance.core.lineage import Node, record_execution, set_execution_state
-from appliance.core.processes import is_ours, kill_tree, signal_ours
+from appliance.core.processes import identity, is_ours, is_same, kill_tree, signal_ours
 from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_params, set_tags
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
@@ -126,6 +127,7 @@ class JobSpec:
     params: the job's parameters. resources: cpu, memory, gpu requests (as a Kubernetes pod's).
     timeout: seconds per attempt before the job is killed and ends 'timed_out'.
     retries: how many times a failed attempt (non-zero exit, vanished process) runs again.
+    env: variables set for the job, over the agent's environment (as a pod's env is).
     """
 
     kind: str
@@ -137,6 +139,7 @@ class JobSpec:
     timeout: float | None = None
     retries: int = 0
     experiment: str = "default"
+    env: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> JobSpec:
         if self.kind == "command":
@@ -153,6 +156,20 @@ class JobSpec:
             raise InvalidInput(f"retries: expected an integer, got {self.retries!r}")
         if not 0 <= self.retries <= MAX_RETRIES:
             raise InvalidInput(f"retries: expected 0 to {MAX_RETRIES}, got {self.retries}")
+        if not isinstance(self.env, dict):
+            raise InvalidInput(f"env: expected a mapping of NAME: value, got {self.env!r}")
+        for name, value in self.env.items():
+            if (
+                not isinstance(name, str)
+                or not name.replace("_", "a").isalnum()
+                or name[0].isdigit()
+            ):
+                raise InvalidInput(f"env.{name}: not a valid variable name")
+            if name.startswith("APPLIANCE_") or name == "CUDA_VISIBLE_DEVICES":
+                raise InvalidInput(f"env.{name}: set by the platform, not by a job spec")
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise InvalidInput(f"env.{name}: expected a string, got {value!r}")
+            self.env[name] = str(value)
         return self
 
     def request(self) -> Request:
@@ -210,11 +227,24 @@ class LocalExecutor:
         # SQLite keeps per-process lock state that a forked child must not inherit: close the
         # connection first (the parent reopens it on next use; about a millisecond).
         app.close()
-        pid = os.fork()
+        # A cancel may arrive the moment the agent records the pid: the child holds it until
+        # its own handler is in place, so it is never killed half-started.
+        stops = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             return pid
         code = 1
         try:  # the child: never return into the caller's loop
+            for signum in stops:
+                signal.signal(signum, _early_stop)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             os.setsid()
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             null_fd = os.open(os.devnull, os.O_RDONLY)
@@ -222,8 +252,6 @@ class LocalExecutor:
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
             os.closerange(3, 65536)  # the agent's lock, socket and database stay with it
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
             child_app = Appliance(app.settings)  # a fresh SQLite connection: never share one
             code = 0 if supervise(child_app, job_id) in ("succeeded", "queued") else 1
         except BaseException:
@@ -234,10 +262,18 @@ class LocalExecutor:
             os._exit(code)
 
     def cancel(self, job: dict[str, Any]) -> None:
-        signal_ours(job.get("pid"), signal.SIGTERM)
+        if self.is_alive(job):
+            signal_ours(job.get("pid"), signal.SIGTERM)
 
     def is_alive(self, job: dict[str, Any]) -> bool:
-        return is_ours(job.get("pid"))
+        return is_ours(job.get("pid")) and is_same(job.get("pid"), job.get("pid_identity"))
+
+
+_STOP_REQUESTED = threading.Event()  # a stop signal that came before supervise() listened
+
+
+def _early_stop(signum: int, frame: object) -> None:
+    _STOP_REQUESTED.set()
 
 
 def get_executor(name: str) -> Executor:
@@ -309,7 +345,9 @@ def _job_row(app: Appliance, job_id: str) -> dict[str, Any] | None:
 def _seconds_since(timestamp: str | None) -> float:
     if not timestamp:
         return 0.0
-    then = time.mktime(time.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    import calendar
+
+    then = calendar.timegm(time.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S"))
     return time.time() - then
 
 
@@ -327,8 +365,7 @@ def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
     left of its process, then queue it again while retries remain, else fail it."""
     if not supervisor_gone(app, job):
         return job
-    if job.get("child_pid") and is_ours(job["child_pid"], marker=""):
-        kill_tree(job["child_pid"], grace=0.2)
+    _kill_orphaned_child(job)
     _fail_or_retry(
         app,
         job["id"],
@@ -337,6 +374,13 @@ def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
         expect_pid=job.get("pid"),
     )
     return _job_row(app, job["id"]) or job
+
+
+def _kill_orphaned_child(job: dict[str, Any]) -> None:
+    """The job process of a vanished supervisor, if it still runs (checked by identity)."""
+    child, known = job.get("child_pid"), job.get("child_identity")
+    if child and known and is_same(child, known):
+        kill_tree(child, grace=0.2)
 
 
 def get_job(app: Appliance, job_id: str) -> dict[str, Any]:
@@ -356,7 +400,9 @@ def list_jobs(app: Appliance) -> list[dict[str, Any]]:
         "FROM jobs j LEFT JOIN runs r ON r.job_id = j.id ORDER BY j.submitted_at DESC"
     )
     if any(r["state"] == "queued" for r in rows):
-        _ensure_scheduler(app)
+        from appliance.core.agent import ensure_agent
+
+        ensure_agent(app)
     out = []
     for row in rows:
         if row["state"] == "running":
@@ -369,23 +415,24 @@ def list_jobs(app: Appliance) -> list[dict[str, Any]]:
     return out
 
 
-def _ensure_scheduler(app: Appliance) -> None:
-    from appliance.core.agent import ensure_agent
+def poll_job(app: Appliance, job_id: str) -> dict[str, Any]:
+    """`get_job` for whoever waits on a job: a queued job with no agent (it was killed, or
+    exited idle at the wrong moment) gets one, so no wait can hang on an empty scheduler."""
+    job = get_job(app, job_id)
+    if job["state"] == "queued":
+        from appliance.core.agent import ensure_agent
 
-    ensure_agent(app)
+        ensure_agent(app)
+    return job
 
 
 def wait_job(app: Appliance, job_id: str, timeout: float | None = None) -> dict[str, Any]:
     """Block until the job reaches a final state (or the timeout passes)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    checked = 0.0
     while True:
-        job = get_job(app, job_id)
+        job = poll_job(app, job_id)
         if job["state"] in FINAL_STATES:
             return job
-        if job["state"] == "queued" and time.monotonic() - checked > 2.0:
-            _ensure_scheduler(app)  # queued with no agent (it was killed): start one
-            checked = time.monotonic()
         if deadline is not None and time.monotonic() > deadline:
             return job
         time.sleep(0.05)
@@ -401,12 +448,25 @@ def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
         job = get_job(app, job_id)
         if job["state"] in FINAL_STATES:
             return job
+    if not job.get("pid"):
+        # Claimed, but its supervisor has not registered: it will find the job cancelled
+        # and start nothing.
+        with app.db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET pid = -1 WHERE id = ? AND state = 'running' AND pid IS NULL",
+                (job_id,),
+            )
+            if cur.rowcount:
+                _finish_in(conn, job_id, "cancelled", None, "cancelled before it started")
+        if cur.rowcount:
+            return get_job(app, job_id)
+        job = get_job(app, job_id)
     get_executor(job["executor"]).cancel(job)  # the supervisor kills the tree, records the end
-    job = wait_job(app, job_id, timeout=KILL_GRACE + 1.0)
+    job = wait_job(app, job_id, timeout=KILL_GRACE + 0.8)
     if job["state"] not in FINAL_STATES:  # a supervisor that does not answer: do it from here
-        if job.get("child_pid") and is_ours(job["child_pid"], marker=""):
-            kill_tree(job["child_pid"], grace=0.2)
-        signal_ours(job.get("pid"), signal.SIGKILL)
+        _kill_orphaned_child(job)
+        if get_executor(job["executor"]).is_alive(job):
+            signal_ours(job.get("pid"), signal.SIGKILL)
         _finish(app, job_id, "cancelled", None, "cancelled (the supervisor did not answer)")
     return get_job(app, job_id)
 
@@ -478,23 +538,34 @@ def _finish(
     only: tuple[str, ...] = ACTIVE_STATES,
 ) -> bool:
     """Move a job (and its run) to a final state, unless it already left `only`."""
+    with app.db.transaction() as conn:
+        return _finish_in(conn, job_id, state, exit_code, error, only)
+
+
+def _finish_in(
+    conn: sqlite3.Connection,
+    job_id: str,
+    state: str,
+    exit_code: int | None,
+    error: str | None,
+    only: tuple[str, ...] = ACTIVE_STATES,
+) -> bool:
     now = utcnow()
     marks = ", ".join("?" for _ in only)
-    with app.db.transaction() as conn:
-        cur = conn.execute(
-            "UPDATE jobs SET state = ?, exit_code = ?, error = ?, finished_at = ? "
-            f"WHERE id = ? AND state IN ({marks})",
-            (state, exit_code, error, now, job_id, *only),
+    cur = conn.execute(
+        "UPDATE jobs SET state = ?, exit_code = ?, error = ?, finished_at = ? "
+        f"WHERE id = ? AND state IN ({marks})",
+        (state, exit_code, error, now, job_id, *only),
+    )
+    if cur.rowcount == 0:
+        return False
+    run = conn.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+    if run is not None:
+        conn.execute(
+            "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
+            (_RUN_STATUS[state], now, run[0]),
         )
-        if cur.rowcount == 0:
-            return False
-        run = conn.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,)).fetchone()
-        if run is not None:
-            conn.execute(
-                "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
-                (_RUN_STATUS[state], now, run[0]),
-            )
-            set_execution_state(conn, f"run:{run[0]}", _EXEC_STATE[state])
+        set_execution_state(conn, f"run:{run[0]}", _EXEC_STATE[state])
     return True
 
 
@@ -521,7 +592,8 @@ def _fail_or_retry(
         if row["attempt"] <= row["retries"]:
             conn.execute(
                 "UPDATE jobs SET state = 'queued', attempt = attempt + 1, pid = NULL, "
-                "child_pid = NULL, started_at = NULL, exit_code = ?, error = ?, "
+                "pid_identity = NULL, child_pid = NULL, child_identity = NULL, gpu_ids = NULL, "
+                "started_at = NULL, exit_code = ?, error = ?, "
                 "progress_current = NULL, progress_total = NULL WHERE id = ?",
                 (exit_code, f"attempt {row['attempt']} failed: {error}", job_id),
             )
@@ -551,13 +623,15 @@ def _append_log(app: Appliance, job_id: str, line: str) -> None:
         fh.write(line + "\n")
 
 
-def claim_job(app: Appliance, job_id: str) -> bool:
-    """The agent takes a queued job: it counts against capacity from this moment."""
+def claim_job(app: Appliance, job_id: str, gpu_ids: str | None = None) -> bool:
+    """The agent takes a queued job: it counts against capacity from this moment.
+    `gpu_ids`: the GPUs it may use (CUDA_VISIBLE_DEVICES); None leaves that unset."""
     with app.db.transaction() as conn:
         cur = conn.execute(
-            "UPDATE jobs SET state = 'running', pid = NULL, child_pid = NULL, started_at = ?, "
+            "UPDATE jobs SET state = 'running', pid = NULL, pid_identity = NULL, "
+            "child_pid = NULL, child_identity = NULL, gpu_ids = ?, started_at = ?, "
             "error = CASE WHEN attempt > 1 THEN error END WHERE id = ? AND state = 'queued'",
-            (utcnow(), job_id),
+            (gpu_ids, utcnow(), job_id),
         )
         if cur.rowcount == 0:
             return False
@@ -587,14 +661,23 @@ class LineRecorder:
         self.run_id = run_id
         self.log = log
         self.log_lock = threading.Lock()
+        self.lock = threading.RLock()  # the stdout pump and the periodic flush share the batch
         self.metrics: list[MetricRow] = []
         self.progress: tuple[float, float | None, str | None] | None = None
         self.last_flush = time.monotonic()
+        self.error: str | None = None  # the first thing that could not be kept
+
+    def note_error(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
 
     def write_log(self, text: str) -> None:
         with self.log_lock:
-            self.log.write(text if text.endswith("\n") else text + "\n")
-            self.log.flush()
+            try:
+                self.log.write(text if text.endswith("\n") else text + "\n")
+                self.log.flush()
+            except OSError as exc:  # disk full: keep the job's pipes draining, fail it at the end
+                self.note_error(f"could not write the job log: {exc.strerror or exc}")
 
     def handle(self, line: str) -> None:
         stripped = line.strip()
@@ -606,7 +689,8 @@ class LineRecorder:
                 event = None
         if isinstance(event, dict) and isinstance(event.get("type"), str):
             try:
-                self._handle_event(event)
+                with self.lock:
+                    self._handle_event(event)
             except (
                 KeyError,
                 TypeError,
@@ -713,20 +797,26 @@ class LineRecorder:
             record_output(self.app, self.run_id, event)
 
     def flush(self) -> None:
-        metrics, self.metrics = self.metrics, []
-        try:
-            log_metrics(self.app, self.run_id, metrics)
-        except sqlite3.Error as exc:  # a bad batch must not take the supervisor down
-            self.write_log(f"[appliance] could not record {len(metrics)} metric rows: {exc}")
-        if self.progress is not None:
-            current, total, message = self.progress
-            self.progress = None
-            self.app.db.execute(
-                "UPDATE jobs SET progress_current = ?, progress_total = ?, progress_message = ? "
-                "WHERE id = ?",
-                (current, total, message, self.job_id),
-            )
-        self.last_flush = time.monotonic()
+        with self.lock:
+            metrics, self.metrics = self.metrics, []
+            progress, self.progress = self.progress, None
+            self.last_flush = time.monotonic()
+            try:
+                log_metrics(self.app, self.run_id, metrics)
+            except sqlite3.Error as exc:  # a bad batch must not take the supervisor down
+                self.write_log(f"[appliance] could not record {len(metrics)} metric rows: {exc}")
+                self.note_error(f"could not record {len(metrics)} metric rows: {exc}")
+            if progress is None:
+                return
+            current, total, message = progress
+            try:
+                self.app.db.execute(
+                    "UPDATE jobs SET progress_current = ?, progress_total = ?, "
+                    "progress_message = coalesce(?, progress_message) WHERE id = ?",
+                    (current, total, message, self.job_id),
+                )
+            except sqlite3.Error as exc:
+                self.write_log(f"[appliance] could not record progress: {exc}")
 
 
 WARM_ENV = "APPLIANCE_WARM_JOBS"  # "0": no preloading in the agent, every job body exec'd
@@ -842,23 +932,9 @@ def _job_command(spec: JobSpec) -> list[str]:
 def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     """Run one attempt of a job: start its process in a process group of its own, record its
     lines, enforce its timeout, and set its end state (or queue it again to retry)."""
-    row = _job_row(app, job_id)
-    if row is None:
-        raise NotFound(f"job {job_id!r} not found")
-    if row["state"] == "queued" and not claim_job(app, job_id):  # run by hand, not the agent
-        return str(get_job(app, job_id)["state"])
-    spec = JobSpec.from_json(row["spec_json"])
-    run_id = row["run_id"]
-    with app.db.transaction() as conn:
-        cur = conn.execute(
-            "UPDATE jobs SET pid = ? WHERE id = ? AND state = 'running'", (os.getpid(), job_id)
-        )
-    if cur.rowcount == 0:  # cancelled between the claim and now
-        return str(get_job(app, job_id)["state"])
-
     stop_reason: list[str] = []
     started: list[Any] = []
-    stop_lock = threading.Lock()
+    stop_lock = threading.RLock()  # re-entrant: the signal handler may run inside it
 
     def stop(reason: str) -> None:
         with stop_lock:
@@ -868,13 +944,37 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
             for child in started:
                 threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
 
-    # Installed before the child starts: a cancel that arrives early still ends as 'cancelled'.
+    # Listening before the pid is registered: a cancel can never find a deaf supervisor.
     signal.signal(signal.SIGTERM, lambda signum, frame: stop("cancelled"))
     signal.signal(signal.SIGINT, lambda signum, frame: stop("cancelled"))
+    if _STOP_REQUESTED.is_set():
+        stop("cancelled")
+
+    row = _job_row(app, job_id)
+    if row is None:
+        raise NotFound(f"job {job_id!r} not found")
+    if row["state"] == "queued" and not claim_job(app, job_id):  # run by hand, not the agent
+        return str(get_job(app, job_id)["state"])
+    spec = JobSpec.from_json(row["spec_json"])
+    run_id = row["run_id"]
+    me = os.getpid()
+    with app.db.transaction() as conn:
+        cur = conn.execute(
+            "UPDATE jobs SET pid = ?, pid_identity = ? "
+            "WHERE id = ? AND state = 'running' AND (pid IS NULL OR pid = ?)",
+            (me, identity(me), job_id, me),
+        )
+    if cur.rowcount == 0:  # cancelled between the claim and now
+        return str(get_job(app, job_id)["state"])
+    if stop_reason:
+        _finish(app, job_id, "cancelled", None, "cancelled before it started")
+        return "cancelled"
+
     log_path = Path(row["log_path"])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
+        **spec.env,
         SPEC_ENV: spec.to_json(),
         "APPLIANCE_JOB_ID": job_id,
         "APPLIANCE_RUN_ID": run_id,
@@ -882,66 +982,88 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
         "APPLIANCE_ATTEMPT": str(row["attempt"]),
         "PYTHONUNBUFFERED": "1",
     }
-    with log_path.open("a", encoding="utf-8") as log:
-        recorder = LineRecorder(app, job_id, run_id, log)
-        if row["attempt"] > 1:
-            recorder.write_log(f"[appliance] attempt {row['attempt']} of {row['retries'] + 1}")
-        try:
-            child: Any
-            if spec.kind != "command" and warm_jobs_enabled() and _fork_safe():
-                app.close()  # no SQLite state may cross a fork; reopened on next use
-                child = ForkedBody(env, spec.workdir or app.settings.home)
-            else:
-                child = subprocess.Popen(
-                    _job_command(spec),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    errors="replace",
-                    bufsize=1,
-                    env=env,
-                    cwd=spec.workdir or app.settings.home,
-                    start_new_session=True,  # its group is what cancel and timeout kill
-                )
-        except OSError as exc:
-            return _fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
-        app.db.execute("UPDATE jobs SET child_pid = ? WHERE id = ?", (child.pid, job_id))
-        with stop_lock:
-            started.append(child)
-            if stop_reason:
-                threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
-        timer = None
-        if spec.timeout:
-            timer = threading.Timer(spec.timeout, stop, args=("timed_out",))
-            timer.daemon = True
-            timer.start()
-        stderr_tail: deque[str] = deque(maxlen=20)
+    if row.get("gpu_ids") is not None:  # the agent's assignment: only these GPUs are its
+        env["CUDA_VISIBLE_DEVICES"] = row["gpu_ids"]
+    log, log_error = _open_log(log_path)
+    recorder = LineRecorder(app, job_id, run_id, log)
+    if log_error:
+        recorder.note_error(log_error)
+    if row["attempt"] > 1:
+        recorder.write_log(f"[appliance] attempt {row['attempt']} of {row['retries'] + 1}")
+    try:
+        child: Any
+        if spec.kind != "command" and warm_jobs_enabled() and _fork_safe():
+            app.close()  # no SQLite state may cross a fork; reopened on next use
+            child = ForkedBody(env, spec.workdir or app.settings.home)
+        else:
+            child = subprocess.Popen(
+                _job_command(spec),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                env=env,
+                cwd=spec.workdir or app.settings.home,
+                start_new_session=True,  # its group is what cancel and timeout kill
+            )
+    except OSError as exc:
+        _close_log(log)
+        return _fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
+    app.db.execute(
+        "UPDATE jobs SET child_pid = ?, child_identity = ? WHERE id = ?",
+        (child.pid, identity(child.pid), job_id),
+    )
+    with stop_lock:
+        started.append(child)
+        if stop_reason:
+            threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
+    timer = None
+    if spec.timeout:
+        timer = threading.Timer(spec.timeout, stop, args=("timed_out",))
+        timer.daemon = True
+        timer.start()
+    stderr_tail: deque[str] = deque(maxlen=20)
 
-        def pump_stdout() -> None:
-            assert child.stdout is not None
-            for line in child.stdout:
+    def pump_stdout() -> None:
+        for line in child.stdout:
+            try:
                 recorder.handle(line)
+            except Exception as exc:  # keep draining: a stalled pipe would hang the job
+                recorder.note_error(f"could not record a line: {exc}")
 
-        def pump_stderr() -> None:
-            assert child.stderr is not None
-            for line in child.stderr:
-                stderr_tail.append(line.rstrip("\n"))
-                recorder.write_log(line)
+    def pump_stderr() -> None:
+        for line in child.stderr:
+            stderr_tail.append(line.rstrip("\n"))
+            recorder.write_log(line)
 
-        pumps = [threading.Thread(target=f, daemon=True) for f in (pump_stdout, pump_stderr)]
-        for pump in pumps:
-            pump.start()
-        exit_code = child.wait()
-        if timer is not None:
-            timer.cancel()
+    finished = threading.Event()
+
+    def flush_periodically() -> None:  # a quiet job's last metrics must not wait for its next line
+        while not finished.wait(LineRecorder.FLUSH_SECONDS):
+            recorder.flush()
+
+    threads = [
+        threading.Thread(target=f, daemon=True)
+        for f in (pump_stdout, pump_stderr, flush_periodically)
+    ]
+    for thread in threads:
+        thread.start()
+    exit_code = child.wait()
+    if timer is not None:
+        timer.cancel()
+    pumps = threads[:2]
+    for pump in pumps:
+        pump.join(timeout=2)
+    if any(p.is_alive() for p in pumps):  # something the job left behind holds its pipes
+        kill_tree(child.pid, grace=0.2)
         for pump in pumps:
             pump.join(timeout=2)
-        if any(p.is_alive() for p in pumps):  # something the job left behind holds its pipes
-            kill_tree(child.pid, grace=0.2)
-            for pump in pumps:
-                pump.join(timeout=2)
-        recorder.flush()
+    finished.set()
+    threads[2].join(timeout=5)
+    recorder.flush()
+    _close_log(log)
 
     if stop_reason and stop_reason[0] == "cancelled":
         _finish(app, job_id, "cancelled", exit_code, "cancelled by request")
@@ -949,12 +1071,27 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     if stop_reason:
         _finish(app, job_id, "timed_out", exit_code, f"timed out after {spec.timeout:g} s")
         return "timed_out"
+    if recorder.error:  # the job ran, but what it reported was not all kept
+        return _fail_or_retry(app, job_id, exit_code, recorder.error)
     if exit_code == 0:
         _finish(app, job_id, "succeeded", 0, None)
         return "succeeded"
     last = [ln for ln in stderr_tail if ln.strip()]
     reason = last[-1] if last else "no error output"
     return _fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}")
+
+
+def _open_log(path: Path) -> tuple[TextIO, str | None]:
+    try:
+        return path.open("a", encoding="utf-8"), None
+    except OSError as exc:
+        sink = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+        return sink, f"could not open the job log {path.name}: {exc.strerror or exc}"
+
+
+def _close_log(log: TextIO) -> None:
+    with contextlib.suppress(OSError):
+        log.close()
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -1008,6 +1145,7 @@ def submit_script(
     timeout: float | str | None = None,
     retries: int = 0,
     resources: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run a user's Python file as a tracked job (it may use `appliance.sdk`)."""
     from appliance.core.datasets import get_dataset_version
@@ -1026,6 +1164,7 @@ def submit_script(
         workdir=str(path.resolve().parent),
         timeout=timeout,  # type: ignore[arg-type]  # validate() turns '30m' into seconds
         retries=retries,
+        env=dict(env or {}),
         **({"resources": resources} if resources is not None else {}),
     )
     tags = environment_tags()
@@ -1044,6 +1183,7 @@ def submit_script(
 
 
 SPEC_KEYS = {
+    "env",
     "kind",
     "entry",
     "command",
@@ -1056,7 +1196,16 @@ SPEC_KEYS = {
     "experiment",
     "name",
 }
-TRAIN_SPEC_KEYS = {"kind", "resources", "timeout", "retries", "experiment", "name", "trainer"}
+TRAIN_SPEC_KEYS = {
+    "kind",
+    "resources",
+    "timeout",
+    "retries",
+    "experiment",
+    "name",
+    "trainer",
+    "env",
+}
 
 
 def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -1092,10 +1241,15 @@ def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> d
 
         config = check_train_config(data, source, extra=TRAIN_SPEC_KEYS)
         if "resources" in config:  # a spec's cpu request is the trainer's thread count
-            cpu = JobSpec("train-lightgbm", resources=config["resources"]).request().cpu
-            if cpu != int(cpu):
+            resources = config["resources"]
+            request = JobSpec("train-lightgbm", resources=resources).request()
+            if request.cpu != int(request.cpu):
                 raise InvalidInput(f"{source}: resources.cpu: a training job takes whole cores")
-            config = {**config, "cpus": int(cpu)}
+            config = {**config, "cpus": int(request.cpu)}
+            if "memory" in resources:
+                config["memory"] = resources["memory"]
+            if "gpu" in resources:
+                config["gpu"] = request.gpu
         config.pop("resources", None)
         return submit_train_config(app, config)
     if kind != "command":
@@ -1118,6 +1272,7 @@ def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> d
         "timeout": data.get("timeout"),
         "retries": data.get("retries", 0),
         "resources": data.get("resources"),
+        "env": data.get("env") or {},
     }
     if entry[0].endswith(".py"):  # a Python file: tracked like `appliance run`
         script = Path(entry[0])
@@ -1146,6 +1301,7 @@ def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> d
         workdir=data.get("workdir"),
         timeout=common["timeout"],
         retries=common["retries"],
+        env=common["env"],
         experiment=data.get("experiment", "default"),
         **({"resources": common["resources"]} if common["resources"] is not None else {}),
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def alive(pid: int | None) -> bool:
     """True while `pid` runs; a zombie counts as gone (and is reaped if it is our child)."""
-    if not pid:
+    if not pid or pid <= 0:  # waitpid/kill would read 0 and -1 as "any" and "all"
         return False
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -27,6 +27,28 @@ def alive(pid: int | None) -> bool:
     except OSError:
         return True  # no procfs: trust kill(0)
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def identity(pid: int | None) -> str | None:
+    """Boot id + start time of a process: unlike its pid, never reused. None without procfs."""
+    if not pid:
+        return None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{started}"
+
+
+def is_same(pid: int | None, known: str | None) -> bool:
+    """True while `pid` is still the process whose identity was recorded (and not a zombie).
+    With no identity recorded (no procfs then), liveness is all that can be checked."""
+    if not alive(pid):
+        return False
+    if known is None:
+        return True
+    return identity(pid) == known
 
 
 def is_ours(pid: int | None, marker: str = "appliance") -> bool:

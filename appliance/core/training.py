@@ -70,6 +70,7 @@ CONFIG_KEYS = {
     "cpus",
     "timeout",
     "retries",
+    "env",
 }
 
 
@@ -121,6 +122,9 @@ def submit_train_config(app: Appliance, config: dict[str, Any]) -> dict[str, Any
         objective=config.get("objective"),
         timeout=config.get("timeout"),
         retries=config.get("retries", 0),
+        memory=config.get("memory", "2Gi"),
+        gpu=config.get("gpu"),
+        env=config.get("env"),
     )
 
 
@@ -161,6 +165,9 @@ def submit_training(
     objective: str | None = None,
     timeout: float | str | None = None,
     retries: int = 0,
+    memory: str | int = "2Gi",
+    gpu: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Validate against the datasets' schemas, then submit a training job.
 
@@ -219,11 +226,12 @@ def submit_training(
         params={**merged, **common, "label": target, "features": chosen, "objective": objective},
         resources={
             "cpu": cpus,
-            "memory": "2Gi",
-            "gpu": 1 if trainer == "mlp" and machine_capacity().gpu > 0 else 0,
+            "memory": memory,
+            "gpu": gpu if gpu is not None else int(trainer == "mlp" and machine_capacity().gpu > 0),
         },
         timeout=timeout,  # type: ignore[arg-type]  # validate() turns '30m' into seconds
         retries=retries,
+        env=dict(env or {}),
     )
     return submit_job(
         app,

@@ -279,6 +279,20 @@ def m004_job_queue(db: Any) -> None:
     )
 
 
+def m005_process_identity(db: Any) -> None:
+    # A pid alone can be reused (after a reboot, or a long uptime): the process's start time
+    # and the boot id identify the supervisor and the job process before anything is signalled.
+    # gpu_ids: the GPUs the agent gave a running job (its CUDA_VISIBLE_DEVICES).
+    _run_script(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN pid_identity TEXT;
+        ALTER TABLE jobs ADD COLUMN child_identity TEXT;
+        ALTER TABLE jobs ADD COLUMN gpu_ids TEXT
+        """,
+    )
+
+
 def _run_script(db: Any, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
@@ -291,6 +305,7 @@ STEPS: list[Callable[[Any], None]] = [
     m002_data_stage,
     m003_version_counter,
     m004_job_queue,
+    m005_process_identity,
 ]
 
 

@@ -122,7 +122,8 @@ class JobsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.sub_title = "jobs"
         table = self.query_one("#jobs", DataTable)
-        table.add_columns(*(c.upper() for c in COLUMNS))
+        for column in COLUMNS:
+            table.add_column(column.upper(), key=column)
         self.reload()
         self.set_interval(REFRESH_SECONDS, self.reload)
 
@@ -167,9 +168,8 @@ class JobsScreen(Screen[None]):
 
     def _render_table(self) -> None:
         table = self.query_one("#jobs", DataTable)
-        table.clear()
-        for row in self.rows:
-            table.add_row(
+        cells = [
+            (
                 row["id"],
                 Text(row.get("run_name") or ""),  # user text: never parsed as markup
                 row["kind"],
@@ -178,11 +178,22 @@ class JobsScreen(Screen[None]):
                 f"{row['attempt']}/{row['retries'] + 1}",
                 (row.get("submitted_at") or "")[:19].replace("T", " "),
                 Text((row.get("error") or "")[:60]),
-                key=row["id"],
             )
+            for row in self.rows
+        ]
         ids = [r["id"] for r in self.rows]
-        if self.selected in ids:  # a refresh must not move the cursor off the user's job
-            table.move_cursor(row=ids.index(self.selected), animate=False)
+        # The refresh is not the user: its cursor moves must not change the selection.
+        with self.prevent(DataTable.RowHighlighted), table.prevent(DataTable.RowHighlighted):
+            if [str(k.value) for k in table.rows] == ids:
+                for job_id, values in zip(ids, cells, strict=True):  # in place: no flicker
+                    for column, value in zip(COLUMNS, values, strict=True):
+                        table.update_cell(job_id, column, value)
+            else:
+                table.clear()
+                for job_id, values in zip(ids, cells, strict=True):
+                    table.add_row(*values, key=job_id)
+                if self.selected in ids:
+                    table.move_cursor(row=ids.index(self.selected), animate=False)
 
     def _render_selected(self, log: str) -> None:
         job = next((r for r in self.rows if r["id"] == self.selected), None)

@@ -188,31 +188,33 @@ class RunsScreen(Screen[None]):
         self.rows = message.rows
         self.columns = metric_columns(self.rows, message.sort)
         table = self.query_one("#runs", DataTable)
-        table.clear(columns=True)
-        for name in (*BASE_COLUMNS, *self.columns):
-            arrow = ""
-            if message.sort and name == (message.sort.lstrip("+-").partition(".")[2]):
-                arrow = " ↓" if message.sort.startswith("-") else " ↑"
-                if message.sort[:1] not in "+-":
-                    arrow = " ★"  # best first
-            table.add_column(name.upper() + arrow, key=name or "mark")
-        for row in self.rows:
-            values = row["metric_values"]
-            table.add_row(
-                "●" if row["id"] in self.marked else "",
-                row["id"],
-                Text(row["name"]),
-                Text(row["experiment"]),
-                row["status"],
-                *(f"{values[c]:.4g}" if c in values else "" for c in self.columns),
-                key=row["id"],
-            )
-        ids = [r["id"] for r in self.rows]
-        if self.selected in ids:
-            table.move_cursor(row=ids.index(self.selected), animate=False)
-        elif ids:
-            self.selected = ids[0]
-            self.load_curves(self._curve_runs(), self.metric)
+        # The refresh is not the user: its cursor moves must not change the selection.
+        with self.prevent(DataTable.RowHighlighted), table.prevent(DataTable.RowHighlighted):
+            table.clear(columns=True)
+            for name in (*BASE_COLUMNS, *self.columns):
+                arrow = ""
+                if message.sort and name == (message.sort.lstrip("+-").partition(".")[2]):
+                    arrow = " ↓" if message.sort.startswith("-") else " ↑"
+                    if message.sort[:1] not in "+-":
+                        arrow = " ★"  # best first
+                table.add_column(name.upper() + arrow, key=name or "mark")
+            for row in self.rows:
+                values = row["metric_values"]
+                table.add_row(
+                    "●" if row["id"] in self.marked else "",
+                    row["id"],
+                    Text(row["name"]),
+                    Text(row["experiment"]),
+                    row["status"],
+                    *(f"{values[c]:.4g}" if c in values else "" for c in self.columns),
+                    key=row["id"],
+                )
+            ids = [r["id"] for r in self.rows]
+            if self.selected in ids:
+                table.move_cursor(row=ids.index(self.selected), animate=False)
+            elif ids:
+                self.selected = ids[0]
+                self.load_curves(self._curve_runs(), self.metric)
         sort = f"  sorted by {message.sort}" if message.sort else ""
         marked = f"  {len(self.marked)} marked" if self.marked else ""
         self.query_one("#runs-status", Static).update(f"{len(self.rows)} runs{sort}{marked}")
