@@ -577,7 +577,9 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
     params = dict(spec.params)
     rounds = int(params["num_boost_round"])
     stop_after = int(params.pop("early_stopping_rounds", 0))
+    started = time.perf_counter()
     p = _prepare(spec, emit, rounds)
+    print(f"loaded {len(p.train.y)} training rows in {time.perf_counter() - started:.2f} s")
     for key in ("label", "features", "num_boost_round", "valid_fraction", "seed", "objective"):
         params.pop(key, None)
     metric = {
@@ -627,6 +629,7 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
     callbacks = [report]
     if stop_after:
         callbacks.append(lgb.early_stopping(stop_after, first_metric_only=True, verbose=False))
+    started = time.perf_counter()
     booster = lgb.train(
         lgb_params,
         train_set,
@@ -636,6 +639,7 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
         callbacks=callbacks,
     )
     best = booster.best_iteration or booster.current_iteration()
+    print(f"trained {booster.current_iteration()} rounds in {time.perf_counter() - started:.2f} s")
     emit({"type": "param", "name": "best_iteration", "value": best})
     _restate(streamed, best, emit)
     gains = booster.feature_importance(importance_type="gain")
