@@ -35,7 +35,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "jobs",
             ("job", "j"),
-            ("id", "kind", "state", "progress", "run_id", "submitted_at", "error"),
+            ("id", "kind", "state", "progress", "attempt", "run_id", "submitted_at", "error"),
             jobs.list_jobs,
         ),
         Kind(
