@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     sup.add_argument("job_id")
     sub.add_parser("run")
     agent = sub.add_parser("agent")
-    agent.add_argument("--idle-exit", type=float, default=None)
+    agent.add_argument("--idle-exit", default=None)
     agent.add_argument("--wait-lock", action="store_true")
     serve = sub.add_parser("serve")
     serve.add_argument("deployment")
@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     app = Appliance.open(os.environ.get("APPLIANCE_HOME"))
     if args.command == "agent":
         from appliance.core.agent import run_agent
+        from appliance.core.jobs import parse_duration
 
-        return run_agent(app, idle_exit=args.idle_exit, wait_lock=args.wait_lock)
+        idle = None if args.idle_exit is None else parse_duration(args.idle_exit, "--idle-exit")
+        return run_agent(app, idle_exit=idle, wait_lock=args.wait_lock)
     if args.command == "supervise":
         from appliance.core.jobs import supervise
 

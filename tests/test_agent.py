@@ -168,7 +168,7 @@ def test_two_agents_started_at_once_leave_exactly_one(app: Appliance) -> None:
         _until(lambda: any(p.poll() is not None for p in procs), timeout=20)
         loser = next(p for p in procs if p.poll() is not None)
         winner = next(p for p in procs if p is not loser)
-        assert loser.returncode == 1
+        assert loser.returncode == 75  # EX_TEMPFAIL: another agent has the home
         assert "another agent" in loser.stderr.read()  # type: ignore[union-attr]
         assert winner.poll() is None
         assert agent_status(app)["pid"] == winner.pid
@@ -470,7 +470,7 @@ def test_gpus_are_handed_out_one_job_at_a_time(
     app: Appliance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a 2-GPU machine: two 1-GPU jobs get GPU 0 and GPU 1, a 0-GPU job sees none, a
-    third GPU job waits; a job needing more GPUs than the agent's machine has fails."""
+    third GPU job waits; an agent that sees no GPU keeps GPU jobs queued and says why."""
     import appliance.core.agent as agent
     from appliance.core.agent import Agent, Capacity
 
@@ -502,8 +502,9 @@ def test_gpus_are_handed_out_one_job_at_a_time(
     smaller = Agent(app, capacity=Capacity(two.cpu, two.memory, 0))
     smaller.executor = Recording()  # type: ignore[assignment]
     smaller.schedule()
-    failed = get_job(app, jobs[2]["id"])
-    assert failed["state"] == "failed" and "resources.gpu" in failed["error"]
+    waiting = get_job(app, jobs[2]["id"])
+    assert waiting["state"] == "queued"
+    assert waiting["progress_message"].startswith("waiting: resources.gpu: 1 requested")
     app.db.execute("UPDATE jobs SET state = 'cancelled' WHERE state = 'running'")
 
 
@@ -543,3 +544,44 @@ def test_a_big_job_that_waited_long_is_not_overtaken(
     assert scheduler.schedule() == [big["id"]]
     assert get_job(app, later["id"])["state"] == "queued"
     app.db.execute("UPDATE jobs SET state = 'cancelled' WHERE state IN ('queued', 'running')")
+
+
+def test_a_cancel_wins_over_a_retry_and_a_claim(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel is stored first: a failing attempt that would be retried, or a claim that
+    comes a moment later, ends in 'cancelled' instead of running the job again."""
+    import appliance.core.agent as agent
+    from appliance.core.jobs import _fail_or_retry, claim_job
+
+    monkeypatch.setattr(agent, "ensure_agent", lambda app: None)  # nothing runs on its own
+    job = submit_job(app, _py("pass", retries=3))
+    assert claim_job(app, job["id"])
+    app.db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job["id"],))
+    assert _fail_or_retry(app, job["id"], 1, "exit code 1") == "cancelled"
+    assert get_job(app, job["id"])["state"] == "cancelled"
+
+    queued = submit_job(app, _py("pass"))
+    app.db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (queued["id"],))
+    assert not claim_job(app, queued["id"])  # the agent will not start it
+
+
+def test_a_status_line_is_not_overwritten_by_an_older_progress_message(app: Appliance) -> None:
+    code = (
+        "import json, time\n"
+        "print(json.dumps({'type': 'progress', 'done': 1, 'total': 2, 'message': 'epoch 1'}))\n"
+        "print(json.dumps({'type': 'status', 'message': 'uploading the model'}), flush=True)\n"
+        "time.sleep(30)"
+    )
+    job = submit_job(app, _py(code))
+    _until(lambda: get_job(app, job["id"])["progress_total"] == 2)
+    time.sleep(0.6)  # past a periodic flush
+    row = get_job(app, job["id"])
+    assert row["progress_message"] == "uploading the model" and row["progress_current"] == 1
+
+
+def test_env_values_are_checked(app: Appliance) -> None:
+    with pytest.raises(InvalidInput, match=r"env\.BAD: contains a NUL byte"):
+        submit_job(app, _py("pass", env={"BAD": "a\0b"}))
+    with pytest.raises(InvalidInput, match=r"env\.1X: not a valid variable name"):
+        submit_job(app, _py("pass", env={"1X": "a"}))

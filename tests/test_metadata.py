@@ -57,6 +57,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m003_version_counter",
         "m004_job_queue",
         "m005_process_identity",
+        "m006_cancel_request",
     ]
     again.close()
 

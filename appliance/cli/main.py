@@ -748,23 +748,25 @@ def jobs_cancel(app: Any, as_json: bool, job_id: str) -> None:
 
 
 @cli.group("agent", invoke_without_command=True)
-@click.option("--idle-exit", type=float, help="Exit after this many idle seconds.")
+@click.option("--idle-exit", help="Exit after this long idle: seconds, or '10m'.")
 @click.option(
     "--wait-lock", is_flag=True, help="Wait while another agent runs, instead of exiting (service)."
 )
 @click.option("--home", type=click.Path(), help="Appliance home directory.")
 @click.pass_context
 def agent_group(
-    ctx: click.Context, idle_exit: float | None, wait_lock: bool, home: str | None
+    ctx: click.Context, idle_exit: str | None, wait_lock: bool, home: str | None
 ) -> None:
     """The job scheduler. Alone: run it in the foreground (what the systemd unit runs)."""
     if ctx.invoked_subcommand is not None:
         return
     from appliance.core.agent import run_agent
+    from appliance.core.jobs import parse_duration
 
+    idle = None if idle_exit is None else parse_duration(idle_exit, "--idle-exit")
     app = _open(home)
     try:
-        code = run_agent(app, idle_exit=idle_exit, wait_lock=wait_lock)
+        code = run_agent(app, idle_exit=idle, wait_lock=wait_lock)
     finally:
         app.close()
     sys.exit(code)

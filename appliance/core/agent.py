@@ -35,10 +35,10 @@ from appliance.core.jobs import (
     ACTIVE_STATES,
     Request,
     _fail_or_retry,
-    _finish,
     _seconds_since,
     claim_job,
     get_executor,
+    parse_duration,
     reconcile_job,
     warm_jobs_enabled,
 )
@@ -51,6 +51,7 @@ DEFAULT_IDLE_EXIT = 600.0  # an agent started on demand goes away after 10 idle 
 POLL_SECONDS = 1.0
 RECONCILE_SECONDS = 2.0
 RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any more
+REPROBE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def _socket_address(app: Appliance) -> str:
 def wake_agent(app: Appliance) -> bool:
     """Nudge the running agent to look at the queue now; False when no agent answers."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)  # a busy agent's full queue must never block the caller
         try:
             sock.sendto(b"wake", _socket_address(app))
         except (FileNotFoundError, ConnectionRefusedError):
@@ -198,25 +200,36 @@ def _locked_by(app: Appliance) -> int | None:
 
 
 _spawned: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
-SPAWN_GRACE = 5.0  # an agent takes ~0.2 s to answer; do not start a crowd meanwhile
+SPAWN_INTERVAL = 3.0  # at most one start per home per this many seconds, per process
+LOCK_HELD_EXIT = 75  # an agent that found another one running (EX_TEMPFAIL): not an error
 
 
 def ensure_agent(app: Appliance) -> None:
-    """Start an agent in the background unless one answers (jobs outlive this process)."""
+    """Start an agent in the background unless one answers (jobs outlive this process).
+
+    Raises, with the agent's own last words, when the agent this process started just failed:
+    a waiter must see why instead of waiting on a queue nobody serves."""
     if wake_agent(app):
         return
     home = str(app.settings.home)
+    log = app.settings.logs_dir / "agent.log"
     if home in _spawned:
         proc, when = _spawned[home]
-        if proc.poll() is None and time.monotonic() - when < SPAWN_GRACE:
-            return  # ours is still starting up
-    log = app.settings.logs_dir / "agent.log"
+        code = proc.poll()
+        age = time.monotonic() - when
+        if code is not None and code > 0 and code != LOCK_HELD_EXIT and age < 15:
+            del _spawned[home]  # it failed at start (a bad setting): say why, once
+            raise ApplianceError(f"the job agent could not start (exit {code}): {_last_line(log)}")
+        if code in (None, LOCK_HELD_EXIT) and age < SPAWN_INTERVAL:
+            return  # ours is starting up, or another agent holds the home: no crowd
+    idle = parse_duration(os.environ.get(IDLE_EXIT_ENV, DEFAULT_IDLE_EXIT), IDLE_EXIT_ENV)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "APPLIANCE_HOME": str(app.settings.home)}
-    idle = os.environ.get(IDLE_EXIT_ENV, str(DEFAULT_IDLE_EXIT))
+    # The agent serves every later submitter: not this shell's GPU mask.
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.runner", "agent", "--idle-exit", idle],
+            [sys.executable, "-m", "appliance.runner", "agent", "--idle-exit", str(idle)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -224,6 +237,14 @@ def ensure_agent(app: Appliance) -> None:
             start_new_session=True,
         )
     _spawned[home] = (proc, time.monotonic())
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no agent log"
+    return lines[-1] if lines else "no output"
 
 
 def stop_agent(app: Appliance, timeout: float = 5.0) -> dict[str, Any]:
@@ -249,6 +270,8 @@ class Agent:
         self.app = app
         self.idle_exit = idle_exit
         self.capacity = capacity or machine_capacity()
+        self.probe_capacity = capacity is None  # a given capacity (tests) stays as given
+        self.probed = time.monotonic()
         self.executor = get_executor(app.settings.executor)
         self.stopping = False
         self._lock_file: IO[str] | None = None
@@ -342,38 +365,43 @@ class Agent:
         """Start queued jobs, oldest first, while their requests fit in what is free.
 
         A job that does not fit now lets smaller ones behind it start (backfill), until it
-        has waited RESERVE_AFTER seconds: then nothing passes it, so it cannot starve.
+        has waited RESERVE_AFTER seconds: from then on, a later job starts only if it takes
+        nothing the reserved job is waiting for, so the reserved job cannot starve.
         """
         running = self.app.db.rows(
             "SELECT cpu, memory_bytes, gpu, gpu_ids FROM jobs WHERE state = 'running'"
         )
-        free_cpu = self.capacity.cpu - sum(r["cpu"] for r in running)
-        free_memory = self.capacity.memory - sum(r["memory_bytes"] for r in running)
+        free = {
+            "cpu": self.capacity.cpu - sum(r["cpu"] for r in running),
+            "memory": self.capacity.memory - sum(r["memory_bytes"] for r in running),
+        }
         busy_gpus = {g for r in running for g in (r["gpu_ids"] or "").split(",") if g}
         free_gpus = [g for g in self.gpu_names() if g not in busy_gpus]
         free_gpus = free_gpus[: max(0, self.capacity.gpu - sum(r["gpu"] for r in running))]
+        reserved: dict[str, float] = {}  # what the reserved job still needs, per resource
         started = []
         for job in self.app.db.rows(
-            "SELECT id, cpu, memory_bytes, gpu, submitted_at FROM jobs WHERE state = 'queued' "
-            "ORDER BY submitted_at, rowid"
+            "SELECT id, cpu, memory_bytes, gpu, submitted_at, progress_message FROM jobs "
+            "WHERE state = 'queued' ORDER BY submitted_at, rowid"
         ):
-            request = Request(job["cpu"], job["memory_bytes"], job["gpu"])
+            need = {"cpu": job["cpu"], "memory": job["memory_bytes"], "gpu": job["gpu"]}
+            have = {**free, "gpu": len(free_gpus)}
             try:
-                self.capacity.check_fits(request)
-            except InvalidInput as exc:  # submitted where another machine's limits applied
-                _finish(
-                    self.app, job["id"], "failed", None, f"{exc.message} (the agent's)", ("queued",)
-                )
+                self.capacity.check_fits(Request(job["cpu"], job["memory_bytes"], job["gpu"]))
+            except InvalidInput as exc:  # this agent's machine can never run it (yet)
+                self._say(job, f"waiting: {exc.message} (seen by the agent)")
                 continue
-            fits = (
-                job["cpu"] <= free_cpu + 1e-9
-                and job["memory_bytes"] <= free_memory
-                and job["gpu"] <= len(free_gpus)
-            )
-            if not fits:
-                if _seconds_since(job["submitted_at"]) > RESERVE_AFTER:
-                    break  # reserve what frees up for this job
+            short = [k for k in need if need[k] > have[k] + (1e-9 if k == "cpu" else 0)]
+            if short:
+                if not reserved and _seconds_since(job["submitted_at"]) > RESERVE_AFTER:
+                    reserved = need
+                    self._say(job, f"waiting for {', '.join(short)}; nothing may overtake it")
                 continue
+            if reserved and any(
+                need[k] > 0 and have[k] - need[k] < reserved[k] - (1e-9 if k == "cpu" else 0)
+                for k in need
+            ):
+                continue  # it would take what the reserved job waits for
             gpu_ids = None
             if self.capacity.gpu > 0:  # jobs see only the GPUs they were given (maybe none)
                 gpu_ids = ",".join(free_gpus[: job["gpu"]])
@@ -389,11 +417,24 @@ class Agent:
                 "WHERE id = ? AND state = 'running'",
                 (pid, identity(pid), job["id"]),
             )
-            free_cpu -= job["cpu"]
-            free_memory -= job["memory_bytes"]
+            free["cpu"] -= job["cpu"]
+            free["memory"] -= job["memory_bytes"]
             free_gpus = free_gpus[job["gpu"] :]
             started.append(job["id"])
         return started
+
+    def _say(self, job: dict[str, Any], message: str) -> None:
+        """Why a queued job waits, where `jobs show` and the Jobs screen show it."""
+        if job.get("progress_message") != message:
+            self.app.db.execute(
+                "UPDATE jobs SET progress_message = ? WHERE id = ? AND state = 'queued'",
+                (message, job["id"]),
+            )
+
+    def reprobe(self) -> None:
+        """Look at the machine again (a GPU driver that came up after boot, a new limit)."""
+        machine_capacity.cache_clear()
+        self.capacity = machine_capacity()
 
     def gpu_names(self) -> list[str]:
         """What CUDA_VISIBLE_DEVICES values mean here: the agent's own list, else 0..n-1."""
@@ -465,6 +506,9 @@ class Agent:
             self._reap()
             if first or reconcile:
                 self.reconcile()
+            if self.probe_capacity and time.monotonic() - self.probed > REPROBE_SECONDS:
+                self.reprobe()
+                self.probed = time.monotonic()
             self.schedule()
             return self._active() > 0
         except (sqlite3.Error, OSError, ApplianceError) as exc:
@@ -497,7 +541,7 @@ def run_agent(app: Appliance, idle_exit: float | None = None, wait_lock: bool = 
             f"appliance agent: another agent (pid {holder}) already runs for {app.settings.home}",
             file=sys.stderr,
         )
-        return 1
+        return LOCK_HELD_EXIT
     try:
         print(
             f"{utcnow()} agent {os.getpid()} started for {app.settings.home}; "

@@ -169,6 +169,8 @@ class JobSpec:
                 raise InvalidInput(f"env.{name}: set by the platform, not by a job spec")
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise InvalidInput(f"env.{name}: expected a string, got {value!r}")
+            if "\0" in str(value):
+                raise InvalidInput(f"env.{name}: contains a NUL byte")
             self.env[name] = str(value)
         return self
 
@@ -394,7 +396,8 @@ def get_job(app: Appliance, job_id: str) -> dict[str, Any]:
 
 def list_jobs(app: Appliance) -> list[dict[str, Any]]:
     rows = app.db.rows(
-        "SELECT j.id, j.kind, j.state, j.pid, j.child_pid, j.executor, j.progress_current, "
+        "SELECT j.id, j.kind, j.state, j.pid, j.pid_identity, j.child_pid, j.child_identity, "
+        "j.executor, j.progress_current, "
         "j.progress_total, j.progress_message, j.submitted_at, j.started_at, j.finished_at, "
         "j.exit_code, j.error, j.attempt, j.retries, r.id AS run_id, r.name AS run_name "
         "FROM jobs j LEFT JOIN runs r ON r.job_id = j.id ORDER BY j.submitted_at DESC"
@@ -439,34 +442,32 @@ def wait_job(app: Appliance, job_id: str, timeout: float | None = None) -> dict[
 
 
 def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
-    """Stop a queued or running job and its whole process tree; it ends 'cancelled'."""
+    """Stop a queued or running job and its whole process tree; it ends 'cancelled'.
+
+    The request is stored first, so a retry, a claim or a supervisor registering at this
+    moment honours it instead of racing the signal."""
     job = get_job(app, job_id)
     if job["state"] in FINAL_STATES:
         raise Conflict(f"job {job_id} already {job['state']}; nothing to cancel")
-    if job["state"] == "queued":
-        _finish(app, job_id, "cancelled", None, "cancelled before it started", only=("queued",))
-        job = get_job(app, job_id)
-        if job["state"] in FINAL_STATES:
-            return job
-    if not job.get("pid"):
-        # Claimed, but its supervisor has not registered: it will find the job cancelled
-        # and start nothing.
-        with app.db.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET pid = -1 WHERE id = ? AND state = 'running' AND pid IS NULL",
-                (job_id,),
-            )
-            if cur.rowcount:
-                _finish_in(conn, job_id, "cancelled", None, "cancelled before it started")
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        # Queued, or claimed with no supervisor registered yet: nothing runs; end it here.
+        cur = conn.execute(
+            "UPDATE jobs SET pid = -1 WHERE id = ? "
+            "AND (state = 'queued' OR (state = 'running' AND pid IS NULL))",
+            (job_id,),
+        )
         if cur.rowcount:
-            return get_job(app, job_id)
-        job = get_job(app, job_id)
+            _finish_in(conn, job_id, "cancelled", None, "cancelled before it started")
+    job = get_job(app, job_id)
+    if job["state"] in FINAL_STATES:
+        return job
     get_executor(job["executor"]).cancel(job)  # the supervisor kills the tree, records the end
     job = wait_job(app, job_id, timeout=KILL_GRACE + 0.8)
     if job["state"] not in FINAL_STATES:  # a supervisor that does not answer: do it from here
-        _kill_orphaned_child(job)
         if get_executor(job["executor"]).is_alive(job):
-            signal_ours(job.get("pid"), signal.SIGKILL)
+            signal_ours(job.get("pid"), signal.SIGKILL)  # first: it must not see a failure
+        _kill_orphaned_child(job)
         _finish(app, job_id, "cancelled", None, "cancelled (the supervisor did not answer)")
     return get_job(app, job_id)
 
@@ -508,7 +509,7 @@ def follow_log(app: Appliance, job_id: str, poll: float = 0.2) -> Iterator[str]:
                 offset = fh.tell()
             if chunk:
                 yield chunk
-        if get_job(app, job_id)["state"] in FINAL_STATES:
+        if poll_job(app, job_id)["state"] in FINAL_STATES:
             if path.exists() and path.stat().st_size > offset:
                 continue
             return
@@ -569,12 +570,15 @@ def _finish_in(
     return True
 
 
+_ANY_PID = object()
+
+
 def _fail_or_retry(
     app: Appliance,
     job_id: str,
     exit_code: int | None,
     error: str,
-    expect_pid: int | None = None,
+    expect_pid: int | None | object = _ANY_PID,
 ) -> str:
     """A failed attempt: queue the job again while retries remain, else end it 'failed'.
 
@@ -583,12 +587,16 @@ def _fail_or_retry(
     """
     with app.db.transaction() as conn:
         row = conn.execute(
-            "SELECT state, attempt, retries, pid FROM jobs WHERE id = ?", (job_id,)
+            "SELECT state, attempt, retries, pid, cancel_requested FROM jobs WHERE id = ?",
+            (job_id,),
         ).fetchone()
         if row is None or row["state"] != "running":
             return row["state"] if row else "failed"
-        if expect_pid is not None and row["pid"] != expect_pid:
-            return "running"
+        if expect_pid is not _ANY_PID and row["pid"] != expect_pid:
+            return "running"  # someone else's observation: the supervisor registered since
+        if row["cancel_requested"]:
+            _finish_in(conn, job_id, "cancelled", exit_code, "cancelled by request", ("running",))
+            return "cancelled"
         if row["attempt"] <= row["retries"]:
             conn.execute(
                 "UPDATE jobs SET state = 'queued', attempt = attempt + 1, pid = NULL, "
@@ -630,7 +638,8 @@ def claim_job(app: Appliance, job_id: str, gpu_ids: str | None = None) -> bool:
         cur = conn.execute(
             "UPDATE jobs SET state = 'running', pid = NULL, pid_identity = NULL, "
             "child_pid = NULL, child_identity = NULL, gpu_ids = ?, started_at = ?, "
-            "error = CASE WHEN attempt > 1 THEN error END WHERE id = ? AND state = 'queued'",
+            "error = CASE WHEN attempt > 1 THEN error END "
+            "WHERE id = ? AND state = 'queued' AND cancel_requested = 0",
             (gpu_ids, utcnow(), job_id),
         )
         if cur.rowcount == 0:
@@ -685,7 +694,7 @@ class LineRecorder:
         if stripped.startswith("{"):
             try:
                 event = json.loads(stripped)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 event = None
         if isinstance(event, dict) and isinstance(event.get("type"), str):
             try:
@@ -736,6 +745,8 @@ class LineRecorder:
         elif kind == "input":
             self._record_input(str(event["ref"]))
         elif kind == "status":
+            if self.progress is not None:  # an older progress message must not overwrite it
+                self.progress = (self.progress[0], self.progress[1], None)
             self.app.db.execute(
                 "UPDATE jobs SET progress_message = ? WHERE id = ?",
                 (str(event["message"])[:500], self.job_id),
@@ -960,11 +971,12 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     me = os.getpid()
     with app.db.transaction() as conn:
         cur = conn.execute(
-            "UPDATE jobs SET pid = ?, pid_identity = ? "
-            "WHERE id = ? AND state = 'running' AND (pid IS NULL OR pid = ?)",
+            "UPDATE jobs SET pid = ?, pid_identity = ? WHERE id = ? AND state = 'running' "
+            "AND (pid IS NULL OR pid = ?) AND cancel_requested = 0",
             (me, identity(me), job_id, me),
         )
     if cur.rowcount == 0:  # cancelled between the claim and now
+        _finish(app, job_id, "cancelled", None, "cancelled before it started", ("running",))
         return str(get_job(app, job_id)["state"])
     if stop_reason:
         _finish(app, job_id, "cancelled", None, "cancelled before it started")
@@ -1008,7 +1020,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
                 cwd=spec.workdir or app.settings.home,
                 start_new_session=True,  # its group is what cancel and timeout kill
             )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
         _close_log(log)
         return _fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
     app.db.execute(
@@ -1071,14 +1083,15 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     if stop_reason:
         _finish(app, job_id, "timed_out", exit_code, f"timed out after {spec.timeout:g} s")
         return "timed_out"
-    if recorder.error:  # the job ran, but what it reported was not all kept
-        return _fail_or_retry(app, job_id, exit_code, recorder.error)
+    # The job's own outcome decides its state (a retry would meet the same full disk); what
+    # could not be kept of its output is said next to it.
+    warning = f"; warning: {recorder.error}" if recorder.error else ""
     if exit_code == 0:
-        _finish(app, job_id, "succeeded", 0, None)
+        _finish(app, job_id, "succeeded", 0, f"warning: {recorder.error}" if warning else None)
         return "succeeded"
     last = [ln for ln in stderr_tail if ln.strip()]
     reason = last[-1] if last else "no error output"
-    return _fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}")
+    return _fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}{warning}")
 
 
 def _open_log(path: Path) -> tuple[TextIO, str | None]:
@@ -1243,9 +1256,10 @@ def submit_spec(app: Appliance, data: dict[str, Any], source: str = "spec") -> d
         if "resources" in config:  # a spec's cpu request is the trainer's thread count
             resources = config["resources"]
             request = JobSpec("train-lightgbm", resources=resources).request()
-            if request.cpu != int(request.cpu):
-                raise InvalidInput(f"{source}: resources.cpu: a training job takes whole cores")
-            config = {**config, "cpus": int(request.cpu)}
+            if "cpu" in resources:
+                if request.cpu != int(request.cpu):
+                    raise InvalidInput(f"{source}: resources.cpu: a training job takes whole cores")
+                config = {**config, "cpus": int(request.cpu)}
             if "memory" in resources:
                 config["memory"] = resources["memory"]
             if "gpu" in resources:

@@ -293,6 +293,12 @@ def m005_process_identity(db: Any) -> None:
     )
 
 
+def m006_cancel_request(db: Any) -> None:
+    # A cancel is recorded before anything is signalled: a retry, a claim or a supervisor
+    # that registers a moment later sees it and stops, instead of racing the signal.
+    _run_script(db, "ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+
+
 def _run_script(db: Any, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
@@ -306,6 +312,7 @@ STEPS: list[Callable[[Any], None]] = [
     m003_version_counter,
     m004_job_queue,
     m005_process_identity,
+    m006_cancel_request,
 ]
 
 

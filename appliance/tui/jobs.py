@@ -187,7 +187,7 @@ class JobsScreen(Screen[None]):
             if [str(k.value) for k in table.rows] == ids:
                 for job_id, values in zip(ids, cells, strict=True):  # in place: no flicker
                     for column, value in zip(COLUMNS, values, strict=True):
-                        table.update_cell(job_id, column, value)
+                        table.update_cell(job_id, column, value, update_width=True)
             else:
                 table.clear()
                 for job_id, values in zip(ids, cells, strict=True):

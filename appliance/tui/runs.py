@@ -188,33 +188,53 @@ class RunsScreen(Screen[None]):
         self.rows = message.rows
         self.columns = metric_columns(self.rows, message.sort)
         table = self.query_one("#runs", DataTable)
-        # The refresh is not the user: its cursor moves must not change the selection.
+        keys = [name or "mark" for name in (*BASE_COLUMNS, *self.columns)]
+        labels = []
+        for name in (*BASE_COLUMNS, *self.columns):
+            arrow = ""
+            if message.sort and name == (message.sort.lstrip("+-").partition(".")[2]):
+                arrow = " ↓" if message.sort.startswith("-") else " ↑"
+                if message.sort[:1] not in "+-":
+                    arrow = " ★"  # best first
+            labels.append(name.upper() + arrow)
+        cells = [
+            (
+                "●" if row["id"] in self.marked else "",
+                row["id"],
+                Text(row["name"]),
+                Text(row["experiment"]),
+                row["status"],
+                *(
+                    f"{row['metric_values'][c]:.4g}" if c in row["metric_values"] else ""
+                    for c in self.columns
+                ),
+            )
+            for row in self.rows
+        ]
+        ids = [r["id"] for r in self.rows]
+        same_shape = (
+            [str(k.value) for k in table.columns] == keys
+            and [str(c.label) for c in table.columns.values()] == labels
+            and [str(k.value) for k in table.rows] == ids
+        )
+        # The refresh is not the user: its cursor moves must not change the selection, and
+        # an unchanged table is updated in place (the scroll position stays).
         with self.prevent(DataTable.RowHighlighted), table.prevent(DataTable.RowHighlighted):
-            table.clear(columns=True)
-            for name in (*BASE_COLUMNS, *self.columns):
-                arrow = ""
-                if message.sort and name == (message.sort.lstrip("+-").partition(".")[2]):
-                    arrow = " ↓" if message.sort.startswith("-") else " ↑"
-                    if message.sort[:1] not in "+-":
-                        arrow = " ★"  # best first
-                table.add_column(name.upper() + arrow, key=name or "mark")
-            for row in self.rows:
-                values = row["metric_values"]
-                table.add_row(
-                    "●" if row["id"] in self.marked else "",
-                    row["id"],
-                    Text(row["name"]),
-                    Text(row["experiment"]),
-                    row["status"],
-                    *(f"{values[c]:.4g}" if c in values else "" for c in self.columns),
-                    key=row["id"],
-                )
-            ids = [r["id"] for r in self.rows]
-            if self.selected in ids:
-                table.move_cursor(row=ids.index(self.selected), animate=False)
-            elif ids:
-                self.selected = ids[0]
-                self.load_curves(self._curve_runs(), self.metric)
+            if same_shape:
+                for run_id, values in zip(ids, cells, strict=True):
+                    for key, value in zip(keys, values, strict=True):
+                        table.update_cell(run_id, key, value, update_width=True)
+            else:
+                table.clear(columns=True)
+                for key, label in zip(keys, labels, strict=True):
+                    table.add_column(label, key=key)
+                for run_id, values in zip(ids, cells, strict=True):
+                    table.add_row(*values, key=run_id)
+                if self.selected in ids:
+                    table.move_cursor(row=ids.index(self.selected), animate=False)
+        if self.selected not in ids and ids:
+            self.selected = ids[0]
+            self.load_curves(self._curve_runs(), self.metric)
         sort = f"  sorted by {message.sort}" if message.sort else ""
         marked = f"  {len(self.marked)} marked" if self.marked else ""
         self.query_one("#runs-status", Static).update(f"{len(self.rows)} runs{sort}{marked}")
