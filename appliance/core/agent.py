@@ -331,13 +331,20 @@ class Agent:
             self._lock_file = None
 
     def preload(self) -> None:
-        """Import what built-in jobs import (numpy, LightGBM, the job bodies) once, here: every
-        supervisor forked from the agent inherits them, so a training job starts warm. Not
-        torch (its CUDA state must not cross a fork) and not DuckDB (it starts a thread)."""
+        """Import what built-in jobs import (numpy, DuckDB, LightGBM, the job bodies) once,
+        here: every supervisor forked from the agent inherits them, so a training job starts
+        warm. Their native helper threads are idle at a fork (the agent runs no queries, no
+        training). Not torch: its CUDA state must not cross a fork."""
         if not warm_jobs_enabled():
             return
         started = time.monotonic()
-        for module in ("numpy", "lightgbm", "appliance.core.training", "appliance.core.recipes"):
+        for module in (
+            "numpy",
+            "duckdb",
+            "lightgbm",
+            "appliance.core.training",
+            "appliance.core.recipes",
+        ):
             try:
                 __import__(module)
             except ImportError:

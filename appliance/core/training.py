@@ -273,31 +273,29 @@ def fit_signature(
 
 
 def encode(signature: list[dict[str, Any]], data: dict[str, Any]) -> Any:
-    """The float64 matrix both trainers take: NULL (and unseen levels) become NaN."""
+    """The float64 matrix both trainers take: NULL (and unseen levels) become NaN.
+
+    Written column by column into one matrix: a 200k-row table is copied once, not twice."""
     import numpy as np
 
-    columns = []
-    for feature in signature:
+    rows = len(data[signature[0]["name"]]) if signature else 0
+    out = np.empty((rows, len(signature)), dtype=np.float64)
+    for j, feature in enumerate(signature):
         values = data[feature["name"]]
         # DuckDB's fetchnumpy returns NULLs as masked entries; they must become missing values.
         missing = np.ma.getmaskarray(values)
         raw = np.ma.getdata(values)
         if feature["type"] == "double":
-            numbers = np.asarray(raw, dtype=np.float64).copy()
-            numbers[missing] = np.nan
-            columns.append(numbers)
+            out[:, j] = np.asarray(raw, dtype=np.float64)
+            if missing.any():
+                out[missing, j] = np.nan
         else:
             index = {c: i for i, c in enumerate(feature["categories"])}
-            columns.append(
-                np.array(
-                    [
-                        np.nan if m or v is None else index.get(str(v), np.nan)
-                        for v, m in zip(raw, missing, strict=True)
-                    ],
-                    dtype=np.float64,
-                )
-            )
-    return np.column_stack(columns)
+            out[:, j] = [
+                np.nan if m or v is None else index.get(str(v), np.nan)
+                for v, m in zip(raw, missing, strict=True)
+            ]
+    return out
 
 
 def build_signature(schema: list[dict[str, str]], features: list[str], data: dict[str, Any]):  # type: ignore[no-untyped-def]
