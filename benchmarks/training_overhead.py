@@ -30,8 +30,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="median of this many runs")
     args = parser.parse_args()
 
+    import os
+
     import duckdb
     import lightgbm as lgb
+
+    # The agent must stay up between the measured runs (the script stops it at the end).
+    os.environ["APPLIANCE_AGENT_IDLE_EXIT"] = "600"
 
     from appliance.core.context import Appliance
     from appliance.core.datasets import import_data
@@ -78,80 +83,84 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         app = Appliance.open(Path(tmp) / "home")
-        table = {f"f{i}": x[:, i] for i in range(20)} | {"label": y}
-        parquet = Path(tmp) / "train.parquet"
-        duckdb.from_df(__import__("pandas").DataFrame(table)).write_parquet(str(parquet))
-        import_data(app, "bench", str(parquet))
-        from appliance.core.agent import agent_status, ensure_agent, stop_agent
+        try:
+            table = {f"f{i}": x[:, i] for i in range(20)} | {"label": y}
+            parquet = Path(tmp) / "train.parquet"
+            duckdb.from_df(__import__("pandas").DataFrame(table)).write_parquet(str(parquet))
+            import_data(app, "bench", str(parquet))
+            from appliance.core.agent import agent_status, ensure_agent, stop_agent
 
-        def train() -> float:
-            started = time.perf_counter()
-            job = submit_training(
-                app,
-                "bench",
-                "label",
-                cpus=2,
-                params={
-                    "num_boost_round": 200,
-                    "early_stopping_rounds": 0,
-                    "num_leaves": 31,
-                    "learning_rate": 0.05,
-                    "valid_fraction": 0.01,
-                },
+            def train() -> float:
+                started = time.perf_counter()
+                job = submit_training(
+                    app,
+                    "bench",
+                    "label",
+                    cpus=2,
+                    params={
+                        "num_boost_round": 200,
+                        "early_stopping_rounds": 0,
+                        "num_leaves": 31,
+                        "learning_rate": 0.05,
+                        "valid_fraction": 0.01,
+                    },
+                )
+                done = wait_job(app, job["id"], timeout=600)
+                assert done["state"] == "succeeded", done
+                return time.perf_counter() - started
+
+            cold = train()
+            ensure_agent(app)
+            deadline = time.monotonic() + 30
+            while not agent_status(app)["warm"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # Interleaved, so that the machine's drift (other load, turbo) hits both the same.
+            bares, platforms, freshes = [], [], []
+            for _ in range(args.repeat):
+                bares.append(bare_train())
+                platforms.append(train())
+                freshes.append(fresh_train())
+            bare, platform = statistics.median(bares), statistics.median(platforms)
+            fresh = statistics.median(freshes)
+            # Each ratio from a bare run and the platform run right after it: the machine's drift
+            # (other tenants, turbo) cancels within a pair; the median drops outliers.
+            ratio = statistics.median(p / b for p, b in zip(platforms, bares, strict=True))
+            fresh_ratio = statistics.median(p / f for p, f in zip(platforms, freshes, strict=True))
+
+            latencies = []
+            for _ in range(args.starts):
+                started = time.perf_counter()
+                job = submit_job(
+                    app, JobSpec(kind="command", command=[sys.executable, "-c", "print('ready')"])
+                )
+                log = Path(job["log_path"])
+                while not (log.exists() and "ready" in log.read_text()):
+                    time.sleep(0.002)
+                latencies.append(time.perf_counter() - started)
+                wait_job(app, job["id"], timeout=60)
+
+            emitter = (
+                "import json, sys\n"
+                f"for i in range({args.points}):\n"
+                "    sys.stdout.write(json.dumps({'type': 'metric', 'key': 'm', 'value': i, "
+                "'step': i}) + '\\n')\n"
             )
+            job = submit_job(app, JobSpec(kind="command", command=[sys.executable, "-c", emitter]))
             done = wait_job(app, job["id"], timeout=600)
-            assert done["state"] == "succeeded", done
-            return time.perf_counter() - started
-
-        cold = train()
-        ensure_agent(app)
-        deadline = time.monotonic() + 30
-        while not agent_status(app)["warm"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # Interleaved, so that the machine's drift (other load, turbo) hits both the same.
-        bares, platforms, freshes = [], [], []
-        for _ in range(args.repeat):
-            bares.append(bare_train())
-            platforms.append(train())
-            freshes.append(fresh_train())
-        bare, platform = statistics.median(bares), statistics.median(platforms)
-        fresh = statistics.median(freshes)
-        # Each ratio from a bare run and the platform run right after it: the machine's drift
-        # (other tenants, turbo) cancels within a pair; the median drops outliers.
-        ratio = statistics.median(p / b for p, b in zip(platforms, bares, strict=True))
-        fresh_ratio = statistics.median(p / f for p, f in zip(platforms, freshes, strict=True))
-
-        latencies = []
-        for _ in range(args.starts):
-            started = time.perf_counter()
-            job = submit_job(
-                app, JobSpec(kind="command", command=[sys.executable, "-c", "print('ready')"])
+            stored = app.db.scalar(
+                "SELECT count(*) FROM run_metrics WHERE run_id = ?", (done["run_id"],)
             )
-            log = Path(job["log_path"])
-            while not (log.exists() and "ready" in log.read_text()):
-                time.sleep(0.002)
-            latencies.append(time.perf_counter() - started)
-            wait_job(app, job["id"], timeout=60)
+            job = get_job(app, job["id"])
+            from datetime import datetime
 
-        emitter = (
-            "import json, sys\n"
-            f"for i in range({args.points}):\n"
-            "    sys.stdout.write(json.dumps({'type': 'metric', 'key': 'm', 'value': i, "
-            "'step': i}) + '\\n')\n"
-        )
-        job = submit_job(app, JobSpec(kind="command", command=[sys.executable, "-c", emitter]))
-        done = wait_job(app, job["id"], timeout=600)
-        stored = app.db.scalar(
-            "SELECT count(*) FROM run_metrics WHERE run_id = ?", (done["run_id"],)
-        )
-        job = get_job(app, job["id"])
-        from datetime import datetime
+            def ts(text: str) -> float:
+                return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
-        def ts(text: str) -> float:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+            ingest = ts(job["finished_at"]) - ts(job["started_at"])
+        finally:
+            from appliance.core.agent import stop_agent
 
-        ingest = ts(job["finished_at"]) - ts(job["started_at"])
-        stop_agent(app)  # the home is about to be deleted
+            stop_agent(app)  # the home is about to be deleted
         app.close()
 
     print(f"{'measure':<40}{'value':>12}")

@@ -438,7 +438,7 @@ def wait_job(app: Appliance, job_id: str, timeout: float | None = None) -> dict[
             return job
         if deadline is not None and time.monotonic() > deadline:
             return job
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
