@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,21 @@ if limit:  # the kernel refuses writes past this size: EFBIG, as a full disk ref
 sdk.log_param("size", 512 * 1024)
 sdk.log_artifact(big, name="model")
 """
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[None]:
+    """A real, tiny filesystem at `path`: writes past `size` fail with ENOSPC."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root: " + mounted.stderr.decode().strip())
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _objects(app: Appliance) -> list[Path]:
@@ -56,14 +73,7 @@ def test_a_write_the_kernel_refuses_fails_the_run_without_a_half_artifact(
 def test_disk_full_while_writing_an_artifact_fails_the_run_cleanly(
     app: Appliance, tmp_path: Path
 ) -> None:
-    objects = app.settings.objects_dir
-    objects.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(objects)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root: " + mounted.stderr.decode().strip())
-    try:
+    with small_tmpfs(app.settings.objects_dir, "256k"):
         script = tmp_path / "log_big.py"
         script.write_text(ARTIFACT_SCRIPT)
         job = submit_script(app, script, ["0"], experiment="faults")
@@ -76,8 +86,6 @@ def test_disk_full_while_writing_an_artifact_fails_the_run_cleanly(
         )
         ok = wait_job(app, submit_script(app, small, [])["id"], timeout=60)
         assert ok["state"] == "succeeded"
-    finally:
-        subprocess.run(["umount", "-l", str(objects)], check=False)
 
 
 def test_a_full_disk_under_the_job_logs_never_hangs_a_job(app: Appliance) -> None:
@@ -85,14 +93,7 @@ def test_a_full_disk_under_the_job_logs_never_hangs_a_job(app: Appliance) -> Non
     same full disk), and the lost log is said next to it."""
     from appliance.core.jobs import JobSpec, submit_job
 
-    logs = app.settings.logs_dir / "jobs"
-    logs.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(logs)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root: " + mounted.stderr.decode().strip())
-    try:
+    with small_tmpfs(app.settings.logs_dir / "jobs", "64k"):
         chatty = (
             "import sys\nfor i in range(20000):\n    print('x' * 100)\nsys.exit(int(sys.argv[1]))"
         )
@@ -107,5 +108,3 @@ def test_a_full_disk_under_the_job_logs_never_hangs_a_job(app: Appliance) -> Non
         done = wait_job(app, bad["id"], timeout=60)
         assert done["state"] == "failed" and done["exit_code"] == 3
         assert "warning: could not write the job log" in done["error"]
-    finally:
-        subprocess.run(["umount", "-l", str(logs)], check=False)
