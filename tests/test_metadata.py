@@ -58,6 +58,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m004_job_queue",
         "m005_process_identity",
         "m006_cancel_request",
+        "m007_registry_history",
     ]
     again.close()
 

@@ -1075,21 +1075,93 @@ def models_versions(app: Any, as_json: bool, name: str) -> None:
 @command(models_group, "show")
 @click.argument("ref")
 def models_show(app: Any, as_json: bool, ref: str) -> None:
-    """Show a model version: NAME (latest), NAME@VERSION or NAME@ALIAS."""
+    """Show a model version: NAME (latest), NAME/VERSION or NAME@ALIAS."""
     from appliance.core.registry import get_model_version
 
     emit(get_model_version(app, ref), as_json)
 
 
-@command(models_group, "alias")
+@models_group.group("alias")
+def alias_group() -> None:
+    """Aliases (champion, challenger, any name) and their history."""
+
+
+@command(alias_group, "set")
 @click.argument("name")
 @click.argument("alias")
-@click.argument("version", type=int)
-def models_alias(app: Any, as_json: bool, name: str, alias: str, version: int) -> None:
-    """Point ALIAS of model NAME at VERSION (kept in the alias history)."""
+@click.argument("version")
+@click.option("--reason", help="Why (kept in the alias history).")
+def alias_set(
+    app: Any, as_json: bool, name: str, alias: str, version: str, reason: str | None
+) -> None:
+    """Point ALIAS of model NAME at VERSION (a number, or NAME/N)."""
     from appliance.core.registry import set_alias
 
-    emit(set_alias(app, name, alias, version), as_json)
+    emit(set_alias(app, name, alias, version, reason=reason), as_json)
+
+
+@command(alias_group, "rm")
+@click.argument("name")
+@click.argument("alias")
+@click.option("--reason", help="Why (kept in the alias history).")
+def alias_rm(app: Any, as_json: bool, name: str, alias: str, reason: str | None) -> None:
+    """Remove ALIAS from model NAME."""
+    from appliance.core.registry import remove_alias
+
+    emit(remove_alias(app, name, alias, reason=reason), as_json)
+
+
+@command(alias_group, "history")
+@click.argument("name")
+@click.option("--alias", help="Only this alias.")
+def alias_history_cmd(app: Any, as_json: bool, name: str, alias: str | None) -> None:
+    """Every alias move of model NAME: from, to, when, who, why."""
+    from appliance.core.registry import alias_history
+
+    emit(
+        alias_history(app, name, alias),
+        as_json,
+        ("alias", "from_version", "to_version", "changed_at", "actor", "reason"),
+    )
+
+
+@command(models_group, "archive")
+@click.argument("ref")
+@click.option("--reason", help="Why it is retired.")
+def models_archive(app: Any, as_json: bool, ref: str, reason: str | None) -> None:
+    """Retire a version: kept for lineage, but no alias or deployment may use it."""
+    from appliance.core.registry import archive_version
+
+    emit(archive_version(app, ref, reason=reason), as_json)
+
+
+@command(models_group, "tag")
+@click.argument("ref")
+@click.argument("tags", nargs=-1)
+@click.option("--rm", "remove", multiple=True, help="Remove this tag key.")
+def models_tag(
+    app: Any, as_json: bool, ref: str, tags: tuple[str, ...], remove: tuple[str, ...]
+) -> None:
+    """Set free tags KEY=VALUE on a version (or --rm KEY)."""
+    from appliance.core.registry import set_version_tags
+    from appliance.errors import InvalidInput
+
+    pairs = {}
+    for item in tags:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"tag {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    emit(set_version_tags(app, ref, pairs, list(remove))["tags"], as_json)
+
+
+@command(models_group, "card", listing=False)
+@click.argument("ref")
+def models_card(app: Any, ref: str) -> None:
+    """Print a version's model card (markdown)."""
+    from appliance.core.registry import model_card
+
+    click.echo(model_card(app, ref), nl=False)
 
 
 # ---- deployments ------------------------------------------------------------------------------

@@ -132,12 +132,19 @@ def _add_revision(app: Appliance, name: str, mv: dict[str, Any], action: str) ->
         return _append_revision(conn, dep[0], name, mv, action)
 
 
+def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
+    version = get_model_version(app, model_ref)
+    if version.get("archived_at"):
+        raise Conflict(f"model {version['ref']} is archived; it cannot be deployed")
+    return version
+
+
 def create_deployment(
     app: Appliance, name: str, model_ref: str, start: bool = True
 ) -> dict[str, Any]:
     """Create deployment `name` serving `model_ref` as revision 1, and start its server."""
     validate_name("deployment", name)
-    mv = get_model_version(app, model_ref)
+    mv = _deployable(app, model_ref)
     now = utcnow()
     with app.db.transaction() as conn:
         if conn.execute("SELECT 1 FROM deployments WHERE name = ?", (name,)).fetchone():
@@ -182,7 +189,7 @@ def _notify(app: Appliance, dep: dict[str, Any]) -> dict[str, Any] | None:
 
 def deploy(app: Appliance, name: str, model_ref: str) -> dict[str, Any]:
     """Serve another version of the deployment's model as a new revision."""
-    mv = get_model_version(app, model_ref)
+    mv = _deployable(app, model_ref)
     _add_revision(app, name, mv, "deploy")
     dep = get_deployment(app, name)
     _notify(app, dep)

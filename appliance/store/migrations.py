@@ -299,6 +299,29 @@ def m006_cancel_request(db: Any) -> None:
     _run_script(db, "ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
 
 
+def m007_registry_history(db: Any) -> None:
+    # Alias moves record from -> to, who and why (and a promotion's report); versions can be
+    # archived, carry free tags and a model card written when they are registered.
+    _run_script(
+        db,
+        """
+        ALTER TABLE alias_history ADD COLUMN from_version_id INTEGER REFERENCES model_versions(id);
+        ALTER TABLE alias_history ADD COLUMN actor TEXT;
+        ALTER TABLE alias_history ADD COLUMN reason TEXT;
+        ALTER TABLE alias_history ADD COLUMN report_json TEXT;
+        ALTER TABLE model_versions ADD COLUMN archived_at TEXT;
+        ALTER TABLE model_versions ADD COLUMN archive_reason TEXT;
+        ALTER TABLE model_versions ADD COLUMN card_md TEXT;
+        CREATE TABLE model_version_tags (
+            version_id INTEGER NOT NULL REFERENCES model_versions(id),
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (version_id, key)
+        )
+        """,
+    )
+
+
 def _run_script(db: Any, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
@@ -313,6 +336,7 @@ STEPS: list[Callable[[Any], None]] = [
     m004_job_queue,
     m005_process_identity,
     m006_cancel_request,
+    m007_registry_history,
 ]
 
 
