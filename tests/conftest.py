@@ -73,6 +73,19 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     stop_agent_of(home)
 
 
+@pytest.fixture
+def registry_home(home: Path) -> str:
+    """A home after the quickstart: churn@1 (served by deployment 'churn') and churn@2."""
+    from appliance.core.quickstart import run_quickstart
+
+    app = Appliance.open(home)
+    try:
+        run_quickstart(app)
+    finally:
+        app.close()
+    return str(home)
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code, self.out, self.err = code, out, err

@@ -2,25 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from appliance.core.context import Appliance
-
-
-@pytest.fixture
-def registry_home(home: Path) -> str:
-    """A home after the quickstart: churn@1 (served by deployment 'churn') and churn@2."""
-    from appliance.core.quickstart import run_quickstart
-
-    app = Appliance.open(home)
-    try:
-        run_quickstart(app)
-    finally:
-        app.close()
-    return str(home)
-
 
 def test_references_and_register_json(cli, registry_home: str) -> None:  # type: ignore[no-untyped-def]
     home = ["--home", registry_home]

@@ -1125,6 +1125,31 @@ def alias_history_cmd(app: Any, as_json: bool, name: str, alias: str | None) -> 
     )
 
 
+@command(models_group, "promote")
+@click.argument("ref")
+@click.option("--to", "alias", required=True, help="The alias to move, e.g. champion.")
+@click.option("--gate", required=True, help='e.g. "auc >= champion.auc + 0.002".')
+@click.option("--dataset", required=True, help="The evaluation dataset NAME@VERSION.")
+@click.option("--reason", help="Why (kept in the alias history with the report).")
+def models_promote(
+    app: Any, as_json: bool, ref: str, alias: str, gate: str, dataset: str, reason: str | None
+) -> None:
+    """Move ALIAS to REF only if, scored on the same dataset version, it passes the gate."""
+    from appliance.core.promotion import promote
+
+    report = promote(app, ref, alias, gate, dataset, reason=reason)
+    if as_json:
+        emit(report, True)
+    else:
+        for c in report["conditions"]:
+            mark = "ok  " if c["holds"] else "FAIL"
+            click.echo(f"{mark} {c['metric']} {c['value']:.6g} {c['op']} {c['threshold']:.6g}")
+        verdict = "promoted" if report["passed"] else "not promoted"
+        click.echo(f"{verdict}: {report['candidate']} -> {alias} (on {report['dataset']})")
+    if not report["passed"]:
+        sys.exit(1)
+
+
 @command(models_group, "archive")
 @click.argument("ref")
 @click.option("--reason", help="Why it is retired.")

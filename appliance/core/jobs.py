@@ -41,11 +41,12 @@ from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
-BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe")
+BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe", "evaluate")
 EXECUTION_TYPES = {
     "train-lightgbm": "Train",
     "train-mlp": "Train",
     "recipe": "Recipe",
+    "evaluate": "Evaluate",
     "command": "Run",
 }
 ACTIVE_STATES = ("queued", "running")
@@ -920,6 +921,10 @@ def run_body() -> int:
             from appliance.core.recipes import recipe_job
 
             recipe_job(spec, emit)
+        elif spec.kind == "evaluate":
+            from appliance.core.promotion import evaluate_job
+
+            evaluate_job(spec, emit)
         else:
             print(f"no built-in job body for kind {spec.kind!r}", file=sys.stderr)
             return 2
