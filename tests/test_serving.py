@@ -72,7 +72,8 @@ def test_health_and_metadata(served, sample) -> None:  # type: ignore[no-untyped
     assert call(f"{url}/v2/health/live", method="GET")[0] == 200
     assert call(f"{url}/v2/health/ready", method="GET")[0] == 200
     status, server = call(f"{url}/v2", method="GET")
-    assert status == 200 and server["extensions"] == [] and server["name"] == "appliance"
+    assert status == 200 and server["extensions"] == ["binary_tensor_data"]
+    assert server["name"] == "appliance"
     status, meta = call(f"{url}/v2/models/churn", method="GET")
     assert status == 200
     assert [i["name"] for i in meta["inputs"]] == sample[0]
@@ -195,8 +196,10 @@ def test_protocol_errors(served) -> None:  # type: ignore[no-untyped-def]
     assert call(f"{url}/v2/models/churn/infer", raw=b"{not json")[0] == 400
     assert call(f"{url}/v2/models/other/infer", {"inputs": []})[0] == 404
     assert call(f"{url}/nowhere", method="GET")[0] == 404
-    code, _ = call(f"{url}/invocations", raw=b"a,b\n1,2", headers={"Content-Type": "text/csv"})
+    code, _ = call(f"{url}/invocations", raw=b"a,b\n1,2", headers={"Content-Type": "text/plain"})
     assert code == 415
+    code, body = call(f"{url}/invocations", raw=b"a,b\n1,2", headers={"Content-Type": "text/csv"})
+    assert code == 400 and "missing feature column" in body["error"]
     code, body = call(f"{url}/admin/reload", {})
     assert code == 401 and "token" in body["error"]
     code, _ = call(f"{url}/admin/reload", {}, headers={"Authorization": "Bearer wrong"})
@@ -323,3 +326,134 @@ def test_concurrent_starts_leave_one_server(trained_home: Path) -> None:
     finally:
         deployments.stop_deployment(app, "racer")
         app.close()
+
+
+def _post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("POST", parts.path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _binary_inputs(features: list[str], rows: list[list[Any]]) -> tuple[list[dict], bytes]:
+    """Per-feature tensors in the binary extension: FP64 little-endian, BYTES length-prefixed."""
+    import struct
+
+    tensors, chunks = [], []
+    for j, name in enumerate(features):
+        column = [r[j] for r in rows]
+        if any(isinstance(v, str) for v in column):
+            chunk = b"".join(
+                struct.pack("<I", len(str(v).encode())) + str(v).encode() for v in column
+            )
+            datatype = "BYTES"
+        else:
+            chunk = struct.pack(f"<{len(column)}d", *map(float, column))
+            datatype = "FP64"
+        tensors.append(
+            {
+                "name": name,
+                "shape": [len(rows)],
+                "datatype": datatype,
+                "parameters": {"binary_data_size": len(chunk)},
+            }
+        )
+        chunks.append(chunk)
+    return tensors, b"".join(chunks)
+
+
+def test_v2_binary_tensor_extension_in_and_out(served, sample) -> None:  # type: ignore[no-untyped-def]
+    import struct
+
+    _, dep = served
+    features, rows = sample
+    url = f"{dep['url']}/v2/models/churn/infer"
+    _, as_json = call(url, {"inputs": v2_inputs(features, rows)})
+    expected = as_json["outputs"][0]["data"]
+
+    tensors, tail = _binary_inputs(features, rows)
+    header = json.dumps(
+        {"inputs": tensors, "outputs": [{"name": "predict", "parameters": {"binary_data": True}}]}
+    ).encode()
+    status, headers, body = _post_raw(
+        url,
+        header + tail,
+        {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        },
+    )
+    assert status == 200, body[:200]
+    length = int(headers["Inference-Header-Content-Length"])
+    meta = json.loads(body[:length])
+    output = meta["outputs"][0]
+    assert "data" not in output and output["parameters"]["binary_data_size"] == 8 * len(rows)
+    values = struct.unpack(f"<{len(rows)}d", body[length:])
+    assert list(values) == pytest.approx(expected)
+
+    # A JSON-only header still gets JSON back; binary inputs and a JSON answer mix freely.
+    plain = json.dumps({"inputs": tensors}).encode()
+    status, _, body = _post_raw(
+        url, plain + tail, {"Inference-Header-Content-Length": str(len(plain))}
+    )
+    assert status == 200 and json.loads(body)["outputs"][0]["data"] == pytest.approx(expected)
+
+    for bad_header, extra, needle in [
+        (str(len(plain) + len(tail) + 1), b"", "larger than"),
+        ("abc", b"", "byte count"),
+        (str(len(plain)), b"\x00", "belong to no input"),
+    ]:
+        status, _, body = _post_raw(
+            url, plain + tail + extra, {"Inference-Header-Content-Length": bad_header}
+        )
+        assert status == 400 and needle in json.loads(body)["error"], body
+    short = json.dumps({"inputs": tensors}).encode()
+    status, _, body = _post_raw(
+        url, short + tail[:-3], {"Inference-Header-Content-Length": str(len(short))}
+    )
+    assert status == 400 and "runs past the body's end" in json.loads(body)["error"]
+
+
+def test_invocations_instances_inputs_and_csv_agree(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    features, rows = sample
+    url = f"{dep['url']}/invocations"
+    _, split = call(url, {"dataframe_split": {"columns": features, "data": rows}})
+    expected = split["predictions"]
+    records = [dict(zip(features, r, strict=True)) for r in rows]
+    columns = {f: [r[j] for r in rows] for j, f in enumerate(features)}
+    for payload in ({"instances": records}, {"instances": rows}, {"inputs": columns}):
+        status, body = call(url, payload)
+        assert status == 200 and body["predictions"] == pytest.approx(expected), payload
+    csv_body = ",".join(features) + "\n" + "\n".join(",".join(map(str, r)) for r in rows)
+    status, body = call(url, raw=csv_body.encode(), headers={"Content-Type": "text/csv"})
+    assert status == 200 and body["predictions"] == pytest.approx(expected)
+    status, body = call(url, {"instances": [records[0], rows[0]]})
+    assert status == 400 and "all be objects or all be lists" in body["error"]
+    status, body = call(url, raw=b"a,b\n1", headers={"Content-Type": "text/csv"})
+    assert status == 400 and "CSV line 2" in body["error"]
+
+
+def test_version_and_prometheus_metrics(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    features, rows = sample
+    status, version = call(f"{dep['url']}/version", method="GET")
+    assert status == 200 and version["model"] == "churn" and version["version"]
+    call(f"{dep['url']}/v2/models/churn/infer", {"inputs": v2_inputs(features, rows)})
+    call(f"{dep['url']}/v2/models/churn/infer", {"inputs": "nope"})
+    with urllib.request.urlopen(f"{dep['url']}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    served_version = str(call(f"{dep['url']}/version", method="GET")[1]["model_version"])
+    ok = f'appliance_requests_total{{model="churn",version="{served_version}",code="200"}}'
+    bad = f'appliance_requests_total{{model="churn",version="{served_version}",code="400"}}'
+    assert ok in text and bad in text
+    assert "# TYPE appliance_request_seconds histogram" in text
+    assert 'le="+Inf"' in text and "appliance_request_seconds_count" in text

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,81 @@ class ModelRuntime:
         ]
 
 
+BINARY_HEADER = "Inference-Header-Content-Length"
+_BINARY_DTYPES = {
+    "BOOL": "<?",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
+
+
+def split_binary_body(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The V2 binary data extension: a JSON header of `header_length` bytes, then tensor bytes."""
+    if header_length is None:
+        return raw, b""
+    if not (header_length.isascii() and header_length.isdigit()):
+        raise RequestError(400, f"{BINARY_HEADER}: expected a byte count, got {header_length!r}")
+    size = int(header_length)
+    if size > len(raw):
+        raise RequestError(400, f"{BINARY_HEADER}: {size} is larger than the {len(raw)}-byte body")
+    return raw[:size], raw[size:]
+
+
+def _decode_binary(name: str, datatype: str, shape: list[int], chunk: bytes) -> list[Any]:
+    """One tensor's values from its little-endian bytes (BYTES: 4-byte length, then bytes)."""
+    import numpy as np
+
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        values: list[Any] = []
+        offset = 0
+        while offset < len(chunk):
+            if offset + 4 > len(chunk):
+                raise RequestError(400, f"input {name!r}: truncated BYTES element length")
+            length = int.from_bytes(chunk[offset : offset + 4], "little")
+            offset += 4
+            if offset + length > len(chunk):
+                raise RequestError(400, f"input {name!r}: truncated BYTES element")
+            values.append(chunk[offset : offset + length].decode("utf-8", "replace"))
+            offset += length
+        if len(values) != count:
+            raise RequestError(
+                400, f"input {name!r}: shape {shape} needs {count} values, got {len(values)}"
+            )
+        return values
+    dtype = np.dtype(_BINARY_DTYPES[datatype])
+    if len(chunk) != count * dtype.itemsize:
+        raise RequestError(
+            400,
+            f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
+            f"got {len(chunk)}",
+        )
+    return np.frombuffer(chunk, dtype=dtype).astype(np.float64).tolist()
+
+
+def encode_binary_outputs(response: dict[str, Any]) -> tuple[bytes, int]:
+    """Outputs as FP64 bytes after the JSON header (each output's binary_data_size says how
+    many); returns the body and the header length for Inference-Header-Content-Length."""
+    import numpy as np
+
+    chunks = []
+    for output in response["outputs"]:
+        data = np.asarray(output.pop("data"), dtype="<f8").tobytes()
+        output.setdefault("parameters", {})["binary_data_size"] = len(data)
+        chunks.append(data)
+    header = json.dumps(response, separators=(",", ":")).encode()
+    return header + b"".join(chunks), len(header)
+
+
 def _flatten(data: Any) -> list[Any]:
     if not isinstance(data, list):
         return [data]
@@ -175,14 +251,18 @@ def _flatten(data: Any) -> list[Any]:
     return flat
 
 
-def parse_v2_request(body: Any, runtime: ModelRuntime) -> tuple[dict[str, list[Any]], list[str]]:
-    """V2 inputs -> feature columns; one tensor per feature, or one [N, F] tensor in order."""
+def parse_v2_request(
+    body: Any, runtime: ModelRuntime, binary: bytes = b""
+) -> tuple[dict[str, list[Any]], list[str]]:
+    """V2 inputs -> feature columns; one tensor per feature, or one [N, F] tensor in order.
+    Tensors with a `binary_data_size` parameter take their values from `binary`, in order."""
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError(400, "inputs: required, a non-empty list of tensors")
     tensors: list[tuple[str, list[int], list[Any]]] = []
+    binary_offset = 0
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise RequestError(400, f"inputs[{i}]: must be an object")
@@ -199,6 +279,21 @@ def parse_v2_request(body: Any, runtime: ModelRuntime) -> tuple[dict[str, list[A
             )
         if datatype not in _NUMERIC_TYPES and datatype != "BYTES":
             raise RequestError(400, f"input {name!r}: unknown datatype {datatype!r}")
+        params = tensor.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RequestError(400, f"input {name!r}: parameters must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RequestError(400, f"input {name!r}: binary_data_size must be a byte count")
+            if binary_offset + size > len(binary):
+                raise RequestError(
+                    400, f"input {name!r}: binary_data_size {size} runs past the body's end"
+                )
+            chunk = binary[binary_offset : binary_offset + size]
+            binary_offset += size
+            tensors.append((name, shape, _decode_binary(name, datatype, shape, chunk)))
+            continue
         if "data" not in tensor:
             raise RequestError(400, f"input {name!r}: data is required")
         data = _flatten(tensor["data"])
@@ -216,6 +311,10 @@ def parse_v2_request(body: Any, runtime: ModelRuntime) -> tuple[dict[str, list[A
                         400, f"input {name!r}: datatype {datatype} but element {j} is {value!r}"
                     )
         tensors.append((name, shape, data))
+    if binary_offset != len(binary):
+        raise RequestError(
+            400, f"{len(binary) - binary_offset} bytes of binary data belong to no input"
+        )
 
     columns: dict[str, list[Any]] = {}
     width = len(runtime.feature_names)
@@ -245,6 +344,9 @@ def parse_v2_request(body: Any, runtime: ModelRuntime) -> tuple[dict[str, list[A
             raise RequestError(400, 'outputs: must be a list of {"name": ...} objects')
         names = [o["name"] for o in requested]
         unknown = [n for n in names if n != PREDICT_OUTPUT]
+        for o in requested:
+            if not isinstance(o.get("parameters", {}), dict):
+                raise RequestError(400, f"outputs {o['name']!r}: parameters must be an object")
         if unknown:
             raise RequestError(
                 400, f"unknown output(s) {unknown}; this model has {PREDICT_OUTPUT!r}"
@@ -259,7 +361,9 @@ def parse_invocations(body: Any, runtime: ModelRuntime) -> dict[str, list[Any]]:
     keys = [k for k in ("dataframe_split", "dataframe_records", "instances", "inputs") if k in body]
     if len(keys) != 1:
         raise RequestError(
-            400, "request must have exactly one of 'dataframe_split' or 'dataframe_records'"
+            400,
+            "request must have exactly one of 'dataframe_split', 'dataframe_records', "
+            "'instances' or 'inputs'",
         )
     key = keys[0]
     if key == "dataframe_split":
@@ -289,7 +393,93 @@ def parse_invocations(body: Any, runtime: ModelRuntime) -> dict[str, list[Any]]:
                 values.append(record[name])
             columns[name] = values
         return columns
-    raise RequestError(400, f"{key!r} is not supported; use dataframe_split or dataframe_records")
+    payload = body[key]
+    if isinstance(payload, dict):  # {"inputs": {"column": [values...], ...}}
+        if not all(isinstance(v, list) for v in payload.values()):
+            raise RequestError(400, f"{key}: each column must be a list of values")
+        return {str(k): list(v) for k, v in payload.items()}
+    if not isinstance(payload, list):
+        raise RequestError(400, f"{key}: expected a list of rows or an object of columns")
+    if all(isinstance(r, dict) for r in payload):
+        return parse_invocations({"dataframe_records": payload}, runtime)
+    if all(isinstance(r, list) for r in payload):  # rows in the signature's column order
+        return parse_invocations(
+            {"dataframe_split": {"columns": runtime.feature_names, "data": payload}}, runtime
+        )
+    raise RequestError(400, f"{key}: rows must all be objects or all be lists")
+
+
+def parse_csv(raw: bytes, runtime: ModelRuntime) -> dict[str, list[Any]]:
+    """text/csv for /invocations: a header row, then rows; numbers are numbers, empty is null."""
+    import csv
+    import io
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"CSV body is not UTF-8: {exc.reason}") from exc
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or not rows[0]:
+        raise RequestError(400, "CSV body needs a header row")
+    header, data = rows[0], [r for r in rows[1:] if r]
+    for i, row in enumerate(data, start=2):
+        if len(row) != len(header):
+            raise RequestError(400, f"CSV line {i}: {len(row)} values for {len(header)} columns")
+
+    def value(text: str) -> Any:
+        if text == "":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    return {name: [value(row[j]) for row in data] for j, name in enumerate(header)}
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class RequestStats:
+    """Prometheus counters: requests by version and status code, latency by version."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}  # bucket counts, then sum, count
+
+    def observe(self, model: str, version: str, status: int, seconds: float) -> None:
+        with self.lock:
+            key = (model, version, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            hist = self.latency.setdefault((model, version), [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    hist[i] += 1
+            hist[-2] += seconds
+            hist[-1] += 1
+
+    def render(self) -> str:
+        lines = [
+            "# HELP appliance_requests_total Prediction requests by model version and status.",
+            "# TYPE appliance_requests_total counter",
+        ]
+        with self.lock:
+            for (model, version, status), n in sorted(self.requests.items()):
+                labels = f'model="{model}",version="{version}",code="{status}"'
+                lines.append(f"appliance_requests_total{{{labels}}} {n}")
+            lines += [
+                "# HELP appliance_request_seconds Prediction latency by model version.",
+                "# TYPE appliance_request_seconds histogram",
+            ]
+            for (model, version), hist in sorted(self.latency.items()):
+                base = f'model="{model}",version="{version}"'
+                for bound, n in zip(LATENCY_BUCKETS, hist, strict=False):
+                    lines.append(f'appliance_request_seconds_bucket{{{base},le="{bound}"}} {n:.0f}')
+                lines.append(f'appliance_request_seconds_bucket{{{base},le="+Inf"}} {hist[-1]:.0f}')
+                lines.append(f"appliance_request_seconds_sum{{{base}}} {hist[-2]:.6f}")
+                lines.append(f"appliance_request_seconds_count{{{base}}} {hist[-1]:.0f}")
+        return "\n".join(lines) + "\n"
 
 
 class ModelServer:
@@ -298,6 +488,7 @@ class ModelServer:
     def __init__(self, app: Appliance, deployment: str, token: str) -> None:
         self.app = app
         self.deployment = deployment
+        self.stats = RequestStats()
         self.token = token
         self.model = ""
         self.revision = 0
@@ -353,14 +544,20 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def _send(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        if isinstance(payload, Raw):
+            body, content_type, extra = payload.body, payload.content_type, payload.headers
+        else:
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            content_type, extra = "application/json", {}
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for key, value in extra.items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
 
-    def _read_json(self) -> Any:
+    def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()):
             raise RequestError(411, "Content-Length header required")
@@ -368,7 +565,10 @@ class _Handler(BaseHTTPRequestHandler):
         if size > MAX_BODY:
             self.close_connection = True
             raise RequestError(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(size)
+        return self.rfile.read(size)
+
+    def _read_json(self, raw: bytes | None = None) -> Any:
+        raw = self._read_body() if raw is None else raw
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -376,6 +576,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"request body is not valid JSON: {reason}") from exc
 
     def _dispatch(self, method: str) -> None:
+        started = time.perf_counter()
+        self.served_version = ""
         try:
             status, payload = self._route(method, self.path.split("?", 1)[0])
         except RequestError as exc:
@@ -384,6 +586,10 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", method, self.path)
             status, payload = 500, {"error": "internal server error"}
         self._send(status, payload)
+        if self.served_version:  # prediction routes only
+            self.model_server.stats.observe(
+                self.model_server.model, self.served_version, status, time.perf_counter() - started
+            )
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
@@ -411,7 +617,16 @@ class _Handler(BaseHTTPRequestHandler):
                     raise RequestError(503, "no model loaded")
                 return 200, {"ready": True}
             if path == "/v2":
-                return 200, {"name": "appliance", "version": __version__, "extensions": []}
+                return 200, {
+                    "name": "appliance",
+                    "version": __version__,
+                    "extensions": ["binary_tensor_data"],
+                }
+            if path == "/version":
+                current = ms.current.version if ms.current else None
+                return 200, {"version": __version__, "model": ms.model, "model_version": current}
+            if path == "/metrics":
+                return 200, Raw(ms.stats.render().encode(), "text/plain; version=0.0.4")
         match = _MODEL_PATH.match(path)
         if match:
             name, version, action = match.groups()
@@ -421,8 +636,12 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and action == "/ready":
                 return 200, {"name": name, "ready": True}
             if method == "POST" and action == "/infer":
-                body = self._read_json()
-                columns, outputs = parse_v2_request(body, runtime)
+                self.served_version = str(runtime.version)
+                header, binary = split_binary_body(
+                    self._read_body(), self.headers.get(BINARY_HEADER)
+                )
+                body = self._read_json(header)
+                columns, outputs = parse_v2_request(body, runtime, binary)
                 predictions = runtime.predict(columns)
                 shape, flat = [len(predictions)], predictions
                 if predictions and isinstance(predictions[0], list):  # [N, classes], row-major
@@ -443,14 +662,21 @@ class _Handler(BaseHTTPRequestHandler):
                 }
                 if isinstance(body.get("id"), str):
                     response["id"] = body["id"]
+                if _wants_binary(body):
+                    data, length = encode_binary_outputs(response)
+                    return 200, Raw(data, "application/octet-stream", {BINARY_HEADER: str(length)})
                 return 200, response
             raise RequestError(405, f"{method} not allowed on {path}")
         if method == "POST" and path == "/invocations":
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            if content_type != "application/json":
-                raise RequestError(415, "Content-Type must be application/json")
+            if content_type not in ("application/json", "text/csv"):
+                raise RequestError(415, "Content-Type must be application/json or text/csv")
             runtime = self._model_runtime(ms.model, None)
-            columns = parse_invocations(self._read_json(), runtime)
+            self.served_version = str(runtime.version)
+            if content_type == "text/csv":
+                columns = parse_csv(self._read_body(), runtime)
+            else:
+                columns = parse_invocations(self._read_json(), runtime)
             return 200, {"predictions": runtime.predict(columns)}
         if method == "POST" and path == "/admin/reload":
             supplied = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
@@ -462,6 +688,24 @@ class _Handler(BaseHTTPRequestHandler):
             assert ms.current is not None
             return 200, {"revision": ms.revision, "model_version": ms.current.version}
         raise RequestError(404, f"no route for {method} {path}")
+
+
+class Raw:
+    """A response body that is not JSON (metrics text, binary tensors)."""
+
+    def __init__(self, body: bytes, content_type: str, headers: dict[str, str] | None = None):
+        self.body, self.content_type, self.headers = body, content_type, headers or {}
+
+
+def _wants_binary(body: dict[str, Any]) -> bool:
+    """The binary extension's output request: per output, or for all outputs."""
+    params = body.get("parameters") or {}
+    if isinstance(params, dict) and params.get("binary_data_output") is True:
+        return True
+    return any(
+        isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") is True
+        for o in body.get("outputs") or []
+    )
 
 
 def serve_deployment(app: Appliance, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
