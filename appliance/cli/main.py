@@ -1190,6 +1190,16 @@ def models_card(app: Any, ref: str) -> None:
 
 
 # ---- deployments ------------------------------------------------------------------------------
+@command(cli, "deploy")
+@click.argument("model_ref")
+@click.option("--name", help="Deployment name (default: the model's name).")
+def deploy_cmd(app: Any, as_json: bool, model_ref: str, name: str | None) -> None:
+    """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision."""
+    from appliance.core.deployments import deploy_model
+
+    emit(deploy_model(app, model_ref, name), as_json)
+
+
 @cli.group("deployments")
 def deployments_group() -> None:
     """Deployments: serve a model, deploy versions, roll back."""
@@ -1229,6 +1239,15 @@ def deployments_rollback(app: Any, as_json: bool, name: str, to_revision: int | 
     from appliance.core.deployments import rollback
 
     emit(rollback(app, name, to_revision), as_json)
+
+
+@command(deployments_group, "history")
+@click.argument("name")
+def deployments_history(app: Any, as_json: bool, name: str) -> None:
+    """Every revision of a deployment: which model version, deploy or rollback, when."""
+    from appliance.core.deployments import list_revisions
+
+    emit(list_revisions(app, name), as_json, ("revision", "model_version", "action", "created_at"))
 
 
 @command(deployments_group, "list")

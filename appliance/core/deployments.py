@@ -133,10 +133,23 @@ def _add_revision(app: Appliance, name: str, mv: dict[str, Any], action: str) ->
 
 
 def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
+    """The version to serve, refused before anything changes if it is archived or its model
+    file is missing or does not match its sha256 (the current revision keeps serving)."""
     version = get_model_version(app, model_ref)
     if version.get("archived_at"):
         raise Conflict(f"model {version['ref']} is archived; it cannot be deployed")
+    app.objects.get_file(version["sha256"])  # NotFound / CorruptObject name the object
     return version
+
+
+def deploy_model(app: Appliance, model_ref: str, name: str | None = None) -> dict[str, Any]:
+    """`appliance deploy REF --name NAME`: create the deployment (revision 1), or add the
+    next revision to it."""
+    version = _deployable(app, model_ref)
+    name = name or version["model"]
+    if app.db.one("SELECT 1 FROM deployments WHERE name = ?", (name,)) is None:
+        return create_deployment(app, name, model_ref)
+    return deploy(app, name, model_ref)
 
 
 def create_deployment(

@@ -77,7 +77,7 @@ def parse_memory(value: Any, field_name: str = "resources.memory") -> int:
         number, unit = float(value), ""
     else:
         text = str(value).strip()
-        digits = text.rstrip("kMGTi")
+        digits = text.rstrip("kKMGTi")
         number_text, unit = digits, text[len(digits) :]
         try:
             number = float(number_text)

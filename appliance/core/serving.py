@@ -29,6 +29,7 @@ from appliance.store.db import utcnow
 log = logging.getLogger("appliance.serving")
 
 MAX_BODY = 32 << 20
+MAX_BODY_ENV = "APPLIANCE_SERVE_MAX_BODY"  # e.g. 8Mi: larger requests get a 413
 POLL_SECONDS = 1.0
 PREDICT_OUTPUT = "predict"
 _NUMERIC_TYPES = {
@@ -539,6 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"appliance/{__version__}"
     model_server: ModelServer  # set on the subclass made per server
+    max_body: int = MAX_BODY
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s " + format, self.address_string(), *args)
@@ -562,9 +564,9 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not (length.isascii() and length.isdigit()):
             raise RequestError(411, "Content-Length header required")
         size = int(length)
-        if size > MAX_BODY:
+        if size > self.max_body:
             self.close_connection = True
-            raise RequestError(413, f"request body over {MAX_BODY} bytes")
+            raise RequestError(413, f"request body over the {self.max_body}-byte limit")
         return self.rfile.read(size)
 
     def _read_json(self, raw: bytes | None = None) -> Any:
@@ -713,9 +715,12 @@ def serve_deployment(app: Appliance, name: str, host: str = "127.0.0.1", port: i
     from appliance.core.deployments import read_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from appliance.core.jobs import parse_memory
+
+    limit = parse_memory(os.environ.get(MAX_BODY_ENV, MAX_BODY), MAX_BODY_ENV)
     server = ModelServer(app, name, read_token(app, name))
     server.sync()
-    handler = type("Handler", (_Handler,), {"model_server": server})
+    handler = type("Handler", (_Handler,), {"model_server": server, "max_body": limit})
     httpd = ThreadingHTTPServer((host, port), handler)
     httpd.daemon_threads = True
     bound_host, bound_port = httpd.server_address[:2]

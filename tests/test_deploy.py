@@ -1,0 +1,70 @@
+"""`appliance deploy`, revision history, refusing a damaged model, and the body-size limit."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def test_deploy_creates_then_adds_revisions_and_history_shows_them(cli, registry_home: str) -> None:  # type: ignore[no-untyped-def]
+    home = ["--home", registry_home]
+    cli("models", "alias", "set", "churn", "champion", "2", *home)
+    created = cli("deploy", "churn@champion", "--name", "scoring", "--json", *home)
+    assert created.code == 0, created.err
+    assert created.json()["current_revision"] == 1 and created.json()["model_version"] == 2
+    nxt = cli("deploy", "churn/1", "--name", "scoring", "--json", *home)
+    assert nxt.json()["current_revision"] == 2 and nxt.json()["model_version"] == 1
+    history = cli("deployments", "history", "scoring", "--json", *home).json()
+    assert [(h["revision"], h["model_version"], h["action"]) for h in history] == [
+        (1, 2, "deploy"),
+        (2, 1, "deploy"),
+    ]
+    listed = cli("deployments", "list", "--json", *home).json()
+    row = next(d for d in listed if d["name"] == "scoring")
+    assert row["url"].startswith("http://127.0.0.1:") and row["current_revision"] == 2
+    assert cli("deployments", "stop", "scoring", *home).code == 0
+
+
+def test_a_damaged_model_file_is_refused_and_nothing_changes(cli, registry_home: str) -> None:  # type: ignore[no-untyped-def]
+    home = ["--home", registry_home]
+    version = cli("models", "show", "churn/2", "--json", *home).json()
+    sha = version["sha256"]
+    path = Path(registry_home) / "objects" / "sha256" / sha[:2] / sha
+    original = path.read_bytes()
+    before = cli("deployments", "show", "churn", "--json", *home).json()["current_revision"]
+    try:
+        path.write_bytes(original[:-10] + b"0123456789")
+        damaged = cli("deploy", "churn/2", "--name", "churn", *home)
+        assert damaged.code == 5 and "corrupted" in damaged.err and sha[:12] in damaged.err
+        path.unlink()
+        missing = cli("deploy", "churn/2", "--name", "churn", *home)
+        assert missing.code == 3 and "missing" in missing.err
+    finally:
+        path.write_bytes(original)
+    after = cli("deployments", "show", "churn", "--json", *home).json()["current_revision"]
+    assert after == before
+
+
+def test_the_request_body_limit_is_configurable(
+    cli, registry_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("APPLIANCE_SERVE_MAX_BODY", "1Ki")
+    home = ["--home", registry_home]
+    started = cli("deployments", "start", "churn", "--json", *home)
+    assert started.code == 0, started.err
+    try:
+        url = started.json()["url"] + "/v2/models/churn/infer"
+        body = json.dumps({"inputs": [{"name": "x", "data": [0] * 2000}]}).encode()
+        request = urllib.request.Request(
+            url, data=body, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == 413
+        assert "1024-byte limit" in json.loads(caught.value.read())["error"]
+    finally:
+        cli("deployments", "stop", "churn", *home)
