@@ -153,3 +153,54 @@ def test_runs_screen_sorts_by_metric_compares_and_draws_curves(trained_home: Pat
 
     asyncio.run(scenario())
     ctx.close()
+
+
+def test_models_screen_shows_versions_history_card_and_promotes(registry_home: str) -> None:
+    from textual.widgets import Input, Markdown
+
+    from appliance.core.registry import get_model_version, set_alias
+    from appliance.tui.models import ModelsScreen, PromoteForm
+
+    ctx = Appliance.open(registry_home)
+    set_alias(ctx, "churn", "champion", 1, reason="first")
+
+    async def scenario() -> None:
+        app = ApplianceApp(ctx)
+        async with app.run_test(size=(180, 50)) as pilot:
+            await pilot.press("m")
+            assert isinstance(app.screen, ModelsScreen)
+            screen = app.screen
+            versions = screen.query_one("#versions", DataTable)
+            history = screen.query_one("#history", DataTable)
+            await until(pilot, lambda: versions.row_count == 2, "the versions")
+            assert _cells(versions)[0][:2] == ["1", "champion"]
+            await until(pilot, lambda: history.row_count == 1, "the alias history")
+            assert _cells(history)[0][:3] == ["champion", "", "1"]
+            card = screen.query_one("#card", Markdown)
+            await until(pilot, lambda: "churn version 2" in card.source, "the latest card")
+
+            screen.query_one("#versions", DataTable).focus()
+            await pilot.press("down")  # version 2
+            await until(pilot, lambda: screen.version == 2, "version 2 highlighted")
+            await pilot.press("p")
+            assert isinstance(app.screen, PromoteForm)
+            form = app.screen
+            form.query_one("#dataset", Input).value = "churn@1"
+            form.query_one("#gate", Input).value = "auc >= champion.auc - 0.05"
+            form.query_one("#gate", Input).focus()
+            await pilot.press("enter")
+            await until(
+                pilot,
+                lambda: get_model_version(ctx, "churn@champion")["version"] == 2,
+                "the promotion job to move the alias",
+                timeout=60,
+            )
+            await until(pilot, lambda: history.row_count == 2, "the new history row")
+            assert _cells(history)[0][:3] == ["champion", "1", "2"]
+            assert screen.report is not None and screen.report["passed"] is True
+            await pilot.press("escape")
+            assert not isinstance(app.screen, ModelsScreen)
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+    ctx.close()

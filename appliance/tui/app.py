@@ -76,6 +76,7 @@ class ApplianceApp(App[None]):
         Binding("d", "data", "Data"),
         Binding("j", "jobs", "Jobs"),
         Binding("e", "runs", "Runs"),
+        Binding("m", "models", "Models"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -213,7 +214,7 @@ class ApplianceApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The dashboard's own actions mean nothing on a pushed screen (the Data screen).
         if (
-            action in ("prompt", "clear_prompt", "data", "jobs", "runs", "refresh")
+            action in ("prompt", "clear_prompt", "data", "jobs", "runs", "models", "refresh")
             and len(self.screen_stack) > 1
         ):
             return False
@@ -234,6 +235,11 @@ class ApplianceApp(App[None]):
 
         self.push_screen(RunsScreen(self.ctx))
 
+    def action_models(self) -> None:
+        from appliance.tui.models import ModelsScreen
+
+        self.push_screen(ModelsScreen(self.ctx))
+
     @on(DataTable.RowSelected, "#table")
     def _on_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a row opens its kind's own screen (k9s's drill-down)."""
@@ -243,6 +249,8 @@ class ApplianceApp(App[None]):
             self.action_runs()
         elif self.kind == "datasets":
             self.action_data()
+        elif self.kind == "models":
+            self.action_models()
 
     def action_refresh(self) -> None:
         self.refresh_resources()
