@@ -68,3 +68,48 @@ def test_the_request_body_limit_is_configurable(
         assert "1024-byte limit" in json.loads(caught.value.read())["error"]
     finally:
         cli("deployments", "stop", "churn", *home)
+
+
+def test_the_agent_restarts_a_crashed_server_and_respects_stop(cli, registry_home: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import time
+
+    from appliance.core.context import Appliance
+    from appliance.core.deployments import get_deployment
+
+    home = ["--home", registry_home]
+    started = cli("deployments", "start", "churn", "--json", *home).json()
+    app = Appliance.open(registry_home)
+
+    def serving_with_new_pid(old: int) -> bool:
+        dep = get_deployment(app, "churn")
+        return dep["status"] == "serving" and dep["pid"] not in (None, old)
+
+    def until(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "not reached in time"
+            time.sleep(0.1)
+
+    try:
+        os.kill(started["pid"], signal.SIGKILL)  # a crash
+        until(lambda: serving_with_new_pid(started["pid"]))
+        again = get_deployment(app, "churn")
+        assert again["port"] == started["port"]  # same address for its clients
+        with urllib.request.urlopen(f"{again['url']}/v2/health/ready", timeout=10) as response:
+            assert response.status == 200
+
+        # A reboot: nothing runs; the next agent brings the server back.
+        assert cli("agent", "stop", *home).code == 0
+        os.kill(again["pid"], signal.SIGKILL)
+        until(lambda: get_deployment(app, "churn")["status"] == "stopped")
+        assert cli("agent", "start", *home).code == 0
+        until(lambda: serving_with_new_pid(again["pid"]))
+
+        assert cli("deployments", "stop", "churn", *home).code == 0
+        time.sleep(2.5)  # past the agent's next passes
+        assert get_deployment(app, "churn")["status"] == "stopped"  # stop means stop
+    finally:
+        cli("deployments", "stop", "churn", *home)
+        app.close()

@@ -271,6 +271,7 @@ class Agent:
         self.idle_exit = idle_exit
         self.capacity = capacity or machine_capacity()
         self.probe_capacity = capacity is None  # a given capacity (tests) stays as given
+        self.restarts: dict[str, tuple[int, float]] = {}  # deployment -> (restarts, not before)
         self.probed = time.monotonic()
         self.executor = get_executor(app.settings.executor)
         self.stopping = False
@@ -430,6 +431,29 @@ class Agent:
             started.append(job["id"])
         return started
 
+    def supervise_deployments(self) -> bool:
+        """Restart deployment servers that died (crash, reboot), backing off 1 s, 2 s, 4 s...
+        up to a minute per deployment. True while any deployment is meant to serve."""
+        from appliance.core.deployments import crashed_deployments, restart_deployment
+
+        now = time.monotonic()
+        for dep in crashed_deployments(self.app):
+            failures, not_before = self.restarts.get(dep["name"], (0, 0.0))
+            if now < not_before:
+                continue
+            try:
+                restart_deployment(self.app, dep["name"], dep["host"], dep["port"])
+                print(f"{utcnow()} restarted deployment {dep['name']}", file=sys.stderr, flush=True)
+                self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
+            except ApplianceError as exc:
+                print(
+                    f"{utcnow()} deployment {dep['name']} did not restart: {exc.message}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
+        return bool(self.app.db.scalar("SELECT count(*) FROM deployments WHERE status = 'serving'"))
+
     def _say(self, job: dict[str, Any], message: str) -> None:
         """Why a queued job waits, where `jobs show` and the Jobs screen show it."""
         if job.get("progress_message") != message:
@@ -517,7 +541,8 @@ class Agent:
                 self.reprobe()
                 self.probed = time.monotonic()
             self.schedule()
-            return self._active() > 0
+            serving = self.supervise_deployments()
+            return self._active() > 0 or serving
         except (sqlite3.Error, OSError, ApplianceError) as exc:
             print(f"{utcnow()} agent pass failed, retrying: {exc}", file=sys.stderr, flush=True)
             self.app.close()  # a fresh connection next time

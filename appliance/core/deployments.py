@@ -145,8 +145,9 @@ def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
 def deploy_model(app: Appliance, model_ref: str, name: str | None = None) -> dict[str, Any]:
     """`appliance deploy REF --name NAME`: create the deployment (revision 1), or add the
     next revision to it."""
-    version = _deployable(app, model_ref)
-    name = name or version["model"]
+    from appliance.core.registry import parse_ref
+
+    name = name or parse_ref(model_ref)[0]
     if app.db.one("SELECT 1 FROM deployments WHERE name = ?", (name,)) is None:
         return create_deployment(app, name, model_ref)
     return deploy(app, name, model_ref)
@@ -239,13 +240,17 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
 def start_deployment(
     app: Appliance, name: str, host: str = "127.0.0.1", port: int = 0
 ) -> dict[str, Any]:
-    """Start the deployment's server as a detached process and wait until it is ready."""
+    """Start the deployment's server as a detached process and wait until it is ready; the
+    agent (started here if needed) restarts it if it dies."""
+    from appliance.core.agent import ensure_agent
+
     get_deployment(app, name)  # validates the name before it becomes a lock file name
     with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
         dep = get_deployment(app, name)
-        if dep["status"] == "serving":
-            return dep
-        return _spawn_server(app, name, host, port)
+        if dep["status"] != "serving":
+            dep = _spawn_server(app, name, host, port)
+    ensure_agent(app)
+    return dep
 
 
 def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
@@ -291,9 +296,38 @@ def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, 
     raise ApplianceError(f"deployment {name}: server not ready after {READY_TIMEOUT:.0f}s")
 
 
+def crashed_deployments(app: Appliance) -> list[dict[str, Any]]:
+    """Deployments meant to serve whose server is gone (a crash, a reboot)."""
+    rows = app.db.rows(
+        "SELECT name, host, port, pid FROM deployments WHERE status = 'serving' ORDER BY name"
+    )
+    return [r for r in rows if not alive(r["pid"])]
+
+
+def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
+    """Start a crashed deployment's server again, on its address when that is free."""
+    with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
+        dep = get_deployment(app, name)
+        wanted = app.db.scalar("SELECT status FROM deployments WHERE name = ?", (name,))
+        if wanted != "serving" or dep["status"] == "serving":  # stopped, or already back
+            return dep
+        try:
+            return _spawn_server(app, name, host or "127.0.0.1", port or 0)
+        except ApplianceError:
+            return _spawn_server(app, name, host or "127.0.0.1", 0)  # the port was taken
+
+
 def stop_deployment(app: Appliance, name: str, timeout: float = 10.0) -> dict[str, Any]:
     """Stop the deployment's server; its revisions and history stay."""
-    dep = get_deployment(app, name)
+    get_deployment(app, name)  # validates the name before it becomes a lock file name
+    # Stopped first, under the lock a restart takes: the agent must not take the server's
+    # exit for a crash and bring it back.
+    with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
+        dep = get_deployment(app, name)
+        app.db.execute(
+            "UPDATE deployments SET status = 'stopped', updated_at = ? WHERE name = ?",
+            (utcnow(), name),
+        )
     pid = dep["pid"]
     if dep["status"] == "serving" and signal_ours(pid, signal.SIGTERM):
         deadline = time.monotonic() + timeout
