@@ -26,7 +26,17 @@ def test_deploy_creates_then_adds_revisions_and_history_shows_them(cli, registry
     listed = cli("deployments", "list", "--json", *home).json()
     row = next(d for d in listed if d["name"] == "scoring")
     assert row["url"].startswith("http://127.0.0.1:") and row["current_revision"] == 2
+    moved = cli("deploy", "churn/2", "--name", "scoring", "--port", "1", *home)
+    assert moved.code == 4 and "keeps its address" in moved.err
     assert cli("deployments", "stop", "scoring", *home).code == 0
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    pinned = cli("deploy", "churn/2", "--name", "pinned", "--port", str(port), "--json", *home)
+    assert pinned.code == 0, pinned.err
+    assert pinned.json()["url"] == f"http://127.0.0.1:{port}"
+    assert cli("deployments", "stop", "pinned", *home).code == 0
 
 
 def test_a_damaged_model_file_is_refused_and_nothing_changes(cli, registry_home: str) -> None:  # type: ignore[no-untyped-def]

@@ -1193,11 +1193,15 @@ def models_card(app: Any, ref: str) -> None:
 @command(cli, "deploy")
 @click.argument("model_ref")
 @click.option("--name", help="Deployment name (default: the model's name).")
-def deploy_cmd(app: Any, as_json: bool, model_ref: str, name: str | None) -> None:
+@click.option("--host", help="Address for a new deployment (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port for a new deployment.")
+def deploy_cmd(
+    app: Any, as_json: bool, model_ref: str, name: str | None, host: str | None, port: int | None
+) -> None:
     """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision."""
     from appliance.core.deployments import deploy_model
 
-    emit(deploy_model(app, model_ref, name), as_json)
+    emit(deploy_model(app, model_ref, name, host=host, port=port), as_json)
 
 
 @cli.group("deployments")

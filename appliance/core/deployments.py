@@ -142,19 +142,35 @@ def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
     return version
 
 
-def deploy_model(app: Appliance, model_ref: str, name: str | None = None) -> dict[str, Any]:
-    """`appliance deploy REF --name NAME`: create the deployment (revision 1), or add the
-    next revision to it."""
+def deploy_model(
+    app: Appliance,
+    model_ref: str,
+    name: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> dict[str, Any]:
+    """`appliance deploy REF --name NAME`: create the deployment (revision 1) on HOST:PORT
+    (default 127.0.0.1, a free port), or add the next revision to it."""
     from appliance.core.registry import parse_ref
 
     name = name or parse_ref(model_ref)[0]
     if app.db.one("SELECT 1 FROM deployments WHERE name = ?", (name,)) is None:
-        return create_deployment(app, name, model_ref)
+        return create_deployment(app, name, model_ref, host=host or "127.0.0.1", port=port or 0)
+    if host is not None or port is not None:
+        raise Conflict(
+            f"deployment {name!r} exists and keeps its address; to move it: "
+            f"'deployments stop {name}' then 'deployments start {name} --port P'"
+        )
     return deploy(app, name, model_ref)
 
 
 def create_deployment(
-    app: Appliance, name: str, model_ref: str, start: bool = True
+    app: Appliance,
+    name: str,
+    model_ref: str,
+    start: bool = True,
+    host: str = "127.0.0.1",
+    port: int = 0,
 ) -> dict[str, Any]:
     """Create deployment `name` serving `model_ref` as revision 1, and start its server."""
     validate_name("deployment", name)
@@ -174,7 +190,7 @@ def create_deployment(
         _append_revision(conn, int(cur.lastrowid or 0), name, mv, "deploy")
     _write_token(app, name)
     if start:
-        return start_deployment(app, name)
+        return start_deployment(app, name, host=host, port=port)
     return get_deployment(app, name)
 
 
