@@ -513,7 +513,7 @@ def test_a_big_job_that_waited_long_is_not_overtaken(
 ) -> None:
     """Backfill lets small jobs pass a big one that does not fit yet, but not for ever."""
     import appliance.core.agent as agent
-    from appliance.core.agent import RESERVE_AFTER, Agent, Capacity
+    from appliance.core.agent import Agent, Capacity
 
     four = Capacity(4, machine_capacity().memory, 0)
     monkeypatch.setattr(agent, "machine_capacity", lambda: four)
@@ -538,7 +538,6 @@ def test_a_big_job_that_waited_long_is_not_overtaken(
         "UPDATE jobs SET submitted_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", (big["id"],)
     )
     later = submit_job(app, _py("pass", resources={"cpu": 1, **mem}))
-    assert RESERVE_AFTER < 60
     assert scheduler.schedule() == []  # the big one has waited long: it goes next
     app.db.execute("UPDATE jobs SET state = 'succeeded' WHERE id = ?", (busy["id"],))
     assert scheduler.schedule() == [big["id"]]
@@ -552,13 +551,13 @@ def test_a_cancel_wins_over_a_retry_and_a_claim(
     """The cancel is stored first: a failing attempt that would be retried, or a claim that
     comes a moment later, ends in 'cancelled' instead of running the job again."""
     import appliance.core.agent as agent
-    from appliance.core.jobs import _fail_or_retry, claim_job
+    from appliance.core.jobs import claim_job, fail_or_retry
 
     monkeypatch.setattr(agent, "ensure_agent", lambda app: None)  # nothing runs on its own
     job = submit_job(app, _py("pass", retries=3))
     assert claim_job(app, job["id"])
     app.db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job["id"],))
-    assert _fail_or_retry(app, job["id"], 1, "exit code 1") == "cancelled"
+    assert fail_or_retry(app, job["id"], 1, "exit code 1") == "cancelled"
     assert get_job(app, job["id"])["state"] == "cancelled"
 
     queued = submit_job(app, _py("pass"))

@@ -9,14 +9,12 @@ from appliance.errors import Conflict, InvalidInput
 
 
 def test_gate_grammar() -> None:
-    assert parse_gate("auc >= champion.auc + 0.002") == [
-        Condition("auc", ">=", Term("auc", True, 0.002))
-    ]
+    assert parse_gate("auc >= champion.auc + 0.002") == [Condition("auc", ">=", Term("auc", 0.002))]
     assert parse_gate("logloss<=current.logloss-1e-3 and accuracy > 0.8") == [
-        Condition("logloss", "<=", Term("logloss", True, -0.001)),
-        Condition("accuracy", ">", Term(None, False, 0.8)),
+        Condition("logloss", "<=", Term("logloss", -0.001)),
+        Condition("accuracy", ">", Term(None, 0.8)),
     ]
-    assert parse_gate("auc > challenger.auc", alias="challenger")[0].right.of_champion
+    assert parse_gate("auc > challenger.auc", alias="challenger")[0].right == Term("auc", 0.0)
     for bad, needle in [
         ("", "a metric name"),
         ("auc", "a comparison"),

@@ -34,12 +34,12 @@ from appliance.core.context import Appliance
 from appliance.core.jobs import (
     ACTIVE_STATES,
     Request,
-    _fail_or_retry,
-    _seconds_since,
     claim_job,
+    fail_or_retry,
     get_executor,
     parse_duration,
     reconcile_job,
+    seconds_since,
     warm_jobs_enabled,
 )
 from appliance.core.processes import alive, identity
@@ -401,7 +401,7 @@ class Agent:
                 continue
             short = [k for k in need if need[k] > have[k] + (1e-9 if k == "cpu" else 0)]
             if short:
-                if not reserved and _seconds_since(job["submitted_at"]) > RESERVE_AFTER:
+                if not reserved and seconds_since(job["submitted_at"]) > RESERVE_AFTER:
                     reserved = need
                     self._say(job, f"waiting for {', '.join(short)}; nothing may overtake it")
                 continue
@@ -418,7 +418,7 @@ class Agent:
             try:
                 pid = self.executor.start(self.app, job["id"])
             except OSError as exc:
-                _fail_or_retry(self.app, job["id"], None, f"could not start: {exc}")
+                fail_or_retry(self.app, job["id"], None, f"could not start: {exc}")
                 continue
             self.app.db.execute(
                 "UPDATE jobs SET pid = coalesce(pid, ?), pid_identity = coalesce(pid_identity, ?) "

@@ -345,7 +345,7 @@ def _job_row(app: Appliance, job_id: str) -> dict[str, Any] | None:
     )
 
 
-def _seconds_since(timestamp: str | None) -> float:
+def seconds_since(timestamp: str | None) -> float:
     if not timestamp:
         return 0.0
     import calendar
@@ -359,7 +359,7 @@ def supervisor_gone(app: Appliance, job: dict[str, Any]) -> bool:
     if job["state"] != "running":
         return False
     if not job.get("pid"):
-        return _seconds_since(job.get("started_at")) > CLAIM_GRACE
+        return seconds_since(job.get("started_at")) > CLAIM_GRACE
     return not get_executor(job["executor"]).is_alive(job)
 
 
@@ -369,7 +369,7 @@ def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
     if not supervisor_gone(app, job):
         return job
     _kill_orphaned_child(job)
-    _fail_or_retry(
+    fail_or_retry(
         app,
         job["id"],
         None,
@@ -452,13 +452,10 @@ def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
         raise Conflict(f"job {job_id} already {job['state']}; nothing to cancel")
     with app.db.transaction() as conn:
         conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        # Queued, or claimed with no supervisor registered yet: nothing runs; end it here.
-        cur = conn.execute(
-            "UPDATE jobs SET pid = -1 WHERE id = ? "
-            "AND (state = 'queued' OR (state = 'running' AND pid IS NULL))",
-            (job_id,),
-        )
-        if cur.rowcount:
+        # Queued, or claimed with no supervisor registered yet: nothing runs, and the request
+        # stops a claim or a registration from now on; end it here.
+        state, pid = conn.execute("SELECT state, pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if state == "queued" or (state == "running" and pid is None):
             _finish_in(conn, job_id, "cancelled", None, "cancelled before it started")
     job = get_job(app, job_id)
     if job["state"] in FINAL_STATES:
@@ -574,7 +571,7 @@ def _finish_in(
 _ANY_PID = object()
 
 
-def _fail_or_retry(
+def fail_or_retry(
     app: Appliance,
     job_id: str,
     exit_code: int | None,
@@ -1027,7 +1024,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
             )
     except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
         _close_log(log)
-        return _fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
+        return fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
     app.db.execute(
         "UPDATE jobs SET child_pid = ?, child_identity = ? WHERE id = ?",
         (child.pid, identity(child.pid), job_id),
@@ -1096,7 +1093,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
         return "succeeded"
     last = [ln for ln in stderr_tail if ln.strip()]
     reason = last[-1] if last else "no error output"
-    return _fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}{warning}")
+    return fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}{warning}")
 
 
 def _open_log(path: Path) -> tuple[TextIO, str | None]:

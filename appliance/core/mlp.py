@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,116 +193,102 @@ def fit(
 ) -> MlpModel:
     """Train with early stopping on the validation loss; returns the best epoch's model."""
     import torch
+    from torch import nn
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: expected one of {OBJECTIVES}")
     device = pick_device(device)
     torch.manual_seed(config.seed)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if device == "cpu":
+    with _deterministic(device == "cpu"):
+        layout = Layout.fit(x_train, levels)
+        y_mean = float(y_train.mean()) if objective == "regression" else 0.0
+        y_std = float(y_train.std() or 1.0) if objective == "regression" else 1.0
+
+        def tensors(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any, Any, int]:
+            num, cat, imputed = layout.transform(x)
+            if objective == "multiclass":
+                target = torch.as_tensor(y.astype(np.int64))
+            else:
+                target = torch.as_tensor(((y - y_mean) / y_std).astype(np.float32)).unsqueeze(1)
+            return (
+                torch.as_tensor(num).to(device),
+                torch.as_tensor(cat).to(device),
+                target.to(device),
+                imputed,
+            )
+
+        tn, tc, ty, imputed_train = tensors(x_train, y_train)
+        vn, vc, vy, imputed_valid = tensors(x_valid, y_valid)
+        net = _build(layout, config, _outputs(objective, classes)).to(device)
+        loss_fn: nn.Module = {
+            "binary": nn.BCEWithLogitsLoss(),
+            "multiclass": nn.CrossEntropyLoss(),
+            "regression": nn.MSELoss(),
+        }[objective]
+        optimiser = torch.optim.AdamW(
+            net.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        best, best_state, stale, best_epoch = float("inf"), None, 0, 0
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            net.train()
+            order = torch.randperm(len(ty), generator=generator).to(device)
+            total = 0.0
+            for start in range(0, len(ty), config.batch_size):
+                batch = order[start : start + config.batch_size]
+                optimiser.zero_grad()
+                loss = loss_fn(net(tn[batch], tc[batch]), ty[batch])
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(batch)
+            net.eval()
+            with torch.no_grad():
+                valid_loss = float(loss_fn(net(vn, vc), vy))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            on_epoch(EpochReport(epoch, total / len(ty), valid_loss, time.perf_counter() - started))
+            if valid_loss < best - 1e-6:
+                best, stale, best_epoch = valid_loss, 0, epoch
+                best_state = {
+                    k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()
+                }
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        if best_state is None:
+            raise ValueError(
+                "the validation loss was never finite: the training diverged (try a lower lr) "
+                f"or the validation split is empty ({len(y_valid)} rows)"
+            )
+        return MlpModel(
+            layout=layout,
+            config=config,
+            objective=objective,
+            classes=classes,
+            weights=best_state,
+            y_mean=y_mean,
+            y_std=y_std,
+            imputed={"train": imputed_train, "valid": imputed_valid},
+            device=device,
+            best_epoch=best_epoch,
+        )
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic torch algorithms for the block; the setting is process-wide, so the
+    caller gets back what it had."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
         torch.use_deterministic_algorithms(True)
     try:
-        return _fit(
-            x_train,
-            y_train,
-            x_valid,
-            y_valid,
-            levels,
-            objective,
-            config,
-            classes,
-            device,
-            on_epoch,
-        )
-    finally:  # the setting is process-wide: give the caller back what it had
-        torch.use_deterministic_algorithms(was_deterministic)
-
-
-def _fit(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_valid: np.ndarray,
-    y_valid: np.ndarray,
-    levels: list[int],
-    objective: str,
-    config: MlpConfig,
-    classes: int,
-    device: str,
-    on_epoch: Callable[[EpochReport], None],
-) -> MlpModel:
-    import torch
-    from torch import nn
-
-    layout = Layout.fit(x_train, levels)
-    y_mean = float(y_train.mean()) if objective == "regression" else 0.0
-    y_std = float(y_train.std() or 1.0) if objective == "regression" else 1.0
-
-    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any, Any, int]:
-        num, cat, imputed = layout.transform(x)
-        if objective == "multiclass":
-            target = torch.as_tensor(y.astype(np.int64))
-        else:
-            target = torch.as_tensor(((y - y_mean) / y_std).astype(np.float32)).unsqueeze(1)
-        return (
-            torch.as_tensor(num).to(device),
-            torch.as_tensor(cat).to(device),
-            target.to(device),
-            imputed,
-        )
-
-    tn, tc, ty, imputed_train = tensors(x_train, y_train)
-    vn, vc, vy, imputed_valid = tensors(x_valid, y_valid)
-    net = _build(layout, config, _outputs(objective, classes)).to(device)
-    loss_fn: nn.Module = {
-        "binary": nn.BCEWithLogitsLoss(),
-        "multiclass": nn.CrossEntropyLoss(),
-        "regression": nn.MSELoss(),
-    }[objective]
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    best, best_state, stale, best_epoch = float("inf"), None, 0, 0
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        net.train()
-        order = torch.randperm(len(ty), generator=generator).to(device)
-        total = 0.0
-        for start in range(0, len(ty), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            optimiser.zero_grad()
-            loss = loss_fn(net(tn[batch], tc[batch]), ty[batch])
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach()) * len(batch)
-        net.eval()
-        with torch.no_grad():
-            valid_loss = float(loss_fn(net(vn, vc), vy))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        on_epoch(EpochReport(epoch, total / len(ty), valid_loss, time.perf_counter() - started))
-        if valid_loss < best - 1e-6:
-            best, stale, best_epoch = valid_loss, 0, epoch
-            best_state = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    if best_state is None:
-        raise ValueError(
-            "the validation loss was never finite: the training diverged (try a lower lr) "
-            f"or the validation split is empty ({len(y_valid)} rows)"
-        )
-    return MlpModel(
-        layout=layout,
-        config=config,
-        objective=objective,
-        classes=classes,
-        weights=best_state,
-        y_mean=y_mean,
-        y_std=y_std,
-        imputed={"train": imputed_train, "valid": imputed_valid},
-        device=device,
-        best_epoch=best_epoch,
-    )
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @dataclass

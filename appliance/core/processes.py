@@ -51,26 +51,23 @@ def is_same(pid: int | None, known: str | None) -> bool:
     return identity(pid) == known
 
 
-def is_ours(pid: int | None, marker: str = "appliance") -> bool:
-    """True if `pid` is still a process we started (guards against PID reuse before a kill)."""
+def is_ours(pid: int | None) -> bool:
+    """True if `pid` is still an appliance process (guards against PID reuse before a kill)."""
     if not alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return True  # no procfs: alive() is all we can know
-    return marker.encode() in cmdline
+    return b"appliance" in cmdline
 
 
-def signal_ours(pid: int | None, signum: int, group: bool = False) -> bool:
-    """Send `signum` to our process (or its process group); False if it is gone or not ours."""
+def signal_ours(pid: int | None, signum: int) -> bool:
+    """Send `signum` to our process; False if it is gone or not ours."""
     if not pid or not is_ours(pid):
         return False
     try:
-        if group:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
+        os.kill(pid, signum)
     except ProcessLookupError:
         return False
     return True

@@ -36,10 +36,9 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 
 @dataclass(frozen=True)
 class Term:
-    """`metric` of the candidate, or `champion.metric` plus a constant, or a constant."""
+    """The current holder's `metric` plus `offset`, or (metric None) the constant `offset`."""
 
-    metric: str | None  # None: a constant
-    of_champion: bool
+    metric: str | None
     offset: float
 
 
@@ -81,7 +80,7 @@ def parse_gate(text: str, alias: str = "champion") -> list[Condition]:
             raise InvalidInput(f"--gate: {left!r}: the left side is the candidate's metric")
         op = take("op", "a comparison (>=, >, <=, <, ==)")
         if index < len(tokens) and tokens[index][0] == "num":
-            right = Term(None, False, float(take("num", "a number")))
+            right = Term(None, float(take("num", "a number")))
         else:
             name = take("name", "a number or ALIAS.METRIC")
             holder, _, metric = name.partition(".")
@@ -97,7 +96,7 @@ def parse_gate(text: str, alias: str = "champion") -> list[Condition]:
                     f"--gate: {name!r}: compare with the current holder as "
                     f"{alias}.{metric} (or current.{metric})"
                 )
-            right = Term(metric, True, offset)
+            right = Term(metric, offset)
         conditions.append(Condition(left, op, right))
         if index == len(tokens):
             return conditions
@@ -147,7 +146,7 @@ def evaluate_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> None:
 
     from appliance.config import load_settings
     from appliance.core.serving import ModelRuntime
-    from appliance.core.training import _label_codes, _load_columns, encode, evaluate
+    from appliance.core.training import encode, evaluate, label_codes, load_columns
     from appliance.store.objects import open_object_store
 
     store = open_object_store(load_settings(os.environ.get("APPLIANCE_HOME")))
@@ -156,7 +155,7 @@ def evaluate_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> None:
     label = spec.params["label"]
     emit({"type": "progress", "done": 0, "total": len(models), "message": "loading data"})
     names = sorted({f["name"] for m in models for f in m["version"]["signature"]["signature"]})
-    data = _load_columns(store.get_file(dataset["sha256"]), [*names, label])
+    data = load_columns(store.get_file(dataset["sha256"]), [*names, label])
     known = ~np.ma.getmaskarray(data[label])
     data = {k: v[known] for k, v in data.items()}
     raw = np.asarray(np.ma.getdata(data[label]))
@@ -167,11 +166,7 @@ def evaluate_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> None:
         signature = version["signature"]
         objective = signature.get("objective") or "binary"
         labels = list(signature.get("labels") or [])
-        y = (
-            raw.astype(np.float64)
-            if objective == "regression"
-            else _label_codes(raw, labels, label)
-        )
+        y = raw.astype(np.float64) if objective == "regression" else label_codes(raw, labels, label)
         pred = np.asarray(runtime.booster.predict(encode(signature["signature"], data)))
         classes = len(labels) if objective == "multiclass" else 2
         for key, value in evaluate(objective, y, pred, classes).items():

@@ -243,7 +243,7 @@ def submit_training(
     )
 
 
-def _load_columns(path: Path, names: list[str]) -> dict[str, Any]:
+def load_columns(path: Path, names: list[str]) -> dict[str, Any]:
     """Columns as numpy arrays; masked (NULLs) only where a column has NULLs, since masked
     arrays make every later copy and split slower."""
     import duckdb
@@ -411,7 +411,7 @@ def _distinct(values: Any) -> list[Any]:
     return sorted({v.item() if hasattr(v, "item") else v for v in array})
 
 
-def _label_codes(raw: Any, labels: list[Any], label: str) -> Any:
+def label_codes(raw: Any, labels: list[Any], label: str) -> Any:
     """Each row's class index in `labels`; refuses a value the training rows never had."""
     import numpy as np
 
@@ -471,7 +471,7 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
     store = open_object_store(load_settings(os.environ.get("APPLIANCE_HOME")))
     emit({"type": "progress", "done": 0, "total": total, "message": "loading data"})
     loaded = {
-        role: _load_columns(store.get_file(item["sha256"]), [*features, label])
+        role: load_columns(store.get_file(item["sha256"]), [*features, label])
         for role, item in spec.inputs.items()
     }
     for role, data in loaded.items():
@@ -502,7 +502,7 @@ def _prepare(spec: JobSpec, emit: Emit, total: int) -> Prepared:
         if objective == "regression":
             y = raw.astype(np.float64)
         else:
-            y = _label_codes(raw, labels, label)
+            y = label_codes(raw, labels, label)
         return Split(encode(signature, data), y)
 
     train, valid = split(loaded["train"]), split(loaded["valid"])
