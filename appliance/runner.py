@@ -4,6 +4,7 @@ python -m appliance.runner agent              the scheduler that starts queued j
 python -m appliance.runner supervise JOB_ID   run one queued job in the foreground (debugging)
 python -m appliance.runner run                a built-in job body (spec in APPLIANCE_JOB_SPEC)
 python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
+python -m appliance.runner serve-worker DEPLOYMENT --fd N   one of its workers (started by serve)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("deployment")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
+    worker = sub.add_parser("serve-worker")
+    worker.add_argument("deployment")
+    worker.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
         state = supervise(app, args.job_id)
         return 0 if state == "succeeded" else 1
+    if args.command == "serve-worker":
+        from appliance.core.serving import serve_worker
+
+        return serve_worker(app, args.deployment, args.fd)
     from appliance.core.serving import serve_deployment
 
     serve_deployment(app, args.deployment, host=args.host, port=args.port)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from appliance.core import deployments, registry
 from appliance.core.context import Appliance
+from appliance.core.inference import ModelRuntime
 from appliance.core.quickstart import VARIANTS, run_quickstart, sample_csv, sample_rows
-from appliance.core.serving import ModelRuntime
 from appliance.core.training import DEFAULT_PARAMS
 
 

@@ -25,7 +25,7 @@ def test_deploy_creates_then_adds_revisions_and_history_shows_them(cli, registry
     ]
     listed = cli("deployments", "list", "--json", *home).json()
     row = next(d for d in listed if d["name"] == "scoring")
-    assert row["url"].startswith("http://127.0.0.1:") and row["current_revision"] == 2
+    assert row["url"].startswith("http://127.0.0.1:") and row["revision"] == 2
     moved = cli("deploy", "churn/2", "--name", "scoring", "--port", "1", *home)
     assert moved.code == 4 and "keeps its address" in moved.err
     assert cli("deployments", "stop", "scoring", *home).code == 0

@@ -92,8 +92,8 @@ def test_bad_config_names_the_key() -> None:
 @pytest.mark.slow
 def test_mlp_job_end_to_end(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from appliance.core.context import Appliance
+    from appliance.core.inference import ModelRuntime
     from appliance.core.registry import get_model_version
-    from appliance.core.serving import ModelRuntime
 
     home = str(tmp_path / "h")
     x, y = _data(800)

@@ -1195,13 +1195,66 @@ def models_card(app: Any, ref: str) -> None:
 @click.option("--name", help="Deployment name (default: the model's name).")
 @click.option("--host", help="Address for a new deployment (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port for a new deployment.")
+@click.option("--workers", type=int, help="Worker processes for a new deployment (default 1).")
+@click.option(
+    "--follow-alias",
+    is_flag=True,
+    help="Deploy again, as a new revision, whenever NAME@ALIAS moves.",
+)
+@click.option(
+    "--canary",
+    type=float,
+    help="Send this percentage of requests to the new revision (sticky per request id).",
+)
+@click.option(
+    "--auto-rollback",
+    help="With --canary: roll the canary back when this holds, e.g. "
+    "'error_rate > 0.01 or p99_ms > 50'.",
+)
+@click.option("--window", help="With --auto-rollback: the window the rule is judged over.")
 def deploy_cmd(
-    app: Any, as_json: bool, model_ref: str, name: str | None, host: str | None, port: int | None
+    app: Any,
+    as_json: bool,
+    model_ref: str,
+    name: str | None,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    follow_alias: bool,
+    canary: float | None,
+    auto_rollback: str | None,
+    window: str | None,
 ) -> None:
-    """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision."""
+    """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision (returns once every
+    worker serves it)."""
     from appliance.core.deployments import deploy_model
 
-    emit(deploy_model(app, model_ref, name, host=host, port=port), as_json)
+    emit(
+        deploy_model(
+            app,
+            model_ref,
+            name,
+            host=host,
+            port=port,
+            workers=workers,
+            follow_alias=follow_alias,
+            canary=canary,
+            auto_rollback=auto_rollback,
+            window=window,
+        ),
+        as_json,
+    )
+
+
+REVISION_COLUMNS = (
+    "revision",
+    "model_version",
+    "action",
+    "outcome",
+    "reason",
+    "actor",
+    "created_at",
+)
 
 
 @cli.group("deployments")
@@ -1248,10 +1301,11 @@ def deployments_rollback(app: Any, as_json: bool, name: str, to_revision: int | 
 @command(deployments_group, "history")
 @click.argument("name")
 def deployments_history(app: Any, as_json: bool, name: str) -> None:
-    """Every revision of a deployment: which model version, deploy or rollback, when."""
+    """Every revision of a deployment: which model version, how it came, how a canary ended
+    and why, who, when."""
     from appliance.core.deployments import list_revisions
 
-    emit(list_revisions(app, name), as_json, ("revision", "model_version", "action", "created_at"))
+    emit(list_revisions(app, name), as_json, REVISION_COLUMNS)
 
 
 @command(deployments_group, "list")
@@ -1275,18 +1329,57 @@ def deployments_show(app: Any, as_json: bool, name: str) -> None:
         emit({**dep, "revisions": revisions}, True)
         return
     emit(dep, False)
-    click.echo(table(revisions, ("revision", "model_version", "action", "created_at")))
+    click.echo(table(revisions, REVISION_COLUMNS))
+
+
+@command(deployments_group, "promote")
+@click.argument("name")
+@click.option("--reason", help="Why, kept with the revision.")
+def deployments_promote(app: Any, as_json: bool, name: str, reason: str | None) -> None:
+    """Give the canary revision all the traffic."""
+    from appliance.core.deployments import promote_canary
+
+    emit(promote_canary(app, name, reason=reason), as_json)
+
+
+@command(deployments_group, "abort")
+@click.argument("name")
+@click.option("--reason", help="Why, kept with the revision.")
+def deployments_abort(app: Any, as_json: bool, name: str, reason: str | None) -> None:
+    """Send all the traffic back to the stable revision; the canary is marked aborted."""
+    from appliance.core.deployments import abort_canary
+
+    emit(abort_canary(app, name, reason=reason), as_json)
+
+
+@command(deployments_group, "traffic")
+@click.argument("name")
+@click.option("--seconds", type=click.FloatRange(1, 3600), default=10, show_default=True)
+def deployments_traffic(app: Any, as_json: bool, name: str, seconds: float) -> None:
+    """Live req/s, p50/p99 and error rate, for all requests and stable/canary apart."""
+    from appliance.core.deployments import traffic
+
+    data = traffic(app, name, seconds)
+    rows = [{"role": role, **data[role]} for role in ("all", "stable", "canary")]
+    emit(
+        data if as_json else rows,
+        as_json,
+        ("role", "requests", "rps", "p50_ms", "p99_ms", "error_rate"),
+    )
 
 
 @command(deployments_group, "start")
 @click.argument("name")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=0, type=int, help="Port (default: a free one).")
-def deployments_start(app: Any, as_json: bool, name: str, host: str, port: int) -> None:
+@click.option("--workers", type=int, help="Worker processes (default: as before).")
+def deployments_start(
+    app: Any, as_json: bool, name: str, host: str, port: int, workers: int | None
+) -> None:
     """Start a stopped deployment's server in the background."""
     from appliance.core.deployments import start_deployment
 
-    emit(start_deployment(app, name, host=host, port=port), as_json)
+    emit(start_deployment(app, name, host=host, port=port, workers=workers), as_json)
 
 
 @command(deployments_group, "stop")

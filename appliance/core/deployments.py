@@ -1,14 +1,15 @@
 """Deployments: a named endpoint serving one model, with numbered revisions and rollback.
 
-Each deploy or rollback appends a revision; the deployment's `current_revision` is the one
-pointer the server follows. Nothing is copied or rebuilt, so rollback is as fast as a reload.
+Each deploy, rollback or alias move appends a revision; the deployment's `current_revision`
+(and, during a canary, `canary_revision`) is what the server's workers follow, and every
+change of routing bumps `generation`. Nothing is copied or rebuilt, so a rollback is a
+reference swap in each worker; the command returns once every worker reports the new
+generation.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import signal
 import sqlite3
 import subprocess
@@ -16,51 +17,36 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.lineage import record_execution
 from appliance.core.names import validate_name
 from appliance.core.processes import alive, exclusive, signal_ours
-from appliance.core.registry import get_model_version
+from appliance.core.registry import current_actor, get_model_version, parse_ref
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
 READY_TIMEOUT = 60.0
-
-
-def _token_path(app: Appliance, name: str) -> Path:
-    return app.settings.secrets_dir / "deployments" / f"{name}.token"
-
-
-def _write_token(app: Appliance, name: str) -> None:
-    path = _token_path(app, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(app.settings.secrets_dir, 0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32))
-    os.replace(tmp, path)
-
-
-def read_token(app: Appliance, name: str) -> str:
-    """The deployment's admin token (mode 0600 under the home's secrets/)."""
-    path = _token_path(app, name)
-    if not path.exists():
-        _write_token(app, name)
-    return path.read_text().strip()
+SERVED_TIMEOUT = 30.0  # how long deploy/rollback wait for every worker to swap
+MAX_WORKERS = 64
+MAX_CANARY_WINDOW = 3600.0
 
 
 def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
+    """A deployment: its address and state, the revision and version it serves, any canary."""
     validate_name("deployment", name)
     row = app.db.one(
         "SELECT d.id, d.name, m.name AS model, d.current_revision, d.status, d.host, d.port, "
-        "d.pid, d.created_at, d.updated_at, mv.version AS model_version "
+        "d.pid, d.workers, d.follow_alias, d.generation, d.canary_revision, d.canary_percent, "
+        "d.canary_rule, d.canary_window_s, d.created_at, d.updated_at, "
+        "mv.version AS model_version, cv.version AS canary_version "
         "FROM deployments d JOIN registered_models m ON m.id = d.model_id "
         "JOIN deployment_revisions r ON r.deployment_id = d.id AND r.revision = d.current_revision "
-        "JOIN model_versions mv ON mv.id = r.model_version_id WHERE d.name = ?",
+        "JOIN model_versions mv ON mv.id = r.model_version_id "
+        "LEFT JOIN deployment_revisions cr ON cr.deployment_id = d.id "
+        "AND cr.revision = d.canary_revision "
+        "LEFT JOIN model_versions cv ON cv.id = cr.model_version_id WHERE d.name = ?",
         (name,),
     )
     if row is None:
@@ -71,28 +57,75 @@ def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
     return row
 
 
+def traffic(app: Appliance, name: str, seconds: float | None = None) -> dict[str, Any]:
+    """Live traffic over the last seconds, from the workers' snapshots: all requests, and
+    stable and canary apart."""
+    from appliance.core.serving import state_dir
+    from appliance.core.traffic import LIVE_WINDOW, merge, read_snapshots, window
+
+    merged = merge(s for s in read_snapshots(state_dir(app, name)) if alive(int(s.get("pid") or 0)))
+    span = seconds or LIVE_WINDOW
+    return {
+        "all": window(merged, span).as_dict(),
+        "stable": window(merged, span, role="stable").as_dict(),
+        "canary": window(merged, span, role="canary").as_dict(),
+        "seconds": span,
+    }
+
+
 def list_deployments(app: Appliance) -> list[dict[str, Any]]:
+    """Every deployment with its revision, version, port, state and live traffic."""
     names = [r["name"] for r in app.db.rows("SELECT name FROM deployments ORDER BY name")]
-    return [
-        {k: d[k] for k in ("name", "model", "model_version", "current_revision", "status", "url")}
-        for d in (get_deployment(app, n) for n in names)
-    ]
+    out = []
+    for dep in (get_deployment(app, n) for n in names):
+        live = traffic(app, dep["name"])["all"] if dep["status"] == "serving" else {}
+        canary = (
+            f"{dep['canary_version']} @ {dep['canary_percent']:g}%"
+            if dep["canary_revision"] is not None
+            else None
+        )
+        out.append(
+            {
+                "name": dep["name"],
+                "model": dep["model"],
+                "revision": dep["current_revision"],
+                "model_version": dep["model_version"],
+                "canary": canary,
+                "port": dep["port"],
+                "workers": dep["workers"],
+                "state": dep["status"],
+                "url": dep["url"],
+                "rps": live.get("rps"),
+                "p99_ms": live.get("p99_ms"),
+                "error_rate": live.get("error_rate"),
+            }
+        )
+    return out
 
 
 def list_revisions(app: Appliance, name: str) -> list[dict[str, Any]]:
+    """Every revision: which model version, how it came (deploy, rollback, canary, follow),
+    how a canary ended and why, who acted, when."""
     dep = get_deployment(app, name)
     return app.db.rows(
-        "SELECT r.revision, mv.version AS model_version, r.action, r.created_at "
-        "FROM deployment_revisions r JOIN model_versions mv ON mv.id = r.model_version_id "
+        "SELECT r.revision, mv.version AS model_version, r.action, r.outcome, r.reason, "
+        "r.actor, r.created_at FROM deployment_revisions r "
+        "JOIN model_versions mv ON mv.id = r.model_version_id "
         "WHERE r.deployment_id = ? ORDER BY r.revision",
         (dep["id"],),
     )
 
 
 def _append_revision(
-    conn: sqlite3.Connection, deployment_id: int, name: str, mv: dict[str, Any], action: str
+    conn: sqlite3.Connection,
+    deployment_id: int,
+    name: str,
+    mv: dict[str, Any],
+    action: str,
+    reason: str | None = None,
 ) -> int:
-    """Add the next revision, point the deployment at it, and record the lineage."""
+    """Add the next revision, point the deployment (or its canary) at it, and record the
+    lineage; in the caller's transaction."""
     now = utcnow()
     revision = conn.execute(
         "SELECT coalesce(max(revision), 0) + 1 FROM deployment_revisions WHERE deployment_id = ?",
@@ -100,11 +133,13 @@ def _append_revision(
     ).fetchone()[0]
     conn.execute(
         "INSERT INTO deployment_revisions (deployment_id, revision, model_version_id, action, "
-        "created_at) VALUES (?, ?, ?, ?, ?)",
-        (deployment_id, revision, mv["id"], action, now),
+        "created_at, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (deployment_id, revision, mv["id"], action, now, reason, current_actor()),
     )
+    column = "canary_revision" if action == "canary" else "current_revision"
     conn.execute(
-        "UPDATE deployments SET current_revision = ?, updated_at = ? WHERE id = ?",
+        f"UPDATE deployments SET {column} = ?, generation = generation + 1, updated_at = ? "
+        "WHERE id = ?",
         (revision, now, deployment_id),
     )
     record_execution(
@@ -118,18 +153,15 @@ def _append_revision(
     return int(revision)
 
 
-def _add_revision(app: Appliance, name: str, mv: dict[str, Any], action: str) -> int:
-    with app.db.transaction() as conn:
-        dep = conn.execute(
-            "SELECT d.id, m.name FROM deployments d "
-            "JOIN registered_models m ON m.id = d.model_id WHERE d.name = ?",
-            (name,),
-        ).fetchone()
-        if dep is None:
-            raise NotFound(f"deployment {name!r} not found")
-        if dep[1] != mv["model"]:
-            raise InvalidInput(f"deployment {name!r} serves model {dep[1]!r}, not {mv['model']!r}")
-        return _append_revision(conn, dep[0], name, mv, action)
+def _locked_deployment(conn: sqlite3.Connection, name: str) -> sqlite3.Row | tuple[Any, ...]:
+    row = conn.execute(
+        "SELECT d.id, m.name, d.canary_revision, d.current_revision FROM deployments d "
+        "JOIN registered_models m ON m.id = d.model_id WHERE d.name = ?",
+        (name,),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"deployment {name!r} not found")
+    return row
 
 
 def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
@@ -142,26 +174,85 @@ def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
     return version
 
 
+def wait_served(app: Appliance, name: str, timeout: float = SERVED_TIMEOUT) -> dict[str, Any]:
+    """Block until every live worker of a running deployment serves its latest generation
+    (a stopped deployment serves it when it starts)."""
+    from appliance.core.serving import state_dir
+    from appliance.core.traffic import read_snapshots
+
+    dep = get_deployment(app, name)
+    if dep["status"] != "serving":
+        return dep
+    directory = state_dir(app, name)
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshots = [s for s in read_snapshots(directory) if alive(int(s.get("pid") or 0))]
+        behind = [s["pid"] for s in snapshots if int(s.get("generation", -1)) < dep["generation"]]
+        if snapshots and not behind:
+            return dep
+        if time.monotonic() > deadline:
+            raise ApplianceError(
+                f"deployment {name}: revision {dep['current_revision']} recorded, but worker(s) "
+                f"{', '.join(map(str, behind)) or '(none running)'} did not adopt it within "
+                f"{timeout:.0f}s (log: {app.settings.logs_dir / 'deployments' / f'{name}.log'})"
+            )
+        time.sleep(0.005)
+
+
 def deploy_model(
     app: Appliance,
     model_ref: str,
     name: str | None = None,
     host: str | None = None,
     port: int | None = None,
+    workers: int | None = None,
+    follow_alias: bool = False,
+    canary: float | None = None,
+    auto_rollback: str | None = None,
+    window: str | float | None = None,
 ) -> dict[str, Any]:
     """`appliance deploy REF --name NAME`: create the deployment (revision 1) on HOST:PORT
-    (default 127.0.0.1, a free port), or add the next revision to it."""
-    from appliance.core.registry import parse_ref
-
-    name = name or parse_ref(model_ref)[0]
+    (default 127.0.0.1, a free port) with N workers, or add the next revision to it; with
+    `canary`, the new revision takes that percentage of the traffic until promoted."""
+    model, selector = parse_ref(model_ref)
+    ref_alias = selector if selector and not selector.isdigit() else None
+    if follow_alias and ref_alias is None:
+        raise InvalidInput(f"--follow-alias: {model_ref!r} names a version, not NAME@ALIAS")
+    name = name or model
     if app.db.one("SELECT 1 FROM deployments WHERE name = ?", (name,)) is None:
-        return create_deployment(app, name, model_ref, host=host or "127.0.0.1", port=port or 0)
-    if host is not None or port is not None:
-        raise Conflict(
-            f"deployment {name!r} exists and keeps its address; to move it: "
-            f"'deployments stop {name}' then 'deployments start {name} --port P'"
+        if canary is not None:
+            raise InvalidInput(
+                f"--canary: deployment {name!r} does not exist yet; a canary needs a stable "
+                "revision to split traffic with"
+            )
+        return create_deployment(
+            app,
+            name,
+            model_ref,
+            host=host or "127.0.0.1",
+            port=port or 0,
+            workers=workers or 1,
+            follow_alias=ref_alias if follow_alias else None,
         )
+    if host is not None or port is not None or workers is not None:
+        raise Conflict(
+            f"deployment {name!r} exists and keeps its address and workers; to change them: "
+            f"'deployments stop {name}' then 'deployments start {name} --port P --workers N'"
+        )
+    if follow_alias:
+        _set_follow(app, name, ref_alias)
+    if canary is not None:
+        return deploy_canary(app, name, model_ref, canary, auto_rollback, window)
+    if auto_rollback is not None:
+        raise InvalidInput("--auto-rollback: only with --canary (it judges the canary)")
     return deploy(app, name, model_ref)
+
+
+def _set_follow(app: Appliance, name: str, alias: str | None) -> None:
+    app.db.execute(
+        "UPDATE deployments SET follow_alias = ?, updated_at = ? WHERE name = ?",
+        (alias, utcnow(), name),
+    )
 
 
 def create_deployment(
@@ -171,96 +262,215 @@ def create_deployment(
     start: bool = True,
     host: str = "127.0.0.1",
     port: int = 0,
+    workers: int = 1,
+    follow_alias: str | None = None,
 ) -> dict[str, Any]:
     """Create deployment `name` serving `model_ref` as revision 1, and start its server."""
     validate_name("deployment", name)
+    _check_workers(workers)
     mv = _deployable(app, model_ref)
     now = utcnow()
     with app.db.transaction() as conn:
         if conn.execute("SELECT 1 FROM deployments WHERE name = ?", (name,)).fetchone():
-            raise Conflict(f"deployment {name!r} already exists; use 'deployments deploy'")
+            raise Conflict(f"deployment {name!r} already exists; use 'appliance deploy'")
         model_id = conn.execute(
             "SELECT model_id FROM model_versions WHERE id = ?", (mv["id"],)
         ).fetchone()[0]
         cur = conn.execute(
-            "INSERT INTO deployments (name, model_id, current_revision, status, created_at, "
-            "updated_at) VALUES (?, ?, 0, 'stopped', ?, ?)",
-            (name, model_id, now, now),
+            "INSERT INTO deployments (name, model_id, current_revision, status, workers, "
+            "follow_alias, created_at, updated_at) VALUES (?, ?, 0, 'stopped', ?, ?, ?, ?)",
+            (name, model_id, workers, follow_alias, now, now),
         )
         _append_revision(conn, int(cur.lastrowid or 0), name, mv, "deploy")
-    _write_token(app, name)
     if start:
         return start_deployment(app, name, host=host, port=port)
     return get_deployment(app, name)
 
 
-def _notify(app: Appliance, dep: dict[str, Any]) -> dict[str, Any] | None:
-    """Ask a running server to adopt the current revision now (it also polls)."""
-    if dep["status"] != "serving":
-        return None
-    request = urllib.request.Request(
-        f"{dep['url']}/admin/reload",
-        data=b"{}",
-        method="POST",
-        headers={
-            "Authorization": f"Bearer {read_token(app, dep['name'])}",
-            "Content-Type": "application/json",
-        },
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except (urllib.error.URLError, OSError) as exc:
-        raise ApplianceError(
-            f"deployment {dep['name']}: revision recorded, but the server did not confirm "
-            f"the reload ({exc}); it will pick it up on its next poll"
-        ) from exc
+def _check_workers(workers: int) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise InvalidInput(f"--workers {workers}: must be between 1 and {MAX_WORKERS}")
 
 
-def deploy(app: Appliance, name: str, model_ref: str) -> dict[str, Any]:
+def deploy(app: Appliance, name: str, model_ref: str, action: str = "deploy") -> dict[str, Any]:
     """Serve another version of the deployment's model as a new revision."""
     mv = _deployable(app, model_ref)
-    _add_revision(app, name, mv, "deploy")
-    dep = get_deployment(app, name)
-    _notify(app, dep)
-    return dep
+    with app.db.transaction() as conn:
+        dep_id, model, canary, _ = _locked_deployment(conn, name)
+        if model != mv["model"]:
+            raise InvalidInput(f"deployment {name!r} serves model {model!r}, not {mv['model']!r}")
+        if canary is not None:
+            raise Conflict(
+                f"deployment {name!r} has canary revision {canary}: "
+                f"'deployments promote {name}' or 'deployments abort {name}' first"
+            )
+        _append_revision(conn, dep_id, name, mv, action)
+    return wait_served(app, name)
+
+
+def deploy_canary(
+    app: Appliance,
+    name: str,
+    model_ref: str,
+    percent: float,
+    rule: str | None = None,
+    window: str | float | None = None,
+) -> dict[str, Any]:
+    """Send `percent` of the traffic to a new revision; with `rule`, the server rolls it back
+    by itself when the rule holds over `window`."""
+    from appliance.core.jobs import parse_duration
+    from appliance.core.traffic import parse_rule
+
+    if not 0 < percent < 100:
+        raise InvalidInput(f"--canary {percent:g}: a percentage between 0 and 100 (exclusive)")
+    if rule is not None:
+        parse_rule(rule)
+    seconds = parse_duration(window if window is not None else "60s", "--window")
+    if not 1 <= seconds <= MAX_CANARY_WINDOW:
+        raise InvalidInput(f"--window {window}: between 1s and {MAX_CANARY_WINDOW / 60:.0f}m")
+    mv = _deployable(app, model_ref)
+    with app.db.transaction() as conn:
+        dep_id, model, canary, current = _locked_deployment(conn, name)
+        if model != mv["model"]:
+            raise InvalidInput(f"deployment {name!r} serves model {model!r}, not {mv['model']!r}")
+        if canary is not None:
+            raise Conflict(f"deployment {name!r} already has canary revision {canary}")
+        stable = conn.execute(
+            "SELECT model_version_id FROM deployment_revisions "
+            "WHERE deployment_id = ? AND revision = ?",
+            (dep_id, current),
+        ).fetchone()[0]
+        if stable == mv["id"]:
+            raise Conflict(f"{mv['ref']} is already the stable version of {name!r}")
+        conn.execute(
+            "UPDATE deployments SET canary_percent = ?, canary_rule = ?, canary_window_s = ? "
+            "WHERE id = ?",
+            (percent, rule, seconds, dep_id),
+        )
+        _append_revision(
+            conn,
+            dep_id,
+            name,
+            mv,
+            "canary",
+            reason=f"canary {percent:g}%"
+            + (f", auto-rollback if {rule} over {seconds:g}s" if rule else ""),
+        )
+    return wait_served(app, name)
+
+
+def _end_canary(
+    app: Appliance, name: str, outcome: str, reason: str | None, actor: str | None
+) -> int:
+    with app.db.transaction() as conn:
+        dep_id, _, canary, _ = _locked_deployment(conn, name)
+        if canary is None:
+            raise Conflict(f"deployment {name!r} has no canary to {outcome[:-2].rstrip('e')}")
+        conn.execute(
+            "UPDATE deployment_revisions SET outcome = ?, reason = coalesce(?, reason), "
+            "actor = ? WHERE deployment_id = ? AND revision = ?",
+            (outcome, reason, actor or current_actor(), dep_id, canary),
+        )
+        promoted = ", current_revision = canary_revision" if outcome == "promoted" else ""
+        conn.execute(
+            f"UPDATE deployments SET canary_revision = NULL, canary_percent = NULL, "
+            f"canary_rule = NULL, canary_window_s = NULL{promoted}, "
+            "generation = generation + 1, updated_at = ? WHERE id = ?",
+            (utcnow(), dep_id),
+        )
+    return int(canary)
+
+
+def promote_canary(app: Appliance, name: str, reason: str | None = None) -> dict[str, Any]:
+    """Make the canary revision the one that takes all the traffic."""
+    _end_canary(app, name, "promoted", reason, None)
+    return wait_served(app, name)
+
+
+def abort_canary(
+    app: Appliance,
+    name: str,
+    reason: str | None = None,
+    actor: str | None = None,
+    wait: bool = True,
+) -> dict[str, Any]:
+    """Send all the traffic back to the stable revision; the canary's revision keeps why."""
+    _end_canary(app, name, "aborted", reason or "aborted", actor)
+    return wait_served(app, name) if wait else get_deployment(app, name)
 
 
 def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[str, Any]:
-    """Go back to the model version of an earlier revision (default: the one before current)."""
+    """Go back to the model version of an earlier live revision (default: the one before the
+    current). A running canary is aborted first: a rollback means 'back to known good'."""
     if to_revision is not None and to_revision < 1:
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
-    target = to_revision if to_revision is not None else dep["current_revision"] - 1
-    if target < 1:
-        raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
-    if target >= dep["current_revision"]:
-        raise InvalidInput(
-            f"--to-revision {target}: must be earlier than {dep['current_revision']}"
-        )
-    row = app.db.one(
-        "SELECT mv.version FROM deployment_revisions r "
-        "JOIN model_versions mv ON mv.id = r.model_version_id "
-        "WHERE r.deployment_id = ? AND r.revision = ?",
-        (dep["id"], target),
+    live = app.db.rows(
+        "SELECT r.revision, mv.version FROM deployment_revisions r "
+        "JOIN model_versions mv ON mv.id = r.model_version_id WHERE r.deployment_id = ? "
+        "AND r.revision < ? AND (r.action != 'canary' OR r.outcome = 'promoted') "
+        "ORDER BY r.revision DESC",
+        (dep["id"], dep["current_revision"]),
     )
-    if row is None:
-        raise NotFound(f"deployment {name!r} has no revision {target}")
-    mv = get_model_version(app, f"{dep['model']}@{row['version']}")
-    _add_revision(app, name, mv, "rollback")
-    dep = get_deployment(app, name)
-    _notify(app, dep)
-    return dep
+    if to_revision is None:
+        if not live:
+            raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
+        target = live[0]
+    else:
+        if to_revision >= dep["current_revision"]:
+            raise InvalidInput(
+                f"--to-revision {to_revision}: must be earlier than {dep['current_revision']}"
+            )
+        matches = [r for r in live if r["revision"] == to_revision]
+        if not matches:
+            raise NotFound(
+                f"deployment {name!r} has no revision {to_revision} that served traffic "
+                "(an aborted canary cannot be a rollback target)"
+            )
+        target = matches[0]
+    mv = get_model_version(app, f"{dep['model']}@{target['version']}")
+    if dep["canary_revision"] is not None:
+        _end_canary(app, name, "aborted", "rolled back", None)
+    return deploy(app, name, mv["ref"], action="rollback")
+
+
+def follow_alias_moved(
+    conn: sqlite3.Connection, model: str, alias: str, mv: dict[str, Any]
+) -> list[str]:
+    """In the alias move's transaction: a revision for each deployment that follows
+    `model@alias` (one with a canary running is left alone: the canary decides)."""
+    rows = conn.execute(
+        "SELECT d.id, d.name, d.canary_revision, r.model_version_id FROM deployments d "
+        "JOIN registered_models m ON m.id = d.model_id "
+        "JOIN deployment_revisions r ON r.deployment_id = d.id "
+        "AND r.revision = d.current_revision WHERE m.name = ? AND d.follow_alias = ?",
+        (model, alias),
+    ).fetchall()
+    moved = []
+    for dep_id, name, canary, current in rows:
+        if canary is None and current != mv["id"]:
+            _append_revision(conn, dep_id, name, mv, "follow", reason=f"{model}@{alias} moved")
+            moved.append(name)
+    return moved
 
 
 def start_deployment(
-    app: Appliance, name: str, host: str = "127.0.0.1", port: int = 0
+    app: Appliance,
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Start the deployment's server as a detached process and wait until it is ready; the
-    agent (started here if needed) restarts it if it dies."""
+    """Start the deployment's server as a detached process and wait until every worker is
+    ready; the agent (started here if needed) restarts it if it dies."""
     from appliance.core.agent import ensure_agent
 
     get_deployment(app, name)  # validates the name before it becomes a lock file name
+    if workers is not None:
+        _check_workers(workers)
+        if get_deployment(app, name)["status"] == "serving":
+            raise Conflict(f"deployment {name!r} is running; stop it to change its workers")
+        app.db.execute("UPDATE deployments SET workers = ? WHERE name = ?", (workers, name))
     with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
         dep = get_deployment(app, name)
         if dep["status"] != "serving":

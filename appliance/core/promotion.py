@@ -145,7 +145,7 @@ def evaluate_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> None:
     import numpy as np
 
     from appliance.config import load_settings
-    from appliance.core.serving import ModelRuntime
+    from appliance.core.inference import ModelRuntime
     from appliance.core.training import encode, evaluate, label_codes, load_columns
     from appliance.store.objects import open_object_store
 

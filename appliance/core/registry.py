@@ -65,7 +65,8 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return name, selector
 
 
-def _actor() -> str:
+def current_actor() -> str:
+    """Who is acting, for history rows: the login name."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -264,12 +265,19 @@ def set_alias(
                 before[0] if before else None,
                 target["id"],
                 now,
-                actor or _actor(),
+                actor or current_actor(),
                 reason,
                 json.dumps(report) if report is not None else None,
             ),
         )
-    return get_model_version(app, target["ref"])
+        from appliance.core.deployments import follow_alias_moved
+
+        followed = follow_alias_moved(conn, name, alias, target)
+    from appliance.core.deployments import wait_served
+
+    for deployment in followed:
+        wait_served(app, deployment)
+    return {**get_model_version(app, target["ref"]), "deployments_followed": followed}
 
 
 def remove_alias(
@@ -287,7 +295,7 @@ def remove_alias(
         conn.execute(
             "INSERT INTO alias_history (model_id, alias, from_version_id, version_id, "
             "changed_at, actor, reason) VALUES (?, ?, ?, NULL, ?, ?, ?)",
-            (model_id, alias, current["id"], utcnow(), _actor(), reason),
+            (model_id, alias, current["id"], utcnow(), current_actor(), reason),
         )
     return {"model": name, "alias": alias, "removed_from": current["version"]}
 

@@ -53,7 +53,17 @@ KINDS: dict[str, Kind] = {
         Kind(
             "deployments",
             ("deployment", "deploy", "dp", "d"),
-            ("name", "model", "model_version", "current_revision", "status", "url"),
+            (
+                "name",
+                "revision",
+                "model_version",
+                "canary",
+                "port",
+                "state",
+                "rps",
+                "p99_ms",
+                "error_rate",
+            ),
             deployments.list_deployments,
         ),
     )

@@ -322,6 +322,42 @@ def m007_registry_history(db: Any) -> None:
     )
 
 
+def m008_deployment_traffic(db: Any) -> None:
+    # Deployments gain worker processes, an alias to follow, a canary (a revision that gets a
+    # share of the traffic, with a rule that rolls it back) and a generation that every change
+    # of routing bumps, so a worker notices one with a one-row read. A revision records how a
+    # canary ended (promoted, aborted), why, and who acted.
+    conn = db.conn
+    (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
+    conn.execute("PRAGMA writable_schema = ON")
+    changed = conn.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) "
+        "WHERE type = 'table' AND name = 'deployment_revisions'",
+        ("IN ('deploy', 'rollback')", "IN ('deploy', 'rollback', 'canary', 'follow')"),
+    ).rowcount
+    conn.execute(f"PRAGMA schema_version = {int(schema_version) + 1}")
+    conn.execute("PRAGMA writable_schema = OFF")
+    if changed != 1:
+        raise sqlite3.DatabaseError(
+            "m008_deployment_traffic: the revisions table's action check was not found"
+        )
+    _run_script(
+        db,
+        """
+        ALTER TABLE deployments ADD COLUMN workers INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE deployments ADD COLUMN follow_alias TEXT;
+        ALTER TABLE deployments ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE deployments ADD COLUMN canary_revision INTEGER;
+        ALTER TABLE deployments ADD COLUMN canary_percent REAL;
+        ALTER TABLE deployments ADD COLUMN canary_rule TEXT;
+        ALTER TABLE deployments ADD COLUMN canary_window_s REAL;
+        ALTER TABLE deployment_revisions ADD COLUMN outcome TEXT;
+        ALTER TABLE deployment_revisions ADD COLUMN reason TEXT;
+        ALTER TABLE deployment_revisions ADD COLUMN actor TEXT
+        """,
+    )
+
+
 def _run_script(db: Any, script: str) -> None:
     # executescript() would COMMIT the migration's transaction first; run statements one by one.
     for statement in script.split(";\n"):
@@ -337,6 +373,7 @@ STEPS: list[Callable[[Any], None]] = [
     m005_process_identity,
     m006_cancel_request,
     m007_registry_history,
+    m008_deployment_traffic,
 ]
 
 
