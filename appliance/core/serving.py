@@ -545,15 +545,12 @@ def serve_worker(app: Appliance, name: str, fd: int) -> int:
         access_log=False,
         log_level="warning",
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,
         server_header=False,
         date_header=False,
     )
-    sock = socket.socket(fileno=fd)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        stop.set()
-        server.snapshot_path.unlink(missing_ok=True)
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+    stop.set()
     return 0
 
 
@@ -605,9 +602,13 @@ class _Workers:
 
     def __init__(self, app: Appliance, name: str, sock: socket.socket, count: int) -> None:
         self.app, self.name, self.sock, self.count = app, name, sock, count
+        self.directory = state_dir(app, name)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.failures = 0
         self.not_before = 0.0
+
+    def snapshot(self, proc: subprocess.Popen[bytes]) -> Path:
+        return self.directory / f"worker-{proc.pid}.json"
 
     def spawn(self) -> subprocess.Popen[bytes]:
         env = {
@@ -634,7 +635,7 @@ class _Workers:
         self.procs.append(proc)
         return proc
 
-    def wait_ready(self, directory: Path) -> None:
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + WORKER_READY_TIMEOUT
         while time.monotonic() < deadline:
             dead = [p for p in self.procs if p.poll() is not None]
@@ -643,16 +644,16 @@ class _Workers:
                     f"deployment {self.name}: a worker exited with code {dead[0].returncode} "
                     "while loading its model"
                 )
-            ready = {p.pid for p in self.procs if (directory / f"worker-{p.pid}.json").exists()}
+            ready = {p.pid for p in self.procs if self.snapshot(p).exists()}
             if len(ready) == len(self.procs):
                 return
             time.sleep(0.02)
         raise ApplianceError(f"deployment {self.name}: workers not ready after 60s")
 
-    def reap(self, directory: Path) -> None:
+    def reap(self) -> None:
         for proc in [p for p in self.procs if p.poll() is not None]:
             self.procs.remove(proc)
-            (directory / f"worker-{proc.pid}.json").unlink(missing_ok=True)
+            self.snapshot(proc).unlink(missing_ok=True)
             self.failures += 1
             self.not_before = time.monotonic() + min(30.0, 0.5 * 2 ** min(self.failures, 6))
             log.error("worker %s exited with code %s", proc.pid, proc.returncode)
@@ -671,6 +672,9 @@ class _Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            # uvicorn re-raises the SIGTERM after its graceful shutdown, so a worker does not
+            # get to clean up after itself
+            self.snapshot(proc).unlink(missing_ok=True)
 
 
 def judge_canary(app: Appliance, name: str, directory: Path) -> str | None:
@@ -728,7 +732,7 @@ def serve_deployment(app: Appliance, name: str, host: str = "127.0.0.1", port: i
     try:
         for _ in range(workers.count):
             workers.spawn()
-        workers.wait_ready(directory)
+        workers.wait_ready()
         bound_host, bound_port = sock.getsockname()[:2]
         app.db.execute(
             "UPDATE deployments SET host = ?, port = ?, pid = ?, status = 'serving', "
@@ -739,7 +743,7 @@ def serve_deployment(app: Appliance, name: str, host: str = "127.0.0.1", port: i
             "listening on http://%s:%s with %d worker(s)", bound_host, bound_port, workers.count
         )
         while not stop.wait(0.5):
-            workers.reap(directory)
+            workers.reap()
             try:
                 judge_canary(app, name, directory)
             except Exception:
