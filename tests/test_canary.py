@@ -19,6 +19,7 @@ from appliance.core.context import Appliance
 from appliance.core.quickstart import sample_rows
 from appliance.core.traffic import BOUNDS, Window, merge, parse_rule, quantile, window
 from appliance.errors import Conflict, InvalidInput, NotFound
+from tests.clients import predict
 
 
 @pytest.fixture(scope="module")
@@ -29,29 +30,6 @@ def app(trained_home: Path) -> Iterator[Appliance]:
         if dep["state"] == "serving":
             deployments.stop_deployment(appliance, dep["name"])
     appliance.close()
-
-
-def predict(url: str, request_id: str | None = None, version: int | None = None) -> str:
-    """The model version that answered one prediction."""
-    features, rows = sample_rows(1)
-    inputs = [
-        {
-            "name": f,
-            "shape": [1],
-            "datatype": "BYTES" if isinstance(v, str) else "FP64",
-            "data": [v],
-        }
-        for f, v in zip(features, rows[0], strict=True)
-    ]
-    body: dict[str, Any] = {"inputs": inputs}
-    if request_id is not None:
-        body["id"] = request_id
-    path = f"/v2/models/churn/versions/{version}/infer" if version else "/v2/models/churn/infer"
-    request = urllib.request.Request(
-        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["model_version"]
 
 
 def until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -97,8 +75,10 @@ def test_canary_splits_sticky_counts_apart_and_promotes(app: Appliance) -> None:
         (2, "canary", "promoted"),
     ]
     assert history[1]["reason"] == "looks good" and history[1]["actor"]
-    with pytest.raises(Conflict, match="no canary"):
+    with pytest.raises(Conflict, match="no canary to promote"):
         deployments.promote_canary(app, "canary-a")
+    with pytest.raises(Conflict, match="no canary to abort"):
+        deployments.abort_canary(app, "canary-a")
     deployments.stop_deployment(app, "canary-a")
 
 
@@ -175,6 +155,9 @@ def test_follow_alias_deploys_when_the_alias_moves(app: Appliance) -> None:
     assert "churn@staging moved" in last["reason"]
     with pytest.raises(InvalidInput, match="names a version"):
         deployments.deploy_model(app, "churn/1", "follower", follow_alias=True)
+    pinned = deployments.deploy_model(app, "churn/1", "follower")  # pinned by hand
+    assert pinned["follow_alias"] is None and pinned["model_version"] == 1
+    assert registry.set_alias(app, "churn", "staging", 1)["deployments_followed"] == []
     deployments.stop_deployment(app, "follower")
 
 
@@ -195,9 +178,10 @@ def test_every_worker_serves_the_new_revision_when_deploy_returns(app: Appliance
     assert not list((app.settings.home / "run" / "deployments" / "multi").glob("worker-*"))
 
 
-def test_deployments_list_shows_revision_version_port_state_and_traffic(app: Appliance) -> None:
-    from appliance.cli.main import main
-
+def test_deployments_list_shows_revision_version_port_state_and_traffic(
+    app: Appliance,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
     dep = deployments.create_deployment(app, "listed", "churn@1")
     for i in range(40):
         predict(dep["url"], request_id=str(i))
@@ -211,7 +195,12 @@ def test_deployments_list_shows_revision_version_port_state_and_traffic(app: App
     assert row["revision"] == 1 and row["model_version"] == 1 and row["state"] == "serving"
     assert row["port"] == dep["port"] and row["url"] == dep["url"]
     assert row["rps"] > 0 and row["p99_ms"] > 0 and row["error_rate"] == 0
-    assert main(["deployments", "list", "--home", str(app.settings.home)]) == 0
+    listed = cli("deployments", "list", "--json", "--home", str(app.settings.home))
+    assert listed.code == 0, listed.err
+    row = next(r for r in listed.json() if r["name"] == "listed")
+    assert {"name", "url", "revision", "model_version", "state", "rps", "p99_ms"} <= set(row)
+    table = cli("deployments", "list", "--home", str(app.settings.home))
+    assert "P99_MS" in table.out.upper() and "listed" in table.out
     deployments.stop_deployment(app, "listed")
 
 

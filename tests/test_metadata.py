@@ -59,6 +59,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m005_process_identity",
         "m006_cancel_request",
         "m007_registry_history",
+        "m008_deployment_traffic",
     ]
     again.close()
 

@@ -153,7 +153,11 @@ def _append_revision(
     return int(revision)
 
 
-def _locked_deployment(conn: sqlite3.Connection, name: str) -> sqlite3.Row | tuple[Any, ...]:
+def _locked_deployment(
+    conn: sqlite3.Connection, name: str, mv: dict[str, Any] | None = None
+) -> tuple[int, int | None, int]:
+    """(id, canary revision, current revision) inside the caller's transaction; with `mv`,
+    checks that the version belongs to the deployment's model."""
     row = conn.execute(
         "SELECT d.id, m.name, d.canary_revision, d.current_revision FROM deployments d "
         "JOIN registered_models m ON m.id = d.model_id WHERE d.name = ?",
@@ -161,7 +165,9 @@ def _locked_deployment(conn: sqlite3.Connection, name: str) -> sqlite3.Row | tup
     ).fetchone()
     if row is None:
         raise NotFound(f"deployment {name!r} not found")
-    return row
+    if mv is not None and row[1] != mv["model"]:
+        raise InvalidInput(f"deployment {name!r} serves model {row[1]!r}, not {mv['model']!r}")
+    return row[0], row[2], row[3]
 
 
 def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
@@ -241,6 +247,10 @@ def deploy_model(
         )
     if follow_alias:
         _set_follow(app, name, ref_alias)
+    elif canary is None:
+        followed = app.db.scalar("SELECT follow_alias FROM deployments WHERE name = ?", (name,))
+        if followed is not None and ref_alias != followed:
+            _set_follow(app, name, None)  # pinned by hand: the alias no longer decides
     if canary is not None:
         return deploy_canary(app, name, model_ref, canary, auto_rollback, window)
     if auto_rollback is not None:
@@ -296,9 +306,7 @@ def deploy(app: Appliance, name: str, model_ref: str, action: str = "deploy") ->
     """Serve another version of the deployment's model as a new revision."""
     mv = _deployable(app, model_ref)
     with app.db.transaction() as conn:
-        dep_id, model, canary, _ = _locked_deployment(conn, name)
-        if model != mv["model"]:
-            raise InvalidInput(f"deployment {name!r} serves model {model!r}, not {mv['model']!r}")
+        dep_id, canary, _ = _locked_deployment(conn, name, mv)
         if canary is not None:
             raise Conflict(
                 f"deployment {name!r} has canary revision {canary}: "
@@ -330,9 +338,7 @@ def deploy_canary(
         raise InvalidInput(f"--window {window}: between 1s and {MAX_CANARY_WINDOW / 60:.0f}m")
     mv = _deployable(app, model_ref)
     with app.db.transaction() as conn:
-        dep_id, model, canary, current = _locked_deployment(conn, name)
-        if model != mv["model"]:
-            raise InvalidInput(f"deployment {name!r} serves model {model!r}, not {mv['model']!r}")
+        dep_id, canary, current = _locked_deployment(conn, name, mv)
         if canary is not None:
             raise Conflict(f"deployment {name!r} already has canary revision {canary}")
         stable = conn.execute(
@@ -363,9 +369,10 @@ def _end_canary(
     app: Appliance, name: str, outcome: str, reason: str | None, actor: str | None
 ) -> int:
     with app.db.transaction() as conn:
-        dep_id, _, canary, _ = _locked_deployment(conn, name)
+        dep_id, canary, _ = _locked_deployment(conn, name)
         if canary is None:
-            raise Conflict(f"deployment {name!r} has no canary to {outcome[:-2].rstrip('e')}")
+            verb = {"promoted": "promote", "aborted": "abort"}[outcome]
+            raise Conflict(f"deployment {name!r} has no canary to {verb}")
         conn.execute(
             "UPDATE deployment_revisions SET outcome = ?, reason = coalesce(?, reason), "
             "actor = ? WHERE deployment_id = ? AND revision = ?",

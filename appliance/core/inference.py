@@ -52,6 +52,7 @@ class ModelRuntime:
         self.labels = list(signature.get("labels") or [])
         self.feature_names = [f["name"] for f in self.features]
         self._positions = {name: j for j, name in enumerate(self.feature_names)}
+        self.has_categories = any(f["type"] == "category" for f in self.features)
         self._categories = {
             f["name"]: {c: i for i, c in enumerate(f["categories"])}
             for f in self.features
@@ -147,10 +148,18 @@ class ModelRuntime:
                 )
         return out
 
-    def matrix(self, columns: dict[str, Any]) -> Any:
-        """Validated feature columns as the float64 matrix the model takes."""
+    def matrix(self, columns: Any) -> Any:
+        """Validated feature columns (or an [N, F] float64 array in the signature's column
+        order) as the float64 matrix the model takes."""
         import numpy as np
 
+        if isinstance(columns, np.ndarray):  # one numeric [N, F] tensor: checked as a whole
+            if not np.isfinite(columns).all() and np.isinf(columns).any():
+                row, col = (int(i[0]) for i in np.nonzero(np.isinf(columns)))
+                raise RequestError(
+                    400, f"feature {self.feature_names[col]!r} row {row}: out of range"
+                )
+            return columns
         missing = [n for n in self.feature_names if n not in columns]
         if missing:
             raise RequestError(400, f"missing feature column(s): {', '.join(missing)}")
@@ -241,7 +250,7 @@ def _decode_binary(name: str, datatype: str, shape: list[int], chunk: bytes) -> 
             f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
             f"got {len(chunk)}",
         )
-    return np.frombuffer(chunk, dtype=dtype).astype(np.float64)
+    return np.frombuffer(chunk, dtype=dtype).astype(np.float64, copy=False)
 
 
 def encode_binary_outputs(response: dict[str, Any]) -> tuple[bytes, int]:
@@ -363,6 +372,8 @@ def parse_v2_request(
                 f"input {name!r}: not a feature name; a single tensor must have shape "
                 f"[N, {width}] with columns {runtime.feature_names}",
             )
+        if hasattr(data, "reshape") and not runtime.has_categories:
+            return data.reshape(-1, width), _output_names(body)  # no per-column pass
         for j, feature in enumerate(runtime.feature_names):
             columns[feature] = data[j::width]
     else:
@@ -372,6 +383,11 @@ def parse_v2_request(
             if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
                 raise RequestError(400, f"input {name!r}: shape must be [N] or [N, 1]")
             columns[name] = data
+    return columns, _output_names(body)
+
+
+def _output_names(body: dict[str, Any]) -> list[str]:
+    """The outputs a V2 request asks for (default: all, which is `predict`)."""
     requested = body.get("outputs")
     names = [PREDICT_OUTPUT]
     if requested is not None:
@@ -388,7 +404,7 @@ def parse_v2_request(
             raise RequestError(
                 400, f"unknown output(s) {unknown}; this model has {PREDICT_OUTPUT!r}"
             )
-    return columns, names
+    return names
 
 
 def parse_invocations(body: Any, runtime: ModelRuntime) -> dict[str, list[Any]]:

@@ -246,21 +246,7 @@ def m004_job_queue(db: Any) -> None:
     # the job process's own pid (its process group is what cancel and timeout kill), and the
     # final state 'timed_out'. 'lost' is no longer produced: a job whose process vanished is
     # reconciled to 'failed' (or queued again while retries remain).
-    #
-    # Adding a value to the state CHECK uses SQLite's documented writable_schema procedure for
-    # schema changes that leave stored rows valid; rebuilding the table instead would trip the
-    # foreign key from runs.job_id inside the migration's transaction.
-    conn = db.conn
-    (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
-    conn.execute("PRAGMA writable_schema = ON")
-    changed = conn.execute(
-        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' AND name = 'jobs'",
-        ("'cancelled', 'lost')", "'cancelled', 'lost', 'timed_out')"),
-    ).rowcount
-    conn.execute(f"PRAGMA schema_version = {int(schema_version) + 1}")
-    conn.execute("PRAGMA writable_schema = OFF")
-    if changed != 1:
-        raise sqlite3.DatabaseError("m004_job_queue: the jobs table's state check was not found")
+    _widen_check(db, "jobs", "'cancelled', 'lost')", "'cancelled', 'lost', 'timed_out')")
     _run_script(
         db,
         """
@@ -327,20 +313,12 @@ def m008_deployment_traffic(db: Any) -> None:
     # share of the traffic, with a rule that rolls it back) and a generation that every change
     # of routing bumps, so a worker notices one with a one-row read. A revision records how a
     # canary ended (promoted, aborted), why, and who acted.
-    conn = db.conn
-    (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
-    conn.execute("PRAGMA writable_schema = ON")
-    changed = conn.execute(
-        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) "
-        "WHERE type = 'table' AND name = 'deployment_revisions'",
-        ("IN ('deploy', 'rollback')", "IN ('deploy', 'rollback', 'canary', 'follow')"),
-    ).rowcount
-    conn.execute(f"PRAGMA schema_version = {int(schema_version) + 1}")
-    conn.execute("PRAGMA writable_schema = OFF")
-    if changed != 1:
-        raise sqlite3.DatabaseError(
-            "m008_deployment_traffic: the revisions table's action check was not found"
-        )
+    _widen_check(
+        db,
+        "deployment_revisions",
+        "IN ('deploy', 'rollback')",
+        "IN ('deploy', 'rollback', 'canary', 'follow')",
+    )
     _run_script(
         db,
         """
@@ -356,6 +334,23 @@ def m008_deployment_traffic(db: Any) -> None:
         ALTER TABLE deployment_revisions ADD COLUMN actor TEXT
         """,
     )
+
+
+def _widen_check(db: Any, table: str, old: str, new: str) -> None:
+    """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
+    writable_schema procedure for a change that leaves every stored row valid (rebuilding the
+    table would trip foreign keys inside the migration's transaction)."""
+    conn = db.conn
+    (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
+    conn.execute("PRAGMA writable_schema = ON")
+    changed = conn.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' AND name = ?",
+        (old, new, table),
+    ).rowcount
+    conn.execute(f"PRAGMA schema_version = {int(schema_version) + 1}")
+    conn.execute("PRAGMA writable_schema = OFF")
+    if changed != 1:
+        raise sqlite3.DatabaseError(f"migration: the check {old!r} in table {table} was not found")
 
 
 def _run_script(db: Any, script: str) -> None:

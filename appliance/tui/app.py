@@ -77,6 +77,7 @@ class ApplianceApp(App[None]):
         Binding("j", "jobs", "Jobs"),
         Binding("e", "runs", "Runs"),
         Binding("m", "models", "Models"),
+        Binding("s", "deployments", "Serving"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -214,7 +215,17 @@ class ApplianceApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The dashboard's own actions mean nothing on a pushed screen (the Data screen).
         if (
-            action in ("prompt", "clear_prompt", "data", "jobs", "runs", "models", "refresh")
+            action
+            in (
+                "prompt",
+                "clear_prompt",
+                "data",
+                "jobs",
+                "runs",
+                "models",
+                "deployments",
+                "refresh",
+            )
             and len(self.screen_stack) > 1
         ):
             return False
@@ -240,6 +251,11 @@ class ApplianceApp(App[None]):
 
         self.push_screen(ModelsScreen(self.ctx))
 
+    def action_deployments(self) -> None:
+        from appliance.tui.deployments import DeploymentsScreen
+
+        self.push_screen(DeploymentsScreen(self.ctx))
+
     @on(DataTable.RowSelected, "#table")
     def _on_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a row opens its kind's own screen (k9s's drill-down)."""
@@ -251,6 +267,8 @@ class ApplianceApp(App[None]):
             self.action_data()
         elif self.kind == "models":
             self.action_models()
+        elif self.kind == "deployments":
+            self.action_deployments()
 
     def action_refresh(self) -> None:
         self.refresh_resources()
