@@ -1,9 +1,8 @@
 """A small closed-loop HTTP/1.1 load generator: N keep-alive connections, each sending the next
 request as soon as the previous answer is read (wrk's model), over asyncio.
 
-It is used by the serving benchmark and by the load test; it talks to 127.0.0.1 only. Each
-answer is checked: a status other than 200, a dropped connection or a body without the expected
-marker counts as a failure. `answered_by` collects which model version answered, in order.
+It is used by the serving benchmark and by the load test; it talks to 127.0.0.1 only. A status
+other than 200 or a dropped connection counts as a failure (the first few are kept in `errors`).
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-_VERSION = re.compile(rb'"model_version":"?([0-9]+)')
-
 
 @dataclass
 class LoadResult:
@@ -23,7 +20,6 @@ class LoadResult:
     failures: int = 0
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
-    answered_by: list[tuple[float, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -49,7 +45,6 @@ async def _connection(
     request: Callable[[], bytes],
     stop: Callable[[], bool],
     result: LoadResult,
-    track_versions: bool,
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -75,11 +70,6 @@ async def _connection(
                 result.failures += 1
                 if len(result.errors) < 20:
                     result.errors.append(f"{status}: {body[:200]!r}")
-            elif track_versions:
-                found = _VERSION.search(body)
-                result.answered_by.append(
-                    (time.perf_counter(), found.group(1).decode() if found else "?")
-                )
     finally:
         writer.close()
 
@@ -89,7 +79,6 @@ async def _run(
     request: Callable[[], bytes],
     connections: int,
     seconds: float,
-    track_versions: bool,
     during: Callable[[], None] | None,
 ) -> LoadResult:
     result = LoadResult()
@@ -101,8 +90,7 @@ async def _run(
 
     started = time.perf_counter()
     tasks = [
-        asyncio.create_task(_connection(port, request, stop, result, track_versions))
-        for _ in range(connections)
+        asyncio.create_task(_connection(port, request, stop, result)) for _ in range(connections)
     ]
     if during is not None:  # e.g. deploy/rollback cycles, run in a thread beside the load
         await asyncio.to_thread(during)
@@ -117,7 +105,6 @@ def run_load(
     request: bytes | Callable[[], bytes],
     connections: int = 8,
     seconds: float = 10.0,
-    track_versions: bool = False,
     during: Callable[[], None] | None = None,
 ) -> LoadResult:
     """Closed-loop load on 127.0.0.1:port for `seconds` (or until `during` returns)."""
@@ -125,6 +112,6 @@ def run_load(
     try:
         import uvloop
 
-        return uvloop.run(_run(port, make, connections, seconds, track_versions, during))
+        return uvloop.run(_run(port, make, connections, seconds, during))
     except ImportError:
-        return asyncio.run(_run(port, make, connections, seconds, track_versions, during))
+        return asyncio.run(_run(port, make, connections, seconds, during))

@@ -136,7 +136,7 @@ def main() -> int:
         path = "/v2/models/bench/infer"
         try:
             single = http_request(path, v2_body(batch[:1]))
-            warm = run_load(port, single, connections=1, seconds=2)
+            run_load(port, single, connections=1, seconds=min(2, args.seconds))  # warm-up
             unloaded = run_load(port, single, connections=1, seconds=min(5, args.seconds))
             loaded = run_load(port, single, args.connections, args.seconds)
             json_batch = run_load(
@@ -148,7 +148,6 @@ def main() -> int:
             )
 
             swaps: list[float] = []
-            stale: list[int] = []
 
             def cycles() -> None:
                 for i in range(args.cycles * 2):
@@ -161,12 +160,12 @@ def main() -> int:
                     swaps.append(time.perf_counter() - started)
                     time.sleep(0.1)
 
-            cycled = run_load(
-                port, single, args.connections, 600, track_versions=True, during=cycles
-            )
-            del warm, stale
+            cycled = run_load(port, single, args.connections, 600, during=cycles)
         finally:
+            from appliance.core.agent import stop_agent
+
             deployments.stop_deployment(app, "bench")
+            stop_agent(app)  # the home is about to be deleted
             app.close()
 
     def ms(seconds: float) -> str:

@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
             ["--rows", "5000", "--starts", "2", "--points", "2000", "--repeat", "1"],
             "job start latency",
         ),
+        (
+            "serving.py",
+            ["--seconds", "1", "--cycles", "2", "--rows", "3000"],
+            "deploy/rollback cycles under load",
+        ),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:
