@@ -196,9 +196,11 @@ def main() -> int:
         f"{cycled.failures} failed; swap (command to every worker serving) median "
         f"{ms(statistics.median(swaps))}, max {ms(max(swaps))}"
     )
-    if cycled.errors or loaded.errors:
-        print("errors:", (cycled.errors + loaded.errors)[:5])
-    return 0 if cycled.failures == 0 and loaded.failures == 0 else 1
+    errors = [e for r in (unloaded, loaded, json_batch, bin_batch, cycled) for e in r.errors]
+    if errors:
+        print("errors:", errors[:5])
+    failed = sum(r.failures for r in (unloaded, loaded, json_batch, bin_batch, cycled))
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from appliance.core import deployments, registry
 from appliance.core.context import Appliance
 from appliance.core.quickstart import sample_rows
 from appliance.core.traffic import BOUNDS, Window, merge, parse_rule, quantile, window
-from appliance.errors import Conflict, InvalidInput, NotFound
+from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from tests.clients import predict
 
 
@@ -211,7 +212,13 @@ def test_a_100_mb_body_is_refused_before_it_is_read(app: Appliance) -> None:
             b"POST /v2/models/churn/infer HTTP/1.1\r\nHost: x\r\n"
             b"Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n" + b"{" * 65536
         )
-        answer = sock.recv(65536).decode()
+        answer = b""
+        while b"byte limit" not in answer:  # the head and the body may come apart
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode()
     assert answer.startswith("HTTP/1.1 413") and "byte limit" in answer
     assert predict(dep["url"]) == "1"  # and it keeps serving
     deployments.stop_deployment(app, "big")
@@ -233,7 +240,7 @@ def test_rules_windows_and_quantiles() -> None:
         "codes": {"200": 10},
         "hist": hist,
         "sum": 0.009,
-        "seconds": {str(now - 1): [10, 1, *hist], str(now): [10, 0, *hist]},
+        "seconds": {str(now - 1): [10, 1, 0, *hist], str(now): [10, 0, 0, *hist]},
     }
     merged = merge([{"traffic": {"series": [series]}}, {"traffic": {"series": [series]}}])
     stats = window(merged, 10, role="canary", now=now)
@@ -272,7 +279,8 @@ def test_rollback_under_load_loses_no_request(app: Appliance) -> None:
     deployments.stop_deployment(app, "loaded")
     assert result.failures == 0, result.errors[:5]
     assert result.requests > 200 and not wrong, wrong
-    assert len(swaps) == 40 and max(swaps) < 2.0, swaps  # the benchmark reports the real figure
+    # each command returned within 100 ms, and the next request already got the target
+    assert len(swaps) == 40 and max(swaps) < 0.1, sorted(swaps)[-5:]
     history = deployments.list_revisions(app, "loaded")
     assert len(history) == 41 and history[-1]["action"] == "rollback"
 
@@ -294,3 +302,122 @@ def test_a_crashed_worker_is_replaced(app: Appliance) -> None:
     assert {predict(dep["url"]) for _ in range(10)} == {"1"}
     assert deployments.get_deployment(app, "phoenix")["pid"] == dep["pid"]  # same supervisor
     deployments.stop_deployment(app, "phoenix")
+
+
+@contextmanager
+def damaged(app: Appliance, ref: str) -> Iterator[None]:
+    """The model file of `ref` altered on disk (its sha256 no longer matches) for a while."""
+    sha = registry.get_model_version(app, ref)["sha256"]
+    path = app.settings.objects_dir / "sha256" / sha[:2] / sha
+    original = path.read_bytes()
+    path.write_bytes(original[:-10] + b"0123456789")
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def _state(app: Appliance, name: str) -> tuple[Any, ...]:
+    dep = deployments.get_deployment(app, name)
+    keys = ("current_revision", "canary_revision", "follow_alias", "generation")
+    return (*(dep[k] for k in keys), len(deployments.list_revisions(app, name)))
+
+
+def test_refused_commands_change_nothing_and_the_current_revision_keeps_serving(
+    app: Appliance,
+) -> None:
+    registry.set_alias(app, "churn", "blue", 1)
+    dep = deployments.deploy_model(app, "churn@blue", "refuse", follow_alias=True)
+    url = dep["url"]
+    with damaged(app, "churn/2"):
+        before = _state(app, "refuse")
+        with pytest.raises(ApplianceError, match="corrupted"):
+            deployments.deploy_model(app, "churn/2", "refuse")  # would also unpin
+        with pytest.raises(Conflict, match="churn@blue not moved: deployment"):
+            registry.set_alias(app, "churn", "blue", 2)
+        assert registry.get_model_version(app, "churn@blue")["version"] == 1
+        assert _state(app, "refuse") == before and predict(url) == "1"
+    deployments.deploy_model(app, "churn/2", "refuse")  # revision 2 (and pinned)
+    deployments.rollback(app, "refuse")  # revision 3 serves version 1
+    deployments.deploy_model(app, "churn/2", "refuse", canary=20)  # revision 4
+    with damaged(app, "churn/2"):
+        before = _state(app, "refuse")
+        with pytest.raises(ApplianceError, match="corrupted"):
+            deployments.rollback(app, "refuse")  # to revision 2; it would abort the canary too
+        assert _state(app, "refuse") == before
+    assert deployments.abort_canary(app, "refuse", expected=99)["canary_revision"] is not None
+    with pytest.raises(Conflict, match="is served by deployment"):
+        registry.archive_version(app, "churn/2")  # the canary serves it
+    with pytest.raises(InvalidInput, match="--workers 0"):
+        deployments.deploy_model(app, "churn/1", "fresh-name", workers=0)
+    with pytest.raises(InvalidInput, match="--window: only with --canary"):
+        deployments.deploy_model(app, "churn/1", "refuse", window="30s")
+    with pytest.raises(InvalidInput, match="must not contain"):
+        deployments.traffic(app, "../../etc")
+    with pytest.raises(ApplianceError, match="not found"):
+        deployments.traffic(app, "nowhere")
+    deployments.abort_canary(app, "refuse")
+    revisions = len(deployments.list_revisions(app, "refuse"))
+    deployments.deploy(app, "refuse", "churn/1")  # already served: nothing to add
+    assert len(deployments.list_revisions(app, "refuse")) == revisions
+    deployments.stop_deployment(app, "refuse")
+
+
+def test_a_moving_alias_ends_a_canary_on_a_follower_and_a_hand_deploy_pins(
+    app: Appliance,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    registry.set_alias(app, "churn", "green", 1)
+    dep = deployments.deploy_model(app, "churn@green", "greenie", follow_alias=True)
+    deployments.deploy_model(app, "churn/2", "greenie", canary=50)
+    assert registry.set_alias(app, "churn", "green", 2)["deployments_followed"] == ["greenie"]
+    now = deployments.get_deployment(app, "greenie")
+    assert now["canary_revision"] is None and now["model_version"] == 2
+    history = deployments.list_revisions(app, "greenie")
+    assert [(h["action"], h["outcome"]) for h in history[-2:]] == [
+        ("canary", "aborted"),
+        ("follow", None),
+    ]
+    assert "churn@green moved to churn@2" in history[-1]["reason"]
+    home = ["--home", str(app.settings.home)]
+    pinned = cli("deployments", "deploy", "greenie", "--model", "churn/1", "--json", *home)
+    assert pinned.code == 0, pinned.err
+    assert pinned.json()["follow_alias"] is None and predict(dep["url"]) == "1"
+    deployments.stop_deployment(app, "greenie")
+
+
+def test_a_worker_restarted_on_a_damaged_current_version_serves_the_previous_one(
+    app: Appliance,
+) -> None:
+    import os
+    import signal
+
+    dep = deployments.create_deployment(app, "survivor", "churn@1")
+    deployments.deploy(app, "survivor", "churn@2")
+    directory = app.settings.home / "run" / "deployments" / "survivor"
+    with damaged(app, "churn/2"):
+        (first,) = directory.glob("worker-*.json")
+        os.kill(int(first.stem.split("-")[1]), signal.SIGKILL)  # comes back on a broken file
+        until(lambda: [p for p in directory.glob("worker-*.json") if p != first], timeout=20)
+        assert predict(dep["url"]) == "1"  # the last live version, not nothing
+        with pytest.raises(ApplianceError, match="did not adopt"):
+            deployments.wait_served(app, "survivor", timeout=1)  # and it says it is behind
+    deployments.deploy(app, "survivor", "churn@1")  # an explicit fix: adopted at once
+    assert predict(dep["url"]) == "1"
+    deployments.stop_deployment(app, "survivor")
+
+
+def test_client_and_server_errors_are_counted_apart() -> None:
+    from appliance.core.traffic import TrafficStats
+
+    stats = TrafficStats()
+    for status in (200, 200, 404, 500):
+        stats.observe(3, "canary", status, 0.001)
+    merged = merge([{"traffic": stats.snapshot()}])
+    got = window(merged, 10, role="canary", now=time.time() + 1)
+    assert (got.requests, got.errors, got.client_errors) == (4, 1, 1)
+    assert got.error_rate == 0.25 and got.client_error_rate == 0.25
+    assert parse_rule("client_error_rate > 0.1").terms == (("client_error_rate", ">", 0.1),)
+    assert (
+        window(merged, 10, role="canary", now=time.time() + 1, since=time.time() + 5).requests == 0  # noqa: E501
+    )

@@ -76,6 +76,22 @@ def test_the_request_body_limit_is_configurable(
             urllib.request.urlopen(request, timeout=10)
         assert caught.value.code == 413
         assert "1024-byte limit" in json.loads(caught.value.read())["error"]
+        # chunked: no Content-Length to refuse up front, so the limit applies while reading
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.request(
+            "POST",
+            parts.path,
+            body=iter([body[:600], body[600:1200], body[1200:]]),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
+        response = conn.getresponse()
+        assert response.status == 413 and b"1024-byte limit" in response.read()
+        conn.close()
     finally:
         cli("deployments", "stop", "churn", *home)
 

@@ -113,11 +113,11 @@ def test_v2_nested_data_and_single_matrix_tensor(served, sample) -> None:  # typ
         tensor["data"] = [[v] for v in tensor["data"]]
     status, body = call(f"{dep['url']}/v2/models/churn/infer", {"inputs": nested})
     assert status == 200 and body["outputs"][0]["data"] == flat["outputs"][0]["data"]
-    matrix = {
+    matrix = {  # one BYTES tensor for mixed columns: V2 BYTES hold text, numbers too
         "name": "input-0",
         "shape": [len(rows), len(features)],
         "datatype": "BYTES",
-        "data": rows,
+        "data": [[str(v) for v in row] for row in rows],
     }
     status, body = call(f"{dep['url']}/v2/models/churn/infer", {"inputs": [matrix]})
     assert status == 200 and body["outputs"][0]["data"] == flat["outputs"][0]["data"]
@@ -451,3 +451,43 @@ def test_version_and_prometheus_metrics(served, sample) -> None:  # type: ignore
     assert ok in text and bad in text
     assert "# TYPE appliance_request_seconds histogram" in text
     assert 'le="+Inf"' in text and "appliance_request_seconds_count" in text
+
+
+def test_types_are_checked_against_the_signature_and_the_datatype(served, sample) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    features, rows = sample
+    infer = f"{dep['url']}/v2/models/churn/infer"
+    category = next(f for j, f in enumerate(features) if isinstance(rows[0][j], str))
+    numeric = next(f for j, f in enumerate(features) if not isinstance(rows[0][j], str))
+    inputs = v2_inputs(features, rows)
+
+    def replaced(name: str, **change: Any) -> list[dict[str, Any]]:
+        return [{**t, **change} if t["name"] == name else t for t in inputs]
+
+    cases = [
+        (replaced(category, datatype="FP64", data=[1.5] * 4), f"feature {category!r} row 0"),
+        (replaced(category, datatype="BYTES", data=[7] * 4), "datatype BYTES but element 0"),
+        (replaced(numeric, datatype="INT8", data=[1000] * 4), "not a INT8"),
+        (replaced(numeric, datatype="INT64", data=[1.5] * 4), "not a INT64"),
+        (replaced(numeric, datatype="FP16", data=[1e6] * 4), "out of range for FP16"),
+        (replaced(numeric, datatype="FP64", data=[True] * 4), "datatype FP64 but element 0"),
+    ]
+    for tensors, needle in cases:
+        code, body = call(infer, {"inputs": tensors})
+        assert code == 400 and needle in body["error"], (needle, body)
+    # one numeric [N, F] tensor for a model with category features: the categories are wrong
+    matrix = [[0.0] * len(features) for _ in rows]
+    tensor = {"name": "m", "shape": [len(rows), len(features)], "datatype": "FP64", "data": matrix}
+    code, body = call(infer, {"inputs": [tensor]})
+    assert code == 400 and "expected a category" in body["error"]
+    # unseen levels are missing values (as LightGBM treats them), not errors
+    assert call(infer, {"inputs": replaced(category, data=["never-seen"] * 4)})[0] == 200
+
+
+def test_health_aliases_and_a_huge_csv_field(served) -> None:  # type: ignore[no-untyped-def]
+    _, dep = served
+    for path in ("/ping", "/health", "/v2/health/ready", "/v2/health/live"):
+        assert call(dep["url"] + path, method="GET")[0] == 200, path
+    huge = b"a,b\n" + b"x" * 200_000 + b",1\n"
+    code, body = call(f"{dep['url']}/invocations", raw=huge, headers={"Content-Type": "text/csv"})
+    assert code == 400 and "CSV body" in body["error"]

@@ -1277,10 +1277,10 @@ def deployments_create(app: Any, as_json: bool, name: str, model_ref: str, no_st
 @click.argument("name")
 @click.option("--model", "model_ref", required=True, help="NAME@VERSION or NAME@ALIAS.")
 def deployments_deploy(app: Any, as_json: bool, name: str, model_ref: str) -> None:
-    """Serve another model version as a new revision."""
-    from appliance.core.deployments import deploy
+    """Serve another model version as a new revision (as `appliance deploy REF --name`)."""
+    from appliance.core.deployments import deploy_model
 
-    emit(deploy(app, name, model_ref), as_json)
+    emit(deploy_model(app, model_ref, name), as_json)
 
 
 @command(deployments_group, "rollback")

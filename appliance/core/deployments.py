@@ -63,6 +63,7 @@ def traffic(app: Appliance, name: str, seconds: float | None = None) -> dict[str
     from appliance.core.serving import state_dir
     from appliance.core.traffic import LIVE_WINDOW, merge, read_snapshots, window
 
+    get_deployment(app, name)  # validates the name before it becomes a path
     merged = merge(s for s in read_snapshots(state_dir(app, name)) if alive(int(s.get("pid") or 0)))
     span = seconds or LIVE_WINDOW
     return {
@@ -205,6 +206,9 @@ def wait_served(app: Appliance, name: str, timeout: float = SERVED_TIMEOUT) -> d
         time.sleep(0.005)
 
 
+_KEEP = object()  # deploy(): leave the deployment's follow_alias as it is
+
+
 def deploy_model(
     app: Appliance,
     model_ref: str,
@@ -219,11 +223,19 @@ def deploy_model(
 ) -> dict[str, Any]:
     """`appliance deploy REF --name NAME`: create the deployment (revision 1) on HOST:PORT
     (default 127.0.0.1, a free port) with N workers, or add the next revision to it; with
-    `canary`, the new revision takes that percentage of the traffic until promoted."""
+    `canary`, the new revision takes that percentage of the traffic until promoted. Every
+    option is checked before anything is written."""
     model, selector = parse_ref(model_ref)
     ref_alias = selector if selector and not selector.isdigit() else None
     if follow_alias and ref_alias is None:
         raise InvalidInput(f"--follow-alias: {model_ref!r} names a version, not NAME@ALIAS")
+    if canary is None and (auto_rollback is not None or window is not None):
+        flag = "--auto-rollback" if auto_rollback is not None else "--window"
+        raise InvalidInput(f"{flag}: only with --canary (it judges the canary)")
+    if follow_alias and canary is not None:
+        raise InvalidInput(
+            "--follow-alias with --canary: the alias or the canary decides, not both"
+        )
     name = name or model
     if app.db.one("SELECT 1 FROM deployments WHERE name = ?", (name,)) is None:
         if canary is not None:
@@ -237,7 +249,7 @@ def deploy_model(
             model_ref,
             host=host or "127.0.0.1",
             port=port or 0,
-            workers=workers or 1,
+            workers=1 if workers is None else workers,
             follow_alias=ref_alias if follow_alias else None,
         )
     if host is not None or port is not None or workers is not None:
@@ -245,24 +257,17 @@ def deploy_model(
             f"deployment {name!r} exists and keeps its address and workers; to change them: "
             f"'deployments stop {name}' then 'deployments start {name} --port P --workers N'"
         )
-    if follow_alias:
-        _set_follow(app, name, ref_alias)
-    elif canary is None:
-        followed = app.db.scalar("SELECT follow_alias FROM deployments WHERE name = ?", (name,))
-        if followed is not None and ref_alias != followed:
-            _set_follow(app, name, None)  # pinned by hand: the alias no longer decides
     if canary is not None:
         return deploy_canary(app, name, model_ref, canary, auto_rollback, window)
-    if auto_rollback is not None:
-        raise InvalidInput("--auto-rollback: only with --canary (it judges the canary)")
-    return deploy(app, name, model_ref)
-
-
-def _set_follow(app: Appliance, name: str, alias: str | None) -> None:
-    app.db.execute(
-        "UPDATE deployments SET follow_alias = ?, updated_at = ? WHERE name = ?",
-        (alias, utcnow(), name),
-    )
+    # --follow-alias starts following; deploying anything but the followed alias by hand
+    # pins the deployment (the alias no longer decides). Written with the revision.
+    followed = app.db.scalar("SELECT follow_alias FROM deployments WHERE name = ?", (name,))
+    follow: Any = _KEEP
+    if follow_alias:
+        follow = ref_alias
+    elif followed is not None and ref_alias != followed:
+        follow = None
+    return deploy(app, name, model_ref, follow=follow)
 
 
 def create_deployment(
@@ -302,18 +307,37 @@ def _check_workers(workers: int) -> None:
         raise InvalidInput(f"--workers {workers}: must be between 1 and {MAX_WORKERS}")
 
 
-def deploy(app: Appliance, name: str, model_ref: str, action: str = "deploy") -> dict[str, Any]:
-    """Serve another version of the deployment's model as a new revision."""
+def deploy(
+    app: Appliance,
+    name: str,
+    model_ref: str,
+    action: str = "deploy",
+    follow: Any = _KEEP,
+) -> dict[str, Any]:
+    """Serve another version of the deployment's model as a new revision (deploying the
+    version already served adds nothing). `follow` sets the alias it follows, in the same
+    transaction."""
     mv = _deployable(app, model_ref)
     with app.db.transaction() as conn:
-        dep_id, canary, _ = _locked_deployment(conn, name, mv)
+        dep_id, canary, current = _locked_deployment(conn, name, mv)
         if canary is not None:
             raise Conflict(
                 f"deployment {name!r} has canary revision {canary}: "
                 f"'deployments promote {name}' or 'deployments abort {name}' first"
             )
-        _append_revision(conn, dep_id, name, mv, action)
+        if follow is not _KEEP:
+            conn.execute("UPDATE deployments SET follow_alias = ? WHERE id = ?", (follow, dep_id))
+        if _version_of(conn, dep_id, current) != mv["id"]:
+            _append_revision(conn, dep_id, name, mv, action)
     return wait_served(app, name)
+
+
+def _version_of(conn: sqlite3.Connection, deployment_id: int, revision: int) -> int:
+    return conn.execute(
+        "SELECT model_version_id FROM deployment_revisions WHERE deployment_id = ? "
+        "AND revision = ?",
+        (deployment_id, revision),
+    ).fetchone()[0]
 
 
 def deploy_canary(
@@ -341,12 +365,7 @@ def deploy_canary(
         dep_id, canary, current = _locked_deployment(conn, name, mv)
         if canary is not None:
             raise Conflict(f"deployment {name!r} already has canary revision {canary}")
-        stable = conn.execute(
-            "SELECT model_version_id FROM deployment_revisions "
-            "WHERE deployment_id = ? AND revision = ?",
-            (dep_id, current),
-        ).fetchone()[0]
-        if stable == mv["id"]:
+        if _version_of(conn, dep_id, current) == mv["id"]:
             raise Conflict(f"{mv['ref']} is already the stable version of {name!r}")
         conn.execute(
             "UPDATE deployments SET canary_percent = ?, canary_rule = ?, canary_window_s = ? "
@@ -365,26 +384,47 @@ def deploy_canary(
     return wait_served(app, name)
 
 
+def _end_canary_in(
+    conn: sqlite3.Connection,
+    dep_id: int,
+    canary: int,
+    outcome: str,
+    reason: str | None,
+    actor: str | None,
+) -> None:
+    """Close the canary revision (promoted or aborted, why, who) inside a transaction."""
+    conn.execute(
+        "UPDATE deployment_revisions SET outcome = ?, reason = coalesce(?, reason), "
+        "actor = ? WHERE deployment_id = ? AND revision = ?",
+        (outcome, reason, actor or current_actor(), dep_id, canary),
+    )
+    promoted = ", current_revision = canary_revision" if outcome == "promoted" else ""
+    conn.execute(
+        f"UPDATE deployments SET canary_revision = NULL, canary_percent = NULL, "
+        f"canary_rule = NULL, canary_window_s = NULL{promoted}, "
+        "generation = generation + 1, updated_at = ? WHERE id = ?",
+        (utcnow(), dep_id),
+    )
+
+
 def _end_canary(
-    app: Appliance, name: str, outcome: str, reason: str | None, actor: str | None
-) -> int:
+    app: Appliance,
+    name: str,
+    outcome: str,
+    reason: str | None,
+    actor: str | None,
+    expected: int | None = None,
+) -> int | None:
+    """End the running canary; with `expected`, only if that revision is still the canary
+    (the server's judge must not end a newer canary on an older one's figures)."""
     with app.db.transaction() as conn:
         dep_id, canary, _ = _locked_deployment(conn, name)
+        if expected is not None and canary != expected:
+            return None
         if canary is None:
             verb = {"promoted": "promote", "aborted": "abort"}[outcome]
             raise Conflict(f"deployment {name!r} has no canary to {verb}")
-        conn.execute(
-            "UPDATE deployment_revisions SET outcome = ?, reason = coalesce(?, reason), "
-            "actor = ? WHERE deployment_id = ? AND revision = ?",
-            (outcome, reason, actor or current_actor(), dep_id, canary),
-        )
-        promoted = ", current_revision = canary_revision" if outcome == "promoted" else ""
-        conn.execute(
-            f"UPDATE deployments SET canary_revision = NULL, canary_percent = NULL, "
-            f"canary_rule = NULL, canary_window_s = NULL{promoted}, "
-            "generation = generation + 1, updated_at = ? WHERE id = ?",
-            (utcnow(), dep_id),
-        )
+        _end_canary_in(conn, dep_id, canary, outcome, reason, actor)
     return int(canary)
 
 
@@ -400,15 +440,17 @@ def abort_canary(
     reason: str | None = None,
     actor: str | None = None,
     wait: bool = True,
+    expected: int | None = None,
 ) -> dict[str, Any]:
     """Send all the traffic back to the stable revision; the canary's revision keeps why."""
-    _end_canary(app, name, "aborted", reason or "aborted", actor)
+    _end_canary(app, name, "aborted", reason or "aborted", actor, expected)
     return wait_served(app, name) if wait else get_deployment(app, name)
 
 
 def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[str, Any]:
     """Go back to the model version of an earlier live revision (default: the one before the
-    current). A running canary is aborted first: a rollback means 'back to known good'."""
+    current). A running canary is aborted with it, in one transaction: a rollback means
+    'back to known good'. A target whose model file is gone or damaged changes nothing."""
     if to_revision is not None and to_revision < 1:
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
@@ -420,9 +462,10 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
         (dep["id"], dep["current_revision"]),
     )
     if to_revision is None:
-        if not live:
+        earlier = [r for r in live if r["version"] != dep["model_version"]]
+        if not earlier:
             raise Conflict(f"deployment {name!r} has no earlier revision to roll back to")
-        target = live[0]
+        target = earlier[0]  # the last live revision that served another version
     else:
         if to_revision >= dep["current_revision"]:
             raise InvalidInput(
@@ -435,17 +478,44 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
                 "(an aborted canary cannot be a rollback target)"
             )
         target = matches[0]
-    mv = get_model_version(app, f"{dep['model']}@{target['version']}")
-    if dep["canary_revision"] is not None:
-        _end_canary(app, name, "aborted", "rolled back", None)
-    return deploy(app, name, mv["ref"], action="rollback")
+    mv = _deployable(app, f"{dep['model']}@{target['version']}")  # refused before any change
+    with app.db.transaction() as conn:
+        dep_id, canary, current = _locked_deployment(conn, name, mv)
+        if current != dep["current_revision"]:
+            raise Conflict(f"deployment {name!r} changed meanwhile; run the rollback again")
+        if canary is not None:
+            _end_canary_in(conn, dep_id, canary, "aborted", "rolled back", None)
+        _append_revision(conn, dep_id, name, mv, "rollback")
+    return wait_served(app, name)
+
+
+def check_followers(app: Appliance, model: str, alias: str, mv: dict[str, Any]) -> list[str]:
+    """Deployments that follow `model@alias`; raises, before the alias moves, when `mv`
+    cannot be served by them (its model file is missing or damaged)."""
+    names = [
+        r["name"]
+        for r in app.db.rows(
+            "SELECT d.name FROM deployments d JOIN registered_models m ON m.id = d.model_id "
+            "WHERE m.name = ? AND d.follow_alias = ?",
+            (model, alias),
+        )
+    ]
+    if names:
+        try:
+            app.objects.get_file(mv["sha256"])
+        except ApplianceError as exc:
+            raise Conflict(
+                f"{model}@{alias} not moved: deployment(s) {', '.join(names)} follow it and "
+                f"{mv['ref']} cannot be served: {exc.message}"
+            ) from exc
+    return names
 
 
 def follow_alias_moved(
     conn: sqlite3.Connection, model: str, alias: str, mv: dict[str, Any]
 ) -> list[str]:
     """In the alias move's transaction: a revision for each deployment that follows
-    `model@alias` (one with a canary running is left alone: the canary decides)."""
+    `model@alias`. A canary running there is aborted: the alias decides what it serves."""
     rows = conn.execute(
         "SELECT d.id, d.name, d.canary_revision, r.model_version_id FROM deployments d "
         "JOIN registered_models m ON m.id = d.model_id "
@@ -454,9 +524,13 @@ def follow_alias_moved(
         (model, alias),
     ).fetchall()
     moved = []
+    why = f"{model}@{alias} moved to {mv['ref']}"
     for dep_id, name, canary, current in rows:
-        if canary is None and current != mv["id"]:
-            _append_revision(conn, dep_id, name, mv, "follow", reason=f"{model}@{alias} moved")
+        if canary is not None:
+            _end_canary_in(conn, dep_id, canary, "aborted", why, None)
+        if current != mv["id"]:
+            _append_revision(conn, dep_id, name, mv, "follow", reason=why)
+        if canary is not None or current != mv["id"]:
             moved.append(name)
     return moved
 

@@ -53,7 +53,7 @@ class ModelRuntime:
         self.feature_names = [f["name"] for f in self.features]
         self._positions = {name: j for j, name in enumerate(self.feature_names)}
         self.has_categories = any(f["type"] == "category" for f in self.features)
-        self._categories = {
+        self.categories = {
             f["name"]: {c: i for i, c in enumerate(f["categories"])}
             for f in self.features
             if f["type"] == "category"
@@ -99,19 +99,9 @@ class ModelRuntime:
         NaN, LightGBM's missing value), numbers are checked to be numbers and finite."""
         import numpy as np
 
-        index = self._categories.get(name)
+        index = self.categories.get(name)
         if index is not None:
-            out = np.empty(len(values), dtype=np.float64)
-            for row, value in enumerate(values):
-                if value is None:
-                    out[row] = math.nan
-                elif isinstance(value, str | int | float) and not isinstance(value, bool):
-                    out[row] = index.get(str(value), math.nan)
-                else:
-                    raise RequestError(
-                        400, f"feature {name!r} row {row}: expected a category, got {value!r}"
-                    )
-            return out
+            return self._category_column(name, index, values)
         if isinstance(values, np.ndarray):  # binary tensors and V2 numeric tensors
             column = values.astype(np.float64, copy=False)
         elif set(map(type, values)) <= _PLAIN_NUMBERS:  # the common case, checked in C
@@ -125,6 +115,37 @@ class ModelRuntime:
             row = int(np.flatnonzero(np.isinf(column))[0])
             raise RequestError(400, f"feature {name!r} row {row}: {values[row]!r} is out of range")
         return column
+
+    @staticmethod
+    def _category_column(name: str, index: dict[str, int], values: Any) -> Any:
+        """Levels as their codes. A level the model never saw is missing (NaN), as LightGBM
+        treats it; a number is accepted only when it spells a known level (CSV reads "1" as
+        1.0), anything else is the wrong type."""
+        import numpy as np
+
+        if isinstance(values, np.ndarray):
+            values = values.tolist()
+        out = np.empty(len(values), dtype=np.float64)
+        for row, value in enumerate(values):
+            if value is None:
+                out[row] = math.nan
+            elif isinstance(value, str):
+                out[row] = index.get(value, math.nan)
+            elif (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and float(value).is_integer()
+                and str(int(value)) in index
+            ):
+                out[row] = index[str(int(value))]
+            else:
+                example = next(iter(index), "")
+                raise RequestError(
+                    400,
+                    f"feature {name!r} row {row}: expected a category (a string such as "
+                    f"{example!r}), got {value!r}",
+                )
+        return out
 
     @staticmethod
     def _slow_column(name: str, values: list[Any]) -> Any:
@@ -267,24 +288,69 @@ def encode_binary_outputs(response: dict[str, Any]) -> tuple[bytes, int]:
     return header + b"".join(chunks), len(header)
 
 
+_INTEGER_RANGES = {
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+}
+_FLOAT_LIMITS = {"FP16": 65504.0, "FP32": 3.4028234663852886e38}
+
+
 def _numeric_tensor(name: str, datatype: str, data: list[Any]) -> Any:
-    """A numeric tensor's JSON values as float64; bools only in BOOL tensors, null is NaN."""
+    """A numeric tensor's JSON values as float64, checked against the declared datatype:
+    bools only in BOOL tensors, whole numbers in range for INT/UINT, FP16/FP32 in range;
+    null is NaN (a missing value)."""
     import numpy as np
 
     kinds = set(map(type, data))
+    array = None
     if kinds <= _PLAIN_NUMBERS or (datatype == "BOOL" and kinds <= {bool}):
         try:
-            return np.array(data, dtype=np.float64)
+            array = np.array(data, dtype=np.float64)
         except OverflowError:
             pass  # a huge integer: the loop below names it
-    for j, value in enumerate(data):
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or (isinstance(value, bool) and datatype != "BOOL"):
+    if array is None:
+        for j, value in enumerate(data):
+            if value is None:
+                continue
+            if not isinstance(value, int | float) or (
+                isinstance(value, bool) and datatype != "BOOL"
+            ):
+                raise RequestError(
+                    400, f"input {name!r}: datatype {datatype} but element {j} is {value!r}"
+                )
+            if isinstance(value, int) and abs(value) > 2**1023:
+                raise RequestError(
+                    400, f"input {name!r}: element {j} ({str(value)[:20]}…) is out of range"
+                )
+        array = np.array([math.nan if v is None else v for v in data], dtype=np.float64)
+    _check_range(name, datatype, array)
+    return array
+
+
+def _check_range(name: str, datatype: str, array: Any) -> None:
+    import numpy as np
+
+    bounds = _INTEGER_RANGES.get(datatype)
+    finite = array[np.isfinite(array)] if not np.isfinite(array).all() else array
+    if bounds is not None:
+        bad = np.flatnonzero(
+            (finite != np.floor(finite)) | (finite < bounds[0]) | (finite > bounds[1])
+        )
+        if bad.size:
+            value = finite[bad[0]]
             raise RequestError(
-                400, f"input {name!r}: datatype {datatype} but element {j} is {value!r}"
+                400,
+                f"input {name!r}: {value!r} is not a {datatype} (whole, {bounds[0]}..{bounds[1]})",
             )
-    return data  # nulls or huge integers: the feature column check decides
+    limit = _FLOAT_LIMITS.get(datatype)
+    if limit is not None and finite.size and np.abs(finite).max() > limit:
+        raise RequestError(400, f"input {name!r}: a value is out of range for {datatype}")
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -313,7 +379,8 @@ def parse_v2_request(
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError(400, "inputs: required, a non-empty list of tensors")
-    tensors: list[tuple[str, list[int], list[Any]]] = []
+    tensors: list[tuple[str, list[int], Any]] = []
+    texts: set[str] = set()  # BYTES tensors: their numeric features arrive as strings
     binary_offset = 0
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
@@ -345,6 +412,8 @@ def parse_v2_request(
             chunk = binary[binary_offset : binary_offset + size]
             binary_offset += size
             tensors.append((name, shape, _decode_binary(name, datatype, shape, chunk)))
+            if datatype == "BYTES":
+                texts.add(name)
             continue
         if "data" not in tensor:
             raise RequestError(400, f"input {name!r}: data is required")
@@ -356,7 +425,12 @@ def parse_v2_request(
             )
         if datatype in _NUMERIC_TYPES:
             data = _numeric_tensor(name, datatype, data)
+        elif not set(map(type, data)) <= {str, type(None)}:
+            j, value = next((j, v) for j, v in enumerate(data) if not isinstance(v, str | None))
+            raise RequestError(400, f"input {name!r}: datatype BYTES but element {j} is {value!r}")
         tensors.append((name, shape, data))
+        if datatype == "BYTES":
+            texts.add(name)
     if binary_offset != len(binary):
         raise RequestError(
             400, f"{len(binary) - binary_offset} bytes of binary data belong to no input"
@@ -376,14 +450,36 @@ def parse_v2_request(
             return data.reshape(-1, width), _output_names(body)  # no per-column pass
         for j, feature in enumerate(runtime.feature_names):
             columns[feature] = data[j::width]
+            if name in texts and feature not in runtime.categories:
+                columns[feature] = _numbers_from_text(feature, columns[feature])
     else:
         for name, shape, data in tensors:
             if name not in runtime.feature_names:
                 raise RequestError(400, f"unknown input {name!r}; expected {runtime.feature_names}")
             if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
                 raise RequestError(400, f"input {name!r}: shape must be [N] or [N, 1]")
+            if name in texts and name not in runtime.categories:
+                data = _numbers_from_text(name, data)
             columns[name] = data
     return columns, _output_names(body)
+
+
+def _numbers_from_text(feature: str, values: list[Any]) -> Any:
+    """A numeric feature sent in a BYTES tensor (V2 BYTES hold text): "12.5" is 12.5."""
+    import numpy as np
+
+    out = np.empty(len(values), dtype=np.float64)
+    for row, value in enumerate(values):
+        if value is None or value == "":
+            out[row] = math.nan
+            continue
+        try:
+            out[row] = float(value)
+        except ValueError:
+            raise RequestError(
+                400, f"feature {feature!r} row {row}: expected a number, got {value!r}"
+            ) from None
+    return out
 
 
 def _output_names(body: dict[str, Any]) -> list[str]:
@@ -471,7 +567,10 @@ def parse_csv(raw: bytes, runtime: ModelRuntime) -> dict[str, list[Any]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RequestError(400, f"CSV body is not UTF-8: {exc.reason}") from exc
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise RequestError(400, f"CSV body: {exc}") from exc
     if not rows or not rows[0]:
         raise RequestError(400, "CSV body needs a header row")
     header, data = rows[0], [r for r in rows[1:] if r]

@@ -241,6 +241,9 @@ def set_alias(
         raise InvalidInput(f"alias {alias!r}: {target['ref']} is not a version of {name!r}")
     if target["archived_at"]:
         raise Conflict(f"{target['ref']} is archived; an alias cannot point at it")
+    from appliance.core.deployments import check_followers, follow_alias_moved, wait_served
+
+    check_followers(app, name, alias, target)  # a follower that cannot serve it: not moved
     now = utcnow()
     with app.db.transaction() as conn:
         model_id = conn.execute(
@@ -270,11 +273,7 @@ def set_alias(
                 json.dumps(report) if report is not None else None,
             ),
         )
-        from appliance.core.deployments import follow_alias_moved
-
         followed = follow_alias_moved(conn, name, alias, target)
-    from appliance.core.deployments import wait_served
-
     for deployment in followed:
         wait_served(app, deployment)
     return {**get_model_version(app, target["ref"]), "deployments_followed": followed}
@@ -328,19 +327,24 @@ def archive_version(app: Appliance, ref: str, reason: str | None = None) -> dict
         raise Conflict(f"{version['ref']} is already archived")
     if version["aliases"]:
         raise Conflict(f"{version['ref']} is {', '.join(version['aliases'])}; move the alias first")
-    serving = app.db.rows(
-        "SELECT d.name FROM deployments d JOIN deployment_revisions r "
-        "ON r.deployment_id = d.id AND r.revision = d.current_revision "
-        "WHERE r.model_version_id = ?",
-        (version["id"],),
-    )
-    if serving:
-        names = ", ".join(r["name"] for r in serving)
-        raise Conflict(f"{version['ref']} is served by deployment(s) {names}; deploy another")
-    app.db.execute(
-        "UPDATE model_versions SET archived_at = ?, archive_reason = ? WHERE id = ?",
-        (utcnow(), reason, version["id"]),
-    )
+    with app.db.transaction() as conn:  # a deploy or alias move cannot slip in between
+        serving = conn.execute(
+            "SELECT DISTINCT d.name FROM deployments d JOIN deployment_revisions r "
+            "ON r.deployment_id = d.id AND r.revision IN (d.current_revision, d.canary_revision) "
+            "WHERE r.model_version_id = ?",
+            (version["id"],),
+        ).fetchall()
+        if serving:
+            names = ", ".join(r[0] for r in serving)
+            raise Conflict(f"{version['ref']} is served by deployment(s) {names}; deploy another")
+        if conn.execute(
+            "SELECT 1 FROM model_aliases WHERE version_id = ?", (version["id"],)
+        ).fetchone():
+            raise Conflict(f"{version['ref']} has an alias; move the alias first")
+        conn.execute(
+            "UPDATE model_versions SET archived_at = ?, archive_reason = ? WHERE id = ?",
+            (utcnow(), reason, version["id"]),
+        )
     return get_model_version(app, version["ref"])
 
 

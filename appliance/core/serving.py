@@ -59,6 +59,7 @@ MAX_BODY = 32 << 20
 MAX_BODY_ENV = "APPLIANCE_SERVE_MAX_BODY"  # e.g. 8Mi: larger requests get a 413
 FOLLOW_SECONDS = 0.02  # how often a worker looks for a new revision
 SNAPSHOT_SECONDS = 1.0
+UNROUTED = (0, "unrouted")  # counted, but answered before any model version was chosen
 WORKER_READY_TIMEOUT = 60.0
 
 
@@ -186,10 +187,29 @@ class ModelServer:
             if current is not None and int(state["generation"]) == current.generation:
                 return False
             self.model = state["model"]
-            stable = self._runtime(int(state["version"]))
+            generation = int(state["generation"])
+            try:
+                stable = self._runtime(int(state["version"]))
+            except ApplianceError as exc:
+                # A worker that starts (after a crash, a reboot) while the current version's
+                # file is damaged serves the last live version rather than nothing, and keeps
+                # trying; its generation stays behind, so no deploy takes it for done.
+                if current is not None or state["previous_version"] is None:
+                    raise
+                log.error("revision %s cannot be served: %s", state["current_revision"], exc)
+                stable = self._runtime(int(state["previous_version"]))
+                generation = -1
             canary = None
             if state["canary_version"] is not None:
-                canary = self._runtime(int(state["canary_version"]))
+                try:
+                    canary = self._runtime(int(state["canary_version"]))
+                except ApplianceError as exc:
+                    if current is not None:
+                        raise
+                    log.error(
+                        "canary revision %s cannot be served: %s", state["canary_revision"], exc
+                    )
+                    generation = -1
             keep = {stable.version} | ({canary.version} if canary else set())
             if state["previous_version"] is not None:  # the rollback target stays warm
                 try:
@@ -197,7 +217,7 @@ class ModelServer:
                 except ApplianceError as exc:
                     log.warning("rollback target not preloaded: %s", exc.message)
             self.routing = Routing(
-                generation=int(state["generation"]),
+                generation=generation,
                 revision=int(state["current_revision"]),
                 stable=stable,
                 canary=canary,
@@ -316,7 +336,8 @@ class ModelServer:
                 return self._infer(routing, name, version, headers, body)
             if method != "GET":
                 raise RequestError(405, f"{method} not allowed on {path[:200]}; use GET")
-            runtime, _ = self._model(routing, name, version, None)
+            # the model as a whole is described by its stable version, never a random pick
+            runtime, _ = self._model(routing, name, version or str(routing.stable.version), None)
             if action == "ready":
                 return Response(200, _dumps({"name": name, "ready": True}))
             meta = runtime.metadata()
@@ -504,9 +525,14 @@ class InferenceApp:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         response = self.server.handle(scope["method"], scope["path"], headers, body)
         await self._send(send, response)
-        if response.served is not None:
-            version, role = response.served
-            self.server.stats.observe(version, role, response.status, time.perf_counter() - started)
+        served = response.served
+        path = scope["path"]
+        if served is None and (path == "/invocations" or path.endswith("/infer")):
+            served = UNROUTED  # refused before a version was chosen: still a request to count
+        if served is not None:
+            self.server.stats.observe(
+                served[0], served[1], response.status, time.perf_counter() - started
+            )
 
     @staticmethod
     async def _send(send: Send, response: Response, close: bool = False) -> None:
@@ -678,31 +704,36 @@ class _Workers:
 
 
 def judge_canary(app: Appliance, name: str, directory: Path) -> str | None:
-    """Roll the canary back when its rule breaks over its window; returns the reason."""
+    """Roll the canary back when its rule breaks over its window (its own traffic only:
+    nothing from before it started); returns the reason."""
+    from datetime import datetime
+
     from appliance.core.deployments import abort_canary
 
     row = app.db.one(
-        "SELECT canary_revision, canary_rule, canary_window_s FROM deployments WHERE name = ?",
+        "SELECT d.canary_revision, d.canary_rule, d.canary_window_s, mv.version, "
+        "r.created_at FROM deployments d JOIN deployment_revisions r "
+        "ON r.deployment_id = d.id AND r.revision = d.canary_revision "
+        "JOIN model_versions mv ON mv.id = r.model_version_id WHERE d.name = ?",
         (name,),
     )
-    if row is None or row["canary_revision"] is None or not row["canary_rule"]:
+    if row is None or not row["canary_rule"]:
         return None
-    snapshots = read_snapshots(directory)
-    if any(s.get("revision") is None for s in snapshots):
-        return None
-    merged = merge(snapshots)
-    version = app.db.scalar(
-        "SELECT mv.version FROM deployment_revisions r JOIN deployments d "
-        "ON d.id = r.deployment_id JOIN model_versions mv ON mv.id = r.model_version_id "
-        "WHERE d.name = ? AND r.revision = ?",
-        (name, row["canary_revision"]),
+    started = datetime.fromisoformat(row["created_at"]).timestamp()
+    stats = window(
+        merge(read_snapshots(directory)),
+        float(row["canary_window_s"] or 60),
+        role="canary",
+        version=int(row["version"]),
+        since=started,
     )
-    stats = window(merged, float(row["canary_window_s"] or 60), role="canary", version=version)
     reason = parse_rule(row["canary_rule"]).breach(stats)
     if reason is None:
         return None
     reason = f"auto-rollback: {reason}"
-    abort_canary(app, name, reason=reason, actor="server", wait=False)
+    abort_canary(
+        app, name, reason=reason, actor="server", wait=False, expected=row["canary_revision"]
+    )
     log.warning("canary revision %s rolled back: %s", row["canary_revision"], reason)
     return reason
 

@@ -61,7 +61,7 @@ class Series:
         self.codes: dict[int, int] = {}
         self.hist = [0] * (len(BOUNDS) + 1)
         self.total_seconds = 0.0
-        # second -> [requests, errors, *histogram]
+        # second -> [requests, server errors (5xx), client errors (4xx), *histogram]
         self.seconds: dict[int, list[int]] = {}
 
 
@@ -76,7 +76,8 @@ class TrafficStats:
     def observe(self, version: int, role: str, status: int, seconds: float) -> None:
         bucket = bisect.bisect_left(BOUNDS, seconds)
         now = int(time.time())
-        error = 0 if status < 400 else 1
+        server_error = 1 if status >= 500 else 0
+        client_error = 1 if 400 <= status < 500 else 0
         with self.lock:
             series = self.series.get((version, role))
             if series is None:
@@ -86,12 +87,13 @@ class TrafficStats:
             series.total_seconds += seconds
             second = series.seconds.get(now)
             if second is None:
-                second = series.seconds[now] = [0, 0] + [0] * (len(BOUNDS) + 1)
+                second = series.seconds[now] = [0, 0, 0] + [0] * (len(BOUNDS) + 1)
                 for old in [s for s in series.seconds if s <= now - self.keep_seconds]:
                     del series.seconds[old]
             second[0] += 1
-            second[1] += error
-            second[2 + bucket] += 1
+            second[1] += server_error
+            second[2] += client_error
+            second[3 + bucket] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: {"series": [{version, role, codes, hist, sum, seconds}]}."""
@@ -173,7 +175,8 @@ class Window:
     """Traffic over the last `seconds`: what list, the TUI and canary rules look at."""
 
     requests: int = 0
-    errors: int = 0
+    errors: int = 0  # 5xx: the server or the model failed
+    client_errors: int = 0  # 4xx: refused input (a canary with another signature shows here)
     seconds: float = LIVE_WINDOW
     p50_ms: float | None = None
     p99_ms: float | None = None
@@ -186,11 +189,16 @@ class Window:
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
 
+    @property
+    def client_error_rate(self) -> float:
+        return self.client_errors / self.requests if self.requests else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "rps": round(self.rps, 1),
             "error_rate": round(self.error_rate, 4),
+            "client_error_rate": round(self.client_error_rate, 4),
             "p50_ms": None if self.p50_ms is None else round(self.p50_ms, 2),
             "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2),
         }
@@ -202,11 +210,15 @@ def window(
     role: str | None = None,
     version: int | None = None,
     now: float | None = None,
+    since: float | None = None,
 ) -> Window:
     """Requests, errors and latency of the complete seconds in the window (the current,
-    still-filling second is left out, so a rate does not dip at each second's start)."""
+    still-filling second is left out, so a rate does not dip at each second's start), and
+    none before `since` (a canary is judged on its own traffic only)."""
     end = int(now if now is not None else time.time())
     start = end - int(seconds)
+    if since is not None:
+        start = max(start, int(since))
     hist = [0] * (len(BOUNDS) + 1)
     out = Window(seconds=seconds)
     for (v, r), series in merged.items():
@@ -216,7 +228,8 @@ def window(
             if start <= int(second) < end:
                 out.requests += counts[0]
                 out.errors += counts[1]
-                hist = [a + b for a, b in zip(hist, counts[2:], strict=True)]
+                out.client_errors += counts[2]
+                hist = [a + b for a, b in zip(hist, counts[3:], strict=True)]
     p50, p99 = quantile(hist, 0.5), quantile(hist, 0.99)
     out.p50_ms = None if p50 is None else p50 * 1000
     out.p99_ms = None if p99 is None else p99 * 1000
@@ -231,14 +244,14 @@ def render_prometheus(model: str, merged: dict[tuple[int, str], dict[str, Any]])
     ]
     for (version, role), s in sorted(merged.items()):
         for code, n in sorted(s["codes"].items()):
-            labels = f'model="{model}",version="{version}",role="{role}",code="{code}"'
+            labels = f'model="{model}",version="{version or ""}",role="{role}",code="{code}"'
             lines.append(f"appliance_requests_total{{{labels}}} {n}")
     lines += [
         "# HELP appliance_request_seconds Prediction latency by model version and role.",
         "# TYPE appliance_request_seconds histogram",
     ]
     for (version, role), s in sorted(merged.items()):
-        base = f'model="{model}",version="{version}",role="{role}"'
+        base = f'model="{model}",version="{version or ""}",role="{role}"'
         cumulative = 0
         for bound, n in zip(BOUNDS, s["hist"], strict=False):
             cumulative += n
@@ -250,7 +263,9 @@ def render_prometheus(model: str, merged: dict[tuple[int, str], dict[str, Any]])
     return "\n".join(lines) + "\n"
 
 
-_TERM = re.compile(r"^\s*(error_rate|p99_ms|p50_ms)\s*(>=|>)\s*([0-9]+(?:\.[0-9]+)?)\s*$")
+_TERM = re.compile(
+    r"^\s*(error_rate|client_error_rate|p99_ms|p50_ms)\s*(>=|>)\s*([0-9]+(?:\.[0-9]+)?)\s*$"
+)
 MIN_REQUESTS = 10  # fewer canary requests in the window than this: too few to judge
 
 
@@ -272,13 +287,15 @@ class Rule:
             if value > limit or (op == ">=" and value == limit):
                 return (
                     f"{metric} {value:.4g} {op} {limit:g} over {stats.seconds:g}s "
-                    f"({stats.requests} canary requests, {stats.errors} errors)"
+                    f"({stats.requests} canary requests, {stats.errors} 5xx, "
+                    f"{stats.client_errors} 4xx)"
                 )
         return None
 
 
 def parse_rule(text: str, field: str = "--auto-rollback") -> Rule:
-    """Parse a rule: terms `METRIC > NUMBER` (metrics error_rate, p99_ms, p50_ms) joined by `or`."""
+    """Parse a rule: terms `METRIC > NUMBER` joined by `or` (metrics: error_rate for 5xx,
+    client_error_rate for 4xx, p99_ms, p50_ms)."""
     from appliance.errors import InvalidInput
 
     terms = []
@@ -287,7 +304,8 @@ def parse_rule(text: str, field: str = "--auto-rollback") -> Rule:
         if match is None:
             raise InvalidInput(
                 f"{field}: cannot read {part.strip()!r}; write terms like 'error_rate > 0.01' "
-                "or 'p99_ms > 50' (metrics: error_rate, p99_ms, p50_ms) joined by 'or'"
+                "or 'p99_ms > 50' (metrics: error_rate, client_error_rate, p99_ms, p50_ms) "
+                "joined by 'or'"
             )
         terms.append((match.group(1), match.group(2), float(match.group(3))))
     return Rule(text.strip(), tuple(terms))

@@ -344,8 +344,9 @@ def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
     conn.execute("PRAGMA writable_schema = ON")
     changed = conn.execute(
-        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' AND name = ?",
-        (old, new, table),
+        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) "
+        "WHERE type = 'table' AND name = ? AND instr(sql, ?) > 0",
+        (old, new, table, old),
     ).rowcount
     conn.execute(f"PRAGMA schema_version = {int(schema_version) + 1}")
     conn.execute("PRAGMA writable_schema = OFF")
