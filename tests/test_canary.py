@@ -343,7 +343,7 @@ def test_refused_commands_change_nothing_and_the_current_revision_keeps_serving(
     with damaged(app, "churn/2"):
         before = _state(app, "refuse")
         with pytest.raises(ApplianceError, match="corrupted"):
-            deployments.rollback(app, "refuse")  # to revision 2; it would abort the canary too
+            deployments.rollback(app, "refuse", to_revision=2)  # it would end the canary too
         assert _state(app, "refuse") == before
     assert deployments.abort_canary(app, "refuse", expected=99)["canary_revision"] is not None
     with pytest.raises(Conflict, match="is served by deployment"):
@@ -370,6 +370,9 @@ def test_a_moving_alias_ends_a_canary_on_a_follower_and_a_hand_deploy_pins(
     registry.set_alias(app, "churn", "green", 1)
     dep = deployments.deploy_model(app, "churn@green", "greenie", follow_alias=True)
     deployments.deploy_model(app, "churn/2", "greenie", canary=50)
+    # pointing the alias where it already points is no move: the canary keeps running
+    assert registry.set_alias(app, "churn", "green", 1)["deployments_followed"] == []
+    assert deployments.get_deployment(app, "greenie")["canary_revision"] is not None
     assert registry.set_alias(app, "churn", "green", 2)["deployments_followed"] == ["greenie"]
     now = deployments.get_deployment(app, "greenie")
     assert now["canary_revision"] is None and now["model_version"] == 2
@@ -383,7 +386,30 @@ def test_a_moving_alias_ends_a_canary_on_a_follower_and_a_hand_deploy_pins(
     pinned = cli("deployments", "deploy", "greenie", "--model", "churn/1", "--json", *home)
     assert pinned.code == 0, pinned.err
     assert pinned.json()["follow_alias"] is None and predict(dep["url"]) == "1"
+    typo = cli("deployments", "deploy", "greenei", "--model", "churn/1", *home)
+    assert typo.code == 3 and "not found" in typo.err  # this verb never creates a deployment
     deployments.stop_deployment(app, "greenie")
+
+
+def test_rollback_during_a_canary_ends_it_and_hand_choices_stop_following(
+    app: Appliance,
+) -> None:
+    registry.set_alias(app, "churn", "amber", 1)
+    dep = deployments.deploy_model(app, "churn@amber", "amber", follow_alias=True)
+    deployments.deploy_model(app, "churn/2", "amber", canary=50)
+    revisions = len(deployments.list_revisions(app, "amber"))
+    back = deployments.rollback(app, "amber")
+    assert back["canary_revision"] is None and back["model_version"] == 1
+    assert len(deployments.list_revisions(app, "amber")) == revisions  # stable stays
+    last = deployments.list_revisions(app, "amber")[-1]
+    assert (last["outcome"], last["reason"]) == ("aborted", "rolled back")
+    assert back["follow_alias"] == "amber"  # ending a canary chose nothing new
+    assert {predict(dep["url"], request_id=f"a{i}") for i in range(20)} == {"1"}
+    deployments.deploy_model(app, "churn/2", "amber", canary=50)
+    promoted = deployments.promote_canary(app, "amber")
+    assert promoted["model_version"] == 2 and promoted["follow_alias"] is None
+    assert registry.set_alias(app, "churn", "amber", 2)["deployments_followed"] == []
+    deployments.stop_deployment(app, "amber")
 
 
 def test_a_worker_restarted_on_a_damaged_current_version_serves_the_previous_one(
@@ -400,6 +426,8 @@ def test_a_worker_restarted_on_a_damaged_current_version_serves_the_previous_one
         os.kill(int(first.stem.split("-")[1]), signal.SIGKILL)  # comes back on a broken file
         until(lambda: [p for p in directory.glob("worker-*.json") if p != first], timeout=20)
         assert predict(dep["url"]) == "1"  # the last live version, not nothing
+        row = next(r for r in deployments.list_deployments(app) if r["name"] == "survivor")
+        assert row["state"] == "degraded" and "revision 2 cannot be served" in row["degraded"][0]
         with pytest.raises(ApplianceError, match="did not adopt"):
             deployments.wait_served(app, "survivor", timeout=1)  # and it says it is behind
     deployments.deploy(app, "survivor", "churn@1")  # an explicit fix: adopted at once

@@ -467,10 +467,11 @@ def test_types_are_checked_against_the_signature_and_the_datatype(served, sample
     cases = [
         (replaced(category, datatype="FP64", data=[1.5] * 4), f"feature {category!r} row 0"),
         (replaced(category, datatype="BYTES", data=[7] * 4), "datatype BYTES but element 0"),
-        (replaced(numeric, datatype="INT8", data=[1000] * 4), "not a INT8"),
-        (replaced(numeric, datatype="INT64", data=[1.5] * 4), "not a INT64"),
+        (replaced(numeric, datatype="INT8", data=[1000] * 4), "not a valid INT8"),
+        (replaced(numeric, datatype="INT64", data=[1.5] * 4), "not a valid INT64"),
         (replaced(numeric, datatype="FP16", data=[1e6] * 4), "out of range for FP16"),
         (replaced(numeric, datatype="FP64", data=[True] * 4), "datatype FP64 but element 0"),
+        (replaced(numeric, datatype="BOOL", data=[5] * 4), "not a valid BOOL"),
     ]
     for tensors, needle in cases:
         code, body = call(infer, {"inputs": tensors})
@@ -491,3 +492,10 @@ def test_health_aliases_and_a_huge_csv_field(served) -> None:  # type: ignore[no
     huge = b"a,b\n" + b"x" * 200_000 + b",1\n"
     code, body = call(f"{dep['url']}/invocations", raw=huge, headers={"Content-Type": "text/csv"})
     assert code == 400 and "CSV body" in body["error"]
+    # category columns keep their text in CSV: a number-like level is a level (here unseen)
+    features, rows = sample_rows(1)
+    category = next(f for j, f in enumerate(features) if isinstance(rows[0][j], str))
+    row = [("02134" if f == category else str(v)) for f, v in zip(features, rows[0], strict=True)]
+    csv_body = (",".join(features) + "\n" + ",".join(row) + "\n").encode()
+    code, _ = call(f"{dep['url']}/invocations", raw=csv_body, headers={"Content-Type": "text/csv"})
+    assert code == 200

@@ -1277,9 +1277,10 @@ def deployments_create(app: Any, as_json: bool, name: str, model_ref: str, no_st
 @click.argument("name")
 @click.option("--model", "model_ref", required=True, help="NAME@VERSION or NAME@ALIAS.")
 def deployments_deploy(app: Any, as_json: bool, name: str, model_ref: str) -> None:
-    """Serve another model version as a new revision (as `appliance deploy REF --name`)."""
-    from appliance.core.deployments import deploy_model
+    """Serve another model version as a new revision of an existing deployment."""
+    from appliance.core.deployments import deploy_model, get_deployment
 
+    get_deployment(app, name)  # this verb never creates one (a typo must not start a server)
     emit(deploy_model(app, model_ref, name), as_json)
 
 

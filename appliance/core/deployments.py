@@ -64,9 +64,11 @@ def traffic(app: Appliance, name: str, seconds: float | None = None) -> dict[str
     from appliance.core.traffic import LIVE_WINDOW, merge, read_snapshots, window
 
     get_deployment(app, name)  # validates the name before it becomes a path
-    merged = merge(s for s in read_snapshots(state_dir(app, name)) if alive(int(s.get("pid") or 0)))
+    snapshots = [s for s in read_snapshots(state_dir(app, name)) if alive(int(s.get("pid") or 0))]
+    merged = merge(snapshots)
     span = seconds or LIVE_WINDOW
     return {
+        "degraded": sorted({s["degraded"] for s in snapshots if s.get("degraded")}),
         "all": window(merged, span).as_dict(),
         "stable": window(merged, span, role="stable").as_dict(),
         "canary": window(merged, span, role="canary").as_dict(),
@@ -79,7 +81,9 @@ def list_deployments(app: Appliance) -> list[dict[str, Any]]:
     names = [r["name"] for r in app.db.rows("SELECT name FROM deployments ORDER BY name")]
     out = []
     for dep in (get_deployment(app, n) for n in names):
-        live = traffic(app, dep["name"])["all"] if dep["status"] == "serving" else {}
+        now = traffic(app, dep["name"]) if dep["status"] == "serving" else {}
+        live = now.get("all", {})
+        state = "degraded" if now.get("degraded") else dep["status"]
         canary = (
             f"{dep['canary_version']} @ {dep['canary_percent']:g}%"
             if dep["canary_revision"] is not None
@@ -94,7 +98,8 @@ def list_deployments(app: Appliance) -> list[dict[str, Any]]:
                 "canary": canary,
                 "port": dep["port"],
                 "workers": dep["workers"],
-                "state": dep["status"],
+                "state": state,
+                "degraded": now.get("degraded") or None,
                 "url": dep["url"],
                 "rps": live.get("rps"),
                 "p99_ms": live.get("p99_ms"),
@@ -169,6 +174,14 @@ def _locked_deployment(
     if mv is not None and row[1] != mv["model"]:
         raise InvalidInput(f"deployment {name!r} serves model {row[1]!r}, not {mv['model']!r}")
     return row[0], row[2], row[3]
+
+
+def _still_deployable(conn: sqlite3.Connection, mv: dict[str, Any]) -> None:
+    """Inside the writing transaction: the version was not archived since it was checked."""
+    if conn.execute("SELECT archived_at FROM model_versions WHERE id = ?", (mv["id"],)).fetchone()[
+        0
+    ]:
+        raise Conflict(f"model {mv['ref']} is archived; it cannot be deployed")
 
 
 def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
@@ -296,6 +309,7 @@ def create_deployment(
             "follow_alias, created_at, updated_at) VALUES (?, ?, 0, 'stopped', ?, ?, ?, ?)",
             (name, model_id, workers, follow_alias, now, now),
         )
+        _still_deployable(conn, mv)
         _append_revision(conn, int(cur.lastrowid or 0), name, mv, "deploy")
     if start:
         return start_deployment(app, name, host=host, port=port)
@@ -325,6 +339,7 @@ def deploy(
                 f"deployment {name!r} has canary revision {canary}: "
                 f"'deployments promote {name}' or 'deployments abort {name}' first"
             )
+        _still_deployable(conn, mv)
         if follow is not _KEEP:
             conn.execute("UPDATE deployments SET follow_alias = ? WHERE id = ?", (follow, dep_id))
         if _version_of(conn, dep_id, current) != mv["id"]:
@@ -367,6 +382,7 @@ def deploy_canary(
             raise Conflict(f"deployment {name!r} already has canary revision {canary}")
         if _version_of(conn, dep_id, current) == mv["id"]:
             raise Conflict(f"{mv['ref']} is already the stable version of {name!r}")
+        _still_deployable(conn, mv)
         conn.execute(
             "UPDATE deployments SET canary_percent = ?, canary_rule = ?, canary_window_s = ? "
             "WHERE id = ?",
@@ -398,7 +414,10 @@ def _end_canary_in(
         "actor = ? WHERE deployment_id = ? AND revision = ?",
         (outcome, reason, actor or current_actor(), dep_id, canary),
     )
-    promoted = ", current_revision = canary_revision" if outcome == "promoted" else ""
+    # Promoting serves a version chosen by hand: an alias it followed no longer decides.
+    promoted = (
+        ", current_revision = canary_revision, follow_alias = NULL" if outcome == "promoted" else ""
+    )
     conn.execute(
         f"UPDATE deployments SET canary_revision = NULL, canary_percent = NULL, "
         f"canary_rule = NULL, canary_window_s = NULL{promoted}, "
@@ -407,7 +426,7 @@ def _end_canary_in(
     )
 
 
-def _end_canary(
+def end_canary(
     app: Appliance,
     name: str,
     outcome: str,
@@ -430,7 +449,7 @@ def _end_canary(
 
 def promote_canary(app: Appliance, name: str, reason: str | None = None) -> dict[str, Any]:
     """Make the canary revision the one that takes all the traffic."""
-    _end_canary(app, name, "promoted", reason, None)
+    end_canary(app, name, "promoted", reason, None)
     return wait_served(app, name)
 
 
@@ -443,7 +462,7 @@ def abort_canary(
     expected: int | None = None,
 ) -> dict[str, Any]:
     """Send all the traffic back to the stable revision; the canary's revision keeps why."""
-    _end_canary(app, name, "aborted", reason or "aborted", actor, expected)
+    end_canary(app, name, "aborted", reason or "aborted", actor, expected)
     return wait_served(app, name) if wait else get_deployment(app, name)
 
 
@@ -454,6 +473,10 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
     if to_revision is not None and to_revision < 1:
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
+    if dep["canary_revision"] is not None and to_revision is None:
+        # With a canary running, known good is the stable revision: end the canary only.
+        end_canary(app, name, "aborted", "rolled back", None, expected=dep["canary_revision"])
+        return wait_served(app, name)
     live = app.db.rows(
         "SELECT r.revision, mv.version FROM deployment_revisions r "
         "JOIN model_versions mv ON mv.id = r.model_version_id WHERE r.deployment_id = ? "
@@ -483,39 +506,23 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
         dep_id, canary, current = _locked_deployment(conn, name, mv)
         if current != dep["current_revision"]:
             raise Conflict(f"deployment {name!r} changed meanwhile; run the rollback again")
+        _still_deployable(conn, mv)
         if canary is not None:
             _end_canary_in(conn, dep_id, canary, "aborted", "rolled back", None)
-        _append_revision(conn, dep_id, name, mv, "rollback")
+        # a rollback is a version chosen by hand: an alias it followed no longer decides
+        conn.execute("UPDATE deployments SET follow_alias = NULL WHERE id = ?", (dep_id,))
+        if _version_of(conn, dep_id, current) != mv["id"]:
+            _append_revision(conn, dep_id, name, mv, "rollback")
     return wait_served(app, name)
 
 
-def check_followers(app: Appliance, model: str, alias: str, mv: dict[str, Any]) -> list[str]:
-    """Deployments that follow `model@alias`; raises, before the alias moves, when `mv`
-    cannot be served by them (its model file is missing or damaged)."""
-    names = [
-        r["name"]
-        for r in app.db.rows(
-            "SELECT d.name FROM deployments d JOIN registered_models m ON m.id = d.model_id "
-            "WHERE m.name = ? AND d.follow_alias = ?",
-            (model, alias),
-        )
-    ]
-    if names:
-        try:
-            app.objects.get_file(mv["sha256"])
-        except ApplianceError as exc:
-            raise Conflict(
-                f"{model}@{alias} not moved: deployment(s) {', '.join(names)} follow it and "
-                f"{mv['ref']} cannot be served: {exc.message}"
-            ) from exc
-    return names
-
-
 def follow_alias_moved(
-    conn: sqlite3.Connection, model: str, alias: str, mv: dict[str, Any]
+    app: Appliance, conn: sqlite3.Connection, model: str, alias: str, mv: dict[str, Any]
 ) -> list[str]:
     """In the alias move's transaction: a revision for each deployment that follows
-    `model@alias`. A canary running there is aborted: the alias decides what it serves."""
+    `model@alias`. A canary running there is aborted: the alias decides what it serves.
+    When a follower could not serve `mv` (its model file is missing or damaged), the move is
+    refused and nothing changes."""
     rows = conn.execute(
         "SELECT d.id, d.name, d.canary_revision, r.model_version_id FROM deployments d "
         "JOIN registered_models m ON m.id = d.model_id "
@@ -523,6 +530,15 @@ def follow_alias_moved(
         "AND r.revision = d.current_revision WHERE m.name = ? AND d.follow_alias = ?",
         (model, alias),
     ).fetchall()
+    if rows:
+        try:
+            app.objects.get_file(mv["sha256"])
+        except ApplianceError as exc:
+            names = ", ".join(r[1] for r in rows)
+            raise Conflict(
+                f"{model}@{alias} not moved: deployment(s) {names} follow it and "
+                f"{mv['ref']} cannot be served: {exc.message}"
+            ) from exc
     moved = []
     why = f"{model}@{alias} moved to {mv['ref']}"
     for dep_id, name, canary, current in rows:

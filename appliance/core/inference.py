@@ -289,6 +289,7 @@ def encode_binary_outputs(response: dict[str, Any]) -> tuple[bytes, int]:
 
 
 _INTEGER_RANGES = {
+    "BOOL": (0, 1),
     "UINT8": (0, 2**8 - 1),
     "UINT16": (0, 2**16 - 1),
     "UINT32": (0, 2**32 - 1),
@@ -343,10 +344,11 @@ def _check_range(name: str, datatype: str, array: Any) -> None:
             (finite != np.floor(finite)) | (finite < bounds[0]) | (finite > bounds[1])
         )
         if bad.size:
-            value = finite[bad[0]]
+            value = float(finite[bad[0]])
             raise RequestError(
                 400,
-                f"input {name!r}: {value!r} is not a {datatype} (whole, {bounds[0]}..{bounds[1]})",
+                f"input {name!r}: {value:g} is not a valid {datatype} "
+                f"(a whole number, {bounds[0]}..{bounds[1]})",
             )
     limit = _FLOAT_LIMITS.get(datatype)
     if limit is not None and finite.size and np.abs(finite).max() > limit:
@@ -586,4 +588,8 @@ def parse_csv(raw: bytes, runtime: ModelRuntime) -> dict[str, list[Any]]:
         except ValueError:
             return text
 
-    return {name: [value(row[j]) for row in data] for j, name in enumerate(header)}
+    # category columns keep their text: "02134" and "1.5" are levels, not numbers
+    return {
+        name: [(row[j] or None) if name in runtime.categories else value(row[j]) for row in data]
+        for j, name in enumerate(header)
+    }

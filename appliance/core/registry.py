@@ -241,9 +241,8 @@ def set_alias(
         raise InvalidInput(f"alias {alias!r}: {target['ref']} is not a version of {name!r}")
     if target["archived_at"]:
         raise Conflict(f"{target['ref']} is archived; an alias cannot point at it")
-    from appliance.core.deployments import check_followers, follow_alias_moved, wait_served
+    from appliance.core.deployments import follow_alias_moved, wait_served
 
-    check_followers(app, name, alias, target)  # a follower that cannot serve it: not moved
     now = utcnow()
     with app.db.transaction() as conn:
         model_id = conn.execute(
@@ -273,7 +272,13 @@ def set_alias(
                 json.dumps(report) if report is not None else None,
             ),
         )
-        followed = follow_alias_moved(conn, name, alias, target)
+        if conn.execute(
+            "SELECT archived_at FROM model_versions WHERE id = ?", (target["id"],)
+        ).fetchone()[0]:
+            raise Conflict(f"{target['ref']} is archived; an alias cannot point at it")
+        followed = []
+        if before is None or before[0] != target["id"]:  # a real move: followers follow
+            followed = follow_alias_moved(app, conn, name, alias, target)
     for deployment in followed:
         wait_served(app, deployment)
     return {**get_model_version(app, target["ref"]), "deployments_followed": followed}

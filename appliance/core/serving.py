@@ -101,6 +101,7 @@ class Routing:
     canary: ModelRuntime | None = None
     canary_revision: int | None = None
     percent: float = 0.0
+    degraded: str | None = None  # why it serves less than the deployment's current revision
 
     def versions(self) -> list[int]:
         served = [self.stable.version]
@@ -188,6 +189,7 @@ class ModelServer:
                 return False
             self.model = state["model"]
             generation = int(state["generation"])
+            degraded = None
             try:
                 stable = self._runtime(int(state["version"]))
             except ApplianceError as exc:
@@ -199,6 +201,10 @@ class ModelServer:
                 log.error("revision %s cannot be served: %s", state["current_revision"], exc)
                 stable = self._runtime(int(state["previous_version"]))
                 generation = -1
+                degraded = (
+                    f"revision {state['current_revision']} cannot be served ({exc.message}); "
+                    f"serving version {stable.version}"
+                )
             canary = None
             if state["canary_version"] is not None:
                 try:
@@ -210,6 +216,7 @@ class ModelServer:
                         "canary revision %s cannot be served: %s", state["canary_revision"], exc
                     )
                     generation = -1
+                    degraded = f"canary revision {state['canary_revision']}: {exc.message}"
             keep = {stable.version} | ({canary.version} if canary else set())
             if state["previous_version"] is not None:  # the rollback target stays warm
                 try:
@@ -223,6 +230,7 @@ class ModelServer:
                 canary=canary,
                 canary_revision=state["canary_revision"],
                 percent=float(state["canary_percent"] or 0.0),
+                degraded=degraded,
             )
             window_s = int(state["canary_window_s"] or 0)
             self.stats.keep_seconds = max(KEEP_SECONDS, window_s + 2)
@@ -242,6 +250,7 @@ class ModelServer:
                 "generation": routing.generation if routing else -1,
                 "revision": routing.revision if routing else None,
                 "versions": routing.versions() if routing else [],
+                "degraded": routing.degraded if routing else None,
                 "traffic": self.stats.snapshot(),
             },
         )
@@ -367,6 +376,7 @@ class ModelServer:
                     "model_version": routing.stable.version,
                     "revision": routing.revision,
                     "canary_version": routing.canary.version if routing.canary else None,
+                    "degraded": routing.degraded,
                 }
                 return Response(200, _dumps(payload))
             if path == "/metrics":
@@ -504,6 +514,7 @@ class InferenceApp:
                 else "Content-Length must be a byte count"
             )
             await self._send(send, _error(status, message), close=True)
+            self._count_refused(scope["path"], status, started)
             return
         chunks: list[bytes] = []
         size = 0
@@ -518,6 +529,7 @@ class InferenceApp:
                 await self._send(
                     send, _error(413, f"request body over the {self.max_body}-byte limit"), True
                 )
+                self._count_refused(scope["path"], 413, started)
                 return
             if chunk:
                 chunks.append(chunk)
@@ -525,14 +537,16 @@ class InferenceApp:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         response = self.server.handle(scope["method"], scope["path"], headers, body)
         await self._send(send, response)
-        served = response.served
-        path = scope["path"]
-        if served is None and (path == "/invocations" or path.endswith("/infer")):
-            served = UNROUTED  # refused before a version was chosen: still a request to count
-        if served is not None:
-            self.server.stats.observe(
-                served[0], served[1], response.status, time.perf_counter() - started
-            )
+        if response.served is not None:
+            version, role = response.served
+            self.server.stats.observe(version, role, response.status, time.perf_counter() - started)
+        else:
+            self._count_refused(scope["path"], response.status, started)
+
+    def _count_refused(self, path: str, status: int, started: float) -> None:
+        """A prediction request refused before a version was chosen still counts."""
+        if path == "/invocations" or path.endswith("/infer"):
+            self.server.stats.observe(*UNROUTED, status, time.perf_counter() - started)
 
     @staticmethod
     async def _send(send: Send, response: Response, close: bool = False) -> None:
@@ -708,7 +722,7 @@ def judge_canary(app: Appliance, name: str, directory: Path) -> str | None:
     nothing from before it started); returns the reason."""
     from datetime import datetime
 
-    from appliance.core.deployments import abort_canary
+    from appliance.core.deployments import end_canary
 
     row = app.db.one(
         "SELECT d.canary_revision, d.canary_rule, d.canary_window_s, mv.version, "
@@ -731,9 +745,8 @@ def judge_canary(app: Appliance, name: str, directory: Path) -> str | None:
     if reason is None:
         return None
     reason = f"auto-rollback: {reason}"
-    abort_canary(
-        app, name, reason=reason, actor="server", wait=False, expected=row["canary_revision"]
-    )
+    if end_canary(app, name, "aborted", reason, "server", expected=row["canary_revision"]) is None:
+        return None  # it ended meanwhile (promoted, aborted): not ours to judge any more
     log.warning("canary revision %s rolled back: %s", row["canary_revision"], reason)
     return reason
 
