@@ -8,8 +8,9 @@ platform and served by a real deployment on 127.0.0.1. One run measures:
   2. unloaded latency: one connection, one request at a time (p50 vs the 1-row floor);
   3. single-row JSON requests under closed-loop load (req/s, p50, p99, errors);
   4. 1,000-row batches as JSON and with the binary tensor extension (rows/s vs the floor);
-  5. deploy/rollback cycles under the single-row load: failed requests, and how long each
-     swap takes until every worker serves the target version (the command's return).
+  5. deploy/rollback cycles under the single-row load, from a separate process as the CLI
+     would: failed requests, and how long each swap takes until every worker serves the
+     target version (the command's return).
 The load generator (benchmarks/loadgen.py) runs in this process, on the same cores.
 """
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +34,22 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.loadgen import http_request, run_load  # noqa: E402
 
 FEATURES = [f"f{i:02d}" for i in range(20)]
+CYCLES = """
+import json, sys, time
+from appliance.core import deployments
+from appliance.core.context import Appliance
+app = Appliance.open(sys.argv[1])
+swaps = []
+for i in range(int(sys.argv[2]) * 2):
+    started = time.perf_counter()
+    if i % 2 == 0:
+        deployments.deploy(app, "bench", sys.argv[3])
+    else:
+        deployments.rollback(app, "bench")
+    swaps.append(time.perf_counter() - started)
+    time.sleep(0.1)
+print(json.dumps(swaps))
+"""
 
 
 def build_home(home: Path, rows: int) -> tuple[object, list[dict]]:
@@ -150,15 +169,16 @@ def main() -> int:
             swaps: list[float] = []
 
             def cycles() -> None:
-                for i in range(args.cycles * 2):
-                    target = v2 if i % 2 == 0 else v1
-                    started = time.perf_counter()
-                    if i % 2 == 0:
-                        deployments.deploy(app, "bench", target["ref"])
-                    else:
-                        deployments.rollback(app, "bench")
-                    swaps.append(time.perf_counter() - started)
-                    time.sleep(0.1)
+                # In a process of its own, as the CLI is: the load generator's event loop
+                # must not hold the deploying thread back (one GIL).
+                out = subprocess.run(
+                    [sys.executable, "-c", CYCLES, str(home), str(args.cycles), v2["ref"]],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, "APPLIANCE_HOME": str(home)},
+                )
+                swaps.extend(json.loads(out.stdout))
 
             cycled = run_load(port, single, args.connections, 600, during=cycles)
         finally:
