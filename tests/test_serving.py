@@ -476,6 +476,15 @@ def test_types_are_checked_against_the_signature_and_the_datatype(served, sample
     for tensors, needle in cases:
         code, body = call(infer, {"inputs": tensors})
         assert code == 400 and needle in body["error"], (needle, body)
+    # nested [N, 1] rows take the fast path; anything unusual in them falls back to the checks
+    n = len(rows)
+    assert call(infer, {"inputs": replaced(numeric, shape=[n, 1], data=[[3.0]] * n)})[0] == 200
+    assert call(infer, {"inputs": replaced(numeric, shape=[n, 1], data=[[None]] * n)})[0] == 200
+    ragged = [[1.0], [2.0, 3.0]] + [[1.0]] * (n - 2)
+    code, body = call(infer, {"inputs": replaced(numeric, shape=[n, 1], data=ragged)})
+    assert code == 400 and f"needs {n} values" in body["error"]
+    code, body = call(infer, {"inputs": replaced(numeric, shape=[n, 1], data=[[True]] * n)})
+    assert code == 400 and "element 0 is True" in body["error"]
     # one numeric [N, F] tensor for a model with category features: the categories are wrong
     matrix = [[0.0] * len(features) for _ in rows]
     tensor = {"name": "m", "shape": [len(rows), len(features)], "datatype": "FP64", "data": matrix}
