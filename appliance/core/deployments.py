@@ -197,7 +197,7 @@ def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
 def wait_served(app: Appliance, name: str, timeout: float = SERVED_TIMEOUT) -> dict[str, Any]:
     """Block until every live worker of a running deployment serves its latest generation
     (a stopped deployment serves it when it starts)."""
-    from appliance.core.serving import state_dir
+    from appliance.core.serving import state_dir, wake_workers
     from appliance.core.traffic import read_snapshots
 
     dep = get_deployment(app, name)
@@ -205,9 +205,12 @@ def wait_served(app: Appliance, name: str, timeout: float = SERVED_TIMEOUT) -> d
         return dep
     directory = state_dir(app, name)
     deadline = time.monotonic() + timeout
+    woken: set[int] = set()
     while True:
         snapshots = [s for s in read_snapshots(directory) if alive(int(s.get("pid") or 0))]
         behind = [s["pid"] for s in snapshots if int(s.get("generation", -1)) < dep["generation"]]
+        wake_workers(app, name, [p for p in behind if p not in woken])
+        woken.update(behind)
         if snapshots and not behind:
             return dep
         if time.monotonic() > deadline:

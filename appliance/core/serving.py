@@ -4,9 +4,10 @@ A deployment's server is a small supervisor process that owns the listening sock
 processes that share it. Each worker holds every model version it serves (the stable revision,
 a canary, and the rollback target) loaded at once, so a deploy or a rollback is one reference
 swap after the load: no request sees a gap or a half-loaded model. Workers follow the metadata
-store (a one-row read every 20 ms) and write a snapshot of what they serve and their traffic
-every second, or at once after a swap; `deploy` returns when every worker's snapshot shows the
-new revision. The supervisor restarts a worker that dies and judges the canary's rule.
+store: the committing command wakes each one with a datagram, and a one-row read every 20 ms
+catches anything missed. They write a snapshot of what they serve and their traffic every
+second, or at once after a swap; `deploy` returns when every worker's snapshot shows the new
+revision. The supervisor restarts a worker that dies and judges the canary's rule.
 """
 
 from __future__ import annotations
@@ -121,6 +122,43 @@ class Response:
 
 def _error(status: int, message: str) -> Response:
     return Response(status, _dumps({"error": message}))
+
+
+def wake_address(app: Appliance, deployment: str, pid: int) -> str | None:
+    """A worker's wake-up socket: Linux's abstract namespace, so no file and no path-length
+    limit; None elsewhere (workers then poll)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    home = zlib.crc32(str(app.settings.home).encode())
+    return f"\0appliance-{home:08x}-{deployment}-{pid}"
+
+
+def _wake_socket(address: str | None) -> socket.socket | None:
+    if address is None:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        log.warning("no wake-up socket (%s); polling every %.0f ms", exc, FOLLOW_SECONDS * 1000)
+        sock.close()
+        return None
+    sock.settimeout(FOLLOW_SECONDS)
+    return sock
+
+
+def wake_workers(app: Appliance, deployment: str, pids: list[int]) -> None:
+    """Tell workers to read the store now (they would within FOLLOW_SECONDS anyway)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for pid in pids:
+            address = wake_address(app, deployment, pid)
+            if address is None:
+                return
+            try:
+                sock.sendto(b"w", address)
+            except OSError:
+                pass  # gone, or its queue is full: it polls anyway
 
 
 _STATE_SQL = (
@@ -256,10 +294,21 @@ class ModelServer:
         )
 
     def follow(self, stop: threading.Event) -> None:
-        """The worker's background thread: new revisions within FOLLOW_SECONDS, snapshots."""
+        """The worker's background thread: a new revision as soon as a command wakes it (a
+        datagram after its commit), or within FOLLOW_SECONDS; snapshots every second."""
         last_snapshot = time.monotonic()
         parent = os.getppid()
-        while not stop.wait(FOLLOW_SECONDS):
+        wake = _wake_socket(wake_address(self.app, self.deployment, os.getpid()))
+        while not stop.is_set():
+            if wake is None:
+                stop.wait(FOLLOW_SECONDS)
+            else:
+                try:
+                    wake.recv(16)  # releases the GIL while it waits
+                except (TimeoutError, OSError):
+                    pass
+            if stop.is_set():
+                return
             if os.getppid() != parent:  # the supervisor is gone: stop serving
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
@@ -747,6 +796,7 @@ def judge_canary(app: Appliance, name: str, directory: Path) -> str | None:
     reason = f"auto-rollback: {reason}"
     if end_canary(app, name, "aborted", reason, "server", expected=row["canary_revision"]) is None:
         return None  # it ended meanwhile (promoted, aborted): not ours to judge any more
+    wake_workers(app, name, [int(s["pid"]) for s in read_snapshots(directory) if s.get("pid")])
     log.warning("canary revision %s rolled back: %s", row["canary_revision"], reason)
     return reason
 
