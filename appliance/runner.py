@@ -4,7 +4,7 @@ python -m appliance.runner agent              the scheduler that starts queued j
 python -m appliance.runner supervise JOB_ID   run one queued job in the foreground (debugging)
 python -m appliance.runner run                a built-in job body (spec in APPLIANCE_JOB_SPEC)
 python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
-python -m appliance.runner serve-worker DEPLOYMENT --fd N   one of its workers (started by serve)
+python -m appliance.runner serve-worker DEPLOYMENT --bind H:P|--fd N   one of its workers
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=0)
     worker = sub.add_parser("serve-worker")
     worker.add_argument("deployment")
-    worker.add_argument("--fd", type=int, required=True)
+    where = worker.add_mutually_exclusive_group(required=True)
+    where.add_argument("--fd", type=int)
+    where.add_argument("--bind")
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve-worker":
         from appliance.core.serving import serve_worker
 
-        return serve_worker(app, args.deployment, args.fd)
+        return serve_worker(app, args.deployment, fd=args.fd, bind=args.bind)
     from appliance.core.serving import serve_deployment
 
     serve_deployment(app, args.deployment, host=args.host, port=args.port)

@@ -616,12 +616,16 @@ def _max_body() -> int:
     return parse_memory(os.environ.get(MAX_BODY_ENV, MAX_BODY), MAX_BODY_ENV)
 
 
-def serve_worker(app: Appliance, name: str, fd: int) -> int:
-    """One worker: load the deployment's models, then answer on the inherited socket."""
+def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | None = None) -> int:
+    """One worker: load the deployment's models, then answer on the inherited socket (`fd`)
+    or on a socket of its own on the supervisor's `host:port` (`bind`, SO_REUSEPORT)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     _die_with_supervisor()
+    # The follow thread must get the GIL quickly from a busy event loop: a swap takes a few
+    # hand-offs (store read, load, snapshot), each of which would otherwise wait up to 5 ms.
+    sys.setswitchinterval(0.001)
     server = ModelServer(app, name)
     server.sync()
     stop = threading.Event()
@@ -638,7 +642,12 @@ def serve_worker(app: Appliance, name: str, fd: int) -> int:
         server_header=False,
         date_header=False,
     )
-    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+    if bind is not None:
+        host, _, port = bind.rpartition(":")
+        sock = _bind(host.strip("[]"), int(port))
+    else:
+        sock = socket.socket(fileno=fd)
+    uvicorn.Server(config).run(sockets=[sock])
     stop.set()
     return 0
 
@@ -675,13 +684,21 @@ def _http() -> str:
     return "httptools"
 
 
-def _bind(host: str, port: int) -> socket.socket:
+REUSEPORT = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
+def _bind(host: str, port: int, listen: bool = True) -> socket.socket:
+    """A TCP socket on host:port. With SO_REUSEPORT each worker listens on a socket of its
+    own and the kernel spreads new connections across them; one shared socket instead lets
+    the worker that happens to be waiting take them all."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if REUSEPORT:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    if listen:
+        sock.listen(2048)
     return sock
 
 
@@ -707,20 +724,15 @@ class _Workers:
         }
         # Several workers on few cores: OpenMP threads that spin would starve each other.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "appliance.runner",
-                "serve-worker",
-                self.name,
-                "--fd",
-                str(self.sock.fileno()),
-            ],
-            pass_fds=(self.sock.fileno(),),
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        command = [sys.executable, "-m", "appliance.runner", "serve-worker", self.name]
+        if REUSEPORT:  # the worker listens on host:port itself, once its models are loaded
+            host, port = self.sock.getsockname()[:2]
+            command += ["--bind", f"{host}:{port}"]
+            fds: tuple[int, ...] = ()
+        else:  # every worker accepts on the supervisor's socket
+            command += ["--fd", str(self.sock.fileno())]
+            fds = (self.sock.fileno(),)
+        proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL, env=env)
         self.procs.append(proc)
         return proc
 
@@ -813,7 +825,9 @@ def serve_deployment(app: Appliance, name: str, host: str = "127.0.0.1", port: i
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("worker-*.json"):
         stale.unlink(missing_ok=True)
-    sock = _bind(host, port)
+    sock = _bind(host, port, listen=not REUSEPORT)  # with REUSEPORT: holds the port only
+    if not REUSEPORT:
+        sock.set_inheritable(True)
     workers = _Workers(app, name, sock, max(1, int(row["workers"] or 1)))
     stop = threading.Event()
 
