@@ -60,6 +60,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m006_cancel_request",
         "m007_registry_history",
         "m008_deployment_traffic",
+        "m009_feature_definitions",
     ]
     again.close()
 

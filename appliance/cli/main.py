@@ -1246,6 +1246,68 @@ def deploy_cmd(
     )
 
 
+# ---- features ----------------------------------------------------------------------------------
+@cli.group("features")
+def features_group() -> None:
+    """Feature store: entities, feature views and services; point-in-time training sets."""
+
+
+@command(features_group, "apply")
+@click.argument("directory", type=click.Path(exists=True))
+def features_apply(app: Any, as_json: bool, directory: str) -> None:
+    """Validate the YAML definitions in DIRECTORY and register them (changed ones get their
+    next version; unchanged ones are left alone)."""
+    from appliance.core.features import apply
+
+    emit(apply(app, directory), as_json, ("kind", "name", "version", "created"))
+
+
+@command(features_group, "list")
+@click.option("--kind", type=click.Choice(["entity", "view", "service"]))
+def features_list(app: Any, as_json: bool, kind: str | None) -> None:
+    """The latest version of every entity, feature view and feature service."""
+    from appliance.core.features import list_definitions
+
+    emit(list_definitions(app, kind), as_json, ("kind", "name", "version", "created_at"))
+
+
+@command(features_group, "show")
+@click.argument("kind", type=click.Choice(["entity", "view", "service"]))
+@click.argument("ref")
+def features_show(app: Any, as_json: bool, kind: str, ref: str) -> None:
+    """One definition (NAME or NAME@VERSION) with its full spec."""
+    from appliance.core.features import get_definition
+
+    emit(get_definition(app, kind, ref), as_json)
+
+
+@command(features_group, "training-set")
+@click.option("--service", required=True, help="Feature service, NAME or NAME@VERSION.")
+@click.option("--entities", required=True, help="Entity dataset, NAME or NAME@VERSION.")
+@click.option("--out", required=True, help="Dataset to write the training set to.")
+@click.option("--timestamp-col", default="event_ts", show_default=True)
+@click.option(
+    "--as-of-known-time/--no-as-of-known-time",
+    default=True,
+    show_default=True,
+    help="Also require created <= the entity time (no value written later leaks in).",
+)
+def features_training_set(
+    app: Any,
+    as_json: bool,
+    service: str,
+    entities: str,
+    out: str,
+    timestamp_col: str,
+    as_of_known_time: bool,
+) -> None:
+    """Point-in-time join of a feature service onto an entity dataset, as a new dataset
+    version."""
+    from appliance.core.features import training_set
+
+    emit(training_set(app, service, entities, out, timestamp_col, as_of_known_time), as_json)
+
+
 REVISION_COLUMNS = (
     "revision",
     "model_version",

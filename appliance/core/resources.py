@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.core import datasets, deployments, jobs, registry, runs
+from appliance.core import datasets, deployments, features, jobs, registry, runs
 from appliance.core.context import Appliance
 from appliance.errors import InvalidInput
 
@@ -65,6 +65,12 @@ KINDS: dict[str, Kind] = {
                 "error_rate",
             ),
             deployments.list_deployments,
+        ),
+        Kind(
+            "features",
+            ("feature", "fs", "f"),
+            ("kind", "name", "version", "created_at"),
+            features.list_definitions,
         ),
     )
 }

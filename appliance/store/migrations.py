@@ -336,6 +336,26 @@ def m008_deployment_traffic(db: Any) -> None:
     )
 
 
+def m009_feature_definitions(db: Any) -> None:
+    # Entities, feature views and feature services: one row per immutable version, the spec as
+    # JSON and its sha256 (an apply that changes nothing adds nothing).
+    _run_script(
+        db,
+        """
+        CREATE TABLE feature_definitions (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('entity', 'view', 'service')),
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            spec_json TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (kind, name, version)
+        )
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -370,6 +390,7 @@ STEPS: list[Callable[[Any], None]] = [
     m006_cancel_request,
     m007_registry_history,
     m008_deployment_traffic,
+    m009_feature_definitions,
 ]
 
 

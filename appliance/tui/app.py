@@ -170,7 +170,7 @@ class ApplianceApp(App[None]):
         prompt = self.query_one("#prompt", Input)
         self.prompt_mode = mode
         prompt.placeholder = (
-            "jump to: datasets, jobs, runs, models, deployments"
+            "jump to: datasets, jobs, runs, models, deployments, features"
             if mode == "jump"
             else "filter rows (regex)"
         )

@@ -1,0 +1,391 @@
+"""Feature definitions: entities, feature views and feature services, immutable and versioned,
+and the training sets built from them with the point-in-time join.
+
+`apply` reads YAML files, checks every definition against its source dataset (columns, types,
+keys, the timestamp), and registers in one transaction: an object whose definition changed gets
+its next version, an unchanged one is left alone. A feature service pins the versions of the
+views it draws from, so a model trained on `driver_model@2` always means the same columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from appliance.core import duck
+from appliance.core.context import Appliance
+from appliance.core.names import validate_name
+from appliance.errors import InvalidInput, NotFound
+from appliance.store.db import utcnow
+
+KINDS = ("entity", "view", "service")
+# declared type -> the DuckDB column types that hold it
+TYPES = {
+    "float64": {"DOUBLE"},
+    "float32": {"FLOAT"},
+    "int64": {"BIGINT"},
+    "int32": {"INTEGER"},
+    "bool": {"BOOLEAN"},
+    "string": {"VARCHAR"},
+}
+_TIMESTAMPS = ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "DATE", "TIMESTAMP_NS", "TIMESTAMP_MS")
+
+
+def _digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def read_definitions(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Every `*.yaml`/`*.yml` file in `directory` (or one file): entities, feature_views and
+    feature_services, with errors that name the file and the object."""
+    import yaml
+
+    root = Path(directory)
+    files = [root] if root.is_file() else sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
+    if not files:
+        raise InvalidInput(f"{directory}: no feature definition files (*.yaml)")
+    found: dict[str, list[dict[str, Any]]] = {
+        "entities": [],
+        "feature_views": [],
+        "feature_services": [],
+    }
+    for file in files:
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InvalidInput(f"{file.name}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{file.name}: expected a mapping with entities/feature_views/…")
+        unknown = set(data) - set(found)
+        if unknown:
+            raise InvalidInput(f"{file.name}: unknown section(s) {sorted(unknown)}")
+        for section, items in data.items():
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise InvalidInput(f"{file.name}: {section} must be a list of mappings")
+            found[section] += [{**i, "__file": file.name} for i in items]
+    return found
+
+
+def _field(
+    obj: dict[str, Any], key: str, where: str, kind: type = str, required: bool = True
+) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{where}: {key} is required")
+        return None
+    if not isinstance(value, kind):
+        raise InvalidInput(f"{where}: {key} must be a {kind.__name__}")
+    return value
+
+
+def _entity_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    where = f"{obj['__file']}: entity {obj.get('name')!r}"
+    name = _field(obj, "name", where)
+    validate_name("entity", name)
+    keys = _field(obj, "join_keys", where, list)
+    if not keys or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
+        raise InvalidInput(f"{where}: join_keys must be distinct column names")
+    return {"name": name, "join_keys": keys}
+
+
+def _view_spec(
+    app: Appliance, obj: dict[str, Any], entities: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    from appliance.core.datasets import get_dataset_version
+    from appliance.core.jobs import parse_duration
+
+    where = f"{obj['__file']}: feature view {obj.get('name')!r}"
+    name = _field(obj, "name", where)
+    validate_name("feature view", name)
+    names = _field(obj, "entities", where, list)
+    keys: list[str] = []
+    for entity in names:
+        if entity not in entities:
+            raise InvalidInput(f"{where}: unknown entity {entity!r}")
+        keys += [k for k in entities[entity]["join_keys"] if k not in keys]
+    source = _field(obj, "source", where)
+    version = get_dataset_version(app, source)  # NotFound names the dataset
+    columns = {c["name"]: c["type"].upper() for c in version["schema"]}
+    timestamp = _field(obj, "timestamp", where)
+    created = _field(obj, "created_timestamp", where, required=False)
+    for column, role in [(timestamp, "timestamp"), (created, "created_timestamp")]:
+        if column is None:
+            continue
+        if column not in columns:
+            raise InvalidInput(f"{where}: {role} column {column!r} is not in {version['ref']}")
+        if not columns[column].startswith(_TIMESTAMPS):
+            raise InvalidInput(
+                f"{where}: {role} column {column!r} is {columns[column]}, not a timestamp"
+            )
+    for key in keys:
+        if key not in columns:
+            raise InvalidInput(f"{where}: join key {key!r} is not in {version['ref']}")
+    ttl = obj.get("ttl")
+    ttl_seconds = None if ttl in (None, 0, "0") else parse_duration(ttl, f"{where}: ttl")
+    features = []
+    for item in _field(obj, "features", where, list):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput(f"{where}: each feature needs a name")
+        fname, ftype = item["name"], item.get("type")
+        if ftype not in TYPES:
+            raise InvalidInput(
+                f"{where}: feature {fname!r}: type {ftype!r} is not one of {sorted(TYPES)}"
+            )
+        if fname not in columns:
+            raise InvalidInput(f"{where}: feature {fname!r} is not a column of {version['ref']}")
+        if columns[fname] not in TYPES[ftype]:
+            raise InvalidInput(
+                f"{where}: feature {fname!r} is declared {ftype} but {version['ref']} holds "
+                f"{columns[fname]}"
+            )
+        features.append(
+            {"name": fname, "type": ftype, "description": str(item.get("description") or "")}
+        )
+    if not features:
+        raise InvalidInput(f"{where}: features must not be empty")
+    if len({f["name"] for f in features}) != len(features):
+        raise InvalidInput(f"{where}: a feature is listed twice")
+    return {
+        "name": name,
+        "entities": names,
+        "join_keys": keys,
+        "source": source,
+        "timestamp": timestamp,
+        "created_timestamp": created,
+        "ttl_seconds": ttl_seconds,
+        "features": features,
+    }
+
+
+def _service_spec(
+    obj: dict[str, Any], views: dict[str, tuple[int, dict[str, Any]]]
+) -> dict[str, Any]:
+    where = f"{obj['__file']}: feature service {obj.get('name')!r}"
+    name = _field(obj, "name", where)
+    validate_name("feature service", name)
+    full = bool(obj.get("full_feature_names", False))
+    refs = _field(obj, "features", where, list)
+    chosen: list[dict[str, Any]] = []
+    for ref in refs:
+        if not isinstance(ref, str) or ":" not in ref:
+            raise InvalidInput(f"{where}: feature {ref!r} must be written VIEW:FEATURE")
+        view, _, feature = ref.partition(":")
+        if view not in views:
+            raise InvalidInput(f"{where}: unknown feature view {view!r}")
+        version, spec = views[view]
+        if feature not in {f["name"] for f in spec["features"]}:
+            raise InvalidInput(f"{where}: view {view!r} has no feature {feature!r}")
+        chosen.append({"view": view, "view_version": version, "feature": feature})
+    output = [f"{c['view']}__{c['feature']}" if full else c["feature"] for c in chosen]
+    if len(set(output)) != len(output):
+        clash = sorted({n for n in output if output.count(n) > 1})
+        raise InvalidInput(
+            f"{where}: feature name(s) {clash} come from more than one view; "
+            "set full_feature_names: true to name them VIEW__FEATURE"
+        )
+    return {"name": name, "features": chosen, "full_feature_names": full}
+
+
+def _latest(conn: Any, kind: str, name: str) -> tuple[int, str] | None:
+    row = conn.execute(
+        "SELECT version, sha256 FROM feature_definitions WHERE kind = ? AND name = ? "
+        "ORDER BY version DESC LIMIT 1",
+        (kind, name),
+    ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def _register(conn: Any, kind: str, spec: dict[str, Any], now: str) -> tuple[int, bool]:
+    digest = _digest(spec)
+    latest = _latest(conn, kind, spec["name"])
+    if latest is not None and latest[1] == digest:
+        return latest[0], False
+    version = 1 if latest is None else latest[0] + 1
+    conn.execute(
+        "INSERT INTO feature_definitions (kind, name, version, spec_json, sha256, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (kind, spec["name"], version, json.dumps(spec), digest, now),
+    )
+    return version, True
+
+
+def apply(app: Appliance, directory: str | Path) -> list[dict[str, Any]]:
+    """Validate every definition, then register them all in one transaction; returns each
+    object with its version and whether this apply created it."""
+    found = read_definitions(directory)
+    entities = {}
+    for obj in found["entities"]:
+        spec = _entity_spec(obj)
+        if spec["name"] in entities:
+            raise InvalidInput(f"{obj['__file']}: entity {spec['name']!r} is defined twice")
+        entities[spec["name"]] = spec
+    known = {e["name"]: e for e in list_definitions(app, "entity")}
+    view_specs = []
+    for obj in found["feature_views"]:
+        view_specs.append(_view_spec(app, obj, {**known, **entities}))
+    if len({v["name"] for v in view_specs}) != len(view_specs):
+        raise InvalidInput("feature views: a name is defined twice")
+    out = []
+    now = utcnow()
+    with app.db.transaction() as conn:
+        for spec in entities.values():
+            version, created = _register(conn, "entity", spec, now)
+            out.append(
+                {"kind": "entity", "name": spec["name"], "version": version, "created": created}
+            )
+        views: dict[str, tuple[int, dict[str, Any]]] = {}
+        for row in conn.execute(
+            "SELECT name, max(version) FROM feature_definitions WHERE kind = 'view' GROUP BY name"
+        ).fetchall():
+            spec_json = conn.execute(
+                "SELECT spec_json FROM feature_definitions WHERE kind = 'view' AND name = ? "
+                "AND version = ?",
+                (row[0], row[1]),
+            ).fetchone()[0]
+            views[row[0]] = (int(row[1]), json.loads(spec_json))
+        for spec in view_specs:
+            version, created = _register(conn, "view", spec, now)
+            views[spec["name"]] = (version, spec)
+            out.append(
+                {"kind": "view", "name": spec["name"], "version": version, "created": created}
+            )
+        for obj in found["feature_services"]:
+            spec = _service_spec(obj, views)
+            version, created = _register(conn, "service", spec, now)
+            out.append(
+                {"kind": "service", "name": spec["name"], "version": version, "created": created}
+            )
+    return out
+
+
+def get_definition(app: Appliance, kind: str, ref: str) -> dict[str, Any]:
+    """`name` (the latest version) or `name@N`, with its spec."""
+    name, _, version = ref.partition("@")
+    sql = (
+        "SELECT name, version, spec_json, created_at FROM feature_definitions "
+        "WHERE kind = ? AND name = ? "
+    )
+    if version:
+        if not version.isdigit():
+            raise InvalidInput(f"{kind} {ref!r}: the version after '@' must be a number")
+        row = app.db.one(sql + "AND version = ?", (kind, name, int(version)))
+    else:
+        row = app.db.one(sql + "ORDER BY version DESC LIMIT 1", (kind, name))
+    if row is None:
+        raise NotFound(f"feature {kind} {ref!r} not found; run 'appliance features apply DIR'")
+    spec = json.loads(row.pop("spec_json"))
+    return {
+        **spec,
+        "version": row["version"],
+        "ref": f"{name}@{row['version']}",
+        "created_at": row["created_at"],
+    }
+
+
+def list_definitions(app: Appliance, kind: str | None = None) -> list[dict[str, Any]]:
+    """The latest version of every definition (of one kind)."""
+    rows = app.db.rows(
+        "SELECT kind, name, max(version) AS version FROM feature_definitions "
+        + ("WHERE kind = ? " if kind else "")
+        + "GROUP BY kind, name ORDER BY kind, name",
+        (kind,) if kind else (),
+    )
+    return [
+        {"kind": r["kind"], **get_definition(app, r["kind"], f"{r['name']}@{r['version']}")}
+        for r in rows
+    ]
+
+
+def training_set(
+    app: Appliance,
+    service: str,
+    entities: str,
+    out: str,
+    timestamp_col: str = "event_ts",
+    as_of_known_time: bool = True,
+) -> dict[str, Any]:
+    """The point-in-time join of a feature service onto an entity dataset, written as the next
+    version of dataset `out` with lineage to the entity dataset, the service and view
+    versions, and the source dataset versions it read."""
+    from appliance.core.datasets import add_version, describe_parquet, get_dataset_version
+    from appliance.core.pointintime import FeatureSource, point_in_time_sql
+
+    validate_name("dataset", out)
+    svc = get_definition(app, "service", service)
+    entity_version = get_dataset_version(app, entities)
+    con = duck.connect(app.settings)
+    inputs = [
+        ("DatasetVersion", f"dataset:{entity_version['ref']}"),
+        ("FeatureService", f"feature-service:{svc['ref']}"),
+    ]
+    tmp_root = app.settings.cache_dir / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    try:
+        entity_file = duck.sql_string(str(app.objects.get_file(entity_version["sha256"])))
+        con.execute(f"CREATE VIEW __entities AS SELECT * FROM read_parquet({entity_file})")
+        by_view: dict[tuple[str, int], list[str]] = {}
+        for item in svc["features"]:
+            by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
+        sources = []
+        for i, ((view, view_version), feats) in enumerate(by_view.items()):
+            spec = get_definition(app, "view", f"{view}@{view_version}")
+            data = get_dataset_version(app, spec["source"])
+            inputs += [
+                ("FeatureView", f"feature-view:{spec['ref']}"),
+                ("DatasetVersion", f"dataset:{data['ref']}"),
+            ]
+            path = duck.sql_string(str(app.objects.get_file(data["sha256"])))
+            named = [f"{view}__{f}" if svc["full_feature_names"] else f for f in feats]
+            renamed = ", ".join(
+                f"{duck.sql_identifier(f)} AS {duck.sql_identifier(n)}"
+                for f, n in zip(feats, named, strict=True)
+            )
+            keys = ", ".join(duck.sql_identifier(k) for k in spec["join_keys"])
+            extra = [spec["timestamp"]] + (
+                [spec["created_timestamp"]] if spec["created_timestamp"] else []
+            )
+            con.execute(
+                f"CREATE VIEW __view{i} AS SELECT {keys}, "
+                + ", ".join(duck.sql_identifier(c) for c in extra)
+                + f", {renamed}, file_row_number AS __order "
+                f"FROM read_parquet({path}, file_row_number = true)"
+            )
+            sources.append(
+                FeatureSource(
+                    relation=f"__view{i}",
+                    keys=tuple(spec["join_keys"]),
+                    timestamp=spec["timestamp"],
+                    features=tuple(named),
+                    created=spec["created_timestamp"],
+                    ingest_order="__order",
+                    ttl_seconds=spec["ttl_seconds"],
+                    name=f"feature view {view}@{view_version}",
+                )
+            )
+        sql = point_in_time_sql(con, "__entities", timestamp_col, sources, as_of_known_time)
+        with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+            path = Path(tmp) / "training.parquet"
+            con.execute(
+                f"COPY ({sql}) TO {duck.sql_string(str(path))} (FORMAT parquet, COMPRESSION zstd)"
+            )
+            rows, schema = describe_parquet(con, f"read_parquet({duck.sql_string(str(path))})")
+            stored = app.objects.put_file(path, move=True)
+    finally:
+        con.close()
+    mode = "as of known time" if as_of_known_time else "by event time"
+    return add_version(
+        app,
+        out,
+        stored,
+        row_count=rows,
+        schema=schema,
+        source=f"training set: {svc['ref']} onto {entity_version['ref']} ({mode})",
+        timestamp_col=timestamp_col,
+        execution="TrainingSet",
+        execution_ref=f"training-set:{svc['ref']}:{entity_version['ref']}:{mode}",
+        inputs=inputs,
+    )
