@@ -41,7 +41,7 @@ def _digest(spec: dict[str, Any]) -> str:
 def read_definitions(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Every `*.yaml`/`*.yml` file in `directory` (or one file): entities, feature_views and
     feature_services, with errors that name the file and the object."""
-    import yaml
+    from appliance.core.jobs import load_yaml_mapping
 
     root = Path(directory)
     files = [root] if root.is_file() else sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
@@ -53,12 +53,7 @@ def read_definitions(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
         "feature_services": [],
     }
     for file in files:
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InvalidInput(f"{file.name}: invalid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(data, dict):
-            raise InvalidInput(f"{file.name}: expected a mapping with entities/feature_views/…")
+        data = load_yaml_mapping(file, "feature definitions")
         unknown = set(data) - set(found)
         if unknown:
             raise InvalidInput(f"{file.name}: unknown section(s) {sorted(unknown)}")

@@ -105,11 +105,10 @@ def point_in_time_sql(
         )
         parts.append(source)
         key_match = " AND ".join(f"e.{k} = f{i}.{k}" for k in keys)
-        ttl = (
-            f" AND f{i}.__ts >= e.__pit_ts - INTERVAL ({float(src.ttl_seconds)}) SECOND"
-            if src.ttl_seconds
-            else ""
+        oldest = (
+            f"e.__pit_ts - INTERVAL ({float(src.ttl_seconds)}) SECOND" if src.ttl_seconds else None
         )
+        ttl = f" AND f{i}.__ts >= {oldest}" if oldest else ""
         rank = (
             f"row_number() OVER (PARTITION BY e.{ROW} ORDER BY f{i}.__ts DESC, "
             f"f{i}.__created DESC NULLS LAST, f{i}.__order DESC)"
@@ -129,11 +128,7 @@ def point_in_time_sql(
             )
             parts.append(dedup)
             asof_keys = " AND ".join(f"e.{k} = d{i}.{k}" for k in keys)
-            ttl_ok = (
-                f"d{i}.__ts >= e.__pit_ts - INTERVAL ({float(src.ttl_seconds)}) SECOND"
-                if src.ttl_seconds
-                else "TRUE"
-            )
+            ttl_ok = f"d{i}.__ts >= {oldest}" if oldest else "TRUE"
             matched = (
                 f"m{i} AS (SELECT e.{ROW}, "
                 + ", ".join(f"CASE WHEN {ttl_ok} THEN d{i}.{f} END AS {f}" for f in feats)
