@@ -217,9 +217,10 @@ class ModelServer:
             self._loaded[version] = runtime
         return runtime
 
-    def sync(self) -> bool:
+    def sync(self, snapshot: bool = True) -> bool:
         """Adopt the deployment's current routing if it changed; True when it did. Every model
-        it needs is loaded before the swap; a version that fails to load leaves routing as is."""
+        it needs is loaded before the swap; a version that fails to load leaves routing as is.
+        The snapshot it writes is the worker's "I serve this": at start, only once it listens."""
         with self._sync_lock:
             state = self._state()
             current = self.routing
@@ -275,7 +276,8 @@ class ModelServer:
             for version in [v for v in self._loaded if v not in keep]:
                 del self._loaded[version]
         log.info("serving %s revision %s", self.model, self.routing.revision)
-        self.write_snapshot()
+        if snapshot:
+            self.write_snapshot()
         return True
 
     def write_snapshot(self) -> None:
@@ -627,9 +629,7 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     # hand-offs (store read, load, snapshot), each of which would otherwise wait up to 5 ms.
     sys.setswitchinterval(0.001)
     server = ModelServer(app, name)
-    server.sync()
-    stop = threading.Event()
-    threading.Thread(target=server.follow, args=(stop,), daemon=True).start()
+    server.sync(snapshot=False)
     config = uvicorn.Config(
         InferenceApp(server, _max_body()),
         loop=_loop(),
@@ -647,6 +647,11 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
         sock = _bind(host.strip("[]"), int(port))
     else:
         sock = socket.socket(fileno=fd)
+    # Listening now: connections wait in the backlog until uvicorn accepts, none is refused,
+    # so this is when the worker may say it is ready.
+    server.write_snapshot()
+    stop = threading.Event()
+    threading.Thread(target=server.follow, args=(stop,), daemon=True).start()
     uvicorn.Server(config).run(sockets=[sock])
     stop.set()
     return 0
