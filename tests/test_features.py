@@ -189,3 +189,70 @@ def test_cli_apply_and_training_set(cli, app: Appliance, tmp_path: Path) -> None
     assert built.code == 0, built.err and built.json()["ref"] == "train_set@1"
     listed = cli("features", "list", *home)
     assert "driver_model" in listed.out and "driver_stats" in listed.out
+
+
+def test_materialize_never_overwrites_newer_values_and_reruns_change_nothing(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import get_online_features, materialize
+
+    features.apply(app, write(tmp_path, DEFINITIONS, ttl="1000d"))
+    newer = materialize(app, end="2026-01-01T10:30:00")
+    assert newer[0]["rows_written"] == 2  # drivers 1 (10:00) and 2 (09:30)
+    older = materialize(app, end="2026-01-01T09:15:00")  # only driver 1's 09:00 row
+    assert older[0]["rows_written"] == 1
+    got = get_online_features(app, "driver_model", {"driver_id": [1, 2, 3]})
+    assert got["metadata"]["feature_names"] == ["driver_id", "conv_rate", "trips"]
+    assert got["results"][0]["values"] == [1, 2, 3]
+    assert got["results"][1]["values"] == [0.2, 0.5, None]  # 10:00 kept over the older 09:00
+    assert got["results"][1]["statuses"] == ["PRESENT", "PRESENT", "NOT_FOUND"]
+    assert got["results"][2]["values"] == [20, 5, None]
+    again = materialize(app, end="2026-01-01T10:30:00")
+    assert again[0]["rows_written"] == 2
+    assert get_online_features(app, "driver_model", {"driver_id": [1, 2, 3]}) == got
+
+
+def test_incremental_runs_pick_up_late_rows_within_the_lookback(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import get_online_features, materialize
+
+    features.apply(app, write(tmp_path, DEFINITIONS, ttl="1000d"))
+    materialize(app, end="2026-01-01T12:00:00")
+    late = tmp_path / "late.csv"  # a row for 11:00 that arrives after the run that ended at 12:00
+    late.write_text(STATS + "2,2026-01-01 11:00:00,2026-01-01 13:00:00,0.9,9\n")
+    datasets.import_csv(app, late, "driver_stats")  # the view follows the latest version
+    runs = materialize(app, incremental=True, lookback_seconds=3 * 3600)
+    assert runs[0]["start"].startswith("2026-01-01T09:00:00")  # 12:00 minus the lookback
+    got = get_online_features(app, "driver_model", {"driver_id": [2]})
+    assert got["results"][1]["values"] == [0.9]
+
+
+def test_online_reads_enforce_the_ttl_and_check_the_request(app: Appliance, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from appliance.core.online import get_online_features, materialize
+
+    features.apply(app, write(tmp_path, DEFINITIONS, ttl="1h"))
+    materialize(app, end="2026-01-01T12:00:00")
+    at_1030 = datetime(2026, 1, 1, 10, 30, tzinfo=UTC).timestamp()
+    fresh = get_online_features(app, "driver_model", {"driver_id": [1, 2]}, now=at_1030)
+    assert fresh["results"][1]["statuses"] == ["PRESENT", "PRESENT"]
+    later = get_online_features(app, "driver_model", {"driver_id": [1, 2]}, now=at_1030 + 3600)
+    assert later["results"][1]["statuses"] == ["OUTSIDE_MAX_AGE", "OUTSIDE_MAX_AGE"]
+    assert later["results"][1]["values"] == [None, None]
+    with pytest.raises(InvalidInput, match="'driver_id' row 0 is '1', but view 'driver_stats'"):
+        get_online_features(app, "driver_model", {"driver_id": ["1"]})
+    with pytest.raises(InvalidInput, match="join key 'driver_id'"):
+        get_online_features(app, "driver_model", {"rider_id": [1]})
+    with pytest.raises(NotFound, match="feature service 'nope'"):
+        get_online_features(app, "nope", {"driver_id": [1]})
+
+
+def test_materializing_before_any_apply_is_refused(app: Appliance) -> None:
+    from appliance.core.online import materialize
+
+    with pytest.raises(InvalidInput, match="no feature views applied yet"):
+        materialize(app)
+    with pytest.raises(NotFound, match="feature view 'ghost' not found"):
+        materialize(app, view="ghost")

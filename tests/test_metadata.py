@@ -61,6 +61,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m007_registry_history",
         "m008_deployment_traffic",
         "m009_feature_definitions",
+        "m010_feature_materializations",
     ]
     again.close()
 

@@ -1308,6 +1308,60 @@ def features_training_set(
     emit(training_set(app, service, entities, out, timestamp_col, as_of_known_time), as_json)
 
 
+@command(features_group, "materialize")
+@click.option("--view", help="One feature view (default: all).")
+@click.option("--start", help="ISO time: only rows at or after it.")
+@click.option("--end", help="ISO time: only rows at or before it (default: now).")
+@click.option("--incremental", is_flag=True, help="Start a lookback window before the last end.")
+@click.option("--lookback", default="1d", show_default=True, help="With --incremental.")
+def features_materialize(
+    app: Any,
+    as_json: bool,
+    view: str | None,
+    start: str | None,
+    end: str | None,
+    incremental: bool,
+    lookback: str,
+) -> None:
+    """Write the latest value per entity key into the online store (never older over newer)."""
+    from appliance.core.jobs import parse_duration
+    from appliance.core.online import materialize
+
+    seconds = parse_duration(lookback, "--lookback")
+    emit(
+        materialize(app, view, start, end, incremental, seconds),
+        as_json,
+        ("view", "start", "end", "rows_written"),
+    )
+
+
+@command(features_group, "get")
+@click.option("--service", required=True, help="Feature service, NAME or NAME@VERSION.")
+@click.option(
+    "--entity", "pairs", multiple=True, required=True, help="KEY=VALUE (repeat for more keys)."
+)
+def features_get(app: Any, as_json: bool, service: str, pairs: tuple[str, ...]) -> None:
+    """Online lookup of one entity: each feature's value and status (ttl enforced)."""
+    from appliance.core.online import get_online_features
+    from appliance.errors import InvalidInput
+
+    entities: dict[str, list[Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--entity {pair!r}: expected KEY=VALUE")
+        entities[key] = [int(value) if value.lstrip("-").isdigit() else value]
+    response = get_online_features(app, service, entities)
+    if as_json:
+        emit(response, True)
+        return
+    rows = [
+        {"feature": n, "value": r["values"][0], "status": r["statuses"][0]}
+        for n, r in zip(response["metadata"]["feature_names"], response["results"], strict=True)
+    ]
+    emit(rows, False, ("feature", "value", "status"))
+
+
 REVISION_COLUMNS = (
     "revision",
     "model_version",

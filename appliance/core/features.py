@@ -148,6 +148,7 @@ def _view_spec(
         "name": name,
         "entities": names,
         "join_keys": keys,
+        "key_types": {k: columns[k] for k in keys},
         "source": source,
         "timestamp": timestamp,
         "created_timestamp": created,

@@ -356,6 +356,25 @@ def m009_feature_definitions(db: Any) -> None:
     )
 
 
+def m010_feature_materializations(db: Any) -> None:
+    # Per feature view version: the end of the last materialization (incremental runs start a
+    # lookback window before it), rows written, the newest event time seen, when it ran.
+    _run_script(
+        db,
+        """
+        CREATE TABLE feature_materializations (
+            view TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            last_end REAL NOT NULL,
+            rows_written INTEGER NOT NULL,
+            newest_event REAL,
+            ran_at TEXT NOT NULL,
+            PRIMARY KEY (view, version)
+        )
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -391,6 +410,7 @@ STEPS: list[Callable[[Any], None]] = [
     m007_registry_history,
     m008_deployment_traffic,
     m009_feature_definitions,
+    m010_feature_materializations,
 ]
 
 

@@ -1,0 +1,217 @@
+"""Online features: materialize the latest value per entity key into the online store, and read
+them back for serving with the ttl enforced at read time (Feast's response shape and statuses).
+
+Materialization is idempotent and never regresses a key (the store compares event times). An
+incremental run starts a lookback window before the previous run's end, so rows that arrive
+late, with event times before that end, are still picked up (unlike feast#4133).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from appliance.core import duck
+from appliance.core.context import Appliance
+from appliance.errors import InvalidInput
+from appliance.store.db import utcnow
+from appliance.store.online import OnlineStore, entity_key
+
+DEFAULT_LOOKBACK = 86400.0
+
+_stores: dict[str, OnlineStore] = {}
+
+
+def online_store(app: Appliance) -> OnlineStore:
+    """The home's online store (one connection per process: lookups stay sub-millisecond)."""
+    path = app.settings.home / "online.db"
+    store = _stores.get(str(path))
+    if store is None:
+        store = _stores[str(path)] = OnlineStore(path)
+    return store
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # naive timestamps are UTC
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def _when(text: str | None, what: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: {text!r} is not an ISO time (2026-01-31T12:00:00)") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def materialize(
+    app: Appliance,
+    view: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    incremental: bool = False,
+    lookback_seconds: float = DEFAULT_LOOKBACK,
+) -> list[dict[str, Any]]:
+    """Write, per entity key, the latest row with start <= ts <= end (ties: created, then file
+    order) of each view (or of one) into the online store; returns what each run wrote."""
+    from appliance.core.datasets import get_dataset_version
+    from appliance.core.features import get_definition, list_definitions
+
+    views = [get_definition(app, "view", view)] if view else list_definitions(app, "view")
+    if not views:
+        raise InvalidInput("no feature views applied yet; run 'appliance features apply DIR'")
+    stop = _when(end, "--end") or datetime.now(UTC)
+    results = []
+    for spec in views:
+        begin = _when(start, "--start")
+        if incremental:
+            last = app.db.one(
+                "SELECT last_end FROM feature_materializations WHERE view = ? AND version = ?",
+                (spec["name"], spec["version"]),
+            )
+            if last is not None:
+                begin = datetime.fromtimestamp(float(last["last_end"]) - lookback_seconds, UTC)
+        data = get_dataset_version(app, spec["source"])
+        path = duck.sql_string(str(app.objects.get_file(data["sha256"])))
+        q = duck.sql_identifier
+        keys = ", ".join(q(k) for k in spec["join_keys"])
+        feats = [f["name"] for f in spec["features"]]
+        ts, created = q(spec["timestamp"]), spec["created_timestamp"]
+        where = [f"{ts} IS NOT NULL", f"{ts} <= {duck.sql_string(stop.isoformat())}::TIMESTAMPTZ"]
+        if begin is not None:
+            where.append(f"{ts} >= {duck.sql_string(begin.isoformat())}::TIMESTAMPTZ")
+        created_sql = q(created) if created else "NULL"
+        sql = (
+            f"SELECT {keys}, {ts}, {created_sql}, {', '.join(q(f) for f in feats)} "
+            f"FROM read_parquet({path}, file_row_number = true) WHERE {' AND '.join(where)} "
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {ts} DESC, "
+            f"{created_sql} DESC NULLS LAST, file_row_number DESC) = 1"
+        )
+        con = duck.connect(app.settings)
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            rows = con.execute(sql).fetchall()
+        finally:
+            con.close()
+        width = len(spec["join_keys"])
+        newest = None
+        batch = []
+        for row in rows:
+            event = _epoch(row[width])
+            newest = event if newest is None or (event or 0) > newest else newest
+            values = dict(zip(feats, row[width + 2 :], strict=True))
+            batch.append(
+                (
+                    entity_key(row[:width]),
+                    event,
+                    _epoch(row[width + 1]),
+                    json.dumps(values, default=str),
+                )
+            )
+        written = online_store(app).write(f"{spec['name']}@{spec['version']}", batch)
+        app.db.execute(
+            "INSERT INTO feature_materializations (view, version, last_end, rows_written, "
+            "newest_event, ran_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (view, version) DO "
+            "UPDATE SET last_end = excluded.last_end, rows_written = excluded.rows_written, "
+            "newest_event = max(coalesce(newest_event, 0), coalesce(excluded.newest_event, 0)), "
+            "ran_at = excluded.ran_at",
+            (spec["name"], spec["version"], stop.timestamp(), written, newest, utcnow()),
+        )
+        results.append(
+            {
+                "view": spec["ref"],
+                "start": begin.isoformat() if begin else None,
+                "end": stop.isoformat(),
+                "rows_written": written,
+            }
+        )
+    return results
+
+
+def _check_key(view: str, key: str, kind: str | None, value: Any, row: int) -> None:
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    ok = (
+        integer
+        if kind in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER")
+        else isinstance(value, str)
+        if kind == "VARCHAR"
+        else integer or isinstance(value, str)
+    )
+    if not ok:
+        raise InvalidInput(
+            f"entities: {key!r} row {row} is {value!r}, but view {view!r} keys it as {kind}"
+        )
+
+
+def get_online_features(
+    app: Appliance,
+    service: str,
+    entities: dict[str, list[Any]],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Feast's online response for `entities` ({key column: [values...]}): one result per
+    feature name (keys first), each with a value and a status per entity row, in order.
+    A value older than its view's ttl is missing with status OUTSIDE_MAX_AGE."""
+    from appliance.core.features import get_definition
+
+    svc = get_definition(app, "service", service)
+    if not isinstance(entities, dict) or not entities:
+        raise InvalidInput("entities: expected {key column: [values, ...]}")
+    lengths = {len(v) if isinstance(v, list) else -1 for v in entities.values()}
+    if len(lengths) != 1 or -1 in lengths:
+        raise InvalidInput("entities: every key column needs a list of values, all as long")
+    count = lengths.pop()
+    now = time.time() if now is None else now
+    names: list[str] = list(entities)
+    results: list[dict[str, Any]] = [
+        {"values": list(v), "statuses": ["PRESENT"] * count, "event_timestamps": [None] * count}
+        for v in entities.values()
+    ]
+    by_view: dict[tuple[str, int], list[str]] = {}
+    for item in svc["features"]:
+        by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
+    store = online_store(app)
+    for (view, version), feats in by_view.items():
+        spec = get_definition(app, "view", f"{view}@{version}")
+        for key in spec["join_keys"]:
+            if key not in entities:
+                raise InvalidInput(f"entities: join key {key!r} of view {view!r} is missing")
+        key_types = spec.get("key_types") or {}
+        row_keys = []
+        for i in range(count):
+            values = [entities[k][i] for k in spec["join_keys"]]
+            for k, v in zip(spec["join_keys"], values, strict=True):
+                _check_key(view, k, key_types.get(k), v, i)
+            row_keys.append(entity_key(values))
+        found = store.read(f"{view}@{version}", sorted(set(row_keys)))
+        ttl = spec["ttl_seconds"]
+        for feature in feats:
+            name = f"{view}__{feature}" if svc["full_feature_names"] else feature
+            values_out, statuses, stamps = [], [], []
+            for key in row_keys:
+                hit = found.get(key)
+                if hit is None:
+                    values_out.append(None)
+                    statuses.append("NOT_FOUND")
+                    stamps.append(None)
+                    continue
+                event, stored = hit
+                stamp = datetime.fromtimestamp(event, UTC).isoformat()
+                if ttl and now - event > ttl:
+                    values_out.append(None)
+                    statuses.append("OUTSIDE_MAX_AGE")
+                else:
+                    value = stored.get(feature)
+                    values_out.append(value)
+                    statuses.append("PRESENT" if value is not None else "NULL_VALUE")
+                stamps.append(stamp)
+            names.append(name)
+            results.append({"values": values_out, "statuses": statuses, "event_timestamps": stamps})
+    return {"metadata": {"feature_names": names}, "results": results}
