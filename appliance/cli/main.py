@@ -1362,6 +1362,17 @@ def features_get(app: Any, as_json: bool, service: str, pairs: tuple[str, ...]) 
     emit(rows, False, ("feature", "value", "status"))
 
 
+@command(features_group, "serve", listing=False)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=6566, show_default=True, type=click.IntRange(0, 65535))
+def features_serve(app: Any, host: str, port: int) -> None:
+    """The feature server in the foreground: POST /get-online-features, /health, /metrics."""
+    from appliance.core.feature_server import serve_features
+
+    click.echo(f"serving online features on http://{host}:{port} (Ctrl-C stops)")
+    serve_features(app, host=host, port=port)
+
+
 REVISION_COLUMNS = (
     "revision",
     "model_version",

@@ -632,8 +632,8 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     server.sync(snapshot=False)
     config = uvicorn.Config(
         InferenceApp(server, _max_body()),
-        loop=_loop(),
-        http=_http(),
+        loop=uvicorn_loop(),
+        http=uvicorn_http(),
         lifespan="off",
         access_log=False,
         log_level="warning",
@@ -673,7 +673,7 @@ def _die_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _loop() -> str:
+def uvicorn_loop() -> str:
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -681,7 +681,7 @@ def _loop() -> str:
     return "uvloop"
 
 
-def _http() -> str:
+def uvicorn_http() -> str:
     try:
         import httptools  # noqa: F401
     except ImportError:
