@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
             "job start latency",
         ),
         (
+            "features.py",
+            ["--keys", "200", "--times", "20", "--entities", "2000", "--calls", "100"],
+            "identical values: True",
+        ),
+        (
             "serving.py",
             ["--seconds", "1", "--cycles", "2", "--rows", "3000"],
             "deploy/rollback cycles under load",
