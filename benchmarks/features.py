@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -68,7 +66,7 @@ def main() -> int:
     from appliance.core import datasets, features
     from appliance.core.context import Appliance
     from appliance.core.online import get_online_features, materialize
-    from tests.conftest import free_port
+    from tests.clients import feature_server
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -141,33 +139,9 @@ def main() -> int:
             get_online_features(app, "model", {"k": keys})
             hundred.append(time.perf_counter() - started)
 
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "appliance",
-                "features",
-                "serve",
-                "--port",
-                str(port),
-                "--home",
-                str(app.settings.home),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         over_http: list[float] = []
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            conn = HTTPConnection("127.0.0.1", port, timeout=10)
+        with feature_server(app.settings.home) as url:
+            conn = HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=10)
             for i in range(args.calls):
                 body = json.dumps({"feature_service": "model", "entities": {"k": [i % args.keys]}})
                 started = time.perf_counter()
@@ -177,9 +151,6 @@ def main() -> int:
                 over_http.append(time.perf_counter() - started)
                 assert response.status == 200
             conn.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
         app.close()
 
     def ms(seconds: float) -> str:

@@ -262,57 +262,28 @@ def test_the_feature_server_answers_feast_requests_over_http(
     app: Appliance, tmp_path: Path
 ) -> None:
     import json
-    import subprocess
-    import sys
-    import time
     import urllib.error
     import urllib.request
 
     from appliance.core.online import materialize
-    from tests.conftest import free_port
+    from tests.clients import feature_server
 
     features.apply(app, write(tmp_path, DEFINITIONS, ttl="1000d"))
     materialize(app, end="2026-01-01T12:00:00")
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "features",
-            "serve",
-            "--port",
-            str(port),
-            "--home",
-            str(app.settings.home),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    with feature_server(app.settings.home) as url:
 
-    def post(payload: object) -> tuple[int, dict]:
-        request = urllib.request.Request(
-            url + "/get-online-features", data=json.dumps(payload).encode(), method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    try:
-        deadline = time.monotonic() + 30
-        while True:
+        def post(payload: object) -> tuple[int, dict]:
+            request = urllib.request.Request(
+                url + "/get-online-features", data=json.dumps(payload).encode(), method="POST"
+            )
             try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    assert response.status == 200
-                    break
-            except (urllib.error.URLError, OSError):
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                assert time.monotonic() < deadline, "the feature server did not start"
-                time.sleep(0.1)
-        status, body = post({"feature_service": "driver_model", "entities": {"driver_id": [2, 1]}})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        entities = {"driver_id": [2, 1]}
+        status, body = post({"feature_service": "driver_model", "entities": entities})
         assert status == 200
         assert body["metadata"]["feature_names"] == ["driver_id", "conv_rate", "trips"]
         assert body["results"][1]["values"] == [0.5, 0.2]
@@ -323,6 +294,3 @@ def test_the_feature_server_answers_feast_requests_over_http(
         assert post({"entities": {}})[0] == 400
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             assert 'code="200"' in response.read().decode()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)

@@ -60,10 +60,14 @@ def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
 def traffic(app: Appliance, name: str, seconds: float | None = None) -> dict[str, Any]:
     """Live traffic over the last seconds, from the workers' snapshots: all requests, and
     stable and canary apart."""
+    get_deployment(app, name)  # validates the name before it becomes a path
+    return _traffic(app, name, seconds)
+
+
+def _traffic(app: Appliance, name: str, seconds: float | None) -> dict[str, Any]:
     from appliance.core.serving import state_dir
     from appliance.core.traffic import LIVE_WINDOW, merge, read_snapshots, window
 
-    get_deployment(app, name)  # validates the name before it becomes a path
     snapshots = [s for s in read_snapshots(state_dir(app, name)) if alive(int(s.get("pid") or 0))]
     merged = merge(snapshots)
     span = seconds or LIVE_WINDOW
@@ -81,7 +85,7 @@ def list_deployments(app: Appliance) -> list[dict[str, Any]]:
     names = [r["name"] for r in app.db.rows("SELECT name FROM deployments ORDER BY name")]
     out = []
     for dep in (get_deployment(app, n) for n in names):
-        now = traffic(app, dep["name"]) if dep["status"] == "serving" else {}
+        now = _traffic(app, dep["name"], None) if dep["status"] == "serving" else {}
         live = now.get("all", {})
         state = "degraded" if now.get("degraded") else dep["status"]
         canary = (

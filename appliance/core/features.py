@@ -285,13 +285,21 @@ def get_definition(app: Appliance, kind: str, ref: str) -> dict[str, Any]:
 def list_definitions(app: Appliance, kind: str | None = None) -> list[dict[str, Any]]:
     """The latest version of every definition (of one kind)."""
     rows = app.db.rows(
-        "SELECT kind, name, max(version) AS version FROM feature_definitions "
-        + ("WHERE kind = ? " if kind else "")
-        + "GROUP BY kind, name ORDER BY kind, name",
+        "SELECT d.kind, d.name, d.version, d.spec_json, d.created_at FROM feature_definitions d "
+        "WHERE d.version = (SELECT max(version) FROM feature_definitions l "
+        "WHERE l.kind = d.kind AND l.name = d.name) "
+        + ("AND d.kind = ? " if kind else "")
+        + "ORDER BY d.kind, d.name",
         (kind,) if kind else (),
     )
     return [
-        {"kind": r["kind"], **get_definition(app, r["kind"], f"{r['name']}@{r['version']}")}
+        {
+            "kind": r["kind"],
+            **json.loads(r["spec_json"]),
+            "version": r["version"],
+            "ref": f"{r['name']}@{r['version']}",
+            "created_at": r["created_at"],
+        }
         for r in rows
     ]
 

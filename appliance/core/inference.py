@@ -108,9 +108,9 @@ class ModelRuntime:
             try:
                 column = np.array(values, dtype=np.float64)
             except OverflowError:
-                column = self._slow_column(name, values)
+                column = _floats(name, values)
         else:
-            column = self._slow_column(name, values)
+            column = _floats(name, values)
         if not np.isfinite(column).all() and np.isinf(column).any():
             row = int(np.flatnonzero(np.isinf(column))[0])
             raise RequestError(400, f"feature {name!r} row {row}: {values[row]!r} is out of range")
@@ -144,28 +144,6 @@ class ModelRuntime:
                     400,
                     f"feature {name!r} row {row}: expected a category (a string such as "
                     f"{example!r}), got {value!r}",
-                )
-        return out
-
-    @staticmethod
-    def _slow_column(name: str, values: list[Any]) -> Any:
-        """Element by element, to name the row that is wrong (or hold null as NaN)."""
-        import numpy as np
-
-        out = np.empty(len(values), dtype=np.float64)
-        for row, value in enumerate(values):
-            if value is None:
-                out[row] = math.nan
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                try:
-                    out[row] = float(value)
-                except OverflowError:
-                    raise RequestError(
-                        400, f"feature {name!r} row {row}: {str(value)[:20]} is out of range"
-                    ) from None
-            else:
-                raise RequestError(
-                    400, f"feature {name!r} row {row}: expected a number, got {value!r}"
                 )
         return out
 
@@ -477,7 +455,7 @@ def parse_v2_request(
         for j, feature in enumerate(runtime.feature_names):
             columns[feature] = data[j::width]
             if name in texts and feature not in runtime.categories:
-                columns[feature] = _numbers_from_text(feature, columns[feature])
+                columns[feature] = _floats(feature, columns[feature], text=True)
     else:
         for name, shape, data in tensors:
             if name not in runtime.feature_names:
@@ -485,26 +463,34 @@ def parse_v2_request(
             if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
                 raise RequestError(400, f"input {name!r}: shape must be [N] or [N, 1]")
             if name in texts and name not in runtime.categories:
-                data = _numbers_from_text(name, data)
+                data = _floats(name, data, text=True)
             columns[name] = data
     return columns, _output_names(body)
 
 
-def _numbers_from_text(feature: str, values: list[Any]) -> Any:
-    """A numeric feature sent in a BYTES tensor (V2 BYTES hold text): "12.5" is 12.5."""
+def _floats(feature: str, values: list[Any], text: bool = False) -> Any:
+    """Element by element, naming the row that is wrong: numbers (null is NaN), or with
+    `text` the strings of a BYTES tensor ("12.5" is 12.5, "" is NaN)."""
     import numpy as np
 
     out = np.empty(len(values), dtype=np.float64)
     for row, value in enumerate(values):
-        if value is None or value == "":
+        if value is None or (text and value == ""):
             out[row] = math.nan
             continue
-        try:
-            out[row] = float(value)
-        except ValueError:
-            raise RequestError(
-                400, f"feature {feature!r} row {row}: expected a number, got {value!r}"
-            ) from None
+        if (text and isinstance(value, str)) or (
+            not text and isinstance(value, int | float) and not isinstance(value, bool)
+        ):
+            try:
+                out[row] = float(value)
+                continue
+            except OverflowError:
+                raise RequestError(
+                    400, f"feature {feature!r} row {row}: {str(value)[:20]} is out of range"
+                ) from None
+            except ValueError:
+                pass
+        raise RequestError(400, f"feature {feature!r} row {row}: expected a number, got {value!r}")
     return out
 
 

@@ -100,7 +100,6 @@ class Routing:
     revision: int
     stable: ModelRuntime
     canary: ModelRuntime | None = None
-    canary_revision: int | None = None
     percent: float = 0.0
     degraded: str | None = None  # why it serves less than the deployment's current revision
 
@@ -267,7 +266,6 @@ class ModelServer:
                 revision=int(state["current_revision"]),
                 stable=stable,
                 canary=canary,
-                canary_revision=state["canary_revision"],
                 percent=float(state["canary_percent"] or 0.0),
                 degraded=degraded,
             )
