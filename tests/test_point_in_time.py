@@ -118,6 +118,14 @@ def test_rule5_naive_timestamps_are_utc_and_zoned_ones_are_converted() -> None:
     source = FeatureSource("feat", ("k",), "ts", ("v",), name="view")
     rows = con.execute(point_in_time_sql(con, "ent", "event_ts", [source])).fetchall()
     assert rows == [(1, datetime(2026, 1, 1, 10, 0), 1.0)]
+    # ISO text: naive is UTC, an offset is honoured, whatever the session's zone
+    con.execute("CREATE TABLE ent_text (k BIGINT, event_ts VARCHAR)")
+    con.execute(
+        "INSERT INTO ent_text VALUES (1, '2026-01-01 10:29:00'), (1, '2026-01-01T05:30:00-05:00')"
+    )
+    con.execute("SET TimeZone = 'America/New_York'")
+    rows = con.execute(point_in_time_sql(con, "ent_text", "event_ts", [source])).fetchall()
+    assert [r[2] for r in rows] == [1.0, 2.0]
 
 
 @pytest.mark.parametrize("known", [True, False])
@@ -177,10 +185,16 @@ def test_matches_a_brute_force_reference_on_random_rows(known: bool) -> None:
 def test_bad_definitions_name_the_view_and_the_column() -> None:
     con = duckdb.connect()
     con.execute("CREATE TABLE ent (k BIGINT, event_ts VARCHAR)")
+    con.execute("INSERT INTO ent VALUES (1, '2026-01-01 10:00:00'), (1, '01/02/2026 10:00')")
     con.execute("CREATE TABLE feat (k BIGINT, ts TIMESTAMP, v DOUBLE)")
     source = FeatureSource("feat", ("k",), "ts", ("v",), name="driver_stats")
-    with pytest.raises(InvalidInput, match="entity dataset: column 'event_ts' is VARCHAR"):
+    with pytest.raises(
+        InvalidInput, match="entity dataset: column 'event_ts' row 2: '01/02/2026 10:00' is not"
+    ):
         point_in_time_sql(con, "ent", "event_ts", [source])
+    con.execute("CREATE TABLE ent_int (k BIGINT, event_ts INTEGER)")
+    with pytest.raises(InvalidInput, match="column 'event_ts' is INTEGER, not a timestamp"):
+        point_in_time_sql(con, "ent_int", "event_ts", [source])
     con.execute("CREATE TABLE ent2 (driver BIGINT, event_ts TIMESTAMP)")
     with pytest.raises(InvalidInput, match="entity dataset: no join key 'k' for driver_stats"):
         point_in_time_sql(con, "ent2", "event_ts", [source])

@@ -11,8 +11,8 @@ The contract, per entity row `e` and per feature view, over feature rows `f` wit
 6. keys are compared column by column, as tuples: (1, 12) and (11, 2) never meet.
 
 Without the created filter the join is DuckDB's ASOF join over feature rows reduced to one per
-(keys, ts); with it, the filter depends on the entity row, so it is a range join ranked per
-entity row.
+(keys, ts); with it, the filter depends on the entity row, so it is a range join reduced per
+entity row to its best candidate's row id.
 """
 
 from __future__ import annotations
@@ -52,10 +52,23 @@ def _utc(con: Any, relation: str, column: str, what: str) -> str:
         return f"timezone('UTC', {q(column)})"
     if kind.startswith("TIMESTAMP") or kind == "DATE":
         return f"CAST({q(column)} AS TIMESTAMP)"
-    raise InvalidInput(
-        f"{what}: column {column!r} is {types[column]}, not a timestamp; import it as one "
-        "(strings in mixed formats are not guessed)"
-    )
+    if kind == "VARCHAR":
+        # ISO 8601 text is read as a time (naive = UTC, an offset is honoured); anything
+        # else, such as a column mixing 2026-01-31 with 01/31/2026, is refused, not guessed
+        con.execute("SET TimeZone = 'UTC'")
+        bad = con.execute(
+            f"SELECT n, v FROM (SELECT row_number() OVER () AS n, {q(column)} AS v "
+            f"FROM {relation}) WHERE v IS NOT NULL AND TRY_CAST(v AS TIMESTAMPTZ) IS NULL "
+            "ORDER BY n LIMIT 1"
+        ).fetchone()
+        if bad is not None:
+            raise InvalidInput(
+                f"{what}: column {column!r} row {bad[0]}: {bad[1]!r} is not an ISO 8601 time "
+                "(2026-01-31 12:00:00, optionally with an offset); timestamps in mixed "
+                "formats are not guessed"
+            )
+        return f"timezone('UTC', CAST({q(column)} AS TIMESTAMPTZ))"
+    raise InvalidInput(f"{what}: column {column!r} is {types[column]}, not a timestamp")
 
 
 def _columns(con: Any, relation: str) -> list[str]:
@@ -98,43 +111,51 @@ def point_in_time_sql(
         order = q(src.ingest_order) if src.ingest_order else "0"
         keys = [q(k) for k in src.keys]
         feats = [q(f) for f in src.features]
-        source = (
-            f"f{i} AS (SELECT {', '.join(keys)}, {', '.join(feats)}, {f_ts} AS __ts, "
-            f"{created} AS __created, {order} AS __order FROM {src.relation} "
-            f"WHERE {f_ts} IS NOT NULL)"
+        ranged = as_of_known_time and src.created is not None
+        # the ranged path reads its rows twice (candidates, then features by row id)
+        parts.append(
+            f"f{i} AS {'MATERIALIZED ' if ranged else ''}(SELECT {', '.join(keys)}, "
+            f"{', '.join(feats)}, {f_ts} AS __ts, {created} AS __created, {order} AS __order"
+            + (", row_number() OVER () AS __rid" if ranged else "")
+            + f" FROM {src.relation} WHERE {f_ts} IS NOT NULL)"
         )
-        parts.append(source)
         key_match = " AND ".join(f"e.{k} = f{i}.{k}" for k in keys)
         oldest = (
             f"e.__pit_ts - INTERVAL ({float(src.ttl_seconds)}) SECOND" if src.ttl_seconds else None
         )
-        ttl = f" AND f{i}.__ts >= {oldest}" if oldest else ""
-        rank = (
-            f"row_number() OVER (PARTITION BY e.{ROW} ORDER BY f{i}.__ts DESC, "
-            f"f{i}.__created DESC NULLS LAST, f{i}.__order DESC)"
-        )
-        if as_of_known_time and src.created:
-            # the created filter depends on the entity row: a range join ranked per entity row
-            matched = (
-                f"m{i} AS (SELECT e.{ROW}, {', '.join(f'f{i}.{f}' for f in feats)} FROM e "
+        if ranged:
+            # The created filter depends on the entity row: a range join, then per entity row
+            # the id of the best candidate (a small aggregate state, not a sort of every
+            # candidate), then that row's features by id. A NULL created fails the filter.
+            ttl = f" AND f{i}.__ts >= {oldest}" if oldest else ""
+            rank = ", ".join(
+                f"{n} := f{i}.__{c}"
+                for n, c in zip("abcd", ("ts", "created", "order", "rid"), strict=True)
+            )
+            parts.append(
+                f"m{i} AS (SELECT e.{ROW}, arg_max(f{i}.__rid, struct_pack({rank})) AS __rid "
+                "FROM e "
                 f"JOIN f{i} ON {key_match} AND f{i}.__ts <= e.__pit_ts{ttl} "
-                f"AND f{i}.__created <= e.__pit_ts QUALIFY {rank} = 1)"
+                f"AND f{i}.__created <= e.__pit_ts GROUP BY e.{ROW})"
             )
-        else:
-            # one row per (keys, ts) first, then at most one match per entity row
-            dedup = (
-                f"d{i} AS (SELECT * FROM f{i} QUALIFY row_number() OVER (PARTITION BY "
-                f"{', '.join(keys)}, __ts ORDER BY __created DESC NULLS LAST, __order DESC) = 1)"
+            joins.append(
+                f"LEFT JOIN m{i} ON m{i}.{ROW} = e.{ROW} "
+                f"LEFT JOIN f{i} AS g{i} ON g{i}.__rid = m{i}.__rid"
             )
-            parts.append(dedup)
-            asof_keys = " AND ".join(f"e.{k} = d{i}.{k}" for k in keys)
-            ttl_ok = f"d{i}.__ts >= {oldest}" if oldest else "TRUE"
-            matched = (
-                f"m{i} AS (SELECT e.{ROW}, "
-                + ", ".join(f"CASE WHEN {ttl_ok} THEN d{i}.{f} END AS {f}" for f in feats)
-                + f" FROM e ASOF JOIN d{i} ON {asof_keys} AND e.__pit_ts >= d{i}.__ts)"
-            )
-        parts.append(matched)
+            selects += [f"g{i}.{f}" for f in feats]
+            continue
+        # one row per (keys, ts) first, then at most one match per entity row
+        parts.append(
+            f"d{i} AS (SELECT * FROM f{i} QUALIFY row_number() OVER (PARTITION BY "
+            f"{', '.join(keys)}, __ts ORDER BY __created DESC NULLS LAST, __order DESC) = 1)"
+        )
+        asof_keys = " AND ".join(f"e.{k} = d{i}.{k}" for k in keys)
+        ttl_ok = f"d{i}.__ts >= {oldest}" if oldest else "TRUE"
+        parts.append(
+            f"m{i} AS (SELECT e.{ROW}, "
+            + ", ".join(f"CASE WHEN {ttl_ok} THEN d{i}.{f} END AS {f}" for f in feats)
+            + f" FROM e ASOF JOIN d{i} ON {asof_keys} AND e.__pit_ts >= d{i}.__ts)"
+        )
         joins.append(f"LEFT JOIN m{i} ON m{i}.{ROW} = e.{ROW}")
         selects += [f"m{i}.{f}" for f in feats]
     return (
