@@ -62,6 +62,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m008_deployment_traffic",
         "m009_feature_definitions",
         "m010_feature_materializations",
+        "m011_feature_usage",
     ]
     again.close()
 

@@ -1212,6 +1212,11 @@ def models_card(app: Any, ref: str) -> None:
     "'error_rate > 0.01 or p99_ms > 50'.",
 )
 @click.option("--window", help="With --auto-rollback: the window the rule is judged over.")
+@click.option(
+    "--feature-service",
+    help="New deployment: callers send this service's entity keys; the server looks up the "
+    "model's features in the online store.",
+)
 def deploy_cmd(
     app: Any,
     as_json: bool,
@@ -1224,6 +1229,7 @@ def deploy_cmd(
     canary: float | None,
     auto_rollback: str | None,
     window: str | None,
+    feature_service: str | None,
 ) -> None:
     """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision (returns once every
     worker serves it)."""
@@ -1241,6 +1247,7 @@ def deploy_cmd(
             canary=canary,
             auto_rollback=auto_rollback,
             window=window,
+            feature_service=feature_service,
         ),
         as_json,
     )
@@ -1264,11 +1271,42 @@ def features_apply(app: Any, as_json: bool, directory: str) -> None:
 
 @command(features_group, "list")
 @click.option("--kind", type=click.Choice(["entity", "view", "service"]))
-def features_list(app: Any, as_json: bool, kind: str | None) -> None:
+@click.option("--all-versions", is_flag=True, help="Every version, not only the latest.")
+def features_list(app: Any, as_json: bool, kind: str | None, all_versions: bool) -> None:
     """The latest version of every entity, feature view and feature service."""
     from appliance.core.features import list_definitions
 
-    emit(list_definitions(app, kind), as_json, ("kind", "name", "version", "created_at"))
+    emit(
+        list_definitions(app, kind, all_versions=all_versions),
+        as_json,
+        ("kind", "name", "version", "created_at"),
+    )
+
+
+@command(features_group, "profile")
+@click.argument("view")
+def features_profile(app: Any, as_json: bool, view: str) -> None:
+    """The profile of a feature view version's output (kept per source dataset version)."""
+    from appliance.core.features import view_profile
+
+    result = view_profile(app, view)
+    if as_json:
+        emit(result, True)
+        return
+    click.echo(f"{result['ref']}: {result['rows']:,} rows")
+    emit(result["columns"], False, ("name", "type", "null_pct", "distinct_approx", "min", "max"))
+
+
+@command(features_group, "freshness")
+def features_freshness(app: Any, as_json: bool) -> None:
+    """Per view version: last materialization, rows, newest event, age against the ttl."""
+    from appliance.core.features import freshness
+
+    emit(
+        freshness(app),
+        as_json,
+        ("ref", "status", "ttl_seconds", "age_seconds", "newest_event", "materialized_at"),
+    )
 
 
 @command(features_group, "show")
@@ -1342,16 +1380,16 @@ def features_materialize(
 )
 def features_get(app: Any, as_json: bool, service: str, pairs: tuple[str, ...]) -> None:
     """Online lookup of one entity: each feature's value and status (ttl enforced)."""
-    from appliance.core.online import get_online_features
+    from appliance.core.online import entities_from_text, get_online_features
     from appliance.errors import InvalidInput
 
-    entities: dict[str, list[Any]] = {}
+    texts: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidInput(f"--entity {pair!r}: expected KEY=VALUE")
-        entities[key] = [int(value) if value.lstrip("-").isdigit() else value]
-    response = get_online_features(app, service, entities)
+        texts[key] = value
+    response = get_online_features(app, service, entities_from_text(app, service, texts))
     if as_json:
         emit(response, True)
         return
@@ -1393,11 +1431,24 @@ def deployments_group() -> None:
 @click.argument("name")
 @click.option("--model", "model_ref", required=True, help="NAME, NAME@VERSION or NAME@ALIAS.")
 @click.option("--no-start", is_flag=True, help="Record it without starting a server.")
-def deployments_create(app: Any, as_json: bool, name: str, model_ref: str, no_start: bool) -> None:
+@click.option("--feature-service", help="Callers send its entity keys; features are looked up.")
+def deployments_create(
+    app: Any,
+    as_json: bool,
+    name: str,
+    model_ref: str,
+    no_start: bool,
+    feature_service: str | None,
+) -> None:
     """Create a deployment serving a model version on 127.0.0.1."""
     from appliance.core.deployments import create_deployment
 
-    emit(create_deployment(app, name, model_ref, start=not no_start), as_json)
+    emit(
+        create_deployment(
+            app, name, model_ref, start=not no_start, feature_service=feature_service
+        ),
+        as_json,
+    )
 
 
 @command(deployments_group, "deploy")

@@ -39,7 +39,7 @@ def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
     row = app.db.one(
         "SELECT d.id, d.name, m.name AS model, d.current_revision, d.status, d.host, d.port, "
         "d.pid, d.workers, d.follow_alias, d.generation, d.canary_revision, d.canary_percent, "
-        "d.canary_rule, d.canary_window_s, d.created_at, d.updated_at, "
+        "d.canary_rule, d.canary_window_s, d.feature_service, d.created_at, d.updated_at, "
         "mv.version AS model_version, cv.version AS canary_version "
         "FROM deployments d JOIN registered_models m ON m.id = d.model_id "
         "JOIN deployment_revisions r ON r.deployment_id = d.id AND r.revision = d.current_revision "
@@ -136,6 +136,11 @@ def _append_revision(
 ) -> int:
     """Add the next revision, point the deployment (or its canary) at it, and record the
     lineage; in the caller's transaction."""
+    service = conn.execute(
+        "SELECT feature_service FROM deployments WHERE id = ?", (deployment_id,)
+    ).fetchone()[0]
+    if service:
+        _check_fits_service(conn, name, mv, service)
     now = utcnow()
     revision = conn.execute(
         "SELECT coalesce(max(revision), 0) + 1 FROM deployment_revisions WHERE deployment_id = ?",
@@ -161,6 +166,26 @@ def _append_revision(
         context=("Deployment", name),
     )
     return int(revision)
+
+
+def _check_fits_service(
+    conn: sqlite3.Connection, name: str, mv: dict[str, Any], service: str
+) -> None:
+    """Every input of the model must be a feature of the deployment's feature service or one
+    of its join keys (sent by the caller); otherwise a request could never be answered."""
+    from appliance.core.features import service_inputs
+
+    keys, features = service_inputs(conn, service)
+    missing = [
+        f["name"]
+        for f in mv["signature"]["signature"]
+        if f["name"] not in features and f["name"] not in keys
+    ]
+    if missing:
+        raise InvalidInput(
+            f"model {mv['ref']} takes {', '.join(map(repr, missing))}, which feature service "
+            f"{service} (deployment {name!r}) neither looks up nor takes as a join key"
+        )
 
 
 def _locked_deployment(
@@ -240,6 +265,7 @@ def deploy_model(
     canary: float | None = None,
     auto_rollback: str | None = None,
     window: str | float | None = None,
+    feature_service: str | None = None,
 ) -> dict[str, Any]:
     """`appliance deploy REF --name NAME`: create the deployment (revision 1) on HOST:PORT
     (default 127.0.0.1, a free port) with N workers, or add the next revision to it; with
@@ -271,6 +297,12 @@ def deploy_model(
             port=port or 0,
             workers=1 if workers is None else workers,
             follow_alias=ref_alias if follow_alias else None,
+            feature_service=feature_service,
+        )
+    if feature_service is not None:
+        raise Conflict(
+            f"--feature-service: deployment {name!r} exists and keeps the feature service it "
+            "was created with (its callers' request shape); create another deployment"
         )
     if host is not None or port is not None or workers is not None:
         raise Conflict(
@@ -299,11 +331,18 @@ def create_deployment(
     port: int = 0,
     workers: int = 1,
     follow_alias: str | None = None,
+    feature_service: str | None = None,
 ) -> dict[str, Any]:
-    """Create deployment `name` serving `model_ref` as revision 1, and start its server."""
+    """Create deployment `name` serving `model_ref` as revision 1, and start its server.
+    With a feature service (pinned to its version now), callers send entity keys only."""
+    from appliance.core.features import get_definition
+
     validate_name("deployment", name)
     _check_workers(workers)
     mv = _deployable(app, model_ref)
+    service = None
+    if feature_service is not None:
+        service = get_definition(app, "service", feature_service)["ref"]
     now = utcnow()
     with app.db.transaction() as conn:
         if conn.execute("SELECT 1 FROM deployments WHERE name = ?", (name,)).fetchone():
@@ -313,8 +352,9 @@ def create_deployment(
         ).fetchone()[0]
         cur = conn.execute(
             "INSERT INTO deployments (name, model_id, current_revision, status, workers, "
-            "follow_alias, created_at, updated_at) VALUES (?, ?, 0, 'stopped', ?, ?, ?, ?)",
-            (name, model_id, workers, follow_alias, now, now),
+            "follow_alias, feature_service, created_at, updated_at) "
+            "VALUES (?, ?, 0, 'stopped', ?, ?, ?, ?, ?)",
+            (name, model_id, workers, follow_alias, service, now, now),
         )
         _still_deployable(conn, mv)
         _append_revision(conn, int(cur.lastrowid or 0), name, mv, "deploy")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,21 +105,27 @@ def _view_spec(
         keys += [k for k in entities[entity]["join_keys"] if k not in keys]
     source = _field(obj, "source", where)
     version = get_dataset_version(app, source)  # NotFound names the dataset
-    columns = {c["name"]: c["type"].upper() for c in version["schema"]}
+    sql = _field(obj, "sql", where, required=False)
+    if sql is None:
+        columns = {c["name"]: c["type"].upper() for c in version["schema"]}
+    else:
+        columns = _sql_columns(app, version, sql.strip().rstrip(";"), where)
+        sql = sql.strip().rstrip(";")
+    origin = version["ref"] if sql is None else f"the output of its sql over {version['ref']}"
     timestamp = _field(obj, "timestamp", where)
     created = _field(obj, "created_timestamp", where, required=False)
     for column, role in [(timestamp, "timestamp"), (created, "created_timestamp")]:
         if column is None:
             continue
         if column not in columns:
-            raise InvalidInput(f"{where}: {role} column {column!r} is not in {version['ref']}")
+            raise InvalidInput(f"{where}: {role} column {column!r} is not in {origin}")
         if not columns[column].startswith(_TIMESTAMPS):
             raise InvalidInput(
                 f"{where}: {role} column {column!r} is {columns[column]}, not a timestamp"
             )
     for key in keys:
         if key not in columns:
-            raise InvalidInput(f"{where}: join key {key!r} is not in {version['ref']}")
+            raise InvalidInput(f"{where}: join key {key!r} is not in {origin}")
     ttl = obj.get("ttl")
     ttl_seconds = None if ttl in (None, 0, "0") else parse_duration(ttl, f"{where}: ttl")
     features = []
@@ -131,11 +138,11 @@ def _view_spec(
                 f"{where}: feature {fname!r}: type {ftype!r} is not one of {sorted(TYPES)}"
             )
         if fname not in columns:
-            raise InvalidInput(f"{where}: feature {fname!r} is not a column of {version['ref']}")
+            raise InvalidInput(f"{where}: feature {fname!r} is not a column of {origin}")
         if columns[fname] not in TYPES[ftype]:
             raise InvalidInput(
-                f"{where}: feature {fname!r} is declared {ftype} but {version['ref']} holds "
-                f"{columns[fname]}"
+                f"{where}: feature {fname!r} is declared {ftype} but {origin} holds "
+                f"{columns[fname]}" + (" (CAST it in the sql)" if sql else "")
             )
         features.append(
             {"name": fname, "type": ftype, "description": str(item.get("description") or "")}
@@ -150,11 +157,195 @@ def _view_spec(
         "join_keys": keys,
         "key_types": {k: columns[k] for k in keys},
         "source": source,
+        "sql": sql,
         "timestamp": timestamp,
         "created_timestamp": created,
         "ttl_seconds": ttl_seconds,
         "features": features,
     }
+
+
+def rows_sql(app: Appliance, source: dict[str, Any], sql: str | None) -> str:
+    """SQL for a view's rows: its source dataset version, or its `sql` run over that version
+    (named `source`). A plain source keeps the file's row order as `__order`."""
+    path = duck.sql_string(str(app.objects.get_file(source["sha256"])))
+    if not sql:
+        return (
+            f"SELECT * RENAME (file_row_number AS __order) "
+            f"FROM read_parquet({path}, file_row_number = true)"
+        )
+    return f"WITH source AS (SELECT * FROM read_parquet({path})) SELECT * FROM ({sql})"
+
+
+def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -> dict[str, str]:
+    import duckdb
+
+    con = duck.connect(app.settings)
+    try:
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise InvalidInput(f"{where}: sql: {exc}") from exc
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            raise InvalidInput(f"{where}: sql must be one SELECT statement (FROM source)")
+        try:
+            described = con.execute(f"DESCRIBE ({rows_sql(app, source, sql)})").fetchall()
+        except duckdb.Error as exc:
+            raise InvalidInput(f"{where}: sql: {str(exc).splitlines()[0]}") from exc
+    finally:
+        con.close()
+    columns = {str(r[0]): str(r[1]).upper() for r in described}
+    if "__order" in columns:
+        raise InvalidInput(f"{where}: sql: the column name __order is reserved")
+    return columns
+
+
+def view_relation(app: Appliance, con: Any, spec: dict[str, Any], alias: str) -> dict[str, Any]:
+    """Define `alias` on `con` as the view's rows plus `__order`, the tie-break after the
+    event and created times; returns the source dataset version read. A SQL view's rows have
+    no file order, so its ties break on the row's own values (deterministic all the same)."""
+    from appliance.core.datasets import get_dataset_version
+
+    data = get_dataset_version(app, spec["source"])
+    body = rows_sql(app, data, spec.get("sql"))
+    if spec.get("sql"):
+        names = [r[0] for r in con.execute(f"DESCRIBE ({body})").fetchall()]
+        order = ", ".join(duck.sql_identifier(n) for n in names)
+        body = f"SELECT *, row_number() OVER (ORDER BY {order}) AS __order FROM ({body})"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {duck.sql_identifier(alias)} AS {body}")
+    return data
+
+
+def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
+    """The profile of a view version's output (keys, times, features) over its current source
+    version, computed once per source version and kept."""
+    from appliance.core.datasets import get_dataset_version
+    from appliance.core.profiles import profile_table
+
+    spec = get_definition(app, "view", ref)
+    data = get_dataset_version(app, spec["source"])
+    key = (spec["name"], spec["version"], data["id"])
+    cached = app.db.one(
+        "SELECT profile_json FROM feature_view_profiles WHERE view = ? AND version = ? "
+        "AND dataset_version_id = ?",
+        key,
+    )
+    if cached:
+        return {**json.loads(cached["profile_json"]), "cached": True}
+    columns = [*spec["join_keys"], spec["timestamp"]]
+    columns += [spec["created_timestamp"]] if spec["created_timestamp"] else []
+    columns += [f["name"] for f in spec["features"]]
+    con = duck.connect(app.settings)
+    try:
+        view_relation(app, con, spec, "__rows")
+        con.execute(
+            "CREATE TEMP VIEW t AS SELECT "
+            + ", ".join(duck.sql_identifier(c) for c in columns)
+            + " FROM __rows"
+        )
+        types = {str(r[0]): str(r[1]) for r in con.execute("DESCRIBE t").fetchall()}
+        rows = int(con.execute("SELECT count(*) FROM t").fetchone()[0])
+        result = profile_table(con, f"{spec['ref']} over {data['ref']}", rows, types)
+    finally:
+        con.close()
+    app.db.execute(
+        "INSERT INTO feature_view_profiles (view, version, dataset_version_id, profile_json, "
+        "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (*key, json.dumps(result), utcnow()),
+    )
+    return {**result, "cached": False}
+
+
+def freshness(app: Appliance, now: float | None = None) -> list[dict[str, Any]]:
+    """Per view version: its materialization state and how stale the online values are
+    against the ttl (stale: the newest value is older than the ttl, so lookups miss)."""
+    import time
+
+    now = time.time() if now is None else now
+    rows = app.db.rows(
+        "SELECT d.name, d.version, d.spec_json, m.last_end, m.rows_written, m.newest_event, "
+        "m.ran_at FROM feature_definitions d LEFT JOIN feature_materializations m "
+        "ON m.view = d.name AND m.version = d.version WHERE d.kind = 'view' "
+        "ORDER BY d.name, d.version DESC"
+    )
+    out = []
+    for row in rows:
+        ttl = json.loads(row["spec_json"])["ttl_seconds"]
+        newest = row["newest_event"]
+        age = None if newest is None else max(0.0, now - float(newest))
+        if row["ran_at"] is None:
+            status = "not materialized"
+        elif age is None:
+            status = "empty"
+        elif ttl and age > ttl:
+            status = "stale"
+        else:
+            status = "fresh"
+        out.append(
+            {
+                "view": row["name"],
+                "version": row["version"],
+                "ref": f"{row['name']}@{row['version']}",
+                "ttl_seconds": ttl,
+                "materialized_at": row["ran_at"],
+                "rows_written": row["rows_written"],
+                "newest_event": None
+                if newest is None
+                else datetime.fromtimestamp(float(newest), UTC).isoformat(),
+                "age_seconds": age,
+                "status": status,
+            }
+        )
+    return out
+
+
+_SERVICE_OF = (
+    "SELECT i.ref FROM lineage_artifacts o "
+    "JOIN lineage_events eo ON eo.artifact_id = o.id AND eo.type = 'OUTPUT' "
+    "JOIN lineage_executions x ON x.id = eo.execution_id AND x.type = 'TrainingSet' "
+    "JOIN lineage_events ei ON ei.execution_id = x.id AND ei.type = 'INPUT' "
+    "JOIN lineage_artifacts i ON i.id = ei.artifact_id AND i.type = 'FeatureService' "
+    "WHERE o.ref = ? ORDER BY x.id DESC LIMIT 1"
+)
+
+
+def feature_service_of(conn: Any, dataset_ref: str) -> str | None:
+    """The feature service (NAME@V) a dataset version was built with as a training set, from
+    its lineage (inside the caller's transaction); None for other data."""
+    row = conn.execute(_SERVICE_OF, (f"dataset:{dataset_ref}",)).fetchone()
+    return None if row is None else str(row[0]).removeprefix("feature-service:")
+
+
+def training_set_service(app: Appliance, dataset_ref: str) -> str | None:
+    """feature_service_of, read outside a transaction."""
+    found = app.db.scalar(_SERVICE_OF, (f"dataset:{dataset_ref}",))
+    return None if found is None else str(found).removeprefix("feature-service:")
+
+
+def service_inputs(conn: Any, ref: str) -> tuple[list[str], list[str]]:
+    """(join keys, feature names) of service version NAME@V: what a caller of a deployment
+    with this service sends, and what the server looks up for it."""
+    name, _, version = ref.partition("@")
+    row = conn.execute(
+        "SELECT spec_json FROM feature_definitions WHERE kind = 'service' AND name = ? "
+        "AND version = ?",
+        (name, int(version or 0)),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"feature service {ref!r} not found")
+    svc = json.loads(row[0])
+    keys: list[str] = []
+    names = []
+    for item in svc["features"]:
+        view = conn.execute(
+            "SELECT spec_json FROM feature_definitions WHERE kind = 'view' AND name = ? "
+            "AND version = ?",
+            (item["view"], item["view_version"]),
+        ).fetchone()
+        keys += [k for k in json.loads(view[0])["join_keys"] if k not in keys]
+        full = svc["full_feature_names"]
+        names.append(f"{item['view']}__{item['feature']}" if full else item["feature"])
+    return keys, names
 
 
 def _service_spec(
@@ -255,6 +446,9 @@ def apply(app: Appliance, directory: str | Path) -> list[dict[str, Any]]:
             out.append(
                 {"kind": "service", "name": spec["name"], "version": version, "created": created}
             )
+    for item in out:  # after the commit: a profile is derived data, kept per source version
+        if item["kind"] == "view" and item["created"]:
+            view_profile(app, f"{item['name']}@{item['version']}")
     return out
 
 
@@ -282,14 +476,19 @@ def get_definition(app: Appliance, kind: str, ref: str) -> dict[str, Any]:
     }
 
 
-def list_definitions(app: Appliance, kind: str | None = None) -> list[dict[str, Any]]:
-    """The latest version of every definition (of one kind)."""
+def list_definitions(
+    app: Appliance, kind: str | None = None, all_versions: bool = False
+) -> list[dict[str, Any]]:
+    """The latest version of every definition (of one kind), or every version."""
+    latest = (
+        "d.version = (SELECT max(version) FROM feature_definitions l "
+        "WHERE l.kind = d.kind AND l.name = d.name)"
+    )
     rows = app.db.rows(
         "SELECT d.kind, d.name, d.version, d.spec_json, d.created_at FROM feature_definitions d "
-        "WHERE d.version = (SELECT max(version) FROM feature_definitions l "
-        "WHERE l.kind = d.kind AND l.name = d.name) "
+        f"WHERE {'TRUE' if all_versions else latest} "
         + ("AND d.kind = ? " if kind else "")
-        + "ORDER BY d.kind, d.name",
+        + "ORDER BY d.kind, d.name, d.version DESC",
         (kind,) if kind else (),
     )
     return [
@@ -337,12 +536,11 @@ def training_set(
         sources = []
         for i, ((view, view_version), feats) in enumerate(by_view.items()):
             spec = get_definition(app, "view", f"{view}@{view_version}")
-            data = get_dataset_version(app, spec["source"])
+            data = view_relation(app, con, spec, f"__rows{i}")
             inputs += [
                 ("FeatureView", f"feature-view:{spec['ref']}"),
                 ("DatasetVersion", f"dataset:{data['ref']}"),
             ]
-            path = duck.sql_string(str(app.objects.get_file(data["sha256"])))
             named = [f"{view}__{f}" if svc["full_feature_names"] else f for f in feats]
             renamed = ", ".join(
                 f"{duck.sql_identifier(f)} AS {duck.sql_identifier(n)}"
@@ -355,8 +553,7 @@ def training_set(
             con.execute(
                 f"CREATE VIEW __view{i} AS SELECT {keys}, "
                 + ", ".join(duck.sql_identifier(c) for c in extra)
-                + f", {renamed}, file_row_number AS __order "
-                f"FROM read_parquet({path}, file_row_number = true)"
+                + f", {renamed}, __order FROM __rows{i}"
             )
             sources.append(
                 FeatureSource(

@@ -33,14 +33,6 @@ def online_store(app: Appliance) -> OnlineStore:
     return store
 
 
-def _epoch(value: Any) -> float | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # naive timestamps are UTC
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()
-
-
 def _when(text: str | None, what: str) -> datetime | None:
     if text is None:
         return None
@@ -61,8 +53,7 @@ def materialize(
 ) -> list[dict[str, Any]]:
     """Write, per entity key, the latest row with start <= ts <= end (ties: created, then file
     order) of each view (or of one) into the online store; returns what each run wrote."""
-    from appliance.core.datasets import get_dataset_version
-    from appliance.core.features import get_definition, list_definitions
+    from appliance.core.features import get_definition, list_definitions, view_relation
 
     views = [get_definition(app, "view", view)] if view else list_definitions(app, "view")
     if not views:
@@ -78,8 +69,6 @@ def materialize(
             )
             if last is not None:
                 begin = datetime.fromtimestamp(float(last["last_end"]) - lookback_seconds, UTC)
-        data = get_dataset_version(app, spec["source"])
-        path = duck.sql_string(str(app.objects.get_file(data["sha256"])))
         q = duck.sql_identifier
         keys = ", ".join(q(k) for k in spec["join_keys"])
         feats = [f["name"] for f in spec["features"]]
@@ -88,15 +77,17 @@ def materialize(
         if begin is not None:
             where.append(f"{ts} >= {duck.sql_string(begin.isoformat())}::TIMESTAMPTZ")
         created_sql = q(created) if created else "NULL"
+        # times leave DuckDB as epoch seconds: naive ones are UTC, zoned ones converted
         sql = (
-            f"SELECT {keys}, {ts}, {created_sql}, {', '.join(q(f) for f in feats)} "
-            f"FROM read_parquet({path}, file_row_number = true) WHERE {' AND '.join(where)} "
+            f"SELECT {keys}, epoch_us({ts}) / 1e6, epoch_us({created_sql}) / 1e6, "
+            f"{', '.join(q(f) for f in feats)} FROM __rows WHERE {' AND '.join(where)} "
             f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {ts} DESC, "
-            f"{created_sql} DESC NULLS LAST, file_row_number DESC) = 1"
+            f"{created_sql} DESC NULLS LAST, __order DESC) = 1"
         )
         con = duck.connect(app.settings)
         try:
             con.execute("SET TimeZone = 'UTC'")
+            view_relation(app, con, spec, "__rows")
             rows = con.execute(sql).fetchall()
         finally:
             con.close()
@@ -104,16 +95,11 @@ def materialize(
         newest = None
         batch = []
         for row in rows:
-            event = _epoch(row[width])
-            newest = event if newest is None or (event or 0) > newest else newest
+            event = float(row[width])
+            newest = event if newest is None or event > newest else newest
             values = dict(zip(feats, row[width + 2 :], strict=True))
             batch.append(
-                (
-                    entity_key(row[:width]),
-                    event,
-                    _epoch(row[width + 1]),
-                    json.dumps(values, default=str),
-                )
+                (entity_key(row[:width]), event, row[width + 1], json.dumps(values, default=str))
             )
         written = online_store(app).write(f"{spec['name']}@{spec['version']}", batch)
         app.db.execute(
@@ -150,6 +136,110 @@ def _check_key(view: str, key: str, kind: str | None, value: Any, row: int) -> N
         )
 
 
+class FeatureLookup:
+    """A feature service resolved once (its views' keys, key types, ttl, output names): what
+    the feature server and a deployment with a feature service call per request."""
+
+    def __init__(self, app: Appliance, service: str) -> None:
+        from appliance.core.features import get_definition
+
+        svc = get_definition(app, "service", service)
+        self.ref: str = svc["ref"]
+        self.store = online_store(app)
+        by_view: dict[tuple[str, int], list[str]] = {}
+        for item in svc["features"]:
+            by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
+        self.views: list[dict[str, Any]] = []
+        self.join_keys: list[str] = []
+        self.feature_names: list[str] = []
+        for (view, version), feats in by_view.items():
+            spec = get_definition(app, "view", f"{view}@{version}")
+            names = [f"{view}__{f}" if svc["full_feature_names"] else f for f in feats]
+            self.views.append(
+                {
+                    "name": view,
+                    "stored_as": spec["ref"],
+                    "keys": spec["join_keys"],
+                    "key_types": spec.get("key_types") or {},
+                    "ttl": spec["ttl_seconds"],
+                    "features": list(zip(feats, names, strict=True)),
+                }
+            )
+            self.join_keys += [k for k in spec["join_keys"] if k not in self.join_keys]
+            self.feature_names += names
+
+    def read(
+        self, entities: dict[str, list[Any]], now: float | None = None
+    ) -> tuple[int, list[tuple[str, list[Any], list[str], list[str | None]]]]:
+        """(rows, [(feature name, values, statuses, event times)]) for `entities`
+        ({key column: [values...]}), each list in entity row order."""
+        if not isinstance(entities, dict) or not entities:
+            raise InvalidInput("entities: expected {key column: [values, ...]}")
+        lengths = {len(v) if isinstance(v, list) else -1 for v in entities.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise InvalidInput("entities: every key column needs a list of values, all as long")
+        count = lengths.pop()
+        now = time.time() if now is None else now
+        out = []
+        for view in self.views:
+            for key in view["keys"]:
+                if key not in entities:
+                    raise InvalidInput(
+                        f"entities: join key {key!r} of view {view['name']!r} is missing"
+                    )
+            row_keys = []
+            for i in range(count):
+                values = [entities[k][i] for k in view["keys"]]
+                for k, v in zip(view["keys"], values, strict=True):
+                    _check_key(view["name"], k, view["key_types"].get(k), v, i)
+                row_keys.append(entity_key(values))
+            found = self.store.read(view["stored_as"], sorted(set(row_keys)))
+            ttl = view["ttl"]
+            for feature, name in view["features"]:
+                values_out: list[Any] = []
+                statuses: list[str] = []
+                stamps: list[str | None] = []
+                for key in row_keys:
+                    hit = found.get(key)
+                    if hit is None:
+                        values_out.append(None)
+                        statuses.append("NOT_FOUND")
+                        stamps.append(None)
+                        continue
+                    event, stored = hit
+                    if ttl and now - event > ttl:
+                        values_out.append(None)
+                        statuses.append("OUTSIDE_MAX_AGE")
+                    else:
+                        value = stored.get(feature)
+                        values_out.append(value)
+                        statuses.append("PRESENT" if value is not None else "NULL_VALUE")
+                    stamps.append(datetime.fromtimestamp(event, UTC).isoformat())
+                out.append((name, values_out, statuses, stamps))
+        return count, out
+
+
+def entities_from_text(app: Appliance, service: str, texts: dict[str, str]) -> dict[str, list]:
+    """One entity typed in (a command line, a form) as lookup keys: text becomes a number
+    where the view keys by an integer column, and a key the service does not take is named."""
+    lookup = FeatureLookup(app, service)
+    types: dict[str, str] = {}
+    for view in lookup.views:
+        types.update(view["key_types"])
+    entities: dict[str, list[Any]] = {}
+    for key, text in texts.items():
+        if key not in lookup.join_keys:
+            raise InvalidInput(f"entity key {key!r}: {lookup.ref} takes {lookup.join_keys}")
+        if types.get(key, "VARCHAR") == "VARCHAR":
+            entities[key] = [text]
+            continue
+        try:
+            entities[key] = [int(text.strip())]
+        except ValueError:
+            raise InvalidInput(f"entity key {key!r}: {text!r} is not a whole number") from None
+    return entities
+
+
 def get_online_features(
     app: Appliance,
     service: str,
@@ -159,59 +249,13 @@ def get_online_features(
     """Feast's online response for `entities` ({key column: [values...]}): one result per
     feature name (keys first), each with a value and a status per entity row, in order.
     A value older than its view's ttl is missing with status OUTSIDE_MAX_AGE."""
-    from appliance.core.features import get_definition
-
-    svc = get_definition(app, "service", service)
-    if not isinstance(entities, dict) or not entities:
-        raise InvalidInput("entities: expected {key column: [values, ...]}")
-    lengths = {len(v) if isinstance(v, list) else -1 for v in entities.values()}
-    if len(lengths) != 1 or -1 in lengths:
-        raise InvalidInput("entities: every key column needs a list of values, all as long")
-    count = lengths.pop()
-    now = time.time() if now is None else now
+    count, found = FeatureLookup(app, service).read(entities, now)
     names: list[str] = list(entities)
     results: list[dict[str, Any]] = [
         {"values": list(v), "statuses": ["PRESENT"] * count, "event_timestamps": [None] * count}
         for v in entities.values()
     ]
-    by_view: dict[tuple[str, int], list[str]] = {}
-    for item in svc["features"]:
-        by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
-    store = online_store(app)
-    for (view, version), feats in by_view.items():
-        spec = get_definition(app, "view", f"{view}@{version}")
-        for key in spec["join_keys"]:
-            if key not in entities:
-                raise InvalidInput(f"entities: join key {key!r} of view {view!r} is missing")
-        key_types = spec.get("key_types") or {}
-        row_keys = []
-        for i in range(count):
-            values = [entities[k][i] for k in spec["join_keys"]]
-            for k, v in zip(spec["join_keys"], values, strict=True):
-                _check_key(view, k, key_types.get(k), v, i)
-            row_keys.append(entity_key(values))
-        found = store.read(f"{view}@{version}", sorted(set(row_keys)))
-        ttl = spec["ttl_seconds"]
-        for feature in feats:
-            name = f"{view}__{feature}" if svc["full_feature_names"] else feature
-            values_out, statuses, stamps = [], [], []
-            for key in row_keys:
-                hit = found.get(key)
-                if hit is None:
-                    values_out.append(None)
-                    statuses.append("NOT_FOUND")
-                    stamps.append(None)
-                    continue
-                event, stored = hit
-                stamp = datetime.fromtimestamp(event, UTC).isoformat()
-                if ttl and now - event > ttl:
-                    values_out.append(None)
-                    statuses.append("OUTSIDE_MAX_AGE")
-                else:
-                    value = stored.get(feature)
-                    values_out.append(value)
-                    statuses.append("PRESENT" if value is not None else "NULL_VALUE")
-                stamps.append(stamp)
-            names.append(name)
-            results.append({"values": values_out, "statuses": statuses, "event_timestamps": stamps})
+    for name, values, statuses, stamps in found:
+        names.append(name)
+        results.append({"values": values, "statuses": statuses, "event_timestamps": stamps})
     return {"metadata": {"feature_names": names}, "results": results}

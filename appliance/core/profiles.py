@@ -61,6 +61,12 @@ def profile(app: Appliance, ref: str, label: str | None = None) -> dict[str, Any
     return {**result, "cached": False}
 
 
+def profile_table(con: Any, ref: str, rows: int, types: dict[str, str]) -> dict[str, Any]:
+    """The profile of relation `t` on `con` (what a feature view version keeps of its output),
+    in the same shape as a dataset version's."""
+    return _compute(con, {"ref": ref, "row_count": rows}, types, None)
+
+
 def _compute(con: Any, version: dict[str, Any], types: dict[str, str], label: str | None) -> dict:
     # One scan for every column's statistics at once, then one cheap grouped query per numeric
     # column (histogram) and per repeating column (top values). Columns whose values are

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from appliance.core.context import Appliance
+from appliance.core.features import feature_service_of
 from appliance.core.lineage import record_execution
 from appliance.core.names import validate_name
 from appliance.core.runs import get_run
@@ -19,7 +20,7 @@ from appliance.store.db import utcnow
 
 _VERSION_SELECT = (
     "SELECT mv.id, m.name AS model, mv.version, mv.flavor, mv.run_id, mv.signature_json, "
-    "mv.metrics_json, mv.created_at, mv.archived_at, mv.archive_reason, "
+    "mv.metrics_json, mv.created_at, mv.archived_at, mv.archive_reason, mv.feature_service, "
     "a.sha256, a.uri, a.size, "
     "(SELECT d.name || '@' || dv.version FROM dataset_versions dv "
     " JOIN datasets d ON d.id = dv.dataset_id WHERE dv.id = mv.dataset_version_id) AS dataset "
@@ -140,7 +141,7 @@ def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
         artifact_id = conn.execute(
             "SELECT id FROM artifacts WHERE sha256 = ?", (output["sha256"],)
         ).fetchone()[0]
-        dataset_version_id = None
+        dataset_version_id = feature_service = None
         if dataset_ref:
             ds_name, _, ds_version = dataset_ref.partition("@")
             found = conn.execute(
@@ -149,16 +150,19 @@ def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
                 (ds_name, int(ds_version)),
             ).fetchone()
             dataset_version_id = found[0] if found else None
+            # a model trained on a training set is served with the same feature service
+            feature_service = feature_service_of(conn, dataset_ref)
         conn.execute(
             "INSERT INTO model_versions (model_id, version, artifact_id, run_id, "
-            "dataset_version_id, flavor, signature_json, metrics_json, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "dataset_version_id, feature_service, flavor, signature_json, metrics_json, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 model_id,
                 version,
                 artifact_id,
                 run["id"],
                 dataset_version_id,
+                feature_service,
                 meta.get("flavor", "lightgbm"),
                 json.dumps(
                     {k: meta.get(k) for k in ("signature", "objective", "labels", "target")}
@@ -403,6 +407,8 @@ def render_card(app: Appliance, version: dict[str, Any]) -> str:
             lines.append(f"- code: git {commit}")
     if version.get("dataset"):
         lines.append(f"- training data: dataset {version['dataset']}")
+    if version.get("feature_service"):
+        lines.append(f"- feature service: {version['feature_service']}")
     if signature.get("labels"):
         lines.append(f"- classes: {', '.join(str(c) for c in signature['labels'])}")
     lines += ["", "## Metrics", ""]

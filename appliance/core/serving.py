@@ -40,6 +40,7 @@ from appliance.core.inference import (
     parse_v2_request,
     split_binary_body,
 )
+from appliance.core.online import FeatureLookup
 from appliance.core.registry import get_model_version
 from appliance.core.traffic import (
     KEEP_SECONDS,
@@ -162,7 +163,7 @@ def wake_workers(app: Appliance, deployment: str, pids: list[int]) -> None:
 
 _STATE_SQL = (
     "SELECT d.generation, d.current_revision, d.canary_revision, d.canary_percent, "
-    "d.canary_window_s, m.name AS model, "
+    "d.canary_window_s, d.feature_service, m.name AS model, "
     "(SELECT mv.version FROM deployment_revisions r JOIN model_versions mv "
     " ON mv.id = r.model_version_id WHERE r.deployment_id = d.id "
     " AND r.revision = d.current_revision) AS version, "
@@ -177,6 +178,61 @@ _STATE_SQL = (
 )
 
 
+class EntityInputs:
+    """A deployment with a feature service: requests carry entity keys (parsed like feature
+    columns by the same V2, MLflow and CSV parsers), and the model's inputs are looked up."""
+
+    has_categories = True  # every key column is parsed on its own, text kept as text
+
+    def __init__(self, lookup: FeatureLookup) -> None:
+        self.lookup = lookup
+        self.feature_names = list(lookup.join_keys)
+        self.categories: dict[str, dict[str, int]] = {k: {} for k in self.feature_names}
+
+    def metadata(self) -> list[dict[str, Any]]:
+        types = {}
+        for view in self.lookup.views:
+            types.update(view["key_types"])
+        return [
+            {
+                "name": k,
+                "datatype": "BYTES" if types.get(k) == "VARCHAR" else "INT64",
+                "shape": [-1],
+            }
+            for k in self.feature_names
+        ]
+
+    def columns(self, runtime: ModelRuntime, keys: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The model's input columns for these entity keys, and how many looked-up values
+        were missing (not found, outside the ttl, or null: the model sees NaN)."""
+        unknown = [k for k in keys if k not in self.feature_names]
+        if unknown:
+            raise RequestError(
+                400,
+                f"unknown input(s) {', '.join(map(repr, unknown))[:200]}: this deployment "
+                f"takes the entity keys {self.feature_names} and looks up the features",
+            )
+        entities: dict[str, list[Any]] = {}
+        for key in self.feature_names:
+            if key not in keys:
+                raise RequestError(400, f"missing entity key {key!r}")
+            values = keys[key]
+            values = values.tolist() if hasattr(values, "tolist") else list(values)
+            entities[key] = [
+                int(v) if isinstance(v, float) and v.is_integer() else v for v in values
+            ]
+        try:
+            _, found = self.lookup.read(entities)
+        except ApplianceError as exc:
+            raise RequestError(400, exc.message) from None
+        columns: dict[str, Any] = dict(entities)
+        missing = 0
+        for name, values, statuses, _ in found:
+            columns[name] = values
+            missing += sum(s != "PRESENT" for s in statuses)
+        return {n: columns[n] for n in runtime.feature_names}, missing
+
+
 class ModelServer:
     """One worker's view of a deployment: routing, loaded versions, traffic, and the routes."""
 
@@ -188,6 +244,7 @@ class ModelServer:
         self.model = ""
         self.routing: Routing | None = None
         self._loaded: dict[int, ModelRuntime] = {}
+        self.features: EntityInputs | None = None
         self._sync_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self.snapshot_path = self.directory / f"worker-{os.getpid()}.json"
@@ -226,6 +283,9 @@ class ModelServer:
             if current is not None and int(state["generation"]) == current.generation:
                 return False
             self.model = state["model"]
+            service = state["feature_service"]
+            if service and (self.features is None or self.features.lookup.ref != service):
+                self.features = EntityInputs(FeatureLookup(self.app, service))
             generation = int(state["generation"])
             degraded = None
             try:
@@ -399,6 +459,9 @@ class ModelServer:
             if action == "ready":
                 return Response(200, _dumps({"name": name, "ready": True}))
             meta = runtime.metadata()
+            if self.features is not None:
+                meta["inputs"] = self.features.metadata()
+                meta["parameters"]["feature_service"] = self.features.lookup.ref
             if version is None:  # the model, not one version: every version being served
                 meta["versions"] = [str(v) for v in routing.versions()]
             return Response(200, _dumps(meta))
@@ -461,8 +524,14 @@ class ModelServer:
         runtime, role = self._model(
             routing, name, version, request_id or headers.get("x-request-id")
         )
+        features = self.features
+        missing = 0
         try:
-            columns, outputs = parse_v2_request(body, runtime, binary)
+            if features is None:
+                columns, outputs = parse_v2_request(body, runtime, binary)
+            else:
+                keys, outputs = parse_v2_request(body, features, binary)
+                columns, missing = features.columns(runtime, keys)
             predictions = runtime.predict_matrix(runtime.matrix(columns))
         except RequestError as exc:
             exc.served = (runtime.version, role)  # type: ignore[attr-defined]
@@ -476,6 +545,11 @@ class ModelServer:
                 for out in outputs
             ],
         }
+        if features is not None:
+            response["parameters"] = {
+                "feature_service": features.lookup.ref,
+                "features_missing": missing,
+            }
         if request_id is not None:
             response["id"] = request_id
         served = (runtime.version, role)
@@ -497,11 +571,15 @@ class ModelServer:
         if content_type not in ("application/json", "text/csv"):
             raise RequestError(415, "Content-Type must be application/json or text/csv")
         runtime, role = self.pick(routing, headers.get("x-request-id"))
+        features = self.features
+        spec: Any = runtime if features is None else features
         try:
             if content_type == "text/csv":
-                columns = parse_csv(raw, runtime)
+                columns = parse_csv(raw, spec)
             else:
-                columns = parse_invocations(_loads(raw), runtime)
+                columns = parse_invocations(_loads(raw), spec)
+            if features is not None:
+                columns, _ = features.columns(runtime, columns)
             predictions = runtime.predict(columns)
         except RequestError as exc:
             exc.served = (runtime.version, role)  # type: ignore[attr-defined]

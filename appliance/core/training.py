@@ -150,6 +150,23 @@ def _input(version: dict[str, Any]) -> dict[str, Any]:
     return {"ref": version["ref"], "sha256": version["sha256"], "schema": version["schema"]}
 
 
+def _default_features(app: Appliance, train: dict[str, Any], target: str) -> list[str]:
+    """Every column but the label; for a feature-store training set, its feature service's
+    features only (entity keys and the timestamp are how rows were joined, not inputs)."""
+    from appliance.core.features import get_definition, training_set_service
+
+    service = training_set_service(app, train["ref"])
+    columns = [c["name"] for c in train["schema"]]
+    if service is None:
+        return [c for c in columns if c != target]
+    svc = get_definition(app, "service", service)
+    names = [
+        f"{f['view']}__{f['feature']}" if svc["full_feature_names"] else f["feature"]
+        for f in svc["features"]
+    ]
+    return [c for c in names if c in columns and c != target]
+
+
 def submit_training(
     app: Appliance,
     dataset: str,
@@ -184,7 +201,7 @@ def submit_training(
     columns = {c["name"]: c["type"] for c in train["schema"]}
     if target not in columns:
         raise InvalidInput(f"--label {target!r}: not a column of dataset {train['ref']}")
-    chosen = features or [c for c in columns if c != target]
+    chosen = features or _default_features(app, train, target)
     for feature in chosen:
         if feature not in columns:
             raise InvalidInput(f"--feature {feature!r}: not a column of dataset {train['ref']}")

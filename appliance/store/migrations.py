@@ -375,6 +375,27 @@ def m010_feature_materializations(db: Any) -> None:
     )
 
 
+def m011_feature_usage(db: Any) -> None:
+    # A model version records the feature service (pinned NAME@V) its training set was built
+    # with; a deployment can name one, so callers send entity keys and the server looks up the
+    # features. A feature view version keeps the profile of its output per source version.
+    _run_script(
+        db,
+        """
+        ALTER TABLE model_versions ADD COLUMN feature_service TEXT;
+        ALTER TABLE deployments ADD COLUMN feature_service TEXT;
+        CREATE TABLE feature_view_profiles (
+            view TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            dataset_version_id INTEGER NOT NULL REFERENCES dataset_versions(id),
+            profile_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (view, version, dataset_version_id)
+        )
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -411,6 +432,7 @@ STEPS: list[Callable[[Any], None]] = [
     m008_deployment_traffic,
     m009_feature_definitions,
     m010_feature_materializations,
+    m011_feature_usage,
 ]
 
 
