@@ -76,7 +76,7 @@ def materialize(
         where = [f"{ts} IS NOT NULL", f"{ts} <= {duck.sql_string(stop.isoformat())}::TIMESTAMPTZ"]
         if begin is not None:
             where.append(f"{ts} >= {duck.sql_string(begin.isoformat())}::TIMESTAMPTZ")
-        created_sql = q(created) if created else "NULL"
+        created_sql = q(created) if created else "NULL::TIMESTAMP"
         # times leave DuckDB as epoch seconds: naive ones are UTC, zoned ones converted
         sql = (
             f"SELECT {keys}, epoch_us({ts}) / 1e6, epoch_us({created_sql}) / 1e6, "

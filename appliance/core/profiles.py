@@ -122,8 +122,9 @@ def _compute(con: Any, version: dict[str, Any], types: dict[str, str], label: st
             [
                 {"value": str(v), "count": int(n)}
                 for v, n in con.execute(
-                    f"SELECT {c}, count(*) AS n FROM t WHERE {c} IS NOT NULL "
-                    f"GROUP BY ALL ORDER BY n DESC, 1 LIMIT {TOP_K}"
+                    # as text: zoned times would otherwise need pytz to leave DuckDB
+                    f"SELECT {c}::VARCHAR, count(*) AS n FROM t WHERE {c} IS NOT NULL "
+                    f"GROUP BY {c} ORDER BY n DESC, {c} LIMIT {TOP_K}"
                 ).fetchall()
             ]
             if repeating

@@ -78,6 +78,7 @@ class ApplianceApp(App[None]):
         Binding("e", "runs", "Runs"),
         Binding("m", "models", "Models"),
         Binding("s", "deployments", "Serving"),
+        Binding("f", "features", "Features"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -224,6 +225,7 @@ class ApplianceApp(App[None]):
                 "runs",
                 "models",
                 "deployments",
+                "features",
                 "refresh",
             )
             and len(self.screen_stack) > 1
@@ -256,6 +258,11 @@ class ApplianceApp(App[None]):
 
         self.push_screen(DeploymentsScreen(self.ctx))
 
+    def action_features(self) -> None:
+        from appliance.tui.features import FeaturesScreen
+
+        self.push_screen(FeaturesScreen(self.ctx))
+
     @on(DataTable.RowSelected, "#table")
     def _on_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a row opens its kind's own screen (k9s's drill-down)."""
@@ -269,6 +276,8 @@ class ApplianceApp(App[None]):
             self.action_models()
         elif self.kind == "deployments":
             self.action_deployments()
+        elif self.kind == "features":
+            self.action_features()
 
     def action_refresh(self) -> None:
         self.refresh_resources()

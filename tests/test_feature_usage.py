@@ -1,0 +1,292 @@
+"""Feature views computed by SQL (window aggregations), profiles and freshness, and a feature
+service carried from the training set to the model version and to a deployment that looks
+features up from entity keys, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from appliance.core import datasets, features
+from appliance.core.context import Appliance
+from appliance.errors import Conflict, InvalidInput
+
+T0 = datetime(2026, 1, 1)
+
+TRIPS = [  # driver_id, event_ts, fare
+    (1, T0, 10.0),
+    (1, T0 + timedelta(days=2), 20.0),
+    (1, T0 + timedelta(days=8), 5.0),  # the first trip has left the 7-day window
+    (2, T0 + timedelta(days=1), 7.0),
+]
+WINDOW_VIEW = """
+entities:
+  - {name: driver, join_keys: [driver_id]}
+feature_views:
+  - name: driver_weekly
+    entities: [driver]
+    source: trips
+    timestamp: event_ts
+    sql: |
+      SELECT driver_id, event_ts,
+             sum(fare) OVER (PARTITION BY driver_id ORDER BY event_ts
+                             RANGE BETWEEN INTERVAL 7 DAYS PRECEDING AND CURRENT ROW) AS fare_7d,
+             count(*) OVER (PARTITION BY driver_id ORDER BY event_ts
+                            RANGE BETWEEN INTERVAL 7 DAYS PRECEDING AND CURRENT ROW) AS trips_7d
+      FROM source
+    features:
+      - {name: fare_7d, type: float64, description: fares over the last 7 days}
+      - {name: trips_7d, type: int64}
+feature_services:
+  - {name: weekly, features: ["driver_weekly:fare_7d", "driver_weekly:trips_7d"]}
+"""
+
+
+def _csv(tmp_path: Path, name: str, header: str, rows: list[tuple[Any, ...]]) -> Path:
+    path = tmp_path / f"{name}.csv"
+    lines = [header] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _defs(tmp_path: Path, text: str) -> Path:
+    folder = tmp_path / "defs"
+    folder.mkdir(exist_ok=True)
+    (folder / "features.yaml").write_text(text)
+    return folder
+
+
+def _rows(app: Appliance, ref: str, columns: str) -> list[tuple[Any, ...]]:
+    version = datasets.get_dataset_version(app, ref)
+    path = str(app.objects.get_file(version["sha256"]))
+    return duckdb.sql(f"SELECT {columns} FROM read_parquet('{path}')").fetchall()
+
+
+def test_a_sql_view_computes_window_aggregations_joined_point_in_time(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import get_online_features, materialize
+
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    entities = [
+        (1, T0 + timedelta(days=3)),  # trips at day 0 and 2 -> 30
+        (1, T0 + timedelta(days=9)),  # the day-8 row: day 2 and 8 -> 25
+        (2, T0 + timedelta(hours=1)),  # before driver 2's first trip -> nothing
+        (1, T0 - timedelta(days=1)),
+    ]
+    datasets.import_csv(app, _csv(tmp_path, "asks", "driver_id,event_ts", entities), "asks")
+    applied = features.apply(app, _defs(tmp_path, WINDOW_VIEW))
+    assert [r["created"] for r in applied] == [True, True, True]
+    view = features.get_definition(app, "view", "driver_weekly")
+    assert "RANGE BETWEEN INTERVAL 7 DAYS" in view["sql"]
+    built = features.training_set(app, "weekly", "asks", "weekly_train")
+    assert _rows(app, built["ref"], "fare_7d, trips_7d") == [
+        (30.0, 2),
+        (25.0, 2),
+        (None, None),
+        (None, None),
+    ]
+    materialize(app, end="2026-02-01T00:00:00")
+    online = get_online_features(app, "weekly", {"driver_id": [1, 2]}, now=T0.timestamp())
+    assert online["results"][1]["values"] == [25.0, 7.0]  # the latest window per driver
+    assert online["results"][2]["values"] == [2, 1]
+    # the SQL is part of the definition: changing it is a new version
+    changed = WINDOW_VIEW.replace("INTERVAL 7 DAYS", "INTERVAL 3 DAYS")
+    again = features.apply(app, _defs(tmp_path, changed))
+    assert [(r["name"], r["version"], r["created"]) for r in again][1:] == [
+        ("driver_weekly", 2, True),
+        ("weekly", 2, True),
+    ]
+
+
+def test_bad_view_sql_is_refused_naming_the_view(app: Appliance, tmp_path: Path) -> None:
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    where = "features.yaml: feature view 'driver_weekly'"
+    cases = [
+        (WINDOW_VIEW.replace("sum(fare)", "sum(tip)"), f"{where}: sql: .*tip"),
+        (WINDOW_VIEW.replace("FROM source", "FROM source; DROP TABLE x"), "one SELECT"),
+        (WINDOW_VIEW.replace("AS trips_7d", "AS trips_seven"), "feature 'trips_7d' is not"),
+        (
+            WINDOW_VIEW.replace("count(*) OVER", "sum(driver_id) OVER"),
+            "'trips_7d' is declared int64 but the output of its sql .* HUGEINT .*CAST",
+        ),
+    ]
+    for text, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            features.apply(app, _defs(tmp_path, text))
+    assert features.list_definitions(app) == []
+
+
+def test_each_view_version_keeps_a_profile_and_freshness_follows_materialization(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import materialize
+
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    features.apply(app, _defs(tmp_path, WINDOW_VIEW.replace("entities: [driver]", TTL_LINE)))
+    profile = features.view_profile(app, "driver_weekly@1")
+    assert profile["cached"] is True  # computed when the version was applied
+    assert profile["rows"] == 4 and profile["ref"] == "driver_weekly@1 over trips@1"
+    fare = next(c for c in profile["columns"] if c["name"] == "fare_7d")
+    assert fare["max"] == 30.0 and fare["nulls"] == 0
+    (state,) = features.freshness(app)
+    assert state["status"] == "not materialized" and state["ttl_seconds"] == 2 * 86400
+    materialize(app, end="2026-02-01T00:00:00")
+    newest = (T0 + timedelta(days=8)).replace(tzinfo=UTC).timestamp()
+    (state,) = features.freshness(app, now=newest + 86400)
+    assert state["status"] == "fresh" and state["rows_written"] == 2
+    assert state["newest_event"].startswith("2026-01-09T00:00:00")
+    (state,) = features.freshness(app, now=newest + 3 * 86400)
+    assert state["status"] == "stale" and state["age_seconds"] == 3 * 86400
+
+
+TTL_LINE = "entities: [driver]\n    ttl: 2d"
+PLAIN_VIEW = """
+entities:
+  - {name: driver, join_keys: [driver_id]}
+feature_views:
+  - {name: fares, entities: [driver], source: trips, timestamp: event_ts,
+     features: [{name: fare, type: float64}]}
+feature_services:
+  - {name: weekly, features: ["fares:fare"]}
+"""
+
+
+def test_zoned_source_times_materialize_and_mixed_format_entity_times_are_refused(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import get_online_features, materialize
+
+    zoned = [(1, "2026-01-01 10:00:00+02:00", 1.5), (1, "2026-01-01 09:30:00+00:00", 2.5)]
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", zoned), "trips")
+    features.apply(app, _defs(tmp_path, PLAIN_VIEW))
+    materialize(app, end="2026-02-01T00:00:00")
+    got = get_online_features(app, "weekly", {"driver_id": [1]}, now=T0.timestamp())
+    assert got["results"][1]["values"] == [2.5]  # 09:30 UTC is later than 10:00+02 = 08:00 UTC
+    assert got["results"][1]["event_timestamps"] == ["2026-01-01T09:30:00+00:00"]
+    mixed = _csv(
+        tmp_path, "mixed", "driver_id,event_ts", [(1, "2026-01-02 10:00"), (1, "01/02/2026")]
+    )
+    datasets.import_csv(app, mixed, "mixed")
+    with pytest.raises(InvalidInput, match="column 'event_ts' row 2: '01/02/2026' is not an ISO"):
+        features.training_set(app, "weekly", "mixed", "never")
+    with pytest.raises(Exception, match="never"):
+        datasets.get_dataset_version(app, "never")
+
+
+# ---- a feature service from training to serving --------------------------------------------
+SERVICE_DEFS = """
+entities:
+  - {name: driver, join_keys: [driver_id]}
+feature_views:
+  - name: driver_stats
+    entities: [driver]
+    source: stats
+    timestamp: event_ts
+    ttl: 1000d
+    features:
+      - {name: conv_rate, type: float64}
+      - {name: trips, type: int64}
+feature_services:
+  - {name: driver_model, features: ["driver_stats:conv_rate", "driver_stats:trips"]}
+  - {name: rate_only, features: ["driver_stats:conv_rate"]}
+"""
+
+
+def _post(url: str, payload: Any) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_training_set_is_served_from_entity_keys(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core import deployments, jobs, registry, training
+    from appliance.core.inference import ModelRuntime
+    from appliance.core.online import materialize
+
+    rng = random.Random(3)
+    stats, rides = [], []
+    for driver in range(1, 41):
+        for hour in range(0, 48, 6):
+            rate = round(rng.random(), 3)
+            stats.append((driver, T0 + timedelta(hours=hour), rate, rng.randrange(50)))
+    for _ in range(600):
+        driver, when = rng.randrange(1, 41), T0 + timedelta(minutes=rng.randrange(60, 48 * 60))
+        rides.append((driver, when, int(rng.random() < 0.5)))
+    header = "driver_id,event_ts,conv_rate,trips"
+    datasets.import_csv(app, _csv(tmp_path, "stats", header, stats), "stats")
+    datasets.import_csv(app, _csv(tmp_path, "rides", "driver_id,event_ts,label", rides), "rides")
+    features.apply(app, _defs(tmp_path, SERVICE_DEFS))
+    built = features.training_set(app, "driver_model", "rides", "rides_train")
+
+    job = training.submit_training(
+        app, built["ref"], "label", params={"num_boost_round": 5, "num_leaves": 4}
+    )
+    finished = jobs.wait_job(app, job["id"], timeout=120)
+    assert finished["state"] == "succeeded", finished
+    mv = registry.register_model(app, "drivers", finished["run_id"])
+    assert mv["feature_service"] == "driver_model@1"
+    # the keys and the timestamp joined the rows; the service's features are the inputs
+    assert [f["name"] for f in mv["signature"]["signature"]] == ["conv_rate", "trips"]
+    assert "feature service: driver_model@1" in registry.model_card(app, mv["ref"])
+
+    materialize(app, end="2026-02-01T00:00:00")
+    with pytest.raises(InvalidInput, match="'trips', which feature service rate_only@1"):
+        deployments.create_deployment(app, "drivers-rate", mv["ref"], feature_service="rate_only")
+    dep = deployments.create_deployment(
+        app, "drivers-fs", mv["ref"], feature_service="driver_model"
+    )
+    try:
+        assert dep["feature_service"] == "driver_model@1"
+        url = dep["url"]
+        status, body = _post(
+            url + "/v2/models/drivers/infer",
+            {
+                "inputs": [
+                    {"name": "driver_id", "datatype": "INT64", "shape": [3], "data": [1, 2, 999]}
+                ]
+            },
+        )
+        assert status == 200, body
+        assert body["parameters"] == {"feature_service": "driver_model@1", "features_missing": 2}
+        latest = {d: (r, t) for d, _, r, t in sorted(stats, key=lambda s: s[1])}
+        runtime = ModelRuntime(mv, str(app.objects.get_file(mv["sha256"])))
+        want = runtime.predict(
+            {
+                "conv_rate": [latest[1][0], latest[2][0], None],
+                "trips": [latest[1][1], latest[2][1], None],
+            }
+        )
+        assert body["outputs"][0]["data"] == pytest.approx(want)
+        status, body = _post(url + "/invocations", {"dataframe_records": [{"driver_id": 2}]})
+        assert status == 200 and body["predictions"] == pytest.approx(want[1:2])
+        status, body = _post(url + "/invocations", {"dataframe_records": [{"driver_id": "2"}]})
+        assert status == 400 and "'driver_id' row 0 is '2'" in body["error"]
+        status, body = _post(
+            url + "/invocations",
+            {"dataframe_split": {"columns": ["driver_id", "conv_rate"], "data": [[2, 0.5]]}},
+        )
+        assert status == 400 and "takes the entity keys ['driver_id']" in body["error"]
+        with urllib.request.urlopen(url + "/v2/models/drivers", timeout=10) as response:
+            meta = json.loads(response.read())
+        assert meta["inputs"] == [{"name": "driver_id", "datatype": "INT64", "shape": [-1]}]
+        with pytest.raises(Conflict, match="keeps the feature service"):
+            deployments.deploy_model(app, mv["ref"], "drivers-fs", feature_service="rate_only")
+    finally:
+        deployments.stop_deployment(app, "drivers-fs")
