@@ -1,12 +1,13 @@
 """Feature store speed against same-run baselines.
 
     .venv/bin/python benchmarks/features.py [--keys 10000] [--times 100] [--entities 100000]
+                                            [--repeat 3]
 
 Data: KEYS entities x TIMES event times (1,000,000 feature rows by default) with 5 float
 features and a created time; ENTITIES entity rows at random times; ttl 1 day. One run measures:
   1. the training set (point-in-time join written as a dataset version) vs pandas
      `merge_asof` on the same data, which must give identical values (by event time, the
-     semantics merge_asof has; as of known time is timed too);
+     semantics merge_asof has; as of known time is timed too); each the median of REPEAT runs;
   2. materializing the whole range into the online store;
   3. online lookups in process: 1 entity (p50/p99 over 2,000 calls) and 100 entities per call;
   4. the same single-entity lookup over HTTP against `appliance features serve`.
@@ -22,6 +23,7 @@ import tempfile
 import time
 from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +60,7 @@ def main() -> int:
     parser.add_argument("--times", type=int, default=100)
     parser.add_argument("--entities", type=int, default=100_000)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="Training-set runs (median).")
     args = parser.parse_args()
 
     import duckdb
@@ -93,28 +96,38 @@ def main() -> int:
         features.apply(app, tmp_path / "defs")
         feature_rows = args.keys * args.times
 
-        started = time.perf_counter()
-        ours = features.training_set(app, "model", "rides", "train", as_of_known_time=False)
-        ours_s = time.perf_counter() - started
-        started = time.perf_counter()
-        features.training_set(app, "model", "rides", "train", as_of_known_time=True)
-        known_s = time.perf_counter() - started
+        def timed(build: Any) -> tuple[Any, float]:
+            # the median of REPEAT runs, each from files on disk to a result
+            times, result = [], None
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                result = build()
+                times.append(time.perf_counter() - started)
+            return result, statistics.median(times)
 
-        started = time.perf_counter()
-        left = pd.read_parquet(tmp_path / "rides.parquet")
-        right = pd.read_parquet(tmp_path / "stats.parquet").drop(columns=["created"])
-        left["__row"] = range(len(left))
-        reference = pd.merge_asof(
-            left.sort_values("event_ts"),
-            right.sort_values("ts"),
-            left_on="event_ts",
-            right_on="ts",
-            by="k",
-            tolerance=pd.Timedelta("1D"),
-            direction="backward",
-            allow_exact_matches=True,
-        ).sort_values("__row")
-        pandas_s = time.perf_counter() - started
+        ours, ours_s = timed(
+            lambda: features.training_set(app, "model", "rides", "train", as_of_known_time=False)
+        )
+        _, known_s = timed(
+            lambda: features.training_set(app, "model", "rides", "train", as_of_known_time=True)
+        )
+
+        def merge_asof() -> Any:
+            left = pd.read_parquet(tmp_path / "rides.parquet")
+            right = pd.read_parquet(tmp_path / "stats.parquet").drop(columns=["created"])
+            left["__row"] = range(len(left))
+            return pd.merge_asof(
+                left.sort_values("event_ts"),
+                right.sort_values("ts"),
+                left_on="event_ts",
+                right_on="ts",
+                by="k",
+                tolerance=pd.Timedelta("1D"),
+                direction="backward",
+                allow_exact_matches=True,
+            ).sort_values("__row")
+
+        reference, pandas_s = timed(merge_asof)
         path = app.objects.get_file(datasets.get_dataset_version(app, ours["ref"])["sha256"])
         got = con.execute(f"SELECT f1, f2, f3, f4, f5 FROM read_parquet('{path}')").fetchdf()
         want = reference[["f1", "f2", "f3", "f4", "f5"]].reset_index(drop=True)

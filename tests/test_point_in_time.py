@@ -28,6 +28,7 @@ def join(
     as_of_known_time: bool = True,
     keys: tuple[str, ...] = ("k",),
     created: bool = True,
+    row_id: bool = False,
 ) -> list[Any]:
     """Entity rows (keys..., ts) and feature rows (keys..., ts, created, value, order) ->
     the value joined to each entity row, in entity order."""
@@ -54,6 +55,7 @@ def join(
         features=("v",),
         created="created" if created else None,
         ingest_order="seq",
+        row_id="seq" if row_id else None,  # features then read back by id from the source
         ttl_seconds=None if ttl_hours is None else ttl_hours * 3600,
         name="view",
     )
@@ -160,8 +162,9 @@ def _brute_force(
     return out
 
 
+@pytest.mark.parametrize("row_id", [False, True])
 @pytest.mark.parametrize("known", [True, False])
-def test_matches_a_brute_force_reference_on_random_rows(known: bool) -> None:
+def test_matches_a_brute_force_reference_on_random_rows(known: bool, row_id: bool) -> None:
     rng = random.Random(7 if known else 8)
     features = []
     for n in range(4000):
@@ -176,7 +179,9 @@ def test_matches_a_brute_force_reference_on_random_rows(known: bool) -> None:
         for _ in range(3000)
     ]
     entities += entities[:50]  # duplicates are kept
-    got = join(entities, features, ttl_hours=1.5, as_of_known_time=known, keys=("a", "b"))
+    got = join(
+        entities, features, ttl_hours=1.5, as_of_known_time=known, keys=("a", "b"), row_id=row_id
+    )
     want = _brute_force(entities, features, timedelta(hours=1.5), known)
     assert got == want
     assert sum(v is None for v in want) > 100 and sum(v is not None for v in want) > 1000

@@ -10,9 +10,10 @@ The contract, per entity row `e` and per feature view, over feature rows `f` wit
 5. timestamps without a timezone are UTC (zoned ones are converted to UTC);
 6. keys are compared column by column, as tuples: (1, 12) and (11, 2) never meet.
 
-Without the created filter the join is DuckDB's ASOF join over feature rows reduced to one per
-(keys, ts); with it, the filter depends on the entity row, so it is a range join reduced per
-entity row to its best candidate's row id.
+Each path picks one feature row id per entity row, then reads that row's features by id.
+Without the created filter, DuckDB's ASOF join finds the latest (keys, ts) at or before the
+entity time and rule 3 ranks the rows at exactly that point; with it, the filter depends on the
+entity row, so it is a range join reduced per entity row to its best candidate.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FeatureSource:
     features: tuple[str, ...]
     created: str | None = None
     ingest_order: str | None = None  # a column that grows with ingestion (file row number)
+    row_id: str | None = None  # a column unique per row, stable across reads (file row number)
     ttl_seconds: float | None = None
     name: str = "features"
 
@@ -111,53 +113,68 @@ def point_in_time_sql(
         order = q(src.ingest_order) if src.ingest_order else "0"
         keys = [q(k) for k in src.keys]
         feats = [q(f) for f in src.features]
-        ranged = as_of_known_time and src.created is not None
-        # the ranged path reads its rows twice (candidates, then features by row id)
+        # Every path picks a row id per entity row, then reads that row's features by id.
+        # The rows the join works on are materialized once, so ids are stable across reads;
+        # with a row id column in the source they hold no feature values (less to build).
+        rid = q(src.row_id) if src.row_id else "row_number() OVER ()"
+        carried = "" if src.row_id else f"{', '.join(feats)}, "
         parts.append(
-            f"f{i} AS {'MATERIALIZED ' if ranged else ''}(SELECT {', '.join(keys)}, "
-            f"{', '.join(feats)}, {f_ts} AS __ts, {created} AS __created, {order} AS __order"
-            + (", row_number() OVER () AS __rid" if ranged else "")
-            + f" FROM {src.relation} WHERE {f_ts} IS NOT NULL)"
+            f"f{i} AS MATERIALIZED (SELECT {', '.join(keys)}, {carried}"
+            f"{f_ts} AS __ts, coalesce({created}, TIMESTAMP '-infinity') AS __created, "
+            f"{created} IS NULL AS __unknown, {order} AS __order, "
+            f"{rid} AS __rid FROM {src.relation} WHERE {f_ts} IS NOT NULL)"
         )
-        key_match = " AND ".join(f"e.{k} = f{i}.{k}" for k in keys)
         oldest = (
             f"e.__pit_ts - INTERVAL ({float(src.ttl_seconds)}) SECOND" if src.ttl_seconds else None
         )
-        if ranged:
-            # The created filter depends on the entity row: a range join, then per entity row
-            # the id of the best candidate (a small aggregate state, not a sort of every
-            # candidate), then that row's features by id. A NULL created fails the filter.
-            ttl = f" AND f{i}.__ts >= {oldest}" if oldest else ""
-            rank = ", ".join(
-                f"{n} := f{i}.__{c}"
-                for n, c in zip("abcd", ("ts", "created", "order", "rid"), strict=True)
-            )
+        # rule 3 as one comparable value: a NULL created ranks below any time
+        rank = ", ".join(
+            f"{n} := f{i}.__{c}"
+            for n, c in zip("abcd", ("ts", "created", "order", "rid"), strict=True)
+        )
+        known = as_of_known_time and src.created is not None
+        # DuckDB's ASOF join finds the latest (keys, ts) at or before the entity time; the
+        # rows at exactly that point are then ranked (rule 3), and with as-of-known-time only
+        # those already written count.
+        asof_keys = " AND ".join(f"e.{k} = t{i}.{k}" for k in keys)
+        parts.append(
+            f"a{i} AS (SELECT e.{ROW}, e.__pit_ts, {', '.join(f'e.{k}' for k in keys)}, "
+            f"t{i}.__ts FROM e ASOF JOIN (SELECT DISTINCT {', '.join(keys)}, __ts "
+            f"FROM f{i}) t{i} ON {asof_keys} AND e.__pit_ts >= t{i}.__ts"
+            + (f" WHERE t{i}.__ts >= {oldest}" if oldest else "")
+            + ")"
+        )
+        exact = " AND ".join(f"a{i}.{k} = f{i}.{k}" for k in keys)
+        written = f" AND NOT f{i}.__unknown AND f{i}.__created <= a{i}.__pit_ts" if known else ""
+        parts.append(
+            f"{'x' if known else 'm'}{i} AS (SELECT a{i}.{ROW}, "
+            f"arg_max(f{i}.__rid, struct_pack({rank})) AS __rid FROM a{i} JOIN f{i} "
+            f"ON {exact} AND f{i}.__ts = a{i}.__ts{written} GROUP BY a{i}.{ROW})"
+        )
+        if known:
+            # Entity rows whose latest point was not yet written when they happened (late
+            # data) fall back to a range join over all their candidates: created depends on
+            # the entity row. Usually a few rows; in the worst case, all of them.
+            late = " AND ".join(f"l{i}.{k} = f{i}.{k}" for k in keys)
+            ttl = f" AND f{i}.__ts >= {oldest.replace('e.', f'l{i}.')}" if oldest else ""
+            parts.append(f"l{i} AS (SELECT * FROM a{i} ANTI JOIN x{i} ON x{i}.{ROW} = a{i}.{ROW})")
             parts.append(
-                f"m{i} AS (SELECT e.{ROW}, arg_max(f{i}.__rid, struct_pack({rank})) AS __rid "
-                "FROM e "
-                f"JOIN f{i} ON {key_match} AND f{i}.__ts <= e.__pit_ts{ttl} "
-                f"AND f{i}.__created <= e.__pit_ts GROUP BY e.{ROW})"
+                f"m{i} AS (SELECT * FROM x{i} UNION ALL SELECT l{i}.{ROW}, "
+                f"arg_max(f{i}.__rid, struct_pack({rank})) FROM l{i} JOIN f{i} ON {late} "
+                f"AND f{i}.__ts < l{i}.__ts{ttl} AND NOT f{i}.__unknown "
+                f"AND f{i}.__created <= l{i}.__pit_ts GROUP BY l{i}.{ROW})"
             )
-            joins.append(
-                f"LEFT JOIN m{i} ON m{i}.{ROW} = e.{ROW} "
-                f"LEFT JOIN f{i} AS g{i} ON g{i}.__rid = m{i}.__rid"
+        joins.append(
+            f"LEFT JOIN m{i} ON m{i}.{ROW} = e.{ROW} "
+            f"LEFT JOIN "
+            + (
+                f"(SELECT {rid} AS __rid, {', '.join(feats)} FROM {src.relation})"
+                if src.row_id
+                else f"f{i}"
             )
-            selects += [f"g{i}.{f}" for f in feats]
-            continue
-        # one row per (keys, ts) first, then at most one match per entity row
-        parts.append(
-            f"d{i} AS (SELECT * FROM f{i} QUALIFY row_number() OVER (PARTITION BY "
-            f"{', '.join(keys)}, __ts ORDER BY __created DESC NULLS LAST, __order DESC) = 1)"
+            + f" AS g{i} ON g{i}.__rid = m{i}.__rid"
         )
-        asof_keys = " AND ".join(f"e.{k} = d{i}.{k}" for k in keys)
-        ttl_ok = f"d{i}.__ts >= {oldest}" if oldest else "TRUE"
-        parts.append(
-            f"m{i} AS (SELECT e.{ROW}, "
-            + ", ".join(f"CASE WHEN {ttl_ok} THEN d{i}.{f} END AS {f}" for f in feats)
-            + f" FROM e ASOF JOIN d{i} ON {asof_keys} AND e.__pit_ts >= d{i}.__ts)"
-        )
-        joins.append(f"LEFT JOIN m{i} ON m{i}.{ROW} = e.{ROW}")
-        selects += [f"m{i}.{f}" for f in feats]
+        selects += [f"g{i}.{f}" for f in feats]
     return (
         "WITH "
         + ",\n".join(parts)
