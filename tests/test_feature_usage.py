@@ -119,6 +119,10 @@ def test_bad_view_sql_is_refused_naming_the_view(app: Appliance, tmp_path: Path)
             "'trips_7d' is declared int64 but the output of its sql .* HUGEINT .*CAST",
         ),
     ]
+    secret = tmp_path / "secret.csv"
+    secret.write_text("driver_id,event_ts,fare\n1,2026-01-01,1.0\n")
+    elsewhere = WINDOW_VIEW.replace("FROM source", f"FROM read_csv('{secret}')")
+    cases.append((elsewhere, f"{where}: sql: .*(Permission|disabled|not allowed)"))
     for text, needle in cases:
         with pytest.raises(InvalidInput, match=needle):
             features.apply(app, _defs(tmp_path, text))
@@ -146,6 +150,36 @@ def test_each_view_version_keeps_a_profile_and_freshness_follows_materialization
     assert state["newest_event"].startswith("2026-01-09T00:00:00")
     (state,) = features.freshness(app, now=newest + 3 * 86400)
     assert state["status"] == "stale" and state["age_seconds"] == 3 * 86400
+
+
+def test_cli_lists_versions_profiles_freshness_and_types_keys(  # type: ignore[no-untyped-def]
+    cli, app: Appliance, tmp_path: Path
+) -> None:
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    home = ["--home", str(app.settings.home)]
+    assert cli("features", "apply", str(_defs(tmp_path, WINDOW_VIEW)), *home).code == 0
+    changed = WINDOW_VIEW.replace("INTERVAL 7 DAYS", "INTERVAL 3 DAYS")
+    assert cli("features", "apply", str(_defs(tmp_path, changed)), *home).code == 0
+    listed = cli("features", "list", "--kind", "view", "--all-versions", "--json", *home).json()
+    assert [(r["name"], r["version"]) for r in listed] == [
+        ("driver_weekly", 2),
+        ("driver_weekly", 1),
+    ]
+    profile = cli("features", "profile", "driver_weekly@1", "--json", *home).json()
+    assert profile["rows"] == 4 and "fare_7d" in [c["name"] for c in profile["columns"]]
+    assert "fare_7d" in cli("features", "profile", "driver_weekly", *home).out
+    fresh = cli("features", "freshness", "--json", *home).json()
+    assert [(r["ref"], r["status"]) for r in fresh] == [
+        ("driver_weekly@2", "not materialized"),
+        ("driver_weekly@1", "not materialized"),
+    ]
+    assert cli("features", "materialize", "--end", "2026-02-01T00:00:00", *home).code == 0
+    got = cli("features", "get", "--service", "weekly", "--entity", "driver_id=001", *home)
+    assert got.code == 0 and "PRESENT" in got.out and "25.0" in got.out  # 001 is driver 1
+    bad = cli("features", "get", "--service", "weekly", "--entity", "driver_id=abc", *home)
+    assert bad.code != 0 and "'driver_id': 'abc' is not a whole number" in bad.err
+    bad = cli("features", "get", "--service", "weekly", "--entity", "rider=1", *home)
+    assert bad.code != 0 and "entity key 'rider'" in bad.err
 
 
 TTL_LINE = "entities: [driver]\n    ttl: 2d"

@@ -165,10 +165,10 @@ def _view_spec(
     }
 
 
-def rows_sql(app: Appliance, source: dict[str, Any], sql: str | None) -> str:
-    """SQL for a view's rows: its source dataset version, or its `sql` run over that version
-    (named `source`). A plain source keeps the file's row order as `__order`."""
-    path = duck.sql_string(str(app.objects.get_file(source["sha256"])))
+def rows_sql(path: str, sql: str | None) -> str:
+    """SQL for a view's rows from its source file: the file itself, or the view's `sql` run
+    over it (named `source`). A plain source keeps the file's row order as `__order`."""
+    path = duck.sql_string(path)
     if not sql:
         return (
             f"SELECT * RENAME (file_row_number AS __order) "
@@ -180,8 +180,12 @@ def rows_sql(app: Appliance, source: dict[str, Any], sql: str | None) -> str:
 def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -> dict[str, str]:
     import duckdb
 
+    from appliance.core.query import lock_down
+
+    path = str(app.objects.get_file(source["sha256"]))
     con = duck.connect(app.settings)
     try:
+        lock_down(con, [path])  # the SQL reads its source and nothing else
         try:
             statements = con.extract_statements(sql)
         except duckdb.Error as exc:
@@ -189,7 +193,7 @@ def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -
         if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
             raise InvalidInput(f"{where}: sql must be one SELECT statement (FROM source)")
         try:
-            described = con.execute(f"DESCRIBE ({rows_sql(app, source, sql)})").fetchall()
+            described = con.execute(f"DESCRIBE ({rows_sql(path, sql)})").fetchall()
         except duckdb.Error as exc:
             raise InvalidInput(f"{where}: sql: {str(exc).splitlines()[0]}") from exc
     finally:
@@ -200,20 +204,24 @@ def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -
     return columns
 
 
-def view_relation(app: Appliance, con: Any, spec: dict[str, Any], alias: str) -> dict[str, Any]:
+def view_relation(
+    app: Appliance, con: Any, spec: dict[str, Any], alias: str
+) -> tuple[dict[str, Any], str]:
     """Define `alias` on `con` as the view's rows plus `__order`, the tie-break after the
-    event and created times; returns the source dataset version read. A SQL view's rows have
+    event and created times; returns the source dataset version and its file (the caller
+    locks the connection down to its files before running anything). A SQL view's rows have
     no file order, so its ties break on the row's own values (deterministic all the same)."""
     from appliance.core.datasets import get_dataset_version
 
     data = get_dataset_version(app, spec["source"])
-    body = rows_sql(app, data, spec.get("sql"))
+    path = str(app.objects.get_file(data["sha256"]))
+    body = rows_sql(path, spec.get("sql"))
     if spec.get("sql"):
         names = [r[0] for r in con.execute(f"DESCRIBE ({body})").fetchall()]
         order = ", ".join(duck.sql_identifier(n) for n in names)
         body = f"SELECT *, row_number() OVER (ORDER BY {order}) AS __order FROM ({body})"
     con.execute(f"CREATE OR REPLACE TEMP VIEW {duck.sql_identifier(alias)} AS {body}")
-    return data
+    return data, path
 
 
 def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
@@ -235,9 +243,11 @@ def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
     columns = [*spec["join_keys"], spec["timestamp"]]
     columns += [spec["created_timestamp"]] if spec["created_timestamp"] else []
     columns += [f["name"] for f in spec["features"]]
+    from appliance.core.query import lock_down
+
     con = duck.connect(app.settings)
     try:
-        view_relation(app, con, spec, "__rows")
+        lock_down(con, [view_relation(app, con, spec, "__rows")[1]])
         con.execute(
             "CREATE TEMP VIEW t AS SELECT "
             + ", ".join(duck.sql_identifier(c) for c in columns)
@@ -516,6 +526,7 @@ def training_set(
     versions, and the source dataset versions it read."""
     from appliance.core.datasets import add_version, describe_parquet, get_dataset_version
     from appliance.core.pointintime import FeatureSource, point_in_time_sql
+    from appliance.core.query import lock_down
 
     validate_name("dataset", out)
     svc = get_definition(app, "service", service)
@@ -528,15 +539,20 @@ def training_set(
     tmp_root = app.settings.cache_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     try:
-        entity_file = duck.sql_string(str(app.objects.get_file(entity_version["sha256"])))
-        con.execute(f"CREATE VIEW __entities AS SELECT * FROM read_parquet({entity_file})")
+        entity_file = str(app.objects.get_file(entity_version["sha256"]))
+        files = [entity_file]
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(
+            f"CREATE VIEW __entities AS SELECT * FROM read_parquet({duck.sql_string(entity_file)})"
+        )
         by_view: dict[tuple[str, int], list[str]] = {}
         for item in svc["features"]:
             by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
         sources = []
         for i, ((view, view_version), feats) in enumerate(by_view.items()):
             spec = get_definition(app, "view", f"{view}@{view_version}")
-            data = view_relation(app, con, spec, f"__rows{i}")
+            data, source_file = view_relation(app, con, spec, f"__rows{i}")
+            files.append(source_file)
             inputs += [
                 ("FeatureView", f"feature-view:{spec['ref']}"),
                 ("DatasetVersion", f"dataset:{data['ref']}"),
@@ -568,8 +584,10 @@ def training_set(
                     name=f"feature view {view}@{view_version}",
                 )
             )
-        sql = point_in_time_sql(con, "__entities", timestamp_col, sources, as_of_known_time)
         with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+            # a view's SQL reads its own source and nothing else; the output goes to tmp
+            lock_down(con, files, write_dir=Path(tmp))
+            sql = point_in_time_sql(con, "__entities", timestamp_col, sources, as_of_known_time)
             path = Path(tmp) / "training.parquet"
             con.execute(
                 # snappy: a training set is written often and read soon; zstd's smaller file

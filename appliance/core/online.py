@@ -54,6 +54,7 @@ def materialize(
     """Write, per entity key, the latest row with start <= ts <= end (ties: created, then file
     order) of each view (or of one) into the online store; returns what each run wrote."""
     from appliance.core.features import get_definition, list_definitions, view_relation
+    from appliance.core.query import lock_down
 
     views = [get_definition(app, "view", view)] if view else list_definitions(app, "view")
     if not views:
@@ -87,7 +88,7 @@ def materialize(
         con = duck.connect(app.settings)
         try:
             con.execute("SET TimeZone = 'UTC'")
-            view_relation(app, con, spec, "__rows")
+            lock_down(con, [view_relation(app, con, spec, "__rows")[1]])
             rows = con.execute(sql).fetchall()
         finally:
             con.close()

@@ -57,7 +57,8 @@ def _utc(con: Any, relation: str, column: str, what: str) -> str:
     if kind == "VARCHAR":
         # ISO 8601 text is read as a time (naive = UTC, an offset is honoured); anything
         # else, such as a column mixing 2026-01-31 with 01/31/2026, is refused, not guessed
-        con.execute("SET TimeZone = 'UTC'")
+        if con.execute("SELECT current_setting('TimeZone')").fetchone()[0] != "UTC":
+            con.execute("SET TimeZone = 'UTC'")
         bad = con.execute(
             f"SELECT n, v FROM (SELECT row_number() OVER () AS n, {q(column)} AS v "
             f"FROM {relation}) WHERE v IS NOT NULL AND TRY_CAST(v AS TIMESTAMPTZ) IS NULL "
