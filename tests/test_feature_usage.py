@@ -174,8 +174,10 @@ def test_cli_lists_versions_profiles_freshness_and_types_keys(  # type: ignore[n
         ("driver_weekly@1", "not materialized"),
     ]
     assert cli("features", "materialize", "--end", "2026-02-01T00:00:00", *home).code == 0
-    got = cli("features", "get", "--service", "weekly", "--entity", "driver_id=001", *home)
+    got = cli("features", "get", "--service", "weekly@1", "--entity", "driver_id=001", *home)
     assert got.code == 0 and "PRESENT" in got.out and "25.0" in got.out  # 001 is driver 1
+    got = cli("features", "get", "--service", "weekly", "--entity", "driver_id=1", "--json", *home)
+    assert got.json()["results"][1]["values"] == [5.0]  # version 2 sums 3 days only
     bad = cli("features", "get", "--service", "weekly", "--entity", "driver_id=abc", *home)
     assert bad.code != 0 and "'driver_id': 'abc' is not a whole number" in bad.err
     bad = cli("features", "get", "--service", "weekly", "--entity", "rider=1", *home)
