@@ -173,9 +173,12 @@ def test_cli_lists_versions_profiles_freshness_and_types_keys(  # type: ignore[n
         ("driver_weekly@2", "not materialized"),
         ("driver_weekly@1", "not materialized"),
     ]
-    assert cli("features", "materialize", "--end", "2026-02-01T00:00:00", *home).code == 0
+    end = ["--end", "2026-02-01T00:00:00"]
+    done = cli("features", "materialize", *end, "--json", *home).json()
+    assert [r["view"] for r in done] == ["driver_weekly@2"]  # nothing reads version 1 online
+    assert cli("features", "materialize", "--view", "driver_weekly@1", *end, *home).code == 0
     got = cli("features", "get", "--service", "weekly@1", "--entity", "driver_id=001", *home)
-    assert got.code == 0 and "PRESENT" in got.out and "25.0" in got.out  # 001 is driver 1
+    assert got.code == 0 and "fare_7d    25 " in got.out  # 001 is driver 1
     got = cli("features", "get", "--service", "weekly", "--entity", "driver_id=1", "--json", *home)
     assert got.json()["results"][1]["values"] == [5.0]  # version 2 sums 3 days only
     bad = cli("features", "get", "--service", "weekly", "--entity", "driver_id=abc", *home)
@@ -324,5 +327,9 @@ def test_a_model_trained_on_a_training_set_is_served_from_entity_keys(
         assert meta["inputs"] == [{"name": "driver_id", "datatype": "INT64", "shape": [-1]}]
         with pytest.raises(Conflict, match="keeps the feature service"):
             deployments.deploy_model(app, mv["ref"], "drivers-fs", feature_service="rate_only")
+        # a new view version: the deployment's pinned one stays live for materialization
+        features.apply(app, _defs(tmp_path, SERVICE_DEFS.replace("1000d", "999d")))
+        done = materialize(app, end="2026-02-01T00:00:00")
+        assert [r["view"] for r in done] == ["driver_stats@1", "driver_stats@2"]
     finally:
         deployments.stop_deployment(app, "drivers-fs")

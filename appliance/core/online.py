@@ -43,6 +43,26 @@ def _when(text: str | None, what: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _live_views(app: Appliance) -> list[dict[str, Any]]:
+    """The view versions something reads online: the latest of each view, and every version
+    pinned by the latest version of a service or by a deployment's feature service (so a new
+    view version does not leave a model served from an older service without fresh values)."""
+    from appliance.core.features import get_definition, list_definitions
+
+    refs = {v["ref"] for v in list_definitions(app, "view")}
+    services = [s["ref"] for s in list_definitions(app, "service")]
+    services += [
+        r["feature_service"]
+        for r in app.db.rows(
+            "SELECT DISTINCT feature_service FROM deployments WHERE feature_service IS NOT NULL"
+        )
+    ]
+    for ref in services:
+        for item in get_definition(app, "service", ref)["features"]:
+            refs.add(f"{item['view']}@{item['view_version']}")
+    return [get_definition(app, "view", ref) for ref in sorted(refs)]
+
+
 def materialize(
     app: Appliance,
     view: str | None = None,
@@ -52,11 +72,12 @@ def materialize(
     lookback_seconds: float = DEFAULT_LOOKBACK,
 ) -> list[dict[str, Any]]:
     """Write, per entity key, the latest row with start <= ts <= end (ties: created, then file
-    order) of each view (or of one) into the online store; returns what each run wrote."""
-    from appliance.core.features import get_definition, list_definitions, view_relation
+    order) of one view version, or of every live one, into the online store; returns what
+    each run wrote."""
+    from appliance.core.features import get_definition, view_relation
     from appliance.core.query import lock_down
 
-    views = [get_definition(app, "view", view)] if view else list_definitions(app, "view")
+    views = [get_definition(app, "view", view)] if view else _live_views(app)
     if not views:
         raise InvalidInput("no feature views applied yet; run 'appliance features apply DIR'")
     stop = _when(end, "--end") or datetime.now(UTC)
