@@ -179,6 +179,11 @@ class DeploymentsScreen(Screen[None]):
             f"{dep['model_version']} (revision {dep['current_revision']})  "
             f"{escape(dep['url'] or dep['status'])}  workers {dep['workers']}"
             + (f"  follows @{escape(dep['follow_alias'])}" if dep["follow_alias"] else "")
+            + (
+                f"  features from {escape(dep['feature_service'])}"
+                if dep.get("feature_service")
+                else ""
+            )
         ]
         if dep["canary_revision"] is not None:
             rule = f", auto-rollback if {dep['canary_rule']}" if dep["canary_rule"] else ""
