@@ -225,6 +225,7 @@ def test_zoned_source_times_materialize_and_mixed_format_entity_times_are_refuse
 SERVICE_DEFS = """
 entities:
   - {name: driver, join_keys: [driver_id]}
+  - {name: trip_count, join_keys: [trips]}
 feature_views:
   - name: driver_stats
     entities: [driver]
@@ -234,9 +235,12 @@ feature_views:
     features:
       - {name: conv_rate, type: float64}
       - {name: trips, type: int64}
+  - {name: by_trips, entities: [trip_count], source: stats, timestamp: event_ts,
+     features: [{name: conv_rate, type: float64}]}
 feature_services:
   - {name: driver_model, features: ["driver_stats:conv_rate", "driver_stats:trips"]}
   - {name: rate_only, features: ["driver_stats:conv_rate"]}
+  - {name: by_trips, features: ["by_trips:conv_rate"]}
 """
 
 
@@ -286,8 +290,13 @@ def test_a_model_trained_on_a_training_set_is_served_from_entity_keys(
     assert "feature service: driver_model@1" in registry.model_card(app, mv["ref"])
 
     materialize(app, end="2026-02-01T00:00:00")
-    with pytest.raises(InvalidInput, match="'trips', which feature service rate_only@1"):
-        deployments.create_deployment(app, "drivers-rate", mv["ref"], feature_service="rate_only")
+    with pytest.raises(InvalidInput, match="keyed by \\['driver_id'\\]; deployment 'by-trips'"):
+        deployments.create_deployment(app, "by-trips", mv["ref"], feature_service="by_trips")
+    # keys match: the version is served from the service it was trained with
+    other = deployments.create_deployment(
+        app, "drivers-rate", mv["ref"], feature_service="rate_only", start=False
+    )
+    assert other["feature_service"] == "rate_only@1"
     dep = deployments.create_deployment(
         app, "drivers-fs", mv["ref"], feature_service="driver_model"
     )
@@ -315,8 +324,18 @@ def test_a_model_trained_on_a_training_set_is_served_from_entity_keys(
         assert body["outputs"][0]["data"] == pytest.approx(want)
         status, body = _post(url + "/invocations", {"dataframe_records": [{"driver_id": 2}]})
         assert status == 200 and body["predictions"] == pytest.approx(want[1:2])
-        status, body = _post(url + "/invocations", {"dataframe_records": [{"driver_id": "2"}]})
-        assert status == 400 and "'driver_id' row 0 is '2'" in body["error"]
+        status, body = _post(url + "/invocations", {"dataframe_records": [{"driver_id": "x2"}]})
+        assert status == 400 and "'driver_id' row 0 is 'x2'" in body["error"]
+        csv = urllib.request.Request(
+            url + "/invocations", data=b"driver_id\n2\n", headers={"Content-Type": "text/csv"}
+        )
+        with urllib.request.urlopen(csv, timeout=30) as response:  # CSV cells are text
+            assert json.loads(response.read())["predictions"] == pytest.approx(want[1:2])
+        status, body = _post(
+            url + "/v2/models/drivers/infer",
+            {"inputs": [{"name": "driver_id", "datatype": "BYTES", "shape": [1], "data": ["2"]}]},
+        )
+        assert status == 200 and body["outputs"][0]["data"] == pytest.approx(want[1:2])
         status, body = _post(
             url + "/invocations",
             {"dataframe_split": {"columns": ["driver_id", "conv_rate"], "data": [[2, 0.5]]}},
@@ -330,6 +349,152 @@ def test_a_model_trained_on_a_training_set_is_served_from_entity_keys(
         # a new view version: the deployment's pinned one stays live for materialization
         features.apply(app, _defs(tmp_path, SERVICE_DEFS.replace("1000d", "999d")))
         done = materialize(app, end="2026-02-01T00:00:00")
-        assert [r["view"] for r in done] == ["driver_stats@1", "driver_stats@2"]
+        assert [r["view"] for r in done] == ["by_trips@1", "driver_stats@1", "driver_stats@2"]
     finally:
         deployments.stop_deployment(app, "drivers-fs")
+
+
+# ---- definitions that would fail later are refused at apply; a changed source at use ----
+def test_apply_refuses_definitions_that_could_never_be_used(app: Appliance, tmp_path: Path) -> None:
+    rows = [(1, "k1", T0, 1.5, 0.5)]
+    header = "driver_id,code,event_ts,fare,tip"
+    datasets.import_csv(app, _csv(tmp_path, "trips", header, rows), "trips")
+    base = """
+entities:
+  - {name: driver, join_keys: [driver_id]}
+  - {name: coded, join_keys: [code]}
+  - {name: by_fare, join_keys: [fare]}
+feature_views:
+  - {name: fares, entities: ENTITIES, source: trips, timestamp: event_ts,
+     features: [{name: FEATURE, type: float64}]}
+  - {name: coded_fares, entities: [coded], source: trips, timestamp: event_ts,
+     features: [{name: fare, type: float64}]}
+feature_services:
+SERVICES
+"""
+
+    def defs(entities: str = "[driver]", feature: str = "fare", services: str = "") -> str:
+        text = base.replace("ENTITIES", entities).replace("FEATURE", feature)
+        return text.replace("SERVICES", services or '  - {name: s, features: ["fares:fare"]}')
+
+    cases = [
+        (defs(entities="[]"), "'fares': entities must name at least one entity"),
+        (defs(feature="driver_id"), "feature 'driver_id' is a join key"),
+        (
+            defs(entities="[by_fare]", feature="tip"),
+            "join key 'fare' is DOUBLE .* whole numbers or text",
+        ),
+        (defs(services="  - {name: s, features: []}"), "features must list at least one"),
+        (
+            defs(services='  - {name: s, features: ["fares:fare", "fares:fare"]}'),
+            r"\['fares:fare'\] listed more than once",
+        ),
+        (
+            defs(services='  - {name: s, features: ["fares:fare"]}\n' * 2),
+            "feature service 's' is defined twice",
+        ),
+    ]
+    for text, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            features.apply(app, _defs(tmp_path, text))
+    assert features.list_definitions(app) == []
+    # one request cannot carry a key that two views type differently
+    clash = defs(
+        entities="[driver]",
+        services='  - {name: s, features: ["fares:fare", "other:fare"], full_feature_names: true}',
+    ).replace(
+        "  - {name: coded_fares",
+        "  - {name: other, entities: [texts], source: texts, timestamp: event_ts,\n"
+        "     features: [{name: fare, type: float64}]}\n  - {name: coded_fares",
+    )
+    clash = clash.replace(
+        "  - {name: by_fare", "  - {name: texts, join_keys: [driver_id]}\n  - {name: by_fare"
+    )
+    texts = _csv(tmp_path, "texts", "driver_id,event_ts,fare", [("d1", T0, 2.0)])
+    datasets.import_csv(app, texts, "texts")
+    with pytest.raises(
+        InvalidInput, match="join key 'driver_id' is integer in view 'fares' but text"
+    ):
+        features.apply(app, _defs(tmp_path, clash))
+
+
+def test_a_source_changed_since_apply_is_refused_naming_the_view(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import materialize
+
+    header = "driver_id,event_ts,fare"
+    datasets.import_csv(app, _csv(tmp_path, "trips", header, TRIPS), "trips")
+    features.apply(app, _defs(tmp_path, PLAIN_VIEW))
+    asks = _csv(tmp_path, "asks", "driver_id,event_ts", [(1, T0 + timedelta(days=1))])
+    datasets.import_csv(app, asks, "asks")
+    # the source is re-imported without the feature column
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,tip", TRIPS), "trips")
+    needle = "feature view fares@1: feature 'fare' is not a column of trips@2 .*re-apply"
+    with pytest.raises(InvalidInput, match=needle):
+        features.training_set(app, "weekly", "asks", "never")
+    with pytest.raises(InvalidInput, match=needle):
+        materialize(app)
+    # ... or with its key retyped
+    retyped = [(f"d{d}", t, f) for d, t, f in TRIPS]
+    datasets.import_csv(app, _csv(tmp_path, "trips", header, retyped), "trips")
+    with pytest.raises(InvalidInput, match="join key 'driver_id' was BIGINT when applied"):
+        features.view_profile(app, "fares")
+    # an entity dataset whose key has another type than the view's
+    texts = _csv(tmp_path, "text_asks", "driver_id,event_ts", [("A1", T0)])
+    datasets.import_csv(app, texts, "text_asks")
+    with pytest.raises(InvalidInput, match="'driver_id' is VARCHAR, but feature view fares@1"):
+        features.training_set(app, "weekly", "text_asks", "never")
+
+
+def test_sql_views_keep_the_file_order_tie_break_when_they_keep_order(
+    app: Appliance, tmp_path: Path
+) -> None:
+    tied = [(1, T0, 10.0), (1, T0, 5.0)]  # same key and time: the later row wins (rule 3)
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", tied), "trips")
+    datasets.import_csv(
+        app, _csv(tmp_path, "asks", "driver_id,event_ts", [(1, T0 + timedelta(hours=1))]), "asks"
+    )
+    kept = PLAIN_VIEW.replace(
+        "timestamp: event_ts,",
+        'timestamp: event_ts, sql: "SELECT * FROM source",',
+    )
+    features.apply(app, _defs(tmp_path, kept))
+    built = features.training_set(app, "weekly", "asks", "out")
+    assert _rows(app, built["ref"], "fare") == [(5.0,)]
+
+
+def test_freshness_stays_empty_and_big_lookups_are_read_in_chunks(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import get_online_features, materialize
+
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    features.apply(app, _defs(tmp_path, PLAIN_VIEW))
+    for _ in range(2):  # nothing before 2025: no rows, twice
+        assert materialize(app, end="2025-01-01T00:00:00")[0]["rows_read"] == 0
+    (state,) = features.freshness(app)
+    assert state["status"] == "empty" and state["newest_event"] is None
+    with pytest.raises(InvalidInput, match="--start with --incremental"):
+        materialize(app, start="2026-01-01T00:00:00", incremental=True)
+    materialize(app, end="2026-02-01T00:00:00")
+    keys = list(range(25_000)) + [1]
+    got = get_online_features(app, "weekly", {"driver_id": keys}, now=T0.timestamp())
+    values = got["results"][1]["values"]
+    assert values[1] == 5.0 and values[2] == 7.0 and values[-1] == 5.0
+    assert sum(v is not None for v in values) == 3
+
+
+def test_removing_a_source_version_keeps_the_store_consistent(
+    app: Appliance, tmp_path: Path
+) -> None:
+    header = "driver_id,event_ts,fare"
+    datasets.import_csv(app, _csv(tmp_path, "trips", header, TRIPS), "trips")
+    datasets.import_csv(app, _csv(tmp_path, "trips", header, TRIPS[:2]), "trips")
+    pinned = PLAIN_VIEW.replace("source: trips,", "source: trips@1,")
+    features.apply(app, _defs(tmp_path, pinned))
+    assert "feature-view:fares@1" in datasets.dependents(app, "trips@1")
+    features.view_profile(app, "fares")  # a profile row refers to trips@1
+    datasets.remove_version(app, "trips@1", force=True)
+    with pytest.raises(Exception, match="trips@1"):
+        datasets.get_dataset_version(app, "trips@1")

@@ -200,7 +200,7 @@ def test_materialize_never_overwrites_newer_values_and_reruns_change_nothing(
     newer = materialize(app, end="2026-01-01T10:30:00")
     assert newer[0]["rows_written"] == 2  # drivers 1 (10:00) and 2 (09:30)
     older = materialize(app, end="2026-01-01T09:15:00")  # only driver 1's 09:00 row
-    assert older[0]["rows_written"] == 1
+    assert (older[0]["rows_read"], older[0]["rows_written"]) == (1, 0)  # 10:00 stays
     got = get_online_features(app, "driver_model", {"driver_id": [1, 2, 3]})
     assert got["metadata"]["feature_names"] == ["driver_id", "conv_rate", "trips"]
     assert got["results"][0]["values"] == [1, 2, 3]
@@ -208,7 +208,7 @@ def test_materialize_never_overwrites_newer_values_and_reruns_change_nothing(
     assert got["results"][1]["statuses"] == ["PRESENT", "PRESENT", "NOT_FOUND"]
     assert got["results"][2]["values"] == [20, 5, None]
     again = materialize(app, end="2026-01-01T10:30:00")
-    assert again[0]["rows_written"] == 2
+    assert (again[0]["rows_read"], again[0]["rows_written"]) == (2, 0)
     assert get_online_features(app, "driver_model", {"driver_id": [1, 2, 3]}) == got
 
 
@@ -243,8 +243,10 @@ def test_online_reads_enforce_the_ttl_and_check_the_request(app: Appliance, tmp_
     assert later["results"][1]["values"] == [None, None]
     with pytest.raises(InvalidInput, match="'driver_id' row 0 is '1', but view 'driver_stats'"):
         get_online_features(app, "driver_model", {"driver_id": ["1"]})
-    with pytest.raises(InvalidInput, match="join key 'driver_id'"):
+    with pytest.raises(InvalidInput, match="'rider_id' is not a join key of driver_model@1"):
         get_online_features(app, "driver_model", {"rider_id": [1]})
+    with pytest.raises(InvalidInput, match="expected {key column"):
+        get_online_features(app, "driver_model", {})
     with pytest.raises(NotFound, match="feature service 'nope'"):
         get_online_features(app, "nope", {"driver_id": [1]})
 

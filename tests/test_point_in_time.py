@@ -162,10 +162,8 @@ def _brute_force(
     return out
 
 
-@pytest.mark.parametrize("row_id", [False, True])
-@pytest.mark.parametrize("known", [True, False])
-def test_matches_a_brute_force_reference_on_random_rows(known: bool, row_id: bool) -> None:
-    rng = random.Random(7 if known else 8)
+def _random_rows(seed: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    rng = random.Random(seed)
     features = []
     for n in range(4000):
         ts = T + timedelta(minutes=rng.randrange(0, 600, 15))  # coarse: many equal times
@@ -179,12 +177,26 @@ def test_matches_a_brute_force_reference_on_random_rows(known: bool, row_id: boo
         for _ in range(3000)
     ]
     entities += entities[:50]  # duplicates are kept
+    return features, entities
+
+
+@pytest.mark.parametrize("row_id", [False, True])
+@pytest.mark.parametrize("known", [True, False])
+def test_matches_a_brute_force_reference_on_random_rows(known: bool, row_id: bool) -> None:
+    features, entities = _random_rows(7 if known else 8)
     got = join(
         entities, features, ttl_hours=1.5, as_of_known_time=known, keys=("a", "b"), row_id=row_id
     )
     want = _brute_force(entities, features, timedelta(hours=1.5), known)
     assert got == want
     assert sum(v is None for v in want) > 100 and sum(v is not None for v in want) > 1000
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_matches_the_brute_force_reference_without_a_ttl(known: bool) -> None:
+    features, entities = _random_rows(9)
+    got = join(entities, features, ttl_hours=None, as_of_known_time=known, keys=("a", "b"))
+    assert got == _brute_force(entities, features, timedelta(days=10_000), known)
 
 
 def test_bad_definitions_name_the_view_and_the_column() -> None:

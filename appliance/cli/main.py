@@ -1351,7 +1351,7 @@ def features_training_set(
 @click.option("--start", help="ISO time: only rows at or after it.")
 @click.option("--end", help="ISO time: only rows at or before it (default: now).")
 @click.option("--incremental", is_flag=True, help="Start a lookback window before the last end.")
-@click.option("--lookback", default="1d", show_default=True, help="With --incremental.")
+@click.option("--lookback", help="With --incremental: how far before the last end [1d].")
 def features_materialize(
     app: Any,
     as_json: bool,
@@ -1364,12 +1364,15 @@ def features_materialize(
     """Write the latest value per entity key into the online store (never older over newer)."""
     from appliance.core.jobs import parse_duration
     from appliance.core.online import materialize
+    from appliance.errors import InvalidInput
 
-    seconds = parse_duration(lookback, "--lookback")
+    if lookback is not None and not incremental:
+        raise InvalidInput("--lookback: only with --incremental")
+    seconds = parse_duration(lookback or "1d", "--lookback")
     emit(
         materialize(app, view, start, end, incremental, seconds),
         as_json,
-        ("view", "start", "end", "rows_written"),
+        ("view", "start", "end", "rows_read", "rows_written"),
     )
 
 

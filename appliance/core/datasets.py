@@ -660,7 +660,8 @@ def export(app: Appliance, ref: str, path: str | Path, overwrite: bool = False) 
 
 
 def dependents(app: Appliance, ref: str) -> list[str]:
-    """What uses a version: models trained on it and datasets derived from it."""
+    """What uses a version: models trained on it, feature views pinned to it, and datasets
+    derived from it."""
     from appliance.core.lineage import lineage
 
     version = get_dataset_version(app, ref)
@@ -671,6 +672,13 @@ def dependents(app: Appliance, ref: str) -> list[str]:
             "JOIN registered_models m ON m.id = mv.model_id WHERE mv.dataset_version_id = ?",
             (version["id"],),
         )
+    ]
+    from appliance.core.features import list_definitions
+
+    found += [  # views pinned to this very version (an unpinned one moves to the latest)
+        f"feature-view:{v['ref']}"
+        for v in list_definitions(app, "view", all_versions=True)
+        if v["source"] == version["ref"]
     ]
     try:
         graph = lineage(app, f"dataset:{version['ref']}")

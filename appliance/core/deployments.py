@@ -171,11 +171,18 @@ def _append_revision(
 def _check_fits_service(
     conn: sqlite3.Connection, name: str, mv: dict[str, Any], service: str
 ) -> None:
-    """Every input of the model must be a feature of the deployment's feature service or one
-    of its join keys (sent by the caller); otherwise a request could never be answered."""
+    """A version is served from the feature service it was trained with (else the
+    deployment's): that service must take the deployment's join keys (what callers send), and
+    every input of the model must be one of its features or keys."""
     from appliance.core.features import service_inputs
 
-    keys, features = service_inputs(conn, service)
+    used = mv.get("feature_service") or service
+    keys, features = service_inputs(conn, used)
+    if used != service and sorted(keys) != sorted(service_inputs(conn, service)[0]):
+        raise InvalidInput(
+            f"model {mv['ref']} was trained with feature service {used}, keyed by {keys}; "
+            f"deployment {name!r} takes the keys of {service}"
+        )
     missing = [
         f["name"]
         for f in mv["signature"]["signature"]
@@ -184,7 +191,7 @@ def _check_fits_service(
     if missing:
         raise InvalidInput(
             f"model {mv['ref']} takes {', '.join(map(repr, missing))}, which feature service "
-            f"{service} (deployment {name!r}) neither looks up nor takes as a join key"
+            f"{used} (deployment {name!r}) neither looks up nor takes as a join key"
         )
 
 
@@ -342,7 +349,11 @@ def create_deployment(
     mv = _deployable(app, model_ref)
     service = None
     if feature_service is not None:
-        service = get_definition(app, "service", feature_service)["ref"]
+        trained = mv.get("feature_service") or ""
+        if "@" not in feature_service and trained.partition("@")[0] == feature_service:
+            service = trained  # NAME means the version the model was trained with
+        else:
+            service = get_definition(app, "service", feature_service)["ref"]
     now = utcnow()
     with app.db.transaction() as conn:
         if conn.execute("SELECT 1 FROM deployments WHERE name = ?", (name,)).fetchone():

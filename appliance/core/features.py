@@ -33,6 +33,20 @@ TYPES = {
     "string": {"VARCHAR"},
 }
 _TIMESTAMPS = ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "DATE", "TIMESTAMP_NS", "TIMESTAMP_MS")
+# join keys are whole numbers or text: what a request can carry exactly and a key can match
+_INTEGERS = {"BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT"}
+
+
+def key_class(column_type: str) -> str | None:
+    """'integer' or 'text' for a key column's DuckDB type; None for any other type."""
+    kind = column_type.upper()
+    return (
+        "integer"
+        if kind in _INTEGERS or kind == "UTINYINT"
+        else "text"
+        if kind == "VARCHAR"
+        else None
+    )
 
 
 def _digest(spec: dict[str, Any]) -> str:
@@ -98,6 +112,8 @@ def _view_spec(
     name = _field(obj, "name", where)
     validate_name("feature view", name)
     names = _field(obj, "entities", where, list)
+    if not names:
+        raise InvalidInput(f"{where}: entities must name at least one entity")
     keys: list[str] = []
     for entity in names:
         if entity not in entities:
@@ -114,18 +130,6 @@ def _view_spec(
     origin = version["ref"] if sql is None else f"the output of its sql over {version['ref']}"
     timestamp = _field(obj, "timestamp", where)
     created = _field(obj, "created_timestamp", where, required=False)
-    for column, role in [(timestamp, "timestamp"), (created, "created_timestamp")]:
-        if column is None:
-            continue
-        if column not in columns:
-            raise InvalidInput(f"{where}: {role} column {column!r} is not in {origin}")
-        if not columns[column].startswith(_TIMESTAMPS):
-            raise InvalidInput(
-                f"{where}: {role} column {column!r} is {columns[column]}, not a timestamp"
-            )
-    for key in keys:
-        if key not in columns:
-            raise InvalidInput(f"{where}: join key {key!r} is not in {origin}")
     ttl = obj.get("ttl")
     ttl_seconds = None if ttl in (None, 0, "0") else parse_duration(ttl, f"{where}: ttl")
     features = []
@@ -137,12 +141,9 @@ def _view_spec(
             raise InvalidInput(
                 f"{where}: feature {fname!r}: type {ftype!r} is not one of {sorted(TYPES)}"
             )
-        if fname not in columns:
-            raise InvalidInput(f"{where}: feature {fname!r} is not a column of {origin}")
-        if columns[fname] not in TYPES[ftype]:
+        if fname in keys or fname in (timestamp, created) or fname.startswith("__"):
             raise InvalidInput(
-                f"{where}: feature {fname!r} is declared {ftype} but {origin} holds "
-                f"{columns[fname]}" + (" (CAST it in the sql)" if sql else "")
+                f"{where}: feature {fname!r} is a join key, a timestamp or a reserved name"
             )
         features.append(
             {"name": fname, "type": ftype, "description": str(item.get("description") or "")}
@@ -151,6 +152,15 @@ def _view_spec(
         raise InvalidInput(f"{where}: features must not be empty")
     if len({f["name"] for f in features}) != len(features):
         raise InvalidInput(f"{where}: a feature is listed twice")
+    check = {
+        "join_keys": keys,
+        "key_types": None,
+        "sql": sql,
+        "timestamp": timestamp,
+        "created_timestamp": created,
+        "features": features,
+    }
+    check_columns(check, columns, where, origin)
     return {
         "name": name,
         "entities": names,
@@ -165,16 +175,58 @@ def _view_spec(
     }
 
 
+def check_columns(spec: dict[str, Any], columns: dict[str, str], where: str, origin: str) -> None:
+    """The view's keys, times and features against the columns its rows have (at apply, and
+    again at every use: a source re-imported since may have dropped or retyped one)."""
+    for column, role in [
+        (spec["timestamp"], "timestamp"),
+        (spec["created_timestamp"], "created_timestamp"),
+    ]:
+        if column is None:
+            continue
+        if column not in columns:
+            raise InvalidInput(f"{where}: {role} column {column!r} is not in {origin}")
+        if not columns[column].upper().startswith(_TIMESTAMPS):
+            raise InvalidInput(
+                f"{where}: {role} column {column!r} is {columns[column]}, not a timestamp"
+            )
+    for key in spec["join_keys"]:
+        if key not in columns:
+            raise InvalidInput(f"{where}: join key {key!r} is not in {origin}")
+        kind = key_class(columns[key])
+        if kind is None:
+            raise InvalidInput(
+                f"{where}: join key {key!r} is {columns[key]} in {origin}; keys must be whole "
+                "numbers or text"
+            )
+        declared = (spec.get("key_types") or {}).get(key)
+        if declared is not None and key_class(declared) != kind:
+            raise InvalidInput(
+                f"{where}: join key {key!r} was {declared} when applied but is "
+                f"{columns[key]} in {origin}"
+            )
+    for feature in spec["features"]:
+        name, declared = feature["name"], feature["type"]
+        if name not in columns:
+            raise InvalidInput(f"{where}: feature {name!r} is not a column of {origin}")
+        if columns[name].upper() not in TYPES[declared]:
+            raise InvalidInput(
+                f"{where}: feature {name!r} is declared {declared} but {origin} holds "
+                f"{columns[name]}" + (" (CAST it in the sql)" if spec.get("sql") else "")
+            )
+
+
 def rows_sql(path: str, sql: str | None) -> str:
     """SQL for a view's rows from its source file: the file itself, or the view's `sql` run
     over it (named `source`). A plain source keeps the file's row order as `__order`."""
-    path = duck.sql_string(path)
+    plain = (
+        f"SELECT * RENAME (file_row_number AS __order) "
+        f"FROM read_parquet({duck.sql_string(path)}, file_row_number = true)"
+    )
     if not sql:
-        return (
-            f"SELECT * RENAME (file_row_number AS __order) "
-            f"FROM read_parquet({path}, file_row_number = true)"
-        )
-    return f"WITH source AS (SELECT * FROM read_parquet({path})) SELECT * FROM ({sql})"
+        return plain
+    # `source` carries the file order as __order: SQL that keeps it keeps rule 3's tie-break
+    return f"WITH source AS ({plain}) SELECT * FROM ({sql})"
 
 
 def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -> dict[str, str]:
@@ -198,28 +250,39 @@ def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -
             raise InvalidInput(f"{where}: sql: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
-    columns = {str(r[0]): str(r[1]).upper() for r in described}
-    if "__order" in columns:
-        raise InvalidInput(f"{where}: sql: the column name __order is reserved")
-    return columns
+    return {str(r[0]): str(r[1]).upper() for r in described}
 
 
 def view_relation(
     app: Appliance, con: Any, spec: dict[str, Any], alias: str
 ) -> tuple[dict[str, Any], str]:
-    """Define `alias` on `con` as the view's rows plus `__order`, the tie-break after the
-    event and created times; returns the source dataset version and its file (the caller
-    locks the connection down to its files before running anything). A SQL view's rows have
-    no file order, so its ties break on the row's own values (deterministic all the same)."""
+    """Define `alias` on `con` as the view's rows plus `__order`, unique per row and the
+    tie-break after the event and created times (the source's file order; a SQL view's rows
+    follow the `__order` its SQL kept, then their own values). Returns the source dataset
+    version and its file; the caller locks the connection down to its files before running
+    anything. The rows are checked against the definition first."""
     from appliance.core.datasets import get_dataset_version
 
     data = get_dataset_version(app, spec["source"])
     path = str(app.objects.get_file(data["sha256"]))
     body = rows_sql(path, spec.get("sql"))
+    columns = {str(r[0]): str(r[1]) for r in con.execute(f"DESCRIBE ({body})").fetchall()}
+    origin = data["ref"] if not spec.get("sql") else f"the output of its sql over {data['ref']}"
+    check_columns(
+        spec,
+        columns,
+        f"feature view {spec['ref']}",
+        origin + " (re-apply the definitions against the data as it is now)",
+    )
     if spec.get("sql"):
-        names = [r[0] for r in con.execute(f"DESCRIBE ({body})").fetchall()]
-        order = ", ".join(duck.sql_identifier(n) for n in names)
-        body = f"SELECT *, row_number() OVER (ORDER BY {order}) AS __order FROM ({body})"
+        kept = "__order" in columns
+        order = ", ".join(
+            ["__order"] * kept + [duck.sql_identifier(n) for n in columns if n != "__order"]
+        )
+        body = (
+            f"SELECT * {'EXCLUDE (__order)' if kept else ''}, "
+            f"row_number() OVER (ORDER BY {order}) AS __order FROM ({body})"
+        )
     con.execute(f"CREATE OR REPLACE TEMP VIEW {duck.sql_identifier(alias)} AS {body}")
     return data, path
 
@@ -366,7 +429,13 @@ def _service_spec(
     validate_name("feature service", name)
     full = bool(obj.get("full_feature_names", False))
     refs = _field(obj, "features", where, list)
+    if not refs:
+        raise InvalidInput(f"{where}: features must list at least one VIEW:FEATURE")
+    twice = sorted({r for r in refs if isinstance(r, str) and refs.count(r) > 1})
+    if twice:
+        raise InvalidInput(f"{where}: {twice} listed more than once")
     chosen: list[dict[str, Any]] = []
+    key_types: dict[str, tuple[str, str]] = {}
     for ref in refs:
         if not isinstance(ref, str) or ":" not in ref:
             raise InvalidInput(f"{where}: feature {ref!r} must be written VIEW:FEATURE")
@@ -376,6 +445,13 @@ def _service_spec(
         version, spec = views[view]
         if feature not in {f["name"] for f in spec["features"]}:
             raise InvalidInput(f"{where}: view {view!r} has no feature {feature!r}")
+        for key, kind in (spec.get("key_types") or {}).items():
+            seen = key_types.setdefault(key, (key_class(kind) or kind, view))
+            if seen[0] != (key_class(kind) or kind):
+                raise InvalidInput(
+                    f"{where}: join key {key!r} is {seen[0]} in view {seen[1]!r} but "
+                    f"{key_class(kind)} in view {view!r}; one request cannot carry both"
+                )
         chosen.append({"view": view, "view_version": version, "feature": feature})
     output = [f"{c['view']}__{c['feature']}" if full else c["feature"] for c in chosen]
     if len(set(output)) != len(output):
@@ -450,7 +526,10 @@ def apply(app: Appliance, directory: str | Path) -> list[dict[str, Any]]:
             out.append(
                 {"kind": "view", "name": spec["name"], "version": version, "created": created}
             )
+        service_names = [obj.get("name") for obj in found["feature_services"]]
         for obj in found["feature_services"]:
+            if service_names.count(obj.get("name")) > 1:
+                raise InvalidInput(f"feature service {obj.get('name')!r} is defined twice")
             spec = _service_spec(obj, views)
             version, created = _register(conn, "service", spec, now)
             out.append(
@@ -531,6 +610,7 @@ def training_set(
     validate_name("dataset", out)
     svc = get_definition(app, "service", service)
     entity_version = get_dataset_version(app, entities)
+    entity_types = {c["name"]: c["type"] for c in entity_version["schema"]}
     con = duck.connect(app.settings)
     inputs = [
         ("DatasetVersion", f"dataset:{entity_version['ref']}"),
@@ -551,6 +631,13 @@ def training_set(
         sources = []
         for i, ((view, view_version), feats) in enumerate(by_view.items()):
             spec = get_definition(app, "view", f"{view}@{view_version}")
+            for key, kind in (spec.get("key_types") or {}).items():
+                have = entity_types.get(key)
+                if have is not None and key_class(have) != key_class(kind):
+                    raise InvalidInput(
+                        f"entity dataset {entity_version['ref']}: join key {key!r} is {have}, "
+                        f"but feature view {spec['ref']} keys it as {kind}"
+                    )
             data, source_file = view_relation(app, con, spec, f"__rows{i}")
             files.append(source_file)
             inputs += [

@@ -46,6 +46,7 @@ class ModelRuntime:
     def __init__(self, version: dict[str, Any], model_file: str) -> None:
         self.model = version["model"]
         self.version = int(version["version"])
+        self.feature_service: str | None = version.get("feature_service")
         signature = version["signature"]
         self.features: list[dict[str, Any]] = signature["signature"]
         self.objective = signature.get("objective", "binary")

@@ -15,6 +15,7 @@ from typing import Any
 
 from appliance.core import duck
 from appliance.core.context import Appliance
+from appliance.core.features import key_class
 from appliance.errors import InvalidInput
 from appliance.store.db import utcnow
 from appliance.store.online import OnlineStore, entity_key
@@ -77,6 +78,11 @@ def materialize(
     from appliance.core.features import get_definition, view_relation
     from appliance.core.query import lock_down
 
+    if incremental and start is not None:
+        raise InvalidInput(
+            "--start with --incremental: an incremental run starts a lookback window before "
+            "the previous run's end; give one or the other"
+        )
     views = [get_definition(app, "view", view)] if view else _live_views(app)
     if not views:
         raise InvalidInput("no feature views applied yet; run 'appliance features apply DIR'")
@@ -96,6 +102,7 @@ def materialize(
         feats = [f["name"] for f in spec["features"]]
         ts, created = q(spec["timestamp"]), spec["created_timestamp"]
         where = [f"{ts} IS NOT NULL", f"{ts} <= {duck.sql_string(stop.isoformat())}::TIMESTAMPTZ"]
+        where += [f"{q(k)} IS NOT NULL" for k in spec["join_keys"]]  # no lookup could reach it
         if begin is not None:
             where.append(f"{ts} >= {duck.sql_string(begin.isoformat())}::TIMESTAMPTZ")
         created_sql = q(created) if created else "NULL::TIMESTAMP"
@@ -128,7 +135,8 @@ def materialize(
             "INSERT INTO feature_materializations (view, version, last_end, rows_written, "
             "newest_event, ran_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (view, version) DO "
             "UPDATE SET last_end = excluded.last_end, rows_written = excluded.rows_written, "
-            "newest_event = max(coalesce(newest_event, 0), coalesce(excluded.newest_event, 0)), "
+            "newest_event = max(coalesce(newest_event, excluded.newest_event), "
+            "coalesce(excluded.newest_event, newest_event)), "
             "ran_at = excluded.ran_at",
             (spec["name"], spec["version"], stop.timestamp(), written, newest, utcnow()),
         )
@@ -137,6 +145,7 @@ def materialize(
                 "view": spec["ref"],
                 "start": begin.isoformat() if begin else None,
                 "end": stop.isoformat(),
+                "rows_read": len(batch),
                 "rows_written": written,
             }
         )
@@ -189,6 +198,28 @@ class FeatureLookup:
             )
             self.join_keys += [k for k in spec["join_keys"] if k not in self.join_keys]
             self.feature_names += names
+        self.key_classes = {
+            k: key_class(t) or t for view in self.views for k, t in view["key_types"].items()
+        }
+
+    def typed(self, entities: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Keys as the views hold them, from wherever they came: text that spells a whole
+        number, or a whole float, becomes an int for an integer key (CSV cells, BYTES tensors,
+        float tensors); anything else is left for the key check to name."""
+        out = {}
+        for key, values in entities.items():
+            if self.key_classes.get(key) != "integer" or not isinstance(values, list):
+                out[key] = values
+                continue
+            converted = []
+            for value in values:
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                    value = int(value.strip())
+                converted.append(value)
+            out[key] = converted
+        return out
 
     def read(
         self, entities: dict[str, list[Any]], now: float | None = None
@@ -201,6 +232,12 @@ class FeatureLookup:
         if len(lengths) != 1 or -1 in lengths:
             raise InvalidInput("entities: every key column needs a list of values, all as long")
         count = lengths.pop()
+        unknown = [k for k in entities if k not in self.join_keys]
+        if unknown:
+            raise InvalidInput(
+                f"entities: {', '.join(map(repr, unknown))[:200]} is not a join key of "
+                f"{self.ref} (it takes {self.join_keys})"
+            )
         now = time.time() if now is None else now
         out = []
         for view in self.views:
@@ -245,21 +282,12 @@ def entities_from_text(app: Appliance, service: str, texts: dict[str, str]) -> d
     """One entity typed in (a command line, a form) as lookup keys: text becomes a number
     where the view keys by an integer column, and a key the service does not take is named."""
     lookup = FeatureLookup(app, service)
-    types: dict[str, str] = {}
-    for view in lookup.views:
-        types.update(view["key_types"])
-    entities: dict[str, list[Any]] = {}
     for key, text in texts.items():
         if key not in lookup.join_keys:
             raise InvalidInput(f"entity key {key!r}: {lookup.ref} takes {lookup.join_keys}")
-        if types.get(key, "VARCHAR") == "VARCHAR":
-            entities[key] = [text]
-            continue
-        try:
-            entities[key] = [int(text.strip())]
-        except ValueError:
-            raise InvalidInput(f"entity key {key!r}: {text!r} is not a whole number") from None
-    return entities
+        if lookup.key_classes.get(key) == "integer" and not text.strip().lstrip("+-").isdigit():
+            raise InvalidInput(f"entity key {key!r}: {text!r} is not a whole number")
+    return lookup.typed({k: [v] for k, v in texts.items()})
 
 
 def get_online_features(

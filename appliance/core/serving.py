@@ -217,12 +217,9 @@ class EntityInputs:
             if key not in keys:
                 raise RequestError(400, f"missing entity key {key!r}")
             values = keys[key]
-            values = values.tolist() if hasattr(values, "tolist") else list(values)
-            entities[key] = [
-                int(v) if isinstance(v, float) and v.is_integer() else v for v in values
-            ]
+            entities[key] = values.tolist() if hasattr(values, "tolist") else list(values)
         try:
-            _, found = self.lookup.read(entities)
+            _, found = self.lookup.read(self.lookup.typed(entities))
         except ApplianceError as exc:
             raise RequestError(400, exc.message) from None
         columns: dict[str, Any] = dict(entities)
@@ -244,10 +241,22 @@ class ModelServer:
         self.model = ""
         self.routing: Routing | None = None
         self._loaded: dict[int, ModelRuntime] = {}
-        self.features: EntityInputs | None = None
+        self.service: str | None = None  # the deployment's feature service: keys in
+        self._inputs: dict[str, EntityInputs] = {}
         self._sync_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self.snapshot_path = self.directory / f"worker-{os.getpid()}.json"
+
+    def entity_inputs(self, runtime: ModelRuntime) -> EntityInputs | None:
+        """With a feature service, what turns keys into this version's inputs: the service
+        version it was trained with (else the deployment's), resolved once and kept."""
+        if self.service is None:
+            return None
+        ref = runtime.feature_service or self.service
+        found = self._inputs.get(ref)
+        if found is None:
+            found = self._inputs[ref] = EntityInputs(FeatureLookup(self.app, ref))
+        return found
 
     # ---- following the deployment ---------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -284,8 +293,7 @@ class ModelServer:
                 return False
             self.model = state["model"]
             service = state["feature_service"]
-            if service and (self.features is None or self.features.lookup.ref != service):
-                self.features = EntityInputs(FeatureLookup(self.app, service))
+            self.service = service or None
             generation = int(state["generation"])
             degraded = None
             try:
@@ -459,9 +467,10 @@ class ModelServer:
             if action == "ready":
                 return Response(200, _dumps({"name": name, "ready": True}))
             meta = runtime.metadata()
-            if self.features is not None:
-                meta["inputs"] = self.features.metadata()
-                meta["parameters"]["feature_service"] = self.features.lookup.ref
+            features = self.entity_inputs(runtime)
+            if features is not None:
+                meta["inputs"] = features.metadata()
+                meta["parameters"]["feature_service"] = features.lookup.ref
             if version is None:  # the model, not one version: every version being served
                 meta["versions"] = [str(v) for v in routing.versions()]
             return Response(200, _dumps(meta))
@@ -524,7 +533,7 @@ class ModelServer:
         runtime, role = self._model(
             routing, name, version, request_id or headers.get("x-request-id")
         )
-        features = self.features
+        features = self.entity_inputs(runtime)
         missing = 0
         try:
             if features is None:
@@ -571,7 +580,7 @@ class ModelServer:
         if content_type not in ("application/json", "text/csv"):
             raise RequestError(415, "Content-Type must be application/json or text/csv")
         runtime, role = self.pick(routing, headers.get("x-request-id"))
-        features = self.features
+        features = self.entity_inputs(runtime)
         spec: Any = runtime if features is None else features
         try:
             if content_type == "text/csv":

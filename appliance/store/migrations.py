@@ -387,7 +387,8 @@ def m011_feature_usage(db: Any) -> None:
         CREATE TABLE feature_view_profiles (
             view TEXT NOT NULL,
             version INTEGER NOT NULL,
-            dataset_version_id INTEGER NOT NULL REFERENCES dataset_versions(id),
+            dataset_version_id INTEGER NOT NULL
+                REFERENCES dataset_versions(id) ON DELETE CASCADE,
             profile_json TEXT NOT NULL,
             created_at TEXT NOT NULL,
             PRIMARY KEY (view, version, dataset_version_id)

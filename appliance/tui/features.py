@@ -53,6 +53,10 @@ class ActionFinished(Message):
         self.what, self.error = what, error
 
 
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -151,8 +155,8 @@ class FeaturesScreen(Screen[None]):
         try:
             rows = features.list_definitions(self.ctx, all_versions=True)
             fresh = features.freshness(self.ctx)
-        except ApplianceError as exc:
-            self.post_message(ActionFinished("refresh", exc.message))
+        except Exception as exc:  # a worker's error is shown, never lost
+            self.post_message(ActionFinished("refresh", _message(exc)))
             return
         self.post_message(DefinitionsLoaded(rows, fresh))
 
@@ -160,16 +164,16 @@ class FeaturesScreen(Screen[None]):
     def load_profile(self, ref: str) -> None:
         try:
             self.post_message(ProfileLoaded(ref, features.view_profile(self.ctx, ref), None))
-        except ApplianceError as exc:
-            self.post_message(ProfileLoaded(ref, None, exc.message))
+        except Exception as exc:
+            self.post_message(ProfileLoaded(ref, None, _message(exc)))
 
     @work(thread=True, exclusive=True, group="lookup", exit_on_error=False)
     def run_lookup(self, service: str, entity: dict[str, str]) -> None:
         try:
             entities = online.entities_from_text(self.ctx, service, entity)
             response = online.get_online_features(self.ctx, service, entities)
-        except ApplianceError as exc:
-            self.post_message(LookupFinished(None, exc.message))
+        except Exception as exc:
+            self.post_message(LookupFinished(None, _message(exc)))
             return
         self.post_message(LookupFinished(response, None))
 
@@ -177,8 +181,8 @@ class FeaturesScreen(Screen[None]):
     def run_materialize(self, ref: str) -> None:
         try:
             online.materialize(self.ctx, ref)
-        except ApplianceError as exc:
-            self.post_message(ActionFinished(f"materialize {ref}", exc.message))
+        except Exception as exc:
+            self.post_message(ActionFinished(f"materialize {ref}", _message(exc)))
             return
         self.post_message(ActionFinished(f"materialize {ref}", None))
 
