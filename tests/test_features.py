@@ -245,6 +245,8 @@ def test_online_reads_enforce_the_ttl_and_check_the_request(app: Appliance, tmp_
         get_online_features(app, "driver_model", {"driver_id": ["1"]})
     with pytest.raises(InvalidInput, match="'rider_id' is not a join key of driver_model@1"):
         get_online_features(app, "driver_model", {"rider_id": [1]})
+    with pytest.raises(InvalidInput, match="'driver_id' row 0 is 1180591620717411303424, but"):
+        get_online_features(app, "driver_model", {"driver_id": [2**70]})
     with pytest.raises(InvalidInput, match="expected {key column"):
         get_online_features(app, "driver_model", {})
     with pytest.raises(NotFound, match="feature service 'nope'"):

@@ -154,16 +154,18 @@ def materialize(
 
 def _check_key(view: str, key: str, kind: str | None, value: Any, row: int) -> None:
     integer = isinstance(value, int) and not isinstance(value, bool)
+    wanted = key_class(kind or "")
     ok = (
-        integer
-        if kind in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER")
+        integer and -(2**63) <= value < 2**64
+        if wanted == "integer"
         else isinstance(value, str)
-        if kind == "VARCHAR"
+        if wanted == "text"
         else integer or isinstance(value, str)
     )
     if not ok:
+        shown = repr(value)[:40]
         raise InvalidInput(
-            f"entities: {key!r} row {row} is {value!r}, but view {view!r} keys it as {kind}"
+            f"entities: {key!r} row {row} is {shown}, but view {view!r} keys it as {kind}"
         )
 
 
@@ -254,26 +256,22 @@ class FeatureLookup:
                 row_keys.append(entity_key(values))
             found = self.store.read(view["stored_as"], sorted(set(row_keys)))
             ttl = view["ttl"]
+            # per entity row once: the stored row, whether it is in date, its event time
+            hits = [found.get(key) for key in row_keys]
+            live = [hit is not None and not (ttl and now - hit[0] > ttl) for hit in hits]
+            stamps: list[str | None] = [
+                None if hit is None else datetime.fromtimestamp(hit[0], UTC).isoformat()
+                for hit in hits
+            ]
+            missing = ["NOT_FOUND" if hit is None else "OUTSIDE_MAX_AGE" for hit in hits]
             for feature, name in view["features"]:
-                values_out: list[Any] = []
-                statuses: list[str] = []
-                stamps: list[str | None] = []
-                for key in row_keys:
-                    hit = found.get(key)
-                    if hit is None:
-                        values_out.append(None)
-                        statuses.append("NOT_FOUND")
-                        stamps.append(None)
-                        continue
-                    event, stored = hit
-                    if ttl and now - event > ttl:
-                        values_out.append(None)
-                        statuses.append("OUTSIDE_MAX_AGE")
-                    else:
-                        value = stored.get(feature)
-                        values_out.append(value)
-                        statuses.append("PRESENT" if value is not None else "NULL_VALUE")
-                    stamps.append(datetime.fromtimestamp(event, UTC).isoformat())
+                values_out = [
+                    hit[1].get(feature) if ok else None for hit, ok in zip(hits, live, strict=True)
+                ]
+                statuses = [
+                    ("PRESENT" if value is not None else "NULL_VALUE") if ok else gone
+                    for value, ok, gone in zip(values_out, live, missing, strict=True)
+                ]
                 out.append((name, values_out, statuses, stamps))
         return count, out
 

@@ -8,12 +8,13 @@ arrays, so multi-column keys compare as tuples.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS online_values (
@@ -42,8 +43,8 @@ READ_CHUNK = 10_000
 
 
 def entity_key(values: Sequence[Any]) -> str:
-    """The stored form of a key tuple."""
-    return json.dumps(list(values), separators=(",", ":"))
+    """The stored form of a key tuple (compact JSON, UTF-8)."""
+    return orjson.dumps(list(values)).decode()
 
 
 class OnlineStore:
@@ -90,5 +91,5 @@ class OnlineStore:
                     f"WHERE view = ? AND entity_key IN ({','.join('?' * len(chunk))})",
                     (view, *chunk),
                 ).fetchall()
-                found.update((k, (ts, json.loads(f))) for k, ts, f in rows)
+                found.update((k, (ts, orjson.loads(f))) for k, ts, f in rows)
         return found
