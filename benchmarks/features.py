@@ -10,7 +10,9 @@ features and a created time; ENTITIES entity rows at random times; ttl 1 day. On
      semantics merge_asof has; as of known time is timed too); each the median of REPEAT runs;
   2. materializing the whole range into the online store;
   3. online lookups in process: 1 entity (p50/p99 over 2,000 calls) and 100 entities per call;
-  4. the same single-entity lookup over HTTP against `appliance features serve`.
+  4. the same single-entity lookup over HTTP against `appliance features serve`;
+  5. a model trained on the training set, deployed with its feature service: in-process
+     predict with features given (the baseline), lookup + predict, and keys-only V2 requests.
 """
 
 from __future__ import annotations
@@ -164,6 +166,49 @@ def main() -> int:
                 over_http.append(time.perf_counter() - started)
                 assert response.status == 200
             conn.close()
+
+        # a model trained on the training set, served with its feature service: keys in
+        from appliance.core import deployments, jobs, registry, training
+        from appliance.core.agent import stop_agent
+        from appliance.core.inference import ModelRuntime
+        from appliance.core.online import FeatureLookup
+        from appliance.core.serving import EntityInputs
+
+        job = training.submit_training(
+            app, "train", "label", params={"num_boost_round": 20, "num_leaves": 15}
+        )
+        job = jobs.wait_job(app, job["id"], timeout=600)
+        mv = registry.register_model(app, "bench_features", job["run_id"])
+        runtime = ModelRuntime(mv, str(app.objects.get_file(mv["sha256"])))
+        inputs = EntityInputs(FeatureLookup(app, mv["feature_service"]))
+        given = {f: [0.5] for f in runtime.feature_names}
+        bare, looked_up, served = [], [], []
+        for i in range(args.calls):
+            started = time.perf_counter()
+            runtime.predict(given)  # the baseline: features handed in
+            bare.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            runtime.predict(inputs.columns(runtime, {"k": [i % args.keys]})[0])
+            looked_up.append(time.perf_counter() - started)
+        dep = deployments.create_deployment(
+            app, "bench-features", mv["ref"], feature_service=mv["feature_service"]
+        )
+        try:
+            conn = HTTPConnection("127.0.0.1", int(dep["port"]), timeout=10)
+            path = f"/v2/models/{mv['model']}/infer"
+            for i in range(args.calls):
+                key = {"name": "k", "datatype": "INT64", "shape": [1], "data": [i % args.keys]}
+                body = json.dumps({"inputs": [key]})
+                started = time.perf_counter()
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                served.append(time.perf_counter() - started)
+                assert response.status == 200
+            conn.close()
+        finally:
+            deployments.stop_deployment(app, "bench-features")
+            stop_agent(app)  # the home is about to be deleted
         app.close()
 
     def ms(seconds: float) -> str:
@@ -187,6 +232,13 @@ def main() -> int:
     print(
         f"online, HTTP:       1 entity p50 {ms(statistics.median(over_http))} "
         f"p99 {ms(percentile(over_http, 0.99))}"
+    )
+    print(
+        f"model with its feature service, 1 entity: in-process predict with features given "
+        f"p50 {ms(statistics.median(bare))} p99 {ms(percentile(bare, 0.99))}; lookup + predict "
+        f"p50 {ms(statistics.median(looked_up))} p99 {ms(percentile(looked_up, 0.99))}; "
+        f"over HTTP (keys only) p50 {ms(statistics.median(served))} "
+        f"p99 {ms(percentile(served, 0.99))}"
     )
     return 0 if identical else 1
 

@@ -238,6 +238,10 @@ def test_online_reads_enforce_the_ttl_and_check_the_request(app: Appliance, tmp_
     at_1030 = datetime(2026, 1, 1, 10, 30, tzinfo=UTC).timestamp()
     fresh = get_online_features(app, "driver_model", {"driver_id": [1, 2]}, now=at_1030)
     assert fresh["results"][1]["statuses"] == ["PRESENT", "PRESENT"]
+    rows = [{"driver_id": 1}, {"driver_id": 2}]  # Feast's entity_rows give the same answer
+    assert get_online_features(app, "driver_model", rows, now=at_1030) == fresh
+    with pytest.raises(InvalidInput, match=r"entity_rows\[1\]: keys \['rider'\]"):
+        get_online_features(app, "driver_model", [{"driver_id": 1}, {"rider": 2}])
     later = get_online_features(app, "driver_model", {"driver_id": [1, 2]}, now=at_1030 + 3600)
     assert later["results"][1]["statuses"] == ["OUTSIDE_MAX_AGE", "OUTSIDE_MAX_AGE"]
     assert later["results"][1]["values"] == [None, None]

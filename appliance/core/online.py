@@ -288,15 +288,28 @@ def entities_from_text(app: Appliance, service: str, texts: dict[str, str]) -> d
     return lookup.typed({k: [v] for k, v in texts.items()})
 
 
+def _columns_of(rows: list[Any]) -> dict[str, list[Any]]:
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise InvalidInput("entity_rows: expected a non-empty list of {key: value} objects")
+    keys = list(rows[0])
+    for i, row in enumerate(rows):
+        if list(row) != keys:
+            raise InvalidInput(f"entity_rows[{i}]: keys {list(row)}, but row 0 has {keys}")
+    return {k: [row[k] for row in rows] for k in keys}
+
+
 def get_online_features(
     app: Appliance,
     service: str,
-    entities: dict[str, list[Any]],
+    entities: dict[str, list[Any]] | list[dict[str, Any]],
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Feast's online response for `entities` ({key column: [values...]}): one result per
-    feature name (keys first), each with a value and a status per entity row, in order.
-    A value older than its view's ttl is missing with status OUTSIDE_MAX_AGE."""
+    """Feast's online response for `entities` ({key column: [values...]}, or Feast's
+    entity_rows, [{key: value}, ...]): one result per feature name (keys first), each with a
+    value and a status per entity row, in order. A value older than its view's ttl is missing
+    with status OUTSIDE_MAX_AGE."""
+    if isinstance(entities, list):
+        entities = _columns_of(entities)
     count, found = FeatureLookup(app, service).read(entities, now)
     names: list[str] = list(entities)
     results: list[dict[str, Any]] = [
