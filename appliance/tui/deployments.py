@@ -24,7 +24,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from appliance.core import deployments
 from appliance.core.context import Appliance
 from appliance.errors import ApplianceError
-from appliance.tui.jobs import ConfirmScreen
+from appliance.tui.jobs import ConfirmScreen, show_outcome
 
 REFRESH_SECONDS = 2.0
 
@@ -225,13 +225,7 @@ class DeploymentsScreen(Screen[None]):
     @on(ActionFinished)
     def _on_action(self, message: ActionFinished) -> None:
         status = self.query_one("#deployments-status", Static)
-        if message.error:
-            status.update(f"[red]{escape(message.error)}[/red]")
-            self.notify(message.error, severity="error")
-            return
-        if message.what != "refresh":
-            status.update(f"{escape(message.what)}: done")
-            self.notify(f"{message.what}: done")
+        if show_outcome(self, status, message.what, message.error):
             self.reload()
 
     # ---- actions, each behind a confirmation ------------------------------------------------

@@ -23,7 +23,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 from appliance.core import features, online
 from appliance.core.context import Appliance
 from appliance.errors import ApplianceError
-from appliance.tui.jobs import ConfirmScreen
+from appliance.tui.jobs import ConfirmScreen, show_outcome
 
 REFRESH_SECONDS = 5.0
 STATUS_STYLE = {"fresh": "green", "stale": "red", "not materialized": "yellow", "empty": "dim"}
@@ -301,13 +301,7 @@ class FeaturesScreen(Screen[None]):
     @on(ActionFinished)
     def _on_action(self, message: ActionFinished) -> None:
         status = self.query_one("#features-status", Static)
-        if message.error:
-            status.update(f"[red]{escape(message.error)}[/red]")
-            self.notify(message.error, severity="error")
-            return
-        if message.what != "refresh":
-            status.update(f"{escape(message.what)}: done")
-            self.notify(f"{message.what}: done")
+        if show_outcome(self, status, message.what, message.error):
             self.reload()
 
     # ---- actions ----------------------------------------------------------------------------

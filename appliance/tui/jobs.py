@@ -81,6 +81,20 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(yes)
 
 
+def show_outcome(screen: Screen[Any], status: Static, what: str, error: str | None) -> bool:
+    """An action's end on a screen's status line and as a notification; True when it was
+    an action that succeeded (the caller reloads), False on an error or a mere refresh."""
+    if error:
+        status.update(f"[red]{escape(error)}[/red]")
+        screen.notify(error, severity="error")
+        return False
+    if what == "refresh":
+        return False
+    status.update(f"{escape(what)}: done")
+    screen.notify(f"{what}: done")
+    return True
+
+
 class JobsScreen(Screen[None]):
     """Every job, newest first; the highlighted one's progress and log below."""
 
