@@ -199,6 +199,21 @@ def test_matches_the_brute_force_reference_without_a_ttl(known: bool) -> None:
     assert got == _brute_force(entities, features, timedelta(days=10_000), known)
 
 
+@pytest.mark.parametrize("range_rows", [0, 10**9])
+@pytest.mark.parametrize("ttl_hours", [1.5, None])
+def test_late_rows_take_either_fallback_with_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch, range_rows: int, ttl_hours: float | None
+) -> None:
+    # every key through the running maximum, or every key through the range join
+    from appliance.core import pointintime
+
+    monkeypatch.setattr(pointintime, "RANGE_ROWS", range_rows)
+    features, entities = _random_rows(10)
+    got = join(entities, features, ttl_hours=ttl_hours, keys=("a", "b"), row_id=True)
+    ttl = timedelta(hours=ttl_hours) if ttl_hours else timedelta(days=10_000)
+    assert got == _brute_force(entities, features, ttl, True)
+
+
 def test_bad_definitions_name_the_view_and_the_column() -> None:
     con = duckdb.connect()
     con.execute("CREATE TABLE ent (k BIGINT, event_ts VARCHAR)")

@@ -25,6 +25,7 @@ from appliance.core.duck import sql_identifier as q
 from appliance.errors import InvalidInput
 
 ROW = "__pit_row"  # the entity row's position: keeps duplicates apart and the order stable
+RANGE_ROWS = 16  # late entity rows per key up to which a range join beats a running maximum
 
 
 @dataclass(frozen=True)
@@ -154,14 +155,38 @@ def point_in_time_sql(
         )
         if known:
             # Entity rows whose latest point was not yet written when they happened (late
-            # data) fall back to a range join over all their candidates: created depends on
-            # the entity row. Usually a few rows; in the worst case, all of them.
-            late = " AND ".join(f"l{i}.{k} = f{i}.{k}" for k in keys)
-            ttl = f" AND f{i}.__ts >= {oldest.replace('e.', f'l{i}.')}" if oldest else ""
+            # data) need the best row among those already known then (known = the later of ts
+            # and created). Per key: a few such rows take a range join over the key's rows; many
+            # take a running maximum of the rank ordered by known, then an ASOF join on known,
+            # so the cost stays n log n however late the data is.
+            lkeys = ", ".join(keys)
             parts.append(f"l{i} AS (SELECT * FROM a{i} ANTI JOIN x{i} ON x{i}.{ROW} = a{i}.{ROW})")
             parts.append(
-                f"m{i} AS (SELECT * FROM x{i} UNION ALL SELECT l{i}.{ROW}, "
-                f"arg_max(f{i}.__rid, struct_pack({rank})) FROM l{i} JOIN f{i} ON {late} "
+                f"h{i} AS (SELECT {lkeys} FROM l{i} GROUP BY ALL HAVING count(*) > {RANGE_ROWS})"
+            )
+            key_in = " AND ".join(f"f{i}.{k} = h{i}.{k}" for k in keys)
+            parts.append(
+                f"b{i} AS (SELECT {', '.join(f'f{i}.{k}' for k in keys)}, "
+                f"greatest(f{i}.__ts, f{i}.__created) AS __known, "
+                f"max(struct_pack({rank})) AS __best FROM f{i} SEMI JOIN h{i} ON {key_in} "
+                f"WHERE NOT f{i}.__unknown GROUP BY ALL)"
+            )
+            parts.append(
+                f"r{i} AS (SELECT {lkeys}, __known, max(__best) OVER (PARTITION BY {lkeys} "
+                f"ORDER BY __known ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS __best "
+                f"FROM b{i})"
+            )
+            asof = " AND ".join(f"l{i}.{k} = r{i}.{k}" for k in keys)
+            late_ttl = f" AND r{i}.__best.a >= {oldest.replace('e.', f'l{i}.')}" if oldest else ""
+            heavy = " AND ".join(f"l{i}.{k} = h{i}.{k}" for k in keys)
+            late = " AND ".join(f"l{i}.{k} = f{i}.{k}" for k in keys)
+            ttl = f" AND f{i}.__ts >= {oldest.replace('e.', f'l{i}.')}" if oldest else ""
+            parts.append(
+                f"m{i} AS (SELECT * FROM x{i} "
+                f"UNION ALL SELECT l{i}.{ROW}, r{i}.__best.d FROM l{i} ASOF JOIN r{i} "
+                f"ON {asof} AND l{i}.__pit_ts >= r{i}.__known WHERE TRUE{late_ttl} "
+                f"UNION ALL SELECT l{i}.{ROW}, arg_max(f{i}.__rid, struct_pack({rank})) "
+                f"FROM (SELECT * FROM l{i} ANTI JOIN h{i} ON {heavy}) l{i} JOIN f{i} ON {late} "
                 f"AND f{i}.__ts < l{i}.__ts{ttl} AND NOT f{i}.__unknown "
                 f"AND f{i}.__created <= l{i}.__pit_ts GROUP BY l{i}.{ROW})"
             )
