@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -433,8 +434,10 @@ def test_a_source_changed_since_apply_is_refused_naming_the_view(
     needle = "feature view fares@1: feature 'fare' is not a column of trips@2 .*re-apply"
     with pytest.raises(InvalidInput, match=needle):
         features.training_set(app, "weekly", "asks", "never")
+    (run,) = materialize(app)  # every live view: a failing one is reported, not raised
+    assert run["rows_written"] is None and re.search(needle, run["error"])
     with pytest.raises(InvalidInput, match=needle):
-        materialize(app)
+        materialize(app, view="fares")
     # ... or with its key retyped
     retyped = [(f"d{d}", t, f) for d, t, f in TRIPS]
     datasets.import_csv(app, _csv(tmp_path, "trips", header, retyped), "trips")
@@ -498,3 +501,89 @@ def test_removing_a_source_version_keeps_the_store_consistent(
     datasets.remove_version(app, "trips@1", force=True)
     with pytest.raises(Exception, match="trips@1"):
         datasets.get_dataset_version(app, "trips@1")
+
+
+def test_nan_values_read_back_as_null_and_profile_without_breaking(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import get_online_features, materialize
+
+    rows = [(1, T0, "nan"), (2, T0, "inf"), (3, T0, 2.5)]
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", rows), "trips")
+    applied = features.apply(app, _defs(tmp_path, PLAIN_VIEW))
+    assert "profile_error" not in applied[1]
+    fare = next(c for c in features.view_profile(app, "fares")["columns"] if c["name"] == "fare")
+    assert (fare["min"], fare["max"], fare["nulls"]) == (2.5, 2.5, 0)
+    materialize(app, end="2026-02-01T00:00:00")
+    got = get_online_features(app, "weekly", {"driver_id": [1, 2, 3]}, now=T0.timestamp())
+    assert got["results"][1]["values"] == [None, None, 2.5]
+    assert got["results"][1]["statuses"] == ["NULL_VALUE", "NULL_VALUE", "PRESENT"]
+
+
+def test_typed_keys_reach_the_model_and_bad_text_is_named(app: Appliance, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from appliance.core.inference import RequestError
+    from appliance.core.online import FeatureLookup, entities_from_text, materialize
+    from appliance.core.serving import EntityInputs
+
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    features.apply(app, _defs(tmp_path, PLAIN_VIEW))
+    materialize(app, end="2026-02-01T00:00:00")
+    inputs = EntityInputs(FeatureLookup(app, "weekly"))
+    model = SimpleNamespace(feature_names=["driver_id", "fare"])  # a join key as an input
+    columns, missing = inputs.columns(model, {"driver_id": ["2", " 1 "]})  # as CSV gives them
+    assert columns == {"driver_id": [2, 1], "fare": [7.0, 5.0]} and missing == 0
+    for text in ("+-5", "²", "1.5"):
+        with pytest.raises(RequestError, match="'driver_id' row 0 is"):
+            inputs.columns(model, {"driver_id": [text]})
+        with pytest.raises(InvalidInput, match=re.escape(f"{text!r} is not a whole number")):
+            entities_from_text(app, "weekly", {"driver_id": text})
+
+
+def test_materialize_goes_on_past_a_broken_view_and_sources_are_guarded(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import materialize
+
+    header = "driver_id,event_ts,fare"
+    datasets.import_csv(app, _csv(tmp_path, "trips", header, TRIPS), "trips")
+    datasets.import_csv(app, _csv(tmp_path, "tips", header, TRIPS), "tips")
+    two = PLAIN_VIEW.replace(
+        "feature_services:",
+        "  - {name: tipping, entities: [driver], source: tips, timestamp: event_ts,\n"
+        "     features: [{name: fare, type: float64}]}\nfeature_services:",
+    )
+    features.apply(app, _defs(tmp_path, two))
+    assert "feature-view:fares@1" in datasets.dependents(app, "trips@1")  # follows the latest
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,tip", TRIPS), "trips")
+    runs = {r["view"]: r for r in materialize(app, end="2026-02-01T00:00:00")}
+    assert "feature 'fare' is not a column of trips@2" in runs["fares@1"]["error"]
+    assert runs["tipping@1"]["error"] is None and runs["tipping@1"]["rows_written"] == 2
+    datasets.remove_version(app, "tips@1", force=True)
+    with pytest.raises(Exception, match="feature view tipping@1: its source is gone"):
+        materialize(app, view="tipping")
+    reserved = _csv(tmp_path, "odd", "driver_id,event_ts,file_row_number", [(1, T0, 3)])
+    datasets.import_csv(app, reserved, "odd")
+    odd = PLAIN_VIEW.replace("source: trips,", "source: odd,").replace("name: fare,", "name: x,")
+    with pytest.raises(InvalidInput, match="column 'file_row_number' of odd@1 has a name"):
+        features.apply(app, _defs(tmp_path, odd))
+
+
+def test_a_rebuilt_identical_training_set_names_the_service_that_built_it(
+    app: Appliance, tmp_path: Path
+) -> None:
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", TRIPS), "trips")
+    asks = _csv(tmp_path, "asks", "driver_id,event_ts", [(1, T0 + timedelta(hours=1))])
+    datasets.import_csv(app, asks, "asks")
+    features.apply(app, _defs(tmp_path, PLAIN_VIEW))
+    first = features.training_set(app, "weekly", "asks", "out")
+    features.apply(
+        app,
+        _defs(
+            tmp_path, PLAIN_VIEW.replace("timestamp: event_ts,", "timestamp: event_ts, ttl: 30d,")
+        ),
+    )
+    again = features.training_set(app, "weekly", "asks", "out")
+    assert again["ref"] == first["ref"] and again["created"] is False  # the same bytes
+    assert features.training_set_service(app, first["ref"]) == "weekly@2"

@@ -1369,11 +1369,10 @@ def features_materialize(
     if lookback is not None and not incremental:
         raise InvalidInput("--lookback: only with --incremental")
     seconds = parse_duration(lookback or "1d", "--lookback")
-    emit(
-        materialize(app, view, start, end, incremental, seconds),
-        as_json,
-        ("view", "start", "end", "rows_read", "rows_written"),
-    )
+    runs = materialize(app, view, start, end, incremental, seconds)
+    emit(runs, as_json, ("view", "start", "end", "rows_read", "rows_written", "error"))
+    if any(r["error"] for r in runs):
+        sys.exit(1)  # the other views were written; the table says which failed and why
 
 
 @command(features_group, "get")

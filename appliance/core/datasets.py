@@ -675,10 +675,11 @@ def dependents(app: Appliance, ref: str) -> list[str]:
     ]
     from appliance.core.features import list_definitions
 
-    found += [  # views pinned to this very version (an unpinned one moves to the latest)
+    latest = get_dataset_version(app, version["name"])["version"] == version["version"]
+    found += [  # views that read it: pinned to it, or following the dataset's latest version
         f"feature-view:{v['ref']}"
         for v in list_definitions(app, "view", all_versions=True)
-        if v["source"] == version["ref"]
+        if v["source"] == version["ref"] or (latest and v["source"] == version["name"])
     ]
     try:
         graph = lineage(app, f"dataset:{version['ref']}")

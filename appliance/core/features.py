@@ -121,6 +121,7 @@ def _view_spec(
         keys += [k for k in entities[entity]["join_keys"] if k not in keys]
     source = _field(obj, "source", where)
     version = get_dataset_version(app, source)  # NotFound names the dataset
+    _check_source(version, where)
     sql = _field(obj, "sql", where, required=False)
     if sql is None:
         columns = {c["name"]: c["type"].upper() for c in version["schema"]}
@@ -151,7 +152,10 @@ def _view_spec(
     if not features:
         raise InvalidInput(f"{where}: features must not be empty")
     if len({f["name"] for f in features}) != len(features):
-        raise InvalidInput(f"{where}: a feature is listed twice")
+        twice = sorted(
+            {f["name"] for f in features if [g["name"] for g in features].count(f["name"]) > 1}
+        )
+        raise InvalidInput(f"{where}: feature(s) {twice} listed more than once")
     check = {
         "join_keys": keys,
         "key_types": None,
@@ -173,6 +177,18 @@ def _view_spec(
         "ttl_seconds": ttl_seconds,
         "features": features,
     }
+
+
+RESERVED = ("__order", "file_row_number")  # how a view's rows carry their file order
+
+
+def _check_source(version: dict[str, Any], where: str) -> None:
+    taken = [c["name"] for c in version["schema"] if c["name"].lower() in RESERVED]
+    if taken:
+        raise InvalidInput(
+            f"{where}: column {taken[0]!r} of {version['ref']} has a name the feature store "
+            "uses for the file order; rename it (a recipe can)"
+        )
 
 
 def check_columns(spec: dict[str, Any], columns: dict[str, str], where: str, origin: str) -> None:
@@ -253,6 +269,16 @@ def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -
     return {str(r[0]): str(r[1]).upper() for r in described}
 
 
+def source_version(app: Appliance, spec: dict[str, Any]) -> dict[str, Any]:
+    """The dataset version a view version reads now (its pinned one, or the latest)."""
+    from appliance.core.datasets import get_dataset_version
+
+    try:
+        return get_dataset_version(app, spec["source"])
+    except NotFound as exc:
+        raise NotFound(f"feature view {spec['ref']}: its source is gone ({exc.message})") from None
+
+
 def view_relation(
     app: Appliance, con: Any, spec: dict[str, Any], alias: str
 ) -> tuple[dict[str, Any], str]:
@@ -261,18 +287,16 @@ def view_relation(
     follow the `__order` its SQL kept, then their own values). Returns the source dataset
     version and its file; the caller locks the connection down to its files before running
     anything. The rows are checked against the definition first."""
-    from appliance.core.datasets import get_dataset_version
 
-    data = get_dataset_version(app, spec["source"])
+    where = f"feature view {spec['ref']}"
+    data = source_version(app, spec)
+    _check_source(data, where)
     path = str(app.objects.get_file(data["sha256"]))
     body = rows_sql(path, spec.get("sql"))
     columns = {str(r[0]): str(r[1]) for r in con.execute(f"DESCRIBE ({body})").fetchall()}
     origin = data["ref"] if not spec.get("sql") else f"the output of its sql over {data['ref']}"
     check_columns(
-        spec,
-        columns,
-        f"feature view {spec['ref']}",
-        origin + " (re-apply the definitions against the data as it is now)",
+        spec, columns, where, origin + " (re-apply the definitions against the data as it is now)"
     )
     if spec.get("sql"):
         kept = "__order" in columns
@@ -290,11 +314,10 @@ def view_relation(
 def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
     """The profile of a view version's output (keys, times, features) over its current source
     version, computed once per source version and kept."""
-    from appliance.core.datasets import get_dataset_version
     from appliance.core.profiles import profile_table
 
     spec = get_definition(app, "view", ref)
-    data = get_dataset_version(app, spec["source"])
+    data = source_version(app, spec)
     key = (spec["name"], spec["version"], data["id"])
     cached = app.db.one(
         "SELECT profile_json FROM feature_view_profiles WHERE view = ? AND version = ? "
@@ -500,8 +523,10 @@ def apply(app: Appliance, directory: str | Path) -> list[dict[str, Any]]:
     view_specs = []
     for obj in found["feature_views"]:
         view_specs.append(_view_spec(app, obj, {**known, **entities}))
-    if len({v["name"] for v in view_specs}) != len(view_specs):
-        raise InvalidInput("feature views: a name is defined twice")
+    view_names = [v["name"] for v in view_specs]
+    if len(set(view_names)) != len(view_names):
+        twice = sorted({n for n in view_names if view_names.count(n) > 1})
+        raise InvalidInput(f"feature view(s) {twice} defined more than once")
     out = []
     now = utcnow()
     with app.db.transaction() as conn:
@@ -537,7 +562,10 @@ def apply(app: Appliance, directory: str | Path) -> list[dict[str, Any]]:
             )
     for item in out:  # after the commit: a profile is derived data, kept per source version
         if item["kind"] == "view" and item["created"]:
-            view_profile(app, f"{item['name']}@{item['version']}")
+            try:
+                view_profile(app, f"{item['name']}@{item['version']}")
+            except Exception as exc:  # the definitions stand; the profile is retried on use
+                item["profile_error"] = str(exc).splitlines()[0][:200]
     return out
 
 
@@ -686,7 +714,8 @@ def training_set(
     finally:
         con.close()
     mode = "as of known time" if as_of_known_time else "by event time"
-    return add_version(
+    execution_ref = f"training-set:{svc['ref']}:{entity_version['ref']}:{mode}"
+    result = add_version(
         app,
         out,
         stored,
@@ -695,6 +724,21 @@ def training_set(
         source=f"training set: {svc['ref']} onto {entity_version['ref']} ({mode})",
         timestamp_col=timestamp_col,
         execution="TrainingSet",
-        execution_ref=f"training-set:{svc['ref']}:{entity_version['ref']}:{mode}",
+        execution_ref=execution_ref,
         inputs=inputs,
     )
+    if not result["created"]:
+        # the same bytes as the latest version: lineage still says this service built it,
+        # so a model trained on it records the service version actually used
+        from appliance.core.lineage import record_execution
+
+        with app.db.transaction() as conn:
+            record_execution(
+                conn,
+                "TrainingSet",
+                execution_ref,
+                inputs=inputs,
+                outputs=[("DatasetVersion", f"dataset:{result['ref']}")],
+                context=("Dataset", out),
+            )
+    return result

@@ -8,19 +8,27 @@ late, with event times before that end, are still picked up (unlike feast#4133).
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from appliance.core import duck
 from appliance.core.context import Appliance
 from appliance.core.features import key_class
-from appliance.errors import InvalidInput
+from appliance.errors import ApplianceError, InvalidInput
 from appliance.store.db import utcnow
 from appliance.store.online import OnlineStore, entity_key
 
 DEFAULT_LOOKBACK = 86400.0
+_WHOLE = re.compile(r"[+-]?[0-9]+")  # text that spells a whole number (ASCII digits only)
+
+
+def _json(values: dict[str, Any]) -> str:
+    return orjson.dumps(values, default=str).decode()
+
 
 _stores: dict[str, OnlineStore] = {}
 
@@ -46,16 +54,23 @@ def _when(text: str | None, what: str) -> datetime | None:
 
 def _live_views(app: Appliance) -> list[dict[str, Any]]:
     """The view versions something reads online: the latest of each view, and every version
-    pinned by the latest version of a service or by a deployment's feature service (so a new
-    view version does not leave a model served from an older service without fresh values)."""
+    pinned by the latest version of a service, by a deployment's feature service or by the
+    service a version it serves (or served: a rollback target) was trained with, so a new view
+    version does not leave a model without fresh values."""
     from appliance.core.features import get_definition, list_definitions
 
     refs = {v["ref"] for v in list_definitions(app, "view")}
     services = [s["ref"] for s in list_definitions(app, "service")]
     services += [
-        r["feature_service"]
+        r["service"]
         for r in app.db.rows(
-            "SELECT DISTINCT feature_service FROM deployments WHERE feature_service IS NOT NULL"
+            # a deployment's own service, and the ones its served versions were trained with
+            "SELECT d.feature_service AS service FROM deployments d "
+            "WHERE d.feature_service IS NOT NULL UNION "
+            "SELECT mv.feature_service FROM deployments d "
+            "JOIN deployment_revisions r ON r.deployment_id = d.id "
+            "JOIN model_versions mv ON mv.id = r.model_version_id "
+            "WHERE d.feature_service IS NOT NULL AND mv.feature_service IS NOT NULL"
         )
     ]
     for ref in services:
@@ -74,9 +89,9 @@ def materialize(
 ) -> list[dict[str, Any]]:
     """Write, per entity key, the latest row with start <= ts <= end (ties: created, then file
     order) of one view version, or of every live one, into the online store; returns what
-    each run wrote."""
-    from appliance.core.features import get_definition, view_relation
-    from appliance.core.query import lock_down
+    each run wrote. Each view is written in one transaction; with every live view, one that
+    fails (its source changed since apply) is reported with its error and the others go on."""
+    from appliance.core.features import get_definition
 
     if incremental and start is not None:
         raise InvalidInput(
@@ -87,9 +102,10 @@ def materialize(
     if not views:
         raise InvalidInput("no feature views applied yet; run 'appliance features apply DIR'")
     stop = _when(end, "--end") or datetime.now(UTC)
+    first = _when(start, "--start")
     results = []
     for spec in views:
-        begin = _when(start, "--start")
+        begin = first
         if incremental:
             last = app.db.one(
                 "SELECT last_end FROM feature_materializations WHERE view = ? AND version = ?",
@@ -97,59 +113,67 @@ def materialize(
             )
             if last is not None:
                 begin = datetime.fromtimestamp(float(last["last_end"]) - lookback_seconds, UTC)
-        q = duck.sql_identifier
-        keys = ", ".join(q(k) for k in spec["join_keys"])
-        feats = [f["name"] for f in spec["features"]]
-        ts, created = q(spec["timestamp"]), spec["created_timestamp"]
-        where = [f"{ts} IS NOT NULL", f"{ts} <= {duck.sql_string(stop.isoformat())}::TIMESTAMPTZ"]
-        where += [f"{q(k)} IS NOT NULL" for k in spec["join_keys"]]  # no lookup could reach it
-        if begin is not None:
-            where.append(f"{ts} >= {duck.sql_string(begin.isoformat())}::TIMESTAMPTZ")
-        created_sql = q(created) if created else "NULL::TIMESTAMP"
-        # times leave DuckDB as epoch seconds: naive ones are UTC, zoned ones converted
-        sql = (
-            f"SELECT {keys}, epoch_us({ts}) / 1e6, epoch_us({created_sql}) / 1e6, "
-            f"{', '.join(q(f) for f in feats)} FROM __rows WHERE {' AND '.join(where)} "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {ts} DESC, "
-            f"{created_sql} DESC NULLS LAST, __order DESC) = 1"
-        )
-        con = duck.connect(app.settings)
+        run: dict[str, Any] = {"view": spec["ref"], "start": begin.isoformat() if begin else None}
+        run["end"] = stop.isoformat()
         try:
-            con.execute("SET TimeZone = 'UTC'")
-            lock_down(con, [view_relation(app, con, spec, "__rows")[1]])
-            rows = con.execute(sql).fetchall()
-        finally:
-            con.close()
-        width = len(spec["join_keys"])
-        newest = None
-        batch = []
-        for row in rows:
-            event = float(row[width])
-            newest = event if newest is None or event > newest else newest
-            values = dict(zip(feats, row[width + 2 :], strict=True))
-            batch.append(
-                (entity_key(row[:width]), event, row[width + 1], json.dumps(values, default=str))
-            )
-        written = online_store(app).write(f"{spec['name']}@{spec['version']}", batch)
-        app.db.execute(
-            "INSERT INTO feature_materializations (view, version, last_end, rows_written, "
-            "newest_event, ran_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (view, version) DO "
-            "UPDATE SET last_end = excluded.last_end, rows_written = excluded.rows_written, "
-            "newest_event = max(coalesce(newest_event, excluded.newest_event), "
-            "coalesce(excluded.newest_event, newest_event)), "
-            "ran_at = excluded.ran_at",
-            (spec["name"], spec["version"], stop.timestamp(), written, newest, utcnow()),
-        )
-        results.append(
-            {
-                "view": spec["ref"],
-                "start": begin.isoformat() if begin else None,
-                "end": stop.isoformat(),
-                "rows_read": len(batch),
-                "rows_written": written,
-            }
-        )
+            run.update(_materialize_view(app, spec, begin, stop), error=None)
+        except ApplianceError as exc:
+            if view is not None:
+                raise
+            run.update(rows_read=None, rows_written=None, error=exc.message)
+        results.append(run)
     return results
+
+
+def _materialize_view(
+    app: Appliance, spec: dict[str, Any], begin: datetime | None, stop: datetime
+) -> dict[str, int]:
+    from appliance.core.features import view_relation
+    from appliance.core.query import lock_down
+
+    q = duck.sql_identifier
+    keys = ", ".join(q(k) for k in spec["join_keys"])
+    feats = [f["name"] for f in spec["features"]]
+    ts, created = q(spec["timestamp"]), spec["created_timestamp"]
+    where = [f"{ts} IS NOT NULL", f"{ts} <= {duck.sql_string(stop.isoformat())}::TIMESTAMPTZ"]
+    where += [f"{q(k)} IS NOT NULL" for k in spec["join_keys"]]  # no lookup could reach it
+    if begin is not None:
+        where.append(f"{ts} >= {duck.sql_string(begin.isoformat())}::TIMESTAMPTZ")
+    created_sql = q(created) if created else "NULL::TIMESTAMP"
+    # times leave DuckDB as epoch seconds: naive ones are UTC, zoned ones converted
+    sql = (
+        f"SELECT {keys}, epoch_us({ts}) / 1e6, epoch_us({created_sql}) / 1e6, "
+        f"{', '.join(q(f) for f in feats)} FROM __rows WHERE {' AND '.join(where)} "
+        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {ts} DESC, "
+        f"{created_sql} DESC NULLS LAST, __order DESC) = 1"
+    )
+    con = duck.connect(app.settings)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        lock_down(con, [view_relation(app, con, spec, "__rows")[1]])
+        rows = con.execute(sql).fetchall()
+    finally:
+        con.close()
+    width = len(spec["join_keys"])
+    newest = None
+    batch = []
+    for row in rows:
+        event = float(row[width])
+        newest = event if newest is None or event > newest else newest
+        values = dict(zip(feats, row[width + 2 :], strict=True))
+        # orjson writes NaN and infinities as null: they read back as NULL_VALUE
+        batch.append((entity_key(row[:width]), event, row[width + 1], _json(values)))
+    written = online_store(app).write(f"{spec['name']}@{spec['version']}", batch)
+    app.db.execute(
+        "INSERT INTO feature_materializations (view, version, last_end, rows_written, "
+        "newest_event, ran_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (view, version) DO "
+        "UPDATE SET last_end = excluded.last_end, rows_written = excluded.rows_written, "
+        "newest_event = max(coalesce(newest_event, excluded.newest_event), "
+        "coalesce(excluded.newest_event, newest_event)), "
+        "ran_at = excluded.ran_at",
+        (spec["name"], spec["version"], stop.timestamp(), written, newest, utcnow()),
+    )
+    return {"rows_read": len(batch), "rows_written": written}
 
 
 def _check_key(view: str, key: str, kind: str | None, value: Any, row: int) -> None:
@@ -217,7 +241,7 @@ class FeatureLookup:
             for value in values:
                 if isinstance(value, float) and value.is_integer():
                     value = int(value)
-                elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                elif isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
                     value = int(value.strip())
                 converted.append(value)
             out[key] = converted
@@ -283,7 +307,7 @@ def entities_from_text(app: Appliance, service: str, texts: dict[str, str]) -> d
     for key, text in texts.items():
         if key not in lookup.join_keys:
             raise InvalidInput(f"entity key {key!r}: {lookup.ref} takes {lookup.join_keys}")
-        if lookup.key_classes.get(key) == "integer" and not text.strip().lstrip("+-").isdigit():
+        if lookup.key_classes.get(key) == "integer" and not _WHOLE.fullmatch(text.strip()):
             raise InvalidInput(f"entity key {key!r}: {text!r} is not a whole number")
     return lookup.typed({k: [v] for k, v in texts.items()})
 

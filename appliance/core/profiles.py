@@ -78,12 +78,13 @@ def _compute(con: Any, version: dict[str, Any], types: dict[str, str], label: st
         c = duck.sql_identifier(name)
         exprs += [f"count({c})", f"approx_count_distinct({c})"]
         if is_numeric(types[name]):
+            x = _finite(c)  # NaN and infinities would poison every statistic (or raise)
             exprs += [
-                f"min({c}::DOUBLE)",
-                f"max({c}::DOUBLE)",
-                f"avg({c}::DOUBLE)",
-                f"stddev_samp({c}::DOUBLE)",
-                f"reservoir_quantile({c}::DOUBLE, [0.25, 0.5, 0.75], {QUANTILE_SAMPLE})",
+                f"min({x})",
+                f"max({x})",
+                f"avg({x})",
+                f"stddev_samp({x})",
+                f"reservoir_quantile({x}, [0.25, 0.5, 0.75], {QUANTILE_SAMPLE})",
             ]
         else:
             exprs += [f"min({c})::VARCHAR", f"max({c})::VARCHAR"]
@@ -136,6 +137,10 @@ def _compute(con: Any, version: dict[str, Any], types: dict[str, str], label: st
     return {"ref": version["ref"], "rows": total, "label": label, "columns": columns}
 
 
+def _finite(ident: str) -> str:
+    return f"CASE WHEN isfinite({ident}::DOUBLE) THEN {ident}::DOUBLE END"
+
+
 def _histogram(con: Any, ident: str, low: Any, high: Any) -> dict[str, Any]:
     if not isinstance(low, float) or not isinstance(high, float):
         return {"edges": [], "counts": []}
@@ -146,7 +151,7 @@ def _histogram(con: Any, ident: str, low: Any, high: Any) -> dict[str, Any]:
     counts = [0] * BINS
     for bucket, count in con.execute(
         f"SELECT least(CAST(floor(({ident}::DOUBLE - {low!r}) / {width!r}) AS INTEGER), "
-        f"{BINS - 1}), count(*) FROM t WHERE {ident} IS NOT NULL GROUP BY 1"
+        f"{BINS - 1}), count(*) FROM t WHERE {_finite(ident)} IS NOT NULL GROUP BY 1"
     ).fetchall():
         counts[int(bucket)] += int(count)
     return {"edges": [low + i * width for i in range(BINS + 1)], "counts": counts}

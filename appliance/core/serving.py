@@ -218,11 +218,12 @@ class EntityInputs:
                 raise RequestError(400, f"missing entity key {key!r}")
             values = keys[key]
             entities[key] = values.tolist() if hasattr(values, "tolist") else list(values)
+        entities = self.lookup.typed(entities)
         try:
-            _, found = self.lookup.read(self.lookup.typed(entities))
+            _, found = self.lookup.read(entities)
         except ApplianceError as exc:
             raise RequestError(400, exc.message) from None
-        columns: dict[str, Any] = dict(entities)
+        columns: dict[str, Any] = dict(entities)  # keys that are model inputs, typed
         missing = 0
         for name, values, statuses, _ in found:
             columns[name] = values
