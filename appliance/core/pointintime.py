@@ -120,8 +120,10 @@ def point_in_time_sql(
         # with a row id column in the source they hold no feature values (less to build).
         rid = q(src.row_id) if src.row_id else "row_number() OVER ()"
         carried = "" if src.row_id else f"{', '.join(feats)}, "
+        # row_number() ids must be computed once; a source's own ids are stable on any read
+        materialized = "" if src.row_id else "MATERIALIZED "
         parts.append(
-            f"f{i} AS MATERIALIZED (SELECT {', '.join(keys)}, {carried}"
+            f"f{i} AS {materialized}(SELECT {', '.join(keys)}, {carried}"
             f"{f_ts} AS __ts, coalesce({created}, TIMESTAMP '-infinity') AS __created, "
             f"{created} IS NULL AS __unknown, {order} AS __order, "
             f"{rid} AS __rid FROM {src.relation} WHERE {f_ts} IS NOT NULL)"
@@ -135,13 +137,14 @@ def point_in_time_sql(
             for n, c in zip("abcd", ("ts", "created", "order", "rid"), strict=True)
         )
         known = as_of_known_time and src.created is not None
-        # DuckDB's ASOF join finds the latest (keys, ts) at or before the entity time; the
+        # DuckDB's ASOF join finds the latest (keys, ts) at or before the entity time (which
+        # of several rows at that time it meets does not matter: only the time is kept); the
         # rows at exactly that point are then ranked (rule 3), and with as-of-known-time only
         # those already written count.
         asof_keys = " AND ".join(f"e.{k} = t{i}.{k}" for k in keys)
         parts.append(
             f"a{i} AS (SELECT e.{ROW}, e.__pit_ts, {', '.join(f'e.{k}' for k in keys)}, "
-            f"t{i}.__ts FROM e ASOF JOIN (SELECT DISTINCT {', '.join(keys)}, __ts "
+            f"t{i}.__ts FROM e ASOF JOIN (SELECT {', '.join(keys)}, __ts "
             f"FROM f{i}) t{i} ON {asof_keys} AND e.__pit_ts >= t{i}.__ts"
             + (f" WHERE t{i}.__ts >= {oldest}" if oldest else "")
             + ")"
