@@ -95,12 +95,16 @@ class FeatureServerApp:
 
 def serve_features(app: Appliance, host: str = "127.0.0.1", port: int = 6566) -> None:
     """Run the feature server in the foreground until interrupted."""
+    import gc
+
     import uvicorn
 
     from appliance.core.serving import uvicorn_http, uvicorn_loop
 
+    server = FeatureServerApp(app)
+    gc.freeze()  # what is loaded by now lives as long as the server: no collector passes over it
     uvicorn.run(
-        FeatureServerApp(app),
+        server,
         host=host,
         port=port,
         loop=uvicorn_loop(),

@@ -312,6 +312,28 @@ def entities_from_text(app: Appliance, service: str, texts: dict[str, str]) -> d
     return lookup.typed({k: [v] for k, v in texts.items()})
 
 
+_lookups: dict[tuple[str, str], FeatureLookup] = {}
+
+
+def lookup_for(app: Appliance, service: str) -> FeatureLookup:
+    """The FeatureLookup of NAME@V, or of NAME's latest version (one small query): versions
+    never change, so each is resolved once per process and kept."""
+    name, _, version = service.partition("@")
+    if not version:
+        latest = app.db.scalar(
+            "SELECT max(version) FROM feature_definitions WHERE kind = 'service' AND name = ?",
+            (name,),
+        )
+        if latest is None:
+            return FeatureLookup(app, service)  # raises NotFound, naming the service
+        service = f"{name}@{latest}"
+    key = (str(app.settings.home), service)
+    found = _lookups.get(key)
+    if found is None:
+        found = _lookups[key] = FeatureLookup(app, service)
+    return found
+
+
 def _columns_of(rows: list[Any]) -> dict[str, list[Any]]:
     if not rows or not all(isinstance(r, dict) for r in rows):
         raise InvalidInput("entity_rows: expected a non-empty list of {key: value} objects")
@@ -334,7 +356,7 @@ def get_online_features(
     with status OUTSIDE_MAX_AGE."""
     if isinstance(entities, list):
         entities = _columns_of(entities)
-    count, found = FeatureLookup(app, service).read(entities, now)
+    count, found = lookup_for(app, service).read(entities, now)
     names: list[str] = list(entities)
     results: list[dict[str, Any]] = [
         {"values": list(v), "statuses": ["PRESENT"] * count, "event_timestamps": [None] * count}
