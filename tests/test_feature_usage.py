@@ -514,6 +514,11 @@ def test_nan_values_read_back_as_null_and_profile_without_breaking(
     assert "profile_error" not in applied[1]
     fare = next(c for c in features.view_profile(app, "fares")["columns"] if c["name"] == "fare")
     assert (fare["min"], fare["max"], fare["nulls"]) == (2.5, 2.5, 0)
+    assert fare["histogram"]["counts"] == [1]  # only the finite value
+    from appliance.core.profiles import profile
+
+    by_label = profile(app, "trips@1", label="driver_id")  # binning leaves NaN and inf out
+    assert next(c for c in by_label["columns"] if c["name"] == "fare")["vs_label"]
     materialize(app, end="2026-02-01T00:00:00")
     got = get_online_features(app, "weekly", {"driver_id": [1, 2, 3]}, now=T0.timestamp())
     assert got["results"][1]["values"] == [None, None, 2.5]
@@ -587,3 +592,35 @@ def test_a_rebuilt_identical_training_set_names_the_service_that_built_it(
     again = features.training_set(app, "weekly", "asks", "out")
     assert again["ref"] == first["ref"] and again["created"] is False  # the same bytes
     assert features.training_set_service(app, first["ref"]) == "weekly@2"
+
+
+def test_a_sql_view_that_fails_on_its_data_is_named_and_the_others_go_on(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.online import materialize
+
+    rows = [(1, T0, "7"), (2, T0, "x")]  # text that one row cannot be cast from
+    datasets.import_csv(app, _csv(tmp_path, "trips", "driver_id,event_ts,fare", rows), "trips")
+    datasets.import_csv(app, _csv(tmp_path, "tips", "driver_id,event_ts,fare", TRIPS), "tips")
+    text = PLAIN_VIEW.replace(
+        "timestamp: event_ts,",
+        'timestamp: event_ts, sql: "SELECT driver_id, event_ts, CAST(fare AS DOUBLE) AS fare '
+        'FROM source",',
+    ).replace(
+        "feature_services:",
+        "  - {name: tipping, entities: [driver], source: tips, timestamp: event_ts,\n"
+        "     features: [{name: fare, type: float64}]}\nfeature_services:",
+    )
+    applied = {r["name"]: r for r in features.apply(app, _defs(tmp_path, text))}
+    assert "fares@1: Conversion Error" in applied["fares"]["profile_error"]
+    runs = {r["view"]: r for r in materialize(app, end="2026-02-01T00:00:00")}
+    assert runs["fares@1"]["error"].startswith("feature view fares@1: Conversion Error")
+    assert runs["tipping@1"]["rows_written"] == 2
+    asks = _csv(tmp_path, "asks", "driver_id,event_ts", [(1, T0 + timedelta(hours=1))])
+    datasets.import_csv(app, asks, "asks")
+    with pytest.raises(InvalidInput, match="training set of weekly@1: Conversion Error"):
+        features.training_set(app, "weekly", "asks", "never")
+    with pytest.raises(InvalidInput, match="not a whole number"):
+        from appliance.core.online import entities_from_text
+
+        entities_from_text(app, "weekly", {"driver_id": "9" * 30})

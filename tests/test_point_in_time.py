@@ -107,6 +107,16 @@ def test_rule4_no_candidate_is_null_and_every_entity_row_is_kept(known: bool) ->
     assert join(entities, [], as_of_known_time=known) == [None] * 4
 
 
+@pytest.mark.parametrize("known", [True, False])
+def test_rule4_an_entity_row_without_a_time_has_no_candidate(known: bool) -> None:
+    # enough rows for DuckDB's sorting ASOF join, which would match a NULL time
+    entities = [(1, at("10:00"))] * 70 + [(1, None)] + [(1, at("10:00"))] * 70
+    got = join(
+        entities, [(1, at("09:00"), at("09:00"), 42.0)], ttl_hours=None, as_of_known_time=known
+    )
+    assert got == [42.0] * 70 + [None] + [42.0] * 70
+
+
 def test_rule5_naive_timestamps_are_utc_and_zoned_ones_are_converted() -> None:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'America/New_York'")  # the session's zone must not matter

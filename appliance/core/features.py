@@ -311,9 +311,22 @@ def view_relation(
     return data, path
 
 
+def _run(con: Any, what: str, sql: str) -> Any:
+    """Run SQL that evaluates a view's own SQL on data: a failure there (a cast that the data
+    breaks) is bad input about `what`, not an internal error."""
+    import duckdb
+
+    try:
+        return con.execute(sql)
+    except duckdb.Error as exc:
+        raise InvalidInput(f"{what}: {str(exc).splitlines()[0]}") from exc
+
+
 def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
     """The profile of a view version's output (keys, times, features) over its current source
     version, computed once per source version and kept."""
+    import duckdb
+
     from appliance.core.profiles import profile_table
 
     spec = get_definition(app, "view", ref)
@@ -340,8 +353,11 @@ def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
             + " FROM __rows"
         )
         types = {str(r[0]): str(r[1]) for r in con.execute("DESCRIBE t").fetchall()}
-        rows = int(con.execute("SELECT count(*) FROM t").fetchone()[0])
-        result = profile_table(con, f"{spec['ref']} over {data['ref']}", rows, types)
+        try:
+            rows = int(con.execute("SELECT count(*) FROM t").fetchone()[0])
+            result = profile_table(con, f"{spec['ref']} over {data['ref']}", rows, types)
+        except duckdb.Error as exc:  # the view's SQL failed on the data it met
+            raise InvalidInput(f"feature view {spec['ref']}: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
     app.db.execute(
@@ -704,10 +720,13 @@ def training_set(
             lock_down(con, files, write_dir=Path(tmp))
             sql = point_in_time_sql(con, "__entities", timestamp_col, sources, as_of_known_time)
             path = Path(tmp) / "training.parquet"
-            con.execute(
+            _run(
+                con,
+                f"training set of {svc['ref']}",
                 # snappy: a training set is written often and read soon; zstd's smaller file
                 # costs a sixth of the whole join's time here
-                f"COPY ({sql}) TO {duck.sql_string(str(path))} (FORMAT parquet, COMPRESSION snappy)"
+                f"COPY ({sql}) TO {duck.sql_string(str(path))} "
+                "(FORMAT parquet, COMPRESSION snappy)",
             )
             rows, schema = describe_parquet(con, f"read_parquet({duck.sql_string(str(path))})")
             stored = app.objects.put_file(path, move=True)
@@ -736,7 +755,7 @@ def training_set(
             record_execution(
                 conn,
                 "TrainingSet",
-                execution_ref,
+                f"{execution_ref}:rebuilt:{utcnow()}",  # the newest build names the service
                 inputs=inputs,
                 outputs=[("DatasetVersion", f"dataset:{result['ref']}")],
                 context=("Dataset", out),

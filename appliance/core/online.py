@@ -23,7 +23,7 @@ from appliance.store.db import utcnow
 from appliance.store.online import OnlineStore, entity_key
 
 DEFAULT_LOOKBACK = 86400.0
-_WHOLE = re.compile(r"[+-]?[0-9]+")  # text that spells a whole number (ASCII digits only)
+_WHOLE = re.compile(r"[+-]?[0-9]{1,20}")  # text that spells a 64-bit whole number (ASCII)
 
 
 def _json(values: dict[str, Any]) -> str:
@@ -128,6 +128,8 @@ def materialize(
 def _materialize_view(
     app: Appliance, spec: dict[str, Any], begin: datetime | None, stop: datetime
 ) -> dict[str, int]:
+    import duckdb  # here: a model server imports this module and never materializes
+
     from appliance.core.features import view_relation
     from appliance.core.query import lock_down
 
@@ -152,6 +154,8 @@ def _materialize_view(
         con.execute("SET TimeZone = 'UTC'")
         lock_down(con, [view_relation(app, con, spec, "__rows")[1]])
         rows = con.execute(sql).fetchall()
+    except duckdb.Error as exc:  # a SQL view can fail on data it meets (a bad cast, …)
+        raise InvalidInput(f"feature view {spec['ref']}: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
     width = len(spec["join_keys"])

@@ -145,8 +145,11 @@ def point_in_time_sql(
         parts.append(
             f"a{i} AS (SELECT e.{ROW}, e.__pit_ts, {', '.join(f'e.{k}' for k in keys)}, "
             f"t{i}.__ts FROM e ASOF JOIN (SELECT {', '.join(keys)}, __ts "
-            f"FROM f{i}) t{i} ON {asof_keys} AND e.__pit_ts >= t{i}.__ts"
-            + (f" WHERE t{i}.__ts >= {oldest}" if oldest else "")
+            f"FROM f{i}) t{i} ON {asof_keys} AND e.__pit_ts >= t{i}.__ts "
+            # an entity row without a time has no candidate (DuckDB's sorting ASOF join
+            # would match a NULL time)
+            f"WHERE e.__pit_ts IS NOT NULL"
+            + (f" AND t{i}.__ts >= {oldest}" if oldest else "")
             + ")"
         )
         exact = " AND ".join(f"a{i}.{k} = f{i}.{k}" for k in keys)

@@ -145,7 +145,7 @@ def _histogram(con: Any, ident: str, low: Any, high: Any) -> dict[str, Any]:
     if not isinstance(low, float) or not isinstance(high, float):
         return {"edges": [], "counts": []}
     if low == high:
-        count = con.execute(f"SELECT count({ident}) FROM t").fetchone()[0]
+        count = con.execute(f"SELECT count({_finite(ident)}) FROM t").fetchone()[0]
         return {"edges": [low, high], "counts": [int(count)]}
     width = (high - low) / BINS
     counts = [0] * BINS
@@ -160,23 +160,27 @@ def _histogram(con: Any, ident: str, low: Any, high: Any) -> dict[str, Any]:
 def _association(con: Any, ident: str, duck_type: str, label: str, label_type: str) -> dict:
     lab = duck.sql_identifier(label)
     if is_numeric(duck_type) and is_numeric(label_type):
-        value = con.execute(f"SELECT corr({ident}::DOUBLE, {lab}::DOUBLE) FROM t").fetchone()[0]
+        value = con.execute(f"SELECT corr({_finite(ident)}, {_finite(lab)}) FROM t").fetchone()[0]
         return {"correlation": _num(value)}
 
     # Mutual information (nats) between the column and the label, numeric ones in 10
     # equal-width bins (ties always share a bin, unlike quantile bins).
     def binned(x: str) -> str:
+        v = _finite(x)  # NaN and infinities fall in no bin (the pair is left out)
         return (
-            f"coalesce(least(CAST(floor(({x}::DOUBLE - min({x}::DOUBLE) OVER ()) / "
-            f"nullif((max({x}::DOUBLE) OVER () - min({x}::DOUBLE) OVER ()) / 10, 0)) "
+            f"coalesce(least(CAST(floor(({v} - min({v}) OVER ()) / "
+            f"nullif((max({v}) OVER () - min({v}) OVER ()) / 10, 0)) "
             "AS INTEGER), 9), 0)"
         )
+
+    def kept(x: str, kind: str) -> str:
+        return f"{_finite(x)} IS NOT NULL" if is_numeric(kind) else f"{x} IS NOT NULL"
 
     feature = binned(ident) if is_numeric(duck_type) else f"CAST({ident} AS VARCHAR)"
     target = binned(lab) if is_numeric(label_type) else f"CAST({lab} AS VARCHAR)"
     value = con.execute(
         f"WITH j AS (SELECT {feature} AS x, {target} AS y FROM t "
-        f"WHERE {ident} IS NOT NULL AND {lab} IS NOT NULL), "
+        f"WHERE {kept(ident, duck_type)} AND {kept(lab, label_type)}), "
         "n AS (SELECT count(*) AS n FROM j), "
         "xy AS (SELECT x, y, count(*) AS c FROM j GROUP BY ALL), "
         "px AS (SELECT x, count(*) AS c FROM j GROUP BY ALL), "
