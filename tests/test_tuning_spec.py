@@ -1,0 +1,110 @@
+"""The tuning study spec: defaults, the clamp of parallel trials, and every bad key named
+before anything is created."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.core import datasets
+from appliance.core.context import Appliance
+from appliance.core.tuning import load_study, parse_study
+from appliance.errors import InvalidInput, NotFound
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Appliance:
+    appliance = Appliance.open(tmp_path / "home")
+    csv = tmp_path / "churn.csv"
+    csv.write_text("a,b,churned\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(50)))
+    datasets.import_csv(appliance, csv, "churn_train")
+    datasets.import_csv(appliance, csv, "churn_valid")
+    return appliance
+
+
+def study(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "name": "churn-lgbm",
+        "train": {
+            "trainer": "lightgbm",
+            "train": "churn_train",
+            "valid": "churn_valid",
+            "label": "churned",
+        },
+        "objective": {"metric": "valid_auc", "direction": "maximize"},
+        "algorithm": "tpe",
+        "max_trials": 40,
+        "parallel_trials": 1,
+        "space": {
+            "num_leaves": {"randint": [8, 128]},
+            "learning_rate": {"loguniform": [0.01, 0.3]},
+            "boosting": {"choice": ["gbdt", "dart"]},
+        },
+        "early_stopping": {"rule": "median", "start_step": 10, "min_trials_required": 5},
+    }
+    base.update(changes)
+    return base
+
+
+def test_a_study_is_checked_and_completed_with_defaults(app: Appliance, tmp_path: Path) -> None:
+    spec = parse_study(app, study())
+    assert spec["train"]["train"] == "churn_train@1" and spec["train"]["valid"] == "churn_valid@1"
+    assert spec["objective"] == {"metric": "valid_auc", "direction": "maximize"}
+    assert (spec["max_failed_trials"], spec["seed"], spec["timeout_s"]) == (3, 0, None)
+    assert spec["early_stopping"] == {"rule": "median", "start_step": 10, "min_trials_required": 5}
+    clamped = parse_study(app, study(parallel_trials=512))
+    assert (
+        clamped["parallel_trials"] < 512
+        and "parallel_trials: 512 is more" in clamped["warnings"][0]
+    )
+    grid = parse_study(
+        app, study(algorithm="grid", space={"num_leaves": {"randint": [8, 10]}}, max_trials=40)
+    )
+    assert grid["max_trials"] == 3  # the grid has three points
+    path = tmp_path / "tune.yaml"
+    path.write_text(
+        "name: s\ntrain: {train: churn_train, label: nope}\n"
+        "objective: {metric: valid_auc}\nspace: {x: {uniform: [0, 1]}}\n"
+    )
+    with pytest.raises(
+        InvalidInput, match="tune.yaml: train.train: churn_train@1 has no column 'nope'"
+    ):
+        load_study(app, path)
+
+
+def test_bad_studies_name_the_key(app: Appliance) -> None:
+    cases = [
+        (study(space={"lr": {"gaussian": [0, 1]}}), "space.lr: unknown distribution 'gaussian'"),
+        (study(space={"lr": {"uniform": [0.3, 0.01]}}), "space.lr: uniform needs low < high"),
+        (study(space={"lr": {"loguniform": [0, 1]}}), "space.lr: loguniform needs a positive"),
+        (
+            study(algorithm="grid", space={"lr": {"uniform": [0, 1]}}),
+            "space.lr: grid needs a discrete space",
+        ),
+        (study(algorithm="bayes"), "algorithm: 'bayes' is not one of"),
+        (study(objective={"metric": "auc", "direction": "up"}), "objective.direction: 'up'"),
+        (study(objective={"direction": "maximize"}), "objective: required"),
+        (study(max_trials=0), "max_trials: expected a whole number >= 1"),
+        (study(parallel_trials="2"), "parallel_trials: expected a whole number"),
+        (study(early_stopping={"rule": "mean"}), "early_stopping: expected {rule: median"),
+        (study(stop={"patience": 0}), "patience: expected a whole number >= 1"),
+        (study(stop={"target": "high"}), "stop.target: expected a number"),
+        (study(colour="blue"), r"unknown key\(s\) \['colour'\]"),
+        (study(name="../x"), "study name"),
+        (
+            study(train={"train": "churn_train", "label": "churned", "trainer": "xgb"}),
+            "train.trainer: 'xgb'",
+        ),
+        (
+            study(train={"train": "churn_train", "label": "churned", "params": {"num_leaves": 4}}),
+            r"space: \['num_leaves'\] also fixed in train.params",
+        ),
+        (study(train={"label": "churned"}), "train.train: required"),
+    ]
+    for spec, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            parse_study(app, spec)
+    with pytest.raises(NotFound, match="nowhere"):
+        parse_study(app, study(train={"train": "nowhere", "label": "churned"}))
