@@ -108,3 +108,56 @@ def test_bad_studies_name_the_key(app: Appliance) -> None:
             parse_study(app, spec)
     with pytest.raises(NotFound, match="nowhere"):
         parse_study(app, study(train={"train": "nowhere", "label": "churned"}))
+
+
+def test_the_median_rule_stops_a_trial_worse_than_the_median_at_the_same_step() -> None:
+    from appliance.core.tuning import median_stop
+
+    rule = {"rule": "median", "start_step": 3, "min_trials_required": 3}
+    # known curves: completed trials reach 0.5, 0.6 and 0.9 by step 5 (median 0.6)
+    completed = [
+        {1: 0.2, 3: 0.4, 5: 0.5},
+        {1: 0.3, 3: 0.5, 5: 0.6},
+        {1: 0.1, 3: 0.8, 5: 0.9},
+    ]
+    slow = {1: 0.3, 3: 0.52, 5: 0.55}
+    assert not median_stop(slow, completed, 2, rule, maximize=True)  # before start_step
+    assert not median_stop(slow, completed, 3, rule, maximize=True)  # 0.52 vs median 0.5
+    assert median_stop(slow, completed, 5, rule, maximize=True)  # 0.55 vs median 0.6
+    assert not median_stop(slow, completed[:2], 5, rule, maximize=True)  # too few completed
+    # a mean (0.667) would stop 0.62 here; the median (0.6) does not
+    assert not median_stop({5: 0.62}, completed, 5, rule, maximize=True)
+    # minimizing a loss: lower is better
+    losses = [{4: 1.0}, {4: 2.0}, {4: 3.0}]
+    assert median_stop({4: 2.5}, losses, 4, rule, maximize=False)
+    assert not median_stop({4: 1.5}, losses, 4, rule, maximize=False)
+
+
+def test_a_study_stops_on_its_target_or_its_patience() -> None:
+    from appliance.core.tuning import study_should_stop
+
+    assert study_should_stop([0.7, 0.8, 0.85], {"target": 0.85}, maximize=True) == (
+        "the target 0.85 was reached (0.85)"
+    )
+    why = study_should_stop([0.7, 0.8, 0.79, None, 0.75], {"patience": 3}, maximize=True)
+    assert why == "no improvement in the last 3 trials (best 0.8)"
+    assert study_should_stop([0.7, 0.8, 0.79], {"patience": 3}, maximize=True) is None
+    assert study_should_stop([3.0, 2.0], {"target": 2.5}, maximize=False) is not None
+
+
+def test_importance_names_the_parameter_that_drives_the_objective() -> None:
+    import random
+
+    from appliance.core.tuning import importance
+
+    rng = random.Random(0)
+    trials = []
+    for _ in range(40):
+        lr, noise, kind = rng.uniform(0, 1), rng.uniform(0, 1), rng.choice(["a", "b"])
+        objective = 3 * lr + (0.5 if kind == "b" else 0.0) + 0.01 * noise
+        trials.append({"params": {"lr": lr, "noise": noise, "kind": kind}, "objective": objective})
+    trials.append({"params": {"lr": 0.5, "noise": 0.5, "kind": "a"}, "objective": None})  # failed
+    scores = importance(trials)
+    assert abs(sum(scores.values()) - 1) < 1e-9
+    assert scores["lr"] > scores["kind"] > scores["noise"]
+    assert importance(trials[:2]) == {}

@@ -170,3 +170,88 @@ def load_study(app: Appliance, path: str | Path) -> dict[str, Any]:
         message = exc.message
         prefix = f"{Path(path).name}: "
         raise InvalidInput(message if message.startswith(prefix) else prefix + message) from exc
+
+
+# ---- the rules that stop trials and studies ---------------------------------------------
+def _best_until(curve: dict[int, float], step: int, maximize: bool) -> float | None:
+    seen = [v for s, v in curve.items() if s <= step]
+    if not seen:
+        return None
+    return max(seen) if maximize else min(seen)
+
+
+def median_stop(
+    running: dict[int, float],
+    completed: list[dict[int, float]],
+    step: int,
+    rule: dict[str, Any],
+    maximize: bool,
+) -> bool:
+    """The median stopping rule: stop a running trial at `step` when at least
+    `min_trials_required` trials have completed and its best value so far is worse than the
+    median of the completed trials' best values up to the same step (a true median, not a
+    mean). Curves map step -> metric value."""
+    import statistics
+
+    if step < rule["start_step"] or len(completed) < rule["min_trials_required"]:
+        return False
+    mine = _best_until(running, step, maximize)
+    others = [v for c in completed if (v := _best_until(c, step, maximize)) is not None]
+    if mine is None or len(others) < rule["min_trials_required"]:
+        return False
+    median = statistics.median(others)
+    return mine < median if maximize else mine > median
+
+
+def study_should_stop(
+    objectives: list[float | None], stop: dict[str, Any], maximize: bool
+) -> str | None:
+    """Why a study stops early (a target reached, or `patience` trials without
+    improvement), or None; `objectives` are the finished trials' values in order (None for
+    a failed trial, which counts towards patience)."""
+    best: float | None = None
+    since = 0
+    for value in objectives:
+        if value is not None and (best is None or (value > best if maximize else value < best)):
+            best, since = value, 0
+        else:
+            since += 1
+    target = stop.get("target")
+    if best is not None and target is not None and (best >= target if maximize else best <= target):
+        return f"the target {target:g} was reached ({best:g})"
+    patience = stop.get("patience")
+    if patience is not None and best is not None and since >= patience:
+        return f"no improvement in the last {since} trials (best {best:g})"
+    return None
+
+
+def importance(trials: list[dict[str, Any]]) -> dict[str, float]:
+    """How much each parameter explains the objective across finished trials, summing to 1:
+    for a number, the squared rank correlation; for a category, the share of the objective's
+    variance between its levels (a one-way ANOVA's eta squared). Rough, as fANOVA is, but
+    enough to say which knobs mattered."""
+    import numpy as np
+
+    done = [t for t in trials if t.get("objective") is not None]
+    if len(done) < 3:
+        return {}
+    y = np.array([float(t["objective"]) for t in done])
+    names = sorted({k for t in done for k in t["params"]})
+    scores = {}
+    for name in names:
+        values = [t["params"].get(name) for t in done]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric and len(set(values)) > 1 and np.std(y) > 0:
+            ranks_x = np.argsort(np.argsort(np.array(values, dtype=float)))
+            ranks_y = np.argsort(np.argsort(y))
+            scores[name] = float(np.corrcoef(ranks_x, ranks_y)[0, 1] ** 2)
+        elif not numeric and np.var(y) > 0:
+            levels: dict[str, list[float]] = {}
+            for value, target in zip(values, y, strict=True):
+                levels.setdefault(repr(value), []).append(float(target))
+            between = sum(len(v) * (np.mean(v) - y.mean()) ** 2 for v in levels.values())
+            scores[name] = float(between / (np.var(y) * len(y)))
+        else:
+            scores[name] = 0.0
+    total = sum(scores.values())
+    return {k: (v / total if total else 0.0) for k, v in sorted(scores.items())}
