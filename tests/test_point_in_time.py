@@ -119,7 +119,7 @@ def test_rule4_an_entity_row_without_a_time_has_no_candidate(known: bool) -> Non
 
 def test_rule5_naive_timestamps_are_utc_and_zoned_ones_are_converted() -> None:
     con = duckdb.connect()
-    con.execute("SET TimeZone = 'America/New_York'")  # the session's zone must not matter
+    con.execute("SET TimeZone = 'America/New_York'")  # the connection's zone must not matter
     con.execute("CREATE TABLE ent (k BIGINT, event_ts TIMESTAMP)")
     con.execute("CREATE TABLE feat (k BIGINT, ts TIMESTAMPTZ, v DOUBLE)")
     con.execute("INSERT INTO ent VALUES (1, TIMESTAMP '2026-01-01 10:00:00')")  # 10:00 UTC
@@ -130,7 +130,7 @@ def test_rule5_naive_timestamps_are_utc_and_zoned_ones_are_converted() -> None:
     source = FeatureSource("feat", ("k",), "ts", ("v",), name="view")
     rows = con.execute(point_in_time_sql(con, "ent", "event_ts", [source])).fetchall()
     assert rows == [(1, datetime(2026, 1, 1, 10, 0), 1.0)]
-    # ISO text: naive is UTC, an offset is honoured, whatever the session's zone
+    # ISO text: naive is UTC, an offset is honoured, whatever the connection's zone
     con.execute("CREATE TABLE ent_text (k BIGINT, event_ts VARCHAR)")
     con.execute(
         "INSERT INTO ent_text VALUES (1, '2026-01-01 10:29:00'), (1, '2026-01-01T05:30:00-05:00')"
