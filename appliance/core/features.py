@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,19 +36,41 @@ TYPES = {
 }
 _TIMESTAMPS = ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "DATE", "TIMESTAMP_NS", "TIMESTAMP_MS")
 # join keys are whole numbers or text: what a request can carry exactly and a key can match
-_INTEGERS = {"BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT"}
+_INTEGERS = {
+    "BIGINT",
+    "INTEGER",
+    "SMALLINT",
+    "TINYINT",
+    "UBIGINT",
+    "UINTEGER",
+    "USMALLINT",
+    "UTINYINT",
+}
 
 
 def key_class(column_type: str) -> str | None:
     """'integer' or 'text' for a key column's DuckDB type; None for any other type."""
     kind = column_type.upper()
-    return (
-        "integer"
-        if kind in _INTEGERS or kind == "UTINYINT"
-        else "text"
-        if kind == "VARCHAR"
-        else None
-    )
+    return "integer" if kind in _INTEGERS else "text" if kind == "VARCHAR" else None
+
+
+def output_names(service: dict[str, Any]) -> list[str]:
+    """The column each of a service's features is known by: FEATURE, or VIEW__FEATURE when
+    the service asks for full names (two views may share a feature name)."""
+    full = service["full_feature_names"]
+    return [f"{f['view']}__{f['feature']}" if full else f["feature"] for f in service["features"]]
+
+
+@contextmanager
+def data_errors(what: str) -> Iterator[None]:
+    """Around SQL that evaluates a view's own SQL on data: a failure there (a cast the data
+    breaks) is bad input about `what`, not an internal error."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise InvalidInput(f"{what}: {str(exc).splitlines()[0]}") from exc
 
 
 def _digest(spec: dict[str, Any]) -> str:
@@ -246,24 +270,16 @@ def rows_sql(path: str, sql: str | None) -> str:
 
 
 def _sql_columns(app: Appliance, source: dict[str, Any], sql: str, where: str) -> dict[str, str]:
-    import duckdb
+    from appliance.core.query import lock_down, statements
 
-    from appliance.core.query import lock_down
-
+    if len(statements(sql, {"SELECT"}, f"{where}: sql")) != 1:
+        raise InvalidInput(f"{where}: sql must be one SELECT statement (FROM source)")
     path = str(app.objects.get_file(source["sha256"]))
     con = duck.connect(app.settings)
     try:
         lock_down(con, [path])  # the SQL reads its source and nothing else
-        try:
-            statements = con.extract_statements(sql)
-        except duckdb.Error as exc:
-            raise InvalidInput(f"{where}: sql: {exc}") from exc
-        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-            raise InvalidInput(f"{where}: sql must be one SELECT statement (FROM source)")
-        try:
+        with data_errors(f"{where}: sql"):
             described = con.execute(f"DESCRIBE ({rows_sql(path, sql)})").fetchall()
-        except duckdb.Error as exc:
-            raise InvalidInput(f"{where}: sql: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
     return {str(r[0]): str(r[1]).upper() for r in described}
@@ -311,22 +327,9 @@ def view_relation(
     return data, path
 
 
-def _run(con: Any, what: str, sql: str) -> Any:
-    """Run SQL that evaluates a view's own SQL on data: a failure there (a cast that the data
-    breaks) is bad input about `what`, not an internal error."""
-    import duckdb
-
-    try:
-        return con.execute(sql)
-    except duckdb.Error as exc:
-        raise InvalidInput(f"{what}: {str(exc).splitlines()[0]}") from exc
-
-
 def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
     """The profile of a view version's output (keys, times, features) over its current source
     version, computed once per source version and kept."""
-    import duckdb
-
     from appliance.core.profiles import profile_table
 
     spec = get_definition(app, "view", ref)
@@ -353,11 +356,9 @@ def view_profile(app: Appliance, ref: str) -> dict[str, Any]:
             + " FROM __rows"
         )
         types = {str(r[0]): str(r[1]) for r in con.execute("DESCRIBE t").fetchall()}
-        try:
+        with data_errors(f"feature view {spec['ref']}"):
             rows = int(con.execute("SELECT count(*) FROM t").fetchone()[0])
             result = profile_table(con, f"{spec['ref']} over {data['ref']}", rows, types)
-        except duckdb.Error as exc:  # the view's SQL failed on the data it met
-            raise InvalidInput(f"feature view {spec['ref']}: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
     app.db.execute(
@@ -421,15 +422,9 @@ _SERVICE_OF = (
 )
 
 
-def feature_service_of(conn: Any, dataset_ref: str) -> str | None:
-    """The feature service (NAME@V) a dataset version was built with as a training set, from
-    its lineage (inside the caller's transaction); None for other data."""
-    row = conn.execute(_SERVICE_OF, (f"dataset:{dataset_ref}",)).fetchone()
-    return None if row is None else str(row[0]).removeprefix("feature-service:")
-
-
 def training_set_service(app: Appliance, dataset_ref: str) -> str | None:
-    """feature_service_of, read outside a transaction."""
+    """The feature service (NAME@V) a dataset version was last built with as a training set,
+    from its lineage; None for data that did not come from the feature store."""
     found = app.db.scalar(_SERVICE_OF, (f"dataset:{dataset_ref}",))
     return None if found is None else str(found).removeprefix("feature-service:")
 
@@ -447,7 +442,6 @@ def service_inputs(conn: Any, ref: str) -> tuple[list[str], list[str]]:
         raise NotFound(f"feature service {ref!r} not found")
     svc = json.loads(row[0])
     keys: list[str] = []
-    names = []
     for item in svc["features"]:
         view = conn.execute(
             "SELECT spec_json FROM feature_definitions WHERE kind = 'view' AND name = ? "
@@ -455,9 +449,7 @@ def service_inputs(conn: Any, ref: str) -> tuple[list[str], list[str]]:
             (item["view"], item["view_version"]),
         ).fetchone()
         keys += [k for k in json.loads(view[0])["join_keys"] if k not in keys]
-        full = svc["full_feature_names"]
-        names.append(f"{item['view']}__{item['feature']}" if full else item["feature"])
-    return keys, names
+    return keys, output_names(svc)
 
 
 def _service_spec(
@@ -492,7 +484,7 @@ def _service_spec(
                     f"{key_class(kind)} in view {view!r}; one request cannot carry both"
                 )
         chosen.append({"view": view, "view_version": version, "feature": feature})
-    output = [f"{c['view']}__{c['feature']}" if full else c["feature"] for c in chosen]
+    output = output_names({"features": chosen, "full_feature_names": full})
     if len(set(output)) != len(output):
         clash = sorted({n for n in output if output.count(n) > 1})
         raise InvalidInput(
@@ -669,11 +661,14 @@ def training_set(
         con.execute(
             f"CREATE VIEW __entities AS SELECT * FROM read_parquet({duck.sql_string(entity_file)})"
         )
-        by_view: dict[tuple[str, int], list[str]] = {}
-        for item in svc["features"]:
-            by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
+        by_view: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        for item, name in zip(svc["features"], output_names(svc), strict=True):
+            by_view.setdefault((item["view"], item["view_version"]), []).append(
+                (item["feature"], name)
+            )
         sources = []
-        for i, ((view, view_version), feats) in enumerate(by_view.items()):
+        for i, ((view, view_version), pairs) in enumerate(by_view.items()):
+            feats, named = [f for f, _ in pairs], [n for _, n in pairs]
             spec = get_definition(app, "view", f"{view}@{view_version}")
             for key, kind in (spec.get("key_types") or {}).items():
                 have = entity_types.get(key)
@@ -688,7 +683,6 @@ def training_set(
                 ("FeatureView", f"feature-view:{spec['ref']}"),
                 ("DatasetVersion", f"dataset:{data['ref']}"),
             ]
-            named = [f"{view}__{f}" if svc["full_feature_names"] else f for f in feats]
             renamed = ", ".join(
                 f"{duck.sql_identifier(f)} AS {duck.sql_identifier(n)}"
                 for f, n in zip(feats, named, strict=True)
@@ -720,14 +714,13 @@ def training_set(
             lock_down(con, files, write_dir=Path(tmp))
             sql = point_in_time_sql(con, "__entities", timestamp_col, sources, as_of_known_time)
             path = Path(tmp) / "training.parquet"
-            _run(
-                con,
-                f"training set of {svc['ref']}",
-                # snappy: a training set is written often and read soon; zstd's smaller file
-                # costs a sixth of the whole join's time here
-                f"COPY ({sql}) TO {duck.sql_string(str(path))} "
-                "(FORMAT parquet, COMPRESSION snappy)",
-            )
+            with data_errors(f"training set of {svc['ref']}"):
+                con.execute(
+                    # snappy: a training set is written often and read soon; zstd's smaller file
+                    # costs a sixth of the whole join's time here
+                    f"COPY ({sql}) TO {duck.sql_string(str(path))} "
+                    "(FORMAT parquet, COMPRESSION snappy)",
+                )
             rows, schema = describe_parquet(con, f"read_parquet({duck.sql_string(str(path))})")
             stored = app.objects.put_file(path, move=True)
     finally:

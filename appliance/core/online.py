@@ -17,7 +17,7 @@ import orjson
 
 from appliance.core import duck
 from appliance.core.context import Appliance
-from appliance.core.features import key_class
+from appliance.core.features import data_errors, key_class, output_names
 from appliance.errors import ApplianceError, InvalidInput
 from appliance.store.db import utcnow
 from appliance.store.online import OnlineStore, entity_key
@@ -128,8 +128,6 @@ def materialize(
 def _materialize_view(
     app: Appliance, spec: dict[str, Any], begin: datetime | None, stop: datetime
 ) -> dict[str, int]:
-    import duckdb  # here: a model server imports this module and never materializes
-
     from appliance.core.features import view_relation
     from appliance.core.query import lock_down
 
@@ -153,9 +151,8 @@ def _materialize_view(
     try:
         con.execute("SET TimeZone = 'UTC'")
         lock_down(con, [view_relation(app, con, spec, "__rows")[1]])
-        rows = con.execute(sql).fetchall()
-    except duckdb.Error as exc:  # a SQL view can fail on data it meets (a bad cast, …)
-        raise InvalidInput(f"feature view {spec['ref']}: {str(exc).splitlines()[0]}") from exc
+        with data_errors(f"feature view {spec['ref']}"):  # a SQL view can fail on its data
+            rows = con.execute(sql).fetchall()
     finally:
         con.close()
     width = len(spec["join_keys"])
@@ -207,15 +204,17 @@ class FeatureLookup:
         svc = get_definition(app, "service", service)
         self.ref: str = svc["ref"]
         self.store = online_store(app)
-        by_view: dict[tuple[str, int], list[str]] = {}
-        for item in svc["features"]:
-            by_view.setdefault((item["view"], item["view_version"]), []).append(item["feature"])
+        by_view: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        for item, name in zip(svc["features"], output_names(svc), strict=True):
+            by_view.setdefault((item["view"], item["view_version"]), []).append(
+                (item["feature"], name)
+            )
         self.views: list[dict[str, Any]] = []
         self.join_keys: list[str] = []
         self.feature_names: list[str] = []
-        for (view, version), feats in by_view.items():
+        for (view, version), pairs in by_view.items():
             spec = get_definition(app, "view", f"{view}@{version}")
-            names = [f"{view}__{f}" if svc["full_feature_names"] else f for f in feats]
+            names = [n for _, n in pairs]
             self.views.append(
                 {
                     "name": view,
@@ -223,7 +222,7 @@ class FeatureLookup:
                     "keys": spec["join_keys"],
                     "key_types": spec.get("key_types") or {},
                     "ttl": spec["ttl_seconds"],
-                    "features": list(zip(feats, names, strict=True)),
+                    "features": pairs,
                 }
             )
             self.join_keys += [k for k in spec["join_keys"] if k not in self.join_keys]

@@ -136,6 +136,7 @@ def point_in_time_sql(
             f"{n} := f{i}.__{c}"
             for n, c in zip("abcd", ("ts", "created", "order", "rid"), strict=True)
         )
+        best = f"arg_max(f{i}.__rid, struct_pack({rank}))"  # the id of the best-ranked row
         known = as_of_known_time and src.created is not None
         # DuckDB's ASOF join finds the latest (keys, ts) at or before the entity time (which
         # of several rows at that time it meets does not matter: only the time is kept); the
@@ -156,7 +157,7 @@ def point_in_time_sql(
         written = f" AND NOT f{i}.__unknown AND f{i}.__created <= a{i}.__pit_ts" if known else ""
         parts.append(
             f"{'x' if known else 'm'}{i} AS (SELECT a{i}.{ROW}, "
-            f"arg_max(f{i}.__rid, struct_pack({rank})) AS __rid FROM a{i} JOIN f{i} "
+            f"{best} AS __rid FROM a{i} JOIN f{i} "
             f"ON {exact} AND f{i}.__ts = a{i}.__ts{written} GROUP BY a{i}.{ROW})"
         )
         if known:
@@ -191,7 +192,7 @@ def point_in_time_sql(
                 f"m{i} AS (SELECT * FROM x{i} "
                 f"UNION ALL SELECT l{i}.{ROW}, r{i}.__best.d FROM l{i} ASOF JOIN r{i} "
                 f"ON {asof} AND l{i}.__pit_ts >= r{i}.__known WHERE TRUE{late_ttl} "
-                f"UNION ALL SELECT l{i}.{ROW}, arg_max(f{i}.__rid, struct_pack({rank})) "
+                f"UNION ALL SELECT l{i}.{ROW}, {best} "
                 f"FROM (SELECT * FROM l{i} ANTI JOIN h{i} ON {heavy}) l{i} JOIN f{i} ON {late} "
                 f"AND f{i}.__ts < l{i}.__ts{ttl} AND NOT f{i}.__unknown "
                 f"AND f{i}.__created <= l{i}.__pit_ts GROUP BY l{i}.{ROW})"

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from appliance.core.context import Appliance
-from appliance.core.features import feature_service_of
+from appliance.core.features import training_set_service
 from appliance.core.lineage import record_execution
 from appliance.core.names import validate_name
 from appliance.core.runs import get_run
@@ -124,6 +124,8 @@ def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
         raise Conflict(f"run {run['id']} produced no 'model' artifact")
     meta = _validated_meta(run["id"], output["meta"])
     dataset_ref = meta.get("dataset")
+    # a model trained on a training set is served with the same feature service
+    feature_service = training_set_service(app, dataset_ref) if dataset_ref else None
     now = utcnow()
     with app.db.transaction() as conn:
         conn.execute(
@@ -141,7 +143,7 @@ def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
         artifact_id = conn.execute(
             "SELECT id FROM artifacts WHERE sha256 = ?", (output["sha256"],)
         ).fetchone()[0]
-        dataset_version_id = feature_service = None
+        dataset_version_id = None
         if dataset_ref:
             ds_name, _, ds_version = dataset_ref.partition("@")
             found = conn.execute(
@@ -150,8 +152,6 @@ def register_model(app: Appliance, name: str, run_id: str) -> dict[str, Any]:
                 (ds_name, int(ds_version)),
             ).fetchone()
             dataset_version_id = found[0] if found else None
-            # a model trained on a training set is served with the same feature service
-            feature_service = feature_service_of(conn, dataset_ref)
         conn.execute(
             "INSERT INTO model_versions (model_id, version, artifact_id, run_id, "
             "dataset_version_id, feature_service, flavor, signature_json, metrics_json, "

@@ -153,17 +153,13 @@ def _input(version: dict[str, Any]) -> dict[str, Any]:
 def _default_features(app: Appliance, train: dict[str, Any], target: str) -> list[str]:
     """Every column but the label; for a feature-store training set, its feature service's
     features only (entity keys and the timestamp are how rows were joined, not inputs)."""
-    from appliance.core.features import get_definition, training_set_service
+    from appliance.core.features import get_definition, output_names, training_set_service
 
     service = training_set_service(app, train["ref"])
     columns = [c["name"] for c in train["schema"]]
     if service is None:
         return [c for c in columns if c != target]
-    svc = get_definition(app, "service", service)
-    names = [
-        f"{f['view']}__{f['feature']}" if svc["full_feature_names"] else f["feature"]
-        for f in svc["features"]
-    ]
+    names = output_names(get_definition(app, "service", service))
     return [c for c in names if c in columns and c != target]
 
 
