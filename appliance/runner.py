@@ -3,6 +3,7 @@
 python -m appliance.runner agent              the scheduler that starts queued jobs
 python -m appliance.runner supervise JOB_ID   run one queued job in the foreground (debugging)
 python -m appliance.runner run                a built-in job body (spec in APPLIANCE_JOB_SPEC)
+python -m appliance.runner tune STUDY_ID      the driver of one tuning study
 python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
 python -m appliance.runner serve-worker DEPLOYMENT --bind H:P|--fd N   one of its workers
 """
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("deployment")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
+    tune = sub.add_parser("tune")
+    tune.add_argument("study_id")
     worker = sub.add_parser("serve-worker")
     worker.add_argument("deployment")
     where = worker.add_mutually_exclusive_group(required=True)
@@ -53,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
         state = supervise(app, args.job_id)
         return 0 if state == "succeeded" else 1
+    if args.command == "tune":
+        from appliance.core.studies import drive_study
+
+        state = drive_study(app, args.study_id)
+        return 0 if state in ("succeeded", "stopped", "running") else 1
     if args.command == "serve-worker":
         from appliance.core.serving import serve_worker
 

@@ -25,8 +25,24 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APPLIANCE_AGENT_IDLE_EXIT", "3")
 
 
+def stop_studies_of(home: Path) -> None:
+    """Stop the tuning studies a test left running (their drivers are processes of their own)."""
+    if not (home / "metadata.db").exists():
+        return
+    from appliance.core.studies import list_studies, stop_study
+
+    appliance = Appliance.open(home)
+    try:
+        for study in list_studies(appliance):
+            if study["state"] in ("running", "stopping"):
+                stop_study(appliance, study["id"])
+    finally:
+        appliance.close()
+
+
 def stop_agent_of(home: Path) -> None:
     """Stop the agent a test's jobs started (its running jobs, if any, are cancelled first)."""
+    stop_studies_of(home)
     if not (home / "agent.lock").exists():
         return
     from appliance.core.agent import stop_agent

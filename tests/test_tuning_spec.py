@@ -51,7 +51,7 @@ def study(**changes: Any) -> dict[str, Any]:
 def test_a_study_is_checked_and_completed_with_defaults(app: Appliance, tmp_path: Path) -> None:
     spec = parse_study(app, study())
     assert spec["train"]["train"] == "churn_train@1" and spec["train"]["valid"] == "churn_valid@1"
-    assert spec["objective"] == {"metric": "valid_auc", "direction": "maximize"}
+    assert spec["objective"] == {"metric": "valid_auc", "direction": "maximize", "value": "final"}
     assert (spec["max_failed_trials"], spec["seed"], spec["timeout_s"]) == (3, 0, None)
     assert spec["early_stopping"] == {"rule": "median", "start_step": 10, "min_trials_required": 5}
     clamped = parse_study(app, study(parallel_trials=512))

@@ -949,6 +949,163 @@ def run_script(
 
 
 # ---- runs -------------------------------------------------------------------------------------
+@cli.group("tune", invoke_without_command=True)
+@click.option("--config", "config", type=click.Path(), help="The study file (YAML).")
+@click.option("--wait", is_flag=True, help="Follow the study; exit non-zero if it failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--home", type=click.Path(), help="Appliance home directory.")
+@click.pass_context
+def tune_group(
+    ctx: click.Context, config: str | None, wait: bool, as_json: bool, home: str | None
+) -> None:
+    """Tuning studies. With --config: start one and print its id."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        click.echo(ctx.get_help())
+        sys.exit(2)
+    from appliance.core.studies import create_study
+    from appliance.core.tuning import load_study
+
+    app = _open(home)
+    try:
+        spec = load_study(app, config)
+        for warning in spec["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
+        study = create_study(app, spec)
+        _report_study(app, study, as_json, wait)
+    finally:
+        app.close()
+
+
+def _report_study(app: Any, study: dict[str, Any], as_json: bool, wait: bool) -> None:
+    """Print the study id (or JSON); with --wait, a bar over trials until it ends."""
+    from appliance.core.studies import get_study, wait_study
+
+    if not wait:
+        emit(_study_summary(study), True) if as_json else click.echo(study["id"])
+        return
+    click.echo(f"study {study['id']} ({study['name']})", err=True)
+    with click.progressbar(
+        length=study["max_trials"], label=f"study {study['name']}", file=sys.stderr
+    ) as bar:
+        shown = [0]
+
+        def on_change(current: dict[str, Any]) -> None:
+            done = current["trials"] - current["counts"]["running"]
+            if done > shown[0]:
+                bar.update(done - shown[0])
+                shown[0] = done
+
+        study = wait_study(app, study["id"], on_change=on_change)
+    study = get_study(app, study["id"])
+    click.echo(f"study {study['id']}: {study['state']}: {study['message'] or ''}", err=True)
+    emit(_study_summary(study), as_json)
+    if study["state"] != "succeeded":
+        sys.exit(1)
+
+
+def _study_summary(study: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in study.items() if k not in ("spec", "trial_rows")}
+
+
+@command(tune_group, "list")
+def tune_list(app: Any, as_json: bool) -> None:
+    """Every study: state, trials done of the budget, best value."""
+    from appliance.core.resources import KINDS
+    from appliance.core.studies import list_studies
+
+    emit(list_studies(app), as_json, KINDS["studies"].columns)
+
+
+@command(tune_group, "show")
+@click.argument("study")
+def tune_show(app: Any, as_json: bool, study: str) -> None:
+    """A study's trials (params, objective, state, duration), best trial and importance."""
+    from appliance.core.studies import show_study
+
+    shown = show_study(app, study)
+    if as_json:
+        emit(shown, True)
+        return
+    emit(
+        {
+            k: shown[k]
+            for k in ("id", "name", "state", "message", "run_id", "best_trial", "best_value")
+        }
+        | {
+            "trials": f"{shown['trials']}/{shown['max_trials']}",
+            "objective": f"{shown['objective']['direction']} {shown['objective']['metric']}",
+            "best_params": json_cell(shown["best_params"]),
+        },
+        False,
+    )
+    names = sorted({k for t in shown["trial_rows"] for k in t["params"]})
+    rows = [
+        {
+            "trial": t["number"],
+            "state": t["state"],
+            "objective": _fmt(t["objective"]),
+            "seconds": _fmt(t["duration_s"]),
+            **{n: json_cell(t["params"].get(n)) for n in names},
+            "error": (t["error"] or "")[:60],
+        }
+        for t in shown["trial_rows"]
+    ]
+    click.echo()
+    click.echo(table(rows, ["trial", "state", "objective", "seconds", *names, "error"]))
+    if shown["importance"]:
+        click.echo()
+        click.echo(
+            table(
+                [
+                    {"param": k, "importance": f"{v:.2f}"}
+                    for k, v in sorted(shown["importance"].items(), key=lambda kv: -kv[1])
+                ],
+                ["param", "importance"],
+            )
+        )
+
+
+@command(tune_group, "resume")
+@click.argument("study")
+@click.option("--max-trials", type=click.IntRange(0), help="A larger budget (all trials count).")
+@click.option("--max-failed-trials", type=click.IntRange(0), help="A larger failure budget.")
+@click.option("--wait", is_flag=True, help="Follow the study; exit non-zero if it failed.")
+def tune_resume(
+    app: Any,
+    as_json: bool,
+    study: str,
+    max_trials: int | None,
+    max_failed_trials: int | None,
+    wait: bool,
+) -> None:
+    """Continue a stopped or interrupted study from its stored trials."""
+    from appliance.core.studies import resume_study
+
+    resumed = resume_study(app, study, max_trials, max_failed_trials)
+    _report_study(app, resumed, as_json, wait)
+
+
+@command(tune_group, "stop")
+@click.argument("study")
+def tune_stop(app: Any, as_json: bool, study: str) -> None:
+    """Stop a study: running trials are cancelled (they run again on resume)."""
+    from appliance.core.studies import stop_study
+
+    emit(_study_summary(stop_study(app, study)), as_json)
+
+
+@command(tune_group, "register-best")
+@click.argument("study")
+@click.option("--model", required=True, help="Register as the next version of this model.")
+def tune_register_best(app: Any, as_json: bool, study: str, model: str) -> None:
+    """Register the model the study's best trial trained."""
+    from appliance.core.studies import register_best
+
+    emit(register_best(app, study, model), as_json)
+
+
 @cli.group("runs")
 def runs_group() -> None:
     """Runs: params, metrics and outputs of every job."""

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -41,18 +41,20 @@ from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
-BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe", "evaluate")
+BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe", "evaluate", "tune-function")
 EXECUTION_TYPES = {
     "train-lightgbm": "Train",
     "train-mlp": "Train",
     "recipe": "Recipe",
     "evaluate": "Evaluate",
+    "tune-function": "Trial",
     "command": "Run",
 }
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 SPEC_ENV = "APPLIANCE_JOB_SPEC"
 KILL_GRACE = 1.0  # SIGTERM -> SIGKILL: cancel and timeout end the whole tree within 2 s
+SUPERVISOR_GONE = "the job's supervisor process disappeared (killed, or the machine restarted)"
 CLAIM_GRACE = 30.0  # a claimed job whose supervisor never reported a pid is gone after this
 MAX_RETRIES = 10
 RESOURCE_KEYS = ("cpu", "memory", "gpu")
@@ -292,8 +294,13 @@ def submit_job(
     run_name: str | None = None,
     inputs: list[Node] | None = None,
     tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    record: Callable[[sqlite3.Connection, str, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Queue a job and its run; the agent (started here if it is not running) starts it."""
+    """Queue a job and its run; the agent (started here if it is not running) starts it.
+
+    `record(conn, job_id, run_id)` writes the caller's own row in the same transaction (a
+    tuning trial), so a crash never leaves a job its owner does not know about."""
     from appliance.core.agent import ensure_agent, machine_capacity
 
     if experiment is not None:
@@ -331,9 +338,12 @@ def submit_job(
             job_id,
             inputs or [],
             execution_type=EXECUTION_TYPES[spec.kind],
+            parent_run_id=parent_run_id,
         )
         if tags:
             set_tags(conn, run_id, tags)
+        if record is not None:
+            record(conn, job_id, run_id)
     ensure_agent(app)
     return {**get_job(app, job_id), "run_id": run_id}
 
@@ -373,7 +383,7 @@ def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
         app,
         job["id"],
         None,
-        "the job's supervisor process disappeared (killed, or the machine restarted)",
+        SUPERVISOR_GONE,
         expect_pid=job.get("pid"),
     )
     return _job_row(app, job["id"]) or job
@@ -440,6 +450,21 @@ def wait_job(app: Appliance, job_id: str, timeout: float | None = None) -> dict[
         if deadline is not None and time.monotonic() > deadline:
             return job
         time.sleep(0.02)
+
+
+def request_cancel(app: Appliance, job_id: str) -> None:
+    """Cancel without waiting for the end (a tuning driver stopping trials): the request is
+    stored and the supervisor signalled; it records `cancelled` itself."""
+    job = get_job(app, job_id)
+    if job["state"] in FINAL_STATES:
+        return
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        state, pid = conn.execute("SELECT state, pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if state == "queued" or (state == "running" and pid is None):
+            _finish_in(conn, job_id, "cancelled", None, "cancelled before it started")
+            return
+    get_executor(job["executor"]).cancel(job)
 
 
 def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
@@ -922,6 +947,10 @@ def run_body() -> int:
             from appliance.core.promotion import evaluate_job
 
             evaluate_job(spec, emit)
+        elif spec.kind == "tune-function":
+            from appliance.core.studies import function_trial_job
+
+            function_trial_job(spec, emit)
         else:
             print(f"no built-in job body for kind {spec.kind!r}", file=sys.stderr)
             return 2

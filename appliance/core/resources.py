@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.core import datasets, deployments, features, jobs, registry, runs
+from appliance.core import datasets, deployments, features, jobs, registry, runs, studies
 from appliance.core.context import Appliance
 from appliance.errors import InvalidInput
 
@@ -71,6 +71,12 @@ KINDS: dict[str, Kind] = {
             ("feature", "fs", "f"),
             ("kind", "name", "version", "created_at"),
             features.list_definitions,
+        ),
+        Kind(
+            "studies",
+            ("study", "tune", "t"),
+            ("id", "name", "state", "trials", "metric", "best", "best_trial", "created_at"),
+            studies.list_studies,
         ),
     )
 }

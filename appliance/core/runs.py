@@ -31,8 +31,10 @@ def create_run(
     job_id: str | None,
     inputs: Iterable[Node] = (),
     execution_type: str = "Run",
+    parent_run_id: str | None = None,
 ) -> str:
-    """Insert a run (inside the caller's transaction) and its lineage execution."""
+    """Insert a run (inside the caller's transaction) and its lineage execution; a tuning
+    trial's run names its study's run as its parent."""
     validate_name("experiment", experiment)
     now = utcnow()
     conn.execute(
@@ -44,9 +46,9 @@ def create_run(
     ).fetchone()[0]
     run_id = new_id()
     conn.execute(
-        "INSERT INTO runs (id, experiment_id, name, status, job_id, created_at) "
-        "VALUES (?, ?, ?, 'queued', ?, ?)",
-        (run_id, experiment_id, name, job_id, now),
+        "INSERT INTO runs (id, experiment_id, name, status, job_id, created_at, parent_run_id) "
+        "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+        (run_id, experiment_id, name, job_id, now, parent_run_id),
     )
     conn.executemany(
         "INSERT INTO run_params (run_id, key, value) VALUES (?, ?, ?)",
@@ -119,7 +121,8 @@ def get_run(app: Appliance, run_id: str) -> dict[str, Any]:
     full_id = _resolve_id(app, run_id)
     run = app.db.one(
         "SELECT r.id, e.name AS experiment, r.name, r.status, r.job_id, r.created_at, "
-        "r.finished_at FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE r.id = ?",
+        "r.finished_at, r.parent_run_id FROM runs r "
+        "JOIN experiments e ON e.id = r.experiment_id WHERE r.id = ?",
         (full_id,),
     )
     assert run is not None
@@ -294,6 +297,13 @@ def delete_run(app: Appliance, run_id: str) -> dict[str, Any]:
     if used:
         refs = ", ".join(f"{u['name']}@{u['version']}" for u in used)
         raise Conflict(f"run {run['id']} produced registered model version(s) {refs}")
+    study = app.db.one(
+        "SELECT s.id, s.name FROM studies s WHERE s.run_id = ? UNION ALL "
+        "SELECT s.id, s.name FROM trials t JOIN studies s ON s.id = t.study_id WHERE t.run_id = ?",
+        (run["id"], run["id"]),
+    )
+    if study is not None:  # a study's history is its trials: keep them whole
+        raise Conflict(f"run {run['id']} belongs to tuning study {study['name']} ({study['id']})")
     log_path = app.db.scalar("SELECT log_path FROM jobs WHERE id = ?", (run["job_id"],))
     with app.db.transaction() as conn:
         for table in ("run_metrics", "run_params", "run_tags", "run_outputs"):

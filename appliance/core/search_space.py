@@ -123,6 +123,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _whole(param: dict[str, Any]) -> bool:
+    """A quantized parameter whose step is a whole number: its values are integers."""
+    return param["kind"] in ("quniform", "qloguniform") and float(param["args"][2]).is_integer()
+
+
+def typed(space: dict[str, dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """Values as a trainer expects them: a whole-number step gives ints (LightGBM refuses
+    `min_data_in_leaf: 45.0`), nested options typed by their own spaces."""
+    out = dict(params)
+    for name, value in params.items():
+        param = space.get(name)
+        if param is None:
+            continue
+        if isinstance(value, dict):
+            for option in param.get("options", []):
+                if "space" in option and set(value) <= set(option["space"]):
+                    out[name] = typed(option["space"], value)
+                    break
+        elif _whole(param) and isinstance(value, float) and math.isfinite(value):
+            out[name] = int(round(value))
+    return out
+
+
 def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Every combination of a discrete space (choice, randint, quniform, qloguniform), in a
     stable order; a continuous parameter is an error naming it."""
@@ -142,7 +165,7 @@ def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "quniform":
             low, high, q = param["args"]
             steps = range(math.ceil(low / q - 1e-9), math.floor(high / q + 1e-9) + 1)
-            return [round(i * q, 12) for i in steps]
+            return [int(i * q) if _whole(param) else round(i * q, 12) for i in steps]
         raise InvalidInput(
             f"space.{param['name']}: grid needs a discrete space (choice, randint, quniform); "
             f"{kind} is continuous"
@@ -170,7 +193,7 @@ class Suggester:
             raise InvalidInput(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         self.space = space
         self.algorithm = algorithm
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.grid = grid_points(space) if algorithm == "grid" else None
         self.hp_space = {name: _hyperopt(p) for name, p in space.items()}
         self.domain = Domain(lambda params: 0.0, self.hp_space)
@@ -188,23 +211,65 @@ class Suggester:
     def ask(self) -> dict[str, Any] | None:
         """The next trial's parameters as plain values ({"trial": id, "params": {...}}), or
         None when a grid is exhausted."""
-        from hyperopt import space_eval
 
         if self.grid is not None:
             if self.asked >= len(self.grid):
                 return None
             params = self.grid[self.asked]
             self.asked += 1
-            return {"trial": self.asked - 1, "params": params}
+            return {"trial": self.asked - 1, "params": params, "vals": params}
         (trial_id,) = self.trials.new_trial_ids(1)
-        docs = self._algo()([trial_id], self.domain, self.trials, self.rng.randrange(2**31 - 1))
+        # a fresh seed per suggestion, fixed by the trial number: a resumed study asks the same way
+        seed = random.Random(self.seed * 1_000_003 + trial_id).randrange(2**31 - 1)
+        docs = self._algo()([trial_id], self.domain, self.trials, seed)
         self.trials.insert_trial_docs(docs)  # pending: the next ask sees it
         self.trials.refresh()
-        doc = docs[0]
+        doc = self.trials._dynamic_trials[-1]  # the stored doc: tell must change this one
         self._docs[trial_id] = doc
-        vals = {k: v[0] for k, v in doc["misc"]["vals"].items() if len(v)}
         self.asked += 1
-        return {"trial": trial_id, "params": _plain(space_eval(self.hp_space, vals))}
+        return {
+            "trial": trial_id,
+            "params": self.params(doc["misc"]["vals"]),
+            "vals": _plain(doc["misc"]["vals"]),
+        }
+
+    def params(self, vals: dict[str, list[Any]]) -> dict[str, Any]:
+        """hyperopt's encoding of a point (choice indices, inactive branches empty) as the
+        values a trial uses."""
+        from hyperopt import space_eval
+
+        if self.grid is not None:
+            return dict(vals)
+        point = space_eval(self.hp_space, {k: v[0] for k, v in vals.items() if len(v)})
+        return typed(self.space, _plain(point))
+
+    def replay(self, trial: int, vals: dict[str, Any], loss: float | None, state: str) -> None:
+        """Put a stored trial back into the history (a resumed study): `state` 'pending' for
+        one that will run again, else as `tell` takes it. Trials replay in number order."""
+        from hyperopt.base import JOB_STATE_NEW
+
+        if self.grid is not None:
+            self.asked = max(self.asked, trial + 1)
+            return
+        (trial_id,) = self.trials.new_trial_ids(1)
+        if trial_id != trial:
+            raise ValueError(f"trial {trial} replayed out of order (expected {trial_id})")
+        names = self.domain.params
+        misc = {
+            "tid": trial_id,
+            "cmd": self.domain.cmd,
+            "workdir": self.domain.workdir,
+            "idxs": {k: [trial_id] if vals.get(k) else [] for k in names},
+            "vals": {k: list(vals.get(k) or []) for k in names},
+        }
+        (doc,) = self.trials.new_trial_docs([trial_id], [None], [{"status": "new"}], [misc])
+        doc["state"] = JOB_STATE_NEW
+        self.trials.insert_trial_docs([doc])
+        self.trials.refresh()
+        self._docs[trial_id] = self.trials._dynamic_trials[-1]
+        self.asked += 1
+        if state != "pending":
+            self.tell(trial_id, loss, state)
 
     def tell(self, trial: int, loss: float | None, state: str = "ok") -> None:
         """Record a finished trial: `loss` (lower is better) for `ok` and `early_stopped`

@@ -181,11 +181,13 @@ def submit_training(
     memory: str | int = "2Gi",
     gpu: int | None = None,
     env: dict[str, str] | None = None,
+    **submit: Any,
 ) -> dict[str, Any]:
     """Validate against the datasets' schemas, then submit a training job.
 
     `dataset` is the training version; `target` the label column; `valid`/`test` optional
     versions with the same columns. The MLP requests one GPU when the machine has one.
+    `submit` passes on to `submit_job` (a tuning trial's parent run, tags and record).
     """
     from appliance.core.agent import machine_capacity
 
@@ -249,10 +251,11 @@ def submit_training(
     return submit_job(
         app,
         spec,
-        tags=environment_tags(),
+        tags={**environment_tags(), **submit.pop("tags", {})},
         experiment=experiment,
         run_name=name or f"{trainer}-{train['name']}",
         inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in inputs.values()],
+        **submit,
     )
 
 
@@ -618,12 +621,16 @@ def train_lightgbm(spec: JobSpec, emit: Emit) -> None:
         **({"num_class": p.classes} if p.objective == "multiclass" else {}),
         **params,
     }
+    # Dataset parameters belong to the Dataset: a study varying min_data_in_leaf sets
+    # feature_pre_filter false, which LightGBM reads only here.
+    dataset_params = {k: lgb_params.pop(k) for k in ("feature_pre_filter",) if k in lgb_params}
     train_set = lgb.Dataset(
         p.train.x,
         p.train.y,
         categorical_feature=categorical,
         feature_name=p.features,
         free_raw_data=False,
+        params=dataset_params or None,
     )
     valid_set = lgb.Dataset(p.valid.x, p.valid.y, reference=train_set)
 

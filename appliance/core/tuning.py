@@ -19,6 +19,7 @@ from appliance.errors import InvalidInput
 
 KEYS = {
     "name",
+    "experiment",
     "train",
     "objective",
     "algorithm",
@@ -31,7 +32,12 @@ KEYS = {
     "early_stopping",
     "stop",
 }
-TRAIN_KEYS = {"trainer", "train", "valid", "label", "features", "params", "objective"}
+TRAINER_KEYS = {"trainer", "train", "valid", "label", "features", "params", "objective"}
+SCRIPT_KEYS = {"script", "function", "in_process", "params"}
+COMMON_KEYS = {"resources", "timeout"}
+# LightGBM drops features it cannot split under the Dataset's min_data_in_leaf ("pre-filter");
+# a trial that varies it must build its Dataset without that filter.
+MIN_DATA_IN_LEAF = {"min_data_in_leaf", "min_data_per_leaf", "min_data", "min_child_samples"}
 
 
 def _count(data: dict[str, Any], key: str, default: int, low: int = 1) -> int:
@@ -41,34 +47,78 @@ def _count(data: dict[str, Any], key: str, default: int, low: int = 1) -> int:
     return value
 
 
-def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, Any]:
-    """The validated study spec, with defaults filled in and `warnings` (a clamp)."""
-    from appliance.core.agent import machine_capacity
+def _function_defined(path: Path, function: str) -> bool:
+    """Whether the file defines `function` at top level (read, never run: the study is
+    checked in the submitting process, the user's code runs only in trials)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as exc:
+        raise InvalidInput(f"train.script: {path.name} line {exc.lineno}: {exc.msg}") from exc
+    return any(
+        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == function
+        for node in tree.body
+    )
+
+
+def _parse_train(app: Appliance, train: Any) -> dict[str, Any]:
+    """The base training: a built-in trainer over dataset versions, or a user's script (run
+    as a job that reads `sdk.params()`), or one function of it (called with the params)."""
     from appliance.core.datasets import get_dataset_version
-    from appliance.core.jobs import parse_duration
+    from appliance.core.jobs import JobSpec, parse_duration
     from appliance.core.training import OBJECTIVES, TRAINERS
 
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{source}: expected a mapping")
-    unknown = sorted(set(data) - KEYS)
-    if unknown:
-        raise InvalidInput(f"{source}: unknown key(s) {unknown}; expected {sorted(KEYS)}")
-    name = data.get("name")
-    if not isinstance(name, str):
-        raise InvalidInput(f"{source}: name is required")
-    validate_name("study name", name)
-
-    train = data.get("train")
     if not isinstance(train, dict):
-        raise InvalidInput("train: required, {trainer, train, valid, label}")
-    unknown = sorted(set(train) - TRAIN_KEYS)
+        raise InvalidInput(
+            "train: required, {trainer, train, valid, label} or {script[, function]}"
+        )
+    is_script = "script" in train
+    allowed = (SCRIPT_KEYS if is_script else TRAINER_KEYS) | COMMON_KEYS
+    unknown = sorted(set(train) - allowed)
     if unknown:
-        raise InvalidInput(f"train: unknown key(s) {unknown}; expected {sorted(TRAIN_KEYS)}")
+        raise InvalidInput(f"train: unknown key(s) {unknown}; expected {sorted(allowed)}")
+    params = train.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("train.params: expected a mapping of fixed parameters")
+    resources = train.get("resources") or {"cpu": 1}
+    if not isinstance(resources, dict):
+        raise InvalidInput("train.resources: expected {cpu, memory, gpu}")
+    try:
+        request = JobSpec("command", ["x"], resources=resources).request()
+    except InvalidInput as exc:
+        raise InvalidInput(f"train.{exc.message}") from exc
+    timeout = train.get("timeout")
+    out: dict[str, Any] = {
+        "params": params,
+        "resources": {**resources, "cpu": request.cpu},
+        "timeout": None if timeout is None else parse_duration(timeout, "train.timeout"),
+    }
+    if is_script:
+        path = Path(str(train["script"])).expanduser()
+        if not path.is_file():
+            raise InvalidInput(f"train.script: {train['script']}: no such file")
+        function = train.get("function")
+        if function is not None and (
+            not isinstance(function, str) or not _function_defined(path, function)
+        ):
+            raise InvalidInput(f"train.function: {path.name} defines no function {function!r}")
+        in_process = train.get("in_process", False)
+        if not isinstance(in_process, bool) or (in_process and function is None):
+            raise InvalidInput("train.in_process: true or false, and only with train.function")
+        return {
+            **out,
+            "script": str(path.resolve()),
+            "function": function,
+            "in_process": in_process,
+        }
     trainer = train.get("trainer", "lightgbm")
     if trainer not in TRAINERS:
         raise InvalidInput(f"train.trainer: {trainer!r} is not one of {', '.join(TRAINERS)}")
     if train.get("objective") is not None and train["objective"] not in OBJECTIVES:
         raise InvalidInput(f"train.objective: {train['objective']!r} is not one of {OBJECTIVES}")
+    if request.cpu != int(request.cpu):
+        raise InvalidInput("train.resources.cpu: a training job takes whole cores")
     label = train.get("label")
     if not isinstance(label, str):
         raise InvalidInput("train.label: required, the label column")
@@ -83,16 +133,53 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
         columns = {c["name"] for c in versions[role]["schema"]}
         if label not in columns:
             raise InvalidInput(f"train.{role}: {versions[role]['ref']} has no column {label!r}")
-    params = train.get("params") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("train.params: expected a mapping of fixed trainer parameters")
+    features = train.get("features")
+    if features is not None and (
+        not isinstance(features, list) or not all(isinstance(f, str) for f in features)
+    ):
+        raise InvalidInput("train.features: expected a list of column names")
+    return {
+        **out,
+        "trainer": trainer,
+        "train": versions["train"]["ref"],
+        "valid": versions["valid"]["ref"] if "valid" in versions else None,
+        "label": label,
+        "features": features,
+        "objective": train.get("objective"),
+    }
 
+
+def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, Any]:
+    """The validated study spec, with defaults filled in and `warnings` (a clamp)."""
+    from appliance.core.agent import machine_capacity
+    from appliance.core.jobs import parse_duration
+
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source}: expected a mapping")
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise InvalidInput(f"{source}: unknown key(s) {unknown}; expected {sorted(KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise InvalidInput(f"{source}: name is required")
+    validate_name("study name", name)
+
+    train = _parse_train(app, data.get("train"))
+    params = train["params"]
     objective = data.get("objective")
     if not isinstance(objective, dict) or not isinstance(objective.get("metric"), str):
         raise InvalidInput("objective: required, {metric: NAME, direction: minimize|maximize}")
+    unknown = sorted(set(objective) - {"metric", "direction", "value"})
+    if unknown:
+        raise InvalidInput(
+            f"objective: unknown key(s) {unknown}; expected metric, direction, value"
+        )
     direction = objective.get("direction", "minimize")
     if direction not in ("minimize", "maximize"):
         raise InvalidInput(f"objective.direction: {direction!r} is not minimize or maximize")
+    value = objective.get("value", "final")
+    if value not in ("final", "best"):
+        raise InvalidInput(f"objective.value: {value!r} is not final or best")
 
     algorithm = data.get("algorithm", "tpe")
     if algorithm not in ALGORITHMS:
@@ -106,11 +193,16 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
         max_trials = min(max_trials, len(grid_points(space)))  # errors on continuous spaces
     warnings = []
     parallel = _count(data, "parallel_trials", 1)
-    cores = max(1, int(machine_capacity().cpu))
-    if parallel > cores:
+    per_trial = train["resources"].get("cpu", 1)
+    cores = max(1, int(machine_capacity().cpu // per_trial))
+    if train.get("in_process"):
+        if parallel > 1:
+            warnings.append("parallel_trials: in-process trials run one at a time")
+        parallel = 1
+    elif parallel > cores:
         warnings.append(
-            f"parallel_trials: {parallel} is more than this machine's {cores} core(s); "
-            f"running {cores} at a time"
+            f"parallel_trials: {parallel} is more than this machine can run "
+            f"({cores} trial(s) of {per_trial:g} core(s) each); running {cores} at a time"
         )
         parallel = cores
     timeout = data.get("timeout")
@@ -134,18 +226,13 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
         isinstance(stop["target"], bool) or not isinstance(stop["target"], int | float)
     ):
         raise InvalidInput(f"stop.target: expected a number, got {stop['target']!r}")
+    experiment = data.get("experiment", name)
+    validate_name("experiment", experiment)
     return {
         "name": name,
-        "train": {
-            "trainer": trainer,
-            "train": versions["train"]["ref"],
-            "valid": versions["valid"]["ref"] if "valid" in versions else None,
-            "label": label,
-            "features": train.get("features"),
-            "params": params,
-            "objective": train.get("objective"),
-        },
-        "objective": {"metric": objective["metric"], "direction": direction},
+        "experiment": experiment,
+        "train": train,
+        "objective": {"metric": objective["metric"], "direction": direction, "value": value},
         "algorithm": algorithm,
         "space": data.get("space"),
         "max_trials": max_trials,
@@ -164,6 +251,11 @@ def load_study(app: Appliance, path: str | Path) -> dict[str, Any]:
     from appliance.core.jobs import load_yaml_mapping
 
     data = load_yaml_mapping(path, "study")
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("script"), str):
+        script = Path(train["script"]).expanduser()
+        if not script.is_absolute():  # relative to the study file, as a recipe's paths are
+            data = {**data, "train": {**train, "script": str(Path(path).parent / script)}}
     try:
         return parse_study(app, data, Path(path).name)
     except InvalidInput as exc:

@@ -397,6 +397,53 @@ def m011_feature_usage(db: Any) -> None:
     )
 
 
+def m012_tuning(db: Any) -> None:
+    # A study is a stored tuning run: its spec, state and driver process; each trial keeps the
+    # values it used and hyperopt's own encoding of them (`vals`), so a resumed study rebuilds
+    # the suggester's history exactly. A trial's run is a child of the study's run.
+    _run_script(
+        db,
+        """
+        ALTER TABLE runs ADD COLUMN parent_run_id TEXT REFERENCES runs(id);
+        CREATE INDEX runs_parent ON runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
+        CREATE TABLE studies (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            spec_json TEXT NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('running', 'stopping', 'stopped', 'succeeded', 'failed')),
+            message TEXT,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            driver_pid INTEGER,
+            driver_identity TEXT,
+            stop_requested INTEGER NOT NULL DEFAULT 0,
+            elapsed_s REAL NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE INDEX studies_name ON studies (name, created_at);
+        CREATE TABLE trials (
+            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
+            number INTEGER NOT NULL,
+            params_json TEXT NOT NULL,
+            vals_json TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (
+                state IN ('running', 'succeeded', 'failed', 'early_stopped', 'cancelled')
+            ),
+            job_id TEXT REFERENCES jobs(id),
+            run_id TEXT REFERENCES runs(id),
+            objective REAL,
+            error TEXT,
+            attempt INTEGER NOT NULL DEFAULT 1,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            duration_s REAL,
+            PRIMARY KEY (study_id, number)
+        )
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -434,6 +481,7 @@ STEPS: list[Callable[[Any], None]] = [
     m009_feature_definitions,
     m010_feature_materializations,
     m011_feature_usage,
+    m012_tuning,
 ]
 
 
