@@ -2,7 +2,7 @@
 
     from appliance import sdk
 
-    sdk.log_param("lr", 0.01)
+    lr = sdk.params({"lr": 0.01})["lr"]          # a tuning trial's value, or the default
     for epoch in range(10):
         sdk.log_metric("loss", loss, step=epoch)
     path = sdk.input_dataset("churn@2")          # a verified local Parquet file
@@ -27,6 +27,14 @@ _FLAVORS = ("lightgbm", "mlp")
 def _emit(event: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event, separators=(",", ":"), default=str) + "\n")
     sys.stdout.flush()
+
+
+def params(defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job's parameters (a tuning trial's values), over `defaults`; outside a job, the
+    defaults alone, so the same script runs by hand."""
+    spec = os.environ.get("APPLIANCE_JOB_SPEC")
+    given = json.loads(spec).get("params", {}) if spec else {}
+    return {**(defaults or {}), **given}
 
 
 def log_param(key: str, value: Any) -> None:

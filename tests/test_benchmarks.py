@@ -28,6 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
             "identical values: True",
         ),
         (
+            "tuning.py",
+            ["--trivial", "30", "--job-trials", "3", "--lgbm-trials", "2", "--rows", "3000"],
+            "speed-up parallel 2 vs 1",
+        ),
+        (
             "serving.py",
             ["--seconds", "1", "--cycles", "2", "--rows", "3000"],
             "deploy/rollback cycles under load",

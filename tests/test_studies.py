@@ -439,3 +439,40 @@ def test_bad_studies_are_refused_by_the_cli_and_create_nothing(
     assert app.db.scalar("SELECT count(*) FROM runs") == 0
     missing = cli("tune", "resume", "nope", "--home", str(home))
     assert missing.code != 0 and "study 'nope' not found" in missing.err
+
+
+@pytest.mark.slow
+def test_a_script_study_runs_each_trial_as_a_command_job(app: Appliance, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "from appliance import sdk\n"
+        "p = sdk.params({'x': 0.0})\n"
+        "if p['x'] > 1.5:\n"
+        "    sys.exit(f'x={p[\"x\"]:.2f} is out of range')\n"
+        "for step in range(1, 4):\n"
+        "    sdk.log_metric('loss', (p['x'] - 1) ** 2 + 1 / step, step=step)\n"
+    )
+    spec = parse_study(
+        app,
+        {
+            "name": "scripted",
+            "train": {"script": str(script)},
+            "objective": {"metric": "loss", "direction": "minimize"},
+            "space": {"x": {"uniform": [0, 2]}},
+            "max_trials": 6,
+            "parallel_trials": 2,
+            "max_failed_trials": 6,
+        },
+    )
+    study = studies.create_study(app, spec)
+    done = studies.wait_study(app, study["id"], timeout=90)
+    trials = studies.list_trials(app, study["id"])
+    assert done["state"] == "succeeded" and len(trials) == 6
+    for t in trials:
+        job = app.db.one("SELECT kind FROM jobs WHERE id = ?", (t["job_id"],))
+        assert job == {"kind": "command"}
+        if t["params"]["x"] > 1.5:
+            assert t["state"] == "failed" and "is out of range" in t["error"]
+        else:  # the final value: the last step's
+            assert t["objective"] == pytest.approx((t["params"]["x"] - 1) ** 2 + 1 / 3)
