@@ -79,6 +79,7 @@ class ApplianceApp(App[None]):
         Binding("m", "models", "Models"),
         Binding("s", "deployments", "Serving"),
         Binding("f", "features", "Features"),
+        Binding("t", "tuning", "Tuning"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -171,9 +172,7 @@ class ApplianceApp(App[None]):
         prompt = self.query_one("#prompt", Input)
         self.prompt_mode = mode
         prompt.placeholder = (
-            "jump to: datasets, jobs, runs, models, deployments, features"
-            if mode == "jump"
-            else "filter rows (regex)"
+            "jump to: " + ", ".join(KINDS) if mode == "jump" else "filter rows (regex)"
         )
         prompt.value = self.filter_text if mode == "filter" else ""
         prompt.add_class("visible")
@@ -263,6 +262,11 @@ class ApplianceApp(App[None]):
 
         self.push_screen(FeaturesScreen(self.ctx))
 
+    def action_tuning(self) -> None:
+        from appliance.tui.tuning import TuningScreen
+
+        self.push_screen(TuningScreen(self.ctx))
+
     @on(DataTable.RowSelected, "#table")
     def _on_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a row opens its kind's own screen (k9s's drill-down)."""
@@ -278,6 +282,8 @@ class ApplianceApp(App[None]):
             self.action_deployments()
         elif self.kind == "features":
             self.action_features()
+        elif self.kind == "studies":
+            self.action_tuning()
 
     def action_refresh(self) -> None:
         self.refresh_resources()
