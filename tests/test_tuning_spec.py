@@ -76,12 +76,21 @@ def test_a_study_is_checked_and_completed_with_defaults(app: Appliance, tmp_path
 
 def test_bad_studies_name_the_key(app: Appliance) -> None:
     cases = [
-        (study(space={"lr": {"gaussian": [0, 1]}}), "space.lr: unknown distribution 'gaussian'"),
-        (study(space={"lr": {"uniform": [0.3, 0.01]}}), "space.lr: uniform needs low < high"),
-        (study(space={"lr": {"loguniform": [0, 1]}}), "space.lr: loguniform needs a positive"),
         (
-            study(algorithm="grid", space={"lr": {"uniform": [0, 1]}}),
-            "space.lr: grid needs a discrete space",
+            study(space={"learning_rate": {"gaussian": [0, 1]}}),
+            "space.learning_rate: unknown distribution 'gaussian'",
+        ),
+        (
+            study(space={"learning_rate": {"uniform": [0.3, 0.01]}}),
+            "space.learning_rate: uniform needs low < high",
+        ),
+        (
+            study(space={"learning_rate": {"loguniform": [0, 1]}}),
+            "space.learning_rate: loguniform needs a positive",
+        ),
+        (
+            study(algorithm="grid", space={"learning_rate": {"uniform": [0, 1]}}),
+            "space.learning_rate: grid needs a discrete space",
         ),
         (study(algorithm="bayes"), "algorithm: 'bayes' is not one of"),
         (study(objective={"metric": "auc", "direction": "up"}), "objective.direction: 'up'"),
@@ -102,12 +111,57 @@ def test_bad_studies_name_the_key(app: Appliance) -> None:
             r"space: \['num_leaves'\] also fixed in train.params",
         ),
         (study(train={"label": "churned"}), "train.train: required"),
+        (study(space={"leaves": {"randint": [2, 9]}}), "space.leaves: not a LightGBM"),
+        (
+            study(train={"train": "churn_train", "label": "churned", "params": {"leafs": 4}}),
+            "train.params: param 'leafs': not a LightGBM parameter",
+        ),
+        (
+            study(train={"train": "churn_train", "label": "churned", "resources": {"cpu": 0}}),
+            "train.resources.cpu: expected a positive number",
+        ),
+        (study(objective={"metric": "auc", "value": "mean"}), "objective.value: 'mean'"),
+        (study(train={"script": "missing.py"}), "train.script: missing.py: no such file"),
+        (study(experiment="a/b"), "experiment"),
     ]
     for spec, needle in cases:
         with pytest.raises(InvalidInput, match=needle):
             parse_study(app, spec)
     with pytest.raises(NotFound, match="nowhere"):
         parse_study(app, study(train={"train": "nowhere", "label": "churned"}))
+
+
+def test_script_studies_are_checked_without_running_the_script(
+    app: Appliance, tmp_path: Path
+) -> None:
+    script = tmp_path / "objective.py"
+    script.write_text(
+        "raise SystemExit('never run at submission')\ndef objective(p):\n    return 1\n"
+    )
+    base = {"objective": {"metric": "loss"}, "space": {"x": {"uniform": [0, 1]}}, "name": "s"}
+    spec = parse_study(app, {**base, "train": {"script": str(script), "function": "objective"}})
+    assert spec["train"]["function"] == "objective" and not spec["train"]["in_process"]
+    cases = [
+        ({"script": str(script), "function": "other"}, "defines no function 'other'"),
+        ({"script": str(script), "in_process": True}, "train.in_process: true or false, and only"),
+        ({"script": str(script), "label": "y"}, r"train: unknown key\(s\) \['label'\]"),
+    ]
+    for train, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            parse_study(app, {**base, "train": train})
+    broken = tmp_path / "broken.py"
+    broken.write_text("def objective(p)\n    return 1\n")
+    with pytest.raises(InvalidInput, match="train.script: broken.py line 1"):
+        parse_study(app, {**base, "train": {"script": str(broken), "function": "objective"}})
+    one = parse_study(
+        app,
+        {
+            **base,
+            "parallel_trials": 2,
+            "train": {"script": str(script), "function": "objective", "in_process": True},
+        },
+    )
+    assert one["parallel_trials"] == 1 and "one at a time" in one["warnings"][0]
 
 
 def test_the_median_rule_stops_a_trial_worse_than_the_median_at_the_same_step() -> None:
@@ -155,9 +209,13 @@ def test_importance_names_the_parameter_that_drives_the_objective() -> None:
     for _ in range(40):
         lr, noise, kind = rng.uniform(0, 1), rng.uniform(0, 1), rng.choice(["a", "b"])
         objective = 3 * lr + (0.5 if kind == "b" else 0.0) + 0.01 * noise
-        trials.append({"params": {"lr": lr, "noise": noise, "kind": kind}, "objective": objective})
-    trials.append({"params": {"lr": 0.5, "noise": 0.5, "kind": "a"}, "objective": None})  # failed
+        trials.append(
+            {"params": {"learning_rate": lr, "noise": noise, "kind": kind}, "objective": objective}
+        )
+    trials.append(
+        {"params": {"learning_rate": 0.5, "noise": 0.5, "kind": "a"}, "objective": None}
+    )  # failed
     scores = importance(trials)
     assert abs(sum(scores.values()) - 1) < 1e-9
-    assert scores["lr"] > scores["kind"] > scores["noise"]
+    assert scores["learning_rate"] > scores["kind"] > scores["noise"]
     assert importance(trials[:2]) == {}

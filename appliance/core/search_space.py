@@ -181,6 +181,31 @@ def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def flatten(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values as the trainer takes them: a nested choice's option (a mapping of
+    parameters that go together) contributes its parameters, not itself."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(flatten(value))
+        else:
+            out[key] = value
+    return out
+
+
+def space_names(space: dict[str, dict[str, Any]]) -> set[str]:
+    """Every parameter name a trial can hand the trainer (nested options included)."""
+    names = set()
+    for name, param in space.items():
+        options = param.get("options") or []
+        nested = [o for o in options if "space" in o]
+        if len(nested) < len(options) or not options:
+            names.add(name)
+        for option in nested:
+            names |= space_names(option["space"])
+    return names
+
+
 class Suggester:
     """Ask/tell over hyperopt's algorithms: `ask` returns new trials' parameters (pending
     ones count, so parallel asks differ), `tell` records a loss, a failure or an early stop.

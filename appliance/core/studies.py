@@ -31,7 +31,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.processes import identity, is_same, signal_ours
 from appliance.core.runs import create_run, new_id, set_tags
-from appliance.core.search_space import Suggester, parse_space
+from appliance.core.search_space import Suggester, flatten, parse_space, space_names
 from appliance.core.tuning import MIN_DATA_IN_LEAF, importance, median_stop, study_should_stop
 from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
@@ -424,31 +424,6 @@ def function_trial_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> Non
         emit({"type": "metric", "name": key, "value": value, "step": step, "timestamp": now})
 
     call_objective(fn, spec.params, target["metric"], report)
-
-
-def flatten(params: dict[str, Any]) -> dict[str, Any]:
-    """A trial's values as the trainer takes them: a nested choice's option (a mapping of
-    parameters that go together) contributes its parameters, not itself."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(flatten(value))
-        else:
-            out[key] = value
-    return out
-
-
-def space_names(space: dict[str, dict[str, Any]]) -> set[str]:
-    """Every parameter name a trial can hand the trainer (nested options included)."""
-    names = set()
-    for name, param in space.items():
-        options = param.get("options") or []
-        nested = [o for o in options if "space" in o]
-        if len(nested) < len(options) or not options:
-            names.add(name)
-        for option in nested:
-            names |= space_names(option["space"])
-    return names
 
 
 # ---- the driver ---------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def submit_train_config(app: Appliance, config: dict[str, Any]) -> dict[str, Any
     )
 
 
-def _check_lightgbm_params(params: dict[str, Any]) -> None:
+def check_lightgbm_params(params: dict[str, Any]) -> None:
     """Refuse names LightGBM does not know (it would ignore a typo silently)."""
     known = set(DEFAULT_PARAMS)
     if set(params) - known:  # only then pay for importing lightgbm in the submitting process
@@ -217,7 +217,7 @@ def submit_training(
     given = dict(params or {})
     common = {**COMMON_DEFAULTS, **{k: given.pop(k) for k in COMMON_DEFAULTS if k in given}}
     if trainer == "lightgbm":
-        _check_lightgbm_params(given)
+        check_lightgbm_params(given)
         merged = {**DEFAULT_PARAMS, **given}  # other keys pass through to LightGBM as they are
         for key in ("num_boost_round", "early_stopping_rounds"):
             if not isinstance(merged[key], int) or merged[key] < 0:

@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.names import validate_name
-from appliance.core.search_space import ALGORITHMS, grid_points, parse_space
+from appliance.core.search_space import ALGORITHMS, grid_points, parse_space, space_names
 from appliance.errors import InvalidInput
 
 KEYS = {
@@ -185,9 +185,21 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
     if algorithm not in ALGORITHMS:
         raise InvalidInput(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     space = parse_space(data.get("space"))
-    clash = sorted(set(space) & set(params))
+    clash = sorted(space_names(space) & set(params))
     if clash:
         raise InvalidInput(f"space: {clash} also fixed in train.params; keep one")
+    if train.get("trainer") == "lightgbm":
+        from appliance.core.training import check_lightgbm_params
+
+        for name in sorted(space_names(space)):
+            try:
+                check_lightgbm_params({name: 1})
+            except InvalidInput as exc:
+                raise InvalidInput(f"space.{name}: {exc.message.split(': ', 1)[-1]}") from exc
+        try:
+            check_lightgbm_params(params)
+        except InvalidInput as exc:
+            raise InvalidInput(f"train.params: {exc.message}") from exc
     max_trials = _count(data, "max_trials", 20)
     if algorithm == "grid":
         max_trials = min(max_trials, len(grid_points(space)))  # errors on continuous spaces
