@@ -27,6 +27,8 @@ TABLES = {
     "registered_models",
     "model_versions",
     "model_aliases",
+    "studies",
+    "trials",
     "alias_history",
     "deployments",
     "deployment_revisions",
@@ -63,6 +65,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m009_feature_definitions",
         "m010_feature_materializations",
         "m011_feature_usage",
+        "m012_tuning",
     ]
     again.close()
 

@@ -381,7 +381,9 @@ space:
     assert result.code == 0, result.err
     study = result.json()
     assert study["state"] == "succeeded" and study["counts"]["succeeded"] == 4
-    shown = cli("tune", "show", "lgbm", "--json", "--home", str(home)).json()
+    result = cli("tune", "show", "lgbm", "--json", "--home", str(home))
+    assert result.code == 0, result.err
+    shown = result.json()
     for t in shown["trial_rows"]:
         run = get_run(app, t["run_id"])
         assert run["params"]["feature_pre_filter"] is False  # min_data_in_leaf varies

@@ -50,6 +50,7 @@ def study(**changes: Any) -> dict[str, Any]:
 
 def test_a_study_is_checked_and_completed_with_defaults(app: Appliance, tmp_path: Path) -> None:
     spec = parse_study(app, study())
+    assert spec["name"] == "churn-lgbm" and spec["experiment"] == "churn-lgbm"
     assert spec["train"]["train"] == "churn_train@1" and spec["train"]["valid"] == "churn_valid@1"
     assert spec["objective"] == {"metric": "valid_auc", "direction": "maximize", "value": "final"}
     assert (spec["max_failed_trials"], spec["seed"], spec["timeout_s"]) == (3, 0, None)

@@ -191,11 +191,11 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
     if train.get("trainer") == "lightgbm":
         from appliance.core.training import check_lightgbm_params
 
-        for name in sorted(space_names(space)):
+        for param in sorted(space_names(space)):
             try:
-                check_lightgbm_params({name: 1})
+                check_lightgbm_params({param: 1})
             except InvalidInput as exc:
-                raise InvalidInput(f"space.{name}: {exc.message.split(': ', 1)[-1]}") from exc
+                raise InvalidInput(f"space.{param}: {exc.message.split(': ', 1)[-1]}") from exc
         try:
             check_lightgbm_params(params)
         except InvalidInput as exc:
