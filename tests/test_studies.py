@@ -234,6 +234,14 @@ def test_a_target_patience_or_timeout_ends_the_study(app: Appliance, script: Pat
         ),
     )
     assert timed["message"] == "timeout of 0.5 s reached" and 2 <= timed["trials"] < 20
+    # the timeout is the study's whole running time: a resume may only lengthen it
+    with pytest.raises(InvalidInput, match="--timeout 0.1: the study has already run"):
+        studies.resume_study(app, timed["id"], timeout=0.1, start=False)
+    studies.resume_study(app, timed["id"], timeout=1.0, start=False)
+    studies.drive_study(app, timed["id"])
+    longer = studies.get_study(app, timed["id"])
+    assert longer["message"] == "timeout of 1 s reached" and longer["trials"] > timed["trials"]
+    assert 1.0 <= longer["elapsed_s"] < 1.5
 
 
 def test_resume_refuses_a_finished_study_unless_its_budget_grows(
@@ -291,10 +299,13 @@ def test_stop_then_resume_runs_the_cut_off_trials_again(app: Appliance, script: 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kill_trials", [False, True], ids=["agent-and-driver", "power-cut"])
 def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
-    app: Appliance, script: Path
+    app: Appliance, script: Path, kill_trials: bool
 ) -> None:
-    """As a power cut would: every process of the study dies at once; nothing is lost."""
+    """The driver and the agent killed mid-study (their trials' jobs go on and are followed
+    by the resumed driver); or, as a power cut would, every process at once (the cut-off
+    trials run again). Nothing is lost either way."""
     from appliance.core.agent import agent_status
 
     spec = make(
@@ -322,8 +333,9 @@ def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
     assert row is not None
     _kill_group(row["driver_pid"])
     _kill_group(agent_status(app)["pid"])
-    for trial in running:
-        _kill_group(trial["pid"])
+    if kill_trials:
+        for trial in running:
+            _kill_group(trial["pid"])
     wait_for(lambda: studies.get_study(app, study["id"])["state"] == "interrupted")
     before = {t["number"]: t for t in studies.list_trials(app, study["id"])}
     resumed = studies.resume_study(app, study["id"])
@@ -333,9 +345,10 @@ def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
     assert (done["state"], len(trials)) == ("succeeded", 6), trials
     assert [t["number"] for t in trials] == list(range(6))
     assert all(t["state"] == "succeeded" for t in trials)
-    for trial in running:  # cut off: the same values, run again
+    for trial in running:  # cut off: the same values, run again; else followed to the end
         again = next(t for t in trials if t["number"] == trial["number"])
-        assert again["params"] == before[trial["number"]]["params"] and again["attempt"] == 2
+        assert again["params"] == before[trial["number"]]["params"]
+        assert again["attempt"] == (2 if kill_trials else 1)
     with pytest.raises(Conflict, match="already finished"):
         studies.resume_study(app, study["id"])
 
@@ -478,3 +491,31 @@ def test_a_script_study_runs_each_trial_as_a_command_job(app: Appliance, tmp_pat
             assert t["state"] == "failed" and "is out of range" in t["error"]
         else:  # the final value: the last step's
             assert t["objective"] == pytest.approx((t["params"]["x"] - 1) ** 2 + 1 / 3)
+
+
+@pytest.mark.slow
+def test_a_trial_job_cancelled_from_outside_is_kept_and_runs_again_on_resume(
+    app: Appliance, script: Path
+) -> None:
+    from appliance.core.jobs import cancel_job
+
+    spec = make(
+        app, script, "sleepy", in_process=False, space={"x": {"uniform": [0, 2]}}, max_trials=3
+    )
+    study = studies.create_study(app, spec)
+    wait_for(lambda: studies.get_study(app, study["id"])["counts"]["running"] == 1)
+    first = studies.list_trials(app, study["id"])[0]
+    wait_for(
+        lambda: app.db.scalar("SELECT pid FROM jobs WHERE id = ?", (first["job_id"],)) is not None
+    )
+    cancel_job(app, first["job_id"])
+    done = studies.wait_study(app, study["id"], timeout=60)
+    assert done["state"] == "succeeded"
+    assert done["message"] == "2 trials finished, 1 cancelled (resume runs them again)"
+    cut = studies.list_trials(app, study["id"])[0]
+    assert cut["state"] == "cancelled" and "its job was cancelled" in cut["error"]
+    studies.resume_study(app, study["id"])  # finished, but with a trial to run again
+    again = studies.wait_study(app, study["id"], timeout=60)
+    trials = studies.list_trials(app, study["id"])
+    assert again["state"] == "succeeded" and [t["state"] for t in trials] == ["succeeded"] * 3
+    assert trials[0]["attempt"] == 2 and trials[0]["params"] == first["params"]

@@ -1071,6 +1071,7 @@ def tune_show(app: Any, as_json: bool, study: str) -> None:
 @click.argument("study")
 @click.option("--max-trials", type=click.IntRange(0), help="A larger budget (all trials count).")
 @click.option("--max-failed-trials", type=click.IntRange(0), help="A larger failure budget.")
+@click.option("--timeout", help="The study's whole running time: seconds, or '30m'.")
 @click.option("--wait", is_flag=True, help="Follow the study; exit non-zero if it failed.")
 def tune_resume(
     app: Any,
@@ -1078,12 +1079,15 @@ def tune_resume(
     study: str,
     max_trials: int | None,
     max_failed_trials: int | None,
+    timeout: str | None,
     wait: bool,
 ) -> None:
     """Continue a stopped or interrupted study from its stored trials."""
+    from appliance.core.jobs import parse_duration
     from appliance.core.studies import resume_study
 
-    resumed = resume_study(app, study, max_trials, max_failed_trials)
+    seconds = None if timeout is None else parse_duration(timeout, "--timeout")
+    resumed = resume_study(app, study, max_trials, max_failed_trials, timeout=seconds)
     _report_study(app, resumed, as_json, wait)
 
 

@@ -257,9 +257,11 @@ def resume_study(
     max_trials: int | None = None,
     max_failed_trials: int | None = None,
     start: bool = True,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Start a new driver for a stopped or interrupted study; a finished one only when given
-    a larger budget (`max_trials` counts every trial, old and new)."""
+    a larger budget (`max_trials` counts every trial, old and new; `timeout` the study's
+    whole running time, resumes included)."""
     row = _row(app, ref)
     state = _state(row)
     spec = json.loads(row["spec_json"])
@@ -274,15 +276,24 @@ def resume_study(
             raise InvalidInput(f"--{key.replace('_', '-')}: expected a whole number >= 0")
         if key == "max_trials" and value < trials:
             raise InvalidInput(f"--max-trials {value}: the study already has {trials} trials")
-    if state in FINISHED:
-        raised = (max_trials is not None and max_trials > spec["max_trials"]) or (
-            max_failed_trials is not None and max_failed_trials > spec["max_failed_trials"]
+    if timeout is not None and timeout <= (row["elapsed_s"] or 0):
+        raise InvalidInput(
+            f"--timeout {timeout:g}: the study has already run {row['elapsed_s']:.0f} s"
+        )
+    cut_off = app.db.scalar(
+        "SELECT count(*) FROM trials WHERE study_id = ? AND state = 'cancelled'", (row["id"],)
+    )
+    if state in FINISHED and not cut_off:  # cancelled trials: a resume runs them again
+        raised = (
+            (max_trials is not None and max_trials > spec["max_trials"])
+            or (max_failed_trials is not None and max_failed_trials > spec["max_failed_trials"])
+            or (timeout is not None and spec.get("timeout_s") is not None)
         )
         if not raised:
             raise Conflict(
                 f"{label} already finished ({state}: {row['message']}); resume it with "
                 f"--max-trials above {spec['max_trials']} (or --max-failed-trials above "
-                f"{spec['max_failed_trials']}) to run more trials"
+                f"{spec['max_failed_trials']}, or a longer --timeout) to run more trials"
             )
     if spec["algorithm"] == "grid" and max_trials is not None:
         from appliance.core.search_space import grid_points
@@ -291,6 +302,8 @@ def resume_study(
     spec["max_trials"] = max_trials if max_trials is not None else spec["max_trials"]
     if max_failed_trials is not None:
         spec["max_failed_trials"] = max_failed_trials
+    if timeout is not None:
+        spec["timeout_s"] = timeout
     with app.db.transaction() as conn:
         conn.execute(
             "UPDATE studies SET state = 'running', stop_requested = 0, message = NULL, "
@@ -647,8 +660,9 @@ class Driver:
             )
 
     def settle(self, trial: dict[str, Any], job: dict[str, Any]) -> None:
-        """A trial whose job ended: succeeded (with its objective), failed, or cut off (its
-        supervisor vanished, or it was cancelled from outside): run again."""
+        """A trial whose job ended: succeeded (with its objective), failed, cut off by a lost
+        supervisor (run again now, same values), or cancelled from outside (`jobs cancel`:
+        kept as cancelled, run again only on resume)."""
         from appliance.core.jobs import SUPERVISOR_GONE
 
         number = trial["number"]
@@ -669,12 +683,16 @@ class Driver:
                 self.curves[number] = self._curve(number)
             return
         if job["state"] == "cancelled" or job.get("error") == SUPERVISOR_GONE:
-            self.rerun.append(number)  # not the trial's fault: it runs again, same values
+            if job["state"] == "cancelled":
+                error = "its job was cancelled; it runs again on resume"
+            else:
+                self.rerun.append(number)  # not the trial's fault: again now, same values
+                error = SUPERVISOR_GONE
             with self.app.db.transaction() as conn:
                 conn.execute(
-                    "UPDATE trials SET state = 'cancelled', error = ? WHERE study_id = ? "
-                    "AND number = ? AND state = 'running'",
-                    (job.get("error") or "cancelled", self.id, number),
+                    "UPDATE trials SET state = 'cancelled', error = ?, finished_at = ?, "
+                    "duration_s = ? WHERE study_id = ? AND number = ? AND state = 'running'",
+                    (error, utcnow(), duration, self.id, number),
                 )
             return
         error = job.get("error") or f"exit code {job.get('exit_code')}"
@@ -745,9 +763,11 @@ class Driver:
             return "succeeded", f"stopped early: {reason}"
         if spec.get("timeout_s") is not None and self.elapsed() >= spec["timeout_s"]:
             return "succeeded", f"timeout of {spec['timeout_s']:g} s reached"
-        running = [t for t in trials if t["state"] in ("running", "cancelled")]
+        running = [t for t in trials if t["state"] == "running"]
         if asked_all and not running and not self.rerun:
-            return "succeeded", f"{len(done)} trials finished"
+            cancelled = len(trials) - len(done)
+            extra = f", {cancelled} cancelled (resume runs them again)" if cancelled else ""
+            return "succeeded", f"{len(done)} trials finished{extra}"
         return None
 
     def _stop_requested(self) -> bool:
