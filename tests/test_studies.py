@@ -71,6 +71,19 @@ def make(app: Appliance, script: Path, function: str, in_process: bool = True, *
     return parse_study(app, data)
 
 
+def sleepy_jobs(app: Appliance, script: Path, max_trials: int, parallel: int = 1) -> dict:
+    """A study of trials that take 0.6 s each, run as jobs."""
+    return make(
+        app,
+        script,
+        "sleepy",
+        in_process=False,
+        space={"x": {"uniform": [0, 2]}},
+        max_trials=max_trials,
+        parallel_trials=parallel,
+    )
+
+
 def run_here(app: Appliance, spec: dict[str, Any]) -> dict[str, Any]:
     """Create a study and drive it in this process (the driver's own code path)."""
     study = studies.create_study(app, spec, start=False)
@@ -270,15 +283,7 @@ def _kill_group(pid: int | None) -> None:
 
 @pytest.mark.slow
 def test_stop_then_resume_runs_the_cut_off_trials_again(app: Appliance, script: Path) -> None:
-    spec = make(
-        app,
-        script,
-        "sleepy",
-        in_process=False,
-        space={"x": {"uniform": [0, 2]}},
-        max_trials=4,
-        parallel_trials=2,
-    )
+    spec = sleepy_jobs(app, script, 4, 2)
     study = studies.create_study(app, spec)
     wait_for(lambda: studies.get_study(app, study["id"])["counts"]["running"] == 2)
     stopped = studies.stop_study(app, study["id"])
@@ -308,15 +313,7 @@ def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
     trials run again). Nothing is lost either way."""
     from appliance.core.agent import agent_status
 
-    spec = make(
-        app,
-        script,
-        "sleepy",
-        in_process=False,
-        space={"x": {"uniform": [0, 2]}},
-        max_trials=6,
-        parallel_trials=2,
-    )
+    spec = sleepy_jobs(app, script, 6, 2)
     study = studies.create_study(app, spec)
     wait_for(
         lambda: (
@@ -499,9 +496,7 @@ def test_a_trial_job_cancelled_from_outside_is_kept_and_runs_again_on_resume(
 ) -> None:
     from appliance.core.jobs import cancel_job
 
-    spec = make(
-        app, script, "sleepy", in_process=False, space={"x": {"uniform": [0, 2]}}, max_trials=3
-    )
+    spec = sleepy_jobs(app, script, 3)
     study = studies.create_study(app, spec)
     wait_for(lambda: studies.get_study(app, study["id"])["counts"]["running"] == 1)
     first = studies.list_trials(app, study["id"])[0]

@@ -231,6 +231,7 @@ class TuningScreen(Screen[None]):
 
     def _render_trials(self) -> None:
         table = self.query_one("#trials", DataTable)
+        cursor = table.cursor_row  # a refresh must not throw the user back to the top
         table.clear(columns=True)
         if self.shown is None:
             return
@@ -245,6 +246,8 @@ class TuningScreen(Screen[None]):
                 *(_number(t["params"].get(n)) for n in names),
                 Text((t["error"] or "")[:60]),
             )
+        if table.row_count:
+            table.move_cursor(row=min(cursor, table.row_count - 1), animate=False)
 
     def _render_plots(self) -> None:
         curve = self.query_one("#best-curve", PlotextPlot)
