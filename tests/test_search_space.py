@@ -91,3 +91,37 @@ def test_grid_enumerates_discrete_spaces_and_refuses_continuous_ones() -> None:
         Suggester(parse_space({"lr": {"uniform": [0, 1]}}), "grid")
     with pytest.raises(InvalidInput, match="algorithm: 'bayes' is not one of"):
         Suggester(space, "bayes")
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "random", "anneal"])
+def test_quantized_and_normal_values_stay_in_their_support(algorithm: str) -> None:
+    # hyperopt's qloguniform rounds exp(u) to q and can fall below low (to 0 even): the
+    # values a trial gets are multiples of q within [low, high], ints for a whole step
+    space = parse_space(
+        {
+            "leaves": {"qloguniform": [1, 100, 5]},
+            "rate": {"qloguniform": [0.01, 1, 0.05]},
+            "depth": {"quniform": [0.3, 2.2, 0.5]},
+            "shift": {"normal": [0, 1]},
+        }
+    )
+    suggester = Suggester(space, algorithm, seed=0)
+    seen = []
+    for _ in range(150):
+        trial = suggester.ask()
+        assert trial is not None
+        seen.append(trial["params"])
+        suggester.tell(trial["trial"], trial["params"]["shift"] ** 2)
+    assert all(type(p["leaves"]) is int and 5 <= p["leaves"] <= 100 for p in seen)
+    assert all(p["leaves"] % 5 == 0 for p in seen)
+    assert all(0.05 <= p["rate"] <= 1 and round(p["rate"] / 0.05, 6).is_integer() for p in seen)
+    assert {p["depth"] for p in seen} <= {0.5, 1.0, 1.5, 2.0}
+    assert all(type(p["shift"]) is float for p in seen)
+    assert any(abs(p["shift"]) > 1 for p in seen)  # unbounded, unlike the others
+    with pytest.raises(InvalidInput, match=r"space.x: no multiple of q=5 lies in \[1, 2\]"):
+        parse_space({"x": {"quniform": [1, 2, 5]}})
+
+
+def test_grid_enumerates_quantized_log_spaces() -> None:
+    points = grid_points(parse_space({"r": {"qloguniform": [0.01, 0.2, 0.05]}}))
+    assert points == [{"r": 0.05}, {"r": 0.1}, {"r": 0.15}, {"r": 0.2}]

@@ -46,6 +46,12 @@ def fails_when_positive(p):
 
 def wrong_metric(p):
     return {"other": 1.0}
+
+def nan_below_half(p):
+    return float("nan") if p["x"] < 0.5 else p["x"]
+
+def always_fails(p):
+    raise RuntimeError("broken objective")
 """
 
 
@@ -190,6 +196,7 @@ def test_the_median_rule_stops_a_running_trial_job(app: Appliance, script: Path)
     assert states == ["succeeded", "succeeded", "succeeded", "early_stopped"]
     last = shown["trial_rows"][3]
     assert last["objective"] < 0.5 * 10  # stopped before its last step
+    assert 0 < last["duration_s"] < 1.2
     job = app.db.one("SELECT state FROM jobs WHERE id = ?", (last["job_id"],))
     wait_for(
         lambda: (
@@ -255,6 +262,48 @@ def test_a_target_patience_or_timeout_ends_the_study(app: Appliance, script: Pat
     longer = studies.get_study(app, timed["id"])
     assert longer["message"] == "timeout of 1 s reached" and longer["trials"] > timed["trials"]
     assert 1.0 <= longer["elapsed_s"] < 1.5
+
+
+def test_a_nan_objective_fails_its_trial_not_the_study(app: Appliance, script: Path) -> None:
+    space = {"x": {"choice": [0.1, 0.7, 0.2, 0.9]}}
+    shown = run_here(app, make(app, script, "nan_below_half", space=space, algorithm="grid"))
+    assert (shown["state"], shown["trials"]) == ("succeeded", 4)
+    states = [(t["params"]["x"], t["state"]) for t in shown["trial_rows"]]
+    assert states == [(0.1, "failed"), (0.7, "succeeded"), (0.2, "failed"), (0.9, "succeeded")]
+    assert "objective.metric 'loss' was nan" in shown["trial_rows"][0]["error"]
+    assert shown["best_value"] == 0.7
+
+
+def test_a_study_whose_every_trial_failed_fails(app: Appliance, script: Path) -> None:
+    shown = run_here(app, make(app, script, "always_fails", max_trials=3, max_failed_trials=5))
+    assert shown["state"] == "failed" and shown["message"] == "no trial succeeded (3 failed)"
+
+
+def test_a_finished_study_resumes_only_when_what_ended_it_is_lifted(
+    app: Appliance, script: Path
+) -> None:
+    target = run_here(app, make(app, script, "quadratic", max_trials=200, stop={"target": 8.0}))
+    with pytest.raises(Conflict, match="cannot be extended; start a new study"):
+        studies.resume_study(app, target["id"], max_trials=400, start=False)
+    grid = run_here(
+        app,
+        make(app, script, "nan_below_half", space={"x": {"choice": [0.6, 0.7]}}, algorithm="grid"),
+    )
+    with pytest.raises(Conflict, match="cannot be extended"):
+        studies.resume_study(app, grid["id"], max_trials=10, start=False)
+    failing = make(
+        app, script, "fails_when_positive", space={"x": {"uniform": [-1, 1]}}, max_trials=40
+    )
+    failed = run_here(app, {**failing, "max_failed_trials": 1})
+    with pytest.raises(Conflict, match="resume it with --max-failed-trials above 1"):
+        studies.resume_study(app, failed["id"], max_trials=50, start=False)
+    studies.resume_study(app, failed["id"], max_failed_trials=4, start=False)
+    studies.drive_study(app, failed["id"])
+    again = studies.get_study(app, failed["id"])
+    assert again["counts"]["failed"] == 5 and again["trials"] > failed["trials"]
+    # a stop that comes after the end changes nothing
+    assert not studies._wind_down(app, again["id"], "stopped", "late", "request")
+    assert studies.get_study(app, again["id"])["state"] == "failed"
 
 
 def test_resume_refuses_a_finished_study_unless_its_budget_grows(

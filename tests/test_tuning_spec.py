@@ -124,6 +124,34 @@ def test_bad_studies_name_the_key(app: Appliance) -> None:
         (study(objective={"metric": "auc", "value": "mean"}), "objective.value: 'mean'"),
         (study(train={"script": "missing.py"}), "train.script: missing.py: no such file"),
         (study(experiment="a/b"), "experiment"),
+        (
+            study(early_stopping={"rule": "median", "min_trials": 2}),
+            r"early_stopping: unknown key\(s\) \['min_trials'\]",
+        ),
+        (
+            study(early_stopping={"start_step": -1}),
+            "early_stopping.start_step: expected a whole number >= 0",
+        ),
+        (study(stop={"patience": 0}), "stop.patience: expected a whole number >= 1"),
+        (
+            study(
+                train={"trainer": "mlp", "train": "churn_train", "label": "churned"},
+                space={"lr": {"loguniform": [0.001, 0.1]}, "bogus_knob": {"uniform": [0, 1]}},
+            ),
+            "space.bogus_knob: not an MLP parameter",
+        ),
+        (
+            study(
+                train={
+                    "trainer": "mlp",
+                    "train": "churn_train",
+                    "label": "churned",
+                    "params": {"epochs": 0},
+                },
+                space={"lr": {"loguniform": [0.001, 0.1]}},
+            ),
+            "train.params: epochs",
+        ),
     ]
     for spec, needle in cases:
         with pytest.raises(InvalidInput, match=needle):
@@ -163,6 +191,19 @@ def test_script_studies_are_checked_without_running_the_script(
         },
     )
     assert one["parallel_trials"] == 1 and "one at a time" in one["warnings"][0]
+    with pytest.raises(InvalidInput, match="train.timeout: an in-process trial cannot be cut"):
+        parse_study(
+            app,
+            {
+                **base,
+                "train": {
+                    "script": str(script),
+                    "function": "objective",
+                    "in_process": True,
+                    "timeout": 5,
+                },
+            },
+        )
 
 
 def test_the_median_rule_stops_a_trial_worse_than_the_median_at_the_same_step() -> None:

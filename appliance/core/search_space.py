@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import warnings
 from typing import Any
 
 from appliance.errors import InvalidInput
@@ -78,6 +79,10 @@ def _param(name: str, spec: Any, where: str) -> dict[str, Any]:
         raise InvalidInput(f"{where}: {kind} needs a positive low bound, got {values[0]:g}")
     if kind.startswith("q") and values[2] <= 0:
         raise InvalidInput(f"{where}: {kind} needs q > 0, got {values[2]:g}")
+    if kind.startswith("q") and not _multiples(values):
+        raise InvalidInput(
+            f"{where}: no multiple of q={values[2]:g} lies in [{values[0]:g}, {values[1]:g}]"
+        )
     if kind == "randint" and not all(float(v).is_integer() for v in values):
         raise InvalidInput(f"{where}: randint takes whole numbers")
     return {"kind": kind, "name": name, "args": values}
@@ -123,14 +128,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _multiples(args: list[float]) -> list[float]:
+    """The multiples of q within [low, high]: a quantized parameter's only values."""
+    low, high, q = args
+    steps = range(math.ceil(low / q - 1e-9), math.floor(high / q + 1e-9) + 1)
+    whole = float(q).is_integer()
+    return [int(i * q) if whole else round(i * q, 12) for i in steps]
+
+
 def _whole(param: dict[str, Any]) -> bool:
     """A quantized parameter whose step is a whole number: its values are integers."""
     return param["kind"] in ("quniform", "qloguniform") and float(param["args"][2]).is_integer()
 
 
 def typed(space: dict[str, dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-    """Values as a trainer expects them: a whole-number step gives ints (LightGBM refuses
-    `min_data_in_leaf: 45.0`), nested options typed by their own spaces."""
+    """Values as a trainer expects them: a quantized value within its bounds (hyperopt
+    rounds `exp(u)` to q and may fall below `low`, even to 0), a whole-number step as an int
+    (LightGBM refuses `min_data_in_leaf: 45.0`), nested options typed by their own spaces."""
     out = dict(params)
     for name, value in params.items():
         param = space.get(name)
@@ -141,8 +155,10 @@ def typed(space: dict[str, dict[str, Any]], params: dict[str, Any]) -> dict[str,
                 if "space" in option and set(value) <= set(option["space"]):
                     out[name] = typed(option["space"], value)
                     break
-        elif _whole(param) and isinstance(value, float) and math.isfinite(value):
-            out[name] = int(round(value))
+        elif param["kind"] in ("quniform", "qloguniform") and isinstance(value, int | float):
+            points = _multiples(param["args"])
+            value = min(max(value, points[0]), points[-1])
+            out[name] = int(round(value)) if _whole(param) else round(value, 12)
     return out
 
 
@@ -162,13 +178,11 @@ def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             return out
         if kind == "randint":
             return list(range(int(param["args"][0]), int(param["args"][1]) + 1))
-        if kind == "quniform":
-            low, high, q = param["args"]
-            steps = range(math.ceil(low / q - 1e-9), math.floor(high / q + 1e-9) + 1)
-            return [int(i * q) if _whole(param) else round(i * q, 12) for i in steps]
+        if kind in ("quniform", "qloguniform"):
+            return _multiples(param["args"])
         raise InvalidInput(
-            f"space.{param['name']}: grid needs a discrete space (choice, randint, quniform); "
-            f"{kind} is continuous"
+            f"space.{param['name']}: grid needs a discrete space (choice, randint, quniform, "
+            f"qloguniform); {kind} is continuous"
         )
 
     columns = [(name, values(param)) for name, param in space.items()]
@@ -246,7 +260,10 @@ class Suggester:
         (trial_id,) = self.trials.new_trial_ids(1)
         # a fresh seed per suggestion, fixed by the trial number: a resumed study asks the same way
         seed = random.Random(self.seed * 1_000_003 + trial_id).randrange(2**31 - 1)
-        docs = self._algo()([trial_id], self.domain, self.trials, seed)
+        with warnings.catch_warnings():
+            # anneal takes log(0) of a qloguniform drawn below its first step (then clamped)
+            warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
+            docs = self._algo()([trial_id], self.domain, self.trials, seed)
         self.trials.insert_trial_docs(docs)  # pending: the next ask sees it
         self.trials.refresh()
         doc = self.trials._dynamic_trials[-1]  # the stored doc: tell must change this one

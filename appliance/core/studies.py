@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -40,6 +41,7 @@ FINISHED = ("succeeded", "failed")  # a study that ended on its own; `stopped` r
 TRIAL_DONE = ("succeeded", "failed", "early_stopped")  # `cancelled` trials run again on resume
 POLL_S = 0.02  # how often the driver looks for ended trial jobs (one indexed query)
 CHECK_S = 0.5  # how often it reads running trials' curves for the median rule
+CANCELLED_OUTSIDE = "its job was cancelled; it runs again on resume"
 WORSE_THAN_MEDIAN = "worse than the median of completed trials at the same step"
 RUN_STATUS = {"succeeded": "finished", "failed": "failed", "stopped": "cancelled"}
 
@@ -236,7 +238,7 @@ def stop_study(app: Appliance, ref: str, timeout: float = 10.0) -> dict[str, Any
         (row["id"],),
     )
     if state == "interrupted":
-        _wind_down(app, row["id"], "stopped", "stopped by request")
+        _wind_down(app, row["id"], "stopped", "stopped by request", "request")
         return get_study(app, row["id"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -247,7 +249,7 @@ def stop_study(app: Appliance, ref: str, timeout: float = 10.0) -> dict[str, Any
     current = _row(app, row["id"])
     if current["state"] != "stopped":  # a driver that does not answer
         signal_ours(current.get("driver_pid"), 15)
-        _wind_down(app, row["id"], "stopped", "stopped by request")
+        _wind_down(app, row["id"], "stopped", "stopped by request", "request")
     return get_study(app, row["id"])
 
 
@@ -280,21 +282,8 @@ def resume_study(
         raise InvalidInput(
             f"--timeout {timeout:g}: the study has already run {row['elapsed_s']:.0f} s"
         )
-    cut_off = app.db.scalar(
-        "SELECT count(*) FROM trials WHERE study_id = ? AND state = 'cancelled'", (row["id"],)
-    )
-    if state in FINISHED and not cut_off:  # cancelled trials: a resume runs them again
-        raised = (
-            (max_trials is not None and max_trials > spec["max_trials"])
-            or (max_failed_trials is not None and max_failed_trials > spec["max_failed_trials"])
-            or (timeout is not None and spec.get("timeout_s") is not None)
-        )
-        if not raised:
-            raise Conflict(
-                f"{label} already finished ({state}: {row['message']}); resume it with "
-                f"--max-trials above {spec['max_trials']} (or --max-failed-trials above "
-                f"{spec['max_failed_trials']}, or a longer --timeout) to run more trials"
-            )
+    if state in FINISHED:
+        _check_extends(row, spec, max_trials, max_failed_trials, timeout, app)
     if spec["algorithm"] == "grid" and max_trials is not None:
         from appliance.core.search_space import grid_points
 
@@ -305,12 +294,15 @@ def resume_study(
     if timeout is not None:
         spec["timeout_s"] = timeout
     with app.db.transaction() as conn:
-        conn.execute(
+        # Only from the state read above: of two racing resumes, one starts a driver.
+        claimed = conn.execute(
             "UPDATE studies SET state = 'running', stop_requested = 0, message = NULL, "
-            "finished_at = NULL, spec_json = ?, driver_pid = NULL, driver_identity = NULL "
-            "WHERE id = ?",
-            (json.dumps(spec, sort_keys=True), row["id"]),
-        )
+            "ended_by = NULL, finished_at = NULL, spec_json = ?, driver_pid = NULL, "
+            "driver_identity = NULL WHERE id = ? AND state = ? AND driver_pid IS ?",
+            (json.dumps(spec, sort_keys=True), row["id"], row["state"], row["driver_pid"]),
+        ).rowcount
+        if not claimed:
+            raise Conflict(f"{label} changed while resuming it; look again (tune show)")
         conn.execute(
             "UPDATE runs SET status = 'running', finished_at = NULL WHERE id = ?",
             (row["run_id"],),
@@ -318,6 +310,40 @@ def resume_study(
     if start:
         start_driver(app, row["id"])
     return get_study(app, row["id"])
+
+
+def _check_extends(
+    row: dict[str, Any],
+    spec: dict[str, Any],
+    max_trials: int | None,
+    max_failed_trials: int | None,
+    timeout: float | None,
+    app: Appliance,
+) -> None:
+    """A finished study resumes only when what ended it is lifted: a larger budget for the
+    limit it reached, or trials cancelled from outside to run again. A stop rule met, an
+    exhausted grid or a missing objective cannot be lifted: start a new study."""
+    label = f"study {row['name']} ({row['id']})"
+    outside = app.db.scalar(
+        "SELECT count(*) FROM trials WHERE study_id = ? AND state = 'cancelled' AND error = ?",
+        (row["id"], CANCELLED_OUTSIDE),
+    )
+    ended_by = row["ended_by"]
+    lifted = {
+        "max_trials": max_trials is not None and max_trials > spec["max_trials"],
+        "failures": max_failed_trials is not None and max_failed_trials > spec["max_failed_trials"],
+        "timeout": timeout is not None,
+        "driver": True,  # the driver's own failure (a file fixed since): try again
+    }
+    if lifted.get(ended_by) or (outside and ended_by in ("max_trials", "grid")):
+        return
+    finished = f"{label} already finished ({row['state']}: {row['message']})"
+    hint = {
+        "max_trials": f"resume it with --max-trials above {spec['max_trials']}",
+        "failures": f"resume it with --max-failed-trials above {spec['max_failed_trials']}",
+        "timeout": "resume it with a longer --timeout",
+    }.get(ended_by or "", "it cannot be extended; start a new study")
+    raise Conflict(f"{finished}; {hint}")
 
 
 def register_best(app: Appliance, ref: str, model: str) -> dict[str, Any]:
@@ -352,17 +378,21 @@ def _finish_trials(conn: sqlite3.Connection, study_id: str) -> list[str]:
     return jobs
 
 
-def _wind_down(app: Appliance, study_id: str, state: str, message: str) -> None:
-    """End the study: running trials cancelled (kept), the state and the parent run set."""
+def _wind_down(app: Appliance, study_id: str, state: str, message: str, ended_by: str) -> bool:
+    """End a running study: running trials cancelled (kept), the state, why it ended
+    (`ended_by`: what a resume must change) and the parent run set. False when the study
+    had already ended (a stop racing the driver's own end changes nothing)."""
     from appliance.core.jobs import request_cancel
 
     with app.db.transaction() as conn:
+        ended = conn.execute(
+            "UPDATE studies SET state = ?, message = ?, ended_by = ?, finished_at = ?, "
+            "stop_requested = 0 WHERE id = ? AND state IN ('running', 'stopping')",
+            (state, message, ended_by, utcnow(), study_id),
+        ).rowcount
+        if not ended:
+            return False
         jobs = _finish_trials(conn, study_id)
-        conn.execute(
-            "UPDATE studies SET state = ?, message = ?, finished_at = ?, stop_requested = 0 "
-            "WHERE id = ?",
-            (state, message, utcnow(), study_id),
-        )
         conn.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE id = "
             "(SELECT run_id FROM studies WHERE id = ?)",
@@ -371,6 +401,7 @@ def _wind_down(app: Appliance, study_id: str, state: str, message: str) -> None:
     for job_id in jobs:
         with contextlib.suppress(Conflict, NotFound):
             request_cancel(app, job_id)
+    return True
 
 
 # ---- trial functions ----------------------------------------------------------------------
@@ -433,6 +464,10 @@ def function_trial_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> Non
     fn = load_function(target["script"], target["name"])
 
     def report(key: str, value: float, step: int) -> None:
+        if not math.isfinite(value):
+            if key == target["metric"]:
+                raise ValueError(f"objective.metric {key!r} was {value} at step {step}")
+            return  # another metric: nothing to record
         now = time.time()
         emit({"type": "metric", "name": key, "value": value, "step": step, "timestamp": now})
 
@@ -617,6 +652,16 @@ class Driver:
         value = self.app.db.scalar(sql, (run_id, self.metric))
         return None if value is None else float(value)
 
+    def _reported_before(self) -> bool:
+        """Whether any trial has reported the objective (then one that did not, say with a
+        NaN the protocol dropped, failed on its own)."""
+        return bool(self.curves) or bool(
+            self.app.db.scalar(
+                "SELECT count(*) FROM trials WHERE study_id = ? AND objective IS NOT NULL",
+                (self.id,),
+            )
+        )
+
     def _reported(self, run_id: str) -> list[str]:
         return [
             r["key"]
@@ -677,14 +722,15 @@ class Driver:
                 )
                 self._set_trial(number, "failed", None, message, duration)
                 self.suggester.tell(number, None, "failed")
-                raise _ObjectiveMissing(message)
+                if not self._reported_before():
+                    raise _ObjectiveMissing(message)  # the study's mistake, not the trial's
             if self._set_trial(number, "succeeded", value, None, duration):
                 self.suggester.tell(number, self._loss(value))
                 self.curves[number] = self._curve(number)
             return
         if job["state"] == "cancelled" or job.get("error") == SUPERVISOR_GONE:
             if job["state"] == "cancelled":
-                error = "its job was cancelled; it runs again on resume"
+                error = CANCELLED_OUTSIDE
             else:
                 self.rerun.append(number)  # not the trial's fault: again now, same values
                 error = SUPERVISOR_GONE
@@ -728,7 +774,11 @@ class Driver:
                 continue
             best = max(curve.values()) if self.maximize else min(curve.values())
             reason = f"early stopped at step {step}: {WORSE_THAN_MEDIAN}"
-            if self._set_trial(trial["number"], "early_stopped", best, reason, None):
+            started = self.app.db.scalar(
+                "SELECT started_at FROM jobs WHERE id = ?", (trial["job_id"],)
+            )
+            duration = _seconds_between(started, utcnow())
+            if self._set_trial(trial["number"], "early_stopped", best, reason, duration):
                 self.suggester.tell(trial["number"], self._loss(best), "early_stopped")
                 with contextlib.suppress(Conflict, NotFound):
                     request_cancel(self.app, trial["job_id"])
@@ -742,8 +792,8 @@ class Driver:
             "UPDATE studies SET elapsed_s = ? WHERE id = ?", (self.elapsed(), self.id)
         )
 
-    def verdict(self, trials: list[dict[str, Any]], asked_all: bool) -> tuple[str, str] | None:
-        """Whether the study ends now, and how: (state, message) or None."""
+    def verdict(self, trials: list[dict[str, Any]], asked_all: bool) -> tuple[str, str, str] | None:
+        """Whether the study ends now, and how: (state, message, ended_by) or None."""
         spec = self.spec
         failed = [t for t in trials if t["state"] == "failed"]
         if len(failed) > spec["max_failed_trials"]:
@@ -752,6 +802,7 @@ class Driver:
                 "failed",
                 f"{len(failed)} trials failed, more than max_failed_trials "
                 f"({spec['max_failed_trials']}); last, trial {last['number']}: {last['error']}",
+                "failures",
             )
         done = [t for t in trials if t["state"] in TRIAL_DONE]
         values = [
@@ -760,14 +811,18 @@ class Driver:
         ]
         reason = study_should_stop(values, spec.get("stop") or {}, self.maximize)
         if reason:
-            return "succeeded", f"stopped early: {reason}"
+            return "succeeded", f"stopped early: {reason}", "stop_rule"
         if spec.get("timeout_s") is not None and self.elapsed() >= spec["timeout_s"]:
-            return "succeeded", f"timeout of {spec['timeout_s']:g} s reached"
+            return "succeeded", f"timeout of {spec['timeout_s']:g} s reached", "timeout"
         running = [t for t in trials if t["state"] == "running"]
         if asked_all and not running and not self.rerun:
+            grid = self.suggester.grid
+            why = "grid" if grid is not None and self.suggester.asked >= len(grid) else "max_trials"
+            if not any(t["state"] in ("succeeded", "early_stopped") for t in done):
+                return "failed", f"no trial succeeded ({len(failed)} failed)", why
             cancelled = len(trials) - len(done)
             extra = f", {cancelled} cancelled (resume runs them again)" if cancelled else ""
-            return "succeeded", f"{len(done)} trials finished{extra}"
+            return "succeeded", f"{len(done)} trials finished{extra}", why
         return None
 
     def _stop_requested(self) -> bool:
@@ -783,7 +838,7 @@ class Driver:
                 return self._run_in_process()
             return self._run_jobs()
         except _ObjectiveMissing as exc:
-            _wind_down(self.app, self.id, "failed", str(exc))
+            _wind_down(self.app, self.id, "failed", str(exc), "objective")
             return "failed"
         finally:
             self._save_elapsed()
@@ -827,7 +882,7 @@ class Driver:
         last_check = last_slow = 0.0
         while True:
             if self._stop_requested():
-                _wind_down(self.app, self.id, "stopped", "stopped by request")
+                _wind_down(self.app, self.id, "stopped", "stopped by request", "request")
                 return "stopped"
             now = time.monotonic()
             slow = now - last_slow >= CHECK_S
@@ -872,7 +927,7 @@ class Driver:
         self.function = load_function(train["script"], train["function"])
         while True:
             if self._stop_requested():
-                _wind_down(self.app, self.id, "stopped", "stopped by request")
+                _wind_down(self.app, self.id, "stopped", "stopped by request", "request")
                 return "stopped"
             ending = self.verdict(self.trials(), self._exhausted())
             if ending is not None:
@@ -893,6 +948,10 @@ class Driver:
         completed = list(self.curves.values())
 
         def report(key: str, value: float, step: int) -> None:
+            if not math.isfinite(value):
+                if key == self.metric:
+                    raise ValueError(f"objective.metric {key!r} was {value} at step {step}")
+                return  # another metric: nothing to record (the store keeps numbers)
             rows.append((key, value, step, time.time()))
             if key == self.metric:
                 curve[step] = value
@@ -910,6 +969,7 @@ class Driver:
             state, error = "failed", f"{type(exc).__name__}: {exc}"
         duration = time.perf_counter() - started
         objective = None
+        missing = False
         if state != "failed":
             if curve:
                 pick = max if self.maximize else min
@@ -920,6 +980,7 @@ class Driver:
                     else final
                 )
             else:
+                missing = True
                 state, error = (
                     "failed",
                     (
@@ -955,9 +1016,9 @@ class Driver:
             )
             if state in ("succeeded", "early_stopped"):
                 self._log_best(conn)
-        if state == "failed" and error and error.startswith("objective.metric"):
+        if missing and not self._reported_before():
             self.suggester.tell(number, None, "failed")
-            raise _ObjectiveMissing(error)
+            raise _ObjectiveMissing(error)  # the study's mistake, not the trial's
         self.suggester.tell(number, self._loss(objective), state if state != "succeeded" else "ok")
         if state == "succeeded":
             self.curves[number] = curve
@@ -972,7 +1033,7 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
         whole = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
         return whole + (float("0" + text[19:-1]) if len(text) > 20 else 0.0)
 
-    return max(0.0, parse(end) - parse(start))
+    return round(max(0.0, parse(end) - parse(start)), 3)
 
 
 def drive_study(app: Appliance, study_id: str) -> str:
@@ -998,7 +1059,7 @@ def drive_study(app: Appliance, study_id: str) -> str:
         try:
             return Driver(app, study_id).run()
         except Exception as exc:  # the driver's own failure must not leave it 'running'
-            _wind_down(app, study_id, "failed", f"the study driver failed: {exc}")
+            _wind_down(app, study_id, "failed", f"the study driver failed: {exc}", "driver")
             raise
 
 

@@ -40,11 +40,26 @@ COMMON_KEYS = {"resources", "timeout"}
 MIN_DATA_IN_LEAF = {"min_data_in_leaf", "min_data_per_leaf", "min_data", "min_child_samples"}
 
 
-def _count(data: dict[str, Any], key: str, default: int, low: int = 1) -> int:
+def _count(data: dict[str, Any], key: str, default: int, low: int = 1, within: str = "") -> int:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInput(f"{key}: expected a whole number >= {low}, got {value!r}")
+        raise InvalidInput(f"{within}{key}: expected a whole number >= {low}, got {value!r}")
     return value
+
+
+def _check_mlp(space: dict[str, dict[str, Any]], params: dict[str, Any]) -> None:
+    """The MLP's parameter names (and the fixed values) before anything is created."""
+    from appliance.core.mlp import MlpConfig
+    from appliance.core.training import COMMON_DEFAULTS
+
+    known = set(MlpConfig.__dataclass_fields__) | set(COMMON_DEFAULTS)
+    for param in sorted(space_names(space)):
+        if param not in known:
+            raise InvalidInput(f"space.{param}: not an MLP parameter; known: {sorted(known)}")
+    try:
+        MlpConfig.from_params({k: v for k, v in params.items() if k not in COMMON_DEFAULTS})
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"train.params: {exc}") from exc
 
 
 def _function_defined(path: Path, function: str) -> bool:
@@ -106,6 +121,11 @@ def _parse_train(app: Appliance, train: Any) -> dict[str, Any]:
         in_process = train.get("in_process", False)
         if not isinstance(in_process, bool) or (in_process and function is None):
             raise InvalidInput("train.in_process: true or false, and only with train.function")
+        if in_process and out["timeout"] is not None:
+            raise InvalidInput(
+                "train.timeout: an in-process trial cannot be cut short; run trials as jobs "
+                "(in_process: false) to time them out"
+            )
         return {
             **out,
             "script": str(path.resolve()),
@@ -188,6 +208,8 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
     clash = sorted(space_names(space) & set(params))
     if clash:
         raise InvalidInput(f"space: {clash} also fixed in train.params; keep one")
+    if train.get("trainer") == "mlp":
+        _check_mlp(space, params)
     if train.get("trainer") == "lightgbm":
         from appliance.core.training import check_lightgbm_params
 
@@ -220,20 +242,24 @@ def parse_study(app: Appliance, data: Any, source: str = "study") -> dict[str, A
     timeout = data.get("timeout")
     early = data.get("early_stopping")
     if early is not None:
+        expected = "expected {rule: median, start_step, min_trials_required}"
         if not isinstance(early, dict) or early.get("rule", "median") != "median":
-            raise InvalidInput(
-                "early_stopping: expected {rule: median, start_step, min_trials_required}"
-            )
+            raise InvalidInput(f"early_stopping: {expected}")
+        unknown = sorted(set(early) - {"rule", "start_step", "min_trials_required"})
+        if unknown:
+            raise InvalidInput(f"early_stopping: unknown key(s) {unknown}; {expected}")
         early = {
             "rule": "median",
-            "start_step": _count(early, "start_step", 1, low=0),
-            "min_trials_required": _count(early, "min_trials_required", 5),
+            "start_step": _count(early, "start_step", 1, low=0, within="early_stopping."),
+            "min_trials_required": _count(
+                early, "min_trials_required", 5, within="early_stopping."
+            ),
         }
     stop = data.get("stop") or {}
     if not isinstance(stop, dict) or set(stop) - {"patience", "target"}:
         raise InvalidInput("stop: expected {patience: N trials without improvement, target: V}")
     if "patience" in stop:
-        _count(stop, "patience", 1)
+        _count(stop, "patience", 1, within="stop.")
     if "target" in stop and (
         isinstance(stop["target"], bool) or not isinstance(stop["target"], int | float)
     ):

@@ -413,6 +413,7 @@ def m012_tuning(db: Any) -> None:
             state TEXT NOT NULL
                 CHECK (state IN ('running', 'stopping', 'stopped', 'succeeded', 'failed')),
             message TEXT,
+            ended_by TEXT,
             run_id TEXT NOT NULL REFERENCES runs(id),
             driver_pid INTEGER,
             driver_identity TEXT,

@@ -23,6 +23,7 @@ from textual_plotext import PlotextPlot
 
 from appliance.core import studies
 from appliance.core.context import Appliance
+from appliance.core.search_space import flatten
 from appliance.errors import ApplianceError
 from appliance.tui.jobs import ConfirmScreen, show_outcome
 
@@ -72,12 +73,14 @@ def _number(value: Any) -> str:
 
 
 def scatter_points(trials: list[dict[str, Any]], param: str) -> tuple[list[Any], list[float]]:
-    """(parameter values, objectives) of the finished trials; categories as their labels."""
+    """(parameter values, objectives) of the finished trials that used `param` (a nested
+    option's parameters by their own names); categories as their labels."""
     xs, ys = [], []
     for t in trials:
-        if t["objective"] is None or param not in t["params"]:
+        used = flatten(t["params"])
+        if t["objective"] is None or param not in used:
             continue
-        value = t["params"][param]
+        value = used[param]
         xs.append(value if isinstance(value, int | float) else _number(value))
         ys.append(float(t["objective"]))
     return xs, ys
@@ -227,7 +230,7 @@ class TuningScreen(Screen[None]):
     def _params(self) -> list[str]:
         if self.shown is None:
             return []
-        return sorted({k for t in self.shown["trial_rows"] for k in t["params"]})
+        return sorted({k for t in self.shown["trial_rows"] for k in flatten(t["params"])})
 
     def _render_trials(self) -> None:
         table = self.query_one("#trials", DataTable)
@@ -243,7 +246,7 @@ class TuningScreen(Screen[None]):
                 _styled(t["state"]),
                 _number(t["objective"]),
                 _number(t["duration_s"]),
-                *(_number(t["params"].get(n)) for n in names),
+                *(_number(flatten(t["params"]).get(n)) for n in names),
                 Text((t["error"] or "")[:60]),
             )
         if table.row_count:
