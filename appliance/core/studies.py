@@ -545,7 +545,8 @@ class Driver:
         )
 
     # -- submitting
-    def _run_spec(self, number: int, params: dict[str, Any]) -> dict[str, Any]:
+    def _run_spec(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The values a trial's trainer gets: the fixed ones, then the trial's own."""
         train = self.spec["train"]
         values = {**train["params"], **flatten(params)}
         if train.get("trainer") == "lightgbm" and space_names(self.space) & MIN_DATA_IN_LEAF:
@@ -583,7 +584,7 @@ class Driver:
         from appliance.core.training import submit_training
 
         train = self.spec["train"]
-        values = self._run_spec(number, params)
+        values = self._run_spec(params)
         options = {
             "parent_run_id": self.row["run_id"],
             "tags": {"study": self.id, "trial": str(number)},
@@ -941,7 +942,7 @@ class Driver:
 
     def _call(self, number: int, params: dict[str, Any], vals: Any, attempt: int) -> None:
         assert self.function is not None
-        values = self._run_spec(number, params)
+        values = self._run_spec(params)
         rows: list[tuple[str, float, int, float]] = []
         curve: dict[int, float] = {}
         rule = self.spec.get("early_stopping")
