@@ -125,3 +125,33 @@ def test_quantized_and_normal_values_stay_in_their_support(algorithm: str) -> No
 def test_grid_enumerates_quantized_log_spaces() -> None:
     points = grid_points(parse_space({"r": {"qloguniform": [0.01, 0.2, 0.05]}}))
     assert points == [{"r": 0.05}, {"r": 0.1}, {"r": 0.15}, {"r": 0.2}]
+
+
+def test_options_sharing_a_name_each_keep_their_own_values() -> None:
+    space = parse_space(
+        {"b": {"choice": [{"n": {"quniform": [8, 32, 8]}}, {"n": {"quniform": [64, 256, 64]}}]}}
+    )
+    suggester = Suggester(space, "random", seed=0)
+    for _ in range(40):
+        trial = suggester.ask()
+        assert trial is not None
+        n = trial["params"]["b"]["n"]
+        if trial["vals"]["b"] == [1]:  # the option hyperopt chose decides the bounds
+            assert n in (64, 128, 192, 256)
+        else:
+            assert n in (8, 16, 24, 32)
+
+
+def test_parameters_taken_together_must_not_share_a_name() -> None:
+    with pytest.raises(InvalidInput, match="space.b: parameter 'x' is also set by space.x"):
+        parse_space({"x": {"uniform": [-3, -2]}, "b": {"choice": [{"x": {"uniform": [10, 11]}}]}})
+    with pytest.raises(InvalidInput, match=r"space.b\[0\].c: parameter 'y' is also set by"):
+        parse_space(
+            {
+                "b": {
+                    "choice": [
+                        {"y": {"uniform": [0, 1]}, "c": {"choice": [{"y": {"uniform": [2, 3]}}]}}
+                    ]
+                }
+            }
+        )

@@ -52,6 +52,18 @@ def nan_below_half(p):
 
 def always_fails(p):
     raise RuntimeError("broken objective")
+
+def exits_when_positive(p):
+    import sys
+    if p["x"] > 0:
+        sys.exit(3)
+    return p["x"] ** 2
+
+def kills_its_supervisor(p):
+    import os, signal
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(0.3)
+    return p["x"]
 """
 
 
@@ -130,7 +142,7 @@ def test_trials_are_child_runs_with_the_values_they_used(app: Appliance, script:
         assert run["params"].get("drop") == (None if booster == "gbdt" else booster["drop"])
     best = min(trials, key=lambda t: t["objective"])
     assert (shown["best_trial"], shown["best_value"]) == (best["number"], best["objective"])
-    assert set(shown["importance"]) == {"x", "y", "z", "booster", "leaves"}
+    assert set(shown["importance"]) == {"x", "y", "z", "booster", "drop", "leaves"}
     assert abs(sum(shown["importance"].values()) - 1) < 1e-9
     # the parent run's best-so-far curve never gets worse
     curve = [
@@ -197,6 +209,14 @@ def test_the_median_rule_stops_a_running_trial_job(app: Appliance, script: Path)
     last = shown["trial_rows"][3]
     assert last["objective"] < 0.5 * 10  # stopped before its last step
     assert 0 < last["duration_s"] < 1.2
+    run = get_run(app, last["run_id"])  # once its job ended, the trial agrees with its run
+    scores = [
+        m["value"]
+        for m in app.db.rows(
+            "SELECT value FROM run_metrics WHERE run_id = ? AND key = 'score'", (last["run_id"],)
+        )
+    ]
+    assert last["objective"] == max(scores) and run["tags"]["early_stopped"].startswith("step ")
     job = app.db.one("SELECT state FROM jobs WHERE id = ?", (last["job_id"],))
     wait_for(
         lambda: (
@@ -274,6 +294,40 @@ def test_a_nan_objective_fails_its_trial_not_the_study(app: Appliance, script: P
     assert shown["best_value"] == 0.7
 
 
+def test_a_function_that_exits_fails_its_trial_not_the_driver(app: Appliance, script: Path) -> None:
+    spec = make(
+        app,
+        script,
+        "exits_when_positive",
+        space={"x": {"choice": [1, -1, 2, -2]}},
+        algorithm="grid",
+    )
+    shown = run_here(app, spec)
+    assert [t["state"] for t in shown["trial_rows"]] == ["failed", "succeeded"] * 2
+    assert shown["trial_rows"][0]["error"] == "SystemExit: 3" and shown["state"] == "succeeded"
+
+
+def test_values_the_trainer_refuses_fail_their_trials(
+    app: Appliance, script: Path, tmp_path: Path
+) -> None:
+    _synthetic(app, tmp_path)
+    spec = parse_study(
+        app,
+        {
+            "name": "refused",
+            "train": {"trainer": "lightgbm", "train": "tune_train", "label": "label"},
+            "objective": {"metric": "valid_auc", "direction": "maximize"},
+            "space": {"num_boost_round": {"uniform": [5, 20]}},
+            "max_trials": 10,
+            "max_failed_trials": 2,
+        },
+    )
+    shown = run_here(app, spec)
+    assert shown["state"] == "failed" and shown["trials"] == 3
+    assert all(t["state"] == "failed" and t["job_id"] is None for t in shown["trial_rows"])
+    assert "refused: param num_boost_round: must be a non-negative integer" in shown["message"]
+
+
 def test_a_study_whose_every_trial_failed_fails(app: Appliance, script: Path) -> None:
     shown = run_here(app, make(app, script, "always_fails", max_trials=3, max_failed_trials=5))
     assert shown["state"] == "failed" and shown["message"] == "no trial succeeded (3 failed)"
@@ -314,6 +368,10 @@ def test_resume_refuses_a_finished_study_unless_its_budget_grows(
         studies.resume_study(app, shown["id"], start=False)
     with pytest.raises(InvalidInput, match="already has 12 trials"):
         studies.resume_study(app, shown["id"], max_trials=5, start=False)
+    raced = run_here(app, make(app, script, "quadratic", max_trials=3, name="raced"))
+    studies.resume_study(app, raced["id"], max_trials=4, start=False)
+    with pytest.raises(Conflict, match="is running"):  # the first resume holds it
+        studies.resume_study(app, raced["id"], max_trials=5, start=False)
     first = {t["number"]: t["params"] for t in shown["trial_rows"]}
     studies.resume_study(app, shown["id"], max_trials=20, start=False)
     studies.drive_study(app, shown["id"])
@@ -568,3 +626,64 @@ def test_a_trial_job_cancelled_from_outside_is_kept_and_runs_again_on_resume(
     trials = studies.list_trials(app, study["id"])
     assert again["state"] == "succeeded" and [t["state"] for t in trials] == ["succeeded"] * 3
     assert trials[0]["attempt"] == 2 and trials[0]["params"] == first["params"]
+
+
+@pytest.mark.slow
+def test_job_trials_that_report_nan_or_kill_their_supervisor_fail_alone(
+    app: Appliance, tmp_path: Path, script: Path
+) -> None:
+    nan_script = tmp_path / "nan.py"
+    nan_script.write_text(
+        "from appliance import sdk\n"
+        "p = sdk.params()\n"
+        "sdk.log_metric('loss', float('nan') if p['x'] < 0.5 else p['x'])\n"
+    )
+    spec = parse_study(
+        app,
+        {
+            "name": "nan-script",
+            "train": {"script": str(nan_script)},
+            "objective": {"metric": "loss"},
+            "algorithm": "grid",
+            "space": {"x": {"choice": [0.1, 0.7]}},
+        },
+    )
+    study = studies.create_study(app, spec)
+    done = studies.wait_study(app, study["id"], timeout=60)
+    trials = studies.list_trials(app, study["id"])
+    assert done["state"] == "succeeded" and [t["state"] for t in trials] == ["failed", "succeeded"]
+    assert trials[0]["error"] == "objective.metric 'loss' was nan at step 0"
+    # a trial that kills its own supervisor is run again, but not for ever
+    killer = make(
+        app,
+        script,
+        "kills_its_supervisor",
+        in_process=False,
+        space={"x": {"choice": [1.0]}},
+        algorithm="grid",
+    )
+    study = studies.create_study(app, killer)
+    done = studies.wait_study(app, study["id"], timeout=90)
+    (trial,) = studies.list_trials(app, study["id"])
+    assert trial["state"] == "failed" and trial["attempt"] == studies.MAX_ATTEMPTS
+    assert "supervisor process disappeared" in trial["error"] and done["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_an_in_process_study_killed_keeps_the_time_it_ran(app: Appliance, script: Path) -> None:
+    spec = make(
+        app,
+        script,
+        "sleepy",
+        space={"x": {"uniform": [0, 2]}},
+        fixed={"sleep": 0.1},
+        max_trials=500,
+        timeout=60,
+    )
+    study = studies.create_study(app, spec)
+    wait_for(lambda: studies.get_study(app, study["id"])["trials"] >= 12)
+    row = app.db.one("SELECT driver_pid FROM studies WHERE id = ?", (study["id"],))
+    assert row is not None
+    _kill_group(row["driver_pid"])
+    wait_for(lambda: studies.get_study(app, study["id"])["state"] == "interrupted")
+    assert studies.get_study(app, study["id"])["elapsed_s"] >= 0.6

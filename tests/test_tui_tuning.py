@@ -102,10 +102,15 @@ def test_tuning_screen_shows_trials_plots_and_stops_and_resumes(
             best = [v for _, v in studies.best_curve(rows, maximize=False)]
             assert best == sorted(best, reverse=True) and best[-1] == screen.shown["best_value"]
 
-            # a finished study cannot be resumed from the screen
+            # a finished study: the core refuses, and the screen says why
             await pilot.press("u")
-            await pilot.pause(0.1)
-            assert not isinstance(tui.screen, ConfirmScreen)
+            await until(pilot, lambda: isinstance(tui.screen, ConfirmScreen), "confirm resume")
+            await pilot.press("y")
+            status_line = screen.query_one("#tuning-status", Static)
+            await until(
+                pilot, lambda: "already finished" in str(status_line.render()), "refusal shown"
+            )
+            assert studies.get_study(app, done["id"])["state"] == "succeeded"
 
             # resume the stopped one
             table.move_cursor(row=0)

@@ -10,7 +10,7 @@ import pytest
 
 from appliance.core import datasets
 from appliance.core.context import Appliance
-from appliance.core.tuning import load_study, parse_study
+from appliance.core.tuning import importance, load_study, parse_study
 from appliance.errors import InvalidInput, NotFound
 
 
@@ -261,3 +261,17 @@ def test_importance_names_the_parameter_that_drives_the_objective() -> None:
     assert abs(sum(scores.values()) - 1) < 1e-9
     assert scores["learning_rate"] > scores["kind"] > scores["noise"]
     assert importance(trials[:2]) == {}
+
+
+def test_importance_judges_a_nested_option_by_its_level_and_its_own_numbers() -> None:
+    import random
+
+    rng = random.Random(0)
+    trials = []
+    for i in range(40):
+        x = rng.random()
+        booster = "gbdt" if i % 2 else {"kind": "dart", "drop": rng.random()}
+        trials.append({"params": {"x": x, "booster": booster}, "objective": x})
+    scores = importance(trials)
+    # the objective is x alone: a nested option's noise must not look important
+    assert set(scores) == {"x", "booster", "drop"} and scores["x"] > 0.8

@@ -54,6 +54,7 @@ ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 SPEC_ENV = "APPLIANCE_JOB_SPEC"
 KILL_GRACE = 1.0  # SIGTERM -> SIGKILL: cancel and timeout end the whole tree within 2 s
+NON_FINITE_TAG = "non_finite."  # + a metric's name: its first NaN or infinity, and the step
 SUPERVISOR_GONE = "the job's supervisor process disappeared (killed, or the machine restarted)"
 CLAIM_GRACE = 30.0  # a claimed job whose supervisor never reported a pid is gone after this
 MAX_RETRIES = 10
@@ -698,6 +699,7 @@ class LineRecorder:
         self.progress: tuple[float, float | None, str | None] | None = None
         self.last_flush = time.monotonic()
         self.error: str | None = None  # the first thing that could not be kept
+        self.non_finite: set[str] = set()  # metrics already tagged as having had a NaN/inf
 
     def note_error(self, message: str) -> None:
         if self.error is None:
@@ -747,6 +749,14 @@ class LineRecorder:
             value = float(event["value"])
             step = int(event.get("step", 0))
             timestamp = float(event.get("timestamp", time.time()))
+            if not math.isfinite(value) and name not in self.non_finite:
+                # kept as a tag: the store holds numbers, but a tuner (or a person) must
+                # see that the metric went NaN rather than that it was never reported
+                self.non_finite.add(name)
+                with self.app.db.transaction() as conn:
+                    set_tags(
+                        conn, self.run_id, {f"{NON_FINITE_TAG}{name}": f"{value} at step {step}"}
+                    )
             if not math.isfinite(value) or not math.isfinite(timestamp):
                 raise ValueError(f"metric {name!r}: value must be a finite number")
             if not 0 <= step < 2**63:

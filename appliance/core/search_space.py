@@ -55,14 +55,11 @@ def _param(name: str, spec: Any, where: str) -> dict[str, Any]:
         for i, option in enumerate(args):
             if isinstance(option, dict) and option and all(isinstance(k, str) for k in option):
                 # a nested space: each of its parameters named within this option
-                options.append(
-                    {
-                        "space": {
-                            k: _param(f"{name}.{i}.{k}", v, f"{where}[{i}].{k}")
-                            for k, v in option.items()
-                        }
-                    }
-                )
+                nested = {
+                    k: _param(f"{name}.{i}.{k}", v, f"{where}[{i}].{k}") for k, v in option.items()
+                }
+                _check_disjoint(nested, f"{where}[{i}]")
+                options.append({"space": nested})
             else:
                 options.append({"value": option})
         return {"kind": kind, "name": name, "options": options}
@@ -92,7 +89,24 @@ def parse_space(spec: Any, where: str = "space") -> dict[str, dict[str, Any]]:
     """The validated space {param: parsed}; errors name the parameter (`space.lr: …`)."""
     if not isinstance(spec, dict) or not spec:
         raise InvalidInput(f"{where}: expected a mapping of parameter: {{distribution: args}}")
-    return {str(k): _param(str(k), v, f"{where}.{k}") for k, v in spec.items()}
+    space = {str(k): _param(str(k), v, f"{where}.{k}") for k, v in spec.items()}
+    _check_disjoint(space, where)
+    return space
+
+
+def _check_disjoint(space: dict[str, dict[str, Any]], where: str) -> None:
+    """Two parameters a trial takes together must not hand the trainer the same name (one
+    value would silently win); the options of one choice may share names, as only one of
+    them is taken."""
+    seen: dict[str, str] = {}
+    for key, param in space.items():
+        for name in sorted(space_names({key: param})):
+            if name in seen:
+                raise InvalidInput(
+                    f"{where}.{key}: parameter {name!r} is also set by {where}.{seen[name]}; "
+                    "a trial would get only one of them"
+                )
+            seen[name] = key
 
 
 def _hyperopt(param: dict[str, Any]) -> Any:
@@ -141,20 +155,23 @@ def _whole(param: dict[str, Any]) -> bool:
     return param["kind"] in ("quniform", "qloguniform") and float(param["args"][2]).is_integer()
 
 
-def typed(space: dict[str, dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+def typed(
+    space: dict[str, dict[str, Any]], params: dict[str, Any], vals: dict[str, list[Any]]
+) -> dict[str, Any]:
     """Values as a trainer expects them: a quantized value within its bounds (hyperopt
     rounds `exp(u)` to q and may fall below `low`, even to 0), a whole-number step as an int
-    (LightGBM refuses `min_data_in_leaf: 45.0`), nested options typed by their own spaces."""
+    (LightGBM refuses `min_data_in_leaf: 45.0`), nested options typed by their own spaces
+    (the option hyperopt chose, by its index in `vals`: options may share names)."""
     out = dict(params)
     for name, value in params.items():
         param = space.get(name)
         if param is None:
             continue
         if isinstance(value, dict):
-            for option in param.get("options", []):
-                if "space" in option and set(value) <= set(option["space"]):
-                    out[name] = typed(option["space"], value)
-                    break
+            chosen = vals.get(param["name"]) or []
+            option = param["options"][int(chosen[0])] if chosen else {}
+            if "space" in option:
+                out[name] = typed(option["space"], value, vals)
         elif param["kind"] in ("quniform", "qloguniform") and isinstance(value, int | float):
             points = _multiples(param["args"])
             value = min(max(value, points[0]), points[-1])
@@ -283,7 +300,7 @@ class Suggester:
         if self.grid is not None:
             return dict(vals)
         point = space_eval(self.hp_space, {k: v[0] for k, v in vals.items() if len(v)})
-        return typed(self.space, _plain(point))
+        return typed(self.space, _plain(point), vals)
 
     def replay(self, trial: int, vals: dict[str, Any], loss: float | None, state: str) -> None:
         """Put a stored trial back into the history (a resumed study): `state` 'pending' for

@@ -42,6 +42,7 @@ TRIAL_DONE = ("succeeded", "failed", "early_stopped")  # `cancelled` trials run 
 POLL_S = 0.02  # how often the driver looks for ended trial jobs (one indexed query)
 CHECK_S = 0.5  # how often it reads running trials' curves for the median rule
 CANCELLED_OUTSIDE = "its job was cancelled; it runs again on resume"
+MAX_ATTEMPTS = 3  # a trial cut off this many times (its supervisor lost) fails
 WORSE_THAN_MEDIAN = "worse than the median of completed trials at the same step"
 RUN_STATUS = {"succeeded": "finished", "failed": "failed", "stopped": "cancelled"}
 
@@ -294,12 +295,23 @@ def resume_study(
     if timeout is not None:
         spec["timeout_s"] = timeout
     with app.db.transaction() as conn:
-        # Only from the state read above: of two racing resumes, one starts a driver.
+        # Only from the state read above, and as this process until the driver it starts
+        # takes over: of two racing resumes, one claims the study, the other sees it running.
+        me = os.getpid()
         claimed = conn.execute(
             "UPDATE studies SET state = 'running', stop_requested = 0, message = NULL, "
-            "ended_by = NULL, finished_at = NULL, spec_json = ?, driver_pid = NULL, "
-            "driver_identity = NULL WHERE id = ? AND state = ? AND driver_pid IS ?",
-            (json.dumps(spec, sort_keys=True), row["id"], row["state"], row["driver_pid"]),
+            "ended_by = NULL, finished_at = NULL, spec_json = ?, driver_pid = ?, "
+            "driver_identity = ? WHERE id = ? AND state = ? AND driver_pid IS ? "
+            "AND driver_identity IS ?",
+            (
+                json.dumps(spec, sort_keys=True),
+                me,
+                identity(me),
+                row["id"],
+                row["state"],
+                row["driver_pid"],
+                row["driver_identity"],
+            ),
         ).rowcount
         if not claimed:
             raise Conflict(f"{label} changed while resuming it; look again (tune show)")
@@ -498,6 +510,7 @@ class Driver:
         self.suggester = Suggester(self.space, self.spec["algorithm"], self.spec["seed"])
         self.curves: dict[int, dict[int, float]] = {}  # succeeded trials' objective curves
         self.rerun: list[int] = []  # trials cut off before they finished: run again first
+        self.stopping: dict[int, dict[str, Any]] = {}  # early-stopped, their jobs not yet ended
         self.started = time.monotonic()
         self.elapsed_before = float(row["elapsed_s"] or 0.0)
         self.function: Callable[[dict[str, Any]], Any] | None = None
@@ -557,7 +570,7 @@ class Driver:
         """Insert (or, for a re-run, renew) the trial row in the job's own transaction, so a
         crash leaves either both or neither."""
 
-        def record(conn: sqlite3.Connection, job_id: str | None, run_id: str) -> None:
+        def record(conn: sqlite3.Connection, job_id: str | None, run_id: str | None) -> None:
             conn.execute(
                 "INSERT INTO trials (study_id, number, params_json, vals_json, state, job_id, "
                 "run_id, attempt, started_at) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?) "
@@ -580,6 +593,21 @@ class Driver:
         return record
 
     def submit(self, number: int, params: dict[str, Any], vals: Any, attempt: int = 1) -> None:
+        """Start a trial's job; values the trainer refuses (a float where it takes an
+        integer, a rate out of range) fail the trial, not the study."""
+        try:
+            self._submit(number, params, vals, attempt)
+        except InvalidInput as exc:
+            with self.app.db.transaction() as conn:
+                self._record(number, params, vals, attempt)(conn, None, None)
+                conn.execute(
+                    "UPDATE trials SET state = 'failed', error = ?, finished_at = ? "
+                    "WHERE study_id = ? AND number = ?",
+                    (f"refused: {exc.message}", utcnow(), self.id, number),
+                )
+            self.suggester.tell(number, None, "failed")
+
+    def _submit(self, number: int, params: dict[str, Any], vals: Any, attempt: int) -> None:
         from appliance.core.jobs import JobSpec, submit_job
         from appliance.core.training import submit_training
 
@@ -587,7 +615,7 @@ class Driver:
         values = self._run_spec(params)
         options = {
             "parent_run_id": self.row["run_id"],
-            "tags": {"study": self.id, "trial": str(number)},
+            "tags": {"study": self.id, "trial": str(number), "attempt": str(attempt)},
             "record": self._record(number, params, vals, attempt),
         }
         name = f"{self.spec['name']}-trial-{number}"
@@ -663,6 +691,16 @@ class Driver:
             )
         )
 
+    def _non_finite(self, run_id: str) -> str | None:
+        """Why the objective is missing when the trial did report it, as NaN or infinity."""
+        from appliance.core.jobs import NON_FINITE_TAG
+
+        seen = self.app.db.scalar(
+            "SELECT value FROM run_tags WHERE run_id = ? AND key = ?",
+            (run_id, NON_FINITE_TAG + self.metric),
+        )
+        return None if seen is None else f"objective.metric {self.metric!r} was {seen}"
+
     def _reported(self, run_id: str) -> list[str]:
         return [
             r["key"]
@@ -715,6 +753,11 @@ class Driver:
         duration = _seconds_between(job.get("started_at"), job.get("finished_at"))
         if job["state"] == "succeeded":
             value = self._objective(trial["run_id"])
+            went_bad = self._non_finite(trial["run_id"])
+            if value is None and went_bad:  # a NaN the protocol could not store
+                if self._set_trial(number, "failed", None, went_bad, duration):
+                    self.suggester.tell(number, None, "failed")
+                return
             if value is None:
                 reported = ", ".join(self._reported(trial["run_id"])) or "nothing"
                 message = (
@@ -732,6 +775,11 @@ class Driver:
         if job["state"] == "cancelled" or job.get("error") == SUPERVISOR_GONE:
             if job["state"] == "cancelled":
                 error = CANCELLED_OUTSIDE
+            elif trial["attempt"] >= MAX_ATTEMPTS:  # it is the trial that kills its supervisor
+                error = f"{SUPERVISOR_GONE}, {trial['attempt']} times"
+                if self._set_trial(number, "failed", None, error, duration):
+                    self.suggester.tell(number, None, "failed")
+                return
             else:
                 self.rerun.append(number)  # not the trial's fault: again now, same values
                 error = SUPERVISOR_GONE
@@ -781,8 +829,35 @@ class Driver:
             duration = _seconds_between(started, utcnow())
             if self._set_trial(trial["number"], "early_stopped", best, reason, duration):
                 self.suggester.tell(trial["number"], self._loss(best), "early_stopped")
+                with self.app.db.transaction() as conn:
+                    set_tags(conn, trial["run_id"], {"early_stopped": f"step {step}"})
                 with contextlib.suppress(Conflict, NotFound):
                     request_cancel(self.app, trial["job_id"])
+                self.stopping[trial["number"]] = trial
+
+    def settle_stopped(self) -> None:
+        """An early-stopped trial's job reports until the cancel lands: once it has ended,
+        its objective is its run's best value, so the trial and its run agree."""
+        from appliance.core.jobs import FINAL_STATES
+
+        for number, trial in list(self.stopping.items()):
+            job = self.app.db.one(
+                "SELECT state, started_at, finished_at FROM jobs WHERE id = ?", (trial["job_id"],)
+            )
+            if job is not None and job["state"] not in FINAL_STATES:
+                continue
+            del self.stopping[number]
+            values = list(self._curve(number).values())
+            if not values or job is None:
+                continue
+            best = max(values) if self.maximize else min(values)
+            duration = _seconds_between(job["started_at"], job["finished_at"])
+            self.app.db.execute(
+                "UPDATE trials SET objective = ?, duration_s = coalesce(?, duration_s) "
+                "WHERE study_id = ? AND number = ? AND state = 'early_stopped'",
+                (best, duration, self.id, number),
+            )
+            self.suggester.tell(number, self._loss(best), "early_stopped")
 
     # -- the loop
     def elapsed(self) -> float:
@@ -816,7 +891,7 @@ class Driver:
         if spec.get("timeout_s") is not None and self.elapsed() >= spec["timeout_s"]:
             return "succeeded", f"timeout of {spec['timeout_s']:g} s reached", "timeout"
         running = [t for t in trials if t["state"] == "running"]
-        if asked_all and not running and not self.rerun:
+        if asked_all and not running and not self.rerun and not self.stopping:
             grid = self.suggester.grid
             why = "grid" if grid is not None and self.suggester.asked >= len(grid) else "max_trials"
             if not any(t["state"] in ("succeeded", "early_stopped") for t in done):
@@ -888,7 +963,7 @@ class Driver:
             now = time.monotonic()
             slow = now - last_slow >= CHECK_S
             running = self.app.db.rows(
-                "SELECT t.number, t.run_id, t.job_id, j.state, j.error, j.exit_code, "
+                "SELECT t.number, t.run_id, t.job_id, t.attempt, j.state, j.error, j.exit_code, "
                 "j.started_at, j.finished_at FROM trials t LEFT JOIN jobs j ON j.id = t.job_id "
                 "WHERE t.study_id = ? AND t.state = 'running'",
                 (self.id,),
@@ -907,6 +982,8 @@ class Driver:
             if self.spec.get("early_stopping") and now - last_check >= CHECK_S:
                 last_check = now
                 self.check_early_stop()
+            if self.stopping:
+                self.settle_stopped()
             trials = self.trials()
             ending = self.verdict(trials, self._exhausted())
             if ending is not None:
@@ -926,6 +1003,7 @@ class Driver:
         would cost more than the trial. Same records as job trials, without the job."""
         train = self.spec["train"]
         self.function = load_function(train["script"], train["function"])
+        saved = time.monotonic()
         while True:
             if self._stop_requested():
                 _wind_down(self.app, self.id, "stopped", "stopped by request", "request")
@@ -939,6 +1017,9 @@ class Driver:
                 self.rerun.clear()
                 continue
             self._call(*upcoming)
+            if time.monotonic() - saved >= CHECK_S:  # a killed driver loses at most this
+                self._save_elapsed()
+                saved = time.monotonic()
 
     def _call(self, number: int, params: dict[str, Any], vals: Any, attempt: int) -> None:
         assert self.function is not None
@@ -966,7 +1047,7 @@ class Driver:
         except _EarlyStop as stop:
             state = "early_stopped"
             error = f"early stopped at step {stop.args[0]}: {WORSE_THAN_MEDIAN}"
-        except Exception as exc:  # the user's function: its error is the trial's record
+        except (Exception, SystemExit) as exc:  # the user's code: its error is the trial's
             state, error = "failed", f"{type(exc).__name__}: {exc}"
         duration = time.perf_counter() - started
         objective = None

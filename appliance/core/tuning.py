@@ -355,33 +355,57 @@ def study_should_stop(
     return None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _columns(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values as importance sees them: a nested option counts as a level of its
+    choice (named by its fixed values and its keys, so every `dart` trial is one level) and
+    its numbers as parameters of their own."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if isinstance(value, dict):
+            nested = _columns(value)
+            fixed = [f"{k}={v}" for k, v in sorted(nested.items()) if not _is_number(v)]
+            out[name] = ", ".join(fixed) or ", ".join(sorted(nested))
+            out.update({k: v for k, v in nested.items() if _is_number(v)})
+        else:
+            out[name] = value
+    return out
+
+
 def importance(trials: list[dict[str, Any]]) -> dict[str, float]:
     """How much each parameter explains the objective across finished trials, summing to 1:
     for a number, the squared rank correlation; for a category, the share of the objective's
-    variance between its levels (a one-way ANOVA's eta squared). Rough, as fANOVA is, but
-    enough to say which knobs mattered."""
+    variance between its levels (a one-way ANOVA's eta squared). A parameter of a nested
+    option is judged over the trials that took that option. Rough, as fANOVA is, but enough
+    to say which knobs mattered."""
     import numpy as np
 
     done = [t for t in trials if t.get("objective") is not None]
     if len(done) < 3:
         return {}
-    y = np.array([float(t["objective"]) for t in done])
-    names = sorted({k for t in done for k in t["params"]})
+    pairs: dict[str, list[tuple[Any, float]]] = {}
+    for t in done:
+        for name, value in _columns(t["params"]).items():
+            pairs.setdefault(name, []).append((value, float(t["objective"])))
     scores = {}
-    for name in names:
-        values = [t["params"].get(name) for t in done]
-        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        if numeric and len(set(values)) > 1 and np.std(y) > 0:
+    for name, seen in sorted(pairs.items()):
+        values = [v for v, _ in seen]
+        y = np.array([target for _, target in seen])
+        numeric = all(_is_number(v) for v in values)
+        if len(seen) < 3 or np.var(y) == 0 or len(set(map(repr, values))) < 2:
+            scores[name] = 0.0
+        elif numeric:
             ranks_x = np.argsort(np.argsort(np.array(values, dtype=float)))
             ranks_y = np.argsort(np.argsort(y))
             scores[name] = float(np.corrcoef(ranks_x, ranks_y)[0, 1] ** 2)
-        elif not numeric and np.var(y) > 0:
+        else:
             levels: dict[str, list[float]] = {}
-            for value, target in zip(values, y, strict=True):
-                levels.setdefault(repr(value), []).append(float(target))
+            for value, target in seen:
+                levels.setdefault(repr(value), []).append(target)
             between = sum(len(v) * (np.mean(v) - y.mean()) ** 2 for v in levels.values())
             scores[name] = float(between / (np.var(y) * len(y)))
-        else:
-            scores[name] = 0.0
     total = sum(scores.values())
     return {k: (v / total if total else 0.0) for k, v in sorted(scores.items())}

@@ -97,7 +97,7 @@ class TuningScreen(Screen[None]):
         Binding("r", "reload", "Refresh"),
     ]
     DEFAULT_CSS = """
-    TuningScreen #tuning-status { height: 1; padding: 0 1; color: $text-muted; }
+    TuningScreen #tuning-status { height: auto; max-height: 3; padding: 0 1; color: $text-muted; }
     TuningScreen #studies { height: 1fr; }
     TuningScreen #trials { height: 2fr; }
     TuningScreen #plots { height: 2fr; }
@@ -112,6 +112,7 @@ class TuningScreen(Screen[None]):
         self.selected: str | None = None
         self.shown: dict[str, Any] | None = None
         self.param: str | None = None
+        self.outcome: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -176,6 +177,8 @@ class TuningScreen(Screen[None]):
     @on(StudyActionFinished)
     def _on_action(self, message: StudyActionFinished) -> None:
         show_outcome(self, self.query_one("#tuning-status", Static), message.what, message.error)
+        # kept on the status line after refreshes: the answer to what the user just asked
+        self.outcome = f"[red]{escape(message.error)}[/red]" if message.error else message.what
         self.reload()
 
     @on(DataTable.RowHighlighted, "#studies")
@@ -225,6 +228,7 @@ class TuningScreen(Screen[None]):
             f" trials · best {_number(shown['best_value'])}"
             + (f" (trial {shown['best_trial']})" if shown["best_trial"] is not None else "")
             + (f" · importance: {escape(importance)}" if importance else "")
+            + (f"\n{self.outcome}" if self.outcome else "")
         )
 
     def _params(self) -> list[str]:
@@ -321,7 +325,7 @@ class TuningScreen(Screen[None]):
 
     def action_resume(self) -> None:
         self._confirm(
-            "resume",
-            ("stopped", "interrupted"),
+            "resume",  # a finished study too: the core says whether anything can resume
+            ("stopped", "interrupted", "succeeded", "failed"),
             "Resume study [b]{name}[/b]?\nIt continues from its stored trials.",
         )
