@@ -372,6 +372,8 @@ def test_resume_refuses_a_finished_study_unless_its_budget_grows(
     studies.resume_study(app, raced["id"], max_trials=4, start=False)
     with pytest.raises(Conflict, match="is running"):  # the first resume holds it
         studies.resume_study(app, raced["id"], max_trials=5, start=False)
+    studies.drive_study(app, raced["id"])  # its driver takes over and ends it
+    assert studies.get_study(app, raced["id"])["trials"] == 4
     first = {t["number"]: t["params"] for t in shown["trial_rows"]}
     studies.resume_study(app, shown["id"], max_trials=20, start=False)
     studies.drive_study(app, shown["id"])

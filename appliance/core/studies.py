@@ -249,7 +249,8 @@ def stop_study(app: Appliance, ref: str, timeout: float = 10.0) -> dict[str, Any
         time.sleep(0.05)
     current = _row(app, row["id"])
     if current["state"] != "stopped":  # a driver that does not answer
-        signal_ours(current.get("driver_pid"), 15)
+        if current.get("driver_pid") != os.getpid():  # (never this process: a resume's claim)
+            signal_ours(current.get("driver_pid"), 15)
         _wind_down(app, row["id"], "stopped", "stopped by request", "request")
     return get_study(app, row["id"])
 

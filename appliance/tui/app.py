@@ -13,6 +13,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Static
@@ -121,8 +122,11 @@ class ApplianceApp(App[None]):
     @on(ResourcesRefreshed)
     def _on_refreshed(self, message: ResourcesRefreshed) -> None:
         self.snapshot = message.snapshot
-        self._render_summary()
-        self._render_table()
+        try:
+            self._render_summary()
+            self._render_table()
+        except NoMatches:  # a refresh that lands while the app closes has nothing to draw
+            return
 
     @on(RefreshFailed)
     def _on_refresh_failed(self, message: RefreshFailed) -> None:
