@@ -34,6 +34,10 @@ def test_bad_spaces_name_the_parameter() -> None:
         ({"b": {"choice": []}}, "space.b: choice needs a non-empty list"),
         ({"b": {"choice": [{"x": {"uniform": [2, 1]}}]}}, r"space.b\[0\].x: uniform needs low"),
         ({}, "space: expected a mapping"),
+        (  # would collide with hyperopt's label for the nested x
+            {"m": {"choice": [{"x": {"uniform": [0, 1]}}]}, "m.0.x": {"uniform": [0, 1]}},
+            "space.m.0.x: a parameter name must be non-empty text without '.'",
+        ),
     ]
     for spec, needle in cases:
         with pytest.raises(InvalidInput, match=needle):

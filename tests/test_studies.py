@@ -349,7 +349,9 @@ def test_a_finished_study_resumes_only_when_what_ended_it_is_lifted(
         app, script, "fails_when_positive", space={"x": {"uniform": [-1, 1]}}, max_trials=40
     )
     failed = run_here(app, {**failing, "max_failed_trials": 1})
-    with pytest.raises(Conflict, match="resume it with --max-failed-trials above 1"):
+    with pytest.raises(
+        Conflict, match=r"resume it with --max-failed-trials 2 or more \(2 failed\)"
+    ):
         studies.resume_study(app, failed["id"], max_trials=50, start=False)
     studies.resume_study(app, failed["id"], max_failed_trials=4, start=False)
     studies.drive_study(app, failed["id"])
@@ -408,8 +410,8 @@ def test_stop_then_resume_runs_the_cut_off_trials_again(app: Appliance, script: 
     done = studies.wait_study(app, study["id"], timeout=60)
     assert (done["state"], done["trials"], done["counts"]["succeeded"]) == ("succeeded", 4, 4)
     for t in studies.list_trials(app, study["id"]):
-        if t["number"] in cut:  # the same values, run again
-            assert t["params"] == cut[t["number"]] and t["attempt"] == 2
+        if t["number"] in cut:  # the same values, run again; a stop is no supervisor lost
+            assert t["params"] == cut[t["number"]] and (t["attempt"], t["lost"]) == (2, 0)
 
 
 @pytest.mark.slow
@@ -459,7 +461,7 @@ def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
     for trial in running:  # cut off: the same values, run again; else followed to the end
         again = next(t for t in trials if t["number"] == trial["number"])
         assert again["params"] == before[trial["number"]]["params"]
-        assert again["attempt"] == (2 if kill_trials else 1)
+        assert (again["attempt"], again["lost"]) == ((2, 1) if kill_trials else (1, 0))
     with pytest.raises(Conflict, match="already finished"):
         studies.resume_study(app, study["id"])
 
@@ -638,7 +640,8 @@ def test_job_trials_that_report_nan_or_kill_their_supervisor_fail_alone(
     nan_script.write_text(
         "from appliance import sdk\n"
         "p = sdk.params()\n"
-        "sdk.log_metric('loss', float('nan') if p['x'] < 0.5 else p['x'])\n"
+        "sdk.log_metric('loss', 0.5, step=1)\n"  # a finite value first: still diverged
+        "sdk.log_metric('loss', float('nan') if p['x'] < 0.5 else p['x'], step=2)\n"
     )
     spec = parse_study(
         app,
@@ -654,7 +657,7 @@ def test_job_trials_that_report_nan_or_kill_their_supervisor_fail_alone(
     done = studies.wait_study(app, study["id"], timeout=60)
     trials = studies.list_trials(app, study["id"])
     assert done["state"] == "succeeded" and [t["state"] for t in trials] == ["failed", "succeeded"]
-    assert trials[0]["error"] == "objective.metric 'loss' was nan at step 0"
+    assert trials[0]["error"] == "objective.metric 'loss' was nan at step 2"
     # a trial that kills its own supervisor is run again, but not for ever
     killer = make(
         app,
@@ -667,7 +670,7 @@ def test_job_trials_that_report_nan_or_kill_their_supervisor_fail_alone(
     study = studies.create_study(app, killer)
     done = studies.wait_study(app, study["id"], timeout=90)
     (trial,) = studies.list_trials(app, study["id"])
-    assert trial["state"] == "failed" and trial["attempt"] == studies.MAX_ATTEMPTS
+    assert trial["state"] == "failed" and trial["attempt"] == studies.MAX_LOST
     assert "supervisor process disappeared" in trial["error"] and done["state"] == "failed"
 
 

@@ -90,6 +90,7 @@ def test_tuning_screen_shows_trials_plots_and_stops_and_resumes(
             await until(pilot, lambda: trials.row_count == 12, "12 trials")
             status = str(screen.query_one("#tuning-status", Static).render())
             assert "12/12 trials" in status and "importance" in status
+            assert "study live" not in status  # the stop's answer was about the other study
             assert screen.param == "kind"  # the first parameter; p cycles
             await pilot.press("p")
             assert screen.param == "x"

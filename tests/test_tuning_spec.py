@@ -275,3 +275,13 @@ def test_importance_judges_a_nested_option_by_its_level_and_its_own_numbers() ->
     scores = importance(trials)
     # the objective is x alone: a nested option's noise must not look important
     assert set(scores) == {"x", "booster", "drop"} and scores["x"] > 0.8
+
+
+def test_importance_gives_a_repeated_value_no_trial_order() -> None:
+    ys = [8, 7, 6, 5, 4, 3, 2, 1]
+    xs = [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    bs = [1, 1, 1, 2, 1, 1, 1, 1]  # one odd value: next to no rank correlation
+    scores = importance(
+        [{"params": {"x": x, "b": b}, "objective": y} for x, b, y in zip(xs, bs, ys, strict=True)]
+    )
+    assert scores["x"] > 0.95 and scores["b"] < 0.05

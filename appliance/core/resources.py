@@ -75,7 +75,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "studies",
             ("study", "tune", "t"),
-            ("id", "name", "state", "trials", "metric", "best", "best_trial", "created_at"),
+            ("id", "name", "state", "trials", "metric", "best", "best_trial", "message"),
             studies.list_studies,
         ),
     )

@@ -39,6 +39,14 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _key(name: Any, where: str) -> str:
+    """A parameter's name: hyperopt labels a nested option's parameters `choice.index.name`,
+    so a name with a dot could collide with one of those labels."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise InvalidInput(f"{where}: a parameter name must be non-empty text without '.'")
+    return name
+
+
 def _param(name: str, spec: Any, where: str) -> dict[str, Any]:
     """One parameter, validated, as {kind, args} (choice options parsed recursively)."""
     if not isinstance(spec, dict) or len(spec) != 1:
@@ -56,7 +64,8 @@ def _param(name: str, spec: Any, where: str) -> dict[str, Any]:
             if isinstance(option, dict) and option and all(isinstance(k, str) for k in option):
                 # a nested space: each of its parameters named within this option
                 nested = {
-                    k: _param(f"{name}.{i}.{k}", v, f"{where}[{i}].{k}") for k, v in option.items()
+                    _key(k, f"{where}[{i}].{k}"): _param(f"{name}.{i}.{k}", v, f"{where}[{i}].{k}")
+                    for k, v in option.items()
                 }
                 _check_disjoint(nested, f"{where}[{i}]")
                 options.append({"space": nested})
@@ -89,7 +98,7 @@ def parse_space(spec: Any, where: str = "space") -> dict[str, dict[str, Any]]:
     """The validated space {param: parsed}; errors name the parameter (`space.lr: …`)."""
     if not isinstance(spec, dict) or not spec:
         raise InvalidInput(f"{where}: expected a mapping of parameter: {{distribution: args}}")
-    space = {str(k): _param(str(k), v, f"{where}.{k}") for k, v in spec.items()}
+    space = {_key(k, f"{where}.{k}"): _param(str(k), v, f"{where}.{k}") for k, v in spec.items()}
     _check_disjoint(space, where)
     return space
 

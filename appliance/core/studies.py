@@ -42,7 +42,7 @@ TRIAL_DONE = ("succeeded", "failed", "early_stopped")  # `cancelled` trials run 
 POLL_S = 0.02  # how often the driver looks for ended trial jobs (one indexed query)
 CHECK_S = 0.5  # how often it reads running trials' curves for the median rule
 CANCELLED_OUTSIDE = "its job was cancelled; it runs again on resume"
-MAX_ATTEMPTS = 3  # a trial cut off this many times (its supervisor lost) fails
+MAX_LOST = 3  # a trial whose supervisor vanished this many times fails (it kills it)
 WORSE_THAN_MEDIAN = "worse than the median of completed trials at the same step"
 RUN_STATUS = {"succeeded": "finished", "failed": "failed", "stopped": "cancelled"}
 
@@ -153,7 +153,9 @@ def show_study(app: Appliance, ref: str) -> dict[str, Any]:
     """`tune show`: the study, every trial, the best one and each parameter's importance."""
     study = get_study(app, ref)
     trials = list_trials(app, study["id"])
-    finished = [t for t in trials if t["state"] in ("succeeded", "early_stopped")]
+    # Completed trials only: an early-stopped trial's value is where it was cut, not where
+    # it would have ended, and would drag its parameters' scores.
+    finished = [t for t in trials if t["state"] == "succeeded"]
     return {**study, "trial_rows": trials, "importance": importance(finished)}
 
 
@@ -342,9 +344,12 @@ def _check_extends(
         (row["id"], CANCELLED_OUTSIDE),
     )
     ended_by = row["ended_by"]
+    failed = app.db.scalar(
+        "SELECT count(*) FROM trials WHERE study_id = ? AND state = 'failed'", (row["id"],)
+    )
     lifted = {
         "max_trials": max_trials is not None and max_trials > spec["max_trials"],
-        "failures": max_failed_trials is not None and max_failed_trials > spec["max_failed_trials"],
+        "failures": max_failed_trials is not None and max_failed_trials >= failed,
         "timeout": timeout is not None,
         "driver": True,  # the driver's own failure (a file fixed since): try again
     }
@@ -353,7 +358,7 @@ def _check_extends(
     finished = f"{label} already finished ({row['state']}: {row['message']})"
     hint = {
         "max_trials": f"resume it with --max-trials above {spec['max_trials']}",
-        "failures": f"resume it with --max-failed-trials above {spec['max_failed_trials']}",
+        "failures": f"resume it with --max-failed-trials {failed} or more ({failed} failed)",
         "timeout": "resume it with a longer --timeout",
     }.get(ended_by or "", "it cannot be extended; start a new study")
     raise Conflict(f"{finished}; {hint}")
@@ -755,7 +760,7 @@ class Driver:
         if job["state"] == "succeeded":
             value = self._objective(trial["run_id"])
             went_bad = self._non_finite(trial["run_id"])
-            if value is None and went_bad:  # a NaN the protocol could not store
+            if went_bad:  # a NaN the protocol could not store: diverged, as in process
                 if self._set_trial(number, "failed", None, went_bad, duration):
                     self.suggester.tell(number, None, "failed")
                 return
@@ -776,8 +781,8 @@ class Driver:
         if job["state"] == "cancelled" or job.get("error") == SUPERVISOR_GONE:
             if job["state"] == "cancelled":
                 error = CANCELLED_OUTSIDE
-            elif trial["attempt"] >= MAX_ATTEMPTS:  # it is the trial that kills its supervisor
-                error = f"{SUPERVISOR_GONE}, {trial['attempt']} times"
+            elif trial["lost"] + 1 >= MAX_LOST:  # it is the trial that kills its supervisor
+                error = f"{SUPERVISOR_GONE}, {trial['lost'] + 1} times"
                 if self._set_trial(number, "failed", None, error, duration):
                     self.suggester.tell(number, None, "failed")
                 return
@@ -787,8 +792,9 @@ class Driver:
             with self.app.db.transaction() as conn:
                 conn.execute(
                     "UPDATE trials SET state = 'cancelled', error = ?, finished_at = ?, "
-                    "duration_s = ? WHERE study_id = ? AND number = ? AND state = 'running'",
-                    (error, utcnow(), duration, self.id, number),
+                    "duration_s = ?, lost = lost + ? WHERE study_id = ? AND number = ? "
+                    "AND state = 'running'",
+                    (error, utcnow(), duration, int(job["state"] != "cancelled"), self.id, number),
                 )
             return
         error = job.get("error") or f"exit code {job.get('exit_code')}"
@@ -964,7 +970,8 @@ class Driver:
             now = time.monotonic()
             slow = now - last_slow >= CHECK_S
             running = self.app.db.rows(
-                "SELECT t.number, t.run_id, t.job_id, t.attempt, j.state, j.error, j.exit_code, "
+                "SELECT t.number, t.run_id, t.job_id, t.attempt, t.lost, j.state, j.error, "
+                "j.exit_code, "
                 "j.started_at, j.finished_at FROM trials t LEFT JOIN jobs j ON j.id = t.job_id "
                 "WHERE t.study_id = ? AND t.state = 'running'",
                 (self.id,),

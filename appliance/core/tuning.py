@@ -382,6 +382,7 @@ def importance(trials: list[dict[str, Any]]) -> dict[str, float]:
     option is judged over the trials that took that option. Rough, as fANOVA is, but enough
     to say which knobs mattered."""
     import numpy as np
+    from scipy.stats import rankdata
 
     done = [t for t in trials if t.get("objective") is not None]
     if len(done) < 3:
@@ -397,10 +398,9 @@ def importance(trials: list[dict[str, Any]]) -> dict[str, float]:
         numeric = all(_is_number(v) for v in values)
         if len(seen) < 3 or np.var(y) == 0 or len(set(map(repr, values))) < 2:
             scores[name] = 0.0
-        elif numeric:
-            ranks_x = np.argsort(np.argsort(np.array(values, dtype=float)))
-            ranks_y = np.argsort(np.argsort(y))
-            scores[name] = float(np.corrcoef(ranks_x, ranks_y)[0, 1] ** 2)
+        elif numeric:  # Spearman: average ranks, so repeated values carry no trial order
+            ranks_x = rankdata(np.array(values, dtype=float))
+            scores[name] = float(np.corrcoef(ranks_x, rankdata(y))[0, 1] ** 2)
         else:
             levels: dict[str, list[float]] = {}
             for value, target in seen:

@@ -436,6 +436,7 @@ def m012_tuning(db: Any) -> None:
             objective REAL,
             error TEXT,
             attempt INTEGER NOT NULL DEFAULT 1,
+            lost INTEGER NOT NULL DEFAULT 0,
             started_at TEXT NOT NULL,
             finished_at TEXT,
             duration_s REAL,

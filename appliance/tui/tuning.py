@@ -177,7 +177,8 @@ class TuningScreen(Screen[None]):
     @on(StudyActionFinished)
     def _on_action(self, message: StudyActionFinished) -> None:
         show_outcome(self, self.query_one("#tuning-status", Static), message.what, message.error)
-        # kept on the status line after refreshes: the answer to what the user just asked
+        # kept on the status line after refreshes, while that study is the one shown: the
+        # answer to what the user just asked
         self.outcome = f"[red]{escape(message.error)}[/red]" if message.error else message.what
         self.reload()
 
@@ -187,6 +188,7 @@ class TuningScreen(Screen[None]):
         if key and key != self.selected:
             self.selected = key
             self.param = None
+            self.outcome = None  # it answered about another study
             self.reload()
 
     # ---- rendering ----------------------------------------------------------------------
@@ -306,6 +308,7 @@ class TuningScreen(Screen[None]):
         row = next((r for r in self.rows if r["id"] == self.selected), None)
         if row is None:
             return
+        self.outcome = None  # a new question: the last answer no longer applies
         if row["state"] not in allowed:
             self.notify(f"study {row['name']} is {row['state']}", severity="warning")
             return
