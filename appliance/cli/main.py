@@ -949,6 +949,63 @@ def run_script(
 
 
 # ---- runs -------------------------------------------------------------------------------------
+@cli.group("cluster")
+def cluster_group() -> None:
+    """The k3s cluster: nodes, GPUs, health, and how to join a node."""
+
+
+@command(cluster_group, "status")
+def cluster_status_cmd(app: Any, as_json: bool) -> None:
+    """k3s version, nodes ready of total, GPUs allocatable and free, object store health."""
+    from appliance.core.cluster import cluster_status
+
+    emit(cluster_status(app.settings), as_json)
+
+
+@command(cluster_group, "nodes")
+def cluster_nodes_cmd(app: Any, as_json: bool) -> None:
+    """Every node: roles, readiness, version, address, architecture, cpu, memory, GPUs."""
+    from appliance.core.cluster import list_nodes
+
+    emit(
+        list_nodes(),
+        as_json,
+        ["name", "roles", "ready", "version", "address", "arch", "cpu", "memory_bytes", "gpus"],
+    )
+
+
+@command(cluster_group, "gpus")
+def cluster_gpus_cmd(app: Any, as_json: bool) -> None:
+    """GPUs per node: capacity, allocatable, held by running pods, free."""
+    from appliance.core.cluster import list_gpus
+
+    emit(list_gpus(), as_json, ["node", "capacity", "allocatable", "in_use", "free"])
+
+
+@command(cluster_group, "join-command")
+@click.option("--server-url", help="The URL agents reach (default: the server's address).")
+@click.option(
+    "--token-file", type=click.Path(), help="The server's join token (default: k3s' own)."
+)
+@click.option("--show-token", is_flag=True, help="Print the token too (a secret).")
+def cluster_join_command(
+    app: Any, as_json: bool, server_url: str | None, token_file: str | None, show_token: bool
+) -> None:
+    """The command that joins an edge node to this server."""
+    from pathlib import Path
+
+    from appliance.core.cluster import NODE_TOKEN, join_command
+
+    emit(
+        join_command(
+            server_url=server_url,
+            token_file=Path(token_file) if token_file else NODE_TOKEN,
+            show_token=show_token,
+        ),
+        as_json,
+    )
+
+
 @cli.group("tune", invoke_without_command=True)
 @click.option("--config", "config", type=click.Path(), help="The study file (YAML).")
 @click.option("--wait", is_flag=True, help="Follow the study; exit non-zero if it failed.")

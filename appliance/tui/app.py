@@ -81,6 +81,7 @@ class ApplianceApp(App[None]):
         Binding("s", "deployments", "Serving"),
         Binding("f", "features", "Features"),
         Binding("t", "tuning", "Tuning"),
+        Binding("c", "cluster", "Cluster"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -265,6 +266,11 @@ class ApplianceApp(App[None]):
         from appliance.tui.features import FeaturesScreen
 
         self.push_screen(FeaturesScreen(self.ctx))
+
+    def action_cluster(self) -> None:
+        from appliance.tui.cluster import ClusterScreen
+
+        self.push_screen(ClusterScreen(self.ctx))
 
     def action_tuning(self) -> None:
         from appliance.tui.tuning import TuningScreen
