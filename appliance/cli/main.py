@@ -949,6 +949,42 @@ def run_script(
 
 
 # ---- runs -------------------------------------------------------------------------------------
+@cli.group("bundle")
+def bundle_group() -> None:
+    """Offline bundles: build one on a connected machine, verify it before installing."""
+
+
+@command(bundle_group, "build")
+@click.option("--arch", required=True, type=click.Choice(["amd64", "arm64"]))
+@click.option("--out", required=True, type=click.Path(), help="The bundle file to write.")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    default="bundles/manifest.toml",
+    show_default=True,
+    type=click.Path(),
+    help="The pinned artifacts (TOML).",
+)
+def bundle_build(app: Any, as_json: bool, arch: str, out: str, manifest_path: str) -> None:
+    """Fetch every artifact for ARCH, check its sha256, and pack the bundle."""
+    from appliance.core.bundles import build_bundle, load_manifest
+
+    def progress(name: str, done: int, total: int) -> None:
+        click.echo(f"[{done + 1}/{total}] {name}", err=True)
+
+    emit(build_bundle(load_manifest(manifest_path), arch, out, progress=progress), as_json)
+
+
+@command(bundle_group, "verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--arch", type=click.Choice(["amd64", "arm64"]), help="The machine's arch.")
+def bundle_verify(app: Any, as_json: bool, bundle: str, arch: str | None) -> None:
+    """Check a bundle's manifest, architecture and every file's sha256."""
+    from appliance.core.bundles import verify_bundle
+
+    emit(verify_bundle(bundle, arch), as_json)
+
+
 @cli.group("cluster")
 def cluster_group() -> None:
     """The k3s cluster: nodes, GPUs, health, and how to join a node."""
