@@ -96,7 +96,7 @@ def list_gpus(kube: Kube | None = None) -> list[dict[str, Any]]:
         node = pod.get("spec", {}).get("nodeName")
         containers = pod.get("spec", {}).get("containers") or []
         held = sum(
-            int((c.get("resources", {}).get("limits") or {}).get(GPU, 0)) for c in containers
+            int(((c.get("resources") or {}).get("limits") or {}).get(GPU, 0)) for c in containers
         )
         if node and held:
             used[node] = used.get(node, 0) + held
