@@ -1076,7 +1076,10 @@ def _report_study(app: Any, study: dict[str, Any], as_json: bool, wait: bool) ->
     from appliance.core.studies import get_study, wait_study
 
     if not wait:
-        emit(_study_summary(study), True) if as_json else click.echo(study["id"])
+        if as_json:
+            emit(_study_summary(study), True)
+        else:
+            click.echo(study["id"])
         return
     click.echo(f"study {study['id']} ({study['name']})", err=True)
     with click.progressbar(

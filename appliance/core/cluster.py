@@ -9,6 +9,7 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.core.kube import ClusterUnavailable, Kube
+from appliance.errors import InvalidInput
 
 GPU = "nvidia.com/gpu"
 NODE_TOKEN = Path("/var/lib/rancher/k3s/server/node-token")
@@ -16,23 +17,13 @@ API_PORT = 6443
 
 
 def _memory_bytes(text: str | None) -> int | None:
-    """A Kubernetes quantity of memory (`32596084Ki`, `2Gi`, `512M`, plain bytes) in bytes."""
-    if not text:
+    """A node's memory quantity (`32596084Ki`) in bytes, read as a job's request is."""
+    from appliance.core.jobs import parse_memory
+
+    try:
+        return parse_memory(text) if text else None
+    except InvalidInput:  # a quantity this reader does not know: shown as unknown
         return None
-    units = {
-        "Ki": 2**10,
-        "Mi": 2**20,
-        "Gi": 2**30,
-        "Ti": 2**40,
-        "k": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
-    }
-    for suffix, factor in units.items():
-        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
-            return int(text[: -len(suffix)]) * factor
-    return int(text) if text.isdigit() else None
 
 
 def _cpu(text: str | None) -> float | None:

@@ -39,7 +39,7 @@ from appliance.core.lineage import Node, record_execution, set_execution_state
 from appliance.core.processes import identity, is_ours, is_same, kill_tree, signal_ours
 from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_params, set_tags
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
-from appliance.store.db import utcnow
+from appliance.store.db import parse_utc, utcnow
 
 BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe", "evaluate", "tune-function")
 EXECUTION_TYPES = {
@@ -359,10 +359,7 @@ def _job_row(app: Appliance, job_id: str) -> dict[str, Any] | None:
 def seconds_since(timestamp: str | None) -> float:
     if not timestamp:
         return 0.0
-    import calendar
-
-    then = calendar.timegm(time.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S"))
-    return time.time() - then
+    return time.time() - parse_utc(timestamp)
 
 
 def supervisor_gone(app: Appliance, job: dict[str, Any]) -> bool:

@@ -86,9 +86,9 @@ class Kube:
             raise ClusterUnavailable(f"`{shown}` failed (exit {done.returncode}): {said}")
         return done.stdout
 
-    def get(self, *args: str) -> Any:
-        """`kubectl get ARGS -o json`, parsed."""
-        argv = [*self.kubectl(), "get", *args, "-o", "json"]
+    def json(self, *args: str) -> Any:
+        """`kubectl ARGS -o json`, parsed; output that is not JSON is named, not a traceback."""
+        argv = [*self.kubectl(), *args, "-o", "json"]
         out = self.run(argv)
         try:
             return json.loads(out)
@@ -97,12 +97,10 @@ class Kube:
                 f"`{shlex.join(argv)}` printed something that is not JSON: {out[:200]!r}"
             ) from exc
 
+    def get(self, *args: str) -> Any:
+        """`kubectl get ARGS -o json`, parsed."""
+        return self.json("get", *args)
+
     def version(self) -> dict[str, Any]:
         """`kubectl version -o json`: the client's and the server's versions."""
-        argv = [*self.kubectl(), "version", "-o", "json"]
-        try:
-            return dict(json.loads(self.run(argv)))
-        except json.JSONDecodeError as exc:
-            raise ClusterUnavailable(
-                f"`{shlex.join(argv)}` printed something that is not JSON"
-            ) from exc
+        return dict(self.json("version"))

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -32,10 +33,10 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.processes import identity, is_same, signal_ours
 from appliance.core.runs import create_run, new_id, set_tags
-from appliance.core.search_space import Suggester, flatten, parse_space, space_names
+from appliance.core.search_space import Suggester, flatten, grid_points, parse_space, space_names
 from appliance.core.tuning import MIN_DATA_IN_LEAF, importance, median_stop, study_should_stop
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.store.db import utcnow
+from appliance.store.db import parse_utc, utcnow
 
 FINISHED = ("succeeded", "failed")  # a study that ended on its own; `stopped` resumes
 TRIAL_DONE = ("succeeded", "failed", "early_stopped")  # `cancelled` trials run again on resume
@@ -83,14 +84,17 @@ def _trial(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def list_trials(app: Appliance, ref: str) -> list[dict[str, Any]]:
-    study = _row(app, ref)
-    rows = app.db.rows("SELECT * FROM trials WHERE study_id = ? ORDER BY number", (study["id"],))
+def _trials(app: Appliance, study_id: str) -> list[dict[str, Any]]:
+    rows = app.db.rows("SELECT * FROM trials WHERE study_id = ? ORDER BY number", (study_id,))
     return [_trial(r) for r in rows]
 
 
+def list_trials(app: Appliance, ref: str) -> list[dict[str, Any]]:
+    return _trials(app, _row(app, ref)["id"])
+
+
 def _best(trials: list[dict[str, Any]], maximize: bool) -> dict[str, Any] | None:
-    """The best finished trial; an early-stopped one counts only by what it reached."""
+    """The best succeeded trial (an early-stopped one was cut short: it never competes)."""
     scored = [t for t in trials if t["state"] == "succeeded" and t["objective"] is not None]
     if not scored:
         return None
@@ -98,11 +102,9 @@ def _best(trials: list[dict[str, Any]], maximize: bool) -> dict[str, Any] | None
     return pick(scored, key=lambda t: t["objective"])
 
 
-def get_study(app: Appliance, ref: str) -> dict[str, Any]:
+def _summary(row: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
     """A study with its spec, derived state, trial counts and best trial."""
-    row = _row(app, ref)
     spec = json.loads(row["spec_json"])
-    trials = list_trials(app, row["id"])
     counts = {s: 0 for s in ("running", "succeeded", "failed", "early_stopped", "cancelled")}
     for t in trials:
         counts[t["state"]] += 1
@@ -128,11 +130,21 @@ def get_study(app: Appliance, ref: str) -> dict[str, Any]:
     }
 
 
+def get_study(app: Appliance, ref: str) -> dict[str, Any]:
+    """A study by id, id prefix or name: spec, derived state, trial counts, best trial."""
+    row = _row(app, ref)
+    return _summary(row, _trials(app, row["id"]))
+
+
 def list_studies(app: Appliance) -> list[dict[str, Any]]:
-    """Every study, newest first, with progress and best value (a listing row each)."""
+    """Every study, newest first, with progress and best value (a listing row each); two
+    queries whatever the number of studies (the TUI reads this every second)."""
+    by_study: dict[str, list[dict[str, Any]]] = {}
+    for r in app.db.rows("SELECT * FROM trials ORDER BY study_id, number"):
+        by_study.setdefault(r["study_id"], []).append(_trial(r))
     out = []
-    for row in app.db.rows("SELECT id FROM studies ORDER BY created_at DESC, rowid DESC"):
-        study = get_study(app, row["id"])
+    for row in app.db.rows("SELECT * FROM studies ORDER BY created_at DESC, rowid DESC"):
+        study = _summary(row, by_study.get(row["id"], []))
         out.append(
             {
                 "id": study["id"],
@@ -151,12 +163,12 @@ def list_studies(app: Appliance) -> list[dict[str, Any]]:
 
 def show_study(app: Appliance, ref: str) -> dict[str, Any]:
     """`tune show`: the study, every trial, the best one and each parameter's importance."""
-    study = get_study(app, ref)
-    trials = list_trials(app, study["id"])
+    row = _row(app, ref)
+    trials = _trials(app, row["id"])
     # Completed trials only: an early-stopped trial's value is where it was cut, not where
     # it would have ended, and would drag its parameters' scores.
     finished = [t for t in trials if t["state"] == "succeeded"]
-    return {**study, "trial_rows": trials, "importance": importance(finished)}
+    return {**_summary(row, trials), "trial_rows": trials, "importance": importance(finished)}
 
 
 def best_curve(trials: list[dict[str, Any]], maximize: bool) -> list[tuple[int, float]]:
@@ -252,7 +264,7 @@ def stop_study(app: Appliance, ref: str, timeout: float = 10.0) -> dict[str, Any
     current = _row(app, row["id"])
     if current["state"] != "stopped":  # a driver that does not answer
         if current.get("driver_pid") != os.getpid():  # (never this process: a resume's claim)
-            signal_ours(current.get("driver_pid"), 15)
+            signal_ours(current.get("driver_pid"), signal.SIGTERM)
         _wind_down(app, row["id"], "stopped", "stopped by request", "request")
     return get_study(app, row["id"])
 
@@ -287,10 +299,8 @@ def resume_study(
             f"--timeout {timeout:g}: the study has already run {row['elapsed_s']:.0f} s"
         )
     if state in FINISHED:
-        _check_extends(row, spec, max_trials, max_failed_trials, timeout, app)
+        _check_extends(app, row, spec, max_trials, max_failed_trials, timeout)
     if spec["algorithm"] == "grid" and max_trials is not None:
-        from appliance.core.search_space import grid_points
-
         max_trials = min(max_trials, len(grid_points(parse_space(spec["space"]))))
     spec["max_trials"] = max_trials if max_trials is not None else spec["max_trials"]
     if max_failed_trials is not None:
@@ -328,12 +338,12 @@ def resume_study(
 
 
 def _check_extends(
+    app: Appliance,
     row: dict[str, Any],
     spec: dict[str, Any],
     max_trials: int | None,
     max_failed_trials: int | None,
     timeout: float | None,
-    app: Appliance,
 ) -> None:
     """A finished study resumes only when what ended it is lifted: a larger budget for the
     limit it reached, or trials cancelled from outside to run again. A stop rule met, an
@@ -722,13 +732,13 @@ class Driver:
         objective: float | None,
         error: str | None,
         duration: float | None,
-        only: str = "running",
     ) -> bool:
+        """Settle a running trial (once: False when it was settled already)."""
         with self.app.db.transaction() as conn:
             changed = conn.execute(
                 "UPDATE trials SET state = ?, objective = ?, error = ?, finished_at = ?, "
-                "duration_s = ? WHERE study_id = ? AND number = ? AND state = ?",
-                (state, objective, error, utcnow(), duration, self.id, number, only),
+                "duration_s = ? WHERE study_id = ? AND number = ? AND state = 'running'",
+                (state, objective, error, utcnow(), duration, self.id, number),
             ).rowcount
             if changed and state in ("succeeded", "early_stopped"):
                 self._log_best(conn)
@@ -774,6 +784,7 @@ class Driver:
                 self.suggester.tell(number, None, "failed")
                 if not self._reported_before():
                     raise _ObjectiveMissing(message)  # the study's mistake, not the trial's
+                return
             if self._set_trial(number, "succeeded", value, None, duration):
                 self.suggester.tell(number, self._loss(value))
                 self.curves[number] = self._curve(number)
@@ -1021,8 +1032,7 @@ class Driver:
                 _wind_down(self.app, self.id, *ending)
                 return ending[0]
             upcoming = self._next()
-            if upcoming is None:  # nothing to ask, nothing running: verdict ends it next
-                self.rerun.clear()
+            if upcoming is None:  # the budget or the grid is used up: verdict ends it next
                 continue
             self._call(*upcoming)
             if time.monotonic() - saved >= CHECK_S:  # a killed driver loses at most this
@@ -1092,7 +1102,9 @@ class Driver:
                 "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
                 ("finished" if state != "failed" else "failed", utcnow(), run_id),
             )
-            set_tags(conn, run_id, {"study": self.id, "trial": str(number)})
+            set_tags(
+                conn, run_id, {"study": self.id, "trial": str(number), "attempt": str(attempt)}
+            )
             conn.executemany(
                 "INSERT INTO run_metrics (run_id, key, value, step, timestamp) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -1117,13 +1129,7 @@ class Driver:
 def _seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
-    import calendar
-
-    def parse(text: str) -> float:
-        whole = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
-        return whole + (float("0" + text[19:-1]) if len(text) > 20 else 0.0)
-
-    return round(max(0.0, parse(end) - parse(start)), 3)
+    return round(max(0.0, parse_utc(end) - parse_utc(start)), 3)
 
 
 def drive_study(app: Appliance, study_id: str) -> str:

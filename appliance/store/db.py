@@ -24,6 +24,15 @@ def utcnow() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
+def parse_utc(text: str) -> float:
+    """A `utcnow()` timestamp (milliseconds optional) back to seconds since the epoch."""
+    import calendar
+
+    whole = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+    fraction = text[19:].rstrip("Z")
+    return whole + (float("0" + fraction) if fraction.startswith(".") else 0.0)
+
+
 class Database:
     """A connection to the metadata file with read helpers and short write transactions."""
 
