@@ -30,6 +30,18 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class K3sSettings:
+    """How the k3s executor and serving backend reach the cluster (cluster mode only)."""
+
+    namespace: str = "appliance"
+    image: str = "appliance-runtime:0.1.0"  # imported from the bundle on every node: never pulled
+    kubeconfig: str = ""  # empty: KUBECONFIG, else /etc/rancher/k3s/k3s.yaml on a server
+
+
+EXECUTORS = ("local", "k3s")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The resolved configuration of one appliance home."""
 
@@ -37,6 +49,7 @@ class Settings:
     store: str = "local"  # "local" or "s3"
     s3: S3Settings = field(default_factory=S3Settings)
     executor: str = "local"
+    k3s: K3sSettings = field(default_factory=K3sSettings)
 
     @property
     def metadata_path(self) -> Path:
@@ -108,7 +121,7 @@ def load_settings(home: str | Path | None = None, **overrides: Any) -> Settings:
     """Resolve settings for a home; `overrides` are flags the user typed (None = not typed)."""
     home_path = resolve_home(home)
     data = _from_file(home_path / CONFIG_FILE)
-    unknown = set(data) - {"store", "s3", "executor"}
+    unknown = set(data) - {"store", "s3", "executor", "k3s"}
     if unknown:
         raise InvalidInput(f"{home_path / CONFIG_FILE}: unknown key(s) {sorted(unknown)}")
     s3_raw = dict(data.get("s3", {}))
@@ -120,14 +133,32 @@ def load_settings(home: str | Path | None = None, **overrides: Any) -> Settings:
             s3_raw[key] = os.environ[env]
     if "secure" in s3_raw:
         s3_raw["secure"] = _as_bool("s3.secure", s3_raw["secure"])
+    k3s_raw = dict(data.get("k3s", {}))
+    bad = set(k3s_raw) - {f.name for f in fields(K3sSettings)}
+    if bad:
+        raise InvalidInput(f"{home_path / CONFIG_FILE}: unknown key(s) in [k3s]: {sorted(bad)}")
+    for key in ("namespace", "image", "kubeconfig"):
+        env = f"APPLIANCE_K3S_{key.upper()}"
+        if env in os.environ:
+            k3s_raw[key] = os.environ[env]
+        if not isinstance(k3s_raw.get(key, ""), str):
+            raise InvalidInput(f"k3s.{key}: expected a string, got {k3s_raw[key]!r}")
     store = os.environ.get("APPLIANCE_STORE", data.get("store", "local"))
     executor = os.environ.get("APPLIANCE_EXECUTOR", data.get("executor", "local"))
-    settings = Settings(home=home_path, store=store, s3=S3Settings(**s3_raw), executor=executor)
+    settings = Settings(
+        home=home_path,
+        store=store,
+        s3=S3Settings(**s3_raw),
+        executor=executor,
+        k3s=K3sSettings(**k3s_raw),
+    )
     typed = {k: v for k, v in overrides.items() if v is not None}
     if typed:
         settings = replace(settings, **typed)
     if settings.store not in ("local", "s3"):
         raise InvalidInput(f"store: expected 'local' or 's3', got {settings.store!r}")
-    if settings.executor != "local":
-        raise InvalidInput(f"executor: only 'local' is available, got {settings.executor!r}")
+    if settings.executor not in EXECUTORS:
+        raise InvalidInput(
+            f"executor: expected one of {list(EXECUTORS)}, got {settings.executor!r}"
+        )
     return settings

@@ -47,8 +47,10 @@ def test_a_training_job_on_the_cpu() -> None:
         "namespace": "appliance",
         "labels": {JOB_LABEL: "3f2a9c1b7d4e", "app.kubernetes.io/managed-by": "appliance"},
     }
-    assert job["spec"]["activeDeadlineSeconds"] == 1800 and job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["backoffLimit"] == 2
     pod = job["spec"]["template"]["spec"]
+    # the timeout is per attempt, as locally: each pod has it, the Job room for all three
+    assert pod["activeDeadlineSeconds"] == 1800 and job["spec"]["activeDeadlineSeconds"] == 5400
     assert pod["restartPolicy"] == "Never" and "runtimeClassName" not in pod
     container = _container(job)
     assert container["imagePullPolicy"] == "IfNotPresent"
@@ -79,6 +81,7 @@ def test_a_gpu_job_gets_the_device_and_the_nvidia_runtime() -> None:
     assert _container(job)["resources"]["limits"] == {"memory": "2048Mi", "nvidia.com/gpu": 1}
     assert _container(job)["resources"]["requests"]["cpu"] == "500m"
     assert "activeDeadlineSeconds" not in job["spec"]
+    assert "activeDeadlineSeconds" not in job["spec"]["template"]["spec"]
 
 
 def test_a_command_job_runs_its_command_where_it_asked() -> None:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from appliance.core.context import Appliance
 from appliance.core.jobs import (
@@ -52,6 +52,7 @@ POLL_SECONDS = 1.0
 RECONCILE_SECONDS = 2.0
 RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any more
 REPROBE_SECONDS = 60.0
+CLUSTER_REPROBE_SECONDS = 10.0  # nodes join and leave more often than RAM changes
 
 
 @dataclass(frozen=True)
@@ -269,11 +270,11 @@ class Agent:
     ) -> None:
         self.app = app
         self.idle_exit = idle_exit
-        self.capacity = capacity or machine_capacity()
+        self.executor = get_executor(app.settings.executor)
+        self.capacity = capacity or self._probe()
         self.probe_capacity = capacity is None  # a given capacity (tests) stays as given
         self.restarts: dict[str, tuple[int, float]] = {}  # deployment -> (restarts, not before)
         self.probed = time.monotonic()
-        self.executor = get_executor(app.settings.executor)
         self.stopping = False
         self._lock_file: IO[str] | None = None
         self._sock: socket.socket | None = None
@@ -411,7 +412,9 @@ class Agent:
             ):
                 continue  # it would take what the reserved job waits for
             gpu_ids = None
-            if self.capacity.gpu > 0:  # jobs see only the GPUs they were given (maybe none)
+            # jobs see only the GPUs they were given (maybe none); on k3s the device plugin
+            # gives each pod its own
+            if self.capacity.gpu > 0 and self.executor.name == "local":
                 gpu_ids = ",".join(free_gpus[: job["gpu"]])
             if not claim_job(self.app, job["id"], gpu_ids=gpu_ids):
                 continue  # cancelled meanwhile
@@ -463,9 +466,18 @@ class Agent:
             )
 
     def reprobe(self) -> None:
-        """Look at the machine again (a GPU driver that came up after boot, a new limit)."""
-        machine_capacity.cache_clear()
-        self.capacity = machine_capacity()
+        """Look at the machine again (a GPU driver that came up after boot, a new limit), or
+        at the cluster (a node that joined or left)."""
+        if self.executor.name == "local":
+            machine_capacity.cache_clear()
+        self.capacity = self._probe()
+
+    def _probe(self) -> Capacity:
+        try:
+            return cast(Capacity, self.executor.capacity(self.app))
+        except ApplianceError as exc:  # the cluster is unreachable: start nothing, look again
+            print(f"{utcnow()} capacity unknown: {exc.message}", file=sys.stderr, flush=True)
+            return Capacity(0.0, 0, 0)
 
     def gpu_names(self) -> list[str]:
         """What CUDA_VISIBLE_DEVICES values mean here: the agent's own list, else 0..n-1."""
@@ -537,7 +549,8 @@ class Agent:
             self._reap()
             if first or reconcile:
                 self.reconcile()
-            if self.probe_capacity and time.monotonic() - self.probed > REPROBE_SECONDS:
+            every = REPROBE_SECONDS if self.executor.name == "local" else CLUSTER_REPROBE_SECONDS
+            if self.probe_capacity and time.monotonic() - self.probed > every:
                 self.reprobe()
                 self.probed = time.monotonic()
             self.schedule()

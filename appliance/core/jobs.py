@@ -205,7 +205,10 @@ class JobSpec:
 
 
 class Executor(Protocol):
-    """Starts and stops job processes; the supervisor it starts records what they report."""
+    """Starts and stops job processes; the supervisor it starts records what they report.
+
+    `child` is what the supervisor watches: None for a local process it starts itself, or
+    an object shaped like one (stdout lines, wait(), halt()) for a job run elsewhere."""
 
     name: str
 
@@ -214,6 +217,14 @@ class Executor(Protocol):
     def cancel(self, job: dict[str, Any]) -> None: ...
 
     def is_alive(self, job: dict[str, Any]) -> bool: ...
+
+    def child(self, app: Appliance, job_id: str, spec: JobSpec) -> Any: ...
+
+    def orphaned(self, app: Appliance, job: dict[str, Any]) -> None: ...
+
+    def capacity(self, app: Appliance) -> Any: ...
+
+    def check_fits(self, app: Appliance, request: Request) -> None: ...
 
 
 class LocalExecutor:
@@ -274,6 +285,23 @@ class LocalExecutor:
     def is_alive(self, job: dict[str, Any]) -> bool:
         return is_ours(job.get("pid")) and is_same(job.get("pid"), job.get("pid_identity"))
 
+    def child(self, app: Appliance, job_id: str, spec: JobSpec) -> Any:
+        return None  # the supervisor starts the job's process itself
+
+    def orphaned(self, app: Appliance, job: dict[str, Any]) -> None:
+        """The job process of a vanished supervisor, if it still runs (checked by identity)."""
+        child, known = job.get("child_pid"), job.get("child_identity")
+        if child and known and is_same(child, known):
+            kill_tree(child, grace=0.2)
+
+    def capacity(self, app: Appliance) -> Any:
+        from appliance.core.agent import machine_capacity
+
+        return machine_capacity()
+
+    def check_fits(self, app: Appliance, request: Request) -> None:
+        self.capacity(app).check_fits(request)
+
 
 _STOP_REQUESTED = threading.Event()  # a stop signal that came before supervise() listened
 
@@ -285,7 +313,11 @@ def _early_stop(signum: int, frame: object) -> None:
 def get_executor(name: str) -> Executor:
     if name == "local":
         return LocalExecutor()
-    raise InvalidInput(f"executor {name!r}: only 'local' is available")
+    if name == "k3s":
+        from appliance.core.k3s_jobs import K3sExecutor
+
+        return K3sExecutor()
+    raise InvalidInput(f"executor {name!r}: expected 'local' or 'k3s'")
 
 
 def submit_job(
@@ -302,14 +334,14 @@ def submit_job(
 
     `record(conn, job_id, run_id)` writes the caller's own row in the same transaction (a
     tuning trial), so a crash never leaves a job its owner does not know about."""
-    from appliance.core.agent import ensure_agent, machine_capacity
+    from appliance.core.agent import ensure_agent
 
     if experiment is not None:
         spec.experiment = experiment
     spec.validate()
     request = spec.request()
-    machine_capacity().check_fits(request)
     executor = get_executor(app.settings.executor)
+    executor.check_fits(app, request)
     job_id = new_id()
     log_path = app.settings.logs_dir / "jobs" / f"{job_id}.log"
     with app.db.transaction() as conn:
@@ -376,7 +408,7 @@ def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
     left of its process, then queue it again while retries remain, else fail it."""
     if not supervisor_gone(app, job):
         return job
-    _kill_orphaned_child(job)
+    get_executor(job["executor"]).orphaned(app, job)
     fail_or_retry(
         app,
         job["id"],
@@ -385,13 +417,6 @@ def reconcile_job(app: Appliance, job: dict[str, Any]) -> dict[str, Any]:
         expect_pid=job.get("pid"),
     )
     return _job_row(app, job["id"]) or job
-
-
-def _kill_orphaned_child(job: dict[str, Any]) -> None:
-    """The job process of a vanished supervisor, if it still runs (checked by identity)."""
-    child, known = job.get("child_pid"), job.get("child_identity")
-    if child and known and is_same(child, known):
-        kill_tree(child, grace=0.2)
 
 
 def get_job(app: Appliance, job_id: str) -> dict[str, Any]:
@@ -488,7 +513,7 @@ def cancel_job(app: Appliance, job_id: str) -> dict[str, Any]:
     if job["state"] not in FINAL_STATES:  # a supervisor that does not answer: do it from here
         if get_executor(job["executor"]).is_alive(job):
             signal_ours(job.get("pid"), signal.SIGKILL)  # first: it must not see a failure
-        _kill_orphaned_child(job)
+        get_executor(job["executor"]).orphaned(app, job)
         _finish(app, job_id, "cancelled", None, "cancelled (the supervisor did not answer)")
     return get_job(app, job_id)
 
@@ -991,7 +1016,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
                 return
             stop_reason.append(reason)
             for child in started:
-                threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
+                threading.Thread(target=_halt, args=(child, grace), daemon=True).start()
 
     # Listening before the pid is registered: a cancel can never find a deaf supervisor.
     signal.signal(signal.SIGTERM, lambda signum, frame: stop("cancelled"))
@@ -1040,9 +1065,12 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
         recorder.note_error(log_error)
     if row["attempt"] > 1:
         recorder.write_log(f"[appliance] attempt {row['attempt']} of {row['retries'] + 1}")
+    executor = get_executor(row["executor"])
     try:
-        child: Any
-        if spec.kind != "command" and warm_jobs_enabled() and _fork_safe():
+        child: Any = executor.child(app, job_id, spec)
+        if child is not None:
+            pass  # run elsewhere (a pod): the executor started it
+        elif spec.kind != "command" and warm_jobs_enabled() and _fork_safe():
             app.close()  # no SQLite state may cross a fork; reopened on next use
             child = ForkedBody(env, spec.workdir or app.settings.home)
         else:
@@ -1061,17 +1089,23 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
         _close_log(log)
         return fail_or_retry(app, job_id, None, f"could not start {spec.command[:1]}: {exc}")
-    app.db.execute(
-        "UPDATE jobs SET child_pid = ?, child_identity = ? WHERE id = ?",
-        (child.pid, identity(child.pid), job_id),
-    )
+    except ApplianceError as exc:  # the cluster refused the Job, or is unreachable
+        _close_log(log)
+        return fail_or_retry(app, job_id, None, f"could not start: {exc.message}")
+    if child.pid is not None:
+        app.db.execute(
+            "UPDATE jobs SET child_pid = ?, child_identity = ? WHERE id = ?",
+            (child.pid, identity(child.pid), job_id),
+        )
     with stop_lock:
         started.append(child)
         if stop_reason:
-            threading.Thread(target=kill_tree, args=(child.pid, grace), daemon=True).start()
+            threading.Thread(target=_halt, args=(child, grace), daemon=True).start()
     timer = None
-    if spec.timeout:
-        timer = threading.Timer(spec.timeout, stop, args=("timed_out",))
+    # A pod has its own deadline per attempt; this timer is the backstop for all of them.
+    limit = getattr(child, "deadline", spec.timeout)
+    if limit:
+        timer = threading.Timer(limit, stop, args=("timed_out",))
         timer.daemon = True
         timer.start()
     stderr_tail: deque[str] = deque(maxlen=20)
@@ -1107,7 +1141,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     for pump in pumps:
         pump.join(timeout=2)
     if any(p.is_alive() for p in pumps):  # something the job left behind holds its pipes
-        kill_tree(child.pid, grace=0.2)
+        _halt(child, 0.2)
         for pump in pumps:
             pump.join(timeout=2)
     finished.set()
@@ -1115,6 +1149,8 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     recorder.flush()
     _close_log(log)
 
+    if not stop_reason and getattr(child, "timed_out", False):  # a pod past its deadline
+        stop_reason.append("timed_out")
     if stop_reason and stop_reason[0] == "cancelled":
         _finish(app, job_id, "cancelled", exit_code, "cancelled by request")
         return "cancelled"
@@ -1127,9 +1163,21 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     if exit_code == 0:
         _finish(app, job_id, "succeeded", 0, f"warning: {recorder.error}" if warning else None)
         return "succeeded"
+    if getattr(child, "retried_by_cluster", False):  # Kubernetes ran the retries (backoffLimit)
+        reason = getattr(child, "reason", "") or "failed"
+        _finish(app, job_id, "failed", exit_code, f"{reason}{warning}")
+        return "failed"
     last = [ln for ln in stderr_tail if ln.strip()]
     reason = last[-1] if last else "no error output"
     return fail_or_retry(app, job_id, exit_code, f"exit code {exit_code}: {reason}{warning}")
+
+
+def _halt(child: Any, grace: float) -> None:
+    """Stop a job: its process tree here, or what its executor runs elsewhere (a pod)."""
+    if child.pid is None:
+        child.halt()
+    else:
+        kill_tree(child.pid, grace)
 
 
 def _open_log(path: Path) -> tuple[TextIO, str | None]:

@@ -7,23 +7,51 @@ credentials from a Secret, never in the manifest) and reports through stdout, wh
 executor will read from the pod's log with the same line parser. Resources become requests
 and limits, a GPU request becomes an `nvidia.com/gpu` limit on the `nvidia` RuntimeClass, the
 timeout becomes `activeDeadlineSeconds` and retries `backoffLimit`.
+
+The executor keeps the local one's supervisor: the agent forks it, it records what the job
+prints and ends the job. Only its child differs: a `KubeJob` applies the Job, follows each
+pod's log in turn (every pod is one attempt), and ends with the Job's outcome.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import queue
 import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from appliance.config import Settings
-from appliance.core.jobs import SPEC_ENV, JobSpec
-from appliance.errors import InvalidInput
+from appliance.core.agent import Capacity
+from appliance.core.context import Appliance
+from appliance.core.jobs import SPEC_ENV, JobSpec, LocalExecutor, Request
+from appliance.core.kube import ClusterUnavailable, Kube
+from appliance.core.processes import signal_ours
+from appliance.errors import ApplianceError, InvalidInput
 
 NAMESPACE = "appliance"
 S3_SECRET = "appliance-s3"  # keys: access_key, secret_key (written by install.sh --server)
 JOB_LABEL = "appliance.dev/job-id"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 RUNTIME_IMAGE = "appliance-runtime:0.1.0"  # imported from the bundle: never pulled
+UID_LABEL = "batch.kubernetes.io/controller-uid"  # on every pod of one Job object
+POLL_SECONDS = 2.0  # APPLIANCE_K3S_POLL overrides (a fake cluster answers at once)
+GIVE_UP_AFTER = 120.0  # seconds of kubectl failing in a row before the job is given up
+# A pod that waits for one of these will wait forever: the job fails at once, saying why.
+STUCK_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
 
 
 def _quantity_memory(value: int) -> str:
@@ -106,5 +134,277 @@ def job_manifest(
         },
     }
     if spec.timeout is not None:
-        job["spec"]["activeDeadlineSeconds"] = max(1, math.ceil(spec.timeout))
+        # The timeout is per attempt, as locally: each pod has it; the Job has room for all.
+        per_attempt = max(1, math.ceil(spec.timeout))
+        pod["activeDeadlineSeconds"] = per_attempt
+        job["spec"]["activeDeadlineSeconds"] = per_attempt * (spec.retries + 1)
     return job
+
+
+def _kube(settings: Settings) -> Kube:
+    return Kube.from_environment(settings.k3s.kubeconfig)
+
+
+def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        c.get("type", ""): c
+        for c in (obj.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        ended = (status.get("state") or {}).get("terminated")
+        if ended:
+            return dict(ended)
+    return None
+
+
+def _waiting(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting")
+        if waiting:
+            return dict(waiting)
+    return None
+
+
+def _status_line(message: str) -> str:
+    """A line in the job protocol: the supervisor shows it as the job's progress message."""
+    return json.dumps({"type": "status", "message": message})
+
+
+class KubeJob:
+    """One job on the cluster, shaped as the local child process its supervisor watches:
+    `stdout` yields the pods' log lines (attempts in order), `wait()` gives the outcome as an
+    exit code, `halt()` deletes the Job. Kubernetes retries (`backoffLimit`), so a failure
+    here is final; a pod over its deadline ends the job `timed_out`, as locally."""
+
+    pid = None  # no local process: cancel and timeout go through halt()
+    retried_by_cluster = True
+
+    def __init__(
+        self, app: Appliance, job_id: str, spec: JobSpec, poll: float = POLL_SECONDS
+    ) -> None:
+        settings = app.settings
+        self.kube = _kube(settings)
+        self.namespace = settings.k3s.namespace
+        self.name = f"job-{job_id}"
+        self.poll = float(os.environ.get("APPLIANCE_K3S_POLL", poll))
+        self.reason = ""
+        self.timed_out = False
+        self.attempts = 0
+        self.deadline = (spec.timeout or 0) * (spec.retries + 1) or None
+        manifest = job_manifest(job_id, spec, settings, image=settings.k3s.image)
+        manifest["metadata"]["namespace"] = self.namespace
+        stored = self.kube.apply(manifest)
+        self.uid = (stored.get("metadata") or {}).get("uid", "")
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.stdout: Iterator[str] = iter(self._lines.get, None)
+        self.stderr: Iterator[str] = iter(())  # a pod's log holds both streams
+        self._halted = threading.Event()
+        self._logs: subprocess.Popen[str] | None = None
+        self._code = 1
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    # ---- what the supervisor calls -----------------------------------------------------
+
+    def wait(self) -> int:
+        self._thread.join()
+        return self._code
+
+    def halt(self) -> None:
+        """Cancel or timeout: delete the Job (its pods go with it) and stop following."""
+        self._halted.set()
+        try:
+            self.kube.delete(self.namespace, f"job/{self.name}")
+        except ClusterUnavailable as exc:
+            self._lines.put(f"[appliance] could not delete job/{self.name}: {exc.message}")
+        logs = self._logs
+        if logs is not None and logs.poll() is None:
+            logs.terminate()
+
+    # ---- following the Job -------------------------------------------------------------
+
+    def _follow(self) -> None:
+        followed: set[str] = set()
+        failing_since: float | None = None
+        try:
+            while not self._halted.is_set():
+                try:
+                    job, pods = self._read()
+                    failing_since = None
+                except ClusterUnavailable as exc:
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > GIVE_UP_AFTER:
+                        self.reason = f"lost the cluster: {exc.message}"
+                        return
+                    self._lines.put(_status_line(f"retrying kubectl: {exc.message}"))
+                    self._halted.wait(self.poll)
+                    continue
+                if job is None:  # deleted by someone else (or by halt)
+                    self.reason = f"job/{self.name} was deleted"
+                    return
+                if self._attend(pods, followed):
+                    return
+                ended = _conditions(job)
+                if "Complete" in ended and all(p in followed for p in self._names(pods)):
+                    self._code = 0
+                    return
+                if "Failed" in ended and all(p in followed for p in self._names(pods)):
+                    failed = ended["Failed"]
+                    if failed.get("reason") == "DeadlineExceeded":
+                        self.timed_out = True
+                    self.reason = self.reason or (
+                        f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip()
+                    )
+                    return
+                self._halted.wait(self.poll)
+        finally:
+            self._lines.put(None)
+
+    def _read(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        jobs = self.kube.get("jobs", "-n", self.namespace, "-l", f"{JOB_LABEL}={self.name[4:]}")
+        mine = [j for j in jobs.get("items", []) if j["metadata"].get("uid") == self.uid]
+        if not mine:
+            return None, []
+        pods = self.kube.get("pods", "-n", self.namespace, "-l", f"{UID_LABEL}={self.uid}")
+        items = sorted(
+            pods.get("items", []),
+            key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]),
+        )
+        return mine[0], items
+
+    @staticmethod
+    def _names(pods: list[dict[str, Any]]) -> list[str]:
+        return [p["metadata"]["name"] for p in pods]
+
+    def _attend(self, pods: list[dict[str, Any]], followed: set[str]) -> bool:
+        """Follow every pod that has started, in order; True when the job must end now."""
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if name in followed:
+                continue
+            phase = (pod.get("status") or {}).get("phase")
+            if phase == "Pending":
+                waiting = _waiting(pod)
+                if waiting and waiting.get("reason") in STUCK_REASONS:
+                    self.reason = (
+                        f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".strip()
+                    )
+                    self.halt()
+                    return True
+                self._lines.put(_status_line(self._pending_message(pod, waiting)))
+                return False  # attempts are followed in order
+            followed.add(name)
+            self.attempts += 1
+            node = (pod.get("spec") or {}).get("nodeName", "?")
+            self._lines.put(f"[appliance] attempt {self.attempts}: pod {name} on node {node}")
+            self._stream(name)
+            if self._halted.is_set():
+                return True
+            ended = self._ended_pod(name)
+            if ended is not None:
+                pod = ended
+            if (pod.get("status") or {}).get("reason") == "DeadlineExceeded":
+                self.timed_out = True  # over its time: no retry, as locally
+                self.reason = f"pod {name} ran past its deadline"
+                self.halt()
+                return True
+            done = _terminated(pod)
+            if done and done.get("exitCode", 0) != 0:
+                self.reason = f"exit code {done['exitCode']}: {done.get('reason', 'Error')}" + (
+                    f" ({done['message'].strip()})" if done.get("message") else ""
+                )
+        return False
+
+    @staticmethod
+    def _pending_message(pod: dict[str, Any], waiting: dict[str, Any] | None) -> str:
+        """Why a pod has not started: unschedulable (no node with the GPU), or pulling."""
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return f"pending: {cond.get('reason', '')} {cond.get('message', '')}".strip()
+        return f"pending: {waiting.get('reason', 'waiting')}" if waiting else "pending"
+
+    def _ended_pod(self, name: str) -> dict[str, Any] | None:
+        """The pod once its container has ended (the log ends a moment before the status)."""
+        for _ in range(10):
+            try:
+                pod = self.kube.get(f"pod/{name}", "-n", self.namespace)
+            except ClusterUnavailable:
+                return None
+            status = pod.get("status") or {}
+            if _terminated(pod) or status.get("phase") in ("Succeeded", "Failed"):
+                return dict(pod)
+            if self._halted.wait(min(self.poll, 0.5)):
+                return None
+        return None
+
+    def _stream(self, pod: str) -> None:
+        try:
+            self._logs = logs = self.kube.stream("logs", "-f", f"pod/{pod}", "-n", self.namespace)
+        except ClusterUnavailable as exc:
+            self._lines.put(f"[appliance] {exc.message}")
+            return
+        assert logs.stdout is not None and logs.stderr is not None
+        for line in logs.stdout:
+            self._lines.put(line)
+        logs.wait()
+        said = logs.stderr.read().strip()
+        if logs.returncode and said and not self._halted.is_set():
+            self._lines.put(f"[appliance] kubectl logs pod/{pod}: {said.splitlines()[-1]}")
+        self._logs = None
+
+
+class K3sExecutor(LocalExecutor):
+    """Jobs as Kubernetes Jobs on k3s. The supervisor is forked here as locally (it survives
+    the agent, records the job's lines, ends it); the job itself runs in a pod."""
+
+    name = "k3s"
+
+    def child(self, app: Appliance, job_id: str, spec: JobSpec) -> KubeJob:
+        return KubeJob(app, job_id, spec)
+
+    def cancel(self, job: dict[str, Any]) -> None:
+        if self.is_alive(job):
+            signal_ours(job.get("pid"), signal.SIGTERM)  # the supervisor deletes the Job
+
+    def orphaned(self, app: Appliance, job: dict[str, Any]) -> None:
+        """Its supervisor vanished: delete the Job, so a retry starts clean, as locally."""
+        try:
+            _kube(app.settings).delete(app.settings.k3s.namespace, f"job/job-{job['id']}")
+        except ApplianceError:
+            pass  # the cluster is gone too; its ttl removes the Job
+
+    def capacity(self, app: Appliance) -> Capacity:
+        """What the Ready nodes offer together: the agent starts no more than that at once;
+        the cluster's scheduler places each pod."""
+        nodes = _ready_nodes(app)
+        return Capacity(
+            cpu=sum(n["cpu"] or 0 for n in nodes),
+            memory=sum(n["memory_bytes"] or 0 for n in nodes),
+            gpu=sum(n["gpus"] for n in nodes),
+        )
+
+    def check_fits(self, app: Appliance, request: Request) -> None:
+        """A pod runs on one node: refuse a job no Ready node could ever hold."""
+        nodes = _ready_nodes(app)
+        if not nodes:
+            raise InvalidInput("the cluster has no Ready node (see `appliance cluster nodes`)")
+        for key, asked, have, unit in (
+            ("cpu", request.cpu, max(n["cpu"] or 0 for n in nodes), "cores"),
+            ("memory", request.memory, max(n["memory_bytes"] or 0 for n in nodes), "bytes"),
+            ("gpu", request.gpu, max(n["gpus"] for n in nodes), "GPUs"),
+        ):
+            if asked > have:
+                raise InvalidInput(
+                    f"resources.{key}: {asked:g} requested but the largest Ready node of the "
+                    f"cluster has {have:g} {unit}"
+                )
+
+
+def _ready_nodes(app: Appliance) -> list[dict[str, Any]]:
+    from appliance.core.cluster import list_nodes
+
+    return [n for n in list_nodes(_kube(app.settings)) if n["ready"]]

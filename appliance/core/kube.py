@@ -43,9 +43,10 @@ class Kube:
     timeout: float = DEFAULT_TIMEOUT
 
     @classmethod
-    def from_environment(cls) -> Kube:
-        """KUBECONFIG if set, else k3s' own kubeconfig when this machine is a k3s server."""
-        configured = os.environ.get("KUBECONFIG")
+    def from_environment(cls, kubeconfig: str = "") -> Kube:
+        """The kubeconfig given (settings' `k3s.kubeconfig`), else KUBECONFIG, else k3s' own
+        kubeconfig when this machine is a k3s server."""
+        configured = kubeconfig or os.environ.get("KUBECONFIG")
         if configured:
             return cls(configured)
         return cls(str(K3S_KUBECONFIG) if K3S_KUBECONFIG.exists() else None)
@@ -100,6 +101,48 @@ class Kube:
     def get(self, *args: str) -> Any:
         """`kubectl get ARGS -o json`, parsed."""
         return self.json("get", *args)
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """`kubectl apply -f -` of one object (or a v1 List), sent as JSON on stdin; returns
+        what the API server stored."""
+        argv = [*self.kubectl(), "apply", "-f", "-", "-o", "json"]
+        out = self.run(argv, stdin=json.dumps(manifest))
+        try:
+            return dict(json.loads(out))
+        except json.JSONDecodeError as exc:
+            raise ClusterUnavailable(
+                f"`{shlex.join(argv)}` printed something that is not JSON: {out[:200]!r}"
+            ) from exc
+
+    def delete(self, namespace: str, *resources: str) -> None:
+        """`kubectl delete RESOURCES -n NS --ignore-not-found --wait=false`: gone or going."""
+        self.run(
+            [
+                *self.kubectl(),
+                "delete",
+                *resources,
+                "-n",
+                namespace,
+                "--ignore-not-found",
+                "--wait=false",
+            ]
+        )
+
+    def stream(self, *args: str) -> subprocess.Popen[str]:
+        """A long-running kubectl (`logs -f`): its stdout line by line, stderr kept apart."""
+        argv = [*self.kubectl(), *args]
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                bufsize=1,
+            )
+        except OSError as exc:
+            raise ClusterUnavailable(f"`{shlex.join(argv)}` could not start: {exc}") from exc
 
     def version(self) -> dict[str, Any]:
         """`kubectl version -o json`: the client's and the server's versions."""

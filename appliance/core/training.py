@@ -20,8 +20,8 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.datasets import get_dataset_version
 from appliance.core.duck import is_numeric
-from appliance.core.jobs import JobSpec, environment_tags, submit_job
-from appliance.errors import InvalidInput
+from appliance.core.jobs import Executor, JobSpec, environment_tags, get_executor, submit_job
+from appliance.errors import ApplianceError, InvalidInput
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -163,6 +163,14 @@ def _default_features(app: Appliance, train: dict[str, Any], target: str) -> lis
     return [c for c in names if c in columns and c != target]
 
 
+def _has_gpu(executor: Executor, app: Appliance) -> bool:
+    """Whether the MLP should ask for a GPU: one exists where its jobs run."""
+    try:
+        return bool(executor.capacity(app).gpu > 0)
+    except ApplianceError:  # the cluster is unreachable: submit_job says so just after
+        return False
+
+
 def submit_training(
     app: Appliance,
     dataset: str,
@@ -186,11 +194,10 @@ def submit_training(
     """Validate against the datasets' schemas, then submit a training job.
 
     `dataset` is the training version; `target` the label column; `valid`/`test` optional
-    versions with the same columns. The MLP requests one GPU when the machine has one.
+    versions with the same columns. The MLP requests one GPU when the machine (or, on k3s,
+    the cluster) has one.
     `submit` passes on to `submit_job` (a tuning trial's parent run, tags and record).
     """
-    from appliance.core.agent import machine_capacity
-
     if trainer not in TRAINERS:
         raise InvalidInput(f"--trainer {trainer!r}: expected one of {', '.join(TRAINERS)}")
     if objective is not None and objective not in OBJECTIVES:
@@ -242,7 +249,9 @@ def submit_training(
         resources={
             "cpu": cpus,
             "memory": memory,
-            "gpu": gpu if gpu is not None else int(trainer == "mlp" and machine_capacity().gpu > 0),
+            "gpu": gpu
+            if gpu is not None
+            else int(trainer == "mlp" and _has_gpu(get_executor(app.settings.executor), app)),
         },
         timeout=timeout,  # type: ignore[arg-type]  # validate() turns '30m' into seconds
         retries=retries,

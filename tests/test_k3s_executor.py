@@ -1,0 +1,312 @@
+"""The k3s executor end to end through the real agent and supervisor, against a recording fake
+`kubectl` first on PATH that plays a cluster: it stores the applied Job, shows its pods in
+real `kubectl get -o json` shapes, prints each pod's log and ends the Job as scripted."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.jobs import JobSpec, cancel_job, get_job, submit_job, wait_job
+from appliance.core.k3s_jobs import job_manifest
+from appliance.errors import InvalidInput
+from tests.test_cluster import NODES
+
+FAKE = r"""#!{python}
+import json, os, sys, time
+args = sys.argv[1:]
+state_path = os.environ["FAKE_STATE"]
+def load():
+    try:
+        return json.load(open(state_path))
+    except (OSError, ValueError):
+        return {{"job": None, "deleted": False, "logged": [], "pending_seen": {{}}}}
+def save(state):
+    tmp = state_path + ".tmp"
+    json.dump(state, open(tmp, "w"))
+    os.replace(tmp, state_path)
+scenario = json.load(open(os.environ["FAKE_SCENARIO"]))
+with open(os.environ["FAKE_KUBE_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\n")
+if args[:2] == ["--kubeconfig", os.environ["FAKE_KUBECONFIG"]]:
+    args = args[2:]
+else:
+    print("no kubeconfig given", file=sys.stderr); sys.exit(1)
+state = load()
+def pod(i, spec, now_pending):
+    name = spec["name"]
+    obj = {{"apiVersion": "v1", "kind": "Pod",
+           "metadata": {{"name": name, "namespace": "appliance",
+                        "creationTimestamp": "2026-11-26T10:00:0%dZ" % i,
+                        "labels": {{"batch.kubernetes.io/controller-uid": state["uid"]}}}},
+           "spec": {{"nodeName": "edge-server", "containers": [{{"name": "job"}}]}}}}
+    if now_pending:
+        status = {{"phase": "Pending", "conditions": spec.get("conditions", [])}}
+        if spec.get("waiting"):
+            waiting = {{"waiting": spec["waiting"]}}
+            status["containerStatuses"] = [{{"name": "job", "state": waiting}}]
+    elif name in state["logged"]:
+        code = spec.get("exit", 0)
+        reason = spec.get("reason", "Completed" if code == 0 else "Error")
+        ended = {{"terminated": {{"exitCode": code, "reason": reason}}}}
+        status = {{"phase": "Succeeded" if code == 0 else "Failed",
+                  "containerStatuses": [{{"name": "job", "state": ended}}]}}
+        if spec.get("deadline"):
+            status = {{"phase": "Failed", "reason": "DeadlineExceeded",
+                      "message": "Pod was active on the node longer than the specified deadline"}}
+    else:
+        running = {{"name": "job", "state": {{"running": {{}}}}}}
+        status = {{"phase": "Running", "containerStatuses": [running]}}
+    obj["status"] = status
+    return obj
+def pods():
+    out = []
+    for i, spec in enumerate(scenario["pods"]):
+        if i and scenario["pods"][i - 1]["name"] not in state["logged"]:
+            break
+        seen = state["pending_seen"].get(spec["name"], 0)
+        pending = spec.get("waiting") is not None or seen < spec.get("pending", 0)
+        if pending:
+            state["pending_seen"][spec["name"]] = seen + 1
+        out.append(pod(i, spec, pending))
+    save(state)
+    return out
+if args[:3] == ["apply", "-f", "-"]:
+    if scenario.get("apply_fail"):
+        print(scenario["apply_fail"], file=sys.stderr); sys.exit(1)
+    job = json.load(sys.stdin)
+    state.update(job=job, uid="0d9c5e3a-uid", deleted=False)
+    save(state)
+    job["metadata"]["uid"] = state["uid"]
+    print(json.dumps(job))
+elif args[:2] == ["get", "nodes"]:
+    print(json.dumps({{"kind": "List", "items": json.loads(os.environ["FAKE_NODES"])}}))
+elif args[:2] == ["get", "jobs"]:
+    items = []
+    if state["job"] and not state["deleted"]:
+        job = dict(state["job"])
+        job["metadata"] = dict(job["metadata"], uid=state["uid"])
+        names = [p["name"] for p in scenario["pods"]]
+        done = all(n in state["logged"] for n in names)
+        cond = []
+        if done and scenario.get("end"):
+            cond = [{{"type": scenario["end"], "status": "True",
+                     "reason": scenario.get("end_reason", ""),
+                     "message": scenario.get("end_message", "")}}]
+        job["status"] = {{"conditions": cond}}
+        items.append(job)
+    print(json.dumps({{"apiVersion": "v1", "kind": "List", "items": items}}))
+elif args[:2] == ["get", "pods"]:
+    items = [] if state["deleted"] else pods()
+    print(json.dumps({{"apiVersion": "v1", "kind": "List", "items": items}}))
+elif args[0] == "get" and args[1].startswith("pod/"):
+    name = args[1][4:]
+    i = [p["name"] for p in scenario["pods"]].index(name)
+    print(json.dumps(pod(i, scenario["pods"][i], False)))
+elif args[:2] == ["logs", "-f"]:
+    name = args[2][4:]
+    spec = [p for p in scenario["pods"] if p["name"] == name][0]
+    for line in spec.get("lines", []):
+        print(line, flush=True)
+    if spec.get("block"):
+        while not load()["deleted"]:
+            time.sleep(0.05)
+        sys.exit(0)
+    state = load()
+    state["logged"].append(name)
+    save(state)
+elif args[0] == "delete":
+    state["deleted"] = True
+    save(state)
+else:
+    print("unknown command: " + " ".join(args), file=sys.stderr); sys.exit(1)
+"""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A home configured for the k3s executor, and a function that scripts the fake cluster."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(FAKE.format(python=sys.executable))
+    kubectl.chmod(0o755)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    log = tmp_path / "calls.jsonl"
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps({"pods": []}))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    monkeypatch.setenv("FAKE_KUBE_LOG", str(log))
+    monkeypatch.setenv("FAKE_STATE", str(tmp_path / "state.json"))
+    monkeypatch.setenv("FAKE_SCENARIO", str(scenario))
+    monkeypatch.setenv("FAKE_KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("FAKE_NODES", json.dumps(NODES["items"][:1]))  # 8 cpu, 2 GPUs, Ready
+    monkeypatch.setenv("APPLIANCE_K3S_POLL", "0.05")
+    monkeypatch.setenv("APPLIANCE_AGENT_IDLE_EXIT", "2")
+    home.mkdir(parents=True)
+    (home / "appliance.toml").write_text(f'executor = "k3s"\n[k3s]\nkubeconfig = "{kubeconfig}"\n')
+    app = Appliance.open(home)
+
+    class Cluster:
+        def play(self, **script: Any) -> None:
+            scenario.write_text(json.dumps(script))
+
+        def calls(self) -> list[list[str]]:
+            if not log.exists():
+                return []
+            return [json.loads(line)[2:] for line in log.read_text().splitlines()]
+
+        def applied(self) -> dict[str, Any]:
+            return json.loads((tmp_path / "state.json").read_text())["job"]
+
+    cluster = Cluster()
+    cluster.app = app  # type: ignore[attr-defined]
+    yield cluster
+    app.close()
+
+
+def _submit(app: Appliance, **spec: Any) -> dict[str, Any]:
+    job_spec = JobSpec(kind="command", command=["python", "train.py"], **spec)
+    return submit_job(app, job_spec)
+
+
+def _spec(app: Appliance, job_id: str) -> JobSpec:
+    return JobSpec.from_json(app.db.scalar("SELECT spec_json FROM jobs WHERE id = ?", [job_id]))
+
+
+METRIC = json.dumps({"type": "metric", "name": "valid_auc", "value": 0.91, "step": 3})
+PROGRESS = json.dumps({"type": "progress", "done": 3, "total": 10})
+
+
+def test_a_job_runs_as_a_kubernetes_job_and_its_log_is_recorded(cluster: Any) -> None:
+    cluster.play(
+        pods=[{"name": "job-x-abcde", "pending": 2, "lines": [PROGRESS, "epoch 3", METRIC]}],
+        end="Complete",
+    )
+    app = cluster.app
+    job = _submit(app, resources={"cpu": 2, "memory": "1Gi"}, timeout=600, retries=1)
+    done = wait_job(app, job["id"], timeout=30)
+    assert done["state"] == "succeeded", done
+    # what was applied is exactly the Job the spec becomes, and it is valid
+    applied = cluster.applied()
+    spec = _spec(app, job["id"])
+    assert applied == job_manifest(job["id"], spec, app.settings)
+    kubernetes_validate.validate(applied, "1.31", strict=True)
+    uid = "0d9c5e3a-uid"
+    calls = cluster.calls()
+    assert calls[0] == ["get", "nodes", "-o", "json"]  # submit: does any node fit it?
+    assert ["apply", "-f", "-", "-o", "json"] in calls
+    label = f"appliance.dev/job-id={job['id']}"
+    assert ["get", "jobs", "-n", "appliance", "-l", label, "-o", "json"] in calls
+    pods = ["get", "pods", "-n", "appliance", "-l", f"batch.kubernetes.io/controller-uid={uid}"]
+    assert [*pods, "-o", "json"] in calls
+    assert ["logs", "-f", "pod/job-x-abcde", "-n", "appliance"] in calls
+    assert not any(c[0] == "delete" for c in calls)
+    # the pod's stdout went through the same line parser as a local job's
+    rows = app.db.rows("SELECT key, value, step FROM run_metrics WHERE run_id = ?", [job["run_id"]])
+    assert [(r["key"], r["value"], r["step"]) for r in rows] == [("valid_auc", 0.91, 3)]
+    text = (Path(done["log_path"])).read_text()
+    assert "epoch 3" in text and "attempt 1: pod job-x-abcde on node edge-server" in text
+    assert done["progress_current"] == 3 and done["progress_total"] == 10
+
+
+def test_kubernetes_retries_and_each_pod_is_an_attempt(cluster: Any) -> None:
+    cluster.play(
+        pods=[
+            {"name": "job-x-a", "exit": 3, "lines": ["boom"]},
+            {"name": "job-x-b", "lines": [METRIC]},
+        ],
+        end="Complete",
+    )
+    job = _submit(cluster.app, retries=1)
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "succeeded"
+    text = Path(done["log_path"]).read_text()
+    assert "attempt 1: pod job-x-a" in text and "attempt 2: pod job-x-b" in text
+    assert sum(c[:1] == ["apply"] for c in cluster.calls()) == 1  # not retried here as well
+
+
+def test_a_failed_job_says_why_and_is_not_retried_twice(cluster: Any) -> None:
+    cluster.play(
+        pods=[{"name": "job-x-a", "exit": 137, "reason": "OOMKilled"}],
+        end="Failed",
+        end_reason="BackoffLimitExceeded",
+        end_message="Job has reached the specified backoff limit",
+    )
+    job = _submit(cluster.app)
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "failed"
+    assert done["error"] == "exit code 137: OOMKilled"
+    assert done["attempt"] == 1
+
+
+def test_a_pod_past_its_deadline_ends_the_job_timed_out(cluster: Any) -> None:
+    cluster.play(pods=[{"name": "job-x-a", "deadline": True}], end="Failed")
+    job = _submit(cluster.app, timeout=5, retries=2)
+    spec = _spec(cluster.app, job["id"])
+    manifest = job_manifest(job["id"], spec, cluster.app.settings)
+    assert manifest["spec"]["template"]["spec"]["activeDeadlineSeconds"] == 5  # per attempt
+    assert manifest["spec"]["activeDeadlineSeconds"] == 15  # room for every attempt
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "timed_out"
+    assert ["delete", f"job/job-{job['id']}", "-n", "appliance"] == cluster.calls()[-1][:4]
+
+
+def test_cancel_deletes_the_job(cluster: Any) -> None:
+    cluster.play(pods=[{"name": "job-x-a", "lines": ["started"], "block": True}], end="Complete")
+    job = _submit(cluster.app)
+    deadline = time.monotonic() + 20
+    while (
+        "started"
+        not in Path(get_job(cluster.app, job["id"])["log_path"]).read_text(errors="replace")
+        if Path(get_job(cluster.app, job["id"])["log_path"]).exists()
+        else True
+    ):
+        assert time.monotonic() < deadline, "the pod's log never arrived"
+        time.sleep(0.05)
+    done = cancel_job(cluster.app, job["id"])
+    done = wait_job(cluster.app, job["id"], timeout=10)
+    assert done["state"] == "cancelled"
+    deletes = [c for c in cluster.calls() if c[0] == "delete"]
+    assert deletes == [
+        ["delete", f"job/job-{job['id']}", "-n", "appliance", "--ignore-not-found", "--wait=false"]
+    ]
+
+
+def test_an_image_that_cannot_be_pulled_fails_the_job_at_once(cluster: Any) -> None:
+    waiting = {
+        "reason": "ErrImageNeverPull",
+        "message": "image appliance-runtime:0.1.0 not present",
+    }
+    cluster.play(pods=[{"name": "job-x-a", "waiting": waiting}], end="Complete")
+    job = _submit(cluster.app)
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "failed"
+    assert (
+        "pod job-x-a: ErrImageNeverPull: image appliance-runtime:0.1.0 not present"
+        in (done["error"])
+    )
+    assert any(c[0] == "delete" for c in cluster.calls())
+
+
+def test_a_job_no_node_can_hold_is_refused_at_submit(cluster: Any) -> None:
+    with pytest.raises(InvalidInput, match="resources.gpu: 4 requested but the largest Ready"):
+        _submit(cluster.app, resources={"gpu": 4})
+    assert cluster.app.db.scalar("SELECT count(*) FROM jobs") == 0
+
+
+def test_a_refused_apply_fails_the_job_naming_kubectl(cluster: Any) -> None:
+    cluster.play(pods=[], apply_fail="Error from server (Forbidden): jobs.batch is forbidden")
+    job = _submit(cluster.app)
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "failed"
+    assert "apply -f - -o json` failed (exit 1): Error from server (Forbidden)" in done["error"]
