@@ -43,9 +43,24 @@ def test_home_from_env_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("nonsense = 1", "unknown key"),
         ('[s3]\nsecure = "maybe"', "s3.secure"),
         ("store = ", "invalid TOML"),
+        ('executor = "slurm"', "executor: expected one of"),
+        ("[k3s]\nnamepsace = 'x'", r"unknown key\(s\) in \[k3s\]"),
+        ("[k3s]\nimage = 3", "k3s.image: expected a string"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, content: str, field: str) -> None:
     (tmp_path / "appliance.toml").write_text(content)
     with pytest.raises(InvalidInput, match=field):
         load_settings(tmp_path)
+
+
+def test_cluster_mode_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "appliance.toml").write_text(
+        'executor = "k3s"\n[k3s]\nnamespace = "ml"\nkubeconfig = "/etc/appliance/kube"\n'
+    )
+    settings = load_settings(tmp_path)
+    assert settings.executor == "k3s"
+    assert (settings.k3s.namespace, settings.k3s.kubeconfig) == ("ml", "/etc/appliance/kube")
+    assert settings.k3s.image == "appliance-runtime:0.1.0"  # the bundle's image by default
+    monkeypatch.setenv("APPLIANCE_K3S_IMAGE", "appliance-runtime:0.2.0")
+    assert load_settings(tmp_path).k3s.image == "appliance-runtime:0.2.0"

@@ -1001,10 +1001,10 @@ def cluster_status_cmd(app: Any, as_json: bool) -> None:
 @command(cluster_group, "nodes")
 def cluster_nodes_cmd(app: Any, as_json: bool) -> None:
     """Every node: roles, readiness, version, address, architecture, cpu, memory, GPUs."""
-    from appliance.core.cluster import list_nodes
+    from appliance.core.cluster import kube_for, list_nodes
 
     emit(
-        list_nodes(),
+        list_nodes(kube_for(app.settings)),
         as_json,
         ["name", "roles", "ready", "version", "address", "arch", "cpu", "memory_bytes", "gpus"],
     )
@@ -1013,9 +1013,13 @@ def cluster_nodes_cmd(app: Any, as_json: bool) -> None:
 @command(cluster_group, "gpus")
 def cluster_gpus_cmd(app: Any, as_json: bool) -> None:
     """GPUs per node: capacity, allocatable, held by running pods, free."""
-    from appliance.core.cluster import list_gpus
+    from appliance.core.cluster import kube_for, list_gpus
 
-    emit(list_gpus(), as_json, ["node", "capacity", "allocatable", "in_use", "free"])
+    emit(
+        list_gpus(kube_for(app.settings)),
+        as_json,
+        ["node", "capacity", "allocatable", "in_use", "free"],
+    )
 
 
 @command(cluster_group, "join-command")
@@ -1030,10 +1034,11 @@ def cluster_join_command(
     """The command that joins an edge node to this server."""
     from pathlib import Path
 
-    from appliance.core.cluster import NODE_TOKEN, join_command
+    from appliance.core.cluster import NODE_TOKEN, join_command, kube_for
 
     emit(
         join_command(
+            kube_for(app.settings),
             server_url=server_url,
             token_file=Path(token_file) if token_file else NODE_TOKEN,
             show_token=show_token,

@@ -142,7 +142,9 @@ def job_manifest(
 
 
 def _kube(settings: Settings) -> Kube:
-    return Kube.from_environment(settings.k3s.kubeconfig)
+    from appliance.core.cluster import kube_for
+
+    return kube_for(settings)
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,6 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.core import cluster
 from appliance.core.context import Appliance
-from appliance.core.kube import Kube
 from appliance.errors import ApplianceError
 
 REFRESH_SECONDS = 5.0
@@ -77,7 +76,7 @@ class ClusterScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="cluster-refresh", exit_on_error=False)
     def reload(self) -> None:
-        kube = Kube.from_environment()
+        kube = cluster.kube_for(self.ctx.settings)
         try:
             nodes = cluster.list_nodes(kube)
             gpus = cluster.list_gpus(kube)
