@@ -199,7 +199,7 @@ def test_a_job_runs_as_a_kubernetes_job_and_its_log_is_recorded(cluster: Any) ->
     # what was applied is exactly the Job the spec becomes, and it is valid
     applied = cluster.applied()
     spec = _spec(app, job["id"])
-    assert applied == job_manifest(job["id"], spec, app.settings)
+    assert applied == job_manifest(job["id"], spec, app.settings, run_id=job["run_id"])
     kubernetes_validate.validate(applied, "1.31", strict=True)
     uid = "0d9c5e3a-uid"
     calls = cluster.calls()

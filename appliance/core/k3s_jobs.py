@@ -64,6 +64,7 @@ def job_manifest(
     spec: JobSpec,
     settings: Settings,
     image: str = RUNTIME_IMAGE,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """The Job for one attempt-set of a job spec (Kubernetes retries it `retries` times)."""
     if not _DNS_LABEL.fullmatch(job_id) or len(job_id) > 59:  # "job-" + id: a DNS label
@@ -86,6 +87,7 @@ def job_manifest(
     env = [
         {"name": SPEC_ENV, "value": spec.to_json()},
         {"name": "APPLIANCE_JOB_ID", "value": job_id},
+        *([{"name": "APPLIANCE_RUN_ID", "value": run_id}] if run_id else []),
         {"name": "APPLIANCE_HOME", "value": "/var/lib/appliance"},
         {"name": "APPLIANCE_STORE", "value": settings.store},
         {"name": "APPLIANCE_S3_ENDPOINT", "value": s3.endpoint},
@@ -197,7 +199,8 @@ class KubeJob:
         self.timed_out = False
         self.attempts = 0
         self.deadline = (spec.timeout or 0) * (spec.retries + 1) or None
-        manifest = job_manifest(job_id, spec, settings, image=settings.k3s.image)
+        run_id = app.db.scalar("SELECT id FROM runs WHERE job_id = ?", [job_id])
+        manifest = job_manifest(job_id, spec, settings, image=settings.k3s.image, run_id=run_id)
         manifest["metadata"]["namespace"] = self.namespace
         stored = self.kube.apply(manifest)
         self.uid = (stored.get("metadata") or {}).get("uid", "")
