@@ -310,3 +310,11 @@ def test_a_refused_apply_fails_the_job_naming_kubectl(cluster: Any) -> None:
     done = wait_job(cluster.app, job["id"], timeout=30)
     assert done["state"] == "failed"
     assert "apply -f - -o json` failed (exit 1): Error from server (Forbidden)" in done["error"]
+
+
+def test_the_agent_counts_the_clusters_ready_nodes(cluster: Any) -> None:
+    from appliance.core.agent import agent_status
+
+    status = agent_status(cluster.app)
+    assert status["executor"] == "k3s"
+    assert status["capacity"] == {"cpu": 8.0, "memory": 32596084 * 1024, "gpu": 2}

@@ -180,9 +180,18 @@ def agent_status(app: Appliance) -> dict[str, Any]:
         "pid": pid,
         "warm": warm,
         "home": str(app.settings.home),
-        "capacity": machine_capacity().as_dict(),
+        "executor": app.settings.executor,
+        "capacity": _capacity_or_error(app),
         **counts,
     }
+
+
+def _capacity_or_error(app: Appliance) -> dict[str, Any] | str:
+    """What jobs may take at once: this machine's, or the cluster's Ready nodes together."""
+    try:
+        return dict(get_executor(app.settings.executor).capacity(app).as_dict())
+    except ApplianceError as exc:
+        return f"unknown: {exc.message}"
 
 
 def _locked_by(app: Appliance) -> int | None:
