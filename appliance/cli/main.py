@@ -774,7 +774,7 @@ def agent_group(
 
 @command(agent_group, "status")
 def agent_status_cmd(app: Any, as_json: bool) -> None:
-    """Whether the agent runs, its pid, the queue and the machine's capacity."""
+    """Whether the agent runs, its pid, the queue and its capacity (machine or cluster)."""
     from appliance.core.agent import agent_status
 
     emit(agent_status(app), as_json)
@@ -965,14 +965,65 @@ def bundle_group() -> None:
     type=click.Path(),
     help="The pinned artifacts (TOML).",
 )
-def bundle_build(app: Any, as_json: bool, arch: str, out: str, manifest_path: str) -> None:
-    """Fetch every artifact for ARCH, check its sha256, and pack the bundle."""
-    from appliance.core.bundles import build_bundle, load_manifest
+@click.option(
+    "--project",
+    default=".",
+    show_default=True,
+    type=click.Path(),
+    help="The appliance source tree: its wheel and constraints.txt fill wheels/.",
+)
+@click.option(
+    "--dockerfile",
+    type=click.Path(),
+    help="The runtime image's Dockerfile (default: the one next to --manifest).",
+)
+@click.option(
+    "--torch-index",
+    help="The index torch comes from (default: PyTorch's CPU wheels; a CUDA index for GPUs).",
+)
+@click.option("--no-wheels", is_flag=True, help="Leave the wheelhouse out (needs --no-image).")
+@click.option(
+    "--no-image", is_flag=True, help="No Docker: leave out the runtime image and the [[image]]s."
+)
+def bundle_build(
+    app: Any,
+    as_json: bool,
+    arch: str,
+    out: str,
+    manifest_path: str,
+    project: str,
+    dockerfile: str | None,
+    torch_index: str | None,
+    no_wheels: bool,
+    no_image: bool,
+) -> None:
+    """Fetch every artifact for ARCH (checking its sha256), build the wheelhouse and the
+    runtime image, save the container images, and pack the bundle."""
+    from pathlib import Path
+
+    from appliance.core.bundles import TORCH_CPU_INDEX, build_bundle, load_manifest
 
     def progress(name: str, done: int, total: int) -> None:
         click.echo(f"[{done + 1}/{total}] {name}", err=True)
 
-    emit(build_bundle(load_manifest(manifest_path), arch, out, progress=progress), as_json)
+    manifest = load_manifest(manifest_path)
+    image_file = None if no_image else (dockerfile or Path(manifest_path).parent / "Dockerfile")
+    result = build_bundle(
+        manifest,
+        arch,
+        out,
+        progress=progress,
+        project=None if no_wheels else project,
+        torch_index=torch_index or TORCH_CPU_INDEX,
+        dockerfile=image_file,
+        images=not no_image,
+    )
+    for name in result["unpinned_images"]:
+        click.echo(
+            f"warning: image {name} is pinned by tag only; the bundle records the digest pulled",
+            err=True,
+        )
+    emit(result, as_json)
 
 
 @command(bundle_group, "verify")
@@ -1479,6 +1530,9 @@ def models_card(app: Any, ref: str) -> None:
     help="New deployment: callers send this service's entity keys; the server looks up the "
     "model's features in the online store.",
 )
+@click.option("--cpus", type=float, help="New deployment on k3s: cores per pod (default 1).")
+@click.option("--memory", help="New deployment on k3s: memory per pod (default 1Gi).")
+@click.option("--gpus", type=click.IntRange(0), help="New deployment on k3s: GPUs per pod.")
 def deploy_cmd(
     app: Any,
     as_json: bool,
@@ -1492,10 +1546,15 @@ def deploy_cmd(
     auto_rollback: str | None,
     window: str | None,
     feature_service: str | None,
+    cpus: float | None,
+    memory: str | None,
+    gpus: int | None,
 ) -> None:
     """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision (returns once every
-    worker serves it)."""
+    worker serves it; on k3s, once the rollout is available)."""
     from appliance.core.deployments import deploy_model
+
+    resources = {"cpu": cpus, "memory": memory, "gpu": gpus}
 
     emit(
         deploy_model(
@@ -1510,6 +1569,7 @@ def deploy_cmd(
             auto_rollback=auto_rollback,
             window=window,
             feature_service=feature_service,
+            resources={k: v for k, v in resources.items() if v is not None} or None,
         ),
         as_json,
     )
@@ -1763,16 +1823,41 @@ def deployments_list(app: Any, as_json: bool) -> None:
 @command(deployments_group, "show")
 @click.argument("name")
 def deployments_show(app: Any, as_json: bool, name: str) -> None:
-    """Show a deployment and its revision history."""
+    """Show a deployment and its revision history (on k3s, its rollout too)."""
     from appliance.core.deployments import get_deployment, list_revisions
+    from appliance.core.k3s_serving import rollout_status
+    from appliance.core.kube import ClusterUnavailable
 
     dep = get_deployment(app, name)
+    if dep["backend"] == "k3s" and dep["status"] == "serving":
+        try:
+            dep["rollout"] = rollout_status(app.settings, name)
+        except ClusterUnavailable as exc:  # the registry's record is still worth showing
+            dep["rollout"] = {"state": "unknown", "message": exc.message}
     revisions = list_revisions(app, name)
     if as_json:
         emit({**dep, "revisions": revisions}, True)
         return
     emit(dep, False)
     click.echo(table(revisions, REVISION_COLUMNS))
+
+
+@command(deployments_group, "status")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait until the current revision is served.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    help="With --wait: give up after this many seconds (default 180 on k3s, 30 locally).",
+)
+def deployments_status(
+    app: Any, as_json: bool, name: str, wait: bool, timeout: float | None
+) -> None:
+    """Where the current revision stands: on k3s, its rollout (progressing, available,
+    failed; replicas desired, updated, ready, available); locally, the server's state."""
+    from appliance.core.deployments import deployment_status
+
+    emit(deployment_status(app, name, wait=wait, timeout=timeout), as_json)
 
 
 @command(deployments_group, "promote")

@@ -464,7 +464,12 @@ class Agent:
                     flush=True,
                 )
                 self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
-        return bool(self.app.db.scalar("SELECT count(*) FROM deployments WHERE status = 'serving'"))
+        # k3s deployments are the cluster's to keep up: they keep no agent alive
+        return bool(
+            self.app.db.scalar(
+                "SELECT count(*) FROM deployments WHERE status = 'serving' AND backend = 'local'"
+            )
+        )
 
     def _say(self, job: dict[str, Any], message: str) -> None:
         """Why a queued job waits, where `jobs show` and the Jobs screen show it."""

@@ -9,6 +9,7 @@ generation.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -39,8 +40,8 @@ def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
     row = app.db.one(
         "SELECT d.id, d.name, m.name AS model, d.current_revision, d.status, d.host, d.port, "
         "d.pid, d.workers, d.follow_alias, d.generation, d.canary_revision, d.canary_percent, "
-        "d.canary_rule, d.canary_window_s, d.feature_service, d.created_at, d.updated_at, "
-        "mv.version AS model_version, cv.version AS canary_version "
+        "d.canary_rule, d.canary_window_s, d.feature_service, d.backend, d.created_at, "
+        "d.updated_at, mv.version AS model_version, cv.version AS canary_version "
         "FROM deployments d JOIN registered_models m ON m.id = d.model_id "
         "JOIN deployment_revisions r ON r.deployment_id = d.id AND r.revision = d.current_revision "
         "JOIN model_versions mv ON mv.id = r.model_version_id "
@@ -51,9 +52,10 @@ def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
     )
     if row is None:
         raise NotFound(f"deployment {name!r} not found")
-    if row["status"] == "serving" and not alive(row["pid"]):
-        row["status"] = "stopped"
-    row["url"] = f"http://{row['host']}:{row['port']}" if row["status"] == "serving" else None
+    if row["backend"] == "local" and row["status"] == "serving" and not alive(row["pid"]):
+        row["status"] = "stopped"  # on k3s the cluster keeps it up: `status` tells how it is
+    serving = row["status"] == "serving" and row["port"]
+    row["url"] = f"http://{row['host']}:{row['port']}" if serving else None
     return row
 
 
@@ -85,7 +87,8 @@ def list_deployments(app: Appliance) -> list[dict[str, Any]]:
     names = [r["name"] for r in app.db.rows("SELECT name FROM deployments ORDER BY name")]
     out = []
     for dep in (get_deployment(app, n) for n in names):
-        now = _traffic(app, dep["name"], None) if dep["status"] == "serving" else {}
+        local = dep["status"] == "serving" and dep["backend"] == "local"
+        now = _traffic(app, dep["name"], None) if local else {}
         live = now.get("all", {})
         state = "degraded" if now.get("degraded") else dep["status"]
         canary = (
@@ -127,29 +130,42 @@ def list_revisions(app: Appliance, name: str) -> list[dict[str, Any]]:
 
 
 def _append_revision(
+    app: Appliance,
     conn: sqlite3.Connection,
     deployment_id: int,
     name: str,
     mv: dict[str, Any],
     action: str,
     reason: str | None = None,
+    manifest: str | None = None,
 ) -> int:
     """Add the next revision, point the deployment (or its canary) at it, and record the
-    lineage; in the caller's transaction."""
-    service = conn.execute(
-        "SELECT feature_service FROM deployments WHERE id = ?", (deployment_id,)
-    ).fetchone()[0]
+    lineage; in the caller's transaction. On k3s the revision stores its manifest (`manifest`:
+    an earlier revision's, applied again as it was) and is applied before the transaction
+    commits: the cluster refusing it leaves nothing recorded."""
+    service, backend = conn.execute(
+        "SELECT feature_service, backend FROM deployments WHERE id = ?", (deployment_id,)
+    ).fetchone()
     if service:
         _check_fits_service(conn, name, mv, service)
+    if backend == "k3s" and action == "canary":
+        raise InvalidInput(
+            f"--canary: deployment {name!r} runs on k3s, where a revision is rolled out to "
+            "every replica; canaries are served by the local backend"
+        )
     now = utcnow()
     revision = conn.execute(
         "SELECT coalesce(max(revision), 0) + 1 FROM deployment_revisions WHERE deployment_id = ?",
         (deployment_id,),
     ).fetchone()[0]
+    if backend == "k3s" and manifest is None:
+        from appliance.core.k3s_serving import build_revision
+
+        manifest = build_revision(app.settings, conn, deployment_id, name, revision, mv)
     conn.execute(
         "INSERT INTO deployment_revisions (deployment_id, revision, model_version_id, action, "
-        "created_at, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (deployment_id, revision, mv["id"], action, now, reason, current_actor()),
+        "created_at, reason, actor, manifest_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (deployment_id, revision, mv["id"], action, now, reason, current_actor(), manifest),
     )
     column = "canary_revision" if action == "canary" else "current_revision"
     conn.execute(
@@ -165,6 +181,10 @@ def _append_revision(
         outputs=[("DeploymentRevision", f"deployment:{name}#{revision}")],
         context=("Deployment", name),
     )
+    if backend == "k3s" and manifest is not None:
+        from appliance.core.k3s_serving import apply_revision
+
+        apply_revision(app.settings, conn, deployment_id, name, revision, manifest)
     return int(revision)
 
 
@@ -230,15 +250,21 @@ def _deployable(app: Appliance, model_ref: str) -> dict[str, Any]:
     return version
 
 
-def wait_served(app: Appliance, name: str, timeout: float = SERVED_TIMEOUT) -> dict[str, Any]:
+def wait_served(app: Appliance, name: str, timeout: float | None = None) -> dict[str, Any]:
     """Block until every live worker of a running deployment serves its latest generation
-    (a stopped deployment serves it when it starts)."""
+    (a stopped deployment serves it when it starts); on k3s, until its rollout is available."""
     from appliance.core.serving import state_dir, wake_workers
     from appliance.core.traffic import read_snapshots
 
     dep = get_deployment(app, name)
     if dep["status"] != "serving":
         return dep
+    if dep["backend"] == "k3s":
+        from appliance.core.k3s_serving import wait_rollout
+
+        dep["rollout"] = wait_rollout(app.settings, name, dep["current_revision"], timeout)
+        return dep
+    timeout = SERVED_TIMEOUT if timeout is None else timeout
     directory = state_dir(app, name)
     deadline = time.monotonic() + timeout
     woken: set[int] = set()
@@ -258,6 +284,27 @@ def wait_served(app: Appliance, name: str, timeout: float = SERVED_TIMEOUT) -> d
         time.sleep(0.005)
 
 
+def deployment_status(
+    app: Appliance, name: str, wait: bool = False, timeout: float | None = None
+) -> dict[str, Any]:
+    """Where the current revision stands. On k3s, its rollout as the cluster reports it:
+    state (progressing, available, failed), replicas desired, updated, ready and available,
+    and a message; locally, the server's state. With `wait`, once it is served (a failed
+    rollout or the timeout raises)."""
+    dep = wait_served(app, name, timeout) if wait else get_deployment(app, name)
+    out = {
+        "name": dep["name"],
+        "backend": dep["backend"],
+        "revision": dep["current_revision"],
+        "model_version": dep["model_version"],
+    }
+    if dep["backend"] == "k3s" and dep["status"] == "serving":
+        from appliance.core.k3s_serving import rollout_status
+
+        return {**out, **(dep.get("rollout") or rollout_status(app.settings, name))}
+    return {**out, "state": dep["status"], "message": None}
+
+
 _KEEP = object()  # deploy(): leave the deployment's follow_alias as it is
 
 
@@ -273,11 +320,14 @@ def deploy_model(
     auto_rollback: str | None = None,
     window: str | float | None = None,
     feature_service: str | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`appliance deploy REF --name NAME`: create the deployment (revision 1) on HOST:PORT
     (default 127.0.0.1, a free port) with N workers, or add the next revision to it; with
-    `canary`, the new revision takes that percentage of the traffic until promoted. Every
-    option is checked before anything is written."""
+    `canary`, the new revision takes that percentage of the traffic until promoted. On k3s
+    (`executor = "k3s"`) a new deployment is a Deployment of N replicas with `resources`
+    (cpu, memory, gpu) per pod, and PORT its Service's node port. Every option is checked
+    before anything is written."""
     model, selector = parse_ref(model_ref)
     ref_alias = selector if selector and not selector.isdigit() else None
     if follow_alias and ref_alias is None:
@@ -305,11 +355,17 @@ def deploy_model(
             workers=1 if workers is None else workers,
             follow_alias=ref_alias if follow_alias else None,
             feature_service=feature_service,
+            resources=resources,
         )
     if feature_service is not None:
         raise Conflict(
             f"--feature-service: deployment {name!r} exists and keeps the feature service it "
             "was created with (its callers' request shape); create another deployment"
+        )
+    if resources:
+        raise Conflict(
+            f"deployment {name!r} exists and keeps its pods' resources; create another "
+            "deployment to change them"
         )
     if host is not None or port is not None or workers is not None:
         raise Conflict(
@@ -339,13 +395,28 @@ def create_deployment(
     workers: int = 1,
     follow_alias: str | None = None,
     feature_service: str | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create deployment `name` serving `model_ref` as revision 1, and start its server.
-    With a feature service (pinned to its version now), callers send entity keys only."""
+    With a feature service (pinned to its version now), callers send entity keys only.
+    With `executor = "k3s"` it is served on the cluster (`k3s_serving`): its manifest is
+    applied in the transaction that records it, and this returns once it is rolled out."""
     from appliance.core.features import get_definition
 
     validate_name("deployment", name)
     _check_workers(workers)
+    backend = "k3s" if app.settings.executor == "k3s" else "local"
+    resources_json = None
+    if backend == "k3s":
+        from appliance.core.k3s_serving import check_backend, check_resources
+
+        check_backend(app.settings, feature_service, port)
+        resources_json = json.dumps(check_resources(resources))
+    elif resources:
+        raise InvalidInput(
+            "--cpus/--memory/--gpus: the requests of a deployment's pods on k3s "
+            "(executor = 'k3s'); a local server uses this machine as it is"
+        )
     mv = _deployable(app, model_ref)
     service = None
     if feature_service is not None:
@@ -361,14 +432,30 @@ def create_deployment(
         model_id = conn.execute(
             "SELECT model_id FROM model_versions WHERE id = ?", (mv["id"],)
         ).fetchone()[0]
+        # on k3s 'serving' means applied to the cluster, which keeps it up, not the agent
         cur = conn.execute(
             "INSERT INTO deployments (name, model_id, current_revision, status, workers, "
-            "follow_alias, feature_service, created_at, updated_at) "
-            "VALUES (?, ?, 0, 'stopped', ?, ?, ?, ?, ?)",
-            (name, model_id, workers, follow_alias, service, now, now),
+            "follow_alias, feature_service, created_at, updated_at, backend, resources_json, "
+            "host, port) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                model_id,
+                "serving" if start and backend == "k3s" else "stopped",
+                workers,
+                follow_alias,
+                service,
+                now,
+                now,
+                backend,
+                resources_json,
+                host if backend == "k3s" else None,
+                (port or None) if backend == "k3s" else None,
+            ),
         )
         _still_deployable(conn, mv)
-        _append_revision(conn, int(cur.lastrowid or 0), name, mv, "deploy")
+        _append_revision(app, conn, int(cur.lastrowid or 0), name, mv, "deploy")
+    if backend == "k3s":
+        return wait_served(app, name)
     if start:
         return start_deployment(app, name, host=host, port=port)
     return get_deployment(app, name)
@@ -401,7 +488,7 @@ def deploy(
         if follow is not _KEEP:
             conn.execute("UPDATE deployments SET follow_alias = ? WHERE id = ?", (follow, dep_id))
         if _version_of(conn, dep_id, current) != mv["id"]:
-            _append_revision(conn, dep_id, name, mv, action)
+            _append_revision(app, conn, dep_id, name, mv, action)
     return wait_served(app, name)
 
 
@@ -447,6 +534,7 @@ def deploy_canary(
             (percent, rule, seconds, dep_id),
         )
         _append_revision(
+            app,
             conn,
             dep_id,
             name,
@@ -570,7 +658,13 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
         # a rollback is a version chosen by hand: an alias it followed no longer decides
         conn.execute("UPDATE deployments SET follow_alias = NULL WHERE id = ?", (dep_id,))
         if _version_of(conn, dep_id, current) != mv["id"]:
-            _append_revision(conn, dep_id, name, mv, "rollback")
+            # on k3s: the target revision's manifest, exactly as it was applied then
+            stored = conn.execute(
+                "SELECT manifest_json FROM deployment_revisions WHERE deployment_id = ? "
+                "AND revision = ?",
+                (dep_id, target["revision"]),
+            ).fetchone()[0]
+            _append_revision(app, conn, dep_id, name, mv, "rollback", manifest=stored)
     return wait_served(app, name)
 
 
@@ -603,7 +697,7 @@ def follow_alias_moved(
         if canary is not None:
             _end_canary_in(conn, dep_id, canary, "aborted", why, None)
         if current != mv["id"]:
-            _append_revision(conn, dep_id, name, mv, "follow", reason=why)
+            _append_revision(app, conn, dep_id, name, mv, "follow", reason=why)
         if canary is not None or current != mv["id"]:
             moved.append(name)
     return moved
@@ -617,10 +711,13 @@ def start_deployment(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Start the deployment's server as a detached process and wait until every worker is
-    ready; the agent (started here if needed) restarts it if it dies."""
+    ready; the agent (started here if needed) restarts it if it dies. On k3s: apply the
+    current revision's stored manifest again (its replicas and node port as recorded) and
+    wait for the rollout."""
     from appliance.core.agent import ensure_agent
 
-    get_deployment(app, name)  # validates the name before it becomes a lock file name
+    if get_deployment(app, name)["backend"] == "k3s":  # validates the name, too
+        return _start_on_cluster(app, name, workers)
     if workers is not None:
         _check_workers(workers)
         if get_deployment(app, name)["status"] == "serving":
@@ -632,6 +729,29 @@ def start_deployment(
             dep = _spawn_server(app, name, host, port)
     ensure_agent(app)
     return dep
+
+
+def _start_on_cluster(app: Appliance, name: str, workers: int | None) -> dict[str, Any]:
+    from appliance.core.k3s_serving import apply_revision
+
+    if workers is not None:
+        raise Conflict(
+            f"--workers: deployment {name!r} runs on k3s, where each revision's manifest fixes "
+            "its replicas; create another deployment with --workers"
+        )
+    with app.db.transaction() as conn:
+        dep_id, _, current = _locked_deployment(conn, name)
+        conn.execute(
+            "UPDATE deployments SET status = 'serving', updated_at = ? WHERE id = ?",
+            (utcnow(), dep_id),
+        )
+        manifest = conn.execute(
+            "SELECT manifest_json FROM deployment_revisions WHERE deployment_id = ? "
+            "AND revision = ?",
+            (dep_id, current),
+        ).fetchone()[0]
+        apply_revision(app.settings, conn, dep_id, name, current, manifest, starting=True)
+    return wait_served(app, name)
 
 
 def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
@@ -680,7 +800,8 @@ def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, 
 def crashed_deployments(app: Appliance) -> list[dict[str, Any]]:
     """Deployments meant to serve whose server is gone (a crash, a reboot)."""
     rows = app.db.rows(
-        "SELECT name, host, port, pid FROM deployments WHERE status = 'serving' ORDER BY name"
+        "SELECT name, host, port, pid FROM deployments WHERE status = 'serving' "
+        "AND backend = 'local' ORDER BY name"
     )
     return [r for r in rows if not alive(r["pid"])]
 
@@ -699,8 +820,17 @@ def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[
 
 
 def stop_deployment(app: Appliance, name: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Stop the deployment's server; its revisions and history stay."""
-    get_deployment(app, name)  # validates the name before it becomes a lock file name
+    """Stop the deployment's server; its revisions and history stay. On k3s: delete its
+    Deployment and Service, then record it stopped."""
+    if get_deployment(app, name)["backend"] == "k3s":  # validates the name, too
+        from appliance.core.k3s_serving import delete
+
+        delete(app.settings, name)
+        app.db.execute(
+            "UPDATE deployments SET status = 'stopped', updated_at = ? WHERE name = ?",
+            (utcnow(), name),
+        )
+        return get_deployment(app, name)
     # Stopped first, under the lock a restart takes: the agent must not take the server's
     # exit for a crash and bring it back.
     with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):

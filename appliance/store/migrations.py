@@ -446,6 +446,20 @@ def m012_tuning(db: Any) -> None:
     )
 
 
+def m013_k3s_serving(db: Any) -> None:
+    # A deployment records where it is served: 'local' (a server process on this machine) or
+    # 'k3s' (a Deployment and a Service on the cluster), and on k3s the pods' resources. Each
+    # k3s revision keeps the exact manifest it applied, so a rollback applies it again.
+    _run_script(
+        db,
+        """
+        ALTER TABLE deployments ADD COLUMN backend TEXT NOT NULL DEFAULT 'local';
+        ALTER TABLE deployments ADD COLUMN resources_json TEXT;
+        ALTER TABLE deployment_revisions ADD COLUMN manifest_json TEXT
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -484,6 +498,7 @@ STEPS: list[Callable[[Any], None]] = [
     m010_feature_materializations,
     m011_feature_usage,
     m012_tuning,
+    m013_k3s_serving,
 ]
 
 

@@ -1,0 +1,506 @@
+"""Deployments on k3s: a revision as a Deployment and a Service, applied from the registry.
+
+A deployment created while `executor = "k3s"` records `backend = 'k3s'` and stays there (one
+created locally stays local, whatever the setting says later). Each of its revisions is built
+into a manifest when it is appended, stored with it (`deployment_revisions.manifest_json`) and
+applied with `kubectl apply -f -` in the revision's own transaction: the revision is recorded
+if and only if the cluster accepted its manifest. A rollback applies the target revision's
+stored manifest again, unchanged (never `kubectl rollout undo`: the registry, not the
+cluster's ReplicaSet history, is the source of truth), and its new revision stores that same
+manifest. Pod templates that are equal hash alike, so Kubernetes scales the old ReplicaSet
+back up.
+
+What the pod serves: the model version is resolved from the registry at deploy time and
+passed whole in `APPLIANCE_SERVE_MODEL` (deployment, revision, model, version, sha256,
+flavor, signature). The pod runs `python -m appliance.core.k3s_serving` from the runtime
+image: it fetches the model file from the object store by sha256 (S3, verified on read,
+credentials from the `appliance-s3` Secret), loads it with the same `ModelRuntime` and answers
+with the same `ModelServer` routes as a local worker (KServe V2, `/invocations`, health,
+`/metrics`) on port 8080. It never opens the metadata database, which stays on the server
+node. Only once the model is loaded does the pod listen, so `/v2/health/ready` answering is
+readiness. A new revision is a new pod template, rolled out one surge pod at a time with
+none unavailable; a canary or a feature service (whose online store is node-local) is served
+by the local backend only.
+
+The Service is a NodePort, because callers of an appliance are mostly outside the cluster
+(inside it, `serve-NAME.NAMESPACE.svc:8080`): any node answers on the node port. `--port` pins
+it (30000-32767); otherwise the deployment records the one the API server allocated, and later
+revisions pin that one, so the address outlives a stop and a start. The URL shown is
+`http://HOST:NODE_PORT`, HOST being `--host` (default 127.0.0.1: this node).
+
+Stopping deletes the Deployment and the Service; starting applies the current revision's
+stored manifest again. A k3s deployment's `serving` state means "applied": the cluster, not
+the agent, restarts its pods. kubectl's timeout (15 s) is below the metadata store's busy
+timeout (30 s): other writers wait for an apply rather than fail.
+
+Rollout status is read from the Deployment as `kubectl rollout status` reads it: a spec the
+controller has not observed yet, or fewer updated or available replicas than desired, is
+`progressing`; a `Progressing` condition with reason `ProgressDeadlineExceeded` is `failed`;
+otherwise `available` (the condition's reason then is `NewReplicaSetAvailable`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from appliance.config import Settings
+from appliance.core.k3s_jobs import S3_SECRET
+from appliance.core.kube import ClusterUnavailable, Kube
+from appliance.errors import ApplianceError, InvalidInput
+
+if TYPE_CHECKING:
+    from appliance.core.context import Appliance
+    from appliance.core.serving import ModelServer
+
+log = logging.getLogger("appliance.k3s_serving")
+
+PORT = 8080
+MODEL_ENV = "APPLIANCE_SERVE_MODEL"  # the resolved model version the pod serves (JSON)
+POD_HOME = "/var/lib/appliance"  # an emptyDir: the object cache, nothing else
+APP_NAME = "appliance-model-server"
+NAME_LABEL = "app.kubernetes.io/name"
+DEPLOYMENT_LABEL = "appliance.dev/deployment"
+REVISION_ANNOTATION = "appliance.dev/revision"
+MODEL_ANNOTATION = "appliance.dev/model"
+NAME_ANNOTATION = "appliance.dev/deployment"  # the deployment's own name, as typed
+DEFAULT_RESOURCES = {"cpu": 1.0, "memory": 2**30, "gpu": 0}
+NODE_PORTS = (30000, 32767)
+PROGRESS_DEADLINE_S = 300  # the cluster marks a rollout failed after this long stuck
+ROLLOUT_TIMEOUT = 180.0  # how long deploy and rollback wait for the rollout
+POLL_SECONDS = 1.0  # APPLIANCE_K3S_POLL overrides (a fake cluster answers at once)
+MAX_MODEL_ENV = 64 << 10  # an environment string is limited (128 KiB on Linux)
+_PREFIX = "serve-"
+_UNSAFE = re.compile(r"[^a-z0-9-]+")
+
+
+def kube_name(name: str) -> str:
+    """The Deployment's and Service's name: `serve-NAME` when NAME is already a DNS label,
+    else a lowercase form with a short hash of NAME, so two deployments never share one."""
+    slug = _UNSAFE.sub("-", name.lower()).strip("-")
+    if slug == name and len(_PREFIX) + len(slug) <= 63:
+        return _PREFIX + slug
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{_PREFIX}{slug[:48].rstrip('-')}-{digest}".replace("--", "-")
+
+
+def _kube(settings: Settings) -> Kube:
+    return Kube.from_environment(settings.k3s.kubeconfig)
+
+
+def check_resources(resources: dict[str, Any] | None) -> dict[str, Any]:
+    """The pods' requests as numbers (cores, bytes, GPUs), defaults filled in; the same keys
+    and checks as a job's `resources`."""
+    from appliance.core.jobs import JobSpec
+
+    given = {k: v for k, v in (resources or {}).items() if v is not None}
+    request = JobSpec(kind="serve", resources={**DEFAULT_RESOURCES, **given}).request()
+    if request.memory <= 0:
+        raise InvalidInput("resources.memory: a model server needs memory, e.g. '1Gi'")
+    return {"cpu": request.cpu, "memory": request.memory, "gpu": request.gpu}
+
+
+def check_backend(settings: Settings, feature_service: str | None, node_port: int | None) -> None:
+    """What a new k3s deployment needs, refused before anything is written."""
+    if settings.store != "s3":
+        raise InvalidInput(
+            "executor 'k3s' serves deployments on the cluster, whose pods read models from the "
+            "object store: set store = 's3' (the cluster's MinIO), or executor = 'local'"
+        )
+    if feature_service is not None:
+        raise InvalidInput(
+            "--feature-service: the online store is a file on this machine; deployments with "
+            "a feature service are served by the local backend (executor = 'local')"
+        )
+    if node_port and not NODE_PORTS[0] <= node_port <= NODE_PORTS[1]:
+        raise InvalidInput(
+            f"--port {node_port}: on k3s the port is the Service's node port, between "
+            f"{NODE_PORTS[0]} and {NODE_PORTS[1]} (default: one the cluster picks)"
+        )
+
+
+def model_spec(name: str, revision: int, mv: dict[str, Any]) -> dict[str, Any]:
+    """What a pod needs to serve a version without the metadata database."""
+    return {
+        "deployment": name,
+        "revision": revision,
+        "model": mv["model"],
+        "version": int(mv["version"]),
+        "ref": mv["ref"],
+        "sha256": mv["sha256"],
+        "flavor": mv.get("flavor", "lightgbm"),
+        "signature": mv["signature"],
+    }
+
+
+def _cpu(cores: float) -> str:
+    return f"{math.ceil(cores * 1000)}m"
+
+
+def _memory(value: int) -> str:
+    return f"{value // 2**20}Mi" if value % 2**20 == 0 else str(value)
+
+
+def deployment_manifests(
+    name: str,
+    revision: int,
+    model_version: dict[str, Any],
+    settings: Settings,
+    replicas: int = 1,
+    resources: dict[str, Any] | None = None,
+    node_port: int | None = None,
+) -> list[dict[str, Any]]:
+    """A revision of deployment `name` serving `model_version` (a registry version row) as a
+    Deployment and its NodePort Service, in `settings.k3s.namespace`."""
+    request = check_resources(resources)
+    spec = json.dumps(model_spec(name, revision, model_version), sort_keys=True)
+    if len(spec) > MAX_MODEL_ENV:
+        raise InvalidInput(
+            f"model {model_version['ref']}: its signature is too large to hand to a pod "
+            f"({len(spec)} bytes of JSON, at most {MAX_MODEL_ENV})"
+        )
+    kname = kube_name(name)
+    namespace = settings.k3s.namespace
+    selector = {NAME_LABEL: APP_NAME, DEPLOYMENT_LABEL: kname[len(_PREFIX) :]}
+    labels = {
+        **selector,
+        "app.kubernetes.io/instance": kname,
+        "app.kubernetes.io/managed-by": "appliance",
+    }
+    annotations = {
+        NAME_ANNOTATION: name,
+        REVISION_ANNOTATION: str(revision),
+        MODEL_ANNOTATION: model_version["ref"],
+    }
+    s3 = settings.s3
+    env = [
+        {"name": MODEL_ENV, "value": spec},
+        {"name": "APPLIANCE_HOME", "value": POD_HOME},
+        {"name": "APPLIANCE_STORE", "value": "s3"},
+        {"name": "APPLIANCE_S3_ENDPOINT", "value": s3.endpoint},
+        {"name": "APPLIANCE_S3_BUCKET", "value": s3.bucket},
+        {"name": "APPLIANCE_S3_SECURE", "value": "true" if s3.secure else "false"},
+        {"name": "APPLIANCE_S3_REGION", "value": s3.region},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *(
+            {
+                "name": f"APPLIANCE_S3_{key.upper()}",
+                "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}},
+            }
+            for key in ("access_key", "secret_key")
+        ),
+    ]
+    memory = _memory(request["memory"])
+    limits: dict[str, Any] = {"memory": memory}  # over its memory a server is restarted
+    if request["gpu"]:
+        limits["nvidia.com/gpu"] = request["gpu"]
+    container: dict[str, Any] = {
+        "name": "server",
+        "image": settings.k3s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "appliance.runner", "serve-pod", "--port", str(PORT)],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {
+            "requests": {"cpu": _cpu(request["cpu"]), "memory": memory},
+            "limits": limits,
+        },
+        # fetching and loading the model may take a while; liveness only starts after it
+        "startupProbe": _probe("/v2/health/ready", period=2, failures=60),
+        "readinessProbe": _probe("/v2/health/ready", period=2, failures=3),
+        "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
+        "volumeMounts": [{"name": "home", "mountPath": POD_HOME}],
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "home", "emptyDir": {}}],
+        "enableServiceLinks": False,
+    }
+    if request["gpu"]:
+        pod["runtimeClassName"] = "nvidia"
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": kname,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            # no request fails during a rollout: a new pod is ready before an old one goes
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
+            "revisionHistoryLimit": 10,
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": pod,
+            },
+        },
+    }
+    port: dict[str, Any] = {"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}
+    if node_port:
+        port["nodePort"] = node_port
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": kname,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {NAME_ANNOTATION: name},
+        },
+        "spec": {"type": "NodePort", "selector": selector, "ports": [port]},
+    }
+    return [deployment, service]
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def as_document(objects: list[dict[str, Any]]) -> str:
+    """The manifest as stored with the revision and sent to `kubectl apply -f -`: a v1 List."""
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+
+
+# ---- in the revision's transaction (called from deployments) ---------------------------------
+
+
+def _deployment_row(conn: sqlite3.Connection, deployment_id: int) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT status, workers, resources_json, port FROM deployments WHERE id = ?",
+        (deployment_id,),
+    ).fetchone()
+    return {
+        "status": row[0],
+        "workers": int(row[1] or 1),
+        "resources": json.loads(row[2]) if row[2] else None,
+        "port": row[3],
+    }
+
+
+def build_revision(
+    settings: Settings,
+    conn: sqlite3.Connection,
+    deployment_id: int,
+    name: str,
+    revision: int,
+    mv: dict[str, Any],
+) -> str:
+    """The manifest of a new revision, from the deployment's recorded replicas (workers),
+    resources and node port (pinned by `--port`, else the one the cluster gave it first)."""
+    dep = _deployment_row(conn, deployment_id)
+    objects = deployment_manifests(
+        name, revision, mv, settings, dep["workers"], dep["resources"], dep["port"]
+    )
+    return as_document(objects)
+
+
+def apply_revision(
+    settings: Settings,
+    conn: sqlite3.Connection,
+    deployment_id: int,
+    name: str,
+    revision: int,
+    manifest: str,
+    starting: bool = False,
+) -> None:
+    """Apply a revision's manifest when the deployment is meant to serve, and record the node
+    port the cluster gave its Service; a refusal raises, so the transaction writes nothing
+    (`starting`: the revision is recorded already, and the deployment stays stopped)."""
+    if _deployment_row(conn, deployment_id)["status"] != "serving":
+        return  # a stopped deployment's revision is applied when it starts
+    try:
+        stored = _kube(settings).apply(json.loads(manifest))
+    except ClusterUnavailable as exc:
+        outcome = "not started" if starting else f"revision {revision} not recorded"
+        raise ClusterUnavailable(
+            f"deployment {name!r}: {outcome}, the cluster did not take revision {revision}'s "
+            f"manifest: {exc.message}"
+        ) from exc
+    items = stored["items"] if stored.get("kind") == "List" else [stored]
+    for item in items:
+        if item.get("kind") == "Service":
+            ports = (item.get("spec") or {}).get("ports") or [{}]
+            if ports[0].get("nodePort"):
+                conn.execute(
+                    "UPDATE deployments SET port = ? WHERE id = ?",
+                    (int(ports[0]["nodePort"]), deployment_id),
+                )
+
+
+def delete(settings: Settings, name: str) -> None:
+    """Take the deployment off the cluster: its Deployment (and so its pods) and Service."""
+    kname = kube_name(name)
+    _kube(settings).delete(settings.k3s.namespace, f"deployment/{kname}", f"service/{kname}")
+
+
+# ---- rollout status ---------------------------------------------------------------------------
+
+
+def rollout_state(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A Deployment object (`kubectl get deployment -o json`) as a small status: state
+    (progressing | available | failed), desired, updated, ready, available replicas, the
+    revision whose manifest the cluster runs (a rollback's is its target's), and a message."""
+    meta = deployment.get("metadata") or {}
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    desired = int(spec.get("replicas", 1))
+    updated = int(status.get("updatedReplicas") or 0)
+    ready = int(status.get("readyReplicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    progressing = conditions.get("Progressing") or {}
+    revision = (meta.get("annotations") or {}).get(REVISION_ANNOTATION)
+    state = "progressing"
+    if int(meta.get("generation") or 0) > int(status.get("observedGeneration") or 0):
+        message = "waiting for the cluster to observe the new manifest"
+    elif progressing.get("reason") == "ProgressDeadlineExceeded":
+        state = "failed"
+        message = progressing.get("message") or "the rollout exceeded its progress deadline"
+    elif updated < desired:
+        message = f"{updated} of {desired} new replicas updated"
+    elif total > updated:
+        message = f"{total - updated} old replica(s) pending termination"
+    elif available < updated:
+        message = f"{available} of {updated} updated replicas available"
+    else:
+        state = "available"
+        message = progressing.get("message") or f"{available} of {desired} replicas available"
+    return {
+        "state": state,
+        "desired": desired,
+        "updated": updated,
+        "ready": ready,
+        "available": available,
+        "manifest_revision": int(revision) if revision and revision.isdigit() else None,
+        "message": message,
+    }
+
+
+def rollout_status(settings: Settings, name: str) -> dict[str, Any]:
+    """The deployment's rollout on the cluster, read now."""
+    kname = kube_name(name)
+    found = _kube(settings).get("deployment", kname, "-n", settings.k3s.namespace)
+    return rollout_state(found)
+
+
+def wait_rollout(
+    settings: Settings, name: str, revision: int, timeout: float | None = None
+) -> dict[str, Any]:
+    """Poll the rollout until it is available; a failed rollout or the timeout raises (the
+    revision stays recorded and applied: `deployments status` follows it, `rollback` undoes
+    it). A kubectl call that fails is tried again until the timeout."""
+    limit = ROLLOUT_TIMEOUT if timeout is None else timeout
+    poll = float(os.environ.get("APPLIANCE_K3S_POLL", POLL_SECONDS))
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            status = rollout_status(settings, name)
+            last = status["message"]
+        except ClusterUnavailable as exc:
+            status, last = None, exc.message
+        if status is not None and status["state"] == "available":
+            return status
+        if status is not None and status["state"] == "failed":
+            raise ApplianceError(
+                f"deployment {name}: revision {revision} applied, but its rollout failed: "
+                f"{last}; the pods of the previous revision keep serving "
+                f"(`appliance deployments rollback {name}`)"
+            )
+        if time.monotonic() >= deadline:
+            raise ApplianceError(
+                f"deployment {name}: revision {revision} applied, but its rollout did not "
+                f"complete within {limit:g}s: {last} (`appliance deployments status {name}`)"
+            )
+        time.sleep(poll)
+
+
+# ---- in the pod ----------------------------------------------------------------------------
+
+
+def pod_server(app: Appliance, spec: dict[str, Any]) -> ModelServer:
+    """The ModelServer of one pod: the version in `spec` fetched from the object store by
+    sha256 (verified) and loaded; routing fixed, no metadata database."""
+    from appliance.core.inference import ModelRuntime
+    from appliance.core.serving import ModelServer, Routing
+
+    path = app.objects.get_file(spec["sha256"])
+    runtime = ModelRuntime({**spec, "feature_service": None}, str(path))
+    server = ModelServer(app, spec["deployment"], directory=app.settings.home / "run")
+    server.model = spec["model"]
+    server.routing = Routing(generation=0, revision=int(spec["revision"]), stable=runtime)
+    return server
+
+
+def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (the pod's own)
+    """The pod's process (`runner serve-pod`): load the model named in APPLIANCE_SERVE_MODEL,
+    then listen."""
+    import uvicorn
+
+    from appliance.core.context import Appliance
+    from appliance.core.jobs import parse_memory
+    from appliance.core.serving import (
+        MAX_BODY,
+        MAX_BODY_ENV,
+        InferenceApp,
+        uvicorn_http,
+        uvicorn_loop,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    raw = os.environ.get(MODEL_ENV)
+    if not raw:
+        print(f"{MODEL_ENV} is not set: nothing to serve", file=sys.stderr)
+        return 2
+    spec = json.loads(raw)
+    max_body = parse_memory(os.environ.get(MAX_BODY_ENV, MAX_BODY), MAX_BODY_ENV)
+    app = Appliance.open(os.environ.get("APPLIANCE_HOME"))
+    try:
+        server = pod_server(app, spec)
+    except ApplianceError as exc:
+        print(f"model {spec.get('ref')} cannot be served: {exc.message}", file=sys.stderr)
+        return 1
+    log.info(
+        "serving %s (deployment %s revision %s) on port %s",
+        spec["ref"],
+        spec["deployment"],
+        spec["revision"],
+        port,
+    )
+    config = uvicorn.Config(
+        InferenceApp(server, max_body),
+        host=host,
+        port=port,
+        loop=uvicorn_loop(),
+        http=uvicorn_http(),
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        date_header=False,
+    )
+    uvicorn.Server(config).run()
+    return 0
