@@ -12,7 +12,7 @@ back up.
 
 What the pod serves: the model version is resolved from the registry at deploy time and
 passed whole in `APPLIANCE_SERVE_MODEL` (deployment, revision, model, version, sha256,
-flavor, signature). The pod runs `python -m appliance.core.k3s_serving` from the runtime
+flavor, signature). The pod runs `python -m appliance.runner serve-pod` from the runtime
 image: it fetches the model file from the object store by sha256 (S3, verified on read,
 credentials from the `appliance-s3` Secret), loads it with the same `ModelRuntime` and answers
 with the same `ModelServer` routes as a local worker (KServe V2, `/invocations`, health,
