@@ -355,8 +355,8 @@ class FakeDocker:
 def image_manifest(base: str) -> str:
     """The stand-in manifest without its wheel (the wheelhouse brings that) plus an image."""
     return manifest_text(base).rsplit("[[artifact]]", 1)[0] + (
-        '\n[[image]]\nname = "nvidia-device-plugin"\nversion = "v0.17.4"\n'
-        'ref = "nvcr.io/nvidia/k8s-device-plugin:v0.17.4"\n'
+        '\n[[image]]\nname = "nvidia-device-plugin"\nversion = "v0.20.0"\n'
+        'ref = "nvcr.io/nvidia/k8s-device-plugin:v0.20.0"\n'
     )
 
 
@@ -407,7 +407,7 @@ def test_the_bundle_carries_the_wheelhouse_and_the_images_and_verifies(
     summary = result.json()
     assert summary["wheels"] == 5 and summary["artifacts"] == 3 + 5 + 2
     assert summary["images"] == [
-        "nvcr.io/nvidia/k8s-device-plugin:v0.17.4@sha256:" + "ab" * 32,
+        "nvcr.io/nvidia/k8s-device-plugin:v0.20.0@sha256:" + "ab" * 32,
         "appliance-runtime:0.1.0",
     ]
     assert summary["unpinned_images"] == ["nvidia-device-plugin"]
@@ -430,7 +430,7 @@ def test_the_bundle_carries_the_wheelhouse_and_the_images_and_verifies(
     # Docker: the device plugin pulled for the target platform, the runtime image built from a
     # context holding only the Dockerfile and the wheelhouse
     assert docker.images.pulls == [
-        ("nvcr.io/nvidia/k8s-device-plugin:v0.17.4", {"platform": "linux/amd64"})
+        ("nvcr.io/nvidia/k8s-device-plugin:v0.20.0", {"platform": "linux/amd64"})
     ]
     (build,) = docker.images.builds
     assert build["tag"] == runtime_tag() == "appliance-runtime:0.1.0"
@@ -451,7 +451,7 @@ def test_the_bundle_carries_the_wheelhouse_and_the_images_and_verifies(
     # the bundle: every file it made is listed with the sha256 of its bytes, and verifies
     members = _members(out)
     assert members["images/appliance-runtime-amd64.tar"] == runtime.data
-    plugin = docker.images.store["nvcr.io/nvidia/k8s-device-plugin:v0.17.4"]
+    plugin = docker.images.store["nvcr.io/nvidia/k8s-device-plugin:v0.20.0"]
     assert members["images/nvidia-device-plugin-amd64.tar"] == plugin.data
     assert members["wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"] == (
         b"PK torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
@@ -517,12 +517,12 @@ def test_a_pinned_digest_is_pulled_by_digest_and_saved_under_its_tag(tmp_path: P
     image = FakeImage([], "amd64", b"plugin by digest")
     docker.images.pull = lambda repository, tag=None, **kw: (pulled.append(repository), image)[1]  # type: ignore[method-assign]
     docker.images.get = lambda name: image  # type: ignore[method-assign]
-    spec = {"name": "nvidia-device-plugin", "version": "v0.17.4", "digest": digest}
-    spec["ref"] = "nvcr.io/nvidia/k8s-device-plugin:v0.17.4"
+    spec = {"name": "nvidia-device-plugin", "version": "v0.20.0", "digest": digest}
+    spec["ref"] = "nvcr.io/nvidia/k8s-device-plugin:v0.20.0"
     got, reference = bundles.pull_image(docker, spec, "amd64")
     assert pulled == [f"nvcr.io/nvidia/k8s-device-plugin@{digest}"]
-    assert got.tags == ["nvcr.io/nvidia/k8s-device-plugin:v0.17.4"]
-    assert reference == f"nvcr.io/nvidia/k8s-device-plugin:v0.17.4@{digest}"
+    assert got.tags == ["nvcr.io/nvidia/k8s-device-plugin:v0.20.0"]
+    assert reference == f"nvcr.io/nvidia/k8s-device-plugin:v0.20.0@{digest}"
     # an image of the wrong architecture (no emulation on the build machine) is refused
     image.attrs["Architecture"] = "arm64"
     with pytest.raises(BuildToolError, match="linux/arm64, the bundle is for linux/amd64"):
@@ -630,7 +630,7 @@ def test_a_wheelhouse_that_would_not_install_is_refused_naming_the_wheel(
 def test_images_in_the_manifest_are_checked(site: str) -> None:
     good = image_manifest(site)
     cases = [
-        (good.replace(':v0.17.4"', '@sha256:00"'), "must be REPOSITORY:TAG"),
+        (good.replace(':v0.20.0"', '@sha256:00"'), "must be REPOSITORY:TAG"),
         (good + 'digest = "sha256:123"\n', "digest must be sha256:"),
         (good.replace('name = "nvidia-device-plugin"', 'name = "Plugin"'), "lowercase"),
         (good + 'colour = "green"\n', r"image 'nvidia-device-plugin': unknown key"),
