@@ -29,7 +29,7 @@ from appliance.core.bundles import verify_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "install.sh"
-K8S = "1.35"  # the Kubernetes of the k3s release the bundle pins (v1.35.8+k3s1)
+K8S = "1.32"  # the Kubernetes of the k3s release the bundle pins (v1.32.3+k3s1)
 PLUGIN_REF = "nvcr.io/nvidia/k8s-device-plugin:v0.20.0"
 PLUGIN_DIGEST = "sha256:" + "ab" * 32
 MANIFESTS = "/var/lib/rancher/k3s/server/manifests"
@@ -44,11 +44,11 @@ SYSTEM = ("systemctl", "useradd", "userdel", "mc", "k3s", "minio")
 def _artifacts(arch: str) -> list[dict[str, Any]]:
     """What `appliance bundle build` puts in a bundle (bundles/README.md), as small files."""
     return [
-        ("k3s", "v1.35.8+k3s1", arch, "binary", "bin/k3s", "https://example.invalid/k3s"),
-        ("k3s-install", "v1.35.8+k3s1", "any", "script", "bin/install-k3s.sh", "https://e/i"),
+        ("k3s", "v1.32.3+k3s1", arch, "binary", "bin/k3s", "https://example.invalid/k3s"),
+        ("k3s-install", "v1.32.3+k3s1", "any", "script", "bin/install-k3s.sh", "https://e/i"),
         (
             "k3s-airgap-images",
-            "v1.35.8+k3s1",
+            "v1.32.3+k3s1",
             arch,
             "images",
             f"images/k3s-airgap-images-{arch}.tar.zst",

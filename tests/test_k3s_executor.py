@@ -200,7 +200,7 @@ def test_a_job_runs_as_a_kubernetes_job_and_its_log_is_recorded(cluster: Any) ->
     applied = cluster.applied()
     spec = _spec(app, job["id"])
     assert applied == job_manifest(job["id"], spec, app.settings, run_id=job["run_id"])
-    kubernetes_validate.validate(applied, "1.35", strict=True)
+    kubernetes_validate.validate(applied, "1.32", strict=True)
     uid = "0d9c5e3a-uid"
     calls = cluster.calls()
     assert calls[0] == ["get", "nodes", "-o", "json"]  # submit: does any node fit it?

@@ -15,7 +15,7 @@ from appliance.core.jobs import JobSpec
 from appliance.core.k3s_jobs import JOB_LABEL, S3_SECRET, job_manifest
 from appliance.errors import InvalidInput
 
-K8S = "1.35"  # the Kubernetes of the k3s release the bundle pins (v1.35.8+k3s1)
+K8S = "1.32"  # the Kubernetes of the k3s release the bundle pins (v1.32.3+k3s1)
 SETTINGS = Settings(
     home=Path("unused"),
     store="s3",

@@ -41,7 +41,7 @@ from tests.conftest import free_port
 
 from .test_objects import s3_endpoint  # noqa: F401  (module-scoped moto server fixture)
 
-K8S = "1.35"  # the Kubernetes of the k3s release the bundle pins (v1.35.8+k3s1)
+K8S = "1.32"  # the Kubernetes of the k3s release the bundle pins (v1.32.3+k3s1)
 BUCKET = "k3s-serving"
 KEYS = {"access_key": "test", "secret_key": "testtest"}  # moto's; never in a manifest
 
