@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT = 15.0
 INSTALL_HINT = (
     "k3s is not installed on this machine (no kubectl or k3s on PATH); install it with "
     "`sudo ./install.sh --server`, or join this machine to a server with "
-    "`sudo ./install.sh --agent --server URL --token-file FILE`"
+    "`sudo ./install.sh --agent --server URL --token-file FILE` (offline: add `--bundle FILE`)"
 )
 
 
