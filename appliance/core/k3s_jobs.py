@@ -59,6 +59,28 @@ def _quantity_memory(value: int) -> str:
     return f"{value // 2**20}Mi" if value % 2**20 == 0 else str(value)
 
 
+def pod_store_env(settings: Settings, home: str, store: str | None = None) -> list[dict[str, Any]]:
+    """What a pod needs to reach the object store: the S3 settings as values, the keys from
+    the Secret (never in a manifest), and a home of its own (no metadata database there)."""
+    s3 = settings.s3
+    return [
+        {"name": "APPLIANCE_HOME", "value": home},
+        {"name": "APPLIANCE_STORE", "value": store or settings.store},
+        {"name": "APPLIANCE_S3_ENDPOINT", "value": s3.endpoint},
+        {"name": "APPLIANCE_S3_BUCKET", "value": s3.bucket},
+        {"name": "APPLIANCE_S3_SECURE", "value": "true" if s3.secure else "false"},
+        {"name": "APPLIANCE_S3_REGION", "value": s3.region},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *(
+            {
+                "name": f"APPLIANCE_S3_{key.upper()}",
+                "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}},
+            }
+            for key in ("access_key", "secret_key")
+        ),
+    ]
+
+
 def job_manifest(
     job_id: str,
     spec: JobSpec,
@@ -83,25 +105,11 @@ def job_manifest(
         resources["limits"]["nvidia.com/gpu"] = request.gpu
     if not resources["limits"]:
         del resources["limits"]
-    s3 = settings.s3
     env = [
         {"name": SPEC_ENV, "value": spec.to_json()},
         {"name": "APPLIANCE_JOB_ID", "value": job_id},
         *([{"name": "APPLIANCE_RUN_ID", "value": run_id}] if run_id else []),
-        {"name": "APPLIANCE_HOME", "value": "/var/lib/appliance"},
-        {"name": "APPLIANCE_STORE", "value": settings.store},
-        {"name": "APPLIANCE_S3_ENDPOINT", "value": s3.endpoint},
-        {"name": "APPLIANCE_S3_BUCKET", "value": s3.bucket},
-        {"name": "APPLIANCE_S3_SECURE", "value": "true" if s3.secure else "false"},
-        {"name": "APPLIANCE_S3_REGION", "value": s3.region},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *(
-            {
-                "name": f"APPLIANCE_S3_{key.upper()}",
-                "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}},
-            }
-            for key in ("access_key", "secret_key")
-        ),
+        *pod_store_env(settings, "/var/lib/appliance"),
         *({"name": k, "value": v} for k, v in sorted(spec.env.items())),
     ]
     command = list(spec.command) if spec.kind == "command" else None

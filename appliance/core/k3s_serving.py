@@ -53,7 +53,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import Settings
-from appliance.core.k3s_jobs import S3_SECRET
+from appliance.core.k3s_jobs import pod_store_env
 from appliance.core.kube import ClusterUnavailable, Kube
 from appliance.errors import ApplianceError, InvalidInput
 
@@ -180,24 +180,7 @@ def deployment_manifests(
         REVISION_ANNOTATION: str(revision),
         MODEL_ANNOTATION: model_version["ref"],
     }
-    s3 = settings.s3
-    env = [
-        {"name": MODEL_ENV, "value": spec},
-        {"name": "APPLIANCE_HOME", "value": POD_HOME},
-        {"name": "APPLIANCE_STORE", "value": "s3"},
-        {"name": "APPLIANCE_S3_ENDPOINT", "value": s3.endpoint},
-        {"name": "APPLIANCE_S3_BUCKET", "value": s3.bucket},
-        {"name": "APPLIANCE_S3_SECURE", "value": "true" if s3.secure else "false"},
-        {"name": "APPLIANCE_S3_REGION", "value": s3.region},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *(
-            {
-                "name": f"APPLIANCE_S3_{key.upper()}",
-                "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}},
-            }
-            for key in ("access_key", "secret_key")
-        ),
-    ]
+    env = [{"name": MODEL_ENV, "value": spec}, *pod_store_env(settings, POD_HOME, store="s3")]
     memory = _memory(request["memory"])
     limits: dict[str, Any] = {"memory": memory}  # over its memory a server is restarted
     if request["gpu"]:
@@ -464,8 +447,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         MAX_BODY,
         MAX_BODY_ENV,
         InferenceApp,
-        uvicorn_http,
-        uvicorn_loop,
+        server_config,
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -488,19 +470,6 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         spec["revision"],
         port,
     )
-    config = uvicorn.Config(
-        InferenceApp(server, max_body),
-        host=host,
-        port=port,
-        loop=uvicorn_loop(),
-        http=uvicorn_http(),
-        lifespan="off",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=5,
-        server_header=False,
-        date_header=False,
-    )
+    config = server_config(InferenceApp(server, max_body), host=host, port=port)
     uvicorn.Server(config).run()
     return 0

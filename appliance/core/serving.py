@@ -704,6 +704,27 @@ def _max_body() -> int:
     return parse_memory(os.environ.get(MAX_BODY_ENV, MAX_BODY), MAX_BODY_ENV)
 
 
+def server_config(asgi: Any, **where: Any) -> Any:
+    """How every model server runs on uvicorn (a local worker, a k3s pod): the fastest loop
+    and parser there are, no access log or per-response date and server headers, a short
+    graceful shutdown. `where`: host and port, when uvicorn binds the socket itself."""
+    import uvicorn
+
+    return uvicorn.Config(
+        asgi,
+        loop=uvicorn_loop(),
+        http=uvicorn_http(),
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        date_header=False,
+        **where,
+    )
+
+
 def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | None = None) -> int:
     """One worker: load the deployment's models, then answer on the inherited socket (`fd`)
     or on a socket of its own on the supervisor's `host:port` (`bind`, SO_REUSEPORT)."""
@@ -716,18 +737,7 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     sys.setswitchinterval(0.001)
     server = ModelServer(app, name)
     server.sync(snapshot=False)
-    config = uvicorn.Config(
-        InferenceApp(server, _max_body()),
-        loop=uvicorn_loop(),
-        http=uvicorn_http(),
-        lifespan="off",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=5,
-        server_header=False,
-        date_header=False,
-    )
+    config = server_config(InferenceApp(server, _max_body()))
     if bind is not None:
         host, _, port = bind.rpartition(":")
         sock = _bind(host.strip("[]"), int(port))
