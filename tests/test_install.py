@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -957,14 +958,23 @@ def test_bad_options_are_refused_naming_the_option(
 def test_a_real_run_as_a_normal_user_is_refused(node: dict[str, Any], tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "b.tar")
     argv = [str(INSTALL), "--server", "--bundle", str(bundle)]
+    public = Path(tempfile.mkdtemp(prefix="install-as-nobody-"))
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("running as root and no setpriv to drop privileges")
-        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
-    done = subprocess.run(
-        argv, env=node["env"], cwd="/", capture_output=True, text=True, timeout=60
-    )
+        # the checkout may sit in a directory only root can enter: a copy nobody can read
+        public.chmod(0o755)
+        script = public / "install.sh"
+        shutil.copy(INSTALL, script)
+        script.chmod(0o755)
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(script), *argv[1:]]
+    try:
+        done = subprocess.run(
+            argv, env=node["env"], cwd="/", capture_output=True, text=True, timeout=60
+        )
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
     assert done.returncode == 2
     assert "run it as root (sudo ./install.sh ...)" in done.stderr
     assert "--dry-run shows the plan without root" in done.stderr
