@@ -3,6 +3,7 @@
 python -m appliance.runner agent              the scheduler that starts queued jobs
 python -m appliance.runner supervise JOB_ID   run one queued job in the foreground (debugging)
 python -m appliance.runner run                a built-in job body (spec in APPLIANCE_JOB_SPEC)
+python -m appliance.runner exec -- CMD...     a command job in a pod: its files fetched, then CMD
 python -m appliance.runner tune STUDY_ID      the driver of one tuning study
 python -m appliance.runner serve DEPLOYMENT   the model server of one deployment
 python -m appliance.runner serve-worker DEPLOYMENT --bind H:P|--fd N   one of its workers
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     sup = sub.add_parser("supervise")
     sup.add_argument("job_id")
     sub.add_parser("run")
+    exec_ = sub.add_parser("exec")
+    exec_.add_argument("argv", nargs=argparse.REMAINDER)
     agent = sub.add_parser("agent")
     agent.add_argument("--idle-exit", default=None)
     agent.add_argument("--wait-lock", action="store_true")
@@ -45,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         from appliance.core.jobs import run_body
 
         return run_body()
+    if args.command == "exec":
+        from appliance.core.jobs import exec_command
+
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            parser.error("exec: a command is required after --")
+        return exec_command(argv)
     if args.command == "serve-pod":  # no home of its own: the model comes from the object store
         from appliance.core.k3s_serving import serve_pod
 

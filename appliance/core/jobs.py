@@ -226,6 +226,8 @@ class Executor(Protocol):
 
     def check_fits(self, app: Appliance, request: Request) -> None: ...
 
+    def prepare(self, app: Appliance, spec: JobSpec) -> JobSpec: ...
+
 
 class LocalExecutor:
     """Each job is supervised by a process forked from the agent into a session of its own.
@@ -302,6 +304,9 @@ class LocalExecutor:
     def check_fits(self, app: Appliance, request: Request) -> None:
         self.capacity(app).check_fits(request)
 
+    def prepare(self, app: Appliance, spec: JobSpec) -> JobSpec:
+        return spec  # the job runs here, among its own files
+
 
 _STOP_REQUESTED = threading.Event()  # a stop signal that came before supervise() listened
 
@@ -342,6 +347,7 @@ def submit_job(
     request = spec.request()
     executor = get_executor(app.settings.executor)
     executor.check_fits(app, request)
+    spec = executor.prepare(app, spec)
     job_id = new_id()
     log_path = app.settings.logs_dir / "jobs" / f"{job_id}.log"
     with app.db.transaction() as conn:
@@ -957,12 +963,60 @@ def _run_forked_body(env: dict[str, str], cwd: str | Path, out_w: int, err_w: in
             os._exit(code if isinstance(code, int) else 1)
 
 
+CODE_KEY = "code"  # spec.inputs: the job's own files, shipped through the object store
+
+
+def fetch_code(spec: JobSpec) -> None:
+    """In a pod: the job's own files (its script, the modules beside it), which the k3s
+    executor put in the object store, fetched by sha256 (verified on read) into a fresh
+    working directory that becomes the current one, where the command expects them."""
+    files = spec.inputs.get(CODE_KEY) or []
+    if not files:
+        return
+    import shutil
+    from pathlib import PurePosixPath
+
+    from appliance.config import load_settings
+    from appliance.store.objects import open_object_store
+
+    store = open_object_store(load_settings(os.environ.get("APPLIANCE_HOME")))
+    work = Path.cwd() / "job"
+    work.mkdir(exist_ok=True)
+    for entry in files:
+        rel = PurePosixPath(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise InvalidInput(f"inputs.code: {entry['path']!r} is outside the job's directory")
+        dest = work / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(store.get_file(entry["sha256"]), dest)
+        dest.chmod(int(entry.get("mode", 0o644)))
+    os.chdir(work)
+
+
+def exec_command(argv: list[str]) -> int:
+    """A command job in a pod: its files fetched, then the command itself (exec: its exit
+    code and its stdout are the job's)."""
+    spec = JobSpec.from_json(os.environ[SPEC_ENV])
+    try:
+        fetch_code(spec)
+    except ApplianceError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"could not start {argv[0]}: {exc}", file=sys.stderr)
+    return 127
+
+
 def run_body() -> int:
     """A built-in job's body (the spec is in APPLIANCE_JOB_SPEC); its exit code.
 
     Bodies print protocol lines and never open SQLite, so they run unchanged in a pod."""
     spec = JobSpec.from_json(os.environ[SPEC_ENV])
     try:
+        fetch_code(spec)
         if spec.kind == "train-lightgbm":
             from appliance.core.training import train_lightgbm
 

@@ -25,12 +25,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from appliance.config import Settings
 from appliance.core.agent import Capacity
 from appliance.core.context import Appliance
-from appliance.core.jobs import SPEC_ENV, JobSpec, LocalExecutor, Request
+from appliance.core.jobs import CODE_KEY, SPEC_ENV, JobSpec, LocalExecutor, Request
 from appliance.core.kube import ClusterUnavailable, Kube
 from appliance.core.processes import signal_ours
 from appliance.errors import ApplianceError, InvalidInput
@@ -41,8 +42,10 @@ JOB_LABEL = "appliance.dev/job-id"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 RUNTIME_IMAGE = "appliance-runtime:0.1.0"  # imported from the bundle: never pulled
 UID_LABEL = "batch.kubernetes.io/controller-uid"  # on every pod of one Job object
-POLL_SECONDS = 2.0  # APPLIANCE_K3S_POLL overrides (a fake cluster answers at once)
+POLL_SECONDS = 2.0  # APPLIANCE_K3S_POLL and _GIVE_UP override (a fake cluster is quick)
 GIVE_UP_AFTER = 120.0  # seconds of kubectl failing in a row before the job is given up
+RECONNECTS = 5  # times a pod's broken log stream is resumed
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")  # kubectl --timestamps
 # A pod that waits for one of these will wait forever: the job fails at once, saying why.
 STUCK_REASONS = (
     "ErrImagePull",
@@ -100,7 +103,9 @@ def job_manifest(
     if request.memory:
         memory = _quantity_memory(request.memory)
         resources["requests"]["memory"] = memory
-        resources["limits"]["memory"] = memory  # a job over its memory is killed, as locally
+        # A hard limit on the cluster (the pod is OOMKilled past it); locally memory is only
+        # counted when jobs are placed. A node must never be overcommitted by one job.
+        resources["limits"]["memory"] = memory
     if request.gpu:
         resources["limits"]["nvidia.com/gpu"] = request.gpu
     if not resources["limits"]:
@@ -113,6 +118,8 @@ def job_manifest(
         *({"name": k, "value": v} for k, v in sorted(spec.env.items())),
     ]
     command = list(spec.command) if spec.kind == "command" else None
+    if command is not None and spec.inputs.get(CODE_KEY):
+        command = ["python", "-m", "appliance.runner", "exec", "--", *command]
     container: dict[str, Any] = {
         "name": "job",
         "image": image,
@@ -144,10 +151,9 @@ def job_manifest(
         },
     }
     if spec.timeout is not None:
-        # The timeout is per attempt, as locally: each pod has it; the Job has room for all.
-        per_attempt = max(1, math.ceil(spec.timeout))
-        pod["activeDeadlineSeconds"] = per_attempt
-        job["spec"]["activeDeadlineSeconds"] = per_attempt * (spec.retries + 1)
+        # Per attempt, from the pod's start, as locally from the process's: waiting to be
+        # scheduled is like waiting in the queue, and the retry back-off does not count.
+        pod["activeDeadlineSeconds"] = max(1, math.ceil(spec.timeout))
     return job
 
 
@@ -203,10 +209,12 @@ class KubeJob:
         self.namespace = settings.k3s.namespace
         self.name = f"job-{job_id}"
         self.poll = float(os.environ.get("APPLIANCE_K3S_POLL", poll))
+        self.give_up = float(os.environ.get("APPLIANCE_K3S_GIVE_UP", GIVE_UP_AFTER))
         self.reason = ""
         self.timed_out = False
+        self.log_lost = False  # a pod's log not read to its end: lines (artifacts) may be lost
         self.attempts = 0
-        self.deadline = (spec.timeout or 0) * (spec.retries + 1) or None
+        self.deadline = None  # each pod has its own (activeDeadlineSeconds): no backstop here
         run_id = app.db.scalar("SELECT id FROM runs WHERE job_id = ?", [job_id])
         manifest = job_manifest(job_id, spec, settings, image=settings.k3s.image, run_id=run_id)
         manifest["metadata"]["namespace"] = self.namespace
@@ -250,8 +258,9 @@ class KubeJob:
                     failing_since = None
                 except ClusterUnavailable as exc:
                     failing_since = failing_since or time.monotonic()
-                    if time.monotonic() - failing_since > GIVE_UP_AFTER:
+                    if time.monotonic() - failing_since > self.give_up:
                         self.reason = f"lost the cluster: {exc.message}"
+                        self.halt()  # best effort: a job recorded failed must not run on
                         return
                     self._lines.put(_status_line(f"retrying kubectl: {exc.message}"))
                     self._halted.wait(self.poll)
@@ -263,6 +272,9 @@ class KubeJob:
                     return
                 ended = _conditions(job)
                 if "Complete" in ended and all(p in followed for p in self._names(pods)):
+                    if self.log_lost:  # its metrics or artifacts may be missing: not a success
+                        self.reason = "the job completed, but its log could not be read to the end"
+                        return
                     self._code = 0
                     return
                 if "Failed" in ended and all(p in followed for p in self._names(pods)):
@@ -355,19 +367,97 @@ class KubeJob:
         return None
 
     def _stream(self, pod: str) -> None:
-        try:
-            self._logs = logs = self.kube.stream("logs", "-f", f"pod/{pod}", "-n", self.namespace)
-        except ClusterUnavailable as exc:
-            self._lines.put(f"[appliance] {exc.message}")
-            return
-        assert logs.stdout is not None and logs.stderr is not None
-        for line in logs.stdout:
-            self._lines.put(line)
-        logs.wait()
-        said = logs.stderr.read().strip()
-        if logs.returncode and said and not self._halted.is_set():
-            self._lines.put(f"[appliance] kubectl logs pod/{pod}: {said.splitlines()[-1]}")
-        self._logs = None
+        """The pod's whole log, once: `kubectl logs -f --timestamps`, resumed after the last
+        line seen when the stream breaks off (an API server restart, a network blip) until
+        kubectl says the container has ended."""
+        since: str | None = None
+        for _ in range(RECONNECTS + 1):
+            args = ["logs", "-f", "--timestamps", f"pod/{pod}", "-n", self.namespace]
+            if since is not None:
+                args.append(f"--since-time={since}")
+            try:
+                self._logs = logs = self.kube.stream(*args)
+            except ClusterUnavailable as exc:
+                self._lines.put(f"[appliance] {exc.message}")
+                break
+            assert logs.stdout is not None and logs.stderr is not None
+            for raw in logs.stdout:
+                stamp, _, line = raw.partition(" ")
+                if not _TIMESTAMP.fullmatch(stamp):  # not kubectl's prefix: keep it whole
+                    self._lines.put(raw)
+                    continue
+                if since is not None and stamp <= since:
+                    continue  # seen before the stream broke (--since-time is inclusive)
+                since = stamp
+                self._lines.put(line)
+            logs.wait()
+            said = logs.stderr.read().strip().splitlines()
+            self._logs = None
+            if logs.returncode == 0 or self._halted.is_set():
+                return
+            why = said[-1] if said else f"exit {logs.returncode}"
+            self._lines.put(f"[appliance] kubectl logs pod/{pod} broke off ({why}); resuming")
+            self._halted.wait(min(self.poll, 1.0))
+        self.log_lost = True
+        self._lines.put(f"[appliance] could not read pod/{pod}'s log to its end")
+
+
+CODE_LIMIT = 16 * 2**20  # the job's own files travel through the object store; data does not
+_PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
+
+
+def ship_code(app: Appliance, spec: JobSpec) -> JobSpec:
+    """Make a job that names this machine's files runnable in a pod, which has none of them:
+    every file its command names (absolute, or relative to its working directory) and, for
+    a Python file, the modules beside it are put in the object store and listed in
+    `inputs.code`; the pod fetches them into its own working directory (`fetch_code`).
+    This machine's Python becomes the image's `python`, which has the appliance installed."""
+    base = Path(spec.workdir).resolve() if spec.workdir else None
+    files: dict[str, Path] = {}
+
+    def take(arg: str, first: bool = False) -> str:
+        given = Path(arg)
+        host = given if given.is_absolute() else (base / given if base else None)
+        if host is None or not host.is_file():
+            return arg
+        host = host.resolve()
+        rel = host.relative_to(base) if base and host.is_relative_to(base) else Path(host.name)
+        files[rel.as_posix()] = host
+        if host.suffix == ".py":  # what it imports from beside it
+            for sibling in host.parent.glob("*.py"):
+                files.setdefault((rel.parent / sibling.name).as_posix(), sibling.resolve())
+        if not given.is_absolute():
+            return arg
+        return f"./{rel.as_posix()}" if first and len(rel.parts) == 1 else rel.as_posix()
+
+    if spec.kind == "command":
+        command = list(spec.command)
+        head = Path(command[0])
+        if head.is_absolute() and _PYTHON.fullmatch(head.name):
+            command[0] = "python"
+        else:
+            command[0] = take(command[0], first=True)
+        spec.command = [command[0], *(take(arg) for arg in command[1:])]
+    elif spec.kind == "tune-function":
+        target = dict(spec.inputs["function"])
+        target["script"] = take(str(target["script"]))
+        spec.inputs = {**spec.inputs, "function": target}
+    if not files:
+        return spec
+    total = sum(path.stat().st_size for path in files.values())
+    if total > CODE_LIMIT:
+        raise InvalidInput(
+            f"the job's files beside {next(iter(files))} take {total / 2**20:.1f} MiB (at most "
+            f"{CODE_LIMIT // 2**20} MiB travel to a pod): keep data in datasets, not beside code"
+        )
+    code = []
+    for rel, host in sorted(files.items()):
+        stored = app.objects.put_file(host)
+        mode = 0o755 if os.access(host, os.X_OK) else 0o644
+        code.append({"path": rel, "sha256": stored.sha256, "mode": mode})
+    spec.inputs = {**spec.inputs, CODE_KEY: code}
+    spec.workdir = None  # the pod's own directory, where the files are fetched
+    return spec
 
 
 class K3sExecutor(LocalExecutor):
@@ -378,6 +468,15 @@ class K3sExecutor(LocalExecutor):
 
     def child(self, app: Appliance, job_id: str, spec: JobSpec) -> KubeJob:
         return KubeJob(app, job_id, spec)
+
+    def prepare(self, app: Appliance, spec: JobSpec) -> JobSpec:
+        """Pods reach artifacts only over S3, and none of this machine's files."""
+        if app.settings.store != "s3":
+            raise InvalidInput(
+                'executor "k3s" needs store = "s3": pods cannot reach this machine\'s object '
+                "directory (install.sh --server sets both)"
+            )
+        return ship_code(app, spec)
 
     def cancel(self, job: dict[str, Any]) -> None:
         if self.is_alive(job):
