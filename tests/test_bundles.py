@@ -44,7 +44,12 @@ FILES = {
     "k3s-amd64": b"#!/bin/sh\necho k3s amd64\n",
     "k3s-arm64": b"#!/bin/sh\necho k3s arm64\n",
     "k3s-airgap-images-amd64.tar.zst": b"\x28\xb5\x2f\xfd" + b"images" * 100,
+    "k3s-airgap-images-arm64.tar.zst": b"\x28\xb5\x2f\xfd" + b"arm64 images" * 50,
     "install-k3s.sh": b"#!/bin/sh\necho install\n",
+    "minio-amd64": b"minio server amd64\n",
+    "minio-arm64": b"minio server arm64\n",
+    "mc-amd64": b"minio client amd64\n",
+    "mc-arm64": b"minio client arm64\n",
     "appliance-0.1.0-py3-none-any.whl": b"PK\x03\x04 wheel",
 }
 
@@ -85,7 +90,19 @@ def manifest_text(base: str, override: dict[str, str] | None = None) -> str:
             "images/k3s-airgap-images-amd64.tar.zst",
             "images",
         ),
+        (
+            "k3s-airgap-images",
+            "v1.31.4+k3s1",
+            "arm64",
+            "k3s-airgap-images-arm64.tar.zst",
+            "images/k3s-airgap-images-arm64.tar.zst",
+            "images",
+        ),
         ("k3s-install", "v1.31.4+k3s1", "any", "install-k3s.sh", "bin/install-k3s.sh", "script"),
+        ("minio", "RELEASE.2025-09-07T16-13-09Z", "amd64", "minio-amd64", "bin/minio", "binary"),
+        ("minio", "RELEASE.2025-09-07T16-13-09Z", "arm64", "minio-arm64", "bin/minio", "binary"),
+        ("mc", "RELEASE.2025-08-13T08-35-41Z", "amd64", "mc-amd64", "bin/mc", "binary"),
+        ("mc", "RELEASE.2025-08-13T08-35-41Z", "arm64", "mc-arm64", "bin/mc", "binary"),
         (
             "appliance",
             "0.1.0",
@@ -141,15 +158,19 @@ def test_a_built_bundle_verifies_and_any_change_is_named(
         str(home),
     )
     assert result.code == 0, result.err
+    partial_missing = ["nvidia-device-plugin", "appliance-runtime", "torch"]
+    partial_missing.append("duckdb_extension_httpfs")
     assert result.json() == {
         "bundle": str(out),
         "arch": "amd64",
-        "artifacts": 4,
+        "artifacts": 6,
         "wheels": 0,
         "images": [],
         "unpinned_images": [],
+        "missing": partial_missing,  # left out on purpose: --no-image, --no-wheels
     }
-    assert "[4/4] appliance" in result.err  # progress per artifact
+    assert "[6/6] appliance" in result.err  # progress per artifact
+    assert "warning: a partial bundle: it lacks nvidia-device-plugin, " in result.err
     with tarfile.open(out) as tar:
         names = sorted(tar.getnames())
         k3s = tar.getmember("bin/k3s")
@@ -158,12 +179,29 @@ def test_a_built_bundle_verifies_and_any_change_is_named(
     assert names == [
         "bin/install-k3s.sh",
         "bin/k3s",
+        "bin/mc",
+        "bin/minio",
         "images/k3s-airgap-images-amd64.tar.zst",
         "manifest.toml",
         "wheels/appliance-0.1.0-py3-none-any.whl",
     ]
-    verified = cli("bundle", "verify", str(out), "--arch", "amd64", "--json", "--home", str(home))
+    # a partial bundle is not installable: refused unless it is accepted as partial
+    refused = cli("bundle", "verify", str(out), "--arch", "amd64", "--home", str(home))
+    assert refused.code == 2
+    assert (
+        "appliance-bundle.tar: not installable: it lacks nvidia-device-plugin (GPU nodes), "
+        "appliance-runtime, torch (wheel), duckdb_extension_httpfs (wheel), which install.sh "
+        "needs"
+    ) in refused.err
+    verified = cli(
+        "bundle", "verify", str(out), "--arch", "amd64", "--partial", "--json", "--home", str(home)
+    )
     assert verified.code == 0 and verified.json()["verified"] is True
+    assert verified.json()["installable"] is False
+    assert verified.json()["missing"] == partial_missing
+    assert "warning: a partial bundle: it lacks nvidia-device-plugin, appliance-runtime" in (
+        verified.err
+    )
 
     # one changed byte
     changed = tmp_path / "changed.tar"
@@ -194,7 +232,7 @@ def test_a_built_bundle_verifies_and_any_change_is_named(
     with pytest.raises(CorruptObject, match="twice.tar: bin/k3s is in it twice"):
         verify_bundle(twice)
     # the other architecture
-    refused = cli("bundle", "verify", str(out), "--arch", "arm64", "--home", str(home))
+    refused = cli("bundle", "verify", str(out), "--arch", "arm64", "--partial", "--home", str(home))
     assert refused.code == 2 and "a bundle for amd64, this machine is arm64" in refused.err
     # a file whose manifest entry is wrong: the build names it and leaves nothing
     manifest.write_text(manifest_text(site, {"install-k3s.sh": "0" * 64}))
@@ -251,7 +289,7 @@ def test_manifest_and_bundle_mistakes_are_named(site: str, tmp_path: Path) -> No
         verify_bundle(traversal)
     unreachable = parse_manifest(good.replace(site, "http://127.0.0.1:9"))
     with pytest.raises(InvalidInput, match="artifact 'k3s': cannot fetch http://127.0.0.1:9/"):
-        build_bundle(unreachable, "amd64", tmp_path / "never.tar")
+        build_bundle(unreachable, "amd64", tmp_path / "never.tar", partial=True)
     assert not (tmp_path / "never.tar").exists()
 
 
@@ -405,14 +443,14 @@ def test_the_bundle_carries_the_wheelhouse_and_the_images_and_verifies(
     result = _build(cli, home, manifest, out)
     assert result.code == 0, result.err
     summary = result.json()
-    assert summary["wheels"] == 5 and summary["artifacts"] == 3 + 5 + 2
+    assert summary["wheels"] == 5 and summary["artifacts"] == 5 + 5 + 2
     assert summary["images"] == [
         "nvcr.io/nvidia/k8s-device-plugin:v0.20.0@sha256:" + "ab" * 32,
         "appliance-runtime:0.1.0",
     ]
     assert summary["unpinned_images"] == ["nvidia-device-plugin"]
     assert "image nvidia-device-plugin is pinned by tag only" in result.err
-    for step in ("[4/6] wheelhouse (amd64", "[5/6] image nvcr.io", "[6/6] image appliance-runtime"):
+    for step in ("[6/8] wheelhouse (amd64", "[7/8] image nvcr.io", "[8/8] image appliance-runtime"):
         assert step in result.err
 
     # pip: the project's own wheel, then its dependencies as binary wheels for the target
@@ -475,8 +513,10 @@ def test_the_bundle_carries_the_wheelhouse_and_the_images_and_verifies(
     assert entries["wheels/click-8.4.0-py3-none-any.whl"]["arch"] == "any"
     verified = cli("bundle", "verify", str(out), "--arch", "amd64", "--json", "--home", str(home))
     assert verified.code == 0, verified.err
+    assert verified.json()["installable"] is True and verified.json()["missing"] == []
+    assert "partial" not in verified.err
     assert verified.json()["kinds"] == {
-        "binary": 1,
+        "binary": 3,
         "images": 1,
         "script": 1,
         "wheel": 5,
@@ -608,7 +648,12 @@ def test_a_wheelhouse_that_would_not_install_is_refused_naming_the_wheel(
     # a wheel the manifest already carries cannot come from the wheelhouse too
     with pytest.raises(InvalidInput, match="wheels/appliance-0.1.0-py3-none-any.whl is already"):
         build_bundle(
-            parse_manifest(manifest_text(site)), "amd64", out, project=ROOT, run_pip=FakePip()
+            parse_manifest(manifest_text(site)),
+            "amd64",
+            out,
+            project=ROOT,
+            run_pip=FakePip(),
+            images=False,
         )
     _no_leftovers(tmp_path, out)
     with pytest.raises(InvalidInput, match="installs only from the wheelhouse"):
@@ -650,6 +695,180 @@ def test_images_in_the_manifest_are_checked(site: str) -> None:
     made = parse_manifest(manifest_text(site).replace(wheel_url, 'url = "pip:appliance==0.1.0"'))
     with pytest.raises(InvalidInput, match="is made by a build, not fetched"):
         build_bundle(made, "amd64", Path("never.tar"))
+
+
+# ---- a bundle install.sh can use: complete, normal member names, readable -------------------
+
+
+def _without(text: str, *names: str) -> str:
+    """A manifest's text with every `[[artifact]]` of these names dropped."""
+    kept = [
+        part
+        for part in text.split("[[artifact]]")
+        if not any(f'\nname = "{name}"\n' in part for name in names)
+    ]
+    return "[[artifact]]".join(kept)
+
+
+def test_a_build_that_would_lack_what_install_sh_needs_is_refused_before_any_download(
+    site: str, tmp_path: Path, cli: Any, home: Path, fakes: tuple[FakePip, FakeDocker]
+) -> None:
+    pip, docker = fakes
+    out = tmp_path / "bundle.tar"
+    # the repository's manifest without its MinIO and mc pins: no bundle is built from it
+    pinned = tmp_path / "unpinned.toml"
+    tables = re.split(r"\n(?=\[\[)", (ROOT / "bundles" / "manifest.toml").read_text())
+    drop = ('name = "minio"', 'name = "mc"')
+    pinned.write_text("\n".join(t for t in tables if not any(d in t for d in drop)))
+    for flags in ((), ("--no-image",), ("--no-wheels", "--no-image")):
+        result = _build(cli, home, pinned, out, "amd64", *flags)
+        assert result.code == 2, result.err
+        assert "the bundle for amd64 would lack minio, mc, and install.sh refuses" in result.err
+        assert (
+            'pin minio, mc for amd64 in the manifest first (bundles/README.md, "To pin on a '
+            'connected machine")' in result.err
+        )
+        assert "[1/" not in result.err  # no step ran
+        assert pip.calls == [] and docker.images.pulls == [] and docker.images.builds == []
+        _no_leftovers(tmp_path, out)
+    fetched: list[str] = []
+
+    def fetch(url: str) -> Any:
+        fetched.append(url)
+        raise AssertionError("nothing is fetched")
+
+    def no_docker() -> Any:
+        raise AssertionError("Docker is not reached")
+
+    with pytest.raises(InvalidInput, match="would lack minio, mc, and") as refused:
+        build_bundle(
+            load_manifest(pinned),
+            "arm64",
+            out,
+            fetch,
+            project=ROOT,
+            run_pip=pip,
+            dockerfile=ROOT / "bundles" / "Dockerfile",
+            docker_client=no_docker,
+        )
+    assert "To pin on a connected machine" in refused.value.message
+    assert fetched == [] and pip.calls == []
+    _no_leftovers(tmp_path, out)
+
+    # a stand-in manifest: what --no-image / --no-wheels leave out may be missing, nothing else
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(_without(image_manifest(site), "mc"))
+    result = _build(cli, home, manifest, out, "amd64", "--no-image")
+    assert result.code == 2 and "would lack mc, and" in result.err, result.err
+    no_plugin = manifest_text(site).rsplit("[[artifact]]", 1)[0]  # no [[image]], no wheel
+    manifest.write_text(no_plugin)
+    result = _build(cli, home, manifest, out)
+    assert result.code == 2
+    assert "would lack nvidia-device-plugin (GPU nodes), and install.sh refuses" in result.err
+    assert "add an [[image]] named nvidia-device-plugin" in result.err
+    assert "or leave the images out on purpose (--no-image)" in result.err
+    assert pip.calls == [] and docker.images.builds == []
+    _no_leftovers(tmp_path, out)
+    result = _build(cli, home, manifest, out, "amd64", "--no-image")
+    assert result.code == 0, result.err
+    assert result.json()["missing"] == ["nvidia-device-plugin", "appliance-runtime"]
+    assert "warning: a partial bundle: it lacks nvidia-device-plugin, appliance-runtime" in (
+        result.err
+    )
+    out.unlink()
+    manifest.write_text(_without(no_plugin, "k3s-airgap-images"))
+    result = _build(cli, home, manifest, out, "amd64", "--no-wheels", "--no-image")
+    assert result.code == 2 and "would lack k3s-airgap-images, and" in result.err
+    # through the API, a deliberately partial bundle (a stand-in, a test) is still possible
+    made = build_bundle(
+        parse_manifest(_without(manifest.read_text(), "k3s")), "amd64", out, partial=True
+    )
+    assert made["missing"][:2] == ["k3s", "k3s-airgap-images"]
+    assert verify_bundle(out)["installable"] is False
+    with pytest.raises(
+        InvalidInput, match=r"bundle.tar: not installable: it lacks k3s, k3s-airgap"
+    ):
+        verify_bundle(out, complete=True)
+
+
+def _pack(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_member_names_not_in_normal_form_are_refused_naming_them(
+    site: str, tmp_path: Path, cli: Any, home: Path
+) -> None:
+    good = tmp_path / "good.tar"
+    build_bundle(parse_manifest(manifest_text(site)), "amd64", good, images=False)
+    assert verify_bundle(good, "amd64")["verified"] is True
+    # what `tar -cf b.tar -C dir ./...` makes: install.sh would look up `manifest.toml`
+    with tarfile.open(good) as src:
+        members = [(m.name, src.extractfile(m).read()) for m in src]  # type: ignore[union-attr]
+    dotted = _pack(tmp_path / "dotted.tar", [("./" + n, d) for n, d in members])
+    result = cli("bundle", "verify", str(dotted), "--partial", "--home", str(home))
+    assert result.code == 5
+    assert (
+        "dotted.tar: ./bin/k3s: a member name not in normal form (install.sh looks it up "
+        "as bin/k3s)" in result.err
+    )
+    for name, normal in [
+        ("bin//k3s", "bin/k3s"),
+        ("bin/./k3s", "bin/k3s"),
+        ("bin/k3s/", "bin/k3s"),
+        ("./manifest.toml", "manifest.toml"),
+    ]:
+        bad = _pack(tmp_path / "bad.tar", [(name if n == normal else n, d) for n, d in members])
+        with pytest.raises(CorruptObject, match=re.escape(f"bad.tar: {name}: a member name not")):
+            verify_bundle(bad)
+    # the manifest cannot ask for such a path either
+    text = manifest_text(site)
+    for path in ("./bin/k3s", "bin//k3s", "bin/k3s/", "bin/./k3s"):
+        with pytest.raises(InvalidInput, match="not in normal form \\(write 'bin/k3s'\\)"):
+            parse_manifest(text.replace('path = "bin/k3s"', f'path = "{path}"', 1))
+    with pytest.raises(InvalidInput, match="must stay inside the bundle"):
+        parse_manifest(text.replace('path = "bin/k3s"', 'path = "."', 1))
+
+
+def test_a_truncated_bundle_or_an_undecodable_manifest_is_named(
+    site: str, tmp_path: Path, cli: Any, home: Path
+) -> None:
+    good = tmp_path / "good.tar"
+    build_bundle(parse_manifest(manifest_text(site)), "amd64", good, images=False)
+    data = good.read_bytes()
+    with tarfile.open(good) as tar:
+        last = tar.getmembers()[-1]  # the manifest: the build writes it last
+        first = tar.getmembers()[0]
+    assert last.name == "manifest.toml"
+    cases = [
+        ("inside.tar", data[: last.offset_data + 5], "inside manifest.toml"),
+        ("early.tar", data[: first.offset_data + 3], f"inside {first.name}"),
+    ]
+    for name, cut, where in cases:
+        (tmp_path / name).write_bytes(cut)
+        result = cli("bundle", "verify", str(tmp_path / name), "--home", str(home))
+        assert result.code == 5, result.err
+        assert f"error: {name}: truncated or damaged {where}: " in result.err
+        assert "unexpected ReadError" not in result.err
+        with pytest.raises(CorruptObject, match=f"{name}: truncated or damaged {where}"):
+            verify_bundle(tmp_path / name)
+    undecodable = _pack(tmp_path / "latin.tar", [("manifest.toml", b'[bundle]\nname = "\xe9"\n')])
+    result = cli("bundle", "verify", str(undecodable), "--home", str(home))
+    assert result.code == 2
+    assert "error: latin.tar:manifest.toml: not UTF-8 text (invalid continuation byte" in (
+        result.err
+    )
+    # a compressed tar that ends early is named the same way
+    import gzip
+
+    packed = gzip.compress(data)
+    (tmp_path / "b.tar.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(CorruptObject, match="b.tar.gz: truncated or damaged inside "):
+        verify_bundle(tmp_path / "b.tar.gz")
 
 
 def test_the_core_does_not_import_the_docker_sdk() -> None:

@@ -310,6 +310,66 @@ def test_the_join_command_reads_the_token_from_a_file(
     assert missing.code == 7 and "no join token here; run this on the k3s server" in missing.err
 
 
+def test_the_join_command_for_an_offline_site_names_the_bundle_quoted(
+    fake_kube: dict[str, Any], tmp_path: Path, cli: Any, home: Path
+) -> None:
+    import shlex
+
+    token = tmp_path / "node-token"
+    token.write_text("K10abc::server:s3cret\n")
+    plain = cli(
+        "cluster",
+        "join-command",
+        "--token-file",
+        str(token),
+        "--bundle",
+        "appliance-bundle-amd64.tar",
+        "--json",
+        "--home",
+        str(home),
+    ).json()
+    assert plain["command"] == (
+        "sudo ./install.sh --agent --server https://10.0.0.5:6443 --token-file ./node-token "
+        "--bundle appliance-bundle-amd64.tar"
+    )
+    assert plain["copy_bundle"] == (
+        "copy the offline bundle to the new node as appliance-bundle-amd64.tar"
+    )
+    # every part the user gave reaches install.sh as one word, whatever it holds
+    bundle, url = "my bundle $(id) 'x'.tar", "https://edge.local:6443/#a b;c"
+    quoted = cli(
+        "cluster",
+        "join-command",
+        "--token-file",
+        str(token),
+        "--server-url",
+        url,
+        "--bundle",
+        bundle,
+        "--home",
+        str(home),
+    )
+    assert quoted.code == 0, quoted.err
+    joined = cluster.join_command(server_url=url, token_file=token, bundle=bundle)
+    assert joined["command"] in quoted.out  # the CLI prints the same line
+    assert shlex.split(joined["command"]) == [
+        "sudo",
+        "./install.sh",
+        "--agent",
+        "--server",
+        url,
+        "--token-file",
+        "./node-token",
+        "--bundle",
+        bundle,
+    ]
+    assert "s3cret" not in quoted.out
+    empty = cli(
+        "cluster", "join-command", "--token-file", str(token), "--bundle", " ", "--home", str(home)
+    )
+    assert empty.code == 2 and "--bundle: give the bundle's file name" in empty.err
+
+
 def test_the_cluster_screen_shows_status_nodes_and_gpus(
     fake_kube: dict[str, Any], app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -998,7 +998,9 @@ def bundle_build(
     no_image: bool,
 ) -> None:
     """Fetch every artifact for ARCH (checking its sha256), build the wheelhouse and the
-    runtime image, save the container images, and pack the bundle."""
+    runtime image, save the container images, and pack the bundle. A manifest that lacks
+    something install.sh needs is refused before anything is fetched, unless that part is
+    left out on purpose (--no-image, --no-wheels)."""
     from pathlib import Path
 
     from appliance.core.bundles import TORCH_CPU_INDEX, build_bundle, load_manifest
@@ -1023,17 +1025,34 @@ def bundle_build(
             f"warning: image {name} is pinned by tag only; the bundle records the digest pulled",
             err=True,
         )
+    if result["missing"]:
+        click.echo(
+            f"warning: a partial bundle: it lacks {', '.join(result['missing'])}, "
+            "which install.sh needs (bundles/README.md)",
+            err=True,
+        )
     emit(result, as_json)
 
 
 @command(bundle_group, "verify")
 @click.argument("bundle", type=click.Path())
 @click.option("--arch", type=click.Choice(["amd64", "arm64"]), help="The machine's arch.")
-def bundle_verify(app: Any, as_json: bool, bundle: str, arch: str | None) -> None:
-    """Check a bundle's manifest, architecture and every file's sha256."""
+@click.option(
+    "--partial", is_flag=True, help="Accept a bundle that lacks what install.sh needs (says what)."
+)
+def bundle_verify(app: Any, as_json: bool, bundle: str, arch: str | None, partial: bool) -> None:
+    """Check a bundle's manifest, architecture and every file's sha256, and that it holds
+    every artifact install.sh needs (unless --partial)."""
     from appliance.core.bundles import verify_bundle
 
-    emit(verify_bundle(bundle, arch), as_json)
+    result = verify_bundle(bundle, arch, complete=not partial)
+    if result["missing"]:
+        click.echo(
+            f"warning: a partial bundle: it lacks {', '.join(result['missing'])}, "
+            "which install.sh needs",
+            err=True,
+        )
+    emit(result, as_json)
 
 
 @cli.group("cluster")
@@ -1079,8 +1098,17 @@ def cluster_gpus_cmd(app: Any, as_json: bool) -> None:
     "--token-file", type=click.Path(), help="The server's join token (default: k3s' own)."
 )
 @click.option("--show-token", is_flag=True, help="Print the token too (a secret).")
+@click.option(
+    "--bundle",
+    help="The offline bundle's file name on the new node (adds --bundle to the command).",
+)
 def cluster_join_command(
-    app: Any, as_json: bool, server_url: str | None, token_file: str | None, show_token: bool
+    app: Any,
+    as_json: bool,
+    server_url: str | None,
+    token_file: str | None,
+    show_token: bool,
+    bundle: str | None,
 ) -> None:
     """The command that joins an edge node to this server."""
     from pathlib import Path
@@ -1093,6 +1121,7 @@ def cluster_join_command(
             server_url=server_url,
             token_file=Path(token_file) if token_file else NODE_TOKEN,
             show_token=show_token,
+            bundle=bundle,
         ),
         as_json,
     )

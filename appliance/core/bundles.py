@@ -22,8 +22,14 @@ The Docker steps go through the `docker` SDK, imported only when a step needs it
 optional extra `appliance[bundle]`); the client is made by a replaceable callable.
 
 `verify_bundle` checks a bundle before anything is installed from it: the manifest, the
-architecture, every file's size and sha256, and that the tar holds nothing else. Every error
-names the artifact or the file.
+architecture, every file's size and sha256, that every member name is in normal form and the
+tar holds nothing else. Every error names the artifact or the file.
+
+A bundle is complete when it holds every artifact install.sh needs by name (`INSTALL_NEEDS`,
+`REQUIRED_WHEELS`). `build_bundle` refuses, before it downloads anything, a manifest that
+would give an incomplete bundle, unless that part was left out on purpose (no images, no
+wheelhouse) or `partial` is set; `verify_bundle` reports what a bundle lacks, and with
+`complete` refuses it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import tarfile
 import tempfile
 import tomllib
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -66,6 +73,13 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REQUIRED_WHEELS = ("appliance", "torch", "duckdb_extension_httpfs")
 RUNTIME_IMAGE = "appliance-runtime"
 SDK_HINT = "pip install 'appliance[bundle]'"
+DEVICE_PLUGIN = "nvidia-device-plugin"
+# What install.sh needs from a bundle, by artifact name (install.sh: `require_artifacts`): the
+# fetched artifacts, then the images (the device plugin only on GPU nodes); REQUIRED_WHEELS too.
+FETCHED_NEEDS = ("k3s", "k3s-install", "k3s-airgap-images", "minio", "mc")
+IMAGE_NEEDS = (DEVICE_PLUGIN, RUNTIME_IMAGE)
+INSTALL_NEEDS = (*FETCHED_NEEDS, *IMAGE_NEEDS)
+PIN_HINT = 'bundles/README.md, "To pin on a connected machine"'
 
 _WHEEL = re.compile(
     r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(?:-\d[^-]*)?"
@@ -85,6 +99,13 @@ def runtime_tag(version: str = __version__) -> str:
 
 
 # ---- the manifest ------------------------------------------------------------------------------
+
+
+def _normal(name: str) -> bool:
+    """A relative POSIX path written as tar and install.sh look it up: no `./`, `//`, `/.`
+    or trailing `/` (what `PurePosixPath` would silently rewrite), and no `..`."""
+    path = PurePosixPath(name)
+    return bool(path.parts) and str(path) == name and ".." not in path.parts
 
 
 def _entry(data: Any, index: int, source: str) -> dict[str, str]:
@@ -108,8 +129,12 @@ def _entry(data: Any, index: int, source: str) -> dict[str, str]:
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise InvalidInput(f"{where}: sha256 must be 64 lowercase hex digits")
     path = PurePosixPath(entry["path"])
-    if path.is_absolute() or ".." in path.parts or str(path) == MANIFEST:
+    if not path.parts or path.is_absolute() or ".." in path.parts or str(path) == MANIFEST:
         raise InvalidInput(f"{where}: path {entry['path']!r} must stay inside the bundle")
+    if not _normal(entry["path"]):
+        raise InvalidInput(
+            f"{where}: path {entry['path']!r} is not in normal form (write {str(path)!r})"
+        )
     entry.setdefault("kind", "other")
     if entry["kind"] not in KINDS:
         raise InvalidInput(f"{where}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
@@ -211,6 +236,32 @@ def _render(manifest: dict[str, Any]) -> str:
 
 def _image_path(name: str, arch: str) -> str:
     return f"images/{name}-{arch}.tar"
+
+
+# ---- completeness: what install.sh needs from a bundle ---------------------------------------
+
+
+def missing_artifacts(entries: Iterable[dict[str, str]], arch: str | None) -> list[str]:
+    """The names install.sh needs (INSTALL_NEEDS, and the REQUIRED_WHEELS as kind `wheel`)
+    that `entries` lack for `arch` (None: any arch), in install order."""
+    names: set[str] = set()
+    wheels: set[str] = set()
+    for entry in entries:
+        if arch is None or entry["arch"] in (arch, "any"):
+            names.add(entry["name"])
+            if entry.get("kind") == "wheel":
+                wheels.add(entry["name"])
+    return [n for n in INSTALL_NEEDS if n not in names] + [
+        n for n in REQUIRED_WHEELS if n not in wheels
+    ]
+
+
+def _describe(missing: list[str]) -> str:
+    """`missing` as words, saying which one only GPU nodes need."""
+    return ", ".join(
+        f"{n} (GPU nodes)" if n == DEVICE_PLUGIN else f"{n} (wheel)" if n in REQUIRED_WHEELS else n
+        for n in missing
+    )
 
 
 # ---- the build boundaries: network, pip, Docker ---------------------------------------------
@@ -525,6 +576,24 @@ def _add_file(tar: tarfile.TarFile, file: Path, entry: dict[str, str]) -> None:
         tar.addfile(info, fh)
 
 
+def _incomplete(missing: list[str], arch: str) -> str:
+    """Why a build is refused as incomplete, and what to do about each part."""
+    fixes = []
+    unpinned = [n for n in missing if n in FETCHED_NEEDS]
+    if unpinned:
+        fixes.append(f"pin {', '.join(unpinned)} for {arch} in the manifest first ({PIN_HINT})")
+    if DEVICE_PLUGIN in missing:
+        fixes.append(f"add an [[image]] named {DEVICE_PLUGIN} to the manifest")
+    if RUNTIME_IMAGE in missing:
+        fixes.append("give the runtime image's Dockerfile")
+    if set(missing) & set(IMAGE_NEEDS):
+        fixes.append("or leave the images out on purpose (--no-image)")
+    return (
+        f"the bundle for {arch} would lack {_describe(missing)}, and install.sh refuses a "
+        f"bundle without them: {'; '.join(fixes)}"
+    )
+
+
 class _Paths:
     """Every path the bundle holds, so two steps can never write one path twice."""
 
@@ -554,11 +623,17 @@ def build_bundle(
     dockerfile: str | Path | None = None,
     images: bool = True,
     docker_client: Callable[[], Any] | None = None,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Fetch the artifacts for `arch` (each sha256 checked as it streams), build the wheelhouse
     from `project` (when given), pull the `[[image]]`s (unless `images` is false), build the
     runtime image from `dockerfile` (when given), and write the bundle: a temp file, then a
-    rename. A failure names the artifact or the step; nothing is left behind."""
+    rename. A failure names the artifact or the step; nothing is left behind.
+
+    The bundle must hold everything install.sh needs (`missing_artifacts`), checked before
+    anything is fetched: only the images may be missing when `images` is false, only the
+    wheels when there is no `project`; `partial` accepts anything missing. The result's
+    `missing` names what the bundle lacks."""
     if arch not in ARCHES:
         raise InvalidInput(f"--arch {arch!r}: expected amd64 or arm64")
     chosen = [a for a in manifest["artifacts"] if a["arch"] in (arch, "any")]
@@ -588,6 +663,19 @@ def build_bundle(
             )
         if not image_file.is_file():
             raise InvalidInput(f"{image_file}: no such Dockerfile")
+    # What the bundle will hold, by name: refuse an incomplete one before anything is fetched.
+    making = [*chosen, *({**i, "kind": "image"} for i in pulls)]
+    if image_file is not None:
+        making.append({"name": RUNTIME_IMAGE, "arch": arch, "kind": "image"})
+    if wheel_project is not None:  # the wheelhouse build itself refuses one without these
+        making += [{"name": n, "arch": "any", "kind": "wheel"} for n in REQUIRED_WHEELS]
+    missing = missing_artifacts(making, arch)
+    left_out = set(IMAGE_NEEDS if not images else ()) | set(
+        REQUIRED_WHEELS if wheel_project is None else ()
+    )
+    refused = [n for n in missing if n not in left_out]
+    if refused and not partial:
+        raise InvalidInput(_incomplete(refused, arch))
     # Docker first: a missing SDK or daemon fails before anything is downloaded.
     client = (docker_client or docker_from_env)() if (pulls or image_file) else None
 
@@ -669,58 +757,47 @@ def build_bundle(
         "wheels": sum(e["kind"] == "wheel" and e["url"].startswith("pip:") for e in entries),
         "images": [e["url"].removeprefix("docker:") for e in entries if e["kind"] == "image"],
         "unpinned_images": unpinned,
+        "missing": missing_artifacts(entries, arch),
     }
 
 
 # ---- verify ---------------------------------------------------------------------------------
 
 
-def verify_bundle(path: str | Path, arch: str | None = None) -> dict[str, Any]:
+def verify_bundle(
+    path: str | Path, arch: str | None = None, *, complete: bool = False
+) -> dict[str, Any]:
     """Check a bundle before use: its manifest, its architecture (when given), each file's
-    sha256, and nothing unlisted or outside the bundle. Errors name the file."""
+    sha256, every member name in normal form, and nothing unlisted or outside the bundle.
+    Errors name the file (and the member). The result's `missing` names what install.sh needs
+    and the bundle lacks (`installable` is false then); with `complete` that is an error
+    (`bundle verify` without --partial). install.sh itself asks only for what its node needs:
+    an agent needs no MinIO, a node without a GPU no device plugin."""
     file = Path(path)
     if not file.is_file():
         raise InvalidInput(f"{path}: no such bundle")
     try:
         tar = tarfile.open(file, "r")
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise InvalidInput(f"{file.name}: not a bundle (not a tar file): {exc}") from exc
-    with tar:
-        members = {}
-        for member in tar.getmembers():
-            name = PurePosixPath(member.name)
-            if name.is_absolute() or ".." in name.parts or not (member.isfile()):
-                raise CorruptObject(f"{file.name}: {member.name}: not a plain file inside it")
-            if str(name) in members:
-                raise CorruptObject(f"{file.name}: {member.name} is in it twice")
-            members[str(name)] = member
-        if MANIFEST not in members:
-            raise CorruptObject(f"{file.name}: no {MANIFEST}")
-        extracted = tar.extractfile(members[MANIFEST])
-        assert extracted is not None
-        manifest = parse_manifest(extracted.read().decode("utf-8"), f"{file.name}:{MANIFEST}")
-        built_for = manifest["bundle"].get("arch")
-        if arch is not None and built_for != arch:
-            raise InvalidInput(f"{file.name}: a bundle for {built_for}, this machine is {arch}")
-        listed = {MANIFEST}
-        for entry in manifest["artifacts"]:
-            listed.add(entry["path"])
-            member = members.get(entry["path"])
-            if member is None:
-                raise CorruptObject(f"{file.name}: {entry['path']} ({entry['name']}) is missing")
-            digest = hashlib.sha256()
-            reader = tar.extractfile(member)
-            assert reader is not None
-            while chunk := reader.read(CHUNK):
-                digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
-                raise CorruptObject(
-                    f"{file.name}: {entry['path']} ({entry['name']}) has sha256 "
-                    f"{digest.hexdigest()}, the manifest pins {entry['sha256']}"
-                )
-        extra = sorted(set(members) - listed)
-        if extra:
-            raise CorruptObject(f"{file.name}: {extra[0]} is not in the manifest")
+    except OSError as exc:
+        raise InvalidInput(f"{file.name}: cannot read it: {exc}") from exc
+    reading: list[str] = []  # the member being read, to name it if the file ends inside it
+    try:
+        with tar:
+            manifest = _verify_members(tar, file.name, arch, reading)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        inside = f" inside {reading[-1]}" if reading else ""
+        raise CorruptObject(
+            f"{file.name}: truncated or damaged{inside}: {str(exc) or type(exc).__name__}"
+        ) from exc
+    built_for = manifest["bundle"].get("arch")
+    missing = missing_artifacts(manifest["artifacts"], built_for)
+    if complete and missing:
+        raise InvalidInput(
+            f"{file.name}: not installable: it lacks {_describe(missing)}, which install.sh "
+            "needs (to accept a bundle left partial on purpose: bundle verify --partial)"
+        )
     kinds: dict[str, int] = {}
     for entry in manifest["artifacts"]:
         kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
@@ -732,4 +809,67 @@ def verify_bundle(path: str | Path, arch: str | None = None) -> dict[str, Any]:
         "artifacts": len(manifest["artifacts"]),
         "kinds": kinds,
         "verified": True,
+        "installable": not missing,
+        "missing": missing,
     }
+
+
+def _verify_members(
+    tar: tarfile.TarFile, bundle: str, arch: str | None, reading: list[str]
+) -> dict[str, Any]:
+    """The bundle's manifest, once every member checks out (verify_bundle's body); `reading`
+    gets the name of each member as it is read."""
+    members: dict[str, tarfile.TarInfo] = {}
+    try:
+        listing = tar.getmembers()
+    except (tarfile.TarError, EOFError):
+        if tar.members:  # the scan ran past the end of the data of the last member it found
+            reading.append(tar.members[-1].name)
+        raise
+    for member in listing:
+        name = PurePosixPath(member.name)
+        if name.is_absolute() or ".." in name.parts or not member.isfile():
+            raise CorruptObject(f"{bundle}: {member.name}: not a plain file inside it")
+        if not _normal(member.name):
+            raise CorruptObject(
+                f"{bundle}: {member.name}: a member name not in normal form (install.sh looks "
+                f"it up as {name}): repack the bundle without './', '//' or a trailing '/'"
+            )
+        if member.name in members:
+            raise CorruptObject(f"{bundle}: {member.name} is in it twice")
+        members[member.name] = member
+    if MANIFEST not in members:
+        raise CorruptObject(f"{bundle}: no {MANIFEST}")
+    reading.append(MANIFEST)
+    extracted = tar.extractfile(members[MANIFEST])
+    assert extracted is not None
+    source = f"{bundle}:{MANIFEST}"
+    try:
+        text = extracted.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    manifest = parse_manifest(text, source)
+    built_for = manifest["bundle"].get("arch")
+    if arch is not None and built_for != arch:
+        raise InvalidInput(f"{bundle}: a bundle for {built_for}, this machine is {arch}")
+    listed = {MANIFEST}
+    for entry in manifest["artifacts"]:
+        listed.add(entry["path"])
+        member = members.get(entry["path"])
+        if member is None:
+            raise CorruptObject(f"{bundle}: {entry['path']} ({entry['name']}) is missing")
+        reading.append(entry["path"])
+        digest = hashlib.sha256()
+        reader = tar.extractfile(member)
+        assert reader is not None
+        while chunk := reader.read(CHUNK):
+            digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise CorruptObject(
+                f"{bundle}: {entry['path']} ({entry['name']}) has sha256 "
+                f"{digest.hexdigest()}, the manifest pins {entry['sha256']}"
+            )
+    extra = sorted(set(members) - listed)
+    if extra:
+        raise CorruptObject(f"{bundle}: {extra[0]} is not in the manifest")
+    return manifest

@@ -4,6 +4,7 @@ object store's health, and how to join another node. Read through `core/kube.py`
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +155,15 @@ def join_command(
     server_url: str | None = None,
     token_file: Path = NODE_TOKEN,
     show_token: bool = False,
+    bundle: str | None = None,
 ) -> dict[str, Any]:
     """How an edge node joins this server: the server's URL (its first control-plane node's
     address, unless given), and the install command that reads the token from a file, so
-    the secret never lands in a shell history. The token itself only with `show_token`."""
+    the secret never lands in a shell history; with `bundle` (the offline bundle's file on
+    the new node) the command installs from it. Every part the user gave is shell-quoted.
+    The token itself only with `show_token`."""
+    if bundle is not None and not bundle.strip():
+        raise InvalidInput("--bundle: give the bundle's file name on the new node")
     try:
         token = token_file.read_text().strip()
     except PermissionError as exc:
@@ -179,10 +185,15 @@ def join_command(
         if not servers:
             raise ClusterUnavailable("no control-plane node with an address; give --server-url")
         server_url = f"https://{servers[0]['address']}:{API_PORT}"
-    return {
+    argv = ["sudo", "./install.sh", "--agent", "--server", server_url]
+    argv += ["--token-file", "./node-token"]
+    joined = {
         "server": server_url,
         "token_file": str(token_file),
         "copy_token": f"copy {token_file} to the new node as ./node-token (mode 0600)",
-        "command": f"sudo ./install.sh --agent --server {server_url} --token-file ./node-token",
-        **({"token": token} if show_token else {}),
     }
+    if bundle is not None:
+        argv += ["--bundle", bundle]
+        joined["copy_bundle"] = f"copy the offline bundle to the new node as {bundle}"
+    joined["command"] = " ".join(shlex.quote(part) for part in argv)
+    return {**joined, **({"token": token} if show_token else {})}
