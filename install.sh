@@ -3,6 +3,7 @@
 #   ./install.sh               virtual environment in ./.venv with pinned dependencies
 #   ./install.sh --dev         ... plus the test and lint tools
 #   ./install.sh --prefix DIR  the virtual environment in DIR instead
+#   ./install.sh --dry-run     print the plan (the venv, the exact pip commands), change nothing
 # Running it again is safe: it reuses the environment and re-applies the pins.
 #
 # Cluster mode (Linux as root, amd64 or arm64; see provisioning/README.md):
@@ -17,14 +18,19 @@
 #   --bundle FILE             install only from this offline bundle: no network access at all
 #                             (without it: the artifacts pinned in bundles/manifest.toml are
 #                             fetched, images and Python packages come from their registries)
-#   --advertise-address IP    this node's address (default: the first of `hostname -I`)
+#   --advertise-address IP    this node's address, one it holds (default: the first of
+#                             `hostname -I`)
 #   --gpu-slices N            advertise every GPU as N (NVIDIA time-slicing; --server only)
 #   --minio-port P            MinIO's S3 port (default 9000; --server only)
 # Options of every cluster mode:
 #   --dry-run                 print the plan (files, commands, services) and change nothing
 #   --root DIR                write every file under DIR and run no system command (a staging
-#                             tree); this machine's memory, disk, ports and cgroups are not checked
-# Every mode can run again: what is in place is left alone, what changed is updated.
+#                             tree); this machine's memory, disk, ports, cgroups and addresses
+#                             are not checked
+# Every mode can run again: what is in place is left alone, what changed is updated (except a
+# /var/lib/appliance/appliance.toml changed by hand: it is kept, with a warning).
+# Python is $PYTHON (default python3), e.g. sudo PYTHON=python3.11 ./install.sh ...; with
+# --bundle, --server needs the CPython version the bundle's wheels are for.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,7 +47,7 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 
 want_server=0 want_agent=0 want_uninstall=0
 server_url="" token_file="" bundle="" dry_run=0 staging=0 root="" gpu_slices="" minio_port=9000
-advertise="" purge=0
+advertise="" advertise_given="" purge=0
 given=()
 
 while [ $# -gt 0 ]; do
@@ -90,7 +96,7 @@ while [ $# -gt 0 ]; do
     --root) staging=1; root=$value ;;
     --gpu-slices) gpu_slices=$value ;;
     --minio-port) minio_port=$value ;;
-    --advertise-address) advertise=$value ;;
+    --advertise-address) advertise=$value advertise_given=1 ;;
     --uninstall) want_uninstall=1 ;;
     --purge) purge=1 ;;
     -h|--help) usage; exit 0 ;;
@@ -118,7 +124,7 @@ declare -A allowed=(
   [--dev]=local [--prefix]=local
   [--bundle]="server agent" [--advertise-address]="server agent"
   [--gpu-slices]=server [--minio-port]=server [--token-file]=agent
-  [--dry-run]="server agent uninstall" [--root]="server agent uninstall" [--purge]=uninstall
+  [--dry-run]="local server agent uninstall" [--root]="server agent uninstall" [--purge]=uninstall
 )
 declare -A mode_names=(
   [local]="the local install" [server]="--server" [agent]="--agent" [uninstall]="--uninstall"
@@ -159,6 +165,32 @@ fi
 server_url=${server_url%/}
 
 # ---------------------------------------------------------------------------------------------
+# Plan lines (every mode): a kind padded to 8 columns, then its fields (see below).
+
+secrets=()          # values masked in every printed command
+say() { printf '%-8s%s\n' "$1" "$2"; }
+
+mask() {  # TEXT: TEXT with every secret replaced by <generated>
+  local text=$1 secret
+  for secret in ${secrets[@]+"${secrets[@]}"}; do
+    [ -n "$secret" ] && text=${text//"$secret"/<generated>}
+  done
+  printf '%s' "$text"
+}
+
+show_cmd() {  # ARGS: the command line as a shell would read it, secrets masked
+  local out="" arg
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]]; then
+      out+="${arg%%=*}=$(printf '%q' "${arg#*=}") "
+    else
+      out+="$(printf '%q' "$arg") "
+    fi
+  done
+  mask "${out% }"
+}
+
+# ---------------------------------------------------------------------------------------------
 # Local mode: a virtual environment with pinned dependencies.
 
 if [ "$mode" = local ]; then
@@ -168,12 +200,30 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
+  pip=("$prefix/bin/python" -m pip install --disable-pip-version-check -q -c "$here/constraints.txt")
+  if [ "$dry_run" = 1 ]; then  # the plan: the same commands, in the cluster modes' format
+    if [ -x "$prefix/bin/python" ]; then
+      say ok "$prefix exists"
+    else
+      say run "$(show_cmd "$python" -m venv "$prefix")"
+    fi
+    say run "$(show_cmd "${pip[@]}" "torch==2.13.0")"
+    if [ "$dev" = 1 ]; then
+      say run "$(show_cmd "${pip[@]}" -e "${here}[dev]")"
+    else
+      say run "$(show_cmd "${pip[@]}" "$here")"
+    fi
+    say run "$(show_cmd "$prefix/bin/appliance" version)"
+    say next "$(show_cmd "$prefix/bin/appliance" quickstart)"
+    say note "dry run: nothing was changed"
+    exit 0
+  fi
+
   if [ ! -x "$prefix/bin/python" ]; then
     echo "==> creating virtual environment in $prefix"
     "$python" -m venv "$prefix"
   fi
 
-  pip=("$prefix/bin/python" -m pip install --disable-pip-version-check -q -c "$here/constraints.txt")
   # torch first and pinned, so nothing below resolves a different (CUDA, GBs) build of it.
   "${pip[@]}" "torch==2.13.0"
   if [ "$dev" = 1 ]; then
@@ -234,36 +284,14 @@ fi
 # STATUS is new, changed or unchanged; an unchanged step does nothing. Secrets never appear:
 # a command argument holding one prints as <generated>.
 
-secrets=()          # values masked in every printed command
-recorded=()         # state lines (file=, tree=, keep=, user=, service=) of this run
+recorded=()         # state lines (file=, tree=, keep=, user=, service=, written=) of this run
 pending_tmp=""      # a temp file being written, removed if the run stops
 changed_any=0       # whether this run changed something (the state is then written)
 state_written=0
 
-say() { printf '%-8s%s\n' "$1" "$2"; }
 act() { if [ "$staging" = 1 ]; then say skip "$2"; else say "$1" "$2"; fi; }
 live() { [ "$dry_run" = 0 ] && [ "$staging" = 0 ]; }
 record() { recorded+=("$1"); }
-
-mask() {  # TEXT: TEXT with every secret replaced by <generated>
-  local text=$1 secret
-  for secret in ${secrets[@]+"${secrets[@]}"}; do
-    [ -n "$secret" ] && text=${text//"$secret"/<generated>}
-  done
-  printf '%s' "$text"
-}
-
-show_cmd() {  # ARGS: the command line as a shell would read it, secrets masked
-  local out="" arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]]; then
-      out+="${arg%%=*}=$(printf '%q' "${arg#*=}") "
-    else
-      out+="$(printf '%q' "$arg") "
-    fi
-  done
-  mask "${out% }"
-}
 
 run_cmd() {  # [NAME=value...] COMMAND ARGS: run it with those environment variables
   (
@@ -339,6 +367,62 @@ step_file() {  # DEST MODE [OWNER]: write stdin to DEST (temp file, chmod, renam
   new_tmp "$(dirname "$root$dest")"
   printf '%s' "$content" >"$pending_tmp"
   finish_tmp "$dest" "$mode" "$owner"
+}
+
+# What appliance.toml's settings would change, as `key = value` lines (stdin: the content
+# install.sh would write; argv[1]: the file as it is).
+PY_SETTINGS='
+import json, sys, tomllib
+def flat(table, prefix=""):
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+want = dict(flat(tomllib.loads(sys.stdin.read())))
+try:
+    with open(sys.argv[1], "rb") as file:
+        have = dict(flat(tomllib.load(file)))
+except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    print(f"(it does not read as TOML: {exc})")
+    have = {}
+for key, value in want.items():
+    if key not in have or have[key] != value:
+        print(f"{key} = {json.dumps(value)}")
+'
+
+written_sha() {  # PATH: the sha256 install.sh recorded of what it last wrote to PATH
+  [ -f "$root$STATE" ] || return 0
+  awk -v p="written=$1 sha256:" 'index($0, p) == 1 { print substr($0, length(p) + 1); exit }' \
+    "$root$STATE"
+}
+
+step_settings() {  # DEST MODE OWNER: step_file for a file the operator may edit: one that is not
+  # what install.sh last wrote there (its sha256 is in the state) is kept as it is, with a
+  # warning naming the settings install.sh would have set
+  local dest=$1 mode=$2 owner=$3 content digest why diff
+  content=$(cat; printf x)
+  content=${content%x}
+  digest=$(printf '%s' "$content" | sha256sum | cut -d' ' -f1)
+  if [ -f "$root$dest" ] && ! printf '%s' "$content" | cmp -s - "$root$dest" \
+    && [ "$(sha256_of "$root$dest")" != "$(written_sha "$dest")" ]; then
+    record "file=$dest"
+    last_status=kept
+    if [ -n "$(written_sha "$dest")" ]; then why="changed since install.sh wrote it"
+    else why="install.sh has no record of writing it"
+    fi
+    diff=$(printf '%s' "$content" | "$python" -I -c "$PY_SETTINGS" "$root$dest" 2>&1) || true
+    if [ -z "$diff" ]; then
+      say keep "$dest ($why; it has every setting install.sh sets)"
+      return 0
+    fi
+    say keep "$dest ($why; see the warning)"
+    diff=$(mask "$diff")
+    warn "$dest: $why, so it is left as it is; install.sh would set: ${diff//$'\n'/; }. Set these by hand, or move the file aside and run install.sh again to have it written afresh"
+    return 0
+  fi
+  printf '%s' "$content" | step_file "$dest" "$mode" "$owner"
+  record "written=$dest sha256:$digest"  # once it is there (a failed write keeps the old one)
 }
 
 step_touch() {  # DEST MODE: create an empty file if there is none (its content is not ours)
@@ -547,6 +631,96 @@ for i in manifest.get("images", []):
         print("\t".join(("image", i["name"], i["ref"])))
 '
 
+# Which Python the bundle's wheels install on, read from their tags (PEP 425, as pip matches
+# them): cpXY-cpXY and cpXY-none only on CPython X.Y, cpXY-abi3 and pyXY-none on X.Y or newer.
+PY_WHEELS='
+import platform, re, sys
+cpython = sys.implementation.name == "cpython"
+major, minor = sys.version_info[:2]
+def alternatives(wheel):  # (exact or min, minor, CPython only) for each tag of the wheel
+    m = re.match(r"^.+-(?P<py>[^-]+)-(?P<abi>[^-]+)-[^-]+\.whl$", wheel)
+    if m is None:
+        return [("min", 0, False)]
+    out = []
+    for py in m["py"].split("."):
+        for abi in m["abi"].split("."):
+            t = re.fullmatch(r"(cp|py)3(\d*)", py)
+            k = int(t[2]) if t and t[2] else 0
+            if t is None or (t[1] == "py" and abi != "none"):
+                out.append(("never", 0, False))
+            elif t[1] == "py":
+                out.append(("min", k, False))
+            elif abi == "abi3":
+                out.append(("min", k, True))
+            elif abi == "none" or re.fullmatch(rf"cp3{k}[a-z]*", abi):
+                out.append(("exact", k, True))
+            else:
+                out.append(("never", 0, False))
+    return out
+def fits(kind, k, cp_only):
+    if kind == "never" or major != 3 or (cp_only and not cpython):
+        return False
+    return minor == k if kind == "exact" else minor >= k
+def describe(kind, k, cp_only):
+    if kind == "never":
+        return "no CPython 3"
+    name = "CPython" if cp_only else "Python"
+    return f"{name} 3.{k}" if kind == "exact" else f"{name} 3.{k} or newer" if k else "Python 3"
+exact, low, misfits = set(), ("min", 0, False), []
+for wheel in sys.argv[1:]:
+    alts = alternatives(wheel)
+    if not any(fits(*a) for a in alts):
+        misfits.append((describe(*alts[0]), wheel))
+    if all(a[0] == "exact" for a in alts) and len({a[1] for a in alts}) == 1:
+        exact.add(alts[0][1])
+    elif all(a[0] == "min" for a in alts):
+        low = max(low, min(alts, key=lambda a: a[1]), key=lambda a: a[1])
+if exact:
+    needs = " and ".join(f"CPython 3.{k}" for k in sorted(exact))
+else:
+    needs = describe(*low) if low[1] else "any Python 3"
+found = "CPython" if cpython else sys.implementation.name
+print(f"found\t{found} {platform.python_version()}")
+print(f"needs\t{needs}")
+for need, wheel in misfits:
+    print(f"misfit\t{need}\t{wheel}")
+'
+
+check_wheels_python() {  # --bundle: the interpreter that runs pip can install the wheelhouse
+  local interp=$python where="" wheels=() i listing kind a b found="" needs="" n=0 need="" \
+    example="" fix
+  if [ "$staging" = 0 ] && [ -x "$VENV/bin/python" ]; then
+    interp=$VENV/bin/python where=" (the virtual environment an earlier run made)"
+  fi
+  for i in "${!art_kind[@]}"; do
+    [ "${art_kind[$i]}" != wheel ] || wheels+=("$(basename "${art_path[$i]}")")
+  done
+  if ! listing=$("$interp" -I -c "$PY_WHEELS" ${wheels[@]+"${wheels[@]}"} 2>&1); then
+    problem "$interp$where does not run (${listing##*$'\n'})"
+    return 0
+  fi
+  while IFS=$'\t' read -r kind a b; do
+    case "$kind" in
+      found) found=$a ;;
+      needs) needs=$a ;;
+      misfit) n=$((n + 1)); [ -n "$example" ] || need=$a example=$b ;;
+    esac
+  done <<<"$listing"
+  if [ "$n" = 0 ]; then
+    say check "python: $interp is $found; the bundle's wheels are for $needs"
+    return 0
+  fi
+  if [[ $needs =~ ^CPython\ 3\.([0-9]+)$ ]]; then fix="python3.${BASH_REMATCH[1]}"
+  else fix="/path/to/python3"
+  fi
+  if [ -n "$where" ]; then
+    fix="remove $VENV (it is remade), then run install.sh with an interpreter that fits: sudo PYTHON=$fix ./install.sh --$mode ..."
+  else
+    fix="install that Python and run install.sh with it: sudo PYTHON=$fix ./install.sh --$mode ..."
+  fi
+  problem "the bundle's wheels are for $needs ($n of them, e.g. $example needs $need), and $interp$where is $found, so pip could not install the appliance: $fix"
+}
+
 load_artifacts() {
   local listing source is_bundle kind a b c d e f g
   if [ -n "$bundle" ]; then
@@ -636,6 +810,38 @@ detect_address() {
   a=$(ip -4 route get 1.1.1.1 2>/dev/null | awk '{ for (i = 1; i < NF; i++) if ($i == "src") { print $(i + 1); exit } }' || true)
   if [ -n "$a" ] && valid_ipv4 "$a"; then advertise=$a; return 0; fi
   die "cannot tell this node's address (hostname -I and ip route found none): pass --advertise-address IP"
+}
+
+machine_addresses() {  # the IPv4 addresses this machine holds (hostname -I, ip -o -4 addr)
+  local a
+  for a in $(hostname -I 2>/dev/null || true); do
+    if valid_ipv4 "$a"; then echo "$a"; fi
+  done
+  if command -v ip >/dev/null 2>&1; then
+    ip -o -4 addr show 2>/dev/null \
+      | awk '{ for (i = 1; i < NF; i++) if ($i == "inet") { sub(/\/.*/, "", $(i + 1)); print $(i + 1) } }' \
+      || true
+  fi
+}
+
+check_address() {  # --advertise-address: an address this machine holds (not with --root)
+  local held
+  [ -n "$advertise_given" ] || return 0
+  if [ "$staging" = 1 ]; then
+    say check "address $advertise: not checked (--root stages files for another machine)"
+    return 0
+  fi
+  held=$(machine_addresses | awk '!seen[$0]++' | tr '\n' ' ')
+  held=${held% }
+  if [ -z "$held" ]; then
+    warn "--advertise-address $advertise: cannot list this machine's addresses (hostname -I, ip -o -4 addr); not checked"
+    say check "address $advertise: not checked (no address list)"
+    return 0
+  fi
+  case " $held " in
+    *" $advertise "*) say check "address $advertise: held by this machine" ;;
+    *) problem "--advertise-address $advertise: this machine holds no such address (it has $held): give one of them, or leave the option out (the first address of hostname -I)" ;;
+  esac
 }
 
 port_in_use() {  # PORT: something listens on it (ss when present, else a connect to 127.0.0.1)
@@ -783,7 +989,8 @@ install_k3s_files() {  # ROLE (server|agent): config.yaml, binary, images, insta
     step_artifact "$i" "$dest" 0644
     [ "$last_status" = unchanged ] || k3s_config_changed=1
   done
-  # archives are imported again only when their size or time changes
+  # k3s releases with conditional image import re-import only archives whose size or time
+  # changed; a release without it ignores the file (and imports them all at each start)
   step_touch "$K3S_IMAGES/.cache.json" 0644
 }
 
@@ -821,7 +1028,9 @@ server_install() {
   fi
   "$python" -c 'import ensurepip, venv' 2>/dev/null \
     || problem "$python cannot make a virtual environment: install its venv module (Debian and Ubuntu: the python3-venv package)"
+  [ -z "$bundle" ] || check_wheels_python
   detect_address
+  check_address
   check_not_foreign
   check_machine
   stop_if_problems
@@ -945,7 +1154,7 @@ server_install() {
     echo 'namespace = "appliance"'
     echo "image = \"$runtime_image\""
     echo "kubeconfig = \"$HOME_DIR/kubeconfig\""
-  } | step_file "$HOME_DIR/appliance.toml" 0600 appliance
+  } | step_settings "$HOME_DIR/appliance.toml" 0600 appliance
   [ "$last_status" != changed ] || changed=1
   step_wait_file "$K3S_KUBECONFIG" 120
   step_copy_from "$K3S_KUBECONFIG" "$HOME_DIR/kubeconfig" 0600 appliance
@@ -959,11 +1168,12 @@ server_install() {
   record service=appliance-agent
 
   write_state
-  local join="sudo ./install.sh --agent --server https://$advertise:$K3S_API_PORT --token-file ./node-token"
-  [ -z "$bundle" ] || join+=" --bundle $(basename "$bundle")"
+  # quoted as a shell reads it, so that it pastes as it is (a bundle name with spaces, say)
+  local join=(sudo ./install.sh --agent --server "https://$advertise:$K3S_API_PORT" --token-file ./node-token)
+  [ -z "$bundle" ] || join+=(--bundle "$(basename "$bundle")")
   say next "status: sudo -u appliance $VENV/bin/appliance cluster status --home $HOME_DIR"
   say next "join an agent: copy $K3S_NODE_TOKEN to it as ./node-token (mode 0600), then run there:"
-  say next "$join"
+  say next "$(show_cmd "${join[@]}")"
   [ "$dry_run" = 0 ] || say note "dry run: nothing was changed"
 }
 
@@ -1067,6 +1277,7 @@ agent_install() {
   else
     warn_without_runtime_image
   fi
+  check_address
   check_not_foreign
   check_machine
   stop_if_problems
@@ -1091,13 +1302,19 @@ agent_install() {
 appliance_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$here/appliance/__init__.py"; }
 
 write_state() {
-  local version line old=()
+  local version line path old=()
   version=$(appliance_version)
   if [ -f "$root$STATE" ]; then  # keep what an earlier run recorded and is still there
     while IFS= read -r line; do
       case "$line" in
         file=*|tree=*|keep=*) [ -e "$root${line#*=}" ] && old+=("$line") ;;
         user=*|service=*) old+=("$line") ;;
+        written=*)  # the sha256 of what install.sh last wrote, unless this run wrote anew
+          path=${line#written=} path=${path% sha256:*}
+          [ -e "$root$path" ] || continue
+          case " ${recorded[*]-} " in *" written=$path sha256:"*) continue ;; esac
+          old+=("$line")
+          ;;
       esac
     done <"$root$STATE"
   fi
@@ -1128,7 +1345,7 @@ prune_dirs() {  # DIR: remove DIR and its parents while empty, up to the system'
 
 uninstall() {
   local line kind path installed k3s_role script units_removed=0
-  local files=() trees=() keeps=() users=() services=() emptied=()
+  local files=() trees=() keeps=() users=() services=() writtens=() emptied=()
   check_root
   if [ ! -f "$root$STATE" ]; then
     say ok "nothing to uninstall: install.sh installed nothing here (no $STATE)"
@@ -1144,6 +1361,7 @@ uninstall() {
       keep) keeps+=("$path") ;;
       user) users+=("$path") ;;
       service) services+=("$path") ;;
+      written) writtens+=("$line") ;;
     esac
   done <"$root$STATE"
   if [ -n "${installed:-}" ]; then
@@ -1211,6 +1429,12 @@ uninstall() {
   elif [ ${#users[@]} -gt 0 ]; then
     say keep "users ${users[*]} (they own the kept data; --purge removes them)"
     for path in "${users[@]}"; do kept+=("user=$path"); done
+  fi
+  if [ "$purge" = 0 ]; then  # a kept file's record: a re-install still updates it if untouched
+    for line in ${writtens[@]+"${writtens[@]}"}; do
+      path=${line#written=} path=${path% sha256:*}
+      if [ -e "$root$path" ] && under_keep "$path"; then kept+=("$line"); fi
+    done
   fi
   if [ ${#kept[@]} -gt 0 ]; then  # what was kept, for a later --uninstall --purge
     {

@@ -1,8 +1,9 @@
-"""install.sh's cluster modes against recording fakes first on PATH (uname, nvidia-smi, the
-NVIDIA toolkit, curl for the k3s server, systemctl, useradd, mc, k3s) and a temporary root
-(`--root DIR`): the exact plan of every mode, the files written with their modes, a second
-run that changes nothing, the manifests checked by schema, and every bad input refused
-before anything changes, naming what is wrong."""
+"""install.sh's modes against recording fakes first on PATH (uname, nvidia-smi, the NVIDIA
+toolkit, hostname and ip, curl for the k3s server, systemctl, useradd, mc, k3s) and a temporary
+root (`--root DIR`): the exact plan of every mode (the local install's `--dry-run` included),
+the files written with their modes, a second run that changes nothing, settings edited by hand
+kept, the manifests checked by schema, and every bad input refused before anything changes,
+naming what is wrong."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import hashlib
 import io
 import json
 import os
+import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -35,14 +38,24 @@ PLUGIN_REF = "nvcr.io/nvidia/k8s-device-plugin:v0.20.0"
 PLUGIN_DIGEST = "sha256:" + "ab" * 32
 MANIFESTS = "/var/lib/rancher/k3s/server/manifests"
 IMAGES = "/var/lib/rancher/k3s/agent/images"
+SETTINGS = "/var/lib/appliance/appliance.toml"
 # Commands that change a machine: never run with --dry-run or --root.
 SYSTEM = ("systemctl", "useradd", "userdel", "mc", "k3s", "minio")
+# The wheelhouse's compiled wheels are for one CPython minor version: the fake bundle's, for the
+# Python that runs these tests (it stands in for the node's python3).
+PY_TAG = f"cp3{sys.version_info.minor}"
+MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def numpy_wheel(arch: str = "amd64", tag: str = PY_TAG) -> str:
+    machine = MACHINE[arch]
+    return f"numpy-2.2.6-{tag}-{tag}-manylinux_2_17_{machine}.manylinux2014_{machine}.whl"
 
 
 # ---- stand-ins ---------------------------------------------------------------------------------
 
 
-def _artifacts(arch: str) -> list[dict[str, Any]]:
+def _artifacts(arch: str, py_tag: str = PY_TAG) -> list[tuple[str, ...]]:
     """What `appliance bundle build` puts in a bundle (bundles/README.md), as small files."""
     return [
         ("k3s", "v1.32.3+k3s1", arch, "binary", "bin/k3s", "https://example.invalid/k3s"),
@@ -81,6 +94,14 @@ def _artifacts(arch: str) -> list[dict[str, Any]]:
             "wheels/appliance-0.1.0-py3-none-any.whl",
             "pip:appliance==0.1.0",
         ),
+        (
+            "numpy",
+            "2.2.6",
+            arch,
+            "wheel",
+            f"wheels/{numpy_wheel(arch, py_tag)}",
+            "pip:numpy==2.2.6",
+        ),
     ]
 
 
@@ -89,11 +110,12 @@ def make_bundle(
     arch: str = "amd64",
     without: tuple[str, ...] = (),
     corrupt: str | None = None,
+    py_tag: str = PY_TAG,
 ) -> Path:
     """A bundle as the build writes it: manifest.toml (with its arch) and every artifact."""
     entries = []
     files = {}
-    for name, version, arch_of, kind, inside, url in _artifacts(arch):
+    for name, version, arch_of, kind, inside, url in _artifacts(arch, py_tag):
         if name in without:
             continue
         data = f"{name} {version} {arch}\n".encode()
@@ -153,6 +175,20 @@ sys.exit(22 if code >= 400 and "-fsSk" in args else 0)
 """
 
 
+# The addresses of the fake node, as `ip` lists them (`hostname -I` adds none of its own).
+FAKE_IP = """#!/bin/sh
+case "$*" in
+  "-o -4 addr show")
+    echo "1: lo    inet 127.0.0.1/8 scope host lo"
+    echo "2: eth0    inet 10.0.0.9/24 brd 10.0.0.255 scope global eth0"
+    echo "3: docker0    inet 172.17.0.1/16 scope global docker0" ;;
+  "route show default") echo "default via 10.0.0.1 dev eth0" ;;
+  "-4 route get 1.1.1.1") echo "1.1.1.1 via 10.0.0.1 dev eth0 src 10.0.0.9 uid 0" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A fake node: an amd64 Linux machine with one NVIDIA GPU and the container toolkit."""
@@ -171,6 +207,7 @@ def node(tmp_path: Path) -> Iterator[dict[str, Any]]:
     script("nvidia-smi", '#!/bin/sh\necho "GPU 0: NVIDIA A2 (UUID: GPU-5f2a)"\n')
     script("nvidia-container-runtime", "#!/bin/sh\nexit 0\n")
     script("hostname", '#!/bin/sh\necho "10.0.0.9 172.17.0.1 fd00::9"\n')
+    script("ip", FAKE_IP)
     script("curl", FAKE_CURL.format(python=sys.executable, password=PASSWORD))
     for name in SYSTEM:  # record and succeed
         script(name, f'#!/bin/sh\necho "[\\"{name}\\"]" >> "$FAKE_LOG"\n')
@@ -231,8 +268,11 @@ def server_plan(bundle: Path, kind: str = "skip", status: str = "new") -> list[s
     mc = "MC_CONFIG_DIR=/etc/appliance/mc /usr/local/bin/mc"
     return [
         "check   arch amd64",
-        f"check   bundle appliance 0.1.0 amd64 verified (8 artifacts): {bundle}",
+        f"check   bundle appliance 0.1.0 amd64 verified (9 artifacts): {bundle}",
         "check   gpu: 1 NVIDIA GPU(s), NVIDIA container toolkit present",
+        f"check   python: {py} is CPython {platform.python_version()}; the bundle's wheels are "
+        f"for CPython 3.{sys.version_info.minor}",
+        "check   address 10.0.0.5: not checked (--root stages files for another machine)",
         "check   memory, disk, ports, cgroups: not checked (--root stages files for another "
         "machine)",
         f"dir     /etc/appliance 0755 root {status}",
@@ -278,6 +318,8 @@ def server_plan(bundle: Path, kind: str = "skip", status: str = "new") -> list[s
         f"{kind}    {py} -m venv /opt/appliance/.venv",
         "copy    /opt/appliance/bundle/wheels/appliance-0.1.0-py3-none-any.whl 0644 root "
         f"{status} bundle:wheels/appliance-0.1.0-py3-none-any.whl",
+        f"copy    /opt/appliance/bundle/wheels/{numpy_wheel()} 0644 root {status} "
+        f"bundle:wheels/{numpy_wheel()}",
         f"{kind}    /opt/appliance/.venv/bin/python -m pip install --disable-pip-version-check "
         "-q --no-index --find-links /opt/appliance/bundle/wheels appliance==0.1.0",
         f"file    /var/lib/appliance/appliance.toml 0600 appliance {status}",
@@ -298,6 +340,66 @@ def server_plan(bundle: Path, kind: str = "skip", status: str = "new") -> list[s
 
 
 SERVER = ("--server", "--advertise-address", "10.0.0.5")
+
+
+# ---- the local install -------------------------------------------------------------------------
+
+LOCAL_PIP = ("-m", "pip", "install", "--disable-pip-version-check", "-q", "-c")
+
+
+def plan_fields(out: str) -> list[tuple[str, str | list[str]]]:
+    """Each plan line as its kind and, for a command, its words as a shell reads them."""
+    fields: list[tuple[str, str | list[str]]] = []
+    for line in out.splitlines():
+        kind, rest = line[:8], line[8:]
+        assert kind == kind.strip().ljust(8) and not rest.startswith(" "), line
+        fields.append(
+            (kind.strip(), shlex.split(rest) if kind.strip() in ("run", "next") else rest)
+        )
+    return fields
+
+
+def local_plan(venv: Path, python: str, exists: bool, dev: bool) -> list[tuple[str, Any]]:
+    pip = [str(venv / "bin/python"), *LOCAL_PIP, str(ROOT / "constraints.txt")]
+    return [
+        ("ok", f"{venv} exists") if exists else ("run", [python, "-m", "venv", str(venv)]),
+        ("run", [*pip, "torch==2.13.0"]),  # first and pinned
+        ("run", [*pip, "-e", f"{ROOT}[dev]"] if dev else [*pip, str(ROOT)]),
+        ("run", [str(venv / "bin/appliance"), "version"]),
+        ("next", [str(venv / "bin/appliance"), "quickstart"]),
+        ("note", "dry run: nothing was changed"),
+    ]
+
+
+@pytest.mark.parametrize("dev", [False, True], ids=["plain", "dev"])
+def test_the_local_dry_run_prints_the_exact_plan_and_changes_nothing(
+    node: dict[str, Any], dev: bool
+) -> None:
+    venv = ROOT / ".venv"  # the default prefix (there after ./install.sh --dev, as in CI)
+    exists = os.access(venv / "bin/python", os.X_OK)
+    before = sorted(p.name for p in ROOT.iterdir())
+    done = run(node, *(("--dev",) if dev else ()), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert plan_fields(done.stdout) == local_plan(venv, sys.executable, exists, dev)
+    assert done.stderr == ""
+    assert os.access(venv / "bin/python", os.X_OK) == exists
+    assert sorted(p.name for p in ROOT.iterdir()) == before
+
+
+def test_the_local_dry_run_with_a_prefix_creates_nothing(node: dict[str, Any]) -> None:
+    prefix = node["tmp"] / "my env"  # quoted in the plan, as a shell reads it
+    done = run(node, "--prefix", str(prefix), "--dev", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert plan_fields(done.stdout) == local_plan(prefix, sys.executable, False, True)
+    assert not prefix.exists()
+    (prefix / "bin").mkdir(parents=True)  # an environment made earlier is reused
+    python = prefix / "bin/python"
+    python.write_text("#!/bin/sh\nexit 1\n")  # and nothing runs it
+    python.chmod(0o755)
+    again = run(node, "--prefix", str(prefix), "--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert plan_fields(again.stdout) == local_plan(prefix, sys.executable, True, False)
+    assert sorted(p.name for p in prefix.rglob("*")) == ["bin", "python"]
 
 
 # ---- --server ----------------------------------------------------------------------------------
@@ -335,6 +437,7 @@ def test_the_server_writes_its_files_with_their_modes_and_a_second_run_changes_n
         "/etc/systemd/system/minio.service": "0o644",
         "/opt/appliance/bundle/scripts/k3s-install.sh": "0o755",
         "/opt/appliance/bundle/wheels/appliance-0.1.0-py3-none-any.whl": "0o644",
+        f"/opt/appliance/bundle/wheels/{numpy_wheel()}": "0o644",
         "/usr/local/bin/k3s": "0o755",
         "/usr/local/bin/mc": "0o755",
         "/usr/local/bin/minio": "0o755",
@@ -414,6 +517,9 @@ def test_the_server_writes_its_files_with_their_modes_and_a_second_run_changes_n
     assert {"mode=server", "k3s=server", "service=minio", "service=appliance-agent"} <= set(state)
     assert {"keep=/var/lib/appliance", "keep=/srv/appliance", "tree=/opt/appliance"} <= set(state)
     assert "file=/usr/local/bin/k3s" in state
+    # the sha256 of the settings as written: a re-run tells them from an operator's edit
+    settings_sha = hashlib.sha256((root / SETTINGS[1:]).read_bytes()).hexdigest()
+    assert f"written={SETTINGS} sha256:{settings_sha}" in state
 
     # again: the same credentials, nothing written (not even touched)
     second = run(node, *SERVER, "--bundle", str(bundle), "--root", str(root))
@@ -431,6 +537,117 @@ def test_the_server_writes_its_files_with_their_modes_and_a_second_run_changes_n
     third = run(node, *SERVER, "--bundle", str(bundle), "--root", str(root))
     removed = "remove  /opt/appliance/bundle/wheels/appliance-0.0.9-py3-none-any.whl (not in this"
     assert f"{removed} bundle)" in third.stdout.splitlines() and not stale.exists()
+
+
+def test_the_join_command_pastes_as_printed(node: dict[str, Any]) -> None:
+    bundle = make_bundle(node["tmp"] / "my bundle $x.tar")
+    done = run(node, *SERVER, "--bundle", str(bundle), "--root", str(node["root"]), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    join = [line[8:] for line in done.stdout.splitlines() if line.startswith("next    sudo ")]
+    assert len(join) == 1
+    pasted = subprocess.run(
+        ["bash", "-c", f"set -- {join[0]}; printf '%s\\n' \"$@\""],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert pasted.stdout.splitlines() == [
+        "sudo",
+        "./install.sh",
+        "--agent",
+        "--server",
+        "https://10.0.0.5:6443",
+        "--token-file",
+        "./node-token",
+        "--bundle",
+        "my bundle $x.tar",
+    ]
+
+
+def _state(root: Path) -> list[str]:
+    return (root / "etc/appliance/install.state").read_text().splitlines()
+
+
+def test_a_rerun_updates_the_settings_it_wrote(node: dict[str, Any]) -> None:
+    bundle = make_bundle(node["tmp"] / "b.tar")
+    root = node["root"]
+    args = (*SERVER, "--bundle", str(bundle), "--root", str(root))
+    assert run(node, *args).returncode == 0
+    settings = root / SETTINGS[1:]
+    done = run(node, *args, "--minio-port", "9100")
+    assert done.returncode == 0, done.stderr
+    assert f"file    {SETTINGS} 0600 appliance changed" in done.stdout.splitlines()
+    assert tomllib.loads(settings.read_text())["s3"]["endpoint"] == "10.0.0.5:9100"
+    digest = hashlib.sha256(settings.read_bytes()).hexdigest()
+    assert [line for line in _state(root) if line.startswith("written=")] == [
+        f"written={SETTINGS} sha256:{digest}"
+    ]
+    again = run(node, *args, "--minio-port", "9100")
+    assert f"file    {SETTINGS} 0600 appliance unchanged" in again.stdout.splitlines()
+    assert "warning" not in again.stderr
+
+
+def test_a_rerun_keeps_settings_changed_by_hand_and_names_what_it_would_set(
+    node: dict[str, Any],
+) -> None:
+    bundle = make_bundle(node["tmp"] / "b.tar")
+    root = node["root"]
+    args = (*SERVER, "--bundle", str(bundle), "--root", str(root))
+    assert run(node, *args).returncode == 0
+    settings = root / SETTINGS[1:]
+    secret = tomllib.loads(settings.read_text())["s3"]["secret_key"]
+    # the operator adds a setting and changes the S3 key
+    edited = settings.read_text().replace("[s3]\n", '[s3]\nregion = "eu-west-1"\n')
+    settings.write_text(edited.replace(secret, "the operator's"))
+    edited_bytes = settings.read_bytes()
+    state = _state(root)
+
+    plan = run(node, *args, "--minio-port", "9100", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert settings.read_bytes() == edited_bytes
+    done = run(node, *args, "--minio-port", "9100")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert f"keep    {SETTINGS} (changed since install.sh wrote it; see the warning)" in lines
+    assert not [line for line in lines if line.startswith(f"file    {SETTINGS} ")]
+    assert (
+        f"install.sh: warning: {SETTINGS}: changed since install.sh wrote it, so it is left as "
+        'it is; install.sh would set: s3.endpoint = "10.0.0.5:9100"; s3.secret_key = '
+        '"<generated>". Set these by hand, or move the file aside and run install.sh again'
+    ) in done.stderr
+    assert secret not in done.stdout + done.stderr
+    assert settings.read_bytes() == edited_bytes
+    assert _state(root) == state  # still the sha256 of what install.sh last wrote
+    assert plan.stdout.splitlines() == [*lines, "note    dry run: nothing was changed"]
+    assert plan.stderr == done.stderr
+
+    # every setting install.sh sets is there as it would set it: kept, no warning
+    settings.write_text(edited)
+    same = run(node, *args)
+    assert same.returncode == 0, same.stderr
+    assert (
+        f"keep    {SETTINGS} (changed since install.sh wrote it; it has every setting "
+        "install.sh sets)"
+    ) in same.stdout.splitlines()
+    assert "warning" not in same.stderr and settings.read_text() == edited
+
+    # no record of what install.sh wrote (an earlier install.sh): kept as well
+    state_file = root / "etc/appliance/install.state"
+    state_file.write_text("".join(f"{s}\n" for s in state if not s.startswith("written=")))
+    unknown = run(node, *args, "--minio-port", "9100")
+    assert f"keep    {SETTINGS} (install.sh has no record of writing it; see the warning)" in (
+        unknown.stdout.splitlines()
+    )
+    assert 's3.endpoint = "10.0.0.5:9100"' in unknown.stderr
+    assert settings.read_text() == edited
+
+    # moved aside: written afresh, and recorded
+    settings.unlink()
+    fresh = run(node, *args, "--minio-port", "9100")
+    assert f"file    {SETTINGS} 0600 appliance new" in fresh.stdout.splitlines()
+    digest = hashlib.sha256(settings.read_bytes()).hexdigest()
+    assert f"written={SETTINGS} sha256:{digest}" in _state(root)
 
 
 def _manifest_docs(root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -554,7 +771,9 @@ def test_a_server_without_a_bundle_fetches_what_the_pinned_manifest_lists(
     expected = []
     for line in server_plan(Path("b.tar")):
         kind, dest = line[:8], line[8:].split(" ")[0]
-        if kind == "check   " and "bundle" in line:
+        if line.startswith("check   python:"):
+            continue  # only a bundle's wheels are for one Python
+        elif line.startswith("check   bundle"):
             line = "check   manifest bundles/manifest.toml (appliance 0.1.0): 4 artifacts for amd64"
         elif kind == "copy    " and dest in fetched:
             line = f"fetch   {dest} 0755 root new {fetched[dest]}"
@@ -640,7 +859,7 @@ def _agent_args(node: dict[str, Any], token: str = TOKEN) -> tuple[str, ...]:
 def agent_plan(bundle: Path, status: str = "new") -> list[str]:
     return [
         "check   arch amd64",
-        f"check   bundle appliance 0.1.0 amd64 verified (8 artifacts): {bundle}",
+        f"check   bundle appliance 0.1.0 amd64 verified (9 artifacts): {bundle}",
         "check   gpu: 1 NVIDIA GPU(s), NVIDIA container toolkit present",
         "check   memory, disk, ports, cgroups: not checked (--root stages files for another "
         "machine)",
@@ -775,6 +994,7 @@ def test_uninstall_removes_what_was_installed_and_keeps_the_data(node: dict[str,
     root = node["root"]
     assert run(node, *SERVER, "--bundle", str(bundle), "--root", str(root)).returncode == 0
     (root / "var/lib/appliance/metadata.db").write_text("the registry")
+    settings_sha = hashlib.sha256((root / SETTINGS[1:]).read_bytes()).hexdigest()
     (root / "srv/appliance/minio/appliance").mkdir()
     # what k3s' install script leaves on a real node
     script = root / "usr/local/bin/k3s-uninstall.sh"
@@ -795,6 +1015,7 @@ def test_uninstall_removes_what_was_installed_and_keeps_the_data(node: dict[str,
         "remove  /etc/systemd/system/minio.service",
         "remove  /opt/appliance/bundle/scripts/k3s-install.sh",
         "remove  /opt/appliance/bundle/wheels/appliance-0.1.0-py3-none-any.whl",
+        f"remove  /opt/appliance/bundle/wheels/{numpy_wheel()}",
         "remove  /usr/local/bin/k3s",
         "remove  /usr/local/bin/mc",
         "remove  /usr/local/bin/minio",
@@ -835,6 +1056,8 @@ def test_uninstall_removes_what_was_installed_and_keeps_the_data(node: dict[str,
         "keep=/var/lib/appliance",
         "user=appliance",
         "user=minio-user",
+        # what install.sh wrote to the kept settings: a re-install may still update them
+        f"written=/var/lib/appliance/appliance.toml sha256:{settings_sha}",
     ]
     assert (root / "srv/appliance/minio/appliance").is_dir()
     assert not (root / "etc/rancher").exists() and not (root / "opt/appliance").exists()
@@ -939,7 +1162,7 @@ def test_an_agent_uninstalls_with_the_agent_script(node: dict[str, Any]) -> None
         ),
         (["--server", "--dev"], "--dev does not go with --server"),
         (["--agent", "--prefix", "/x"], "--prefix does not go with --agent"),
-        (["--dry-run"], "--dry-run does not go with the local install"),
+        (["--dry-run", "--root", "r"], "--root does not go with the local install"),
         (["--purge"], "--purge does not go with the local install"),
         (["--uninstall", "--server"], "--uninstall takes no --server or --agent"),
         (["--uninstall", "--bundle", "b.tar"], "--bundle does not go with --uninstall"),
@@ -1030,6 +1253,65 @@ def test_a_bundle_missing_an_artifact_is_refused_naming_it(node: dict[str, Any])
     assert "nothing was changed" in done.stderr and not node["root"].exists()
 
 
+def test_a_bundle_for_another_python_is_refused_before_any_change(node: dict[str, Any]) -> None:
+    minor = sys.version_info.minor
+    other = f"cp3{minor + 1}"  # the wheelhouse of a bundle built for the next CPython
+    bundle = make_bundle(node["tmp"] / "appliance-bundle-amd64.tar", py_tag=other)
+    python = node["bin"] / f"python3.{minor}"  # what PYTHON names is what is checked
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    needs = f"CPython 3.{minor + 1}"
+    for extra in (("--root", str(node["root"])), ("--dry-run",)):
+        done = run(node, "--server", "--bundle", str(bundle), *extra, PYTHON=str(python))
+        assert done.returncode == 2, done.stdout
+        assert (
+            f"install.sh: the bundle's wheels are for {needs} (1 of them, e.g. "
+            f"{numpy_wheel(tag=other)} needs {needs}), and {python} is CPython "
+            f"{platform.python_version()}, so pip could not install the appliance: install "
+            f"that Python and run install.sh with it: sudo PYTHON=python3.{minor + 1} "
+            "./install.sh --server ..."
+        ) in done.stderr
+        assert "nothing was changed" in done.stderr
+    assert not node["root"].exists() and system_calls(node) == []
+    # an agent installs no wheels: the same bundle is right for it
+    agent = run(node, *_agent_args(node), "--dry-run", PYTHON=str(python))
+    assert agent.returncode == 0, agent.stderr
+
+
+@pytest.mark.parametrize("mode", ["server", "agent"])
+def test_an_address_this_machine_does_not_hold_is_refused(node: dict[str, Any], mode: str) -> None:
+    bundle = make_bundle(node["tmp"] / "appliance-bundle-amd64.tar")
+    if mode == "server":
+        args: tuple[str, ...] = ("--server", "--bundle", str(bundle))
+    else:
+        args = _agent_args(node)[:-2]  # on this machine, not a staging tree
+    done = run(node, *args, "--dry-run", "--advertise-address", "192.0.2.77")
+    assert done.returncode == 2, done.stdout
+    assert (
+        "install.sh: --advertise-address 192.0.2.77: this machine holds no such address (it "
+        "has 10.0.0.9 172.17.0.1 127.0.0.1): give one of them, or leave the option out"
+    ) in done.stderr
+    assert "nothing was changed" in done.stderr
+    assert system_calls(node) == [] and [c for c in calls(node) if c[0] == "curl"] == []
+
+
+def test_an_address_this_machine_holds_is_accepted(node: dict[str, Any]) -> None:
+    bundle = make_bundle(node["tmp"] / "b.tar")
+    args = ("--server", "--bundle", str(bundle), "--dry-run", "--advertise-address")
+    # (this machine's other checks, its memory, disk and ports, may still refuse the plan)
+    for address in ("10.0.0.9", "127.0.0.1"):  # from `hostname -I`, from `ip -o -4 addr`
+        done = run(node, *args, address)
+        assert f"check   address {address}: held by this machine" in done.stdout.splitlines()
+        assert "no such address" not in done.stderr
+    # a hostname without -I (busybox): ip's list alone
+    (node["bin"] / "hostname").write_text("#!/bin/sh\nexit 1\n")
+    done = run(node, *args, "172.17.0.1")
+    assert "check   address 172.17.0.1: held by this machine" in done.stdout.splitlines()
+    refused = run(node, *args, "10.0.0.5")
+    assert "(it has 127.0.0.1 10.0.0.9 172.17.0.1)" in refused.stderr
+    assert system_calls(node) == []
+
+
 def test_a_port_in_use_is_refused(node: dict[str, Any]) -> None:
     bundle = make_bundle(node["tmp"] / "b.tar")
     with socket.socket() as taken:
@@ -1037,7 +1319,7 @@ def test_a_port_in_use_is_refused(node: dict[str, Any]) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         # a dry run on this machine: its checks run, nothing is changed
-        done = run(node, *SERVER, "--bundle", str(bundle), "--dry-run", "--minio-port", port)
+        done = run(node, "--server", "--bundle", str(bundle), "--dry-run", "--minio-port", port)
     assert done.returncode == 2
     assert f"port {port} (MinIO's S3 API) is in use" in done.stderr
     assert "--minio-port" in done.stderr and "nothing was changed" in done.stderr
