@@ -125,14 +125,25 @@ elif args[:3] == ["logs", "-f", "--timestamps"]:
     name = args[3][4:]
     since = ([a[13:] for a in args if a.startswith("--since-time=")] or [""])[0]
     spec = [p for p in scenario["pods"] if p["name"] == name][0]
-    breaks = spec.get("break_after") if not since else None
+    first = not since
+    breaks = spec.get("break_after") if first else None
+    cut = spec.get("cut_at") if first else None
+    idle = spec.get("idle_after") if first else None
+    tz = spec.get("tz", "Z")
     for i, line in enumerate(spec.get("lines", [])):
-        stamp = "2026-11-26T10:00:%02d.000000000Z" % i
+        stamp = "2026-11-26T10:00:%02d.000000000" % i + tz
         if since and stamp < since:
             continue
         if breaks is not None and i == breaks:
             print("error: unexpected EOF", file=sys.stderr)
             sys.exit(1)
+        if cut is not None and i == cut:
+            sys.stdout.write(stamp + " " + line[: len(line) // 2])
+            sys.stdout.flush()
+            print("error: unexpected EOF", file=sys.stderr)
+            sys.exit(1)
+        if idle is not None and i == idle:
+            sys.exit(0)  # the kubelet closed an idle stream: the container still runs
         print(stamp + " " + line, flush=True)
     if spec.get("block"):
         while not load()["deleted"]:
@@ -407,10 +418,16 @@ def test_a_users_script_travels_to_the_pod_through_the_object_store(
     from appliance.core.jobs import submit_script
 
     project = tmp_path / "my project"
-    project.mkdir()
+    (project / "utils").mkdir(parents=True)
+    (project / ".git").mkdir()
+    (project / "__pycache__").mkdir()
     (project / "score.py").write_text(SCRIPT)
-    (project / "features.py").write_text("def double(x):\n    return 2 * x\n")
-    (project / "data.csv").write_text("not shipped: not named by the command\n")
+    (project / "features.py").write_text("from utils.scale import twice as double\n")
+    (project / "utils" / "__init__.py").write_text("")
+    (project / "utils" / "scale.py").write_text("def twice(x):\n    return 2 * x\n")
+    (project / "labels.csv").write_text("a small file of the project travels too\n")
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / "__pycache__" / "features.cpython-311.pyc").write_bytes(b"\0")
     cluster.play(pods=[{"name": "job-x-a", "lines": ["ok"]}], end="Complete")
     job = submit_script(cluster.app, project / "score.py", ["--fold", "2"])
     wait_job(cluster.app, job["id"], timeout=30)
@@ -418,7 +435,14 @@ def test_a_users_script_travels_to_the_pod_through_the_object_store(
     assert spec.command == ["python", "score.py", "--fold", "2"]  # no path of this machine
     assert spec.workdir is None
     code = {c["path"]: c for c in spec.inputs["code"]}
-    assert sorted(code) == ["features.py", "score.py"]
+    # the working directory's code, without version control or caches
+    assert sorted(code) == [
+        "features.py",
+        "labels.csv",
+        "score.py",
+        "utils/__init__.py",
+        "utils/scale.py",
+    ]
     container = cluster.applied()["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == [
         "python",
@@ -448,7 +472,55 @@ def test_a_users_script_travels_to_the_pod_through_the_object_store(
     done = subprocess.run(argv, env=env, cwd=pod_home, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"type": "metric", "name": "score", "value": 0.5, "step": 1}
-    assert (pod_home / "job" / "features.py").read_text().startswith("def double")
+    assert (pod_home / "job" / "utils" / "scale.py").read_text().startswith("def twice")
+
+
+def test_a_large_directory_sends_only_the_script_and_what_is_beside_it(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import k3s_jobs
+    from appliance.core.jobs import submit_script
+
+    monkeypatch.setattr(k3s_jobs, "CODE_LIMIT", 4096)  # a "home directory" of 8 KiB
+    home_dir = tmp_path / "home"
+    (home_dir / "lib").mkdir(parents=True)
+    (home_dir / "photos").mkdir()
+    (home_dir / "train.py").write_text("import lib\n")
+    (home_dir / "helpers.py").write_text("X = 1\n")
+    (home_dir / "lib" / "__init__.py").write_text("")
+    (home_dir / "photos" / "big.raw").write_bytes(b"\0" * 8192)
+    cluster.play(pods=[{"name": "job-x-a"}], end="Complete")
+    job = submit_script(cluster.app, home_dir / "train.py", [])
+    code = sorted(c["path"] for c in _spec(cluster.app, job["id"]).inputs["code"])
+    assert code == ["helpers.py", "lib/__init__.py", "train.py"]
+    wait_job(cluster.app, job["id"], timeout=30)
+    (home_dir / "train.py").write_bytes(b"#" * 8192)  # the script alone is over the limit
+    with pytest.raises(InvalidInput, match=r"workdir .*home: the job's code takes .* to a pod"):
+        submit_script(cluster.app, home_dir / "train.py", [])
+
+
+def test_a_shell_command_keeps_the_images_programs(cluster: Any, tmp_path: Path) -> None:
+    from appliance.core.jobs import submit_spec
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "run.sh").write_text("#!/bin/sh\necho ok\n")
+    (project / "run.sh").chmod(0o755)
+    cluster.play(pods=[{"name": "job-x-a"}], end="Complete")
+    job = submit_spec(
+        cluster.app,
+        {
+            "kind": "command",
+            "command": ["/bin/sh", "-c", f"{project}/run.sh && ./run.sh"],
+            "workdir": str(project),
+        },
+    )
+    spec = _spec(cluster.app, job["id"])
+    assert spec.command == ["/bin/sh", "-c", f"{project}/run.sh && ./run.sh"]  # not shipped
+    assert spec.inputs["code"] == [
+        {"path": "run.sh", "sha256": spec.inputs["code"][0]["sha256"], "mode": 0o755}
+    ]
+    wait_job(cluster.app, job["id"], timeout=30)
 
 
 def test_jobs_on_k3s_need_the_s3_store(cluster: Any) -> None:
@@ -457,3 +529,24 @@ def test_jobs_on_k3s_need_the_s3_store(cluster: Any) -> None:
     with pytest.raises(InvalidInput, match='executor "k3s" needs store = "s3"'):
         _submit(local)
     local.close()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"tz": "+01:00"},  # a node whose clock is not on UTC: its offset in every stamp
+        {"cut_at": 1},  # the stream breaks in the middle of a line
+        {"idle_after": 1},  # kubectl ends cleanly while the container still runs
+    ],
+)
+def test_every_line_of_the_pod_is_recorded_once(cluster: Any, how: dict[str, Any]) -> None:
+    late = json.dumps({"type": "metric", "name": "late", "value": 2.0, "step": 2})
+    cluster.play(pods=[{"name": "job-x-a", "lines": [METRIC, late, "end"], **how}], end="Complete")
+    job = _submit(cluster.app)
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "succeeded", done["error"]
+    rows = cluster.app.db.rows(
+        "SELECT key FROM run_metrics WHERE run_id = ? ORDER BY id", [job["run_id"]]
+    )
+    assert [r["key"] for r in rows] == ["valid_auc", "late"]
+    assert Path(done["log_path"]).read_text().count("\nend\n") == 1

@@ -1156,7 +1156,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
         if stop_reason:
             threading.Thread(target=_halt, args=(child, grace), daemon=True).start()
     timer = None
-    # A pod has its own deadline per attempt; this timer is the backstop for all of them.
+    # A pod keeps its own deadline (activeDeadlineSeconds): its child has none here.
     limit = getattr(child, "deadline", spec.timeout)
     if limit:
         timer = threading.Timer(limit, stop, args=("timed_out",))

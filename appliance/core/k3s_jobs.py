@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,21 @@ UID_LABEL = "batch.kubernetes.io/controller-uid"  # on every pod of one Job obje
 POLL_SECONDS = 2.0  # APPLIANCE_K3S_POLL and _GIVE_UP override (a fake cluster is quick)
 GIVE_UP_AFTER = 120.0  # seconds of kubectl failing in a row before the job is given up
 RECONNECTS = 5  # times a pod's broken log stream is resumed
-_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")  # kubectl --timestamps
+# kubectl --timestamps: RFC 3339 with nanoseconds, in the node's own offset (Z on UTC nodes)
+_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def _stamp_key(stamp: str) -> tuple[int, int] | None:
+    """A log timestamp as (seconds since the epoch, nanoseconds): comparable whatever the
+    offset. None: not kubectl's prefix."""
+    found = _TIMESTAMP.fullmatch(stamp)
+    if found is None:
+        return None
+    base, fraction, offset = found.groups()
+    moment = datetime.fromisoformat(base + ("+00:00" if offset == "Z" else offset))
+    return int(moment.timestamp()), int((fraction or "").ljust(9, "0"))
+
+
 # A pod that waits for one of these will wait forever: the job fails at once, saying why.
 STUCK_REASONS = (
     "ErrImagePull",
@@ -368,10 +383,14 @@ class KubeJob:
 
     def _stream(self, pod: str) -> None:
         """The pod's whole log, once: `kubectl logs -f --timestamps`, resumed after the last
-        line seen when the stream breaks off (an API server restart, a network blip) until
-        kubectl says the container has ended."""
+        whole line seen when the stream breaks off (an API server restart, a network blip) or
+        ends while the container still runs (the kubelet closes idle streams), until the
+        container has ended. A line cut in the middle is read again whole; a stream that
+        keeps failing without new lines is given up after RECONNECTS tries."""
         since: str | None = None
-        for _ in range(RECONNECTS + 1):
+        last: tuple[int, int] | None = None
+        failures = 0
+        while True:
             args = ["logs", "-f", "--timestamps", f"pod/{pod}", "-n", self.namespace]
             if since is not None:
                 args.append(f"--since-time={since}")
@@ -381,79 +400,155 @@ class KubeJob:
                 self._lines.put(f"[appliance] {exc.message}")
                 break
             assert logs.stdout is not None and logs.stderr is not None
+            progressed = False
+            cut = None  # the last chunk, when it has no newline: maybe half a line
             for raw in logs.stdout:
+                if not raw.endswith("\n"):
+                    cut = raw
+                    continue
                 stamp, _, line = raw.partition(" ")
-                if not _TIMESTAMP.fullmatch(stamp):  # not kubectl's prefix: keep it whole
+                key = _stamp_key(stamp)
+                if key is None:  # not kubectl's prefix: keep it whole
                     self._lines.put(raw)
                     continue
-                if since is not None and stamp <= since:
+                if last is not None and key <= last:
                     continue  # seen before the stream broke (--since-time is inclusive)
-                since = stamp
+                since, last, progressed = stamp, key, True
                 self._lines.put(line)
             logs.wait()
             said = logs.stderr.read().strip().splitlines()
             self._logs = None
-            if logs.returncode == 0 or self._halted.is_set():
+            if self._halted.is_set():
                 return
-            why = said[-1] if said else f"exit {logs.returncode}"
+            if logs.returncode == 0:
+                if cut is not None:  # the container's last line, without a newline
+                    stamp, _, line = cut.partition(" ")
+                    self._lines.put(line if _stamp_key(stamp) else cut)
+                if self._container_ended(pod):
+                    return
+                why = "the stream ended while the container runs"
+            else:
+                why = said[-1] if said else f"exit {logs.returncode}"
+            failures = 0 if progressed else failures + 1
+            if failures > RECONNECTS:
+                break
             self._lines.put(f"[appliance] kubectl logs pod/{pod} broke off ({why}); resuming")
             self._halted.wait(min(self.poll, 1.0))
         self.log_lost = True
         self._lines.put(f"[appliance] could not read pod/{pod}'s log to its end")
 
+    def _container_ended(self, pod: str) -> bool:
+        """Whether the job's container has terminated (unknown counts as ended: kubectl
+        said the log is complete)."""
+        try:
+            found = self.kube.get(f"pod/{pod}", "-n", self.namespace)
+        except ClusterUnavailable:
+            return True
+        phase = (found.get("status") or {}).get("phase")
+        return _terminated(found) is not None or phase in ("Succeeded", "Failed")
+
 
 CODE_LIMIT = 16 * 2**20  # the job's own files travel through the object store; data does not
 _PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
+_NOT_CODE = {"__pycache__", "node_modules", "venv", "env", "build", "dist"}  # + dot-dirs
+
+
+CODE_FILES = 5000  # more files than this in a working directory: not a code directory
+
+
+def _tree(base: Path) -> dict[str, Path] | None:
+    """The files of a job's working directory, by relative path (links by their own name),
+    without version control, caches and virtual environments; None once they pass
+    CODE_LIMIT or CODE_FILES (a home directory, a data folder: walking on is pointless)."""
+    found: dict[str, Path] = {}
+    total = 0
+    for root, dirs, names in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_CODE)
+        for name in sorted(names):
+            path = Path(root) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            found[path.relative_to(base).as_posix()] = path
+            total += path.stat().st_size
+            if total > CODE_LIMIT or len(found) > CODE_FILES:
+                return None
+    return found
+
+
+def _size(files: dict[str, Path]) -> int:
+    return sum(path.stat().st_size for path in files.values())
+
+
+def _beside(script: Path, base: Path) -> dict[str, Path]:
+    """A script and what it imports from beside it: its sibling modules and packages."""
+    found = {script.relative_to(base).as_posix(): script}
+    for sibling in script.parent.iterdir():
+        if sibling.suffix == ".py" and sibling.is_file():
+            found[sibling.relative_to(base).as_posix()] = sibling
+        elif (sibling / "__init__.py").is_file() and sibling.name not in _NOT_CODE:
+            package = _tree(sibling) or {}
+            prefix = sibling.relative_to(base).as_posix()
+            found.update({f"{prefix}/{rel}": path for rel, path in package.items()})
+    return found
 
 
 def ship_code(app: Appliance, spec: JobSpec) -> JobSpec:
-    """Make a job that names this machine's files runnable in a pod, which has none of them:
-    every file its command names (absolute, or relative to its working directory) and, for
-    a Python file, the modules beside it are put in the object store and listed in
-    `inputs.code`; the pod fetches them into its own working directory (`fetch_code`).
-    This machine's Python becomes the image's `python`, which has the appliance installed."""
-    base = Path(spec.workdir).resolve() if spec.workdir else None
-    files: dict[str, Path] = {}
+    """Make a job that runs in a working directory of this machine runnable in a pod, which
+    has none of its files: the directory's code (without version control, caches or
+    virtual environments) goes to the object store and is listed in `inputs.code`; the pod
+    fetches it into a directory of its own and runs there (`fetch_code`). A directory over
+    CODE_LIMIT sends only the script the job names and the modules and packages beside it.
+    Paths into the directory become relative; other absolute paths (`/bin/sh`) are the
+    image's; this machine's Python becomes the image's `python`."""
+    head = Path(spec.command[0]) if spec.kind == "command" and spec.command else None
+    if head is not None and head.is_absolute() and _PYTHON.fullmatch(head.name):
+        spec.command = ["python", *spec.command[1:]]
+    if not spec.workdir:
+        return spec
+    base = Path(os.path.normpath(Path(spec.workdir).absolute()))
 
-    def take(arg: str, first: bool = False) -> str:
+    def inside(arg: str) -> Path | None:
         given = Path(arg)
-        host = given if given.is_absolute() else (base / given if base else None)
-        if host is None or not host.is_file():
-            return arg
-        host = host.resolve()
-        rel = host.relative_to(base) if base and host.is_relative_to(base) else Path(host.name)
-        files[rel.as_posix()] = host
-        if host.suffix == ".py":  # what it imports from beside it
-            for sibling in host.parent.glob("*.py"):
-                files.setdefault((rel.parent / sibling.name).as_posix(), sibling.resolve())
-        if not given.is_absolute():
-            return arg
-        return f"./{rel.as_posix()}" if first and len(rel.parts) == 1 else rel.as_posix()
+        path = Path(os.path.normpath(given if given.is_absolute() else base / given))
+        return path if path.is_relative_to(base) and path.is_file() else None
 
+    def relative(arg: str, first: bool = False) -> str:
+        path = inside(arg)
+        if path is None or not Path(arg).is_absolute():
+            return arg
+        rel = path.relative_to(base).as_posix()
+        return f"./{rel}" if first and "/" not in rel else rel
+
+    named: list[Path] = []
     if spec.kind == "command":
-        command = list(spec.command)
-        head = Path(command[0])
-        if head.is_absolute() and _PYTHON.fullmatch(head.name):
-            command[0] = "python"
-        else:
-            command[0] = take(command[0], first=True)
-        spec.command = [command[0], *(take(arg) for arg in command[1:])]
+        named = [p for p in map(inside, spec.command) if p is not None]
+        spec.command = [relative(spec.command[0], first=True)] + [
+            relative(arg) for arg in spec.command[1:]
+        ]
     elif spec.kind == "tune-function":
         target = dict(spec.inputs["function"])
-        target["script"] = take(str(target["script"]))
+        named = [p for p in [inside(str(target["script"]))] if p is not None]
+        target["script"] = relative(str(target["script"]))
         spec.inputs = {**spec.inputs, "function": target}
-    if not files:
-        return spec
-    total = sum(path.stat().st_size for path in files.values())
-    if total > CODE_LIMIT:
-        raise InvalidInput(
-            f"the job's files beside {next(iter(files))} take {total / 2**20:.1f} MiB (at most "
-            f"{CODE_LIMIT // 2**20} MiB travel to a pod): keep data in datasets, not beside code"
-        )
+    files = _tree(base)
+    if files is None:
+        files = {}
+        for path in named:
+            files.update(
+                _beside(path, base)
+                if path.suffix == ".py"
+                else {path.relative_to(base).as_posix(): path}
+            )
+        if _size(files) > CODE_LIMIT:
+            raise InvalidInput(
+                f"workdir {base}: the job's code takes {_size(files) / 2**20:.1f} MiB, more "
+                f"than the {CODE_LIMIT // 2**20} MiB that travel to a pod; keep data in "
+                "datasets, and dependencies in the runtime image"
+            )
     code = []
-    for rel, host in sorted(files.items()):
-        stored = app.objects.put_file(host)
-        mode = 0o755 if os.access(host, os.X_OK) else 0o644
+    for rel, path in sorted(files.items()):
+        stored = app.objects.put_file(path)
+        mode = 0o755 if os.access(path, os.X_OK) else 0o644
         code.append({"path": rel, "sha256": stored.sha256, "mode": mode})
     spec.inputs = {**spec.inputs, CODE_KEY: code}
     spec.workdir = None  # the pod's own directory, where the files are fetched
