@@ -224,6 +224,15 @@ def _submit(app: Appliance, **spec: Any) -> dict[str, Any]:
     return submit_job(app, job_spec)
 
 
+def _shipped(app: Appliance, spec: JobSpec) -> dict[str, int]:
+    """What travels to the pod: the files of the code archive, with their modes."""
+    import tarfile
+
+    assert spec.inputs["code"]["files"] > 0
+    with tarfile.open(app.objects.get_file(spec.inputs["code"]["tar"])) as tar:
+        return {m.name: m.mode for m in tar.getmembers()}
+
+
 def _spec(app: Appliance, job_id: str) -> JobSpec:
     return JobSpec.from_json(app.db.scalar("SELECT spec_json FROM jobs WHERE id = ?", [job_id]))
 
@@ -434,7 +443,7 @@ def test_a_users_script_travels_to_the_pod_through_the_object_store(
     spec = _spec(cluster.app, job["id"])
     assert spec.command == ["python", "score.py", "--fold", "2"]  # no path of this machine
     assert spec.workdir is None
-    code = {c["path"]: c for c in spec.inputs["code"]}
+    code = _shipped(cluster.app, spec)
     # the working directory's code, without version control or caches
     assert sorted(code) == [
         "features.py",
@@ -491,11 +500,11 @@ def test_a_large_directory_sends_only_the_script_and_what_is_beside_it(
     (home_dir / "photos" / "big.raw").write_bytes(b"\0" * 8192)
     cluster.play(pods=[{"name": "job-x-a"}], end="Complete")
     job = submit_script(cluster.app, home_dir / "train.py", [])
-    code = sorted(c["path"] for c in _spec(cluster.app, job["id"]).inputs["code"])
+    code = sorted(_shipped(cluster.app, _spec(cluster.app, job["id"])))
     assert code == ["helpers.py", "lib/__init__.py", "train.py"]
     wait_job(cluster.app, job["id"], timeout=30)
     (home_dir / "train.py").write_bytes(b"#" * 8192)  # the script alone is over the limit
-    with pytest.raises(InvalidInput, match=r"workdir .*home: the job's code takes .* to a pod"):
+    with pytest.raises(InvalidInput, match=r"workdir .*home: the job's code \(3 files, .*to a pod"):
         submit_script(cluster.app, home_dir / "train.py", [])
 
 
@@ -517,9 +526,7 @@ def test_a_shell_command_keeps_the_images_programs(cluster: Any, tmp_path: Path)
     )
     spec = _spec(cluster.app, job["id"])
     assert spec.command == ["/bin/sh", "-c", f"{project}/run.sh && ./run.sh"]  # not shipped
-    assert spec.inputs["code"] == [
-        {"path": "run.sh", "sha256": spec.inputs["code"][0]["sha256"], "mode": 0o755}
-    ]
+    assert _shipped(cluster.app, spec) == {"run.sh": 0o755}
     wait_job(cluster.app, job["id"], timeout=30)
 
 
@@ -550,3 +557,25 @@ def test_every_line_of_the_pod_is_recorded_once(cluster: Any, how: dict[str, Any
     )
     assert [r["key"] for r in rows] == ["valid_auc", "late"]
     assert Path(done["log_path"]).read_text().count("\nend\n") == 1
+
+
+def test_without_a_workdir_a_script_travels_from_its_own_directory(
+    cluster: Any, tmp_path: Path
+) -> None:
+    from appliance.core.jobs import submit_spec
+
+    project = tmp_path / "rl"
+    (project / "env").mkdir(parents=True)  # a package named like a virtual environment
+    (project / "venv").mkdir()
+    (project / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (project / "agent.py").write_text("import env\n")
+    (project / "env" / "__init__.py").write_text("")
+    (project / "notes.txt").write_text("not beside-code: only the script's own directory\n")
+    cluster.play(pods=[{"name": "job-x-a"}], end="Complete")
+    job = submit_spec(
+        cluster.app, {"kind": "command", "command": [sys.executable, str(project / "agent.py")]}
+    )
+    spec = _spec(cluster.app, job["id"])
+    assert spec.command == ["python", "agent.py"]
+    assert sorted(_shipped(cluster.app, spec)) == ["agent.py", "env/__init__.py"]
+    wait_job(cluster.app, job["id"], timeout=30)

@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -967,13 +968,14 @@ CODE_KEY = "code"  # spec.inputs: the job's own files, shipped through the objec
 
 
 def fetch_code(spec: JobSpec) -> None:
-    """In a pod: the job's own files (its script, the modules beside it), which the k3s
-    executor put in the object store, fetched by sha256 (verified on read) into a fresh
-    working directory that becomes the current one, where the command expects them."""
-    files = spec.inputs.get(CODE_KEY) or []
-    if not files:
+    """In a pod: the job's own files (its working directory's code), which the k3s executor
+    put in the object store as one tar, fetched by sha256 (verified on read) and unpacked
+    into a fresh working directory that becomes the current one. Only plain files and
+    directories inside it are unpacked."""
+    code = spec.inputs.get(CODE_KEY)
+    if not code:
         return
-    import shutil
+    import tarfile
     from pathlib import PurePosixPath
 
     from appliance.config import load_settings
@@ -982,14 +984,21 @@ def fetch_code(spec: JobSpec) -> None:
     store = open_object_store(load_settings(os.environ.get("APPLIANCE_HOME")))
     work = Path.cwd() / "job"
     work.mkdir(exist_ok=True)
-    for entry in files:
-        rel = PurePosixPath(entry["path"])
-        if rel.is_absolute() or ".." in rel.parts:
-            raise InvalidInput(f"inputs.code: {entry['path']!r} is outside the job's directory")
-        dest = work / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(store.get_file(entry["sha256"]), dest)
-        dest.chmod(int(entry.get("mode", 0o644)))
+    with tarfile.open(store.get_file(code["tar"])) as tar:
+        for member in tar:
+            rel = PurePosixPath(member.name)
+            if rel.is_absolute() or ".." in rel.parts or not (member.isfile() or member.isdir()):
+                raise InvalidInput(f"inputs.code: {member.name!r} is not a file of the job")
+            dest = work / rel
+            if member.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            with source, dest.open("wb") as out:
+                shutil.copyfileobj(source, out)
+            dest.chmod(member.mode & 0o755)
     os.chdir(work)
 
 

@@ -22,6 +22,8 @@ import queue
 import re
 import signal
 import subprocess
+import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +47,6 @@ RUNTIME_IMAGE = "appliance-runtime:0.1.0"  # imported from the bundle: never pul
 UID_LABEL = "batch.kubernetes.io/controller-uid"  # on every pod of one Job object
 POLL_SECONDS = 2.0  # APPLIANCE_K3S_POLL and _GIVE_UP override (a fake cluster is quick)
 GIVE_UP_AFTER = 120.0  # seconds of kubectl failing in a row before the job is given up
-RECONNECTS = 5  # times a pod's broken log stream is resumed
 # kubectl --timestamps: RFC 3339 with nanoseconds, in the node's own offset (Z on UTC nodes)
 _TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
 
@@ -239,7 +240,7 @@ class KubeJob:
         self.stdout: Iterator[str] = iter(self._lines.get, None)
         self.stderr: Iterator[str] = iter(())  # a pod's log holds both streams
         self._halted = threading.Event()
-        self._logs: subprocess.Popen[str] | None = None
+        self._logs: subprocess.Popen[bytes] | None = None
         self._code = 1
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
@@ -385,55 +386,62 @@ class KubeJob:
         """The pod's whole log, once: `kubectl logs -f --timestamps`, resumed after the last
         whole line seen when the stream breaks off (an API server restart, a network blip) or
         ends while the container still runs (the kubelet closes idle streams), until the
-        container has ended. A line cut in the middle is read again whole; a stream that
-        keeps failing without new lines is given up after RECONNECTS tries."""
+        container has ended. A line cut in the middle is read again whole. It gives up only
+        after `give_up` seconds without a new line, as the Job's status does."""
         since: str | None = None
         last: tuple[int, int] | None = None
-        failures = 0
+        stalled_since: float | None = None
+        pause = 0.0
         while True:
             args = ["logs", "-f", "--timestamps", f"pod/{pod}", "-n", self.namespace]
             if since is not None:
                 args.append(f"--since-time={since}")
+            progressed = False
+            cut = None  # the last chunk, when it has no newline: maybe half a line
             try:
                 self._logs = logs = self.kube.stream(*args)
             except ClusterUnavailable as exc:
-                self._lines.put(f"[appliance] {exc.message}")
-                break
-            assert logs.stdout is not None and logs.stderr is not None
-            progressed = False
-            cut = None  # the last chunk, when it has no newline: maybe half a line
-            for raw in logs.stdout:
-                if not raw.endswith("\n"):
-                    cut = raw
-                    continue
-                stamp, _, line = raw.partition(" ")
-                key = _stamp_key(stamp)
-                if key is None:  # not kubectl's prefix: keep it whole
-                    self._lines.put(raw)
-                    continue
-                if last is not None and key <= last:
-                    continue  # seen before the stream broke (--since-time is inclusive)
-                since, last, progressed = stamp, key, True
-                self._lines.put(line)
-            logs.wait()
-            said = logs.stderr.read().strip().splitlines()
-            self._logs = None
+                returncode, why = -1, exc.message
+            else:
+                assert logs.stdout is not None and logs.stderr is not None
+                for chunk in logs.stdout:
+                    raw = chunk.decode("utf-8", errors="replace")
+                    if not raw.endswith("\n"):
+                        cut = raw
+                        continue
+                    stamp, _, line = raw.partition(" ")
+                    key = _stamp_key(stamp)
+                    if key is None:  # not kubectl's prefix: keep it whole
+                        self._lines.put(raw)
+                        continue
+                    if last is not None and key <= last:
+                        continue  # seen before the stream broke (--since-time is inclusive)
+                    since, last, progressed = stamp, key, True
+                    self._lines.put(line)
+                logs.wait()
+                said = logs.stderr.read().decode("utf-8", errors="replace").strip().splitlines()
+                self._logs = None
+                returncode, why = logs.returncode, (said[-1] if said else "")
             if self._halted.is_set():
                 return
-            if logs.returncode == 0:
-                if cut is not None:  # the container's last line, without a newline
-                    stamp, _, line = cut.partition(" ")
-                    self._lines.put(line if _stamp_key(stamp) else cut)
+            if returncode == 0:
                 if self._container_ended(pod):
+                    if cut is not None:  # the container's last line, without a newline
+                        stamp, _, line = cut.partition(" ")
+                        self._lines.put(line if _stamp_key(stamp) else cut)
                     return
                 why = "the stream ended while the container runs"
-            else:
-                why = said[-1] if said else f"exit {logs.returncode}"
-            failures = 0 if progressed else failures + 1
-            if failures > RECONNECTS:
+            now = time.monotonic()
+            if progressed or stalled_since is None:
+                stalled_since, pause = now, 0.0
+            elif now - stalled_since > self.give_up:
                 break
-            self._lines.put(f"[appliance] kubectl logs pod/{pod} broke off ({why}); resuming")
-            self._halted.wait(min(self.poll, 1.0))
+            self._lines.put(
+                f"[appliance] kubectl logs pod/{pod} broke off ({why or 'no reason given'}); "
+                "resuming"
+            )
+            pause = min(5.0, max(pause * 2, self.poll))  # 0.1 s, 0.2 s, ... up to 5 s
+            self._halted.wait(pause)
         self.log_lost = True
         self._lines.put(f"[appliance] could not read pod/{pod}'s log to its end")
 
@@ -449,11 +457,17 @@ class KubeJob:
 
 
 CODE_LIMIT = 16 * 2**20  # the job's own files travel through the object store; data does not
-_PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
-_NOT_CODE = {"__pycache__", "node_modules", "venv", "env", "build", "dist"}  # + dot-dirs
-
-
 CODE_FILES = 5000  # more files than this in a working directory: not a code directory
+_PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
+_NOT_CODE = {"__pycache__", "node_modules"}  # + dot-directories and virtual environments
+
+
+def _skipped(directory: Path) -> bool:
+    return (
+        directory.name.startswith(".")
+        or directory.name in _NOT_CODE
+        or (directory / "pyvenv.cfg").exists()  # a virtual environment, whatever its name
+    )
 
 
 def _tree(base: Path) -> dict[str, Path] | None:
@@ -463,7 +477,7 @@ def _tree(base: Path) -> dict[str, Path] | None:
     found: dict[str, Path] = {}
     total = 0
     for root, dirs, names in os.walk(base):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_CODE)
+        dirs[:] = sorted(d for d in dirs if not _skipped(Path(root) / d))
         for name in sorted(names):
             path = Path(root) / name
             if name.startswith(".") or not path.is_file():
@@ -475,37 +489,63 @@ def _tree(base: Path) -> dict[str, Path] | None:
     return found
 
 
-def _size(files: dict[str, Path]) -> int:
-    return sum(path.stat().st_size for path in files.values())
-
-
 def _beside(script: Path, base: Path) -> dict[str, Path]:
     """A script and what it imports from beside it: its sibling modules and packages."""
     found = {script.relative_to(base).as_posix(): script}
-    for sibling in script.parent.iterdir():
+    for sibling in sorted(script.parent.iterdir()):
         if sibling.suffix == ".py" and sibling.is_file():
             found[sibling.relative_to(base).as_posix()] = sibling
-        elif (sibling / "__init__.py").is_file() and sibling.name not in _NOT_CODE:
+        elif (sibling / "__init__.py").is_file() and not _skipped(sibling):
             package = _tree(sibling) or {}
             prefix = sibling.relative_to(base).as_posix()
             found.update({f"{prefix}/{rel}": path for rel, path in package.items()})
     return found
 
 
+def _archive(files: dict[str, Path], dest: Path) -> None:
+    """The job's files as one tar (the same bytes for the same files: no times, no owners),
+    so a spec names one object however many files travel."""
+    with tarfile.open(dest, "w") as tar:
+        for rel, path in sorted(files.items()):
+            info = tarfile.TarInfo(rel)
+            info.size = path.stat().st_size
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+
+
 def ship_code(app: Appliance, spec: JobSpec) -> JobSpec:
     """Make a job that runs in a working directory of this machine runnable in a pod, which
     has none of its files: the directory's code (without version control, caches or
-    virtual environments) goes to the object store and is listed in `inputs.code`; the pod
-    fetches it into a directory of its own and runs there (`fetch_code`). A directory over
-    CODE_LIMIT sends only the script the job names and the modules and packages beside it.
-    Paths into the directory become relative; other absolute paths (`/bin/sh`) are the
-    image's; this machine's Python becomes the image's `python`."""
-    head = Path(spec.command[0]) if spec.kind == "command" and spec.command else None
+    virtual environments) goes to the object store as one tar named in `inputs.code`; the
+    pod unpacks it into a directory of its own and runs there (`fetch_code`). A directory
+    over CODE_LIMIT or CODE_FILES sends only the script the job names and the modules and
+    packages beside it. Without a working directory, a Python script named by its absolute
+    path travels the same way, from its own directory. Paths into the directory become
+    relative; other absolute paths (`/bin/sh`) are the image's, and this machine's Python
+    becomes the image's `python`."""
+    is_command = spec.kind == "command" and bool(spec.command)
+    head = Path(spec.command[0]) if is_command else None
     if head is not None and head.is_absolute() and _PYTHON.fullmatch(head.name):
         spec.command = ["python", *spec.command[1:]]
-    if not spec.workdir:
-        return spec
-    base = Path(os.path.normpath(Path(spec.workdir).absolute()))
+    if spec.workdir:
+        base = Path(os.path.normpath(Path(spec.workdir).absolute()))
+        whole = True
+    else:
+        scripts = [
+            Path(a)
+            for a in (spec.command[1:] if is_command else [])
+            if a.endswith(".py") and Path(a).is_absolute() and Path(a).is_file()
+        ]
+        if (
+            spec.kind == "tune-function"
+            and Path(str(spec.inputs["function"]["script"])).is_absolute()
+        ):
+            scripts = [Path(str(spec.inputs["function"]["script"]))]
+        if not scripts:
+            return spec
+        base = Path(os.path.normpath(scripts[0].parent))
+        whole = False  # a script's own directory: only it and what is beside it
 
     def inside(arg: str) -> Path | None:
         given = Path(arg)
@@ -530,28 +570,28 @@ def ship_code(app: Appliance, spec: JobSpec) -> JobSpec:
         named = [p for p in [inside(str(target["script"]))] if p is not None]
         target["script"] = relative(str(target["script"]))
         spec.inputs = {**spec.inputs, "function": target}
-    files = _tree(base)
+    files = _tree(base) if whole else None
     if files is None:
         files = {}
         for path in named:
-            files.update(
-                _beside(path, base)
-                if path.suffix == ".py"
-                else {path.relative_to(base).as_posix(): path}
-            )
-        if _size(files) > CODE_LIMIT:
+            if path.suffix == ".py":
+                files.update(_beside(path, base))
+            else:
+                files[path.relative_to(base).as_posix()] = path
+        size = sum(path.stat().st_size for path in files.values())
+        if size > CODE_LIMIT or len(files) > CODE_FILES:
             raise InvalidInput(
-                f"workdir {base}: the job's code takes {_size(files) / 2**20:.1f} MiB, more "
-                f"than the {CODE_LIMIT // 2**20} MiB that travel to a pod; keep data in "
-                "datasets, and dependencies in the runtime image"
+                f"workdir {base}: the job's code ({len(files)} files, {size / 2**20:.1f} MiB) "
+                f"is more than travels to a pod ({CODE_FILES} files, "
+                f"{CODE_LIMIT // 2**20} MiB); keep data in datasets, dependencies in the image"
             )
-    code = []
-    for rel, path in sorted(files.items()):
-        stored = app.objects.put_file(path)
-        mode = 0o755 if os.access(path, os.X_OK) else 0o644
-        code.append({"path": rel, "sha256": stored.sha256, "mode": mode})
-    spec.inputs = {**spec.inputs, CODE_KEY: code}
-    spec.workdir = None  # the pod's own directory, where the files are fetched
+    if files:
+        with tempfile.TemporaryDirectory(prefix="appliance-code-") as tmp:
+            archive = Path(tmp) / "code.tar"
+            _archive(files, archive)
+            stored = app.objects.put_file(archive)
+        spec.inputs = {**spec.inputs, CODE_KEY: {"tar": stored.sha256, "files": len(files)}}
+    spec.workdir = None  # the pod's own directory, where the files are unpacked
     return spec
 
 

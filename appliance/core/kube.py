@@ -128,18 +128,13 @@ class Kube:
             ]
         )
 
-    def stream(self, *args: str) -> subprocess.Popen[str]:
-        """A long-running kubectl (`logs -f`): its stdout line by line, stderr kept apart."""
+    def stream(self, *args: str) -> subprocess.Popen[bytes]:
+        """A long-running kubectl (`logs -f`): its stdout as bytes, split only at b"\n" (a
+        line may hold a carriage return), stderr kept apart."""
         argv = [*self.kubectl(), *args]
         try:
             return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",
-                bufsize=1,
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
         except OSError as exc:
             raise ClusterUnavailable(f"`{shlex.join(argv)}` could not start: {exc}") from exc
