@@ -579,3 +579,17 @@ def test_without_a_workdir_a_script_travels_from_its_own_directory(
     assert spec.command == ["python", "agent.py"]
     assert sorted(_shipped(cluster.app, spec)) == ["agent.py", "env/__init__.py"]
     wait_job(cluster.app, job["id"], timeout=30)
+
+
+def test_a_line_with_a_carriage_return_is_one_line(cluster: Any) -> None:
+    late = json.dumps({"type": "metric", "name": "late", "value": 2.0, "step": 2})
+    lines = [METRIC, "epoch 1 50%\rtwo", late]
+    cluster.play(pods=[{"name": "job-x-a", "lines": lines, "break_after": 2}], end="Complete")
+    job = _submit(cluster.app)
+    done = wait_job(cluster.app, job["id"], timeout=30)
+    assert done["state"] == "succeeded", done["error"]
+    rows = cluster.app.db.rows(
+        "SELECT key FROM run_metrics WHERE run_id = ? ORDER BY id", [job["run_id"]]
+    )
+    assert [r["key"] for r in rows] == ["valid_auc", "late"]
+    assert Path(done["log_path"]).read_text().count("two") == 1
