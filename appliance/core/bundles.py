@@ -53,6 +53,7 @@ from typing import Any, BinaryIO
 
 from appliance import __version__
 from appliance.errors import ApplianceError, CorruptObject, InvalidInput
+from appliance.store.objects import sha256_file
 
 ARCHES = ("amd64", "arm64")
 MANIFEST = "manifest.toml"
@@ -414,7 +415,7 @@ def _wheel_entries(dest: Path, arch: str) -> list[dict[str, str]]:
                 "version": match["version"],
                 "arch": "any" if pure else arch,
                 "url": f"pip:{_normalize(match['name'])}=={match['version']}",
-                "sha256": _sha256_file(file),
+                "sha256": sha256_file(file),
                 "path": f"wheels/{file.name}",
                 "kind": "wheel",
             }
@@ -513,14 +514,6 @@ def pull_image(client: Any, spec: dict[str, str], arch: str) -> tuple[Any, str]:
 
 
 # ---- packing --------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _add_spool(tar: tarfile.TarFile, path: str, spool: BinaryIO, kind: str) -> None:
