@@ -1291,6 +1291,23 @@ def tune_register_best(app: Any, as_json: bool, study: str, model: str) -> None:
     emit(register_best(app, study, model), as_json)
 
 
+@cli.group("pipelines")
+def pipelines_group() -> None:
+    """Pipelines: the lifecycle as a DAG of steps (definitions are checked whole)."""
+
+
+@command(pipelines_group, "validate")
+@click.argument("file", type=click.Path())
+@click.option("--param", "params", multiple=True, help="KEY=VALUE, typed as the default.")
+def pipelines_validate(app: Any, as_json: bool, file: str, params: tuple[str, ...]) -> None:
+    """Check a pipeline file: step kinds and keys, references and their types, cycles, the
+    files steps read, gates; print the steps in the order they would run."""
+    from appliance.core.pipelines import describe, load_pipeline
+
+    pipeline = load_pipeline(file, params)
+    emit(describe(pipeline), as_json, ["step", "kind", "after", "outputs"])
+
+
 @cli.group("runs")
 def runs_group() -> None:
     """Runs: params, metrics and outputs of every job."""

@@ -1,0 +1,150 @@
+"""Pipeline definitions checked whole before anything runs: the README's example, and every
+bad input named by step and key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from appliance.core.pipelines import describe, load_pipeline, parse_pipeline
+from appliance.errors import InvalidInput
+
+EXAMPLE = """
+name: churn-retrain
+params: {data: churn, min_gain: 0.002}
+steps:
+  prep:     {recipe: recipes/clean.sql, inputs: {raw: "${params.data}"}, out: churn_clean}
+  split:    {split: "${steps.prep.out}", fractions: [0.7, 0.15, 0.15], stratify: churned}
+  tune:     {tune: tune.yaml, train: "${steps.split.train}", valid: "${steps.split.valid}",
+             max_trials: 20}
+  register: {register: "${steps.tune.best_run}", model: churn}
+  gate:     {promote: "${steps.register.version}", to: champion,
+             gate: "test_auc >= champion.test_auc + ${params.min_gain}"}
+  deploy:   {deploy: churn@champion, name: churn, when: "${steps.gate.promoted}"}
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "clean.sql").write_text("SELECT * FROM raw\n")
+    (tmp_path / "tune.yaml").write_text("name: t\n")
+    (tmp_path / "pipeline.yaml").write_text(EXAMPLE)
+    return tmp_path
+
+
+def _check(project: Path, change: Any = None, *overrides: str) -> Any:
+    data = yaml.safe_load(EXAMPLE)
+    if change is not None:
+        change(data)
+    return parse_pipeline(data, "p.yaml", project, overrides)
+
+
+def test_the_example_checks_and_runs_in_dependency_order(project: Path) -> None:
+    pipeline = load_pipeline(project / "pipeline.yaml")
+    assert pipeline.name == "churn-retrain"
+    assert pipeline.order == ["prep", "split", "tune", "register", "gate", "deploy"]
+    assert pipeline.steps["tune"].after == {"split"}
+    assert pipeline.steps["deploy"].after == {"gate"}
+    assert describe(pipeline)[1] == {
+        "step": "split",
+        "kind": "split",
+        "after": "prep",
+        "outputs": "train,valid,test",
+    }
+    assert pipeline.params == {"data": "churn", "min_gain": 0.002}
+
+
+def test_parameters_are_typed_by_their_defaults(project: Path) -> None:
+    pipeline = _check(project, None, "min_gain=0.01", "data=churn_2026")
+    assert pipeline.params == {"data": "churn_2026", "min_gain": 0.01}
+    with pytest.raises(InvalidInput, match=r"--param min_gain: expected number like 0.002"):
+        _check(project, None, "min_gain=lots")
+    with pytest.raises(InvalidInput, match=r"--param epochs: the pipeline has no such parameter"):
+        _check(project, None, "epochs=3")
+
+
+def _set(step: str, key: str, value: Any) -> Any:
+    def change(data: dict[str, Any]) -> None:
+        if value is None:
+            data["steps"][step].pop(key)
+        else:
+            data["steps"][step][key] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (  # a cycle, named step by step
+            _set("prep", "after", ["deploy"]),
+            r"steps form a cycle: deploy -> gate -> register -> tune -> split -> prep -> deploy",
+        ),
+        (
+            _set("register", "register", "${steps.tunes.best_run}"),
+            r"steps.register.register: \$\{steps.tunes.best_run\}: no step 'tunes'",
+        ),
+        (
+            _set("register", "register", "${steps.tune.best}"),
+            r"steps.register.register: \$\{steps.tune.best\}: a tune step has no output 'best'",
+        ),
+        (  # a reference of the wrong type
+            _set("register", "register", "${steps.split.train}"),
+            r"steps.register.register: \$\{steps.split.train\}: is a dataset, but register "
+            r"takes a run",
+        ),
+        (
+            _set("deploy", "when", "${params.min_gain}"),
+            r"steps.deploy.when: \$\{params.min_gain\}: is a number, but when takes a boolean",
+        ),
+        (
+            _set("prep", "inputs", {"raw": "${params.dataset}"}),
+            r"steps.prep.inputs: \$\{params.dataset\}: no parameter 'dataset'",
+        ),
+        (
+            _set("gate", "gate", "test_auc >>= champion.test_auc"),
+            r"steps.gate.gate: --gate: ",
+        ),
+        (_set("prep", "recipe", "recipes/missing.sql"), r"steps.prep.recipe: recipes/missing.sql"),
+        (_set("split", "fractions", [0.7, 0.7]), r"steps.split.fractions: expected 2 or 3"),
+        (_set("split", "stratiffy", "churned"), r"steps.split.stratiffy: not a key of a split"),
+        (_set("register", "model", None), r"steps.register.model: a register step needs it"),
+        (_set("deploy", "train", "x"), r"steps.deploy: several action keys \(deploy, train\)"),
+        (
+            lambda d: d["steps"].update(notify={"email": "ops@example.com"}),
+            r"steps.notify: no action key; a step does exactly one of: import, recipe",
+        ),
+        (_set("tune", "after", ["nothing"]), r"steps.tune.after: no step 'nothing'"),
+        (
+            lambda d: d["steps"].update({"Bad-Name": {"materialize": "drivers"}}),
+            r"step 'Bad-Name': names are lowercase",
+        ),
+        (lambda d: d.update(params={"min_gain": None}), r"params.min_gain: a default of"),
+        (lambda d: d.update(schedule="daily"), r"unknown key\(s\) \['schedule'\]"),
+    ],
+)
+def test_bad_definitions_are_named_by_step_and_key(
+    project: Path, change: Any, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        _check(project, change)
+
+
+def test_the_cli_validates_a_file(project: Path, cli: Any, home: Path) -> None:
+    result = cli(
+        "pipelines", "validate", str(project / "pipeline.yaml"), "--json", "--home", str(home)
+    )
+    assert result.code == 0, result.err
+    steps = json.loads(result.out)
+    assert [s["step"] for s in steps] == ["prep", "split", "tune", "register", "gate", "deploy"]
+    (project / "broken.yaml").write_text(EXAMPLE.replace("${steps.prep.out}", "${steps.prp.out}"))
+    result = cli("pipelines", "validate", str(project / "broken.yaml"), "--home", str(home))
+    assert result.code == 2
+    assert "steps.split.split: ${steps.prp.out}: no step 'prp'" in result.err
+    result = cli("pipelines", "validate", str(project / "none.yaml"), "--home", str(home))
+    assert result.code == 2 and "no such pipeline file" in result.err
