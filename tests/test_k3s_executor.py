@@ -233,6 +233,11 @@ def _shipped(app: Appliance, spec: JobSpec) -> dict[str, int]:
         return {m.name: m.mode for m in tar.getmembers()}
 
 
+def _metric_keys(app: Appliance, job: dict[str, Any]) -> list[str]:
+    rows = app.db.rows("SELECT key FROM run_metrics WHERE run_id = ? ORDER BY id", [job["run_id"]])
+    return [r["key"] for r in rows]
+
+
 def _spec(app: Appliance, job_id: str) -> JobSpec:
     return JobSpec.from_json(app.db.scalar("SELECT spec_json FROM jobs WHERE id = ?", [job_id]))
 
@@ -384,10 +389,7 @@ def test_a_broken_log_stream_is_resumed_and_no_line_is_lost_or_doubled(cluster: 
     job = _submit(cluster.app)
     done = wait_job(cluster.app, job["id"], timeout=30)
     assert done["state"] == "succeeded"
-    rows = cluster.app.db.rows(
-        "SELECT key FROM run_metrics WHERE run_id = ? ORDER BY id", [job["run_id"]]
-    )
-    assert [r["key"] for r in rows] == ["valid_auc", "late"]
+    assert _metric_keys(cluster.app, job) == ["valid_auc", "late"]
     text = Path(done["log_path"]).read_text()
     assert text.count("middle") == 1 and "broke off (error: unexpected EOF); resuming" in text
     logs = [c for c in cluster.calls() if c[0] == "logs"]
@@ -552,10 +554,7 @@ def test_every_line_of_the_pod_is_recorded_once(cluster: Any, how: dict[str, Any
     job = _submit(cluster.app)
     done = wait_job(cluster.app, job["id"], timeout=30)
     assert done["state"] == "succeeded", done["error"]
-    rows = cluster.app.db.rows(
-        "SELECT key FROM run_metrics WHERE run_id = ? ORDER BY id", [job["run_id"]]
-    )
-    assert [r["key"] for r in rows] == ["valid_auc", "late"]
+    assert _metric_keys(cluster.app, job) == ["valid_auc", "late"]
     assert Path(done["log_path"]).read_text().count("\nend\n") == 1
 
 
@@ -588,8 +587,5 @@ def test_a_line_with_a_carriage_return_is_one_line(cluster: Any) -> None:
     job = _submit(cluster.app)
     done = wait_job(cluster.app, job["id"], timeout=30)
     assert done["state"] == "succeeded", done["error"]
-    rows = cluster.app.db.rows(
-        "SELECT key FROM run_metrics WHERE run_id = ? ORDER BY id", [job["run_id"]]
-    )
-    assert [r["key"] for r in rows] == ["valid_auc", "late"]
+    assert _metric_keys(cluster.app, job) == ["valid_auc", "late"]
     assert Path(done["log_path"]).read_text().count("two") == 1

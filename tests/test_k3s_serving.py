@@ -97,56 +97,46 @@ AVAILABLE = {
         ],
     },
 }
-PROGRESSING = {
-    "apiVersion": "apps/v1",
-    "kind": "Deployment",
-    "metadata": {**_META, "generation": 3},
-    "spec": _SPEC,
-    "status": {
-        "observedGeneration": 3,
-        "replicas": 3,
-        "updatedReplicas": 1,
-        "readyReplicas": 2,
-        "availableReplicas": 2,
-        "unavailableReplicas": 1,
-        "conditions": [
-            _AVAILABLE_CONDITION,
-            {
-                "type": "Progressing",
-                "status": "True",
-                "reason": "ReplicaSetUpdated",
-                "message": 'ReplicaSet "serve-scoring-7b9f8c6d5c" is progressing.',
-                "lastTransitionTime": "2026-11-26T10:05:00Z",
-                "lastUpdateTime": "2026-11-26T10:05:01Z",
-            },
-        ],
-    },
-}
-FAILED = {
-    "apiVersion": "apps/v1",
-    "kind": "Deployment",
-    "metadata": {**_META, "generation": 3},
-    "spec": _SPEC,
-    "status": {
-        "observedGeneration": 3,
-        "replicas": 3,
-        "updatedReplicas": 1,
-        "readyReplicas": 2,
-        "availableReplicas": 2,
-        "unavailableReplicas": 1,
-        "conditions": [
-            _AVAILABLE_CONDITION,
-            {
-                "type": "Progressing",
-                "status": "False",
-                "reason": "ProgressDeadlineExceeded",
-                "message": 'ReplicaSet "serve-scoring-7b9f8c6d5c" has timed out progressing.',
-                "lastTransitionTime": "2026-11-26T10:10:01Z",
-                "lastUpdateTime": "2026-11-26T10:10:01Z",
-            },
-        ],
-    },
-}
+
+
+def _mid_rollout(progressing: dict[str, Any]) -> dict[str, Any]:
+    """Revision 3 rolling out over revision 2's pods: one of three updated, as kubectl shows
+    it, with the Progressing condition given."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**_META, "generation": 3},
+        "spec": _SPEC,
+        "status": {
+            "observedGeneration": 3,
+            "replicas": 3,
+            "updatedReplicas": 1,
+            "readyReplicas": 2,
+            "availableReplicas": 2,
+            "unavailableReplicas": 1,
+            "conditions": [_AVAILABLE_CONDITION, {"type": "Progressing", **progressing}],
+        },
+    }
+
+
+PROGRESSING = _mid_rollout(
+    {
+        "status": "True",
+        "reason": "ReplicaSetUpdated",
+        "message": 'ReplicaSet "serve-scoring-7b9f8c6d5c" is progressing.',
+        "lastTransitionTime": "2026-11-26T10:05:00Z",
+        "lastUpdateTime": "2026-11-26T10:05:01Z",
+    }
+)
+FAILED = _mid_rollout(
+    {
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "serve-scoring-7b9f8c6d5c" has timed out progressing.',
+        "lastTransitionTime": "2026-11-26T10:10:01Z",
+        "lastUpdateTime": "2026-11-26T10:10:01Z",
+    }
+)
 SHAPES = {"available": AVAILABLE, "progressing": PROGRESSING, "failed": FAILED}
 
 FAKE = r"""#!PYTHON

@@ -1071,10 +1071,11 @@ def cluster_status_cmd(app: Any, as_json: bool) -> None:
 @command(cluster_group, "nodes")
 def cluster_nodes_cmd(app: Any, as_json: bool) -> None:
     """Every node: roles, readiness, version, address, architecture, cpu, memory, GPUs."""
-    from appliance.core.cluster import kube_for, list_nodes
+    from appliance.core.cluster import list_nodes
+    from appliance.core.kube import Kube
 
     emit(
-        list_nodes(kube_for(app.settings)),
+        list_nodes(Kube.for_settings(app.settings)),
         as_json,
         ["name", "roles", "ready", "version", "address", "arch", "cpu", "memory_bytes", "gpus"],
     )
@@ -1083,10 +1084,11 @@ def cluster_nodes_cmd(app: Any, as_json: bool) -> None:
 @command(cluster_group, "gpus")
 def cluster_gpus_cmd(app: Any, as_json: bool) -> None:
     """GPUs per node: capacity, allocatable, held by running pods, free."""
-    from appliance.core.cluster import kube_for, list_gpus
+    from appliance.core.cluster import list_gpus
+    from appliance.core.kube import Kube
 
     emit(
-        list_gpus(kube_for(app.settings)),
+        list_gpus(Kube.for_settings(app.settings)),
         as_json,
         ["node", "capacity", "allocatable", "in_use", "free"],
     )
@@ -1113,11 +1115,12 @@ def cluster_join_command(
     """The command that joins an edge node to this server."""
     from pathlib import Path
 
-    from appliance.core.cluster import NODE_TOKEN, join_command, kube_for
+    from appliance.core.cluster import NODE_TOKEN, join_command
+    from appliance.core.kube import Kube
 
     emit(
         join_command(
-            kube_for(app.settings),
+            Kube.for_settings(app.settings),
             server_url=server_url,
             token_file=Path(token_file) if token_file else NODE_TOKEN,
             show_token=show_token,

@@ -109,23 +109,33 @@ def _normal(name: str) -> bool:
     return bool(path.parts) and str(path) == name and ".." not in path.parts
 
 
-def _entry(data: Any, index: int, source: str) -> dict[str, str]:
-    where = f"{source}: artifact[{index}]"
+def _table(
+    data: Any, table: str, index: int, source: str, keys: set[str], required: set[str]
+) -> tuple[dict[str, str], str]:
+    """One `[[artifact]]` or `[[image]]` table's text values, and how errors name it (by its
+    name when it has one): every key known, the required ones there, none empty."""
+    where = f"{source}: {table}[{index}]"
     if not isinstance(data, dict):
         raise InvalidInput(f"{where}: expected a table")
     name = data.get("name")
-    where = f"{source}: artifact {name!r}" if isinstance(name, str) else where
-    missing = sorted(ARTIFACT_KEYS - {"kind"} - set(data))
+    where = f"{source}: {table} {name!r}" if isinstance(name, str) else where
+    missing = sorted(required - set(data))
     if missing:
         raise InvalidInput(f"{where}: missing {', '.join(missing)}")
-    unknown = sorted(set(data) - ARTIFACT_KEYS)
+    unknown = sorted(set(data) - keys)
     if unknown:
         raise InvalidInput(f"{where}: unknown key(s) {unknown}")
-    entry = {k: data[k] for k in ARTIFACT_KEYS if k in data}
-    if not all(isinstance(v, str) and v for v in entry.values()):
+    values = {k: data[k] for k in keys if k in data}
+    if not all(isinstance(v, str) and v for v in values.values()):
         raise InvalidInput(f"{where}: every value must be non-empty text")
-    if entry["arch"] not in (*ARCHES, "any"):
-        raise InvalidInput(f"{where}: arch {entry['arch']!r} is not amd64, arm64 or any")
+    arch = values.setdefault("arch", "any")
+    if arch not in (*ARCHES, "any"):
+        raise InvalidInput(f"{where}: arch {arch!r} is not amd64, arm64 or any")
+    return values, where
+
+
+def _entry(data: Any, index: int, source: str) -> dict[str, str]:
+    entry, where = _table(data, "artifact", index, source, ARTIFACT_KEYS, ARTIFACT_KEYS - {"kind"})
     digest = entry["sha256"]
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise InvalidInput(f"{where}: sha256 must be 64 lowercase hex digits")
@@ -150,20 +160,7 @@ def _entry(data: Any, index: int, source: str) -> dict[str, str]:
 
 def _image(data: Any, index: int, source: str) -> dict[str, str]:
     """One `[[image]]`: a container image the build pulls for the target arch and saves."""
-    where = f"{source}: image[{index}]"
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{where}: expected a table")
-    name = data.get("name")
-    where = f"{source}: image {name!r}" if isinstance(name, str) else where
-    missing = sorted({"name", "version", "ref"} - set(data))
-    if missing:
-        raise InvalidInput(f"{where}: missing {', '.join(missing)}")
-    unknown = sorted(set(data) - IMAGE_KEYS)
-    if unknown:
-        raise InvalidInput(f"{where}: unknown key(s) {unknown}")
-    image = {k: data[k] for k in IMAGE_KEYS if k in data}
-    if not all(isinstance(v, str) and v for v in image.values()):
-        raise InvalidInput(f"{where}: every value must be non-empty text")
+    image, where = _table(data, "image", index, source, IMAGE_KEYS, {"name", "version", "ref"})
     if not _IMAGE_NAME.match(image["name"]):
         raise InvalidInput(f"{where}: name must be lowercase letters, digits and '-'")
     repo, _, tag = image["ref"].rpartition(":")
@@ -173,9 +170,6 @@ def _image(data: Any, index: int, source: str) -> dict[str, str]:
         )
     if "digest" in image and not _DIGEST.match(image["digest"]):
         raise InvalidInput(f"{where}: digest must be sha256: and 64 lowercase hex digits")
-    image.setdefault("arch", "any")
-    if image["arch"] not in (*ARCHES, "any"):
-        raise InvalidInput(f"{where}: arch {image['arch']!r} is not amd64, arm64 or any")
     return image
 
 

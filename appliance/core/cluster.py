@@ -52,11 +52,6 @@ def _address(node: dict[str, Any]) -> str | None:
     return None
 
 
-def kube_for(settings: Settings) -> Kube:
-    """The cluster this home works with: its `k3s.kubeconfig`, else KUBECONFIG, else k3s'."""
-    return Kube.from_environment(settings.k3s.kubeconfig)
-
-
 def list_nodes(kube: Kube | None = None) -> list[dict[str, Any]]:
     """Every node: roles, readiness, k3s version, address, architecture, allocatable cpu,
     memory and GPUs."""
@@ -135,7 +130,7 @@ def object_store_health(settings: Settings, timeout: float = 2.0) -> str:
 def cluster_status(settings: Settings, kube: Kube | None = None) -> dict[str, Any]:
     """One line per fact: k3s version, nodes ready of total, GPUs allocatable and free, the
     object store's health."""
-    kube = kube or kube_for(settings)
+    kube = kube or Kube.for_settings(settings)
     version = kube.version().get("serverVersion", {}).get("gitVersion")
     nodes = list_nodes(kube)
     gpus = list_gpus(kube)

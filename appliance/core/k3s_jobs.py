@@ -78,6 +78,26 @@ def _quantity_memory(value: int) -> str:
     return f"{value // 2**20}Mi" if value % 2**20 == 0 else str(value)
 
 
+def pod_resources(request: Request) -> dict[str, dict[str, Any]]:
+    """A container's requests and limits, as jobs and model servers both ask: cpu requested;
+    memory requested and a hard limit (past it the pod is OOM-killed; locally memory is only
+    counted when jobs are placed, but one pod must never overcommit a node); GPUs as
+    `nvidia.com/gpu` limits (the pod also needs `runtimeClassName: nvidia`)."""
+    resources: dict[str, dict[str, Any]] = {
+        "requests": {"cpu": f"{math.ceil(request.cpu * 1000)}m"},
+        "limits": {},
+    }
+    if request.memory:
+        memory = _quantity_memory(request.memory)
+        resources["requests"]["memory"] = memory
+        resources["limits"]["memory"] = memory
+    if request.gpu:
+        resources["limits"]["nvidia.com/gpu"] = request.gpu
+    if not resources["limits"]:
+        del resources["limits"]
+    return resources
+
+
 def pod_store_env(settings: Settings, home: str, store: str | None = None) -> list[dict[str, Any]]:
     """What a pod needs to reach the object store: the S3 settings as values, the keys from
     the Secret (never in a manifest), and a home of its own (no metadata database there)."""
@@ -112,20 +132,7 @@ def job_manifest(
         raise InvalidInput(f"job id {job_id!r}: lowercase letters, digits and '-' (at most 59)")
     spec.validate()
     request = spec.request()
-    resources: dict[str, dict[str, Any]] = {
-        "requests": {"cpu": f"{math.ceil(request.cpu * 1000)}m"},
-        "limits": {},
-    }
-    if request.memory:
-        memory = _quantity_memory(request.memory)
-        resources["requests"]["memory"] = memory
-        # A hard limit on the cluster (the pod is OOMKilled past it); locally memory is only
-        # counted when jobs are placed. A node must never be overcommitted by one job.
-        resources["limits"]["memory"] = memory
-    if request.gpu:
-        resources["limits"]["nvidia.com/gpu"] = request.gpu
-    if not resources["limits"]:
-        del resources["limits"]
+    resources = pod_resources(request)
     env = [
         {"name": SPEC_ENV, "value": spec.to_json()},
         {"name": "APPLIANCE_JOB_ID", "value": job_id},
@@ -173,12 +180,6 @@ def job_manifest(
     return job
 
 
-def _kube(settings: Settings) -> Kube:
-    from appliance.core.cluster import kube_for
-
-    return kube_for(settings)
-
-
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         c.get("type", ""): c
@@ -187,20 +188,18 @@ def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+def _container(pod: dict[str, Any], state: str) -> dict[str, Any] | None:
+    """The job container's `terminated` or `waiting` state, if it is in that one."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        ended = (status.get("state") or {}).get("terminated")
-        if ended:
-            return dict(ended)
+        found = (status.get("state") or {}).get(state)
+        if found:
+            return dict(found)
     return None
 
 
-def _waiting(pod: dict[str, Any]) -> dict[str, Any] | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (status.get("state") or {}).get("waiting")
-        if waiting:
-            return dict(waiting)
-    return None
+def _has_ended(pod: dict[str, Any]) -> bool:
+    phase = (pod.get("status") or {}).get("phase")
+    return _container(pod, "terminated") is not None or phase in ("Succeeded", "Failed")
 
 
 def _status_line(message: str) -> str:
@@ -221,7 +220,7 @@ class KubeJob:
         self, app: Appliance, job_id: str, spec: JobSpec, poll: float = POLL_SECONDS
     ) -> None:
         settings = app.settings
-        self.kube = _kube(settings)
+        self.kube = Kube.for_settings(settings)
         self.namespace = settings.k3s.namespace
         self.name = f"job-{job_id}"
         self.poll = float(os.environ.get("APPLIANCE_K3S_POLL", poll))
@@ -329,7 +328,7 @@ class KubeJob:
                 continue
             phase = (pod.get("status") or {}).get("phase")
             if phase == "Pending":
-                waiting = _waiting(pod)
+                waiting = _container(pod, "waiting")
                 if waiting and waiting.get("reason") in STUCK_REASONS:
                     self.reason = (
                         f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".strip()
@@ -342,10 +341,9 @@ class KubeJob:
             self.attempts += 1
             node = (pod.get("spec") or {}).get("nodeName", "?")
             self._lines.put(f"[appliance] attempt {self.attempts}: pod {name} on node {node}")
-            self._stream(name)
+            ended = self._stream(name)
             if self._halted.is_set():
                 return True
-            ended = self._ended_pod(name)
             if ended is not None:
                 pod = ended
             if (pod.get("status") or {}).get("reason") == "DeadlineExceeded":
@@ -353,7 +351,7 @@ class KubeJob:
                 self.reason = f"pod {name} ran past its deadline"
                 self.halt()
                 return True
-            done = _terminated(pod)
+            done = _container(pod, "terminated")
             if done and done.get("exitCode", 0) != 0:
                 self.reason = f"exit code {done['exitCode']}: {done.get('reason', 'Error')}" + (
                     f" ({done['message'].strip()})" if done.get("message") else ""
@@ -368,26 +366,13 @@ class KubeJob:
                 return f"pending: {cond.get('reason', '')} {cond.get('message', '')}".strip()
         return f"pending: {waiting.get('reason', 'waiting')}" if waiting else "pending"
 
-    def _ended_pod(self, name: str) -> dict[str, Any] | None:
-        """The pod once its container has ended (the log ends a moment before the status)."""
-        for _ in range(10):
-            try:
-                pod = self.kube.get(f"pod/{name}", "-n", self.namespace)
-            except ClusterUnavailable:
-                return None
-            status = pod.get("status") or {}
-            if _terminated(pod) or status.get("phase") in ("Succeeded", "Failed"):
-                return dict(pod)
-            if self._halted.wait(min(self.poll, 0.5)):
-                return None
-        return None
-
-    def _stream(self, pod: str) -> None:
+    def _stream(self, pod: str) -> dict[str, Any] | None:
         """The pod's whole log, once: `kubectl logs -f --timestamps`, resumed after the last
         whole line seen when the stream breaks off (an API server restart, a network blip) or
         ends while the container still runs (the kubelet closes idle streams), until the
         container has ended. A line cut in the middle is read again whole. It gives up only
-        after `give_up` seconds without a new line, as the Job's status does."""
+        after `give_up` seconds without a new line, as the Job's status does. Returns the
+        ended pod as last read (None: not known)."""
         since: str | None = None
         last: tuple[int, int] | None = None
         stalled_since: float | None = None
@@ -423,13 +408,14 @@ class KubeJob:
                 self._logs = None
                 returncode, why = logs.returncode, (said[-1] if said else "")
             if self._halted.is_set():
-                return
+                return None
             if returncode == 0:
-                if self._container_ended(pod):
+                found = self._read_pod(pod)
+                if found is None or _has_ended(found):  # unknown: kubectl said it is complete
                     if cut is not None:  # the container's last line, without a newline
                         stamp, _, line = cut.partition(" ")
                         self._lines.put(line if _stamp_key(stamp) else cut)
-                    return
+                    return found
                 why = "the stream ended while the container runs"
             now = time.monotonic()
             if progressed or stalled_since is None:
@@ -444,16 +430,14 @@ class KubeJob:
             self._halted.wait(pause)
         self.log_lost = True
         self._lines.put(f"[appliance] could not read pod/{pod}'s log to its end")
+        return None
 
-    def _container_ended(self, pod: str) -> bool:
-        """Whether the job's container has terminated (unknown counts as ended: kubectl
-        said the log is complete)."""
+    def _read_pod(self, pod: str) -> dict[str, Any] | None:
+        """The pod as the API server has it now (None: not reachable)."""
         try:
-            found = self.kube.get(f"pod/{pod}", "-n", self.namespace)
+            return dict(self.kube.get(f"pod/{pod}", "-n", self.namespace))
         except ClusterUnavailable:
-            return True
-        phase = (found.get("status") or {}).get("phase")
-        return _terminated(found) is not None or phase in ("Succeeded", "Failed")
+            return None
 
 
 CODE_LIMIT = 16 * 2**20  # the job's own files travel through the object store; data does not
@@ -620,7 +604,9 @@ class K3sExecutor(LocalExecutor):
     def orphaned(self, app: Appliance, job: dict[str, Any]) -> None:
         """Its supervisor vanished: delete the Job, so a retry starts clean, as locally."""
         try:
-            _kube(app.settings).delete(app.settings.k3s.namespace, f"job/job-{job['id']}")
+            Kube.for_settings(app.settings).delete(
+                app.settings.k3s.namespace, f"job/job-{job['id']}"
+            )
         except ApplianceError:
             pass  # the cluster is gone too; its ttl removes the Job
 
@@ -654,4 +640,4 @@ class K3sExecutor(LocalExecutor):
 def _ready_nodes(app: Appliance) -> list[dict[str, Any]]:
     from appliance.core.cluster import list_nodes
 
-    return [n for n in list_nodes(_kube(app.settings)) if n["ready"]]
+    return [n for n in list_nodes(Kube.for_settings(app.settings)) if n["ready"]]

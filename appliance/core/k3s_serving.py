@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sqlite3
@@ -53,7 +52,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import Settings
-from appliance.core.k3s_jobs import pod_store_env
+from appliance.core.jobs import Request
+from appliance.core.k3s_jobs import pod_resources, pod_store_env
 from appliance.core.kube import ClusterUnavailable, Kube
 from appliance.errors import ApplianceError, InvalidInput
 
@@ -90,10 +90,6 @@ def kube_name(name: str) -> str:
         return _PREFIX + slug
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{_PREFIX}{slug[:48].rstrip('-')}-{digest}".replace("--", "-")
-
-
-def _kube(settings: Settings) -> Kube:
-    return Kube.from_environment(settings.k3s.kubeconfig)
 
 
 def check_resources(resources: dict[str, Any] | None) -> dict[str, Any]:
@@ -141,14 +137,6 @@ def model_spec(name: str, revision: int, mv: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cpu(cores: float) -> str:
-    return f"{math.ceil(cores * 1000)}m"
-
-
-def _memory(value: int) -> str:
-    return f"{value // 2**20}Mi" if value % 2**20 == 0 else str(value)
-
-
 def deployment_manifests(
     name: str,
     revision: int,
@@ -181,10 +169,6 @@ def deployment_manifests(
         MODEL_ANNOTATION: model_version["ref"],
     }
     env = [{"name": MODEL_ENV, "value": spec}, *pod_store_env(settings, POD_HOME, store="s3")]
-    memory = _memory(request["memory"])
-    limits: dict[str, Any] = {"memory": memory}  # over its memory a server is restarted
-    if request["gpu"]:
-        limits["nvidia.com/gpu"] = request["gpu"]
     container: dict[str, Any] = {
         "name": "server",
         "image": settings.k3s.image,
@@ -192,10 +176,7 @@ def deployment_manifests(
         "command": ["python", "-m", "appliance.runner", "serve-pod", "--port", str(PORT)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": env,
-        "resources": {
-            "requests": {"cpu": _cpu(request["cpu"]), "memory": memory},
-            "limits": limits,
-        },
+        "resources": pod_resources(Request(**request)),  # over its memory it is restarted
         # fetching and loading the model may take a while; liveness only starts after it
         "startupProbe": _probe("/v2/health/ready", period=2, failures=60),
         "readinessProbe": _probe("/v2/health/ready", period=2, failures=3),
@@ -313,7 +294,7 @@ def apply_revision(
     if _deployment_row(conn, deployment_id)["status"] != "serving":
         return  # a stopped deployment's revision is applied when it starts
     try:
-        stored = _kube(settings).apply(json.loads(manifest))
+        stored = Kube.for_settings(settings).apply(json.loads(manifest))
     except ClusterUnavailable as exc:
         outcome = "not started" if starting else f"revision {revision} not recorded"
         raise ClusterUnavailable(
@@ -334,7 +315,9 @@ def apply_revision(
 def delete(settings: Settings, name: str) -> None:
     """Take the deployment off the cluster: its Deployment (and so its pods) and Service."""
     kname = kube_name(name)
-    _kube(settings).delete(settings.k3s.namespace, f"deployment/{kname}", f"service/{kname}")
+    Kube.for_settings(settings).delete(
+        settings.k3s.namespace, f"deployment/{kname}", f"service/{kname}"
+    )
 
 
 # ---- rollout status ---------------------------------------------------------------------------
@@ -384,7 +367,7 @@ def rollout_state(deployment: dict[str, Any]) -> dict[str, Any]:
 def rollout_status(settings: Settings, name: str) -> dict[str, Any]:
     """The deployment's rollout on the cluster, read now."""
     kname = kube_name(name)
-    found = _kube(settings).get("deployment", kname, "-n", settings.k3s.namespace)
+    found = Kube.for_settings(settings).get("deployment", kname, "-n", settings.k3s.namespace)
     return rollout_state(found)
 
 

@@ -16,9 +16,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
 
 K3S_KUBECONFIG = Path("/etc/rancher/k3s/k3s.yaml")
 DEFAULT_TIMEOUT = 15.0
@@ -50,6 +53,11 @@ class Kube:
         if configured:
             return cls(configured)
         return cls(str(K3S_KUBECONFIG) if K3S_KUBECONFIG.exists() else None)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Kube:
+        """The cluster a home works with: its `k3s.kubeconfig`, else as from_environment."""
+        return cls.from_environment(settings.k3s.kubeconfig)
 
     def kubectl(self) -> list[str]:
         """The kubectl command line prefix: `kubectl`, or `k3s kubectl` on a bare k3s node."""

@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.core import cluster
 from appliance.core.context import Appliance
+from appliance.core.kube import Kube
 from appliance.errors import ApplianceError
 
 REFRESH_SECONDS = 5.0
@@ -76,7 +77,7 @@ class ClusterScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="cluster-refresh", exit_on_error=False)
     def reload(self) -> None:
-        kube = cluster.kube_for(self.ctx.settings)
+        kube = Kube.for_settings(self.ctx.settings)
         try:
             nodes = cluster.list_nodes(kube)
             gpus = cluster.list_gpus(kube)
