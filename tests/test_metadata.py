@@ -67,6 +67,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m011_feature_usage",
         "m012_tuning",
         "m013_k3s_serving",
+        "m014_pipelines",
     ]
     again.close()
 

@@ -146,6 +146,11 @@ def lineage_cmd(app: Any, as_json: bool, ref: str) -> None:
         emit(graph, True)
         return
     click.echo(f"{graph['ref']}  ({graph['type']})")
+    for context in graph["contexts"]:
+        extra = ""
+        if context["type"] == "PipelineRun" and "pipeline" in context:
+            extra = f"  pipeline {context['pipeline']} params {json_cell(context['params'])}"
+        click.echo(f"in {context['type']} {context['name']}{extra}")
     for key, arrow in (("upstream", "<-"), ("downstream", "->")):
         click.echo(f"{key}:")
         if not graph[key]:
@@ -1309,6 +1314,231 @@ def pipelines_validate(app: Any, as_json: bool, file: str, params: tuple[str, ..
 
     pipeline = load_pipeline(file, params)
     emit(describe(pipeline), as_json, ["step", "kind", "after", "outputs"])
+
+
+def _report_pipeline_run(app: Any, run: dict[str, Any], as_json: bool, wait: bool) -> None:
+    """Print the run id (or JSON); with --wait, a bar over steps, then the DAG; non-zero
+    unless the run succeeded."""
+    from appliance.core.pipeline_runs import show_run, wait_run
+
+    if not wait:
+        emit(run, True) if as_json else click.echo(run["id"])
+        return
+    click.echo(f"pipeline run {run['id']} ({run['pipeline']})", err=True)
+    with click.progressbar(
+        length=run["steps"], label=f"pipeline {run['pipeline']}", file=sys.stderr
+    ) as bar:
+        shown = [0]
+
+        def on_change(current: dict[str, Any]) -> None:
+            ended = current["done"] + current["counts"].get("failed", 0)
+            if ended > shown[0]:
+                bar.update(ended - shown[0])
+                shown[0] = ended
+
+        run = wait_run(app, run["id"], on_change=on_change)
+    shown_run = show_run(app, run["id"])
+    if as_json:
+        emit(shown_run, True)
+    else:
+        _print_pipeline_run(shown_run)
+    if run["state"] != "succeeded":
+        sys.exit(1)
+
+
+def _print_pipeline_run(run: dict[str, Any]) -> None:
+    click.echo(
+        f"run {run['id']}  {run['pipeline']}  {run['state']}  "
+        f"{run['done']}/{run['steps']} steps ({run['cached']} cached)  "
+        f"{run['duration_s'] or 0:.2f} s"
+    )
+    click.echo(f"params  {json_cell(run['params'])}")
+    if run["error"]:
+        click.echo(f"error   {run['error']}")
+    rows = [
+        {
+            **s,
+            "after": ",".join(s["after"]),
+            "outputs": " ".join(f"{k}={v}" for k, v in s["outputs"].items() if v is not None),
+        }
+        for s in run["steps_detail"]
+    ]
+    click.echo(
+        table(rows, ["step", "kind", "state", "after", "duration_s", "cache", "outputs", "job_id"])
+    )
+    for s in run["steps_detail"]:
+        if s["why"] or s["error"]:
+            click.echo(f"  {s['step']}: {s['error'] or ('cache ' + s['cache'] + ': ' + s['why'])}")
+
+
+@command(pipelines_group, "run")
+@click.argument("file", type=click.Path())
+@click.option("--param", "params", multiple=True, help="KEY=VALUE, typed as the default.")
+@click.option("--no-cache", is_flag=True, help="Run every step, even one with a cached result.")
+@click.option("--wait", is_flag=True, help="Follow the run; exit non-zero unless it succeeded.")
+def pipelines_run(
+    app: Any, as_json: bool, file: str, params: tuple[str, ...], no_cache: bool, wait: bool
+) -> None:
+    """Check a pipeline file whole, then queue a run for the agent; print the run id."""
+    from appliance.core.pipeline_runs import run_pipeline
+
+    run = run_pipeline(app, file, params, no_cache=no_cache)
+    _report_pipeline_run(app, run, as_json, wait)
+
+
+@command(pipelines_group, "runs")
+@click.option("--pipeline", help="Only runs of this pipeline.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def pipelines_runs(app: Any, as_json: bool, pipeline: str | None, limit: int) -> None:
+    """Pipeline runs, newest first."""
+    from appliance.core.pipeline_runs import list_runs
+
+    emit(
+        list_runs(app, pipeline, limit),
+        as_json,
+        [
+            "id",
+            "pipeline",
+            "state",
+            "trigger",
+            "done",
+            "steps",
+            "cached",
+            "duration_s",
+            "created_at",
+            "error",
+        ],
+    )
+
+
+@command(pipelines_group, "show")
+@click.argument("run_id")
+def pipelines_show(app: Any, as_json: bool, run_id: str) -> None:
+    """A run's DAG: each step's state, duration, cache hit (and why), outputs and job."""
+    from appliance.core.pipeline_runs import show_run
+
+    run = show_run(app, run_id)
+    emit(run, True) if as_json else _print_pipeline_run(run)
+
+
+@command(pipelines_group, "retry")
+@click.argument("run_id")
+@click.option("--wait", is_flag=True, help="Follow the run; exit non-zero unless it succeeded.")
+def pipelines_retry(app: Any, as_json: bool, run_id: str, wait: bool) -> None:
+    """Continue a failed or cancelled run from the steps that did not finish."""
+    from appliance.core.pipeline_runs import retry_run
+
+    _report_pipeline_run(app, retry_run(app, run_id), as_json, wait)
+
+
+@command(pipelines_group, "cancel")
+@click.argument("run_id")
+def pipelines_cancel(app: Any, as_json: bool, run_id: str) -> None:
+    """Stop a run: its running steps' jobs are cancelled; what it made is kept."""
+    from appliance.core.pipeline_runs import cancel_run
+
+    emit(cancel_run(app, run_id), as_json)
+
+
+@command(pipelines_group, "compare")
+@click.argument("run_a")
+@click.argument("run_b")
+def pipelines_compare(app: Any, as_json: bool, run_a: str, run_b: str) -> None:
+    """Two runs side by side: parameters, step outputs and final metrics (* differs)."""
+    from appliance.core.pipeline_runs import compare_runs
+
+    result = compare_runs(app, run_a, run_b)
+    if as_json:
+        emit(result, True)
+        return
+    a, b = result["a"], result["b"]
+    rows = [
+        {
+            "key": ("* " if p["differs"] else "  ") + "param." + p["param"],
+            a: json_cell(p["a"]),
+            b: json_cell(p["b"]),
+        }
+        for p in result["params"]
+    ]
+    for s in result["steps"]:
+        for key in sorted(set(s["a_outputs"]) | set(s["b_outputs"])):
+            va, vb = s["a_outputs"].get(key), s["b_outputs"].get(key)
+            mark = "* " if va != vb else "  "
+            rows.append({"key": f"{mark}{s['step']}.{key}", a: json_cell(va), b: json_cell(vb)})
+    for m in result["metrics"]:
+        mark = "* " if m["a"] != m["b"] else "  "
+        rows.append({"key": f"{mark}metric.{m['metric']}", a: m["a"], b: m["b"]})
+    click.echo(table(rows, ["key", a, b]))
+
+
+@command(pipelines_group, "schedule")
+@click.argument("file", type=click.Path())
+@click.option("--cron", required=True, help="Five cron fields in local time, e.g. '0 3 * * *'.")
+@click.option("--param", "params", multiple=True, help="KEY=VALUE for every run it starts.")
+@click.option(
+    "--policy",
+    type=click.Choice(["queue", "skip"]),
+    default="queue",
+    show_default=True,
+    help="When a run of this pipeline is still going: queue one run behind it, or skip.",
+)
+def pipelines_schedule(
+    app: Any, as_json: bool, file: str, cron: str, params: tuple[str, ...], policy: str
+) -> None:
+    """Run a pipeline on a schedule (the agent fires it; missed times run once)."""
+    from appliance.core.pipeline_triggers import schedule_pipeline
+
+    emit(schedule_pipeline(app, file, cron, params, policy), as_json)
+
+
+@command(pipelines_group, "on-new-version")
+@click.argument("file", type=click.Path())
+@click.option("--dataset", required=True, help="The dataset whose new versions start a run.")
+@click.option(
+    "--param-name", help="The parameter that gets NAME@VERSION (default: the one set to NAME)."
+)
+@click.option("--param", "params", multiple=True, help="KEY=VALUE for every run it starts.")
+@click.option(
+    "--policy",
+    type=click.Choice(["queue", "skip"]),
+    default="queue",
+    show_default=True,
+    help="When a run of this pipeline is still going: queue one run behind it, or skip.",
+)
+def pipelines_on_new_version(
+    app: Any,
+    as_json: bool,
+    file: str,
+    dataset: str,
+    param_name: str | None,
+    params: tuple[str, ...],
+    policy: str,
+) -> None:
+    """Run a pipeline whenever a dataset gets a new version, with that version."""
+    from appliance.core.pipeline_triggers import on_new_version
+
+    emit(on_new_version(app, file, dataset, param_name, params, policy), as_json)
+
+
+@command(pipelines_group, "triggers")
+def pipelines_triggers(app: Any, as_json: bool) -> None:
+    """Schedules and dataset triggers: when each fires next and what it last did."""
+    from appliance.core.pipeline_triggers import list_triggers
+
+    emit(
+        list_triggers(app),
+        as_json,
+        ["id", "pipeline", "when", "policy", "next", "last_run", "last_message"],
+    )
+
+
+@command(pipelines_group, "remove-trigger")
+@click.argument("trigger_id")
+def pipelines_remove_trigger(app: Any, as_json: bool, trigger_id: str) -> None:
+    """Stop a schedule or dataset trigger (the runs it started are kept)."""
+    from appliance.core.pipeline_triggers import remove_trigger
+
+    emit(remove_trigger(app, trigger_id), as_json)
 
 
 @cli.group("runs")

@@ -443,6 +443,20 @@ class Agent:
             started.append(job["id"])
         return started
 
+    def drive_pipelines(self) -> bool:
+        """Fire due pipeline triggers and move pipeline runs on (their next steps are queued
+        here, then started by `schedule` in the same pass). True while a run is active or a
+        trigger exists: an agent with schedules to keep does not go idle."""
+        from appliance.core.pipeline_runs import advance_pipelines
+        from appliance.core.pipeline_triggers import fire_triggers, has_triggers
+
+        try:
+            fire_triggers(self.app)
+        except ApplianceError as exc:
+            print(f"{utcnow()} pipeline triggers: {exc.message}", file=sys.stderr, flush=True)
+        active = advance_pipelines(self.app)
+        return active or has_triggers(self.app)
+
     def supervise_deployments(self) -> bool:
         """Restart deployment servers that died (crash, reboot), backing off 1 s, 2 s, 4 s...
         up to a minute per deployment. True while any deployment is meant to serve."""
@@ -567,9 +581,10 @@ class Agent:
             if self.probe_capacity and time.monotonic() - self.probed > every:
                 self.reprobe()
                 self.probed = time.monotonic()
+            pipelines = self.drive_pipelines()
             self.schedule()
             serving = self.supervise_deployments()
-            return self._active() > 0 or serving
+            return self._active() > 0 or serving or pipelines
         except (sqlite3.Error, OSError, ApplianceError) as exc:
             print(f"{utcnow()} agent pass failed, retrying: {exc}", file=sys.stderr, flush=True)
             self.app.close()  # a fresh connection next time

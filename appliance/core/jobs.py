@@ -42,13 +42,21 @@ from appliance.core.runs import MetricRow, create_run, log_metrics, new_id, set_
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import parse_utc, utcnow
 
-BUILTIN_KINDS = ("train-lightgbm", "train-mlp", "recipe", "evaluate", "tune-function")
+BUILTIN_KINDS = (
+    "train-lightgbm",
+    "train-mlp",
+    "recipe",
+    "evaluate",
+    "tune-function",
+    "pipeline-step",
+)
 EXECUTION_TYPES = {
     "train-lightgbm": "Train",
     "train-mlp": "Train",
     "recipe": "Recipe",
     "evaluate": "Evaluate",
     "tune-function": "Trial",
+    "pipeline-step": "Step",
     "command": "Run",
 }
 ACTIVE_STATES = ("queued", "running")
@@ -335,18 +343,21 @@ def submit_job(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     record: Callable[[sqlite3.Connection, str, str], None] | None = None,
+    executor_name: str | None = None,
 ) -> dict[str, Any]:
     """Queue a job and its run; the agent (started here if it is not running) starts it.
 
     `record(conn, job_id, run_id)` writes the caller's own row in the same transaction (a
-    tuning trial), so a crash never leaves a job its owner does not know about."""
+    tuning trial), so a crash never leaves a job its owner does not know about.
+    `executor_name` overrides the home's executor: a pipeline's control steps act on this
+    home's registry, so they run here whatever executes the compute."""
     from appliance.core.agent import ensure_agent
 
     if experiment is not None:
         spec.experiment = experiment
     spec.validate()
     request = spec.request()
-    executor = get_executor(app.settings.executor)
+    executor = get_executor(executor_name or app.settings.executor)
     executor.check_fits(app, request)
     spec = executor.prepare(app, spec)
     job_id = new_id()
@@ -591,9 +602,15 @@ def _finish(
     error: str | None,
     only: tuple[str, ...] = ACTIVE_STATES,
 ) -> bool:
-    """Move a job (and its run) to a final state, unless it already left `only`."""
+    """Move a job (and its run) to a final state, unless it already left `only`; the agent
+    is nudged, so what waited for this job (capacity, a pipeline's next step) goes on now."""
     with app.db.transaction() as conn:
-        return _finish_in(conn, job_id, state, exit_code, error, only)
+        done = _finish_in(conn, job_id, state, exit_code, error, only)
+    if done:
+        from appliance.core.agent import wake_agent
+
+        wake_agent(app)
+    return done
 
 
 def _finish_in(
@@ -1046,6 +1063,10 @@ def run_body() -> int:
             from appliance.core.studies import function_trial_job
 
             function_trial_job(spec, emit)
+        elif spec.kind == "pipeline-step":
+            from appliance.core.pipeline_steps import step_job
+
+            step_job(spec, emit)
         else:
             print(f"no built-in job body for kind {spec.kind!r}", file=sys.stderr)
             return 2
@@ -1308,8 +1329,10 @@ def submit_script(
     retries: int = 0,
     resources: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    **submit: Any,
 ) -> dict[str, Any]:
-    """Run a user's Python file as a tracked job (it may use `appliance.sdk`)."""
+    """Run a user's Python file as a tracked job (it may use `appliance.sdk`); `submit`
+    passes on to `submit_job` (a pipeline step's own row and tags)."""
     from appliance.core.datasets import get_dataset_version
 
     path = Path(script).expanduser()
@@ -1340,7 +1363,8 @@ def submit_script(
         experiment=experiment,
         run_name=name or path.name,
         inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in declared.values()],
-        tags=tags,
+        tags={**tags, **submit.pop("tags", {})},
+        **submit,
     )
 
 

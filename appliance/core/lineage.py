@@ -7,6 +7,7 @@ Refs name every node: `dataset:churn@1`, `run:3f2a…`, `blob:<sha256>`, `model:
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
@@ -78,6 +79,30 @@ def record_execution(
             (_context_id(conn, *context), execution_id),
         )
     return execution_id
+
+
+def associate(
+    conn: sqlite3.Connection,
+    context: tuple[str, str],
+    artifacts: Iterable[str] = (),
+    executions: Iterable[str] = (),
+) -> None:
+    """Put existing nodes (by ref) in a context, e.g. everything a pipeline run made."""
+    context_id = _context_id(conn, *context)
+    for ref in artifacts:
+        row = conn.execute("SELECT id FROM lineage_artifacts WHERE ref = ?", (ref,)).fetchone()
+        if row is not None:
+            conn.execute(
+                "INSERT INTO lineage_attributions VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (context_id, row[0]),
+            )
+    for ref in executions:
+        row = conn.execute("SELECT id FROM lineage_executions WHERE ref = ?", (ref,)).fetchone()
+        if row is not None:
+            conn.execute(
+                "INSERT INTO lineage_associations VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (context_id, row[0]),
+            )
 
 
 def set_execution_state(conn: sqlite3.Connection, ref: str, state: str) -> None:
@@ -193,6 +218,14 @@ def lineage(app: Appliance, ref: str) -> dict[str, Any]:
         "WHERE s.execution_id = ? AND ? = 'e'",
         (node["node"][1], node["node"][0], node["node"][1], node["node"][0]),
     )
+    for context in contexts:
+        if context["type"] == "PipelineRun":  # which run, and with which parameters
+            run = app.db.one(
+                "SELECT pipeline, params_json FROM pipeline_runs WHERE id = ?", (context["name"],)
+            )
+            if run is not None:
+                context["pipeline"] = run["pipeline"]
+                context["params"] = json.loads(run["params_json"])
     return {
         "ref": canonical,
         "type": node["type"],

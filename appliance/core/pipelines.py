@@ -50,7 +50,9 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "import": Kind({"import": TEXT, "name": TEXT}, ("import", "name"), {"out": DATASET}),
+    "import": Kind(
+        {"import": TEXT, "name": TEXT, "format": TEXT}, ("import", "name"), {"out": DATASET}
+    ),
     "recipe": Kind(
         {"recipe": TEXT, "inputs": DATASET, "out": TEXT},
         ("recipe", "inputs", "out"),
@@ -58,7 +60,14 @@ KINDS: dict[str, Kind] = {
         files=("recipe",),
     ),
     "split": Kind(
-        {"split": DATASET, "fractions": None, "stratify": TEXT, "method": TEXT, "seed": NUMBER},
+        {
+            "split": DATASET,
+            "fractions": None,
+            "stratify": TEXT,
+            "time_col": TEXT,
+            "group": TEXT,
+            "seed": NUMBER,
+        },
         ("split", "fractions"),
         {"train": DATASET, "valid": DATASET, "test": DATASET},
     ),
@@ -78,6 +87,7 @@ KINDS: dict[str, Kind] = {
         {
             "train": DATASET,
             "valid": DATASET,
+            "test": DATASET,
             "label": TEXT,
             "trainer": TEXT,
             "params": None,
@@ -87,7 +97,13 @@ KINDS: dict[str, Kind] = {
         {"run": RUN},
     ),
     "tune": Kind(
-        {"tune": TEXT, "train": DATASET, "valid": DATASET, "max_trials": NUMBER},
+        {
+            "tune": TEXT,
+            "train": DATASET,
+            "valid": DATASET,
+            "test": DATASET,
+            "max_trials": NUMBER,
+        },
         ("tune",),
         {"best_run": RUN, "study": TEXT},
         files=("tune",),
@@ -95,7 +111,7 @@ KINDS: dict[str, Kind] = {
     "evaluate": Kind({"evaluate": VERSION, "data": DATASET}, ("evaluate", "data"), {"run": RUN}),
     "register": Kind({"register": RUN, "model": TEXT}, ("register", "model"), {"version": VERSION}),
     "promote": Kind(
-        {"promote": VERSION, "to": TEXT, "gate": TEXT},
+        {"promote": VERSION, "to": TEXT, "gate": TEXT, "data": DATASET},
         ("promote", "to"),
         {"promoted": BOOL, "version": VERSION},
     ),
@@ -138,6 +154,8 @@ class Pipeline:
     steps: dict[str, Step]
     order: list[str]
     source: str
+    definition: dict[str, Any] = field(default_factory=dict)  # as written, for a run to keep
+    base: Path | None = None  # where its relative files are
 
 
 def _type_of(value: Any) -> str:
@@ -227,7 +245,7 @@ def parse_pipeline(
     for step in steps.values():
         if step.kind == "promote" and step.args.get("gate") is not None:
             _check_gate(step, values, source)
-    return Pipeline(name, values, steps, order, source)
+    return Pipeline(name, values, steps, order, source, data, base)
 
 
 def load_pipeline(path: str | Path, overrides: Any = ()) -> Pipeline:
@@ -406,3 +424,30 @@ def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
         }
         for name in pipeline.order
     ]
+
+
+def resolve(value: Any, params: dict[str, Any], outputs: dict[str, dict[str, Any]]) -> Any:
+    """A step's value with its references put in: a value that is one reference becomes the
+    referred value itself (a number stays a number), a reference inside text becomes text."""
+    if isinstance(value, dict):
+        return {k: resolve(v, params, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, params, outputs) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(ref: str) -> Any:
+        parts = ref.strip().split(".")
+        if parts[0] == "params":
+            return params[parts[1]]
+        return outputs[parts[1]][parts[2]]
+
+    found = _REF.findall(value)
+    if len(found) == 1 and value.strip() == "${" + found[0] + "}":
+        return lookup(found[0])
+    return _REF.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+def step_refs(step: Step) -> list[str]:
+    """The `${...}` references a step's values make (for showing a DAG's edges)."""
+    return [ref for value in step.args.values() for ref, _ in _refs(value)]

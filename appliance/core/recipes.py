@@ -95,8 +95,14 @@ def run_recipe(
     checks_file: str | None = None,
     allow_invalid: bool = False,
     timestamp_col: str | None = None,
+    bindings: dict[str, str] | None = None,
+    **submit: Any,
 ) -> dict[str, Any]:
-    """Submit a recipe (or return its cached output). Returns {cached, version | job, key}."""
+    """Submit a recipe (or return its cached output). Returns {cached, version | job, key}.
+
+    `bindings` name a dataset version for an identifier the SQL reads (a pipeline's
+    `inputs: {raw: churn@4}` makes `FROM raw` read churn@4); `submit` passes on to
+    `submit_job`."""
     validate_name("--out", out)
     file = Path(path)
     if not file.is_file():
@@ -105,6 +111,8 @@ def run_recipe(
     where = str(file)
     parsed = _parse(sql, where)
     inputs = referenced_datasets(app, sql)
+    for token, ref in (bindings or {}).items():
+        inputs[token.lower()] = get_dataset_version(app, ref)
     _, checks_text = _checks_for(app, out, checks_file)
     if checks_text is None:
         stored = app.db.one(
@@ -156,6 +164,7 @@ def run_recipe(
         run_name=f"{file.stem} -> {out}",
         inputs=[("DatasetVersion", f"dataset:{v['ref']}") for v in inputs.values()]
         + [("Recipe", recipe_ref)],
+        **submit,
     )
     return {"cached": False, "job": job, "key": key}
 

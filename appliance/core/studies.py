@@ -648,6 +648,7 @@ class Driver:
                 cpus=int(resources.get("cpu", 1)),
                 trainer=train["trainer"],
                 valid=train["valid"],
+                test=train.get("test"),  # scored, never tuned on: a gate can compare it
                 objective=train["objective"],
                 timeout=train["timeout"],
                 memory=resources.get("memory", "2Gi"),

@@ -32,7 +32,7 @@ KEYS = {
     "early_stopping",
     "stop",
 }
-TRAINER_KEYS = {"trainer", "train", "valid", "label", "features", "params", "objective"}
+TRAINER_KEYS = {"trainer", "train", "valid", "test", "label", "features", "params", "objective"}
 SCRIPT_KEYS = {"script", "function", "in_process", "params"}
 COMMON_KEYS = {"resources", "timeout"}
 # LightGBM drops features it cannot split under the Dataset's min_data_in_leaf ("pre-filter");
@@ -143,7 +143,7 @@ def _parse_train(app: Appliance, train: Any) -> dict[str, Any]:
     if not isinstance(label, str):
         raise InvalidInput("train.label: required, the label column")
     versions = {}
-    for role in ("train", "valid"):
+    for role in ("train", "valid", "test"):
         ref = train.get(role)
         if role == "train" and not isinstance(ref, str):
             raise InvalidInput("train.train: required, the training dataset (NAME[@V])")
@@ -163,6 +163,7 @@ def _parse_train(app: Appliance, train: Any) -> dict[str, Any]:
         "trainer": trainer,
         "train": versions["train"]["ref"],
         "valid": versions["valid"]["ref"] if "valid" in versions else None,
+        "test": versions["test"]["ref"] if "test" in versions else None,
         "label": label,
         "features": features,
         "objective": train.get("objective"),

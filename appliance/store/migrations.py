@@ -460,6 +460,76 @@ def m013_k3s_serving(db: Any) -> None:
     )
 
 
+def m014_pipelines(db: Any) -> None:
+    # A pipeline run keeps its definition as submitted (a later edit of the file changes
+    # later runs only) and one row per step: its state, the job that ran it, the cache key
+    # with what the key was made of, and its outputs. Triggers keep what they last saw, so
+    # downtime collapses into one firing.
+    _run_script(
+        db,
+        """
+        CREATE TABLE pipeline_runs (
+            id TEXT PRIMARY KEY,
+            pipeline TEXT NOT NULL,
+            definition_json TEXT NOT NULL,
+            source TEXT NOT NULL,
+            base_dir TEXT,
+            params_json TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            trigger TEXT NOT NULL DEFAULT 'manual',
+            no_cache INTEGER NOT NULL DEFAULT 0,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            attempt INTEGER NOT NULL DEFAULT 1,
+            error TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT
+        );
+        CREATE INDEX pipeline_runs_by_pipeline ON pipeline_runs (pipeline, created_at);
+        CREATE INDEX pipeline_runs_active ON pipeline_runs (state);
+        CREATE TABLE pipeline_steps (
+            run_id TEXT NOT NULL REFERENCES pipeline_runs (id),
+            step TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            after_json TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'succeeded', 'cached',
+                'failed', 'skipped', 'cancelled')),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            job_id TEXT,
+            job_run_id TEXT,
+            cache_key TEXT,
+            cache_json TEXT,
+            cached_from TEXT,
+            outputs_json TEXT,
+            error TEXT,
+            started_at TEXT,
+            finished_at TEXT,
+            PRIMARY KEY (run_id, step)
+        );
+        CREATE INDEX pipeline_steps_by_key ON pipeline_steps (cache_key);
+        CREATE INDEX pipeline_steps_by_job ON pipeline_steps (job_id);
+        CREATE TABLE pipeline_triggers (
+            id TEXT PRIMARY KEY,
+            pipeline TEXT NOT NULL,
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('schedule', 'dataset')),
+            cron TEXT,
+            dataset TEXT,
+            param TEXT,
+            params_json TEXT NOT NULL DEFAULT '[]',
+            policy TEXT NOT NULL CHECK (policy IN ('queue', 'skip')),
+            last_fired_at REAL NOT NULL,
+            last_version INTEGER NOT NULL DEFAULT 0,
+            last_run_id TEXT,
+            last_message TEXT,
+            created_at TEXT NOT NULL
+        )
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -499,6 +569,7 @@ STEPS: list[Callable[[Any], None]] = [
     m011_feature_usage,
     m012_tuning,
     m013_k3s_serving,
+    m014_pipelines,
 ]
 
 
