@@ -40,6 +40,16 @@ def stop_studies_of(home: Path) -> None:
         appliance.close()
 
 
+def stop_deployments(appliance: Appliance) -> None:
+    """Stop the model servers a test's pipelines started (they outlive their jobs)."""
+    from appliance.core.deployments import stop_deployment
+
+    for row in appliance.db.rows(
+        "SELECT name FROM deployments WHERE status = 'serving' AND backend = 'local'"
+    ):
+        stop_deployment(appliance, row["name"])
+
+
 def stop_agent_of(home: Path) -> None:
     """Stop the agent a test's jobs started (its running jobs, if any, are cancelled first)."""
     stop_studies_of(home)
@@ -50,9 +60,15 @@ def stop_agent_of(home: Path) -> None:
 
     appliance = Appliance.open(home)
     try:
+        # runs first: a pipeline's next step must not be queued while its jobs are cancelled
+        appliance.db.execute(
+            "UPDATE pipeline_runs SET state = 'cancelled' WHERE state IN ('queued', 'running')"
+        )
+        appliance.db.execute("DELETE FROM pipeline_triggers")
         for row in appliance.db.rows("SELECT id FROM jobs WHERE state IN (?, ?)", ACTIVE_STATES):
             cancel_job(appliance, row["id"])
         stop_agent(appliance)
+        stop_deployments(appliance)
     finally:
         appliance.close()
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
             ["--trivial", "30", "--job-trials", "3", "--lgbm-trials", "2", "--rows", "3000"],
             "speed-up parallel 2 vs 1",
         ),
+        ("pipelines.py", ["--rows", "2000", "--repeat", "1"], "orchestration overhead per step"),
         (
             "serving.py",
             ["--seconds", "1", "--cycles", "2", "--rows", "3000"],

@@ -241,10 +241,12 @@ def _begin(
             raise InvalidInput(f"steps.{name}.when: expected true or false, got {when!r}")
         if not when:
             return _mark(app, run["id"], name, "skipped", error="when: false")
-        ctx = StepContext(app, run["id"], pipeline.name, name, step.kind, args, pipeline.base, 0)
+        use_cache = not run["no_cache"] and args.get("cache", True) and step.kind not in NOT_CACHED
+        ctx = StepContext(
+            app, run["id"], pipeline.name, name, step.kind, args, pipeline.base, 0, use_cache
+        )
         material = key_material(ctx)
         key = cache_key(material)
-        use_cache = not run["no_cache"] and args.get("cache", True) and step.kind not in NOT_CACHED
         hit, why = _lookup(app, run, name, step.kind, key, material, use_cache)
         cache = {"key": key, "material": material, "hit": hit is not None, "why": why}
         if hit is not None:

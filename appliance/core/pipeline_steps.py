@@ -45,6 +45,7 @@ class StepContext:
     args: dict[str, Any]
     base: Path | None
     attempt: int
+    use_cache: bool = True  # False: run it, even where an earlier result could be reused
 
     def path(self, value: str) -> Path:
         """A file a step names, read from next to the pipeline file."""
@@ -132,7 +133,8 @@ def cache_key(material: dict[str, Any]) -> str:
 
 def differences(before: Any, after: Any, prefix: str = "") -> list[str]:
     """Where two key materials differ, as `path: old -> new` (why a step missed)."""
-    if isinstance(before, dict) and isinstance(after, dict):
+    pinned = isinstance(before, dict) and "ref" in before  # one input: name@N and content
+    if isinstance(before, dict) and isinstance(after, dict) and not pinned:
         found = []
         for key in sorted(set(before) | set(after)):
             found += differences(before.get(key), after.get(key), f"{prefix}{key}.")
@@ -222,7 +224,12 @@ def start_step(ctx: StepContext, record: Record, tags: dict[str, str]) -> dict[s
         if not isinstance(inputs, dict):
             raise InvalidInput(f"{ctx.where('inputs')}: expected a mapping of SQL name: dataset")
         result = run_recipe(
-            ctx.app, ctx.path(a["recipe"]), str(a["out"]), bindings=inputs, **submit
+            ctx.app,
+            ctx.path(a["recipe"]),
+            str(a["out"]),
+            bindings=inputs,
+            use_cache=ctx.use_cache,
+            **submit,
         )
         if result["cached"]:
             return {"outputs": {"out": result["version"]["ref"]}, "note": "the recipe's cache"}

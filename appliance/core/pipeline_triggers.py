@@ -214,16 +214,29 @@ def fire_triggers(app: Appliance, now: float | None = None) -> list[str]:
             overrides.append(f"{row['param']}={row['dataset']}@{latest}")
             marks = {"last_version": latest, "last_fired_at": now}
             label = f"dataset:{row['id']}"
+        if not _claim(app, row, marks):
+            continue  # fired by someone else meanwhile: once is once
         run_id, message = _fire(app, row, overrides, label)
-        sets = ", ".join(f"{k} = ?" for k in marks)
         app.db.execute(
-            f"UPDATE pipeline_triggers SET {sets}, last_message = ?, "
+            "UPDATE pipeline_triggers SET last_message = ?, "
             "last_run_id = coalesce(?, last_run_id) WHERE id = ?",
-            (*marks.values(), message, run_id, row["id"]),
+            (message, run_id, row["id"]),
         )
         if run_id:
             started.append(run_id)
     return started
+
+
+def _claim(app: Appliance, row: dict[str, Any], marks: dict[str, Any]) -> bool:
+    """Take this firing: moves what the trigger saw on only if nobody moved it first."""
+    sets = ", ".join(f"{k} = ?" for k in marks)
+    with app.db.transaction() as conn:
+        cur = conn.execute(
+            f"UPDATE pipeline_triggers SET {sets} WHERE id = ? AND last_fired_at = ? "
+            "AND last_version = ?",
+            (*marks.values(), row["id"], row["last_fired_at"], row["last_version"]),
+        )
+        return cur.rowcount == 1
 
 
 def _fire(

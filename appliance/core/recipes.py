@@ -96,6 +96,7 @@ def run_recipe(
     allow_invalid: bool = False,
     timestamp_col: str | None = None,
     bindings: dict[str, str] | None = None,
+    use_cache: bool = True,
     **submit: Any,
 ) -> dict[str, Any]:
     """Submit a recipe (or return its cached output). Returns {cached, version | job, key}.
@@ -135,7 +136,7 @@ def run_recipe(
             sort_keys=True,
         ).encode()
     ).hexdigest()
-    hit = cached_output(app, key)
+    hit = cached_output(app, key) if use_cache else None
     if hit is not None:
         return {"cached": True, "version": hit, "key": key}
     _dry_run(sql, parsed, inputs, where)
