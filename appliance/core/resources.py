@@ -10,7 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.core import datasets, deployments, features, jobs, registry, runs, studies
+from appliance.core import (
+    datasets,
+    deployments,
+    features,
+    jobs,
+    pipeline_runs,
+    registry,
+    runs,
+    studies,
+)
 from appliance.core.context import Appliance
 from appliance.errors import InvalidInput
 
@@ -77,6 +86,12 @@ KINDS: dict[str, Kind] = {
             ("study", "tune", "t"),
             ("id", "name", "state", "trials", "metric", "best", "best_trial", "message"),
             studies.list_studies,
+        ),
+        Kind(
+            "pipelines",
+            ("pipeline", "pl", "p"),
+            ("id", "pipeline", "state", "trigger", "done", "steps", "cached", "created_at"),
+            lambda app: pipeline_runs.list_runs(app),
         ),
     )
 }

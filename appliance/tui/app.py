@@ -81,6 +81,7 @@ class ApplianceApp(App[None]):
         Binding("s", "deployments", "Serving"),
         Binding("f", "features", "Features"),
         Binding("t", "tuning", "Tuning"),
+        Binding("p", "pipelines", "Pipelines"),
         Binding("c", "cluster", "Cluster"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
@@ -277,6 +278,11 @@ class ApplianceApp(App[None]):
 
         self.push_screen(TuningScreen(self.ctx))
 
+    def action_pipelines(self) -> None:
+        from appliance.tui.pipelines import PipelinesScreen
+
+        self.push_screen(PipelinesScreen(self.ctx))
+
     @on(DataTable.RowSelected, "#table")
     def _on_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a row opens its kind's own screen (k9s's drill-down)."""
@@ -294,6 +300,8 @@ class ApplianceApp(App[None]):
             self.action_features()
         elif self.kind == "studies":
             self.action_tuning()
+        elif self.kind == "pipelines":
+            self.action_pipelines()
 
     def action_refresh(self) -> None:
         self.refresh_resources()
