@@ -4,6 +4,7 @@ the README's example end to end with a fully cached second run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -374,3 +375,113 @@ def test_the_readme_example_runs_end_to_end_and_a_second_run_is_fully_cached(
     assert "* param.min_gain" in shown.out and "* prep.out" in shown.out
     listed = cli("--home", home, "pipelines", "runs", "--json").json()
     assert [r["id"] for r in listed][-1] == run["id"] and len(listed) == 3
+
+
+def test_a_step_interrupted_by_a_reboot_runs_again_by_itself(app: Appliance, project: Path) -> None:
+    """A reboot kills the agent and every job's supervisor: when the agent is back, the
+    interrupted step (not failed by its own code) runs again, and the run goes on."""
+    from appliance.core.agent import ensure_agent
+    from appliance.core.processes import kill_tree
+
+    path = write(project, "name: boot\nsteps:\n  a: {script: step.py, args: [a, 3]}\n")
+    run = run_pipeline(app, path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not events(project):
+        time.sleep(0.05)
+    os.kill(int((app.settings.home / "agent.lock").read_text().split()[0]), signal.SIGKILL)
+    job = app.db.one(
+        "SELECT j.pid, j.child_pid FROM jobs j JOIN pipeline_steps s ON s.job_id = j.id "
+        "WHERE s.run_id = ?",
+        (run["id"],),
+    )
+    os.kill(job["pid"], signal.SIGKILL)
+    kill_tree(job["child_pid"], grace=0.1)
+    ensure_agent(app)
+    done = wait_run(app, run["id"], timeout=60)
+    assert done["state"] == "succeeded", show_run(app, run["id"])
+    step = steps_of(app, run["id"])["a"]
+    assert step["attempt"] == 2
+    kinds = [kind for kind, _, _ in events(project)]
+    assert kinds.count("START") == 2 and kinds.count("END") == 1
+
+
+def test_a_retried_register_step_registers_once(app: Appliance, project: Path) -> None:
+    """An attempt that registered, then died before reporting: the next attempt finds the
+    version instead of registering the run again."""
+    from appliance.core.datasets import import_csv
+    from appliance.core.jobs import wait_job
+    from appliance.core.pipeline_steps import _BODIES, StepContext
+    from appliance.core.quickstart import sample_csv
+    from appliance.core.training import submit_training
+
+    import_csv(app, sample_csv(), "churn")
+    job = wait_job(
+        app, submit_training(app, "churn", "churned", params={"num_boost_round": 5})["id"], 120
+    )
+    assert job["state"] == "succeeded"
+    ctx = StepContext(
+        app, "r", "p", "register", "register", {"register": job["run_id"], "model": "m"}, None, 1
+    )
+    first = _BODIES["register"](ctx, lambda event: None)
+    again = _BODIES["register"](ctx, lambda event: None)
+    assert first == again == {"version": "m@1"}
+    assert app.db.scalar("SELECT count(*) FROM model_versions") == 1
+
+
+TUNE = """
+name: slow
+train: {script: objective.py, function: slow}
+objective: {metric: loss, direction: minimize}
+space: {x: {uniform: [0, 1]}}
+max_trials: 20
+parallel_trials: 2
+"""
+
+
+def test_cancelling_a_tune_step_stops_its_trials(app: Appliance, project: Path) -> None:
+    (project / "objective.py").write_text(
+        "import time\n\ndef slow(p):\n    time.sleep(30)\n    return p['x']\n"
+    )
+    (project / "tune.yaml").write_text(TUNE)
+    run = run_pipeline(app, write(project, "name: t\nsteps:\n  search: {tune: tune.yaml}\n"))
+    deadline = time.monotonic() + 30
+    running = 0
+    while time.monotonic() < deadline and running < 2:
+        running = app.db.scalar(
+            "SELECT count(*) FROM jobs WHERE kind = 'tune-function' AND state = 'running'"
+        )
+        time.sleep(0.1)
+    assert running == 2
+    cancel_run(app, run["id"])
+    assert wait_run(app, run["id"], timeout=30)["state"] == "cancelled"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and app.db.scalar(
+        "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+    ):
+        time.sleep(0.1)
+    left = app.db.rows(
+        "SELECT id, kind, state, error FROM jobs WHERE state IN ('queued', 'running')"
+    )
+    assert left == [], (left, app.db.rows("SELECT state, message FROM studies"))
+    assert app.db.scalar("SELECT state FROM studies") == "stopped"
+
+
+def test_control_steps_run_on_this_machine_whatever_executes_the_compute(
+    app: Appliance, project: Path
+) -> None:
+    """On a k3s home a train step's job goes to the cluster, but a register or deploy step
+    acts on this home's registry: its job's executor is local."""
+    import dataclasses
+
+    from appliance.core.pipeline_steps import StepContext, start_step
+
+    # what a cluster home says; nothing is submitted to a cluster here
+    cluster = Appliance(dataclasses.replace(app.settings, executor="k3s"))
+    ctx = StepContext(
+        app, "r", "p", "gate", "promote", {"promote": "m@1", "to": "champion"}, None, 0
+    )
+    job = start_step(ctx, lambda conn, job_id, run_id: None, {})["job"]
+    assert cluster.db.scalar("SELECT executor FROM jobs WHERE id = ?", (job["id"],)) == "local"
+    spec = json.loads(cluster.db.scalar("SELECT spec_json FROM jobs WHERE id = ?", (job["id"],)))
+    assert spec["kind"] == "pipeline-step" and spec["resources"]["cpu"] == 0
+    cluster.close()

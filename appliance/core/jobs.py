@@ -197,7 +197,10 @@ class JobSpec:
         cpu = self.resources.get("cpu", 1)
         if isinstance(cpu, str) and cpu.endswith("m") and cpu[:-1].isdigit():
             cpu = int(cpu[:-1]) / 1000  # Kubernetes millicores
-        if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu < 4096:
+        # a pipeline's control step mostly waits on other jobs (a study's trials): it takes
+        # no core, or it would hold back the very jobs it waits for
+        low = 0 if self.kind == "pipeline-step" else 1e-12
+        if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not low <= cpu < 4096:
             raise InvalidInput(f"resources.cpu: expected a positive number of cores, got {cpu!r}")
         gpu = self.resources.get("gpu", 0)
         if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:

@@ -24,6 +24,7 @@ from appliance.core.context import Appliance
 from appliance.core.pipeline_steps import (
     NOT_CACHED,
     StepContext,
+    abandon_study,
     cache_key,
     differences,
     job_outputs,
@@ -49,6 +50,7 @@ from appliance.store.db import parse_utc, utcnow
 ACTIVE = ("queued", "running")
 DONE = ("succeeded", "cached", "skipped")
 PIPELINE_CONTEXT = "PipelineRun"
+MAX_INTERRUPTIONS = 3  # a step interrupted this often (not failed by itself) fails
 
 
 # ---- submitting ---------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def _lookup(
 
 def _settle(app: Appliance, run: dict[str, Any], step: dict[str, Any]) -> bool:
     """A running step whose job ended: its outputs (succeeded) or its failure, once."""
-    from appliance.core.jobs import FINAL_STATES, get_job, reconcile_job
+    from appliance.core.jobs import FINAL_STATES, SUPERVISOR_GONE, get_job, reconcile_job
 
     try:
         job = get_job(app, step["job_id"])
@@ -381,6 +383,26 @@ def _settle(app: Appliance, run: dict[str, Any], step: dict[str, Any]) -> bool:
         job = reconcile_job(app, job)  # its supervisor may be gone (a reboot)
     if job["state"] not in FINAL_STATES:
         return False
+    if job["state"] == "failed" and job["error"] == SUPERVISOR_GONE and not run["cancel_requested"]:
+        # interrupted, not failed (a reboot, an OOM kill of its supervisor): the step runs
+        # again by itself, a few times at most; its body is idempotent
+        if step["attempt"] < MAX_INTERRUPTIONS:
+            return (
+                _update(
+                    app,
+                    "UPDATE pipeline_steps SET state = 'pending', error = ? "
+                    "WHERE run_id = ? AND step = ? AND state = 'running' AND job_id = ?",
+                    (
+                        f"attempt {step['attempt']} interrupted: {SUPERVISOR_GONE}",
+                        run["id"],
+                        step["step"],
+                        step["job_id"],
+                    ),
+                )
+                == 1
+            )
+    if job["state"] != "succeeded" and step["kind"] == "tune":
+        abandon_study(app, run["id"], step["step"])
     if job["state"] != "succeeded":
         state = "cancelled" if job["state"] == "cancelled" else "failed"
         return _finish_step(

@@ -12,9 +12,11 @@ nothing), so an attempt killed half-way and run again never registers or deploys
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ OUTPUTS_TAG = "pipeline.outputs"
 STUDY_TAG = "pipeline.study"
 COMPUTE = {"recipe", "train", "evaluate", "script"}
 NOT_CACHED = {"materialize", "rollback"}  # their effect depends on time and live state
-CONTROL_RESOURCES = {"cpu": 0.1, "memory": 0, "gpu": 0}
+CONTROL_RESOURCES = {"cpu": 0, "memory": 0, "gpu": 0}  # see JobSpec.request
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -473,13 +475,16 @@ def _tune(ctx: StepContext, emit: Emit) -> dict[str, Any]:
     """Run the study here, as its driver (its trials are jobs); a retried attempt resumes
     the study the first attempt started instead of starting another."""
     from appliance.core.runs import set_tags
-    from appliance.core.studies import create_study, drive_study, get_study, resume_study
+    from appliance.core.studies import (
+        create_study,
+        drive_study,
+        get_study,
+        resume_study,
+        stop_study,
+    )
     from appliance.core.tuning import parse_study
 
-    run_id = os.environ.get("APPLIANCE_RUN_ID", "")
-    study_id = ctx.app.db.scalar(
-        "SELECT value FROM run_tags WHERE run_id = ? AND key = ?", (run_id, STUDY_TAG)
-    )
+    study_id = step_study(ctx.app, ctx.run_id, ctx.step)  # an interrupted attempt's
     if study_id is None:
         data = _tune_yaml(ctx)
         train = dict(data.get("train") or {})
@@ -495,11 +500,19 @@ def _tune(ctx: StepContext, emit: Emit) -> dict[str, Any]:
         study = create_study(ctx.app, spec, start=False)
         study_id = study["id"]
         with ctx.app.db.transaction() as conn:
-            set_tags(conn, run_id, {STUDY_TAG: study_id})
+            set_tags(conn, study["run_id"], {"pipeline.run": ctx.run_id, "pipeline.step": ctx.step})
     elif get_study(ctx.app, study_id)["state"] not in ("running", "stopping", "succeeded"):
         resume_study(ctx.app, study_id, start=False)
     print(f"study {study_id}", flush=True)
-    drive_study(ctx.app, study_id)
+    emit({"type": "tag", "name": STUDY_TAG, "value": study_id})
+    previous = signal.signal(signal.SIGTERM, _stop_tuning)
+    try:
+        drive_study(ctx.app, study_id)
+    except _Stopped:  # the step was cancelled: its trials must not run on without it
+        stop_study(ctx.app, study_id)
+        raise ApplianceError(f"study {study_id} stopped: the step was cancelled") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     study = get_study(ctx.app, study_id)
     if study["state"] != "succeeded" or study["best_trial"] is None:
         raise ApplianceError(
@@ -511,6 +524,40 @@ def _tune(ctx: StepContext, emit: Emit) -> dict[str, Any]:
         (study_id, study["best_trial"]),
     )
     return {"best_run": best_run, "study": study_id}
+
+
+def step_study(app: Appliance, run_id: str, step: str) -> str | None:
+    """The study a tune step started (its parent run is tagged with the step)."""
+    found = app.db.scalar(
+        "SELECT s.id FROM studies s JOIN run_tags a ON a.run_id = s.run_id "
+        "JOIN run_tags b ON b.run_id = s.run_id WHERE a.key = 'pipeline.run' AND a.value = ? "
+        "AND b.key = 'pipeline.step' AND b.value = ? ORDER BY s.created_at DESC LIMIT 1",
+        (run_id, step),
+    )
+    return str(found) if found is not None else None
+
+
+def abandon_study(app: Appliance, run_id: str, step: str) -> None:
+    """A tune step that ended without succeeding (cancelled, timed out, killed): its study
+    stops and no trial of it runs on. The agent calls this, so it holds even when the step's
+    own process was killed before it could clean up."""
+    from appliance.core.studies import cancel_trial_jobs, get_study, stop_study
+
+    study_id = step_study(app, run_id, step)
+    if study_id is None:
+        return
+    if get_study(app, study_id)["state"] in ("running", "stopping"):
+        with contextlib.suppress(ApplianceError):
+            stop_study(app, study_id, timeout=0.5)
+    cancel_trial_jobs(app, study_id)
+
+
+class _Stopped(BaseException):
+    """SIGTERM inside a tune step: unwinds the driver so its trials are stopped."""
+
+
+def _stop_tuning(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 def _tune_yaml(ctx: StepContext) -> dict[str, Any]:

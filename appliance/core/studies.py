@@ -252,7 +252,8 @@ def stop_study(app: Appliance, ref: str, timeout: float = 10.0) -> dict[str, Any
         "AND state IN ('running', 'stopping')",
         (row["id"],),
     )
-    if state == "interrupted":
+    if state == "interrupted" or row.get("driver_pid") == os.getpid():
+        # no driver, or the driver is this process (a cancelled pipeline step): at once
         _wind_down(app, row["id"], "stopped", "stopped by request", "request")
         return get_study(app, row["id"])
     deadline = time.monotonic() + timeout
@@ -404,6 +405,22 @@ def _finish_trials(conn: sqlite3.Connection, study_id: str) -> list[str]:
         (utcnow(), study_id),
     )
     return jobs
+
+
+def cancel_trial_jobs(app: Appliance, study_id: str) -> int:
+    """Cancel every trial job of a study that is still queued or running, whatever its
+    trial row says (a driver killed between marking and cancelling leaves such jobs)."""
+    from appliance.core.jobs import request_cancel
+
+    rows = app.db.rows(
+        "SELECT j.id FROM trials t JOIN jobs j ON j.id = t.job_id WHERE t.study_id = ? "
+        "AND j.state IN ('queued', 'running')",
+        (study_id,),
+    )
+    for row in rows:
+        with contextlib.suppress(Conflict, NotFound):
+            request_cancel(app, row["id"])
+    return len(rows)
 
 
 def _wind_down(app: Appliance, study_id: str, state: str, message: str, ended_by: str) -> bool:
