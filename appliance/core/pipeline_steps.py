@@ -638,17 +638,25 @@ def _promote(ctx: StepContext, emit: Emit) -> dict[str, Any]:
 
 
 def _deploy(ctx: StepContext, emit: Emit) -> dict[str, Any]:
-    from appliance.core.deployments import create_deployment, deploy, get_deployment
+    from appliance.core.deployments import (
+        create_deployment,
+        deploy,
+        get_deployment,
+        start_deployment,
+    )
     from appliance.core.registry import get_model_version
 
     name = str(ctx.args["name"])
     version = get_model_version(ctx.app, str(ctx.args["deploy"]))
     try:
         get_deployment(ctx.app, name)
-        dep = deploy(ctx.app, name, version["ref"])
+        deploy(ctx.app, name, version["ref"])
     except NotFound:
-        dep = create_deployment(ctx.app, name, version["ref"])
+        create_deployment(ctx.app, name, version["ref"])
     dep = get_deployment(ctx.app, name)
+    if dep["status"] != "serving":  # a stopped deployment: a deploy step means "serve it"
+        start_deployment(ctx.app, name, dep["host"], dep["port"] or 0)
+        dep = get_deployment(ctx.app, name)
     if f"{dep['model']}@{dep['model_version']}" != version["ref"]:
         raise Conflict(f"deployment {name} serves {dep['model']}@{dep['model_version']}")
     return {
