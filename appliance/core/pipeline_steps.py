@@ -428,7 +428,7 @@ def _split(ctx: StepContext, emit: Emit) -> dict[str, Any]:
 
 def _validate(ctx: StepContext, emit: Emit) -> dict[str, Any]:
     from appliance.core import duck
-    from appliance.core.checks import failure_message, load_checks_text, run_checks
+    from appliance.core.checks import load_checks_text, run_checks
     from appliance.core.datasets import get_dataset_version, table_sql
 
     version = get_dataset_version(ctx.app, str(ctx.args["validate"]))
@@ -448,8 +448,11 @@ def _validate(ctx: StepContext, emit: Emit) -> dict[str, Any]:
     for result in results:
         print(json.dumps(result, default=str))
     failed = [r for r in results if r.get("failing")]
-    if failed:
-        raise InvalidInput(failure_message(f"{version['ref']} ({path.name})", results))
+    if failed:  # stops what depends on it: data that fails its checks is not trained on
+        raise InvalidInput(
+            f"{ctx.where('checks')}: {version['ref']} fails {len(failed)} check(s) of "
+            f"{path.name}: " + "; ".join(f"{r['check']}: {r['failing']} failing" for r in failed)
+        )
     return {"passed": True}
 
 
