@@ -71,6 +71,7 @@ def _import(app: Appliance, tmp_path: Path, name: str, rows: int) -> str:
         ("@daily", "2026-11-27 00:00", "2026-11-28 00:00"),
         ("0 0 29 2 *", "2026-03-01 00:00", "2028-02-29 00:00"),
         ("5 4 * * 7", "2026-11-27 00:00", "2026-11-29 04:05"),  # 7 is Sunday too
+        ("0 0 */2 * 1", "2026-11-27 00:00", "2026-12-07 00:00"),  # a starred day: AND
     ],
 )
 def test_cron_expressions_find_their_next_time(text: str, after: str, expected: str) -> None:

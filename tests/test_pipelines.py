@@ -20,7 +20,7 @@ steps:
   prep:     {recipe: recipes/clean.sql, inputs: {raw: "${params.data}"}, out: churn_clean}
   split:    {split: "${steps.prep.out}", fractions: [0.7, 0.15, 0.15], stratify: churned}
   tune:     {tune: tune.yaml, train: "${steps.split.train}", valid: "${steps.split.valid}",
-             max_trials: 20}
+             test: "${steps.split.test}", max_trials: 20}
   register: {register: "${steps.tune.best_run}", model: churn}
   gate:     {promote: "${steps.register.version}", to: champion,
              gate: "test_auc >= champion.test_auc + ${params.min_gain}"}
@@ -108,7 +108,7 @@ def _set(step: str, key: str, value: Any) -> Any:
         ),
         (
             _set("gate", "gate", "test_auc >>= champion.test_auc"),
-            r"steps.gate.gate: --gate: ",
+            r"steps.gate.gate: expected a number or ALIAS.METRIC",
         ),
         (_set("prep", "recipe", "recipes/missing.sql"), r"steps.prep.recipe: recipes/missing.sql"),
         (_set("split", "fractions", [0.7, 0.7]), r"steps.split.fractions: expected 2 or 3"),
@@ -117,7 +117,7 @@ def _set(step: str, key: str, value: Any) -> Any:
         (_set("deploy", "train", "x"), r"steps.deploy: several action keys \(deploy, train\)"),
         (
             lambda d: d["steps"].update(notify={"email": "ops@example.com"}),
-            r"steps.notify: no action key; a step does exactly one of: import, recipe",
+            r"steps.notify: no action key \(email: not a step kind\); a step does exactly one",
         ),
         (_set("tune", "after", ["nothing"]), r"steps.tune.after: no step 'nothing'"),
         (
@@ -126,6 +126,16 @@ def _set(step: str, key: str, value: Any) -> Any:
         ),
         (lambda d: d.update(params={"min_gain": None}), r"params.min_gain: a default of"),
         (lambda d: d.update(schedule="daily"), r"unknown key\(s\) \['schedule'\]"),
+        (lambda d: d.update(name=["a"]), r"name: expected the pipeline's name \(text\)"),
+        (_set("tune", "max_trials", "ten"), r"steps.tune.max_trials: expected a number, got 'ten'"),
+        (_set("split", "seed", "abc"), r"steps.split.seed: expected a number, got 'abc'"),
+        (_set("tune", "timeout", "soon"), r"steps.tune.timeout"),
+        (_set("tune", "retries", 99), r"steps.tune.retries: expected a whole number from 0 to 10"),
+        (_set("register", "model", 7), r"steps.register.model: expected text, got 7"),
+        (  # a two-part split has no test part to refer to
+            _set("split", "fractions", [0.8, 0.2]),
+            r"steps.tune.test: \$\{steps.split.test\}: step 'split' splits in two",
+        ),
     ],
 )
 def test_bad_definitions_are_named_by_step_and_key(
@@ -148,3 +158,24 @@ def test_the_cli_validates_a_file(project: Path, cli: Any, home: Path) -> None:
     assert "steps.split.split: ${steps.prp.out}: no step 'prp'" in result.err
     result = cli("pipelines", "validate", str(project / "none.yaml"), "--home", str(home))
     assert result.code == 2 and "no such pipeline file" in result.err
+
+
+def test_values_given_by_reference_are_checked_when_the_step_runs(project: Path) -> None:
+    """A list parameter may give a split's fractions; its values are checked once put in,
+    and a negative number in a gate reads as a subtraction."""
+    from appliance.core.pipelines import check_values, resolve, tidy_gate
+
+    pipeline = _check(
+        project,
+        lambda d: (
+            d["params"].update(parts=[0.5, 0.5, 0.5]),
+            d["steps"]["split"].update(fractions="${params.parts}"),
+        ),
+        "min_gain=-0.01",
+    )
+    split = pipeline.steps["split"]
+    args = resolve(split.args, pipeline.params, {"prep": {"out": "churn_clean@1"}})
+    with pytest.raises(InvalidInput, match=r"steps.split.fractions: expected 2 or 3 fractions"):
+        check_values(split, args, "steps.split")
+    gate = resolve(pipeline.steps["gate"].args, pipeline.params, {"register": {"version": "x"}})
+    assert tidy_gate(gate["gate"]) == "test_auc >= champion.test_auc - 0.01"

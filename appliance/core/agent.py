@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -452,9 +453,12 @@ class Agent:
 
         try:
             fire_triggers(self.app)
-        except ApplianceError as exc:
-            print(f"{utcnow()} pipeline triggers: {exc.message}", file=sys.stderr, flush=True)
-        active = advance_pipelines(self.app)
+            active = advance_pipelines(self.app)
+        except (sqlite3.Error, OSError):
+            raise  # the pass is retried, as for jobs
+        except Exception:  # pipelines must never take the agent (and every job) down
+            traceback.print_exc()
+            active = True
         return active or has_triggers(self.app)
 
     def supervise_deployments(self) -> bool:

@@ -123,6 +123,8 @@ def parse_cron(text: str) -> Cron:
         days=sets[2],
         months=sets[3],
         weekdays=sets[4],
-        any_day=parts[2] == "*",
-        any_weekday=parts[4] == "*",
+        # as Vixie cron: a day field starting with `*` (`*`, `*/2`) does not restrict the
+        # other one, so `*/2 * 1` is Mondays on odd days, not odd days or Mondays
+        any_day=parts[2].startswith("*"),
+        any_weekday=parts[4].startswith("*"),
     )

@@ -39,6 +39,7 @@ from appliance.core.pipelines import (
     RUN,
     VERSION,
     Pipeline,
+    check_values,
     load_pipeline,
     parse_pipeline,
     resolve,
@@ -129,13 +130,13 @@ def advance_pipelines(app: Appliance) -> bool:
     for run in runs:
         try:
             advance_run(app, run)
-        except ApplianceError as exc:  # the run's own fault: end it, never the agent's loop
-            _end_run(app, run["id"], "failed", exc.message)
         except (sqlite3.Error, OSError):
             raise  # the store's trouble: the agent's pass retries
-        except Exception as exc:  # a defect must stop this run, not every job on the machine
-            traceback.print_exc()
-            _end_run(app, run["id"], "failed", f"internal error: {exc!r}")
+        except Exception as exc:  # the run's own fault, or a defect: stop this run, never
+            if not isinstance(exc, ApplianceError):  # the agent (and every other job)
+                traceback.print_exc()
+            message = exc.message if isinstance(exc, ApplianceError) else repr(exc)
+            _stop_run(app, run["id"], f"the run could not go on: {message}")
     return bool(runs)
 
 
@@ -166,6 +167,7 @@ def advance_run(app: Appliance, run: dict[str, Any]) -> None:
     progressed = True
     while progressed:
         progressed = False
+        run = app.db.one("SELECT * FROM pipeline_runs WHERE id = ?", (run["id"],)) or run
         steps = _steps(app, run["id"])
         for step in steps.values():
             if step["state"] == "running":
@@ -187,6 +189,7 @@ def advance_run(app: Appliance, run: dict[str, Any]) -> None:
                 progressed |= _mark(app, run["id"], name, "skipped", error="an input was skipped")
             elif all(d in ("succeeded", "cached") for d in deps):
                 progressed |= _begin(app, run, pipeline, name, outputs)
+    run = app.db.one("SELECT * FROM pipeline_runs WHERE id = ?", (run["id"],)) or run
     if run["cancel_requested"]:
         for step in _steps(app, run["id"]).values():
             if step["state"] == "running" and step["job_id"]:
@@ -194,8 +197,14 @@ def advance_run(app: Appliance, run: dict[str, Any]) -> None:
     steps = _steps(app, run["id"])
     if any(s["state"] == "running" for s in steps.values()):
         return
-    if run["cancel_requested"]:
-        _end_run(app, run["id"], "cancelled", "cancelled by request")
+    if run["cancel_requested"]:  # by request, or stopped because it could not go on
+        stopped = bool(run["error"])
+        _end_run(
+            app,
+            run["id"],
+            "failed" if stopped else "cancelled",
+            run["error"] or "cancelled by request",
+        )
     elif any(s["state"] in ("failed", "cancelled") for s in steps.values()):
         failed = next(s for s in steps.values() if s["state"] in ("failed", "cancelled"))
         _end_run(app, run["id"], "failed", f"step {failed['step']}: {failed['error']}")
@@ -238,6 +247,7 @@ def _begin(
     step = pipeline.steps[name]
     try:
         args = resolve(step.args, pipeline.params, outputs)
+        check_values(step, args, f"steps.{name}")
         when = args.pop("when", True)
         if not isinstance(when, bool):
             raise InvalidInput(f"steps.{name}.when: expected true or false, got {when!r}")
@@ -249,6 +259,8 @@ def _begin(
         )
         material = key_material(ctx)
         key = cache_key(material)
+        if material.get("always"):
+            use_cache = ctx.use_cache = False
         hit, why = _lookup(app, run, name, step.kind, key, material, use_cache)
         cache = {"key": key, "material": material, "hit": hit is not None, "why": why}
         if hit is not None:
@@ -292,6 +304,10 @@ def _begin(
             )
             if cur.rowcount != 1:
                 raise Conflict(f"step {name} of run {run['id']} was started meanwhile")
+            if conn.execute(
+                "SELECT cancel_requested FROM pipeline_runs WHERE id = ?", (run["id"],)
+            ).fetchone()[0]:
+                raise _RunCancelled(f"run {run['id']} was cancelled")  # rolls the job back
             _associate(conn, run["id"], f"run:{job_run_id}")
 
         started = start_step(
@@ -311,18 +327,23 @@ def _begin(
                 outputs_json=json.dumps(started["outputs"], sort_keys=True),
                 started_at=utcnow(),
             )
-        if "recipe_key" in started:
-            cache["recipe_key"] = started["recipe_key"]
-            app.db.execute(
-                "UPDATE pipeline_steps SET cache_json = ? WHERE run_id = ? AND step = ?",
-                (json.dumps(cache, sort_keys=True), run["id"], name),
-            )
         return True
+    except _RunCancelled:
+        return False  # the run was cancelled meanwhile: the step stays pending (retry)
     except ApplianceError as exc:
         message = (
             exc.message if exc.message.startswith("steps.") else f"steps.{name}: {exc.message}"
         )
         return _mark(app, run["id"], name, "failed", error=message)
+    except (sqlite3.Error, OSError):
+        raise  # the store's trouble, not the step's: the agent's next pass tries again
+    except Exception as exc:  # a value no check foresaw: this step fails, saying so
+        traceback.print_exc()
+        return _mark(app, run["id"], name, "failed", error=f"steps.{name}: {exc!r}")
+
+
+class _RunCancelled(Conflict):
+    """A cancel that arrived while a step was being submitted: nothing is submitted."""
 
 
 def _lookup(
@@ -340,6 +361,8 @@ def _lookup(
         reason = "off for this run (--no-cache)" if run["no_cache"] else "off for this step"
         if kind in NOT_CACHED:
             reason = f"a {kind} step always runs"
+        elif material.get("always") and not run["no_cache"]:
+            reason = material["always"]
         return None, reason
     candidates = app.db.rows(
         "SELECT run_id, step, outputs_json, cached_from FROM pipeline_steps "
@@ -442,6 +465,31 @@ def _finish_step(
         ),
     )
     return cur == 1
+
+
+def _stop_run(app: Appliance, run_id: str, error: str) -> None:
+    """End a run that cannot go on: its running steps' jobs are cancelled first, and it
+    ends `failed` (with `error`) once they have, never while a step of it still runs."""
+    _update(
+        app,
+        "UPDATE pipeline_runs SET cancel_requested = 1, error = coalesce(error, ?) "
+        "WHERE id = ? AND state IN ('queued', 'running')",
+        (error, run_id),
+    )
+    from appliance.core.jobs import ACTIVE_STATES
+
+    running = []
+    for step in _steps(app, run_id).values():
+        if step["state"] != "running":
+            continue
+        state = app.db.scalar("SELECT state FROM jobs WHERE id = ?", (step["job_id"],))
+        if state in ACTIVE_STATES:
+            _cancel_job(app, step["job_id"])
+            running.append(step)
+        else:  # its job ended, but the run cannot take its outputs any more
+            _finish_step(app, run_id, step, "cancelled", error="stopped with its run")
+    if not running:
+        _end_run(app, run_id, "failed", error)
 
 
 def _end_run(app: Appliance, run_id: str, state: str, error: str | None) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
-from appliance.core.pipelines import DATASET, KINDS, MODEL, RUN, VERSION
+from appliance.core.pipelines import DATASET, KINDS, MODEL, RUN, VERSION, tidy_gate
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 
 OUTPUTS_TAG = "pipeline.outputs"
@@ -109,24 +109,58 @@ def key_material(ctx: StepContext) -> dict[str, Any]:
             if not path.is_file():
                 raise InvalidInput(f"{ctx.where(key)}: {ctx.args[key]}: no such file")
             files[key] = _file_sha(path)
+    material: dict[str, Any] = {"kind": ctx.kind, "args": args, "files": files}
     if ctx.kind == "import":
-        source = ctx.path(str(ctx.args["import"]))
-        if source.is_file():
-            files["import"] = _file_sha(source)
-        elif source.is_dir():
-            files["import"] = hashlib.sha256(
-                "".join(
-                    f"{p.relative_to(source)}:{_file_sha(p)}"
-                    for p in sorted(source.rglob("*"))
-                    if p.is_file()
-                ).encode()
-            ).hexdigest()
+        from appliance.core.datasets import resolve_sources
+
+        source = str(ctx.args["import"])
+        if "://" in source:  # what a URL holds now is not known without reading it
+            material["always"] = f"an import from {source.split('://')[0]}:// always runs"
+        else:
+            names, _ = resolve_sources(str(ctx.path(source)))
+            files["import"] = {Path(n).name: _file_sha(Path(n)) for n in names}
+    if ctx.kind == "recipe":
+        from appliance.core.query import referenced_datasets
+
+        bound = ctx.args.get("inputs")
+        bound = {bound.partition("@")[0]} if isinstance(bound, str) else set(bound or {})
+        sql = ctx.path(str(ctx.args["recipe"])).read_text()
+        material["reads"] = {  # datasets the SQL names itself, beside its inputs
+            token: {"ref": v["ref"], "sha256": v["sha256"]}
+            for token, v in sorted(referenced_datasets(ctx.app, sql).items())
+            if token not in {b.lower() for b in bound}
+        }
     if ctx.kind == "tune":
         spec = _tune_yaml(ctx)
-        script = (spec.get("train") or {}).get("script")
+        train = spec.get("train") or {}
+        script = train.get("script")
         if isinstance(script, str) and ctx.path(script).is_file():
             files["tune.script"] = _file_sha(ctx.path(script))
-    return {"kind": ctx.kind, "args": args, "files": files}
+        material["reads"] = {  # datasets the study file names that the step does not set
+            role: _pin(ctx.app, DATASET, train[role], ctx.where(f"tune: train.{role}"))
+            for role in ("train", "valid", "test")
+            if isinstance(train.get(role), str) and ctx.args.get(role) is None
+        }
+    if ctx.kind == "training_set":
+        material["reads"] = _service_sources(ctx)
+    return material
+
+
+def _service_sources(ctx: StepContext) -> dict[str, Any]:
+    """A feature service as it is now: its version, and each view's version and the
+    dataset version it reads (a new definition or new source data changes the key)."""
+    from appliance.core.features import get_definition, source_version
+
+    try:
+        service = get_definition(ctx.app, "service", str(ctx.args["training_set"]))
+        pinned: dict[str, Any] = {"service": service["ref"]}
+        for item in service["features"]:
+            view = get_definition(ctx.app, "view", f"{item['view']}@{item['view_version']}")
+            source = source_version(ctx.app, view)
+            pinned[view["ref"]] = {"ref": source["ref"], "sha256": source["sha256"]}
+    except NotFound as exc:
+        raise InvalidInput(f"{ctx.where('training_set')}: {exc.message}") from None
+    return pinned
 
 
 def cache_key(material: dict[str, Any]) -> str:
@@ -235,7 +269,7 @@ def start_step(ctx: StepContext, record: Record, tags: dict[str, str]) -> dict[s
         )
         if result["cached"]:
             return {"outputs": {"out": result["version"]["ref"]}, "note": "the recipe's cache"}
-        return {"job": result["job"], "recipe_key": result["key"]}
+        return {"job": result["job"]}
     if ctx.kind == "train":
         from appliance.core.training import submit_training
 
@@ -358,7 +392,13 @@ def job_outputs(app: Appliance, kind: str, job_run_id: str, detail: dict[str, An
     if kind == "recipe":
         from appliance.core.recipes import cached_output
 
-        version = cached_output(app, str(detail.get("recipe_key")))
+        spec = app.db.scalar(  # the recipe's own key travels in its job's spec
+            "SELECT j.spec_json FROM jobs j JOIN runs r ON r.job_id = j.id WHERE r.id = ?",
+            (job_run_id,),
+        )
+        version = cached_output(
+            app, str(json.loads(spec or "{}").get("params", {}).get("cache_key"))
+        )
         if version is None:
             raise ApplianceError("the recipe job succeeded but recorded no dataset version")
         return {"out": version["ref"]}
@@ -607,7 +647,8 @@ def _promote(ctx: StepContext, emit: Emit) -> dict[str, Any]:
     if not gate:
         set_alias(ctx.app, candidate["model"], alias, candidate["version"], reason="pipeline")
         return {**out, "promoted": True}
-    conditions = parse_gate(str(gate), alias)
+    gate = tidy_gate(str(gate))
+    conditions = parse_gate(gate, alias)
     needs_holder = any(c.right.metric is not None for c in conditions)
     if holder is None and needs_holder:
         set_alias(

@@ -13,6 +13,7 @@ firing as skipped. Runs of one pipeline never overlap, so two deploys never race
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from datetime import datetime
 from pathlib import Path
@@ -195,36 +196,56 @@ def remove_trigger(app: Appliance, trigger_id: str) -> dict[str, Any]:
 
 def fire_triggers(app: Appliance, now: float | None = None) -> list[str]:
     """The agent's pass: fire every trigger that is due, at most once each; returns the
-    runs started. A trigger whose pipeline file broke records why and tries again later."""
+    runs started. A trigger whose pipeline file broke records why: a schedule fires again at
+    its next time, a dataset trigger as soon as the file is fixed (for the version it saw)."""
     now = time.time() if now is None else now
     started = []
     for row in app.db.rows("SELECT * FROM pipeline_triggers ORDER BY created_at"):
-        overrides = list(json.loads(row["params_json"]))
-        if row["kind"] == "schedule":
-            due = parse_cron(row["cron"]).next_after(datetime.fromtimestamp(row["last_fired_at"]))
-            if due.timestamp() > now:
-                continue
-            # every firing missed while down collapses into this one
-            marks = {"last_fired_at": now}
-            label = f"schedule:{row['id']}"
-        else:
-            latest = _latest_version(app, row["dataset"])
-            if latest <= row["last_version"]:
-                continue
-            overrides.append(f"{row['param']}={row['dataset']}@{latest}")
-            marks = {"last_version": latest, "last_fired_at": now}
-            label = f"dataset:{row['id']}"
-        if not _claim(app, row, marks):
-            continue  # fired by someone else meanwhile: once is once
-        run_id, message = _fire(app, row, overrides, label)
-        app.db.execute(
-            "UPDATE pipeline_triggers SET last_message = ?, "
-            "last_run_id = coalesce(?, last_run_id) WHERE id = ?",
-            (message, run_id, row["id"]),
-        )
+        try:
+            run_id = _fire_if_due(app, row, now)
+        except (sqlite3.Error, OSError):
+            raise  # the store's trouble: the agent's next pass tries again
+        except Exception as exc:  # one broken trigger must not stop the others (or the agent)
+            app.db.execute(
+                "UPDATE pipeline_triggers SET last_message = ? WHERE id = ?",
+                (f"{utcnow()} not started: {exc!r}", row["id"]),
+            )
+            continue
         if run_id:
             started.append(run_id)
     return started
+
+
+def _fire_if_due(app: Appliance, row: dict[str, Any], now: float) -> str | None:
+    """Fire one trigger if it is due; the run it started, if any."""
+    overrides = list(json.loads(row["params_json"]))
+    if row["kind"] == "schedule":
+        due = parse_cron(row["cron"]).next_after(datetime.fromtimestamp(row["last_fired_at"]))
+        if due.timestamp() > now:
+            return None
+        # every firing missed while down collapses into this one
+        marks = {"last_fired_at": now}
+        label = f"schedule:{row['id']}"
+    else:
+        latest = _latest_version(app, row["dataset"])
+        if latest <= row["last_version"]:
+            return None
+        overrides.append(f"{row['param']}={row['dataset']}@{latest}")
+        marks = {"last_version": latest, "last_fired_at": now}
+        label = f"dataset:{row['id']}"
+    if not _claim(app, row, marks):
+        return None  # fired by someone else meanwhile: once is once
+    run_id, message, broken = _fire(app, row, overrides, label)
+    unclaim = ""
+    if broken and row["kind"] == "dataset":
+        # the file is broken now: that version starts a run once it is fixed
+        unclaim = ", last_version = ?"
+    app.db.execute(
+        "UPDATE pipeline_triggers SET last_message = ?, "
+        f"last_run_id = coalesce(?, last_run_id){unclaim} WHERE id = ?",
+        (message, run_id, *([row["last_version"]] if unclaim else []), row["id"]),
+    )
+    return run_id
 
 
 def _claim(app: Appliance, row: dict[str, Any], marks: dict[str, Any]) -> bool:
@@ -241,7 +262,9 @@ def _claim(app: Appliance, row: dict[str, Any], marks: dict[str, Any]) -> bool:
 
 def _fire(
     app: Appliance, row: dict[str, Any], overrides: list[str], label: str
-) -> tuple[str | None, str]:
+) -> tuple[str | None, str, bool]:
+    """Start the run (or fold, or skip, by the policy): (run id, what happened, whether the
+    pipeline file could not be used)."""
     active = app.db.rows(
         "SELECT id, state, trigger FROM pipeline_runs WHERE pipeline = ? "
         "AND state IN ('queued', 'running') ORDER BY created_at",
@@ -249,26 +272,26 @@ def _fire(
     )
     stamp = utcnow()
     if active and row["policy"] == "skip":
-        return None, f"{stamp} skipped: run {active[0]['id']} is {active[0]['state']}"
+        return None, f"{stamp} skipped: run {active[0]['id']} is {active[0]['state']}", False
     waiting = [r for r in active if r["state"] == "queued" and r["trigger"] == label]
     if waiting:
         if row["kind"] == "dataset":  # the waiting run takes the newest version instead
             try:
                 params = load_pipeline(row["source"], overrides).params
             except ApplianceError as exc:
-                return None, f"{stamp} not started: {exc.message}"
+                return None, f"{stamp} not started: {exc.message}", True
             app.db.execute(
                 "UPDATE pipeline_runs SET params_json = ? WHERE id = ? AND state = 'queued'",
                 (json.dumps(params, sort_keys=True), waiting[0]["id"]),
             )
-        return None, f"{stamp} folded into run {waiting[0]['id']}, which waits already"
+        return None, f"{stamp} folded into run {waiting[0]['id']}, which waits already", False
     try:
         pipeline = load_pipeline(row["source"], overrides)
         run = create_run(app, pipeline, trigger=label)
     except ApplianceError as exc:
-        return None, f"{stamp} not started: {exc.message}"
+        return None, f"{stamp} not started: {exc.message}", True
     note = f" (queued behind {active[0]['id']})" if active else ""
-    return run["id"], f"{stamp} started run {run['id']}{note}"
+    return run["id"], f"{stamp} started run {run['id']}{note}", False
 
 
 def has_triggers(app: Appliance) -> bool:

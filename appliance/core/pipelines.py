@@ -218,7 +218,9 @@ def parse_pipeline(
     unknown = sorted(set(data) - {"name", "description", "params", "steps"})
     if unknown:
         raise InvalidInput(f"{source}: unknown key(s) {unknown}")
-    name = validate_name(f"{source}: name", data.get("name", ""))
+    if not isinstance(data.get("name"), str):
+        raise InvalidInput(f"{source}: name: expected the pipeline's name (text)")
+    name = validate_name(f"{source}: name", data["name"])
     params = data.get("params") or {}
     if not isinstance(params, dict):
         raise InvalidInput(f"{source}: params: expected a mapping of name: default")
@@ -254,9 +256,13 @@ def load_pipeline(path: str | Path, overrides: Any = ()) -> Pipeline:
 
     file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidInput(f"{file}: no such pipeline file") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{file}: a directory, not a pipeline file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{file}: cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise InvalidInput(f"{file}: not valid YAML: {exc}") from None
     return parse_pipeline(data, str(file), file.resolve().parent, overrides)
@@ -274,7 +280,11 @@ def _step(name: Any, body: Any, source: str, base: Path | None) -> Step:
     # `tune: tune.yaml, train: ...`: an action key may be another kind's own key
     kinds = [k for k in actions if all(a in KINDS[k].keys for a in actions)]
     if len(kinds) != 1:
-        what = "no action key" if not actions else f"several action keys ({', '.join(actions)})"
+        if actions:
+            what = f"several action keys ({', '.join(actions)})"
+        else:
+            others = [str(k) for k in body if k not in COMMON]
+            what = "no action key" + (f" ({', '.join(others)}: not a step kind)" if others else "")
         raise InvalidInput(f"{where}: {what}; a step does exactly one of: {_kinds()}")
     kind = KINDS[kinds[0]]
     unknown = sorted(set(body) - set(kind.keys) - COMMON)
@@ -290,8 +300,9 @@ def _step(name: Any, body: Any, source: str, base: Path | None) -> Step:
             raise InvalidInput(f"{where}.{key}: expected a file name")
         if base is not None and not _REF.search(value) and not (base / value).is_file():
             raise InvalidInput(f"{where}.{key}: {value}: no such file (next to {source})")
-    if kinds[0] == "split":
+    if kinds[0] == "split" and not _refs(body["fractions"]):  # a reference: checked at run
         _check_fractions(body["fractions"], f"{where}.fractions")
+    _check_literals(kinds[0], body, where)
     after = body.get("after") or []
     if isinstance(after, str):
         after = [after]
@@ -301,6 +312,53 @@ def _step(name: Any, body: Any, source: str, base: Path | None) -> Step:
         raise InvalidInput(f"{where}.cache: expected true or false")
     args = {k: v for k, v in body.items() if k not in ("after",)}
     return Step(name, kinds[0], args, set(after))
+
+
+# Keys whose literal values have a shape beyond "text": checked when written, not at run.
+_SHAPES: dict[str, tuple[str, Any]] = {
+    "features": (
+        "a list of column names",
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    ),
+    "params": ("a mapping of parameter: value", lambda v: isinstance(v, dict)),
+    "args": ("a list of arguments", lambda v: isinstance(v, list)),
+    "inputs": (
+        "a dataset, a list of them or a mapping of name: dataset",
+        lambda v: isinstance(v, str | list | dict),
+    ),
+    "retries": (
+        "a whole number from 0 to 10",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10,
+    ),
+}
+
+
+def _check_literals(kind: str, body: dict[str, Any], where: str) -> None:
+    """A value written as it is (no reference in it) has the type its key takes."""
+    from appliance.core.jobs import parse_duration
+
+    for key, value in body.items():
+        if _refs(value):
+            continue
+        expected = KINDS[kind].keys.get(key)
+        if expected == NUMBER and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InvalidInput(f"{where}.{key}: expected a number, got {value!r}")
+        if expected in _TEXT_STANDS_FOR | {TEXT} and key != "inputs" and not isinstance(value, str):
+            raise InvalidInput(f"{where}.{key}: expected text, got {value!r}")
+        if key in _SHAPES and not _SHAPES[key][1](value):
+            raise InvalidInput(f"{where}.{key}: expected {_SHAPES[key][0]}, got {value!r}")
+        if key == "timeout":
+            try:
+                parse_duration(value, f"{where}.timeout")
+            except InvalidInput as exc:
+                raise InvalidInput(exc.message) from None
+
+
+def check_values(step: Step, args: dict[str, Any], where: str) -> None:
+    """A step's values once references are put in: the checks a written value gets."""
+    _check_literals(step.kind, args, where)
+    if step.kind == "split":
+        _check_fractions(args["fractions"], f"{where}.fractions")
 
 
 def _kinds() -> str:
@@ -345,6 +403,11 @@ def _check_refs(step: Step, steps: dict[str, Step], params: dict[str, Any], sour
                         f"{where}: a {steps[other].kind} step has no output {output!r} ({have})"
                     )
                 found = outputs[output]
+                fractions = steps[other].args.get("fractions")
+                if output == "test" and isinstance(fractions, list) and len(fractions) == 2:
+                    raise InvalidInput(
+                        f"{where}: step {other!r} splits in two (train, valid): no test"
+                    )
                 step.after.add(other)
             else:
                 raise InvalidInput(f"{where}: expected ${{params.NAME}} or ${{steps.STEP.OUTPUT}}")
@@ -406,11 +469,18 @@ def _check_gate(step: Step, params: dict[str, Any], source: str) -> None:
         ref = match.group(1).strip()
         return str(params.get(ref.removeprefix("params."), 0))
 
-    text = _REF.sub(value, gate)
+    text = tidy_gate(_REF.sub(value, gate))
     try:
         parse_gate(text, alias=str(step.args.get("to", "champion")))
     except InvalidInput as exc:
-        raise InvalidInput(f"{source}: steps.{step.name}.gate: {exc.message}") from None
+        message = exc.message.removeprefix("--gate: ")
+        raise InvalidInput(f"{source}: steps.{step.name}.gate: {message}") from None
+
+
+def tidy_gate(text: str) -> str:
+    """A gate with a negative number put in (`+ -0.01`) as the gate grammar reads it."""
+    text = re.sub(r"\+\s*-\s*", "- ", text)
+    return re.sub(r"-\s*-\s*", "+ ", text)
 
 
 def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
@@ -440,7 +510,10 @@ def resolve(value: Any, params: dict[str, Any], outputs: dict[str, dict[str, Any
         parts = ref.strip().split(".")
         if parts[0] == "params":
             return params[parts[1]]
-        return outputs[parts[1]][parts[2]]
+        found = outputs[parts[1]].get(parts[2])
+        if found is None:
+            raise InvalidInput(f"${{{ref.strip()}}}: step {parts[1]!r} produced no {parts[2]}")
+        return found
 
     found = _REF.findall(value)
     if len(found) == 1 and value.strip() == "${" + found[0] + "}":

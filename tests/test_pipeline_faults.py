@@ -1,0 +1,210 @@
+"""Pipelines under bad input and races: unreadable files, a broken file behind a trigger,
+a value that fails only once put in, a cancel that arrives mid-pass, and cache keys that
+must change when something the step reads changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.datasets import import_csv
+from appliance.core.pipeline_runs import (
+    advance_run,
+    cancel_run,
+    get_run,
+    run_pipeline,
+    show_run,
+    wait_run,
+)
+from appliance.core.pipeline_steps import StepContext, cache_key, key_material
+from appliance.core.pipeline_triggers import fire_triggers, list_triggers, on_new_version
+from appliance.core.pipelines import load_pipeline
+from appliance.errors import InvalidInput
+
+SLEEP = "import sys, time\ntime.sleep(float(sys.argv[1]))\n"
+
+
+@pytest.fixture
+def no_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.core.agent
+
+    monkeypatch.setattr(appliance.core.agent, "ensure_agent", lambda app: None)
+
+
+def _csv(path: Path, rows: int) -> Path:
+    path.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(rows)))
+    return path
+
+
+def _steps(app: Appliance, run_id: str) -> dict[str, dict[str, Any]]:
+    return {s["step"]: s for s in show_run(app, run_id)["steps_detail"]}
+
+
+def test_an_unreadable_pipeline_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_bytes(b"name: \xff\n")
+    with pytest.raises(InvalidInput, match=r"bad.yaml: cannot be read"):
+        load_pipeline(tmp_path / "bad.yaml")
+    with pytest.raises(InvalidInput, match=r"a directory, not a pipeline file"):
+        load_pipeline(tmp_path)
+
+
+def test_a_trigger_whose_file_broke_says_why_and_fires_once_it_is_fixed(
+    app: Appliance, tmp_path: Path, no_agent: None
+) -> None:
+    (tmp_path / "step.py").write_text(SLEEP)
+    good = "name: nv\nparams: {data: sales}\nsteps:\n  s: {script: step.py, args: ['0']}\n"
+    path = tmp_path / "nv.yaml"
+    path.write_text(good)
+    import_csv(app, _csv(tmp_path / "a.csv", 3), "sales")
+    on_new_version(app, path, "sales")
+    path.write_bytes(b"name: \xff\n")
+    import_csv(app, _csv(tmp_path / "b.csv", 4), "sales")
+    assert fire_triggers(app) == []  # never raises: one broken file stops nothing else
+    assert "not started" in list_triggers(app)[0]["last_message"]
+    assert fire_triggers(app) == []
+    path.write_text(good)
+    started = fire_triggers(app)
+    assert len(started) == 1
+    assert get_run(app, started[0])["params"] == {"data": "sales@2"}
+
+
+def test_a_value_that_fails_once_put_in_fails_its_step_not_its_siblings(
+    app: Appliance, tmp_path: Path
+) -> None:
+    """`params` given by a list parameter is found wrong only when the step starts: that
+    step fails by name; a sibling already running is left to finish, and the run ends only
+    then (never while a step of it runs)."""
+    (tmp_path / "step.py").write_text(SLEEP)
+    import_csv(app, _csv(tmp_path / "d.csv", 50), "d")
+    (tmp_path / "p.yaml").write_text(
+        "name: odd\nparams: {p: [1, 2]}\nsteps:\n"
+        "  slow: {script: step.py, args: ['2']}\n"
+        "  tr: {train: d, label: b, params: '${params.p}'}\n"
+    )
+    run = wait_run(app, run_pipeline(app, tmp_path / "p.yaml")["id"], timeout=60)
+    steps = _steps(app, run["id"])
+    assert run["state"] == "failed"
+    assert (
+        steps["tr"]["error"]
+        == "steps.tr.params: expected a mapping of parameter: value, got [1, 2]"
+    )
+    assert steps["slow"]["state"] == "succeeded"
+    assert run["finished_at"] >= app.db.scalar(
+        "SELECT finished_at FROM jobs WHERE id = ?", (steps["slow"]["job_id"],)
+    )
+
+
+def test_a_cancel_that_arrives_mid_pass_starts_nothing(
+    app: Appliance, tmp_path: Path, no_agent: None
+) -> None:
+    (tmp_path / "step.py").write_text(SLEEP)
+    (tmp_path / "p.yaml").write_text(
+        "name: race\nsteps:\n  a: {script: step.py, args: ['0']}\n"
+        "  b: {script: step.py, args: ['0'], after: a}\n"
+    )
+    run = run_pipeline(app, tmp_path / "p.yaml")
+    stale = app.db.one("SELECT * FROM pipeline_runs WHERE id = ?", (run["id"],))
+    cancel_run(app, run["id"])  # lands after the pass read the run
+    advance_run(app, stale)
+    assert app.db.scalar("SELECT count(*) FROM jobs") == 0
+    assert get_run(app, run["id"])["state"] == "cancelled"
+    assert {s["state"] for s in _steps(app, run["id"]).values()} == {"pending"}
+
+
+def _key(app: Appliance, tmp_path: Path, kind: str, args: dict[str, Any]) -> str:
+    ctx = StepContext(app, "r", "p", "s", kind, args, tmp_path, 0)
+    return cache_key(key_material(ctx))
+
+
+def test_cache_keys_change_with_everything_a_step_reads(app: Appliance, tmp_path: Path) -> None:
+    import_csv(app, _csv(tmp_path / "a.csv", 3), "raw")
+    import_csv(app, _csv(tmp_path / "o.csv", 3), "other")
+    # a recipe reading a dataset by name in its SQL, beside its bound input
+    (tmp_path / "r.sql").write_text("SELECT r.a, (SELECT count(*) FROM other) AS n FROM src r\n")
+    recipe = {"recipe": "r.sql", "inputs": {"src": "raw"}, "out": "x"}
+    before = _key(app, tmp_path, "recipe", recipe)
+    import_csv(app, _csv(tmp_path / "o2.csv", 4), "other")
+    assert _key(app, tmp_path, "recipe", recipe) != before
+    # a study file naming its own datasets
+    (tmp_path / "t.yaml").write_text(
+        "name: t\ntrain: {trainer: lightgbm, train: raw, label: b}\n"
+        "objective: {metric: valid_auc}\nspace: {num_leaves: {randint: [2, 8]}}\n"
+    )
+    before = _key(app, tmp_path, "tune", {"tune": "t.yaml"})
+    import_csv(app, _csv(tmp_path / "a2.csv", 5), "raw")
+    assert _key(app, tmp_path, "tune", {"tune": "t.yaml"}) != before
+    # the step sets the data itself: the study file's own names do not matter
+    given = {"tune": "t.yaml", "train": "other@1"}
+    before = _key(app, tmp_path, "tune", given)
+    import_csv(app, _csv(tmp_path / "a3.csv", 6), "raw")
+    assert _key(app, tmp_path, "tune", given) == before
+    # an import of a glob: a new matching file changes it
+    (tmp_path / "in").mkdir()
+    _csv(tmp_path / "in" / "1.csv", 2)
+    glob = {"import": "in/*.csv", "name": "g"}
+    before = _key(app, tmp_path, "import", glob)
+    _csv(tmp_path / "in" / "2.csv", 2)
+    assert _key(app, tmp_path, "import", glob) != before
+    # an import from a URL is never taken from the cache
+    ctx = StepContext(
+        app, "r", "p", "s", "import", {"import": "s3://b/k.csv", "name": "g"}, None, 0
+    )
+    assert key_material(ctx)["always"] == "an import from s3:// always runs"
+
+
+def test_a_training_set_key_follows_the_service_and_its_sources(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core import features
+    from tests.test_features import DEFINITIONS, ENTITIES, STATS
+
+    for name, text in (("driver_stats", STATS), ("rides", ENTITIES)):
+        (tmp_path / f"{name}.csv").write_text(text)
+        import_csv(app, tmp_path / f"{name}.csv", name)
+    (tmp_path / "defs").mkdir()
+    (tmp_path / "defs" / "f.yaml").write_text(DEFINITIONS.replace("TTL", "3h"))
+    features.apply(app, tmp_path / "defs")
+    args = {"training_set": "driver_model", "entities": "rides", "out": "t"}
+    before = _key(app, tmp_path, "training_set", args)
+    (tmp_path / "driver_stats.csv").write_text(
+        STATS + "3,2026-01-02 09:00:00,2026-01-02 09:00:00,0.9,1\n"
+    )
+    import_csv(app, tmp_path / "driver_stats.csv", "driver_stats")
+    after = _key(app, tmp_path, "training_set", args)
+    assert after != before
+    (tmp_path / "defs" / "f.yaml").write_text(DEFINITIONS.replace("TTL", "1h"))
+    features.apply(app, tmp_path / "defs")
+    assert _key(app, tmp_path, "training_set", args) != after
+
+
+def test_a_run_whose_step_never_started_is_retried_after_the_file_is_fixed(
+    app: Appliance, tmp_path: Path
+) -> None:
+    """A recipe deleted after submission fails its step by name; put back, retry runs it."""
+    import_csv(app, _csv(tmp_path / "a.csv", 3), "raw")
+    (tmp_path / "step.py").write_text(SLEEP)
+    (tmp_path / "r.sql").write_text("SELECT * FROM src\n")
+    (tmp_path / "p.yaml").write_text(
+        "name: gone\nsteps:\n  first: {script: step.py, args: ['1.5']}\n"
+        "  prep: {recipe: r.sql, inputs: {src: raw}, out: clean, after: first}\n"
+    )
+    run = run_pipeline(app, tmp_path / "p.yaml")
+    (tmp_path / "r.sql").unlink()  # while `first` still runs
+    done = wait_run(app, run["id"], timeout=30)
+    assert done["state"] == "failed"
+    assert "steps.prep.recipe: r.sql: no such file" in done["error"]
+    (tmp_path / "r.sql").write_text("SELECT * FROM src\n")
+    from appliance.core.pipeline_runs import retry_run
+
+    again = wait_run(app, retry_run(app, run["id"])["id"], timeout=60)
+    assert again["state"] == "succeeded"
+    assert json.loads(
+        app.db.scalar(
+            "SELECT outputs_json FROM pipeline_steps WHERE run_id = ? AND step = 'prep'",
+            (run["id"],),
+        )
+    ) == {"out": "clean@1"}
