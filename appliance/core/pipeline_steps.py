@@ -320,7 +320,8 @@ def _submit_evaluate(
     ctx: StepContext, submit: dict[str, Any], timeout: Any, retries: Any
 ) -> dict[str, Any]:
     from appliance.core.datasets import get_dataset_version
-    from appliance.core.jobs import JobSpec, submit_job
+    from appliance.core.jobs import submit_job
+    from appliance.core.promotion import evaluation_spec
     from appliance.core.registry import get_model_version
 
     model = get_model_version(ctx.app, str(ctx.args["evaluate"]))
@@ -329,23 +330,8 @@ def _submit_evaluate(
     have = {c["name"] for c in version["schema"]}
     if not label or label not in have:
         raise InvalidInput(f"{ctx.where('data')}: {version['ref']} has no label column {label!r}")
-    spec = JobSpec(
-        kind="evaluate",
-        inputs={
-            "dataset": {"ref": version["ref"], "sha256": version["sha256"]},
-            "models": [
-                {
-                    "role": "candidate",
-                    "version": {
-                        k: model[k] for k in ("model", "version", "flavor", "signature", "sha256")
-                    },
-                }
-            ],
-        },
-        params={"label": label},
-        resources={"cpu": 1, "memory": "1Gi", "gpu": 0},
-        timeout=timeout,
-        retries=retries,
+    spec = evaluation_spec(
+        version, [("candidate", model)], {"label": label}, timeout=timeout, retries=retries
     )
     return submit_job(
         ctx.app,

@@ -175,6 +175,35 @@ def evaluate_job(spec: Any, emit: Callable[[dict[str, Any]], None]) -> None:
         emit({"type": "progress", "done": done, "total": len(models), "message": model["role"]})
 
 
+def evaluation_spec(
+    dataset: dict[str, Any],
+    roles: list[tuple[str, dict[str, Any]]],
+    params: dict[str, Any],
+    **job: Any,
+) -> Any:
+    """An `evaluate` job scoring each (role, model version) on one dataset version."""
+    from appliance.core.jobs import JobSpec
+
+    return JobSpec(
+        kind="evaluate",
+        inputs={
+            "dataset": {"ref": dataset["ref"], "sha256": dataset["sha256"]},
+            "models": [
+                {
+                    "role": role,
+                    "version": {
+                        k: model[k] for k in ("model", "version", "flavor", "signature", "sha256")
+                    },
+                }
+                for role, model in roles
+            ],
+        },
+        params=params,
+        resources={"cpu": 1, "memory": "1Gi", "gpu": 0},
+        **job,
+    )
+
+
 def promote(
     app: Appliance,
     ref: str,
@@ -187,7 +216,7 @@ def promote(
     """Score the candidate and the alias's current holder in one job; move the alias only
     if every condition holds. Returns the report (stored with the move when it happens)."""
     from appliance.core.datasets import get_dataset_version
-    from appliance.core.jobs import JobSpec, submit_job, wait_job
+    from appliance.core.jobs import submit_job, wait_job
     from appliance.core.registry import get_model_version, set_alias
     from appliance.core.runs import latest_metrics
 
@@ -217,23 +246,7 @@ def promote(
         missing = [f["name"] for f in model["signature"]["signature"] if f["name"] not in have]
         if missing:
             raise InvalidInput(f"--dataset {version['ref']}: {role} needs column {missing[0]!r}")
-    spec = JobSpec(
-        kind="evaluate",
-        inputs={
-            "dataset": {"ref": version["ref"], "sha256": version["sha256"]},
-            "models": [
-                {
-                    "role": role,
-                    "version": {
-                        k: model[k] for k in ("model", "version", "flavor", "signature", "sha256")
-                    },
-                }
-                for role, model in roles
-            ],
-        },
-        params={"label": label, "gate": gate, "alias": alias},
-        resources={"cpu": 1, "memory": "1Gi", "gpu": 0},
-    )
+    spec = evaluation_spec(version, roles, {"label": label, "gate": gate, "alias": alias})
     job = submit_job(
         app,
         spec,
