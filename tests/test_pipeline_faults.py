@@ -116,7 +116,7 @@ def test_a_cancel_that_arrives_mid_pass_starts_nothing(
 
 
 def _key(app: Appliance, tmp_path: Path, kind: str, args: dict[str, Any]) -> str:
-    ctx = StepContext(app, "r", "p", "s", kind, args, tmp_path, 0)
+    ctx = StepContext(app, "r", "p", "s", kind, args, tmp_path)
     return cache_key(key_material(ctx))
 
 
@@ -150,9 +150,7 @@ def test_cache_keys_change_with_everything_a_step_reads(app: Appliance, tmp_path
     _csv(tmp_path / "in" / "2.csv", 2)
     assert _key(app, tmp_path, "import", glob) != before
     # an import from a URL is never taken from the cache
-    ctx = StepContext(
-        app, "r", "p", "s", "import", {"import": "s3://b/k.csv", "name": "g"}, None, 0
-    )
+    ctx = StepContext(app, "r", "p", "s", "import", {"import": "s3://b/k.csv", "name": "g"}, None)
     assert key_material(ctx)["always"] == "an import from s3:// always runs"
 
 

@@ -420,7 +420,7 @@ def test_a_retried_register_step_registers_once(app: Appliance, project: Path) -
     )
     assert job["state"] == "succeeded"
     ctx = StepContext(
-        app, "r", "p", "register", "register", {"register": job["run_id"], "model": "m"}, None, 1
+        app, "r", "p", "register", "register", {"register": job["run_id"], "model": "m"}, None
     )
     first = _BODIES["register"](ctx, lambda event: None)
     again = _BODIES["register"](ctx, lambda event: None)
@@ -477,9 +477,7 @@ def test_control_steps_run_on_this_machine_whatever_executes_the_compute(
 
     # what a cluster home says; nothing is submitted to a cluster here
     cluster = Appliance(dataclasses.replace(app.settings, executor="k3s"))
-    ctx = StepContext(
-        app, "r", "p", "gate", "promote", {"promote": "m@1", "to": "champion"}, None, 0
-    )
+    ctx = StepContext(app, "r", "p", "gate", "promote", {"promote": "m@1", "to": "champion"}, None)
     job = start_step(ctx, lambda conn, job_id, run_id: None, {})["job"]
     assert cluster.db.scalar("SELECT executor FROM jobs WHERE id = ?", (job["id"],)) == "local"
     spec = json.loads(cluster.db.scalar("SELECT spec_json FROM jobs WHERE id = ?", (job["id"],)))

@@ -125,7 +125,7 @@ def _stored_pipeline(run: dict[str, Any]) -> Pipeline:
 def advance_pipelines(app: Appliance) -> bool:
     """Move every active run on as far as it can go now; True while any run is active."""
     runs = app.db.rows(
-        "SELECT * FROM pipeline_runs WHERE state IN ('queued', 'running') ORDER BY created_at"
+        "SELECT * FROM pipeline_runs WHERE state IN ('queued', 'running') ORDER BY rowid"
     )
     for run in runs:
         try:
@@ -151,10 +151,10 @@ def advance_run(app: Appliance, run: dict[str, Any]) -> None:
             "SELECT id FROM pipeline_runs WHERE pipeline = ? AND state = 'running' AND id != ?",
             (run["pipeline"], run["id"]),
         )
-        earlier = app.db.scalar(
+        earlier = app.db.scalar(  # by rowid: two runs queued in one millisecond keep order
             "SELECT id FROM pipeline_runs WHERE pipeline = ? AND state = 'queued' "
-            "AND created_at < ? AND id != ?",
-            (run["pipeline"], run["created_at"], run["id"]),
+            "AND rowid < (SELECT rowid FROM pipeline_runs WHERE id = ?)",
+            (run["pipeline"], run["id"]),
         )
         if busy or earlier:
             return
@@ -255,7 +255,7 @@ def _begin(
             return _mark(app, run["id"], name, "skipped", error="when: false")
         use_cache = not run["no_cache"] and args.get("cache", True) and step.kind not in NOT_CACHED
         ctx = StepContext(
-            app, run["id"], pipeline.name, name, step.kind, args, pipeline.base, 0, use_cache
+            app, run["id"], pipeline.name, name, step.kind, args, pipeline.base, use_cache
         )
         material = key_material(ctx)
         key = cache_key(material)

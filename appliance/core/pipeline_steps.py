@@ -29,7 +29,6 @@ from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 
 OUTPUTS_TAG = "pipeline.outputs"
 STUDY_TAG = "pipeline.study"
-COMPUTE = {"recipe", "train", "evaluate", "script"}
 NOT_CACHED = {"materialize", "rollback"}  # their effect depends on time and live state
 CONTROL_RESOURCES = {"cpu": 0, "memory": 0, "gpu": 0}  # see JobSpec.request
 Emit = Callable[[dict[str, Any]], None]
@@ -46,7 +45,6 @@ class StepContext:
     kind: str
     args: dict[str, Any]
     base: Path | None
-    attempt: int
     use_cache: bool = True  # False: run it, even where an earlier result could be reused
 
     def path(self, value: str) -> Path:
@@ -413,7 +411,6 @@ def step_job(spec: Any, emit: Emit) -> None:
             kind=params["kind"],
             args=params["args"],
             base=Path(params["base"]) if params.get("base") else None,
-            attempt=int(os.environ.get("APPLIANCE_ATTEMPT", "1")),
         )
         emit({"type": "status", "message": f"{ctx.kind} {ctx.step}"})
         outputs = _BODIES[ctx.kind](ctx, emit)
