@@ -4,7 +4,6 @@ must change when something the step reads changes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -179,30 +178,32 @@ def test_a_training_set_key_follows_the_service_and_its_sources(
     assert _key(app, tmp_path, "training_set", args) != after
 
 
-def test_a_run_whose_step_never_started_is_retried_after_the_file_is_fixed(
+def test_a_run_reads_the_recipe_as_submitted_and_a_missing_script_fails_by_name(
     app: Appliance, tmp_path: Path
 ) -> None:
-    """A recipe deleted after submission fails its step by name; put back, retry runs it."""
-    import_csv(app, _csv(tmp_path / "a.csv", 3), "raw")
-    (tmp_path / "step.py").write_text(SLEEP)
-    (tmp_path / "r.sql").write_text("SELECT * FROM src\n")
-    (tmp_path / "p.yaml").write_text(
-        "name: gone\nsteps:\n  first: {script: step.py, args: ['1.5']}\n"
-        "  prep: {recipe: r.sql, inputs: {src: raw}, out: clean, after: first}\n"
-    )
-    run = run_pipeline(app, tmp_path / "p.yaml")
-    (tmp_path / "r.sql").unlink()  # while `first` still runs
-    done = wait_run(app, run["id"], timeout=30)
-    assert done["state"] == "failed"
-    assert "steps.prep.recipe: r.sql: no such file" in done["error"]
-    (tmp_path / "r.sql").write_text("SELECT * FROM src\n")
+    """Recipe, checks and study files are copied with the run: an edit after submission
+    changes later runs only. A script runs from its folder as it is: one removed meanwhile
+    fails its step by name, and retry runs it once it is back."""
     from appliance.core.pipeline_runs import retry_run
 
+    import_csv(app, _csv(tmp_path / "a.csv", 3), "raw")
+    (tmp_path / "step.py").write_text(SLEEP)
+    (tmp_path / "r.sql").write_text("SELECT a FROM src\n")
+    (tmp_path / "p.yaml").write_text(
+        "name: edits\nsteps:\n  first: {script: step.py, args: ['1.5']}\n"
+        "  prep: {recipe: r.sql, inputs: {src: raw}, out: clean, after: first}\n"
+        "  last: {script: late.py, args: ['0'], after: prep}\n"
+    )
+    (tmp_path / "late.py").write_text(SLEEP)
+    run = run_pipeline(app, tmp_path / "p.yaml")
+    (tmp_path / "r.sql").write_text("SELECT nonsense FROM nowhere\n")  # while `first` runs
+    (tmp_path / "late.py").unlink()
+    done = wait_run(app, run["id"], timeout=30)
+    steps = _steps(app, run["id"])
+    assert steps["prep"]["state"] == "succeeded" and steps["prep"]["outputs"] == {"out": "clean@1"}
+    assert done["state"] == "failed"
+    assert "steps.last.script: late.py: no such file" in done["error"]
+    (tmp_path / "late.py").write_text(SLEEP)
     again = wait_run(app, retry_run(app, run["id"])["id"], timeout=60)
     assert again["state"] == "succeeded"
-    assert json.loads(
-        app.db.scalar(
-            "SELECT outputs_json FROM pipeline_steps WHERE run_id = ? AND step = 'prep'",
-            (run["id"],),
-        )
-    ) == {"out": "clean@1"}
+    assert _steps(app, run["id"])["prep"]["job_id"] == steps["prep"]["job_id"]

@@ -29,6 +29,7 @@ from appliance.core.pipeline_steps import (
     differences,
     job_outputs,
     key_material,
+    snapshot_files,
     start_step,
     still_holds,
 )
@@ -75,6 +76,7 @@ def create_run(
     from appliance.core.agent import ensure_agent
 
     run_id = new_id()
+    snapshot_files(app, run_id, pipeline)  # before the run exists: a run always has them
     with app.db.transaction() as conn:
         conn.execute(
             "INSERT INTO pipeline_runs (id, pipeline, definition_json, source, base_dir, "

@@ -48,12 +48,48 @@ class StepContext:
     use_cache: bool = True  # False: run it, even where an earlier result could be reused
 
     def path(self, value: str) -> Path:
-        """A file a step names, read from next to the pipeline file."""
+        """A file a step names: the run's copy, taken at submission, of a recipe, checks or
+        study file; anything else from next to the pipeline file, as it is now."""
+        copy = snapshot_dir(self.app, self.run_id) / value
+        if not Path(value).is_absolute() and ".." not in Path(value).parts and copy.is_file():
+            return copy
         file = Path(value).expanduser()
         return file if file.is_absolute() or self.base is None else self.base / file
 
     def where(self, key: str) -> str:
         return f"steps.{self.step}.{key}"
+
+
+SNAPSHOT_KINDS = {"recipe": "recipe", "validate": "checks", "tune": "tune"}
+SNAPSHOT_LIMIT = 1 << 20
+
+
+def snapshot_dir(app: Appliance, run_id: str) -> Path:
+    return app.settings.home / "pipelines" / run_id
+
+
+def snapshot_files(app: Appliance, run_id: str, pipeline: Any) -> None:
+    """Copy the recipe, checks and study files a run's steps name (as written, no
+    reference) into the run's own folder, so a queued run or a retry reads what was
+    submitted; a script runs from its own folder as it is (its content is in the key)."""
+    import tempfile
+
+    target = snapshot_dir(app, run_id)
+    for step in pipeline.steps.values():
+        key = SNAPSHOT_KINDS.get(step.kind)
+        value = step.args.get(key) if key else None
+        if not isinstance(value, str) or "${" in value or Path(value).is_absolute():
+            continue
+        if ".." in Path(value).parts or pipeline.base is None:
+            continue
+        source = pipeline.base / value
+        if source.stat().st_size > SNAPSHOT_LIMIT:
+            raise InvalidInput(f"steps.{step.name}.{key}: {value}: larger than 1 MiB")
+        dest = target / value
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+            tmp.write(source.read_bytes())
+        Path(tmp.name).replace(dest)
 
 
 # ---- cache keys ---------------------------------------------------------------------------
