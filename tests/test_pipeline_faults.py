@@ -207,3 +207,117 @@ def test_a_run_reads_the_recipe_as_submitted_and_a_missing_script_fails_by_name(
     again = wait_run(app, retry_run(app, run["id"])["id"], timeout=60)
     assert again["state"] == "succeeded"
     assert _steps(app, run["id"])["prep"]["job_id"] == steps["prep"]["job_id"]
+
+
+def test_a_gate_with_no_holder_still_checks_its_thresholds_and_metric_names(
+    app: Appliance, tmp_path: Path
+) -> None:
+    from appliance.core.jobs import wait_job
+    from appliance.core.pipeline_steps import _BODIES
+    from appliance.core.quickstart import sample_csv
+    from appliance.core.registry import get_model_version, register_model
+    from appliance.core.training import submit_training
+
+    import_csv(app, sample_csv(), "churn")
+    job = submit_training(
+        app, "churn", "churned", params={"num_boost_round": 5}, test="churn", valid="churn"
+    )
+    done = wait_job(app, job["id"], 120)
+    version = register_model(app, "g", done["run_id"])["ref"]
+    auc = get_model_version(app, version)["metrics"]["test_auc"]
+
+    def gate(text: str) -> dict[str, Any]:
+        args = {"promote": version, "to": "champion", "gate": text}
+        return _BODIES["promote"](StepContext(app, "r", "p", "gate", "promote", args, None), print)
+
+    # a fixed threshold the model misses: not promoted, though nothing holds the alias yet
+    assert gate("test_auc >= 0.9999 and test_auc >= champion.test_auc")["promoted"] is False
+    with pytest.raises(InvalidInput, match=r"steps.gate.gate: the candidate has no metric 'tset"):
+        gate("tset_auc >= champion.tset_auc")
+    promoted = gate(f"test_auc >= {auc - 0.01} and test_auc >= champion.test_auc + 0.5")
+    assert promoted["promoted"] is True and promoted["holder"] is None
+    assert get_model_version(app, "g@champion")["ref"] == version
+
+
+def test_a_dataset_trigger_folds_only_into_a_run_that_never_started(
+    app: Appliance, tmp_path: Path, no_agent: None
+) -> None:
+    (tmp_path / "step.py").write_text(SLEEP)
+    path = tmp_path / "nv.yaml"
+    path.write_text(
+        "name: nv\nparams: {data: d, pause: 0}\nsteps:\n  s: {script: step.py, args: ['0']}\n"
+    )
+    import_csv(app, _csv(tmp_path / "a.csv", 3), "d")
+    on_new_version(app, path, "d")
+    app.db.execute(  # another run of the pipeline goes on
+        "INSERT INTO pipeline_runs (id, pipeline, definition_json, source, params_json, state, "
+        "created_at) VALUES ('aaaaaaaaaaaa', 'nv', '{}', 'x', '{}', 'running', '2026')"
+    )
+    import_csv(app, _csv(tmp_path / "b.csv", 4), "d")
+    (first,) = fire_triggers(app)
+    # the file changes its parameters meanwhile: the queued run keeps its own
+    path.write_text(
+        "name: nv\nparams: {data: d, delay: 0}\nsteps:\n  s: {script: step.py, args: ['0']}\n"
+    )
+    import_csv(app, _csv(tmp_path / "c.csv", 5), "d")
+    assert fire_triggers(app) == []
+    assert get_run(app, first)["params"] == {"data": "d@3", "pause": 0}
+    # a retried run waiting in the queue is not a run that never started: a new one queues
+    app.db.execute("UPDATE pipeline_runs SET attempt = 2 WHERE id = ?", (first,))
+    import_csv(app, _csv(tmp_path / "e.csv", 6), "d")
+    (second,) = fire_triggers(app)
+    assert get_run(app, first)["params"]["data"] == "d@3"
+    assert get_run(app, second)["params"] == {"data": "d@4", "delay": 0}
+    app.db.execute("UPDATE pipeline_runs SET state = 'cancelled'")
+
+
+def test_files_named_by_a_parameter_or_an_absolute_path_are_copied_with_the_run(
+    app: Appliance, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "abs.sql").write_text("SELECT a FROM src\n")
+    project = tmp_path / "project"
+    (project / "sql").mkdir(parents=True)
+    (project / "sql" / "p.sql").write_text("SELECT b FROM src\n")
+    (project / "step.py").write_text(SLEEP)
+    import_csv(app, _csv(tmp_path / "a.csv", 3), "raw")
+    (project / "p.yaml").write_text(
+        "name: copies\nparams: {rec: sql/p.sql}\nsteps:\n"
+        "  first: {script: step.py, args: ['1.5']}\n"
+        "  one: {recipe: '${params.rec}', inputs: {src: raw}, out: one, after: first}\n"
+        f"  two: {{recipe: {elsewhere / 'abs.sql'}, inputs: {{src: raw}}, out: two,\n"
+        "         after: first}\n"
+    )
+    run = run_pipeline(app, project / "p.yaml")
+    (project / "sql" / "p.sql").write_text("SELECT nothing FROM nowhere\n")
+    (elsewhere / "abs.sql").write_text("SELECT nothing FROM nowhere\n")
+    done = wait_run(app, run["id"], timeout=60)
+    assert done["state"] == "succeeded", done["error"]
+    steps = _steps(app, run["id"])
+    assert steps["one"]["outputs"] == {"out": "one@1"} and steps["two"]["outputs"] == {
+        "out": "two@1"
+    }
+
+
+def test_a_step_cached_on_retry_has_no_job_of_its_own(app: Appliance, tmp_path: Path) -> None:
+    (tmp_path / "step.py").write_text(
+        "import sys, pathlib\nsys.exit(3 if pathlib.Path('fail').exists() else 0)\n"
+    )
+    (tmp_path / "p.yaml").write_text(
+        "name: c\nsteps:\n  a: {script: step.py}\n  b: {script: step.py, after: a, args: [b]}\n"
+    )
+    ok = wait_run(app, run_pipeline(app, tmp_path / "p.yaml")["id"], timeout=60)
+    (tmp_path / "fail").touch()
+    failed = wait_run(app, run_pipeline(app, tmp_path / "p.yaml", no_cache=True)["id"], timeout=60)
+    assert (ok["state"], failed["state"]) == ("succeeded", "failed")
+    assert _steps(app, failed["id"])["a"]["state"] == "failed"
+    (tmp_path / "fail").unlink()
+    app.db.execute("UPDATE pipeline_runs SET no_cache = 0 WHERE id = ?", (failed["id"],))
+    from appliance.core.pipeline_runs import retry_run
+
+    retried = retry_run(app, failed["id"])
+    assert retried["started_at"] is None  # a waiting retry counts no time
+    assert wait_run(app, failed["id"], timeout=60)["state"] == "succeeded"
+    for step in _steps(app, failed["id"]).values():  # not the failed attempt's job, or log
+        assert (step["state"], step["job_id"], step["run_id"]) == ("cached", None, None)

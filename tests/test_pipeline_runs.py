@@ -400,7 +400,7 @@ def test_a_step_interrupted_by_a_reboot_runs_again_by_itself(app: Appliance, pro
     done = wait_run(app, run["id"], timeout=60)
     assert done["state"] == "succeeded", show_run(app, run["id"])
     step = steps_of(app, run["id"])["a"]
-    assert step["attempt"] == 2
+    assert step["attempt"] == 2 and step["interruptions"] == 1
     kinds = [kind for kind, _, _ in events(project)]
     assert kinds.count("START") == 2 and kinds.count("END") == 1
 

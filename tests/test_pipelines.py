@@ -132,6 +132,13 @@ def _set(step: str, key: str, value: Any) -> Any:
         (_set("tune", "timeout", "soon"), r"steps.tune.timeout"),
         (_set("tune", "retries", 99), r"steps.tune.retries: expected a whole number from 0 to 10"),
         (_set("register", "model", 7), r"steps.register.model: expected text, got 7"),
+        (_set("split", "seed", 1.5), r"steps.split.seed: expected a whole number from 0"),
+        (_set("register", "model", "Bad Name"), r"steps.register.model"),
+        (_set("deploy", "when", "not ${steps.gate.promoted}"), r"write the reference alone"),
+        (
+            lambda d: d["steps"].update(back={"rollback": "churn", "to_revision": 0}),
+            r"steps.back.to_revision: expected a whole number from 1",
+        ),
         (  # a two-part split has no test part to refer to
             _set("split", "fractions", [0.8, 0.2]),
             r"steps.tune.test: \$\{steps.split.test\}: step 'split' splits in two",
@@ -179,3 +186,28 @@ def test_values_given_by_reference_are_checked_when_the_step_runs(project: Path)
         check_values(split, args, "steps.split")
     gate = resolve(pipeline.steps["gate"].args, pipeline.params, {"register": {"version": "x"}})
     assert tidy_gate(gate["gate"]) == "test_auc >= champion.test_auc - 0.01"
+
+
+def test_list_parameters_keep_their_items_type(project: Path) -> None:
+    pipeline = _check(
+        project,
+        lambda d: (
+            d["params"].update(parts=[0.5, 0.5]),
+            d["steps"]["split"].update(fractions="${params.parts}"),
+            d["steps"]["tune"].pop("test"),
+        ),
+        "parts=0.8,0.2",
+    )
+    assert pipeline.params["parts"] == [0.8, 0.2]
+    with pytest.raises(InvalidInput, match=r"--param parts: expected numbers separated by"):
+        _check(project, lambda d: d["params"].update(parts=[0.5, 0.5]), "parts=a,b")
+
+
+def test_a_script_takes_a_list_parameter_as_its_inputs(tmp_path: Path) -> None:
+    (tmp_path / "s.py").write_text("print(1)\n")
+    data = {
+        "name": "p",
+        "params": {"sets": ["a@1", "b@2"]},
+        "steps": {"s": {"script": "s.py", "inputs": "${params.sets}"}},
+    }
+    assert parse_pipeline(data, "p.yaml", tmp_path).steps["s"].kind == "script"

@@ -272,7 +272,8 @@ def _begin(
                 app,
                 "UPDATE pipeline_steps SET state = 'cached', cache_key = ?, cache_json = ?, "
                 "cached_from = ?, outputs_json = ?, started_at = ?, finished_at = ?, "
-                "error = NULL WHERE run_id = ? AND step = ? AND state = 'pending'",
+                "error = NULL, job_id = NULL, job_run_id = NULL "
+                "WHERE run_id = ? AND step = ? AND state = 'pending'",
                 (
                     key,
                     json.dumps(cache, sort_keys=True),
@@ -328,6 +329,8 @@ def _begin(
                 cache_json=json.dumps(cache, sort_keys=True),
                 outputs_json=json.dumps(started["outputs"], sort_keys=True),
                 started_at=utcnow(),
+                job_id=None,
+                job_run_id=None,
             )
         return True
     except _RunCancelled:
@@ -411,11 +414,12 @@ def _settle(app: Appliance, run: dict[str, Any], step: dict[str, Any]) -> bool:
     if job["state"] == "failed" and job["error"] == SUPERVISOR_GONE and not run["cancel_requested"]:
         # interrupted, not failed (a reboot, an OOM kill of its supervisor): the step runs
         # again by itself, a few times at most; its body is idempotent
-        if step["attempt"] < MAX_INTERRUPTIONS:
+        if step["interruptions"] < MAX_INTERRUPTIONS:
             return (
                 _update(
                     app,
-                    "UPDATE pipeline_steps SET state = 'pending', error = ? "
+                    "UPDATE pipeline_steps SET state = 'pending', error = ?, "
+                    "interruptions = interruptions + 1 "
                     "WHERE run_id = ? AND step = ? AND state = 'running' AND job_id = ?",
                     (
                         f"attempt {step['attempt']} interrupted: {SUPERVISOR_GONE}",
@@ -488,6 +492,8 @@ def _stop_run(app: Appliance, run_id: str, error: str) -> None:
         if state in ACTIVE_STATES:
             _cancel_job(app, step["job_id"])
             running.append(step)
+            if step["kind"] == "tune":
+                abandon_study(app, run_id, step["step"])
         else:  # its job ended, but the run cannot take its outputs any more
             _finish_step(app, run_id, step, "cancelled", error="stopped with its run")
     if not running:
@@ -629,6 +635,7 @@ def show_run(app: Appliance, ref: str) -> dict[str, Any]:
                 "state": s["state"],
                 "after": json.loads(s["after_json"]),
                 "attempt": s["attempt"],
+                "interruptions": s["interruptions"],
                 "duration_s": _duration(s["started_at"], s["finished_at"])
                 if s["state"] != "pending"
                 else None,
@@ -692,7 +699,7 @@ def retry_run(app: Appliance, ref: str) -> dict[str, Any]:
         )
         conn.execute(
             "UPDATE pipeline_runs SET state = 'queued', cancel_requested = 0, error = NULL, "
-            "finished_at = NULL, attempt = attempt + 1 WHERE id = ?",
+            "started_at = NULL, finished_at = NULL, attempt = attempt + 1 WHERE id = ?",
             (run["id"],),
         )
     ensure_agent(app)
@@ -725,6 +732,8 @@ def compare_runs(app: Appliance, ref_a: str, ref_b: str) -> dict[str, Any]:
     from appliance.core.runs import latest_metrics
 
     a, b = show_run(app, ref_a), show_run(app, ref_b)
+    if a["id"] == b["id"]:
+        raise InvalidInput(f"pipeline run {a['id']} given twice: compare two different runs")
     params = [
         {
             "param": k,

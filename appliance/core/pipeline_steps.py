@@ -50,11 +50,10 @@ class StepContext:
     def path(self, value: str) -> Path:
         """A file a step names: the run's copy, taken at submission, of a recipe, checks or
         study file; anything else from next to the pipeline file, as it is now."""
-        copy = snapshot_dir(self.app, self.run_id) / value
-        if not Path(value).is_absolute() and ".." not in Path(value).parts and copy.is_file():
-            return copy
         file = Path(value).expanduser()
-        return file if file.is_absolute() or self.base is None else self.base / file
+        file = file if file.is_absolute() or self.base is None else self.base / file
+        copy = snapshot_dir(self.app, self.run_id) / snapshot_name(value, self.base)
+        return copy if copy.is_file() else file
 
     def where(self, key: str) -> str:
         return f"steps.{self.step}.{key}"
@@ -68,24 +67,41 @@ def snapshot_dir(app: Appliance, run_id: str) -> Path:
     return app.settings.home / "pipelines" / run_id
 
 
+def snapshot_name(value: str, base: Path | None) -> str:
+    """Where a file's copy lives in the run's folder: its own relative path when it is
+    below the pipeline's folder, else its name under a digest of where it was."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and ".." not in path.parts:
+        return str(path)
+    where = path if path.is_absolute() or base is None else base / path
+    digest = hashlib.sha256(str(where.resolve()).encode()).hexdigest()[:16]
+    return f"_/{digest}/{path.name}"
+
+
 def snapshot_files(app: Appliance, run_id: str, pipeline: Any) -> None:
-    """Copy the recipe, checks and study files a run's steps name (as written, no
-    reference) into the run's own folder, so a queued run or a retry reads what was
-    submitted; a script runs from its own folder as it is (its content is in the key)."""
+    """Copy the recipe, checks and study files a run's steps name (parameters put in) into
+    the run's own folder, so a queued run or a retry reads what was submitted. A file named
+    by another step's output, and a script (it runs from its own folder, and its content is
+    in the step's cache key), are read as they are when the step starts."""
     import tempfile
+
+    from appliance.core.pipelines import resolve
 
     target = snapshot_dir(app, run_id)
     for step in pipeline.steps.values():
         key = SNAPSHOT_KINDS.get(step.kind)
         value = step.args.get(key) if key else None
-        if not isinstance(value, str) or "${" in value or Path(value).is_absolute():
+        if not isinstance(value, str) or "${steps." in value:
             continue
-        if ".." in Path(value).parts or pipeline.base is None:
-            continue
-        source = pipeline.base / value
+        value = str(resolve(value, pipeline.params, {}))
+        source = Path(value).expanduser()
+        if not source.is_absolute() and pipeline.base is not None:
+            source = pipeline.base / source
+        if not source.is_file():
+            raise InvalidInput(f"steps.{step.name}.{key}: {value}: no such file")
         if source.stat().st_size > SNAPSHOT_LIMIT:
             raise InvalidInput(f"steps.{step.name}.{key}: {value}: larger than 1 MiB")
-        dest = target / value
+        dest = target / snapshot_name(value, pipeline.base)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
             tmp.write(source.read_bytes())
@@ -652,7 +668,8 @@ def _register(ctx: StepContext, emit: Emit) -> dict[str, Any]:
 def _promote(ctx: StepContext, emit: Emit) -> dict[str, Any]:
     """Move the alias if the gate holds: on a dataset (both scored by one evaluate job) when
     `data` is given, else on the metrics each version was registered with. With no holder
-    yet, a gate that compares with it has nothing to beat: the first version is promoted."""
+    yet, the conditions that compare with it have nothing to beat: the others (fixed
+    thresholds) must still hold, and every metric the gate names must exist."""
     from appliance.core.promotion import check_gate, parse_gate, promote
     from appliance.core.registry import get_model_version, set_alias
 
@@ -668,32 +685,39 @@ def _promote(ctx: StepContext, emit: Emit) -> dict[str, Any]:
         return {**out, "promoted": True}
     gate = tidy_gate(str(gate))
     conditions = parse_gate(gate, alias)
-    needs_holder = any(c.right.metric is not None for c in conditions)
-    if holder is None and needs_holder:
-        set_alias(
-            ctx.app,
-            candidate["model"],
-            alias,
-            candidate["version"],
-            reason=f"pipeline: no {alias} yet to compare with ({gate})",
-        )
-        return {**out, "promoted": True}
+    if holder is None:
+        # a condition on the holder becomes "the metric exists": nothing to beat, but a
+        # misspelt metric still fails the gate
+        checked = [
+            f"{c.left} {c.op} {c.right.offset:g}"
+            if c.right.metric is None
+            else f"{c.left} >= -1e308"
+            for c in conditions
+        ]
+        gate_now = " and ".join(checked)
+        conditions = parse_gate(gate_now, alias)
+    else:
+        gate_now = gate
     if ctx.args.get("data"):
-        report = promote(ctx.app, candidate["ref"], alias, str(gate), str(ctx.args["data"]))
+        report = promote(ctx.app, candidate["ref"], alias, gate_now, str(ctx.args["data"]))
         print(json.dumps(report, default=str))
         return {**out, "promoted": bool(report["passed"])}
     held = get_model_version(ctx.app, holder)["metrics"] if holder else None
-    results = check_gate(conditions, candidate["metrics"], held)
+    try:
+        results = check_gate(conditions, candidate["metrics"], held)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{ctx.where('gate')}: {exc.message.removeprefix('--gate: ')}") from None
     for result in results:
         print(json.dumps(result))
     if all(r["holds"] for r in results):
+        why = gate if holder else f"{gate} (no {alias} yet to compare with)"
         report = {"candidate": candidate["ref"], "holder": holder, "conditions": results}
         set_alias(
             ctx.app,
             candidate["model"],
             alias,
             candidate["version"],
-            reason=f"promoted: {gate}",
+            reason=f"promoted: {why}",
             report=report,
         )
         return {**out, "promoted": True}

@@ -266,22 +266,29 @@ def _fire(
     """Start the run (or fold, or skip, by the policy): (run id, what happened, whether the
     pipeline file could not be used)."""
     active = app.db.rows(
-        "SELECT id, state, trigger FROM pipeline_runs WHERE pipeline = ? "
-        "AND state IN ('queued', 'running') ORDER BY created_at",
+        "SELECT id, state, trigger, started_at, attempt, params_json FROM pipeline_runs "
+        "WHERE pipeline = ? AND state IN ('queued', 'running') ORDER BY rowid",
         (row["pipeline"],),
     )
     stamp = utcnow()
     if active and row["policy"] == "skip":
         return None, f"{stamp} skipped: run {active[0]['id']} is {active[0]['state']}", False
-    waiting = [r for r in active if r["state"] == "queued" and r["trigger"] == label]
+    # only a run that never started takes a later firing: a retried one keeps what it ran
+    waiting = [
+        r
+        for r in active
+        if r["state"] == "queued"
+        and r["trigger"] == label
+        and r["started_at"] is None
+        and r["attempt"] == 1
+    ]
     if waiting:
-        if row["kind"] == "dataset":  # the waiting run takes the newest version instead
-            try:
-                params = load_pipeline(row["source"], overrides).params
-            except ApplianceError as exc:
-                return None, f"{stamp} not started: {exc.message}", True
+        if row["kind"] == "dataset":  # it takes the newest version instead; nothing else
+            params = json.loads(waiting[0]["params_json"])
+            params[row["param"]] = overrides[-1].partition("=")[2]
             app.db.execute(
-                "UPDATE pipeline_runs SET params_json = ? WHERE id = ? AND state = 'queued'",
+                "UPDATE pipeline_runs SET params_json = ? WHERE id = ? AND state = 'queued' "
+                "AND started_at IS NULL",
                 (json.dumps(params, sort_keys=True), waiting[0]["id"]),
             )
         return None, f"{stamp} folded into run {waiting[0]['id']}, which waits already", False

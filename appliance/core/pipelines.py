@@ -204,7 +204,16 @@ def parse_param(text: str, params: dict[str, Any]) -> tuple[str, Any]:
             f"--param {key}: expected {_type_of(default)} like {default!r}, got {raw!r}"
         ) from None
     if isinstance(default, list):
-        return key, [v.strip() for v in raw.split(",") if v.strip()]
+        items = [v.strip() for v in raw.split(",") if v.strip()]
+        kinds = {type(d) for d in default if not isinstance(d, bool)}
+        if kinds and kinds <= {int, float}:  # numbers stay numbers: `--param parts=0.8,0.2`
+            try:
+                return key, [int(v) if kinds == {int} else float(v) for v in items]
+            except ValueError:
+                raise InvalidInput(
+                    f"--param {key}: expected numbers separated by commas, got {raw!r}"
+                ) from None
+        return key, items
     return key, raw
 
 
@@ -333,6 +342,17 @@ _SHAPES: dict[str, tuple[str, Any]] = {
 }
 
 
+_WHOLE = {"seed": 0, "max_trials": 1, "to_revision": 1}  # whole numbers, at least this
+_NAMES = {  # keys that name something new: a dataset, model, alias or deployment
+    "import": ("name",),
+    "recipe": ("out",),
+    "training_set": ("out",),
+    "register": ("model",),
+    "promote": ("to",),
+    "deploy": ("name",),
+}
+
+
 def _check_literals(kind: str, body: dict[str, Any], where: str) -> None:
     """A value written as it is (no reference in it) has the type its key takes."""
     from appliance.core.jobs import parse_duration
@@ -352,6 +372,12 @@ def _check_literals(kind: str, body: dict[str, Any], where: str) -> None:
                 parse_duration(value, f"{where}.timeout")
             except InvalidInput as exc:
                 raise InvalidInput(exc.message) from None
+        if key in _WHOLE and (
+            isinstance(value, bool) or value != int(value) or value < _WHOLE[key]
+        ):
+            raise InvalidInput(f"{where}.{key}: expected a whole number from {_WHOLE[key]}")
+        if key in _NAMES.get(kind, ()) and isinstance(value, str):
+            validate_name(f"{where}.{key}", value)
 
 
 def check_values(step: Step, args: dict[str, Any], where: str) -> None:
@@ -411,8 +437,12 @@ def _check_refs(step: Step, steps: dict[str, Step], params: dict[str, Any], sour
                 step.after.add(other)
             else:
                 raise InvalidInput(f"{where}: expected ${{params.NAME}} or ${{steps.STEP.OUTPUT}}")
-            if whole and expected is not None and not _fits(found, expected):
+            if whole and expected is not None and not _fits(found, expected, key):
                 raise InvalidInput(f"{where}: is a {found}, but {key} takes a {expected}")
+            if not whole and expected in (BOOL, NUMBER):
+                raise InvalidInput(
+                    f"{where}: {key} takes a {expected}: write the reference alone, not in text"
+                )
         if expected == BOOL and not _refs(value) and not isinstance(value, bool):
             raise InvalidInput(
                 f"{source}: steps.{step.name}.{key}: expected true, false or a reference"
@@ -422,9 +452,11 @@ def _check_refs(step: Step, steps: dict[str, Step], params: dict[str, Any], sour
             raise InvalidInput(f"{source}: steps.{step.name}.after: no step {other!r}")
 
 
-def _fits(found: str, expected: str) -> bool:
+def _fits(found: str, expected: str, key: str = "") -> bool:
     if found == expected:
         return True
+    if found == "list" and key == "inputs":
+        return True  # a script's inputs, given as a list parameter
     if found == TEXT and expected in _TEXT_STANDS_FOR:
         return True  # a name or ref given as a parameter: `churn`, `churn@champion`
     return found == VERSION and expected == MODEL
@@ -509,6 +541,8 @@ def resolve(value: Any, params: dict[str, Any], outputs: dict[str, dict[str, Any
     def lookup(ref: str) -> Any:
         parts = ref.strip().split(".")
         if parts[0] == "params":
+            if parts[1] not in params:
+                raise InvalidInput(f"${{{ref.strip()}}}: the run has no parameter {parts[1]!r}")
             return params[parts[1]]
         found = outputs[parts[1]].get(parts[2])
         if found is None:

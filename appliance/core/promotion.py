@@ -81,6 +81,13 @@ def parse_gate(text: str, alias: str = "champion") -> list[Condition]:
         op = take("op", "a comparison (>=, >, <=, <, ==)")
         if index < len(tokens) and tokens[index][0] == "num":
             right = Term(None, float(take("num", "a number")))
+        elif index < len(tokens) - 1 and [t[0] for t in tokens[index : index + 2]] == [
+            "sign",
+            "num",
+        ]:  # a signed constant: `loss <= -0.5`
+            sign = take("sign", "+ or -")
+            value = float(take("num", "a number"))
+            right = Term(None, -value if sign == "-" else value)
         else:
             name = take("name", "a number or ALIAS.METRIC")
             holder, _, metric = name.partition(".")

@@ -497,6 +497,7 @@ def m014_pipelines(db: Any) -> None:
             state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'succeeded', 'cached',
                 'failed', 'skipped', 'cancelled')),
             attempt INTEGER NOT NULL DEFAULT 0,
+            interruptions INTEGER NOT NULL DEFAULT 0,
             job_id TEXT,
             job_run_id TEXT,
             cache_key TEXT,
