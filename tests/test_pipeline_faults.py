@@ -15,6 +15,7 @@ from appliance.core.pipeline_runs import (
     advance_run,
     cancel_run,
     get_run,
+    retry_run,
     run_pipeline,
     show_run,
     wait_run,
@@ -112,6 +113,13 @@ def test_a_cancel_that_arrives_mid_pass_starts_nothing(
     assert app.db.scalar("SELECT count(*) FROM jobs") == 0
     assert get_run(app, run["id"])["state"] == "cancelled"
     assert {s["state"] for s in _steps(app, run["id"]).values()} == {"pending"}
+    app.db.execute("UPDATE pipeline_runs SET started_at = '2026-01-01T00:00:00Z'")
+    retried = retry_run(app, run["id"])  # waits for the agent: it counts no time yet
+    assert (retried["state"], retried["started_at"], retried["duration_s"]) == (
+        "queued",
+        None,
+        None,
+    )
 
 
 def _key(app: Appliance, tmp_path: Path, kind: str, args: dict[str, Any]) -> str:
@@ -184,8 +192,6 @@ def test_a_run_reads_the_recipe_as_submitted_and_a_missing_script_fails_by_name(
     """Recipe, checks and study files are copied with the run: an edit after submission
     changes later runs only. A script runs from its folder as it is: one removed meanwhile
     fails its step by name, and retry runs it once it is back."""
-    from appliance.core.pipeline_runs import retry_run
-
     import_csv(app, _csv(tmp_path / "a.csv", 3), "raw")
     (tmp_path / "step.py").write_text(SLEEP)
     (tmp_path / "r.sql").write_text("SELECT a FROM src\n")
@@ -314,10 +320,7 @@ def test_a_step_cached_on_retry_has_no_job_of_its_own(app: Appliance, tmp_path: 
     assert _steps(app, failed["id"])["a"]["state"] == "failed"
     (tmp_path / "fail").unlink()
     app.db.execute("UPDATE pipeline_runs SET no_cache = 0 WHERE id = ?", (failed["id"],))
-    from appliance.core.pipeline_runs import retry_run
-
-    retried = retry_run(app, failed["id"])
-    assert retried["started_at"] is None  # a waiting retry counts no time
+    retry_run(app, failed["id"])
     assert wait_run(app, failed["id"], timeout=60)["state"] == "succeeded"
     for step in _steps(app, failed["id"]).values():  # not the failed attempt's job, or log
         assert (step["state"], step["job_id"], step["run_id"]) == ("cached", None, None)

@@ -624,7 +624,8 @@ def abandon_study(app: Appliance, run_id: str, step: str) -> None:
     study_id = step_study(app, run_id, step)
     if study_id is None:
         return
-    if get_study(app, study_id)["state"] in ("running", "stopping"):
+    # `interrupted`: its driver (the step's process) is gone while it still says running
+    if get_study(app, study_id)["state"] in ("running", "stopping", "interrupted"):
         with contextlib.suppress(ApplianceError):
             stop_study(app, study_id, timeout=0.5)
     cancel_trial_jobs(app, study_id)
