@@ -68,6 +68,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m012_tuning",
         "m013_k3s_serving",
         "m014_pipelines",
+        "m015_monitoring",
     ]
     again.close()
 

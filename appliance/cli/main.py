@@ -1541,6 +1541,207 @@ def pipelines_remove_trigger(app: Any, as_json: bool, trigger_id: str) -> None:
     emit(remove_trigger(app, trigger_id), as_json)
 
 
+# ---- monitoring ---------------------------------------------------------------------------
+@cli.group("monitor")
+def monitor_group() -> None:
+    """Monitoring: prediction logs, feedback and live quality, drift, rules and alerts."""
+
+
+def _seconds(text: str, flag: str) -> float:
+    from appliance.core.jobs import parse_duration
+
+    return parse_duration(text, flag)
+
+
+@command(monitor_group, "feedback")
+@click.argument("deployment")
+@click.argument("file", type=click.Path())
+def monitor_feedback(app: Any, as_json: bool, deployment: str, file: str) -> None:
+    """Labels for logged predictions (CSV or JSON lines: request_id, label[, row])."""
+    from appliance.core.feedback import add_feedback
+
+    emit(add_feedback(app, deployment, file), as_json)
+
+
+@command(monitor_group, "quality")
+@click.argument("deployment")
+@click.option("--window", default="1h", show_default=True, help="Width of each window.")
+@click.option("--since", help="Only predictions newer than this long ago (e.g. 7d).")
+def monitor_quality(
+    app: Any, as_json: bool, deployment: str, window: str, since: str | None
+) -> None:
+    """Live quality per model version and window, from labelled predictions."""
+    import time
+
+    from appliance.core.feedback import quality
+
+    result = quality(
+        app,
+        deployment,
+        _seconds(window, "--window"),
+        time.time() - _seconds(since, "--since") if since else None,
+    )
+    if as_json:
+        emit(result, True)
+        return
+    click.echo(f"{result['labels']} labels, {result.get('matched', 0)} matched to predictions")
+    rows = [{**w, "window_start": _clock(w["window_start"])} for w in result["windows"]]
+    columns = ["version", "window_start", "labelled"]
+    columns += [
+        k for k in ("auc", "accuracy", "logloss", "rmse", "mae", "r2") if any(k in w for w in rows)
+    ]
+    click.echo(table(rows, columns))
+
+
+def _clock(ts: float | None) -> str:
+    import time
+
+    return "" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+@command(monitor_group, "drift")
+@click.argument("deployment")
+@click.option("--window", default="1h", show_default=True, help="The window of logged inputs.")
+def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None:
+    """Drift of the window's logged inputs (and outputs) against the training data."""
+    from appliance.core.drift import drift
+
+    report = drift(app, deployment, _seconds(window, "--window"))
+    if as_json:
+        emit(report, True)
+        return
+    for item in report["versions"]:
+        click.echo(
+            f"version {item['version']}: {item['rows']} rows from {_clock(report['window_start'])}"
+            f" to {_clock(report['window_end'])} against {item['reference']}"
+        )
+        rows = [
+            {
+                **f,
+                "missing": f"{f['missing_ref']:.3f} -> {f['missing']:.3f}",
+                "test": f.get("ks") if f["type"] == "numeric" else f.get("chi2"),
+                "unseen": ",".join(f.get("unseen") or []),
+            }
+            for f in item["features"]
+        ]
+        click.echo(table(rows, ["feature", "type", "psi", "test", "p_value", "missing", "unseen"]))
+        out = item["prediction"]
+        click.echo(f"prediction: psi {out.get('psi')} ks {out.get('ks')}")
+
+
+@command(monitor_group, "add")
+@click.argument("name")
+@click.option("--deployment", required=True)
+@click.option("--rule", required=True, help="e.g. 'psi(tenure) > 0.2', 'auc < 0.8 over 24h'.")
+@click.option("--every", default="1m", show_default=True, help="How often the agent checks.")
+@click.option("--rollback", is_flag=True, help="When it fires: roll the deployment back.")
+@click.option("--command", "command_line", help="When it fires: run this command line.")
+@click.option("--webhook", help="When it fires: POST JSON here (a loopback or private address).")
+@click.option("--pipeline", help="When it fires: run this pipeline file (e.g. a retrain).")
+def monitor_add(
+    app: Any,
+    as_json: bool,
+    name: str,
+    deployment: str,
+    rule: str,
+    every: str,
+    rollback: bool,
+    command_line: str | None,
+    webhook: str | None,
+    pipeline: str | None,
+) -> None:
+    """Watch a deployment with a rule; the agent checks it and records alerts."""
+    import shlex
+
+    from appliance.core.monitors import add_monitor
+
+    action = {
+        "rollback": rollback or None,
+        "command": shlex.split(command_line) if command_line else None,
+        "webhook": webhook,
+        "pipeline": pipeline,
+    }
+    emit(add_monitor(app, name, deployment, rule, every, action), as_json)
+
+
+@command(monitor_group, "list")
+@click.option("--deployment")
+def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
+    """Monitors with their state and last value."""
+    from appliance.core.monitors import list_monitors
+
+    emit(
+        list_monitors(app, deployment),
+        as_json,
+        ["name", "deployment", "rule", "every_s", "action", "state", "value"],
+    )
+
+
+@command(monitor_group, "remove")
+@click.argument("name")
+def monitor_remove(app: Any, as_json: bool, name: str) -> None:
+    """Stop a monitor (its alerts are kept)."""
+    from appliance.core.monitors import remove_monitor
+
+    emit(remove_monitor(app, name), as_json)
+
+
+@command(monitor_group, "check")
+@click.argument("name", required=False)
+def monitor_check(app: Any, as_json: bool, name: str | None) -> None:
+    """Evaluate monitors now (the agent does it on their schedule)."""
+    from appliance.core.monitors import check_monitors
+
+    emit(check_monitors(app, name, force=True), as_json, ["monitor", "state", "value", "error"])
+
+
+@command(monitor_group, "alerts")
+@click.option("--deployment")
+def monitor_alerts(app: Any, as_json: bool, deployment: str | None) -> None:
+    """Alerts, newest first: when they fired and resolved, and the action taken."""
+    from appliance.core.monitors import list_alerts
+
+    emit(
+        list_alerts(app, deployment),
+        as_json,
+        [
+            "id",
+            "monitor",
+            "deployment",
+            "rule",
+            "value",
+            "fired_at",
+            "resolved_at",
+            "action_result",
+        ],
+    )
+
+
+@command(monitor_group, "token")
+def monitor_token(app: Any, as_json: bool) -> None:
+    """The token `POST /feedback` needs (Authorization: Bearer TOKEN); made on first use."""
+    from appliance.core.feedback import feedback_token
+
+    token = feedback_token(app.settings.home)
+    emit({"token": token}, True) if as_json else click.echo(token)
+
+
+@command(monitor_group, "report")
+@click.argument("deployment")
+@click.option("--window", default="1h", show_default=True, help="Drift window, traffic window.")
+@click.option("--html", "html_file", type=click.Path(), help="Also write a self-contained page.")
+def monitor_report(
+    app: Any, as_json: bool, deployment: str, window: str, html_file: str | None
+) -> None:
+    """Per version: traffic, latency percentiles, errors, drift, quality over time."""
+    from appliance.core.monitor_report import build_report, render_html, render_text
+
+    report = build_report(app, deployment, _seconds(window, "--window"))
+    if html_file:
+        render_html(report, html_file)
+    emit(report, True) if as_json else click.echo(render_text(report))
+
+
 @cli.group("runs")
 def runs_group() -> None:
     """Runs: params, metrics and outputs of every job."""
@@ -1812,6 +2013,12 @@ def models_card(app: Any, ref: str) -> None:
 @click.option("--cpus", type=float, help="New deployment on k3s: cores per pod (default 1).")
 @click.option("--memory", help="New deployment on k3s: memory per pod (default 1Gi).")
 @click.option("--gpus", type=click.IntRange(0), help="New deployment on k3s: GPUs per pod.")
+@click.option(
+    "--log-sample",
+    type=float,
+    help="Log this share (0 to 1) of requests' inputs and outputs (default 0; request "
+    "metadata is always logged).",
+)
 def deploy_cmd(
     app: Any,
     as_json: bool,
@@ -1828,30 +2035,32 @@ def deploy_cmd(
     cpus: float | None,
     memory: str | None,
     gpus: int | None,
+    log_sample: float | None,
 ) -> None:
     """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision (returns once every
     worker serves it; on k3s, once the rollout is available)."""
-    from appliance.core.deployments import deploy_model
+    from appliance.core.deployments import deploy_model, set_logging
 
     resources = {"cpu": cpus, "memory": memory, "gpu": gpus}
-
-    emit(
-        deploy_model(
-            app,
-            model_ref,
-            name,
-            host=host,
-            port=port,
-            workers=workers,
-            follow_alias=follow_alias,
-            canary=canary,
-            auto_rollback=auto_rollback,
-            window=window,
-            feature_service=feature_service,
-            resources={k: v for k, v in resources.items() if v is not None} or None,
-        ),
-        as_json,
+    if log_sample is not None and not 0 <= log_sample <= 1:
+        raise click.BadParameter("expected a share between 0 and 1", param_hint="--log-sample")
+    done = deploy_model(
+        app,
+        model_ref,
+        name,
+        host=host,
+        port=port,
+        workers=workers,
+        follow_alias=follow_alias,
+        canary=canary,
+        auto_rollback=auto_rollback,
+        window=window,
+        feature_service=feature_service,
+        resources={k: v for k, v in resources.items() if v is not None} or None,
     )
+    if log_sample is not None:
+        done = {**done, **set_logging(app, done["name"], sample=log_sample)}
+    emit(done, as_json)
 
 
 # ---- features ----------------------------------------------------------------------------------
@@ -2187,6 +2396,21 @@ def deployments_start(
     from appliance.core.deployments import start_deployment
 
     emit(start_deployment(app, name, host=host, port=port, workers=workers), as_json)
+
+
+@command(deployments_group, "logging")
+@click.argument("name")
+@click.option("--sample", type=float, help="Share (0 to 1) of requests whose inputs are kept.")
+@click.option(
+    "--requests/--no-requests", default=None, help="Log every request's metadata (default on)."
+)
+def deployments_logging(
+    app: Any, as_json: bool, name: str, sample: float | None, requests: bool | None
+) -> None:
+    """What a deployment's prediction log keeps; workers follow at once."""
+    from appliance.core.deployments import set_logging
+
+    emit(set_logging(app, name, sample, requests), as_json)
 
 
 @command(deployments_group, "stop")

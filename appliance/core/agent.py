@@ -54,6 +54,7 @@ RECONCILE_SECONDS = 2.0
 RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any more
 REPROBE_SECONDS = 60.0
 CLUSTER_REPROBE_SECONDS = 10.0  # nodes join and leave more often than RAM changes
+SHIP_SECONDS = float(os.environ.get("APPLIANCE_SHIP_SECONDS", "5"))  # logs, monitors
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,8 @@ class Agent:
         self.restarts: dict[str, tuple[int, float]] = {}  # deployment -> (restarts, not before)
         self.probed = time.monotonic()
         self.stopping = False
+        self.watched = 0.0
+        self.ship_error: str | None = None
         self._lock_file: IO[str] | None = None
         self._sock: socket.socket | None = None
 
@@ -461,6 +464,28 @@ class Agent:
             active = True
         return active or has_triggers(self.app)
 
+    def watch_deployments(self) -> None:
+        """Every few seconds: ship the deployments' spooled prediction logs to the object
+        store (a failure leaves them spooled, tried again), then evaluate monitors that are
+        due (alerts, and the actions they were given)."""
+        now = time.monotonic()
+        if now - self.watched < SHIP_SECONDS:
+            return
+        self.watched = now
+        from appliance.core.monitors import check_monitors
+        from appliance.core.prediction_log import ship_logs
+
+        try:
+            shipped = ship_logs(self.app)
+            if shipped["error"] and shipped["error"] != self.ship_error:
+                print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
+            self.ship_error = shipped["error"]
+            check_monitors(self.app)
+        except (sqlite3.Error, OSError):
+            raise
+        except Exception:  # monitoring must never take the agent down
+            traceback.print_exc()
+
     def supervise_deployments(self) -> bool:
         """Restart deployment servers that died (crash, reboot), backing off 1 s, 2 s, 4 s...
         up to a minute per deployment. True while any deployment is meant to serve."""
@@ -588,6 +613,7 @@ class Agent:
             pipelines = self.drive_pipelines()
             self.schedule()
             serving = self.supervise_deployments()
+            self.watch_deployments()
             return self._active() > 0 or serving or pipelines
         except (sqlite3.Error, OSError, ApplianceError) as exc:
             print(f"{utcnow()} agent pass failed, retrying: {exc}", file=sys.stderr, flush=True)

@@ -308,6 +308,35 @@ def deployment_status(
 _KEEP = object()  # deploy(): leave the deployment's follow_alias as it is
 
 
+def set_logging(
+    app: Appliance, name: str, sample: float | None = None, requests: bool | None = None
+) -> dict[str, Any]:
+    """What a deployment's prediction log keeps: request metadata (on by default) and a
+    share of its inputs and outputs (`sample`, 0 to 1; 0 by default). Workers follow within
+    a few milliseconds; nothing is restarted."""
+    if sample is not None and (isinstance(sample, bool) or not 0 <= float(sample) <= 1):
+        raise InvalidInput(f"--log-sample {sample!r}: expected a share between 0 and 1")
+    dep = get_deployment(app, name)
+    with app.db.transaction() as conn:
+        if sample is not None:
+            conn.execute(
+                "UPDATE deployments SET log_sample = ? WHERE id = ?", (float(sample), dep["id"])
+            )
+        if requests is not None:
+            conn.execute(
+                "UPDATE deployments SET log_requests = ? WHERE id = ?", (int(requests), dep["id"])
+            )
+    row = app.db.one(
+        "SELECT name, log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
+    )
+    assert row is not None
+    return {
+        "deployment": row["name"],
+        "log_sample": row["log_sample"],
+        "log_requests": bool(row["log_requests"]),
+    }
+
+
 def deploy_model(
     app: Appliance,
     model_ref: str,

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from appliance.core.inference import (
     split_binary_body,
 )
 from appliance.core.online import FeatureLookup
+from appliance.core.prediction_log import PredictionLog
 from appliance.core.registry import get_model_version
 from appliance.core.traffic import (
     KEEP_SECONDS,
@@ -118,6 +120,7 @@ class Response:
     content_type: str = "application/json"
     headers: tuple[tuple[bytes, bytes], ...] = ()
     served: tuple[int, str] | None = None  # (version, role) of a prediction, for the stats
+    logged: tuple[str, int, Any, Any] | None = None  # (request id, rows, inputs, outputs)
 
 
 def _error(status: int, message: str) -> Response:
@@ -163,7 +166,7 @@ def wake_workers(app: Appliance, deployment: str, pids: list[int]) -> None:
 
 _STATE_SQL = (
     "SELECT d.generation, d.current_revision, d.canary_revision, d.canary_percent, "
-    "d.canary_window_s, d.feature_service, m.name AS model, "
+    "d.canary_window_s, d.feature_service, d.log_sample, d.log_requests, m.name AS model, "
     "(SELECT mv.version FROM deployment_revisions r JOIN model_versions mv "
     " ON mv.id = r.model_version_id WHERE r.deployment_id = d.id "
     " AND r.revision = d.current_revision) AS version, "
@@ -247,6 +250,8 @@ class ModelServer:
         self._sync_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self.snapshot_path = self.directory / f"worker-{os.getpid()}.json"
+        self.plog = PredictionLog(app.settings.home, deployment)
+        self.feedback_token: str | None = None
 
     def entity_inputs(self, runtime: ModelRuntime) -> EntityInputs | None:
         """With a feature service, what turns keys into this version's inputs: the service
@@ -289,6 +294,7 @@ class ModelServer:
         The snapshot it writes is the worker's "I serve this": at start, only once it listens."""
         with self._sync_lock:
             state = self._state()
+            self.plog.configure(float(state["log_sample"] or 0), bool(state["log_requests"]))
             current = self.routing
             if current is not None and int(state["generation"]) == current.generation:
                 return False
@@ -359,6 +365,7 @@ class ModelServer:
                 "versions": routing.versions() if routing else [],
                 "degraded": routing.degraded if routing else None,
                 "traffic": self.stats.snapshot(),
+                "log": self.plog.counters(),
             },
         )
 
@@ -507,6 +514,10 @@ class ModelServer:
             if method != "POST":
                 raise RequestError(405, f"{method} not allowed on /invocations; use POST")
             return self._invocations(routing, headers, body)
+        if path == "/feedback":
+            if method != "POST":
+                raise RequestError(405, f"{method} not allowed on /feedback; use POST")
+            return self._feedback(headers, body)
         raise RequestError(404, f"no route for {method} {path[:200]}")
 
     def metrics(self) -> str:
@@ -534,6 +545,7 @@ class ModelServer:
         runtime, role = self._model(
             routing, name, version, request_id or headers.get("x-request-id")
         )
+        log_id = (request_id or headers.get("x-request-id") or uuid.uuid4().hex)[:200]
         features = self.entity_inputs(runtime)
         missing = 0
         try:
@@ -563,18 +575,40 @@ class ModelServer:
         if request_id is not None:
             response["id"] = request_id
         served = (runtime.version, role)
+        logged = (log_id, int(shape[0]) if shape else 0, columns, predictions)
+        id_header = (b"x-request-id", log_id.encode("utf-8", "replace"))
         if _wants_binary(body):
             data, length = encode_binary_outputs(response)
             return Response(
                 200,
                 data,
                 "application/octet-stream",
-                ((BINARY_HEADER.encode(), str(length).encode()),),
+                ((BINARY_HEADER.encode(), str(length).encode()), id_header),
                 served,
+                logged,
             )
         for out in response["outputs"]:
             out["data"] = predictions.reshape(-1).tolist()
-        return Response(200, _dumps(response), served=served)
+        return Response(200, _dumps(response), headers=(id_header,), served=served, logged=logged)
+
+    def _feedback(self, headers: dict[str, str], raw: bytes) -> Response:
+        """Labels for logged predictions, with the home's feedback token; spooled for the
+        agent to store (401 without the token, 400 naming the bad item)."""
+        import hmac
+
+        from appliance.core.feedback import feedback_token, spool_feedback
+
+        if self.feedback_token is None:
+            self.feedback_token = feedback_token(self.app.settings.home, create=False)
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not self.feedback_token or not hmac.compare_digest(given, self.feedback_token):
+            raise RequestError(401, "feedback needs the home's token: Authorization: Bearer …")
+        _require_json(headers)
+        try:
+            taken = spool_feedback(self.app.settings.home, self.deployment, _loads(raw))
+        except ApplianceError as exc:
+            raise RequestError(400, exc.message) from None
+        return Response(202, _dumps({"accepted": taken}))
 
     def _invocations(self, routing: Routing, headers: dict[str, str], raw: bytes) -> Response:
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -594,7 +628,14 @@ class ModelServer:
         except RequestError as exc:
             exc.served = (runtime.version, role)  # type: ignore[attr-defined]
             raise
-        return Response(200, _dumps({"predictions": predictions}), served=(runtime.version, role))
+        log_id = (headers.get("x-request-id") or uuid.uuid4().hex)[:200]
+        return Response(
+            200,
+            _dumps({"predictions": predictions}),
+            headers=((b"x-request-id", log_id.encode("utf-8", "replace")),),
+            served=(runtime.version, role),
+            logged=(log_id, len(predictions), columns, predictions),
+        )
 
 
 def _require_json(headers: dict[str, str]) -> None:
@@ -676,7 +717,26 @@ class InferenceApp:
         await self._send(send, response)
         if response.served is not None:
             version, role = response.served
-            self.server.stats.observe(version, role, response.status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.server.stats.observe(version, role, response.status, seconds)
+            routing = self.server.routing
+            request_id, rows, columns, outputs = response.logged or (
+                headers.get("x-request-id", ""),
+                0,
+                None,
+                None,
+            )
+            self.server.plog.record(
+                request_id,
+                version,
+                routing.revision if routing else 0,
+                role,
+                response.status,
+                seconds,
+                rows,
+                columns,
+                outputs,
+            )
         else:
             self._count_refused(scope["path"], response.status, started)
 
@@ -748,8 +808,11 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     server.write_snapshot()
     stop = threading.Event()
     threading.Thread(target=server.follow, args=(stop,), daemon=True).start()
+    writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
+    writer.start()
     uvicorn.Server(config).run(sockets=[sock])
     stop.set()
+    writer.join(timeout=5)  # what was queued reaches the spool before the worker exits
     return 0
 
 

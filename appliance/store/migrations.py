@@ -531,6 +531,78 @@ def m014_pipelines(db: Any) -> None:
     )
 
 
+def m015_monitoring(db: Any) -> None:
+    # Prediction logs live as Parquet in the object store (one row here per file, by
+    # deployment, kind and hour); feedback labels, drift results per window, monitors and
+    # their alerts live here. A deployment logs request metadata by default and a sampled
+    # share of its inputs and outputs (`log_sample`).
+    _run_script(
+        db,
+        """
+        ALTER TABLE deployments ADD COLUMN log_sample REAL NOT NULL DEFAULT 0;
+        ALTER TABLE deployments ADD COLUMN log_requests INTEGER NOT NULL DEFAULT 1;
+        CREATE TABLE prediction_logs (
+            id INTEGER PRIMARY KEY,
+            deployment TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('requests', 'inputs')),
+            hour TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            rows INTEGER NOT NULL,
+            first_ts REAL NOT NULL,
+            last_ts REAL NOT NULL,
+            spool_name TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX prediction_logs_by_time ON prediction_logs (deployment, kind, last_ts);
+        CREATE TABLE monitor_feedback (
+            deployment TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            row INTEGER NOT NULL,
+            label TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            PRIMARY KEY (deployment, request_id, row)
+        );
+        CREATE TABLE drift_results (
+            id INTEGER PRIMARY KEY,
+            deployment TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            reference TEXT NOT NULL,
+            window_start REAL NOT NULL,
+            window_end REAL NOT NULL,
+            rows INTEGER NOT NULL,
+            results_json TEXT NOT NULL,
+            computed_at TEXT NOT NULL
+        );
+        CREATE INDEX drift_results_by_deployment ON drift_results (deployment, window_end);
+        CREATE TABLE monitors (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            deployment TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            every_s REAL NOT NULL,
+            action_json TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'firing', 'no_data')),
+            last_value REAL,
+            last_checked_at REAL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE monitor_alerts (
+            id INTEGER PRIMARY KEY,
+            monitor_id TEXT NOT NULL,
+            monitor TEXT NOT NULL,
+            deployment TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            value REAL,
+            fired_at TEXT NOT NULL,
+            resolved_at TEXT,
+            action TEXT,
+            action_result TEXT
+        );
+        CREATE INDEX monitor_alerts_by_deployment ON monitor_alerts (deployment, fired_at)
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -571,6 +643,7 @@ STEPS: list[Callable[[Any], None]] = [
     m012_tuning,
     m013_k3s_serving,
     m014_pipelines,
+    m015_monitoring,
 ]
 
 

@@ -1,0 +1,284 @@
+"""Ground truth for deployments: labels joined to logged predictions by request id, and the
+live quality per model version over time windows.
+
+Labels arrive from a file (`monitor feedback DEPLOYMENT FILE`: CSV or JSON lines with
+request_id, label and optionally row) or from `POST /feedback` on the model server (with the
+home's feedback token); the server writes them to the spool and the agent stores them.
+A label is checked against the model's objective (a class it was trained on, or a number
+for regression) and refused with the line that holds it; a request id that was never
+logged is counted and reported, and the rest is stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from appliance.core.context import Appliance
+from appliance.core.prediction_log import log_files, ship_logs, spool_dir
+from appliance.errors import InvalidInput
+
+TOKEN_FILE = "feedback.token"
+
+
+def feedback_token(home: Path, create: bool = True) -> str | None:
+    """The home's feedback token (written 0600 on first use); None when absent and not
+    created. Sent as `Authorization: Bearer TOKEN` to `POST /feedback`."""
+    path = home / "secrets" / TOKEN_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    try:
+        os.link(tmp, path)  # the first writer wins; a racing one reads its token
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def _item(raw: Any, where: str) -> tuple[str, int, Any]:
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{where}: expected an object with request_id and label")
+    request_id, label, row = raw.get("request_id"), raw.get("label"), raw.get("row", 0)
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+        raise InvalidInput(f"{where}: request_id: expected the id a prediction was answered with")
+    if isinstance(row, str) and row.strip().isdigit():
+        row = int(row)
+    if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+        raise InvalidInput(f"{where}: row: expected a row number (0 for one-row requests)")
+    if label is None or isinstance(label, dict | list) or label == "":
+        raise InvalidInput(f"{where}: label: expected a class or a number")
+    return request_id, row, label
+
+
+def spool_feedback(home: Path, deployment: str, body: Any) -> int:
+    """`POST /feedback` on the server: check the items and write them to the spool as one
+    closed file (the agent stores them); returns how many were taken."""
+    items = body.get("feedback", [body]) if isinstance(body, dict) else body
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("expected {request_id, label[, row]} or {feedback: [...]}")
+    if len(items) > 100_000:
+        raise InvalidInput("at most 100,000 labels per request")
+    checked = [_item(raw, f"feedback[{i}]") for i, raw in enumerate(items)]
+    directory = spool_dir(home, deployment)
+    directory.mkdir(parents=True, exist_ok=True)
+    hour = time.strftime("%Y%m%d%H", time.gmtime())
+    name = f"feedback-{hour}-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
+    tmp = directory / (name + ".part")
+    now = time.time()
+    with tmp.open("w") as fh:
+        for request_id, row, label in checked:
+            fh.write(json.dumps({"request_id": request_id, "row": row, "label": label, "ts": now}))
+            fh.write("\n")
+    tmp.rename(directory / name)
+    return len(checked)
+
+
+def _objective(app: Appliance, deployment: str) -> tuple[str, list[Any]]:
+    """What a label must be for this deployment: from the model version it serves."""
+    from appliance.core.deployments import get_deployment
+    from appliance.core.registry import get_model_version
+
+    dep = get_deployment(app, deployment)
+    version = get_model_version(app, f"{dep['model']}@{dep['model_version']}")
+    signature = version["signature"]
+    return str(signature.get("objective") or "binary"), list(signature.get("labels") or [])
+
+
+def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> str:
+    """The label as stored (text of its value), refused when the model could not score it."""
+    if objective == "regression":
+        try:
+            return repr(float(label))
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{where}: label {label!r}: expected a number") from None
+    for known in labels:
+        if label == known or str(label) == str(known):
+            return json.dumps(known)
+    raise InvalidInput(
+        f"{where}: label {label!r}: not a class of the model (classes: "
+        f"{', '.join(map(str, labels)) or 'unknown'})"
+    )
+
+
+def _read(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such feedback file")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path.name}:{n}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise InvalidInput(f"{path.name}:{n}: not JSON: {exc.msg}") from None
+        return items
+    reader = csv.DictReader(text.splitlines())
+    missing = {"request_id", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise InvalidInput(f"{path.name}: the header needs {', '.join(sorted(missing))}")
+    return [(f"{path.name}:{n}", dict(row)) for n, row in enumerate(reader, 2)]
+
+
+def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str, Any]:
+    """Store the labels of a file; a bad line refuses the whole file (nothing stored), a
+    request id never logged is counted and skipped."""
+    objective, labels = _objective(app, deployment)
+    rows = []
+    for where, raw in _read(Path(path)):
+        request_id, row, label = _item(raw, where)
+        if objective != "regression" and isinstance(label, str) and labels:
+            label = next((k for k in labels if str(k) == label), label)
+        rows.append((request_id, row, _check_label(label, objective, labels, where)))
+    ship_logs(app, deployment)
+    known = _logged_ids(app, deployment, {r[0] for r in rows})
+    kept = [r for r in rows if r[0] in known]
+    now = time.time()
+    with app.db.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO monitor_feedback (deployment, request_id, row, label, received_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deployment, request_id, row) "
+            "DO UPDATE SET label = excluded.label, received_at = excluded.received_at",
+            [(deployment, r[0], r[1], r[2], now) for r in kept],
+        )
+    return {
+        "deployment": deployment,
+        "labels": len(rows),
+        "stored": len(kept),
+        "unknown_request_ids": len({r[0] for r in rows} - known),
+    }
+
+
+def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> set[str]:
+    """Which of `wanted` a deployment logged (request metadata or inputs)."""
+    import duckdb
+
+    from appliance.core import duck
+
+    files = log_files(app, deployment, "requests") + log_files(app, deployment, "inputs")
+    if not files or not wanted:
+        return set()
+    con = duckdb.connect()
+    try:
+        con.execute("CREATE TABLE wanted (request_id VARCHAR)")
+        con.executemany("INSERT INTO wanted VALUES (?)", [(w,) for w in wanted])
+        listing = ", ".join(duck.sql_string(f) for f in files)
+        found = con.execute(
+            f"SELECT DISTINCT w.request_id FROM wanted w JOIN "
+            f"read_parquet([{listing}], union_by_name = true) l USING (request_id)"
+        ).fetchall()
+    finally:
+        con.close()
+    return {r[0] for r in found}
+
+
+def store_spooled_feedback(app: Appliance, deployment: str, path: Path) -> int:
+    """The agent's part: a feedback file the server spooled goes into the store."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            rows.append((item["request_id"], int(item["row"]), json.dumps(item["label"])))
+    with app.db.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO monitor_feedback (deployment, request_id, row, label, received_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deployment, request_id, row) "
+            "DO UPDATE SET label = excluded.label",
+            [(deployment, r[0], r[1], r[2], time.time()) for r in rows],
+        )
+    path.unlink(missing_ok=True)
+    return len(rows)
+
+
+def quality(
+    app: Appliance, deployment: str, window: float = 3600.0, since: float | None = None
+) -> dict[str, Any]:
+    """Live quality per model version and time window: predictions logged with their
+    inputs, joined to labels by request id and row; metrics as training computes them."""
+    import duckdb
+    import numpy as np
+
+    from appliance.core import duck
+    from appliance.core.deployments import get_deployment
+    from appliance.core.registry import get_model_version
+    from appliance.core.training import evaluate, label_codes
+
+    dep = get_deployment(app, deployment)
+    ship_logs(app, deployment)
+    files = log_files(app, deployment, "inputs", since)
+    labels = app.db.rows(
+        "SELECT request_id, row, label FROM monitor_feedback WHERE deployment = ?", (deployment,)
+    )
+    result: dict[str, Any] = {"deployment": deployment, "labels": len(labels), "windows": []}
+    if not files or not labels:
+        result["matched"] = 0
+        return result
+    con = duckdb.connect()
+    try:
+        con.execute("CREATE TABLE fb (request_id VARCHAR, row BIGINT, label VARCHAR)")
+        con.executemany("INSERT INTO fb VALUES (?, ?, ?)", [tuple(r.values()) for r in labels])
+        listing = ", ".join(duck.sql_string(f) for f in files)
+        joined = con.execute(
+            f"SELECT l.version, floor(l.ts / {float(window)}) * {float(window)} AS w, "
+            f"l.prediction, fb.label FROM read_parquet([{listing}], union_by_name = true) l "
+            "JOIN fb USING (request_id, row) "
+            + (f"WHERE l.ts >= {float(since)} " if since else "")
+            + "ORDER BY l.version, w"
+        ).fetchall()
+    finally:
+        con.close()
+    result["matched"] = len(joined)
+    groups: dict[tuple[int, float], list[tuple[Any, Any]]] = {}
+    for version, start, prediction, label in joined:
+        groups.setdefault((int(version), float(start)), []).append((prediction, label))
+    signatures: dict[int, dict[str, Any]] = {}
+    for (version, start), pairs in sorted(groups.items()):
+        if version not in signatures:
+            signatures[version] = get_model_version(app, f"{dep['model']}@{version}")["signature"]
+        signature = signatures[version]
+        objective = str(signature.get("objective") or "binary")
+        raw = [json.loads(label) for _, label in pairs]
+        pred = np.asarray([p for p, _ in pairs], dtype=np.float64)
+        if objective == "regression":
+            y = np.asarray(raw, dtype=np.float64)
+        else:
+            y = label_codes(raw, list(signature.get("labels") or []), "label")
+        classes = len(signature.get("labels") or []) or 2
+        metrics = evaluate(objective, y, pred, classes) if len(pairs) > 1 else {}
+        result["windows"].append(
+            {
+                "version": version,
+                "window_start": start,
+                "window_end": start + window,
+                "labelled": len(pairs),
+                **{k: v for k, v in metrics.items() if np.isfinite(v)},
+            }
+        )
+    return result
+
+
+def unmatched_feedback(app: Appliance, deployment: str) -> int:
+    """Labels stored for requests no log holds (they arrived by `POST /feedback`)."""
+    ids = {
+        r["request_id"]
+        for r in app.db.rows(
+            "SELECT DISTINCT request_id FROM monitor_feedback WHERE deployment = ?", (deployment,)
+        )
+    }
+    return len(ids - _logged_ids(app, deployment, ids)) if ids else 0

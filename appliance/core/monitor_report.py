@@ -1,0 +1,260 @@
+"""A deployment's monitoring report: per-version traffic, latency percentiles and errors from
+the request log, the drift table, live quality over time and the alerts; as text for the
+terminal or one self-contained HTML page (inline SVG plots, no network resources)."""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.core.context import Appliance
+from appliance.errors import ApplianceError
+
+
+def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dict[str, Any]:
+    """Everything the report shows, as data (`--json` prints it)."""
+    import duckdb
+
+    from appliance.core import duck
+    from appliance.core.deployments import get_deployment, traffic
+    from appliance.core.drift import drift
+    from appliance.core.feedback import quality
+    from appliance.core.monitors import list_alerts, list_monitors
+    from appliance.core.prediction_log import log_files, ship_logs
+
+    dep = get_deployment(app, deployment)
+    ship_logs(app, deployment)
+    now = time.time()
+    start = now - window
+    report: dict[str, Any] = {
+        "deployment": deployment,
+        "model": dep["model"],
+        "revision": dep["current_revision"],
+        "version": dep["model_version"],
+        "status": dep["status"],
+        "generated_at": now,
+        "window_s": window,
+        "versions": [],
+        "series": [],
+        "live": traffic(app, deployment)["all"] if dep["status"] == "serving" else None,
+    }
+    files = log_files(app, deployment, "requests", start, now)
+    if files:
+        listing = ", ".join(duck.sql_string(f) for f in files)
+        source = f"read_parquet([{listing}], union_by_name = true)"
+        inside = f"ts >= {start!r} AND ts < {now!r}"
+        con = duckdb.connect()
+        try:
+            for row in con.execute(
+                "SELECT version, count(*), count(*) FILTER (WHERE status >= 500), "
+                "count(*) FILTER (WHERE status >= 400 AND status < 500), "
+                "quantile_cont(latency_ms, 0.5), quantile_cont(latency_ms, 0.9), "
+                "quantile_cont(latency_ms, 0.99), sum(rows) "
+                f"FROM {source} WHERE {inside} GROUP BY 1 ORDER BY 1"
+            ).fetchall():
+                version, n, errors, refused, p50, p90, p99, rows = row
+                report["versions"].append(
+                    {
+                        "version": version,
+                        "requests": n,
+                        "rps": n / window,
+                        "rows": int(rows or 0),
+                        "error_rate": errors / n,
+                        "client_error_rate": refused / n,
+                        "p50_ms": p50,
+                        "p90_ms": p90,
+                        "p99_ms": p99,
+                    }
+                )
+            step = max(60.0, window / 60)
+            report["series"] = [
+                {"t": t, "requests": n, "p99_ms": p99, "errors": e}
+                for t, n, p99, e in con.execute(
+                    f"SELECT floor(ts / {step}) * {step} AS t, count(*), "
+                    "quantile_cont(latency_ms, 0.99), count(*) FILTER (WHERE status >= 500) "
+                    f"FROM {source} WHERE {inside} GROUP BY 1 ORDER BY 1"
+                ).fetchall()
+            ]
+        finally:
+            con.close()
+    try:
+        report["drift"] = drift(app, deployment, window, now)
+    except ApplianceError as exc:
+        report["drift"] = None
+        report["drift_note"] = exc.message
+    report["quality"] = quality(app, deployment, window=window)
+    report["monitors"] = list_monitors(app, deployment)
+    report["alerts"] = list_alerts(app, deployment, 20)
+    return report
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    if not rows:
+        return ["  (none)"]
+    cells = [[_num(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  " + "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += [
+        "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells
+    ]
+    return lines
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report for a terminal."""
+    out = [
+        f"deployment {report['deployment']}: {report['model']}@{report['version']} "
+        f"(revision {report['revision']}, {report['status']}), last "
+        f"{report['window_s'] / 3600:g} h",
+        "",
+        "traffic by version (from the request log)",
+        *_table(
+            report["versions"],
+            ["version", "requests", "rps", "error_rate", "p50_ms", "p90_ms", "p99_ms"],
+        ),
+        "",
+    ]
+    drift = report.get("drift")
+    if drift is None:
+        out.append(f"drift: {report.get('drift_note', 'no data')}")
+    else:
+        for item in drift["versions"]:
+            out.append(
+                f"drift of version {item['version']} against {item['reference']} "
+                f"({item['rows']} rows)"
+            )
+            out += _table(item["features"], ["feature", "type", "psi", "ks", "chi2", "missing"])
+            out.append(f"  prediction psi {_num(item['prediction'].get('psi'))}")
+    out.append("")
+    quality = report["quality"]
+    out.append(f"quality ({quality['labels']} labels, {quality.get('matched', 0)} matched)")
+    out += _table(
+        [{**w, "window": _when(w["window_start"])} for w in quality["windows"]],
+        ["version", "window", "labelled", "auc", "accuracy", "rmse"],
+    )
+    out.append("")
+    out.append("alerts")
+    out += _table(report["alerts"], ["monitor", "rule", "value", "fired_at", "action_result"])
+    return "\n".join(out)
+
+
+def _svg_line(points: list[tuple[float, float]], title: str, unit: str = "") -> str:
+    """A small line chart as inline SVG (no scripts, no fonts fetched)."""
+    width, height, pad = 560, 160, 32
+    if not points:
+        return f"<p><em>{html.escape(title)}: no data</em></p>"
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0 or 1) * (height - 2 * pad)
+
+    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    return (
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{path}"/>'
+        f'<text x="4" y="14" font-size="11">{_num(y1)}{html.escape(unit)}</text>'
+        f'<text x="4" y="{height - 4}" font-size="11">{_when(x0)} – {_when(x1)}</text>'
+        "</svg></figure>"
+    )
+
+
+def _html_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "<p><em>none</em></p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_num(r.get(c)))}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any], path: str | Path) -> Path:
+    """One self-contained page: styles inline, plots as SVG, nothing loaded from a network."""
+    series = report["series"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(report['deployment'])} monitoring</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+        "padding:2px 8px;text-align:right}th{background:#eee}figure{margin:1em 0}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(report['deployment'])}: {html.escape(report['model'])}@"
+        f"{report['version']}</h1>",
+        f"<p>revision {report['revision']}, {html.escape(report['status'])}; last "
+        f"{report['window_s'] / 3600:g} h, generated {_when(report['generated_at'])}</p>",
+        "<h2>Traffic</h2>",
+        _html_table(
+            report["versions"],
+            ["version", "requests", "rps", "error_rate", "p50_ms", "p90_ms", "p99_ms"],
+        ),
+        _svg_line([(s["t"], s["requests"]) for s in series], "requests per interval"),
+        _svg_line(
+            [(s["t"], s["p99_ms"]) for s in series if s["p99_ms"] is not None], "p99 latency", " ms"
+        ),
+        "<h2>Drift</h2>",
+    ]
+    drift = report.get("drift")
+    if drift is None:
+        parts.append(f"<p>{html.escape(report.get('drift_note', 'no data'))}</p>")
+    else:
+        for item in drift["versions"]:
+            parts.append(
+                f"<h3>version {item['version']} against {html.escape(item['reference'])}</h3>"
+            )
+            parts.append(
+                _html_table(
+                    item["features"],
+                    ["feature", "type", "psi", "ks", "chi2", "p_value", "missing_ref", "missing"],
+                )
+            )
+            parts.append(f"<p>prediction PSI {_num(item['prediction'].get('psi'))}</p>")
+    quality = report["quality"]
+    parts.append("<h2>Quality</h2>")
+    parts.append(
+        f"<p>{quality['labels']} labels, {quality.get('matched', 0)} matched to predictions</p>"
+    )
+    windows = quality["windows"]
+    metric = next((m for m in ("auc", "accuracy", "rmse") if any(m in w for w in windows)), None)
+    if metric:
+        parts.append(
+            _svg_line([(w["window_start"], w[metric]) for w in windows if metric in w], metric)
+        )
+    parts.append(
+        _html_table(windows, ["version", "window_start", "labelled", "auc", "accuracy", "rmse"])
+    )
+    parts.append("<h2>Alerts</h2>")
+    parts.append(
+        _html_table(
+            report["alerts"],
+            ["monitor", "rule", "value", "fired_at", "resolved_at", "action_result"],
+        )
+    )
+    parts.append("</body></html>")
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,403 @@
+"""Monitors: declarative rules over a deployment's drift, live quality and traffic, checked
+by the agent on a schedule; a firing monitor records an alert and runs its action once.
+
+A rule is `METRIC[(FEATURE)] OP NUMBER [over DURATION]`:
+
+    psi(tenure_months) > 0.2          ks(x) > 0.1         missing_rate(x) > 0.05
+    unseen(contract) > 0.01           prediction_psi > 0.25
+    auc < 0.8 over 24h                accuracy, logloss, rmse, mae, r2, f1, precision, recall
+    p99_ms > 50 over 5m               p50_ms, error_rate, rps
+
+Drift is computed on the window (`over`, default 1h) of logged inputs against the model's
+training data; quality on the labelled predictions of the window (default 24h); traffic on
+the logged requests of the window (default 5m; the live counters when requests are not
+logged). A rule with no data in its window is `no_data`, never firing. An action is one of
+`rollback` (the deployment goes back to its previous revision), `command` (an argv run with
+MONITOR_* in its environment), `webhook` (a JSON POST to a loopback or private address) or
+`pipeline` (a pipeline file run, e.g. a retrain).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.core.context import Appliance
+from appliance.core.names import validate_name
+from appliance.errors import ApplianceError, InvalidInput, NotFound
+from appliance.store.db import utcnow
+
+DRIFT = {"psi", "ks", "missing_rate", "unseen", "prediction_psi"}
+QUALITY = {"auc", "accuracy", "logloss", "rmse", "mae", "r2", "f1", "precision", "recall"}
+TRAFFIC = {"p99_ms", "p50_ms", "error_rate", "rps"}
+DEFAULT_OVER = {"drift": 3600.0, "quality": 86400.0, "traffic": 300.0}
+_RULE = re.compile(
+    r"^\s*(?P<metric>[a-z_0-9]+)\s*(?:\(\s*(?P<arg>[^()\s]+)\s*\))?\s*"
+    r"(?P<op>>=|<=|>|<)\s*(?P<num>-?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*"
+    r"(?:over\s+(?P<over>\S+))?\s*$"
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    metric: str
+    arg: str | None
+    op: str
+    threshold: float
+    over: float
+
+    @property
+    def family(self) -> str:
+        if self.metric in DRIFT:
+            return "drift"
+        return "quality" if self.metric in QUALITY else "traffic"
+
+    def holds(self, value: float) -> bool:
+        return {
+            ">": value > self.threshold,
+            ">=": value >= self.threshold,
+            "<": value < self.threshold,
+            "<=": value <= self.threshold,
+        }[self.op]
+
+
+def parse_rule(text: str) -> Rule:
+    """Read a rule; the error says what was expected."""
+    from appliance.core.jobs import parse_duration
+
+    match = _RULE.match(text or "")
+    if match is None:
+        raise InvalidInput(
+            f"--rule {text!r}: expected METRIC[(FEATURE)] OP NUMBER [over DURATION], "
+            "e.g. 'psi(tenure) > 0.2' or 'auc < 0.8 over 24h'"
+        )
+    metric, arg = match["metric"], match["arg"]
+    known = DRIFT | QUALITY | TRAFFIC
+    if metric not in known:
+        raise InvalidInput(
+            f"--rule {text!r}: unknown metric {metric!r} ({', '.join(sorted(known))})"
+        )
+    needs_feature = metric in DRIFT - {"prediction_psi"}
+    if needs_feature and not arg:
+        raise InvalidInput(f"--rule {text!r}: {metric} needs a feature, e.g. {metric}(tenure)")
+    if not needs_feature and arg:
+        raise InvalidInput(f"--rule {text!r}: {metric} takes no feature")
+    family = "drift" if metric in DRIFT else "quality" if metric in QUALITY else "traffic"
+    over = parse_duration(match["over"], "--rule over") if match["over"] else DEFAULT_OVER[family]
+    if not over > 0:
+        raise InvalidInput(f"--rule {text!r}: over: expected a positive duration")
+    return Rule(text.strip(), metric, arg, match["op"], float(match["num"]), float(over))
+
+
+def check_action(action: dict[str, Any]) -> dict[str, Any]:
+    """At most one action, checked: rollback, command, webhook (a local address), pipeline."""
+    given = {k: v for k, v in action.items() if v not in (None, False, [], "")}
+    if len(given) > 1:
+        raise InvalidInput(f"one action per monitor, got {', '.join(sorted(given))}")
+    if "command" in given:
+        command = given["command"]
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(c, str) for c in command)
+        ):
+            raise InvalidInput("--command: expected a command line")
+    if "webhook" in given:
+        url = urllib.parse.urlparse(str(given["webhook"]))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise InvalidInput(f"--webhook {given['webhook']!r}: expected http://HOST[:PORT]/PATH")
+        host = url.hostname
+        try:
+            address = ipaddress.ip_address(host)
+            local = address.is_loopback or address.is_private or address.is_link_local
+        except ValueError:
+            local = host == "localhost"
+        if not local:
+            raise InvalidInput(
+                f"--webhook {given['webhook']!r}: only a loopback or private address (the "
+                "appliance sends nothing off site)"
+            )
+    if "pipeline" in given:
+        from appliance.core.pipelines import load_pipeline
+
+        load_pipeline(given["pipeline"], given.get("params") or [])
+    if "rollback" in given and given["rollback"] is not True:
+        raise InvalidInput("--rollback: a flag")
+    return given
+
+
+def add_monitor(
+    app: Appliance,
+    name: str,
+    deployment: str,
+    rule: str,
+    every: float | str = 60.0,
+    action: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Watch a deployment with a rule, checked by the agent every `every` seconds."""
+    from appliance.core.agent import ensure_agent
+    from appliance.core.deployments import get_deployment
+    from appliance.core.jobs import parse_duration
+
+    validate_name("monitor name", name)
+    get_deployment(app, deployment)
+    parsed = parse_rule(rule)
+    seconds = parse_duration(every, "--every")
+    if seconds < 1:
+        raise InvalidInput("--every: at least 1s")
+    checked = check_action(dict(action or {}))
+    if "pipeline" in checked:
+        from pathlib import Path
+
+        checked["pipeline"] = str(Path(checked["pipeline"]).resolve())
+    if app.db.scalar("SELECT 1 FROM monitors WHERE name = ?", (name,)):
+        raise InvalidInput(f"monitor {name!r} exists; remove it first")
+    from appliance.core.runs import new_id
+
+    app.db.execute(
+        "INSERT INTO monitors (id, name, deployment, rule, every_s, action_json, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (new_id(), name, deployment, parsed.text, seconds, json.dumps(checked), utcnow()),
+    )
+    ensure_agent(app)
+    return get_monitor(app, name)
+
+
+def get_monitor(app: Appliance, name: str) -> dict[str, Any]:
+    row = app.db.one("SELECT * FROM monitors WHERE name = ?", (name,))
+    if row is None:
+        raise NotFound(f"monitor {name!r} not found")
+    return _shape(row)
+
+
+def _shape(row: dict[str, Any]) -> dict[str, Any]:
+    action = json.loads(row["action_json"])
+    return {
+        "name": row["name"],
+        "deployment": row["deployment"],
+        "rule": row["rule"],
+        "every_s": row["every_s"],
+        "action": next(iter(action), "alert only"),
+        "action_detail": action,
+        "state": row["state"],
+        "value": row["last_value"],
+        "checked_at": row["last_checked_at"],
+        "id": row["id"],
+    }
+
+
+def list_monitors(app: Appliance, deployment: str | None = None) -> list[dict[str, Any]]:
+    rows = app.db.rows(
+        "SELECT * FROM monitors"
+        + (" WHERE deployment = ?" if deployment else "")
+        + " ORDER BY name",
+        (deployment,) if deployment else (),
+    )
+    return [_shape(r) for r in rows]
+
+
+def remove_monitor(app: Appliance, name: str) -> dict[str, Any]:
+    monitor = get_monitor(app, name)
+    app.db.execute("DELETE FROM monitors WHERE name = ?", (name,))
+    return monitor
+
+
+def list_alerts(app: Appliance, deployment: str | None = None, limit: int = 100) -> list[dict]:
+    """Alerts, newest first: when each fired and resolved, its value, the action and its
+    result."""
+    return app.db.rows(
+        "SELECT id, monitor, deployment, rule, value, fired_at, resolved_at, action, "
+        "action_result FROM monitor_alerts"
+        + (" WHERE deployment = ?" if deployment else "")
+        + " ORDER BY id DESC LIMIT ?",
+        (*((deployment,) if deployment else ()), limit),
+    )
+
+
+# ---- evaluating -----------------------------------------------------------------------------
+
+
+def measure(app: Appliance, deployment: str, rule: Rule, now: float | None = None) -> float | None:
+    """The rule's metric now; None when its window holds no data."""
+    now = time.time() if now is None else now
+    if rule.family == "drift":
+        from appliance.core.drift import drift
+
+        try:
+            report = drift(app, deployment, rule.over, now)
+        except InvalidInput:
+            return None  # no logged inputs in the window
+        if not report["versions"]:
+            return None
+        served = report["versions"][0]  # the version with most of the window's rows
+        if rule.metric == "prediction_psi":
+            return served["prediction"].get("psi")
+        found = next((f for f in served["features"] if f["feature"] == rule.arg), None)
+        if found is None:
+            raise InvalidInput(f"rule {rule.text!r}: the model has no feature {rule.arg!r}")
+        key = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
+        return found.get(key[rule.metric])
+    if rule.family == "quality":
+        from appliance.core.feedback import quality
+
+        result = quality(app, deployment, window=1e12, since=now - rule.over)
+        windows = sorted(result["windows"], key=lambda w: -w["labelled"])
+        return windows[0].get(rule.metric) if windows else None
+    return _traffic_value(app, deployment, rule, now)
+
+
+def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> float | None:
+    """From the logged requests of the window; from the live counters when none are logged."""
+    import duckdb
+
+    from appliance.core import duck
+    from appliance.core.deployments import traffic
+    from appliance.core.prediction_log import log_files, ship_logs
+
+    ship_logs(app, deployment)
+    files = log_files(app, deployment, "requests", now - rule.over, now)
+    if files:
+        listing = ", ".join(duck.sql_string(f) for f in files)
+        con = duckdb.connect()
+        try:
+            n, errors, p50, p99 = con.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status >= 500), "
+                "quantile_cont(latency_ms, 0.5), quantile_cont(latency_ms, 0.99) "
+                f"FROM read_parquet([{listing}], union_by_name = true) "
+                f"WHERE ts >= {now - rule.over!r} AND ts < {now!r}"
+            ).fetchone()
+        finally:
+            con.close()
+        if n:
+            return {
+                "p99_ms": p99,
+                "p50_ms": p50,
+                "error_rate": errors / n,
+                "rps": n / rule.over,
+            }[rule.metric]
+    live = traffic(app, deployment, min(rule.over, 60))["all"]
+    if not live["requests"]:
+        return None
+    return live.get(rule.metric)
+
+
+def check_monitors(
+    app: Appliance, name: str | None = None, now: float | None = None, force: bool = False
+) -> list[dict[str, Any]]:
+    """The agent's pass (or `monitor check`): evaluate each monitor that is due, move its
+    state, and on a new firing record an alert and run its action once."""
+    now = time.time() if now is None else now
+    rows = app.db.rows(
+        "SELECT * FROM monitors" + (" WHERE name = ?" if name else "") + " ORDER BY name",
+        (name,) if name else (),
+    )
+    if name and not rows:
+        raise NotFound(f"monitor {name!r} not found")
+    done = []
+    for row in rows:
+        if not force and row["last_checked_at"] and now - row["last_checked_at"] < row["every_s"]:
+            continue
+        done.append(_check_one(app, row, now))
+    return done
+
+
+def _check_one(app: Appliance, row: dict[str, Any], now: float) -> dict[str, Any]:
+    rule = parse_rule(row["rule"])
+    try:
+        value = measure(app, row["deployment"], rule, now)
+        error = None
+    except ApplianceError as exc:
+        value, error = None, exc.message
+    state = "no_data" if value is None else ("firing" if rule.holds(float(value)) else "ok")
+    app.db.execute(
+        "UPDATE monitors SET state = ?, last_value = ?, last_checked_at = ? WHERE id = ?",
+        (state, value, now, row["id"]),
+    )
+    outcome = {"monitor": row["name"], "state": state, "value": value, "error": error}
+    if state == "firing" and row["state"] != "firing":
+        action = json.loads(row["action_json"])
+        cur_id = app.db.execute(
+            "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
+            "fired_at, action) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row["id"],
+                row["name"],
+                row["deployment"],
+                row["rule"],
+                value,
+                utcnow(),
+                next(iter(action), None),
+            ),
+        )
+        result = _act(app, row, action, value)
+        app.db.execute("UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, cur_id))
+        outcome["alert"] = cur_id
+        outcome["action_result"] = result
+    elif state == "ok" and row["state"] == "firing":
+        app.db.execute(
+            "UPDATE monitor_alerts SET resolved_at = ? WHERE monitor_id = ? "
+            "AND resolved_at IS NULL",
+            (utcnow(), row["id"]),
+        )
+    return outcome
+
+
+def _act(app: Appliance, row: dict[str, Any], action: dict[str, Any], value: Any) -> str:
+    """Run a firing monitor's action; what happened, in words (kept with the alert)."""
+    if not action:
+        return "alert only"
+    env = {
+        "MONITOR_NAME": row["name"],
+        "MONITOR_DEPLOYMENT": row["deployment"],
+        "MONITOR_RULE": row["rule"],
+        "MONITOR_VALUE": "" if value is None else repr(value),
+    }
+    try:
+        if action.get("rollback"):
+            from appliance.core.deployments import rollback
+
+            dep = rollback(app, row["deployment"])
+            return (
+                f"rolled back: revision {dep['current_revision']} serves version "
+                f"{dep['model_version']}"
+            )
+        if "command" in action:
+            done = subprocess.run(
+                action["command"],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+            )
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            return f"command exited {done.returncode}: {tail[0][:200]}"
+        if "webhook" in action:
+            import urllib.request
+
+            body = json.dumps({k.lower(): v for k, v in env.items()}).encode()
+            request = urllib.request.Request(
+                action["webhook"], body, {"Content-Type": "application/json"}, method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (local)
+                return f"webhook answered {response.status}"
+        if "pipeline" in action:
+            from appliance.core.pipeline_runs import run_pipeline
+
+            run = run_pipeline(app, action["pipeline"], action.get("params") or [])
+            return f"started pipeline run {run['id']} ({run['pipeline']})"
+    except subprocess.TimeoutExpired:
+        return "command timed out after 120 s"
+    except ApplianceError as exc:
+        return f"failed: {exc.message}"
+    except OSError as exc:
+        return f"failed: {exc}"
+    return "alert only"
