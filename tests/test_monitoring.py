@@ -1,0 +1,288 @@
+"""Monitoring: the prediction log (bounded, off the request path, shipped as Parquet, kept
+in the spool while the store is away), drift on synthetic data with a known shift, feedback
+and live quality, monitors and the rollback they can trigger, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from appliance.core.context import Appliance
+from appliance.core.prediction_log import PredictionLog, log_files, ship_logs, spool_dir
+from appliance.errors import InvalidInput
+
+N_TRAIN = 4000
+
+
+def _train_model(app: Appliance, tmp_path: Path) -> str:
+    """A model over a, b (numbers) and c (a category), trained on known distributions."""
+    from appliance.core.datasets import import_csv
+    from appliance.core.jobs import wait_job
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, N_TRAIN), rng.normal(0, 1, N_TRAIN)
+    c = rng.choice(["x", "y", "z"], N_TRAIN, p=[0.5, 0.3, 0.2])
+    y = ((a + b + (c == "x")) + rng.normal(0, 0.5, N_TRAIN) > 0.5).astype(int)
+    path = tmp_path / "train.csv"
+    path.write_text("a,b,c,y\n" + "".join(f"{a[i]},{b[i]},{c[i]},{y[i]}\n" for i in range(N_TRAIN)))
+    import_csv(app, path, "synthetic")
+    job = submit_training(app, "synthetic", "y", params={"num_boost_round": 20})
+    done = wait_job(app, job["id"], 120)
+    assert done["state"] == "succeeded", done["error"]
+    return str(register_model(app, "syn", done["run_id"])["ref"])
+
+
+def _log(app: Appliance, deployment: str, batches: list[dict[str, Any]], version: int = 1) -> None:
+    """Requests as a worker logs them: through PredictionLog, then shipped by the agent."""
+    plog = PredictionLog(app.settings.home, deployment, sample=1.0)
+    for i, cols in enumerate(batches):
+        n = len(next(iter(cols.values())))
+        plog.record(f"req{i}", version, 1, "stable", 200, 0.001, n, cols, np.full(n, 0.5))
+    plog.flush()
+    assert ship_logs(app, deployment)["failed"] == 0
+
+
+@pytest.fixture
+def deployed(app: Appliance, tmp_path: Path) -> str:
+    from appliance.core.deployments import create_deployment
+
+    ref = _train_model(app, tmp_path)
+    create_deployment(app, "syn", ref, start=False)
+    return ref
+
+
+def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Path) -> None:
+    plog = PredictionLog(tmp_path, "d", sample=1.0, queue_size=3)
+    for i in range(10):
+        plog.record(f"r{i}", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
+    assert plog.counters() == {"queued": 3, "dropped": 7, "written": 0}
+    plog.flush()
+    assert plog.counters()["written"] == 3
+    names = sorted(p.name.split("-")[0] for p in spool_dir(tmp_path, "d").iterdir())
+    assert names == ["inputs", "requests"]
+    # a full spool: what does not fit is dropped and counted, nothing blocks
+    tight = PredictionLog(tmp_path, "d", sample=1.0, spool_limit=1)
+    tight.measured = 0.0
+    tight.record("x", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
+    tight.flush()
+    assert tight.counters()["dropped"] == 1
+
+
+def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import duckdb
+
+    plog = PredictionLog(app.settings.home, "d", sample=1.0)
+    plog.record(
+        "r1",
+        2,
+        5,
+        "canary",
+        200,
+        0.002,
+        2,
+        {"a": np.array([1.0, 2.0]), "c": np.array(["x", None], dtype=object)},
+        np.array([0.1, 0.9]),
+    )
+    plog.record("r2", 2, 5, "canary", 400, 0.001, 0, None, None)
+    plog.flush()
+    real = app.objects.put_file
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(app.objects, "put_file", unreachable)
+    shipped = ship_logs(app)
+    assert shipped["shipped"] == 0 and shipped["failed"] == 2
+    assert "connection refused" in shipped["error"]
+    assert len(list(spool_dir(app.settings.home, "d").glob("*.jsonl"))) == 2  # kept
+    monkeypatch.setattr(app.objects, "put_file", real)
+    assert ship_logs(app) == {"shipped": 2, "failed": 0, "error": None}
+    assert list(spool_dir(app.settings.home, "d").glob("*.jsonl")) == []
+    inputs = log_files(app, "d", "inputs")
+    rows = duckdb.sql(
+        f"SELECT request_id, row, version, x_a, x_c, prediction FROM read_parquet('{inputs[0]}') "
+        "ORDER BY row"
+    ).fetchall()
+    assert rows == [("r1", 0, 2, 1.0, "x", 0.1), ("r1", 1, 2, 2.0, None, 0.9)]
+    (logged,) = log_files(app, "d", "requests")
+    requests = duckdb.sql(
+        f"SELECT request_id, status, role, rows FROM read_parquet('{logged}') ORDER BY request_id"
+    ).fetchall()
+    assert requests == [("r1", 200, "canary", 2), ("r2", 400, "canary", 0)]
+
+
+def test_drift_flags_the_shifted_features_and_not_the_others(app: Appliance, deployed: str) -> None:
+    from appliance.core.drift import drift, drift_history
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    shifted = {
+        "a": rng.normal(1.0, 1, n),  # mean moved by one standard deviation
+        "b": rng.normal(0, 1, n),  # unchanged
+        "c": np.array(rng.choice(["x", "y", "z", "w"], n, p=[0.2, 0.3, 0.2, 0.3]), dtype=object),
+    }
+    _log(app, "syn", [{k: v[i : i + 100] for k, v in shifted.items()} for i in range(0, n, 100)])
+    report = drift(app, "syn", window=3600)
+    (served,) = report["versions"]
+    assert served["reference"] == "synthetic@1" and served["rows"] == n
+    by_name = {f["feature"]: f for f in served["features"]}
+    assert by_name["a"]["psi"] > 0.2 and by_name["a"]["p_value"] < 1e-6
+    assert by_name["b"]["psi"] < 0.05 and by_name["b"]["p_value"] > 0.001
+    assert by_name["c"]["psi"] > 0.2 and by_name["c"]["unseen"] == ["w"]
+    assert 0.25 < by_name["c"]["unseen_share"] < 0.35
+    assert served["features"][0]["feature"] in ("a", "c")  # worst first
+    assert served["prediction"]["psi"] is not None
+    assert drift_history(app, "syn")[0]["worst_feature"] == served["features"][0]["feature"]
+
+
+def test_drift_needs_logs_and_a_training_lineage(app: Appliance, deployed: str) -> None:
+    from appliance.core.drift import drift
+
+    with pytest.raises(InvalidInput, match=r"deployment syn: no logged inputs between"):
+        drift(app, "syn", window=60)
+    with pytest.raises(InvalidInput, match=r"--window"):
+        drift(app, "syn", window=0)
+
+
+def test_feedback_joins_labels_and_quality_is_computed_per_version(
+    app: Appliance, deployed: str, tmp_path: Path
+) -> None:
+    from appliance.core.feedback import add_feedback, quality
+
+    rng = np.random.default_rng(2)
+    batches = [
+        {"a": rng.normal(0, 1, 1), "b": rng.normal(0, 1, 1), "c": np.array(["x"], dtype=object)}
+        for _ in range(40)
+    ]
+    _log(app, "syn", batches)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "request_id,label\n" + "".join(f"req{i},{i % 2}\n" for i in range(40)) + "ghost,1\n"
+    )
+    added = add_feedback(app, "syn", labels)
+    assert added == {"deployment": "syn", "labels": 41, "stored": 40, "unknown_request_ids": 1}
+    result = quality(app, "syn", window=3600)
+    assert result["matched"] == 40
+    (window,) = result["windows"]
+    assert window["version"] == 1 and window["labelled"] == 40
+    assert window["accuracy"] == 0.5 and 0 <= window["auc"] <= 1  # every prediction 0.5
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("request_id,label\nreq1,1\nreq2,maybe\n")
+    with pytest.raises(InvalidInput, match=r"bad.csv:3: label 'maybe': not a class"):
+        add_feedback(app, "syn", bad)
+    missing = tmp_path / "m.csv"
+    missing.write_text("id,label\n1,1\n")
+    with pytest.raises(InvalidInput, match=r"m.csv: the header needs request_id"):
+        add_feedback(app, "syn", missing)
+    assert app.db.scalar("SELECT count(*) FROM monitor_feedback") == 40  # nothing half-stored
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("psi(a) >> 0.2", "expected METRIC"),
+        ("psi > 0.2", "psi needs a feature"),
+        ("auc(a) < 0.8", "auc takes no feature"),
+        ("lift < 2", "unknown metric 'lift'"),
+        ("auc < 0.8 over soon", "over"),
+    ],
+)
+def test_a_rule_that_does_not_parse_is_refused(rule: str, message: str) -> None:
+    from appliance.core.monitors import parse_rule
+
+    with pytest.raises(InvalidInput, match=message):
+        parse_rule(rule)
+
+
+def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
+    app: Appliance, deployed: str, tmp_path: Path
+) -> None:
+    from appliance.core.deployments import deploy, get_deployment
+    from appliance.core.jobs import wait_job
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts, list_monitors
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    job = wait_job(
+        app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"], 120
+    )
+    second = register_model(app, "syn", job["run_id"])["ref"]
+    deploy(app, "syn", second)  # revision 2 serves syn@2
+    rng = np.random.default_rng(3)
+    drifted = {
+        "a": rng.normal(3, 1, 500),
+        "b": rng.normal(0, 1, 500),
+        "c": np.array(["x"] * 500, dtype=object),
+    }
+    _log(app, "syn", [drifted], version=2)
+    add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
+    with pytest.raises(InvalidInput, match="only a loopback or private address"):
+        add_monitor(app, "hook", "syn", "auc < 0.5", "1m", {"webhook": "http://8.8.8.8/x"})
+    (outcome,) = check_monitors(app)
+    assert outcome["state"] == "firing" and outcome["value"] > 0.2
+    dep = get_deployment(app, "syn")
+    assert (dep["current_revision"], dep["model_version"]) == (3, 1)  # back to syn@1
+    (alert,) = list_alerts(app, "syn")
+    assert alert["action_result"] == "rolled back: revision 3 serves version 1"
+    # still firing on the next check: no second alert, no second rollback
+    assert check_monitors(app, force=True)[0]["state"] == "firing"
+    assert len(list_alerts(app, "syn")) == 1 and get_deployment(app, "syn")["current_revision"] == 3
+    assert list_monitors(app)[0]["state"] == "firing"
+
+
+def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
+    app: Appliance, deployed: str, tmp_path: Path
+) -> None:
+    import sys
+
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts
+
+    add_monitor(app, "quiet", "syn", "p99_ms > 1", "1m", {})
+    assert check_monitors(app)[0]["state"] == "no_data"
+    out = tmp_path / "alert.txt"
+    script = f"import os; open({str(out)!r}, 'w').write(os.environ['MONITOR_RULE'])"
+    add_monitor(
+        app, "cmd", "syn", "rps > 0 over 1h", "1m", {"command": [sys.executable, "-c", script]}
+    )
+    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    fired = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    assert fired["cmd"]["state"] == "firing"
+    assert fired["cmd"]["action_result"].startswith("command exited 0")
+    assert out.read_text() == "rps > 0 over 1h"
+    assert [a["monitor"] for a in list_alerts(app)] == ["cmd"]
+
+
+def test_the_report_is_text_and_one_self_contained_page(
+    app: Appliance, deployed: str, tmp_path: Path
+) -> None:
+    from appliance.core.monitor_report import build_report, render_html, render_text
+
+    rng = np.random.default_rng(4)
+    _log(
+        app,
+        "syn",
+        [
+            {
+                "a": rng.normal(0, 1, 50),
+                "b": rng.normal(0, 1, 50),
+                "c": np.array(["y"] * 50, dtype=object),
+            }
+        ],
+    )
+    report = build_report(app, "syn", 3600)
+    assert report["versions"][0]["requests"] == 1 and report["versions"][0]["rows"] == 50
+    text = render_text(report)
+    assert "traffic by version" in text and "drift of version 1 against synthetic@1" in text
+    page = render_html(report, tmp_path / "r.html").read_text()
+    assert "<svg" in page and "<table>" in page
+    assert "src=" not in page and "http://" not in page and "https://" not in page
+    json.dumps(report)  # --json prints it as it is
