@@ -61,7 +61,7 @@ def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Pat
     plog = PredictionLog(tmp_path, "d", sample=1.0, queue_size=3)
     for i in range(10):
         plog.record(f"r{i}", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
-    assert plog.counters() == {"queued": 3, "dropped": 7, "written": 0}
+    assert plog.counters() == {"queued": 3, "dropped": 7, "written": 0, "error": None}
     plog.flush()
     assert plog.counters()["written"] == 3
     names = sorted(p.name.split("-")[0] for p in spool_dir(tmp_path, "d").iterdir())

@@ -24,6 +24,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any 
 REPROBE_SECONDS = 60.0
 CLUSTER_REPROBE_SECONDS = 10.0  # nodes join and leave more often than RAM changes
 SHIP_SECONDS = float(os.environ.get("APPLIANCE_SHIP_SECONDS", "5"))  # logs, monitors
+WATCH_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,7 @@ class Agent:
         self.probed = time.monotonic()
         self.stopping = False
         self.watched = 0.0
+        self.watcher: threading.Thread | None = None
         self.ship_error: str | None = None
         self._lock_file: IO[str] | None = None
         self._sock: socket.socket | None = None
@@ -465,26 +468,36 @@ class Agent:
         return active or has_triggers(self.app)
 
     def watch_deployments(self) -> None:
-        """Every few seconds: ship the deployments' spooled prediction logs to the object
-        store (a failure leaves them spooled, tried again), then evaluate monitors that are
-        due (alerts, and the actions they were given)."""
+        """Every few seconds, in a thread of its own at a low CPU priority (serving comes
+        first, and a slow object store never holds up scheduling): ship the deployments'
+        spooled prediction logs to the object store (a failure leaves them spooled, tried
+        again), then evaluate the monitors that are due (alerts, and their actions)."""
         now = time.monotonic()
-        if now - self.watched < SHIP_SECONDS:
+        if now - self.watched < SHIP_SECONDS or (
+            self.watcher is not None and self.watcher.is_alive()
+        ):
             return
         self.watched = now
+        self.watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
         from appliance.core.monitors import check_monitors
         from appliance.core.prediction_log import ship_logs
 
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WATCH_NICE)
+        app = Appliance(self.app.settings)  # its own connection: this is another thread
         try:
-            shipped = ship_logs(self.app)
+            shipped = ship_logs(app)
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]
-            check_monitors(self.app)
-        except (sqlite3.Error, OSError):
-            raise
+            check_monitors(app)
         except Exception:  # monitoring must never take the agent down
             traceback.print_exc()
+        finally:
+            app.close()
 
     def supervise_deployments(self) -> bool:
         """Restart deployment servers that died (crash, reboot), backing off 1 s, 2 s, 4 s...

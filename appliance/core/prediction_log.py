@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import random
+import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from appliance.core.context import Appliance
 from appliance.errors import ApplianceError
 from appliance.store.db import utcnow
 
-QUEUE_SIZE = 20_000  # requests waiting for the writer thread; beyond it samples are dropped
+QUEUE_SIZE = 50_000  # requests waiting for the writer thread; beyond it samples are dropped
+DRAIN_SECONDS = float(os.environ.get("APPLIANCE_LOG_DRAIN_SECONDS", "0.01"))  # small bursts
 ROTATE_SECONDS = float(os.environ.get("APPLIANCE_LOG_ROTATE_SECONDS", "5"))
 ROTATE_BYTES = 64 << 20
 SPOOL_LIMIT = int(os.environ.get("APPLIANCE_LOG_SPOOL_BYTES", str(1 << 30)))
@@ -67,7 +69,11 @@ class _SpoolFile:
 
 
 class PredictionLog:
-    """A worker's log writer: `record` on the request path, `run` in a thread of its own."""
+    """A worker's log writer: `record` on the request path, `run` in a thread of its own.
+
+    The request path appends to a deque (atomic, no lock, no wake-up); the writer drains it
+    a few times a second and writes each batch as one columnar JSON line per kind, so the
+    serving loop is interrupted briefly and rarely, whatever the request rate."""
 
     def __init__(
         self,
@@ -81,7 +87,8 @@ class PredictionLog:
         self.directory = spool_dir(home, deployment)
         self.sample = sample
         self.requests = requests
-        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
+        self.pending: deque[tuple[Any, ...]] = deque()
+        self.queue_size = queue_size
         self.spool_limit = spool_limit
         self.dropped = 0  # samples the full queue (or a full spool) could not take
         self.written = 0
@@ -89,6 +96,7 @@ class PredictionLog:
         self.seq = 0
         self.spool_bytes = 0
         self.measured = 0.0
+        self.error: str | None = None  # the first thing that cost samples, said once
 
     def configure(self, sample: float, requests: bool) -> None:
         """The deployment's current settings (a worker follows changes live)."""
@@ -103,71 +111,70 @@ class PredictionLog:
         status: int,
         seconds: float,
         rows: int,
-        columns: dict[str, Any] | None,
+        columns: dict[str, Any] | tuple[list[str], Any] | None,
         predictions: Any,
     ) -> None:
-        """Queue one answered request; never blocks, never raises."""
+        """Queue one answered request; never blocks, never raises. `columns`: the inputs as
+        feature columns, or (feature names, [N, F] matrix) as a V2 tensor gave them."""
         sample = self.sample
         sampled = columns is not None and sample > 0 and (sample >= 1 or random.random() < sample)
         if not (self.requests or sampled):
             return
-        item = (
-            time.time(),
-            request_id,
-            version,
-            revision,
-            role,
-            status,
-            seconds,
-            rows,
-            columns if sampled else None,
-            predictions if sampled else None,
-        )
-        try:
-            self.queue.put_nowait(item)
-        except queue.Full:
+        if len(self.pending) >= self.queue_size:
             self.dropped += 1
+            return
+        self.pending.append(
+            (
+                time.time(),
+                request_id,
+                version,
+                revision,
+                role,
+                status,
+                seconds,
+                rows,
+                columns if sampled else None,
+                predictions if sampled else None,
+            )
+        )
 
-    def counters(self) -> dict[str, int]:
-        return {"queued": self.queue.qsize(), "dropped": self.dropped, "written": self.written}
+    def counters(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.pending),
+            "dropped": self.dropped,
+            "written": self.written,
+            "error": self.error,
+        }
 
     # ---- the writer thread --------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Drain the queue into spool files until `stop`, then close them."""
-        import orjson
-
+        """Drain the queue into spool files every DRAIN_SECONDS until `stop`, then close."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        while not stop.is_set():
-            try:
-                items = [self.queue.get(timeout=0.2)]
-            except queue.Empty:
-                items = []
-            while items and len(items) < 5000:
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._write(items, orjson)
-                self._rotate(force=False)
-            except OSError:  # a full disk: these samples are lost, the next may fit
-                self.dropped += len(items)
+        while not stop.wait(DRAIN_SECONDS):
+            self._drain()
         with contextlib.suppress(OSError):
+            self._drain()
             self._rotate(force=True)
 
     def flush(self) -> None:
         """Write what is queued and close the files (a stopping worker; tests)."""
-        import orjson
-
-        items = []
-        while True:
-            try:
-                items.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._write(items, orjson)
+        self._drain()
         self._rotate(force=True)
+
+    def _drain(self) -> None:
+        items = []
+        pending = self.pending
+        while pending:
+            items.append(pending.popleft())
+        try:
+            self._write(items)
+            self._rotate(force=False)
+        except Exception as exc:  # a full disk, a value orjson cannot write: these samples
+            self.dropped += len(items)  # are lost and counted; the writer goes on
+            if self.error is None:
+                self.error = f"{type(exc).__name__}: {exc}"
+                print(f"prediction log: samples dropped: {self.error}", file=sys.stderr)
 
     def _over_limit(self) -> bool:
         now = time.monotonic()
@@ -189,34 +196,44 @@ class PredictionLog:
             current = self.files[kind] = _SpoolFile(self.directory, kind, hour, self.seq)
         return current
 
-    def _write(self, items: list[tuple[Any, ...]], orjson: Any) -> None:
+    def _write(self, items: list[tuple[Any, ...]]) -> None:
+        """Items as columnar lines: one per kind and hour (the shipper unnests them)."""
+        import orjson
+
         if not items:
             return
         if self._over_limit():
             self.dropped += len(items)
             return
+        by_hour: dict[str, list[tuple[Any, ...]]] = {}
+        for item in items:
+            by_hour.setdefault(_hour(item[0]), []).append(item)
         option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-        for ts, request_id, version, revision, role, status, seconds, rows, cols, pred in items:
-            base = {"ts": ts, "request_id": request_id, "version": version, "revision": revision}
+        for batch in by_hour.values():
+            ts0 = batch[0][0]
             if self.requests:
+                ts, ids, ver, rev, role, status, secs, rows, _, _ = map(
+                    list, zip(*batch, strict=True)
+                )
                 line = orjson.dumps(
                     {
-                        **base,
+                        "ts": ts,
+                        "request_id": ids,
+                        "version": ver,
+                        "revision": rev,
                         "role": role,
                         "status": status,
-                        "latency_ms": seconds * 1000.0,
+                        "latency_ms": [x * 1000.0 for x in secs],
                         "rows": rows,
                     },
                     option=option,
                 )
-                self._file("requests", ts).write(line)
+                self._file("requests", ts0).write(line)
                 self.spool_bytes += len(line)
-            if cols is not None and pred is not None:
-                line = orjson.dumps(
-                    {**base, "x": {k: _plain(v) for k, v in cols.items()}, "y": _plain(pred)},
-                    option=option,
-                )
-                self._file("inputs", ts).write(line)
+            sampled = [i for i in batch if i[8] is not None and i[9] is not None]
+            if sampled:
+                line = orjson.dumps(_inputs_columns(sampled), option=option)
+                self._file("inputs", ts0).write(line)
                 self.spool_bytes += len(line)
         self.written += len(items)
 
@@ -231,14 +248,84 @@ class PredictionLog:
                 spool.handle.flush()
 
 
+def _inputs_columns(items: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Sampled requests as row-level columns: every predicted row with its request's id,
+    time and version, its features (x) and its prediction (y). Requests that sent one
+    [N, F] tensor are stacked with one numpy call per batch: the writer holds the
+    interpreter for as short as it can."""
+    import numpy as np
+
+    ts: list[float] = []
+    ids: list[str] = []
+    ver: list[int] = []
+    rev: list[int] = []
+    row: list[int] = []
+    outputs: list[Any] = []
+    matrices: dict[tuple[str, ...], list[tuple[int, Any]]] = {}  # names -> (start, matrix)
+    dicts: list[tuple[int, int, dict[str, Any]]] = []  # (start, n, columns)
+    for t, request_id, version, revision, _, _, _, _, given, predictions in items:
+        n = len(predictions)
+        start = len(row)
+        ts += [t] * n
+        ids += [request_id] * n
+        ver += [version] * n
+        rev += [revision] * n
+        row += range(n)
+        outputs.append(predictions)
+        if isinstance(given, tuple):
+            matrices.setdefault(tuple(given[0]), []).append((start, given[1]))
+        else:
+            dicts.append((start, n, given))
+    total = len(row)
+    x: dict[str, Any] = {}
+    if not dicts and len(matrices) == 1:  # the common case: every request one tensor
+        ((names, parts),) = matrices.items()
+        by_feature = np.ascontiguousarray(np.vstack([m for _, m in parts]).T)
+        x = {name: by_feature[j] for j, name in enumerate(names)}
+    else:
+        columns: dict[str, Any] = {}
+        for names, parts in matrices.items():
+            for start, matrix in parts:
+                for j, name in enumerate(names):
+                    _place(columns, name, total, start, matrix[:, j])
+        for start, _n, given in dicts:
+            for name, values in given.items():
+                _place(columns, name, total, start, values)
+        x = columns
+    y = np.concatenate([np.asarray(p) for p in outputs])
+    return {
+        "ts": ts,
+        "request_id": ids,
+        "version": ver,
+        "revision": rev,
+        "row": row,
+        "x": {name: _plain(values) for name, values in x.items()},
+        "y": _plain(y),
+    }
+
+
+def _place(columns: dict[str, Any], name: str, total: int, start: int, values: Any) -> None:
+    """Put one request's values of a feature at its rows (missing elsewhere: None)."""
+    import numpy as np
+
+    column = columns.get(name)
+    if column is None:
+        column = columns[name] = np.full(total, None, dtype=object)
+    column[start : start + len(values)] = (
+        list(values) if not isinstance(values, np.ndarray) else values
+    )
+
+
 def _plain(value: Any) -> Any:
-    """A column or predictions as orjson writes them: numeric arrays as they are, text and
+    """A column or predictions as orjson writes them: numeric arrays (contiguous), text and
     mixed arrays as lists."""
+    import numpy as np
+
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         return list(value) if isinstance(value, tuple) else value
     if dtype.kind in "biuf":
-        return value
+        return np.ascontiguousarray(value)
     return value.tolist()
 
 
@@ -288,33 +375,29 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     tmp_dir = app.settings.cache_dir / "spool-ship"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out = tmp_dir / (path.stem + ".parquet")
-    con = duckdb.connect()
+    con = duckdb.connect(config={"threads": 1})  # in the background: one core at most
     try:
         source = f"read_json({duck.sql_string(str(path))}, format = 'newline_delimited')"
+        # each line is a batch of columns of equal length: unnesting them together gives rows
+        base = ["ts", "request_id", "version", "revision"]
         if kind == "inputs":
-            fields = (
-                [
-                    row[0]
-                    for row in con.execute(
-                        f"SELECT unnest(struct_keys(x)) FROM (SELECT x FROM {source} LIMIT 1)"
-                    ).fetchall()
-                ]
-                if _has_struct(con, source)
-                else []
-            )
-            columns = ", ".join(
-                f"unnest(x.{duck.sql_identifier(f)}) AS {duck.sql_identifier('x_' + f)}"
-                for f in fields
-            )
+            fields = _struct_fields(con, source)
+            columns = [*base, "row"]
             select = (
-                "SELECT ts, request_id, version, revision, "
-                "unnest(range(len(y))) AS row, "
-                + (columns + ", " if columns else "")
-                + "unnest(y) AS prediction FROM "
+                "SELECT "
+                + ", ".join(f"unnest({c}) AS {c}" for c in columns)
+                + "".join(
+                    f", unnest(x.{duck.sql_identifier(f)}) AS {duck.sql_identifier('x_' + f)}"
+                    for f in fields
+                )
+                + ", unnest(y) AS prediction FROM "
                 + source
             )
         else:
-            select = f"SELECT * FROM {source}"
+            columns = [*base, "role", "status", "latency_ms", "rows"]
+            select = (
+                "SELECT " + ", ".join(f"unnest({c}) AS {c}" for c in columns) + " FROM " + source
+            )
         con.execute(f"COPY ({select}) TO {duck.sql_string(str(out))} (FORMAT parquet)")
         rows, first, last = con.execute(
             f"SELECT count(*), min(ts), max(ts) FROM read_parquet({duck.sql_string(str(out))})"
@@ -332,9 +415,17 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _has_struct(con: Any, source: str) -> bool:
-    kinds = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT x FROM {source}").fetchall()}
-    return str(kinds.get("x", "")).startswith("STRUCT")
+def _struct_fields(con: Any, source: str) -> list[str]:
+    """The feature names of the `x` struct across the file's lines (DuckDB unifies them)."""
+    kinds = {r[0]: str(r[1]) for r in con.execute(f"DESCRIBE SELECT x FROM {source}").fetchall()}
+    if not kinds.get("x", "").startswith("STRUCT"):
+        return []
+    return [
+        r[0]
+        for r in con.execute(
+            f"SELECT unnest(struct_keys(x)) FROM (SELECT x FROM {source} LIMIT 1)"
+        ).fetchall()
+    ]
 
 
 def log_files(

@@ -575,7 +575,8 @@ class ModelServer:
         if request_id is not None:
             response["id"] = request_id
         served = (runtime.version, role)
-        logged = (log_id, int(shape[0]) if shape else 0, columns, predictions)
+        inputs = columns if isinstance(columns, dict) else (runtime.feature_names, columns)
+        logged = (log_id, int(shape[0]) if shape else 0, inputs, predictions)
         id_header = (b"x-request-id", log_id.encode("utf-8", "replace"))
         if _wants_binary(body):
             data, length = encode_binary_outputs(response)

@@ -1,0 +1,181 @@
+"""Monitoring speed: the prediction log's cost under load, and drift over a million rows.
+
+    .venv/bin/python benchmarks/monitoring.py [--seconds 20] [--connections 8] [--rounds 3]
+                                             [--log-rows 1000000] [--train-rows 200000]
+
+1. The serving benchmark's model and load (single-row V2 requests, closed loop on
+   127.0.0.1), alternating rounds with logging off (no request metadata, no inputs) and
+   with inputs and outputs logged at 100%: p50 and p99 of each, the p99 ratio (target
+   within 5%), failed requests, and the samples the log dropped (target: none dropped,
+   and never a request).
+2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
+   TRAIN_ROWS-row training set: the whole `drift()` call, PSI, KS and missing rates for
+   every feature and the prediction drift (target under 5 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import http_request, run_load  # noqa: E402
+from benchmarks.serving import FEATURES, build_home, v2_body  # noqa: E402
+
+
+def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
+    import numpy as np
+
+    from appliance.core import deployments
+    from appliance.core.agent import stop_agent
+    from appliance.core.serving import state_dir
+    from appliance.core.traffic import read_snapshots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        app, versions = build_home(home, args.model_rows)
+        dep = deployments.create_deployment(app, "bench", versions[0]["ref"])
+        port = int(dep["port"])
+        row = np.random.default_rng(3).normal(size=(1, len(FEATURES))).round(6).tolist()
+        single = http_request("/v2/models/bench/infer", v2_body(row))
+        off, on = [], []
+        try:
+            run_load(port, single, args.connections, 3)  # warm-up
+            for _ in range(args.rounds):
+                for logging, into in ((False, off), (True, on)):
+                    deployments.set_logging(
+                        app, "bench", sample=1.0 if logging else 0.0, requests=logging
+                    )
+                    time.sleep(0.2)  # workers follow within 20 ms
+                    into.append(run_load(port, single, args.connections, args.seconds))
+            time.sleep(1.5)
+            dropped = sum(
+                int((s.get("log") or {}).get("dropped", 0))
+                for s in read_snapshots(state_dir(app, "bench"))
+            )
+        finally:
+            deployments.stop_deployment(app, "bench")
+            stop_agent(app)
+            app.close()
+
+    def p(results: list, q: float) -> float:
+        return statistics.median(r.percentile(q) for r in results) * 1000
+
+    return {
+        "p50_off_ms": p(off, 0.5),
+        "p99_off_ms": p(off, 0.99),
+        "p50_on_ms": p(on, 0.5),
+        "p99_on_ms": p(on, 0.99),
+        "rps_off": statistics.median(r.rps for r in off),
+        "rps_on": statistics.median(r.rps for r in on),
+        "failed": sum(r.failures for r in off + on),
+        "requests_logged": sum(r.requests for r in on),
+        "dropped": dropped,
+    }
+
+
+def drift_speed(args: argparse.Namespace) -> dict[str, object]:
+    import duckdb
+    import numpy as np
+
+    from appliance.core import datasets, jobs, registry, training
+    from appliance.core.context import Appliance
+    from appliance.core.deployments import create_deployment
+    from appliance.core.drift import drift
+    from appliance.store.db import utcnow
+
+    names = [f"f{i:02d}" for i in range(20)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        home = root / "home"
+        app = Appliance.open(home)
+        con = duckdb.connect()
+        cols = ", ".join(f"random() * 2 - 1 + {i % 3} * 0.0 AS {n}" for i, n in enumerate(names))
+        train = root / "train.parquet"
+        con.execute(
+            f"COPY (SELECT {cols}, (random() > 0.5)::INT AS label FROM range({args.train_rows})) "
+            f"TO '{train}' (FORMAT parquet)"
+        )
+        dataset = datasets.import_data(app, "wide", str(train))
+        job = training.submit_training(
+            app, dataset["ref"], "label", params={"num_boost_round": 20, "num_leaves": 15}
+        )
+        job = jobs.wait_job(app, job["id"], timeout=600)
+        assert job["state"] == "succeeded", job
+        version = registry.register_model(app, "wide", job["run_id"])
+        create_deployment(app, "wide", version["ref"], start=False)
+        now = time.time()
+        shifted = ", ".join(
+            f"random() * 2 - 1 + {0.5 if i < 5 else 0.0} AS x_{n}" for i, n in enumerate(names)
+        )
+        log = root / "log.parquet"
+        con.execute(
+            f"COPY (SELECT {now - 60} + i * 1e-5 AS ts, 'r' || i AS request_id, 1 AS version, "
+            f"1 AS revision, 0 AS row, {shifted}, random() AS prediction "
+            f"FROM range({args.log_rows}) t(i)) TO '{log}' (FORMAT parquet)"
+        )
+        con.close()
+        stored = app.objects.put_file(log)
+        app.db.execute(
+            "INSERT INTO prediction_logs (deployment, kind, hour, sha256, rows, first_ts, "
+            "last_ts, spool_name, created_at) VALUES (?, 'inputs', ?, ?, ?, ?, ?, ?, ?)",
+            ("wide", "bench", stored.sha256, args.log_rows, now - 60, now, "bench", utcnow()),
+        )
+        runs, report = [], None
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            report = drift(app, "wide", window=3600, end=now + 1)
+            runs.append(time.perf_counter() - started)
+        app.close()
+    assert report is not None
+    flagged = sorted(f["feature"] for f in report["versions"][0]["features"] if f["psi"] > 0.2)
+    return {"seconds": statistics.median(runs), "flagged": flagged}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="per load round")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model-rows", type=int, default=20000)
+    parser.add_argument("--log-rows", type=int, default=1_000_000)
+    parser.add_argument("--train-rows", type=int, default=200_000)
+    args = parser.parse_args()
+
+    load = logging_overhead(args)
+    ratio = load["p99_on_ms"] / load["p99_off_ms"]
+    print(
+        f"single-row load, {args.connections} connections, {args.rounds} x {args.seconds:g} s "
+        f"each way (medians)"
+    )
+    print(
+        f"  logging off   p50 {load['p50_off_ms']:.2f} ms  p99 {load['p99_off_ms']:.2f} ms  "
+        f"{load['rps_off']:,.0f} req/s"
+    )
+    print(
+        f"  inputs 100%   p50 {load['p50_on_ms']:.2f} ms  p99 {load['p99_on_ms']:.2f} ms  "
+        f"{load['rps_on']:,.0f} req/s"
+    )
+    print(f"  p99 with logging / without: {ratio:.3f} (target <= 1.05)")
+    print(
+        f"  failed requests {load['failed']}, samples dropped {load['dropped']} of "
+        f"{load['requests_logged']:,} logged requests"
+    )
+    found = drift_speed(args)
+    print(
+        f"drift of {args.log_rows:,} logged rows x 20 features vs {args.train_rows:,} training "
+        f"rows: {found['seconds']:.2f} s (target < 5 s); flagged {', '.join(found['flagged'])}"
+    )
+    print(json.dumps({"load": load, "drift": found}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
