@@ -83,7 +83,6 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
 
 def drift_speed(args: argparse.Namespace) -> dict[str, object]:
     import duckdb
-    import numpy as np
 
     from appliance.core import datasets, jobs, registry, training
     from appliance.core.context import Appliance
