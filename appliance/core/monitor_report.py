@@ -68,17 +68,9 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
                         "p99_ms": p99,
                     }
                 )
-            step = max(60.0, window / 60)
-            report["series"] = [
-                {"t": t, "requests": n, "p99_ms": p99, "errors": e}
-                for t, n, p99, e in con.execute(
-                    f"SELECT floor(ts / {step}) * {step} AS t, count(*), "
-                    "quantile_cont(latency_ms, 0.99), count(*) FILTER (WHERE status >= 500) "
-                    f"FROM {source} WHERE {inside} GROUP BY 1 ORDER BY 1"
-                ).fetchall()
-            ]
         finally:
             con.close()
+        report["series"] = traffic_series(app, deployment, window, max(60.0, window / 60))
     try:
         report["drift"] = drift(app, deployment, window, now)
     except ApplianceError as exc:
@@ -88,6 +80,34 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
     report["monitors"] = list_monitors(app, deployment)
     report["alerts"] = list_alerts(app, deployment, 20)
     return report
+
+
+def traffic_series(
+    app: Appliance, deployment: str, window: float = 3600.0, step: float = 60.0
+) -> list[dict[str, Any]]:
+    """Requests, p99 latency and errors per `step` seconds over the window, from the
+    request log (the Monitoring screen's sparklines)."""
+    import duckdb
+
+    from appliance.core import duck
+    from appliance.core.prediction_log import log_files
+
+    now = time.time()
+    files = log_files(app, deployment, "requests", now - window, now)
+    if not files:
+        return []
+    listing = ", ".join(duck.sql_string(f) for f in files)
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        rows = con.execute(
+            f"SELECT floor(ts / {step}) * {step} AS t, count(*), "
+            "quantile_cont(latency_ms, 0.99), count(*) FILTER (WHERE status >= 500) "
+            f"FROM read_parquet([{listing}], union_by_name = true) "
+            f"WHERE ts >= {now - window!r} GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    finally:
+        con.close()
+    return [{"t": t, "requests": n, "p99_ms": p99, "errors": e} for t, n, p99, e in rows]
 
 
 def _when(ts: float) -> str:

@@ -82,6 +82,7 @@ class ApplianceApp(App[None]):
         Binding("f", "features", "Features"),
         Binding("t", "tuning", "Tuning"),
         Binding("p", "pipelines", "Pipelines"),
+        Binding("o", "monitoring", "Monitoring"),
         Binding("c", "cluster", "Cluster"),
         Binding("r", "refresh", "Refresh"),
         Binding("escape", "clear_prompt", "Back", show=False),
@@ -282,6 +283,11 @@ class ApplianceApp(App[None]):
         from appliance.tui.pipelines import PipelinesScreen
 
         self.push_screen(PipelinesScreen(self.ctx))
+
+    def action_monitoring(self) -> None:
+        from appliance.tui.monitoring import MonitoringScreen
+
+        self.push_screen(MonitoringScreen(self.ctx))
 
     @on(DataTable.RowSelected, "#table")
     def _on_row_selected(self, event: DataTable.RowSelected) -> None:
