@@ -34,6 +34,22 @@ ROOT = Path(__file__).resolve().parents[1]
         ),
         ("pipelines.py", ["--rows", "2000", "--repeat", "1"], "orchestration overhead per step"),
         (
+            "monitoring.py",
+            [
+                "--seconds",
+                "1",
+                "--rounds",
+                "1",
+                "--log-rows",
+                "20000",
+                "--train-rows",
+                "5000",
+                "--model-rows",
+                "3000",
+            ],
+            "p99 with logging / without",
+        ),
+        (
             "serving.py",
             ["--seconds", "1", "--cycles", "2", "--rows", "3000"],
             "deploy/rollback cycles under load",

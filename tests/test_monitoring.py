@@ -5,6 +5,7 @@ and live quality, monitors and the rollback they can trigger, and the report."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,74 @@ def test_the_report_is_text_and_one_self_contained_page(
     assert "<svg" in page and "<table>" in page
     assert "src=" not in page and "http://" not in page and "https://" not in page
     json.dumps(report)  # --json prints it as it is
+
+
+@pytest.mark.slow
+def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
+    app: Appliance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+) -> None:
+    """End to end on a real server: request ids come back in `x-request-id`, inputs are
+    logged at the sampled share, `POST /feedback` needs the token, and the agent ships the
+    spool and stores the labels; quality then joins them."""
+    import urllib.error
+    import urllib.request
+
+    from appliance.core.deployments import create_deployment, set_logging, stop_deployment
+    from appliance.core.feedback import feedback_token, quality
+
+    monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", "0.5")
+    monkeypatch.setenv("APPLIANCE_LOG_ROTATE_SECONDS", "0.5")
+    ref = _train_model(app, tmp_path)
+    dep = create_deployment(app, "live", ref)
+    try:
+        url = dep["url"]
+        assert set_logging(app, "live", sample=1.0)["log_sample"] == 1.0
+        with pytest.raises(InvalidInput, match="--log-sample"):
+            set_logging(app, "live", sample=1.5)
+        time.sleep(0.2)  # the workers follow within 20 ms
+
+        def post(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+            request = urllib.request.Request(
+                url + path,
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json", **(headers or {})},
+            )
+            return urllib.request.urlopen(request, timeout=10)
+
+        ids = []
+        for i in range(20):
+            body = {
+                "inputs": [
+                    {"name": "a", "shape": [1], "datatype": "FP64", "data": [float(i % 3)]},
+                    {"name": "b", "shape": [1], "datatype": "FP64", "data": [0.5]},
+                    {"name": "c", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+                ]
+            }
+            with post("/v2/models/syn/infer", body) as response:
+                ids.append(response.headers["x-request-id"])
+        assert len(set(ids)) == 20
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post("/feedback", {"request_id": ids[0], "label": 1})
+        assert refused.value.code == 401
+        token = feedback_token(app.settings.home)
+        auth = {"Authorization": f"Bearer {token}"}
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post("/feedback", {"feedback": [{"request_id": ids[0]}]}, auth)
+        assert bad.value.code == 400 and b"feedback[0]: label" in bad.value.read()
+        labels = [{"request_id": r, "label": i % 2} for i, r in enumerate(ids)]
+        with post("/feedback", {"feedback": labels}, auth) as response:
+            assert response.status == 202 and json.loads(response.read()) == {"accepted": 20}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stored = app.db.scalar("SELECT count(*) FROM monitor_feedback")
+            shipped = app.db.scalar("SELECT count(*) FROM prediction_logs WHERE kind = 'inputs'")
+            if stored == 20 and shipped:
+                break
+            time.sleep(0.2)
+        assert (stored, bool(shipped)) == (20, True), "the agent did not ship"
+        result = quality(app, "live", window=3600)
+        assert result["matched"] == 20 and result["windows"][0]["labelled"] == 20
+        shown = cli("--home", str(app.settings.home), "monitor", "quality", "live")
+        assert shown.code == 0 and "20 labels, 20 matched" in shown.out
+    finally:
+        stop_deployment(app, "live")
