@@ -358,3 +358,54 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
         assert shown.code == 0 and "20 labels, 20 matched" in shown.out
     finally:
         stop_deployment(app, "live")
+
+
+def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: Path) -> None:
+    """A firing monitor POSTs its alert to a local webhook, or starts a pipeline run."""
+    import http.server
+    import threading
+
+    from appliance.core.monitors import add_monitor, check_monitors
+
+    received: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the handler's API)
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "step.py").write_text("print('retrain')\n")
+    (tmp_path / "retrain.yaml").write_text("name: retrain\nsteps:\n  s: {script: step.py}\n")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/alerts"
+        add_monitor(app, "hook", "syn", "rps > 0 over 1h", "1m", {"webhook": url})
+        add_monitor(
+            app,
+            "again",
+            "syn",
+            "rps > 0 over 1h",
+            "1m",
+            {"pipeline": str(tmp_path / "retrain.yaml")},
+        )
+        _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+        results = {o["monitor"]: o for o in check_monitors(app)}
+    finally:
+        server.shutdown()
+    assert results["hook"]["action_result"] == "webhook answered 204"
+    assert received == [
+        {
+            "monitor_name": "hook",
+            "monitor_deployment": "syn",
+            "monitor_rule": "rps > 0 over 1h",
+            "monitor_value": repr(results["hook"]["value"]),
+        }
+    ]
+    assert results["again"]["action_result"].startswith("started pipeline run ")
+    assert app.db.scalar("SELECT pipeline FROM pipeline_runs") == "retrain"
