@@ -180,9 +180,10 @@ class PredictionLog:
         now = time.monotonic()
         if now - self.measured > 2.0:
             self.measured = now
-            self.spool_bytes = sum(
-                p.stat().st_size for p in self.directory.iterdir() if p.is_file()
-            )
+            with contextlib.suppress(FileNotFoundError):  # created with the first file
+                self.spool_bytes = sum(
+                    p.stat().st_size for p in self.directory.iterdir() if p.is_file()
+                )
         return self.spool_bytes > self.spool_limit
 
     def _file(self, kind: str, ts: float) -> _SpoolFile:
@@ -193,6 +194,7 @@ class PredictionLog:
             current = None
         if current is None:
             self.seq += 1
+            self.directory.mkdir(parents=True, exist_ok=True)  # removed meanwhile: again
             current = self.files[kind] = _SpoolFile(self.directory, kind, hour, self.seq)
         return current
 
@@ -377,11 +379,15 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     out = tmp_dir / (path.stem + ".parquet")
     con = duckdb.connect(config={"threads": 1})  # in the background: one core at most
     try:
-        source = f"read_json({duck.sql_string(str(path))}, format = 'newline_delimited')"
-        # each line is a batch of columns of equal length: unnesting them together gives rows
+        # parsed once into memory; each line is a batch of equal-length columns, so
+        # unnesting them together gives rows
+        con.execute(
+            "CREATE TEMP TABLE batch AS SELECT * FROM read_json("
+            f"{duck.sql_string(str(path))}, format = 'newline_delimited')"
+        )
         base = ["ts", "request_id", "version", "revision"]
         if kind == "inputs":
-            fields = _struct_fields(con, source)
+            fields = _struct_fields(con)
             columns = [*base, "row"]
             select = (
                 "SELECT "
@@ -390,17 +396,14 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
                     f", unnest(x.{duck.sql_identifier(f)}) AS {duck.sql_identifier('x_' + f)}"
                     for f in fields
                 )
-                + ", unnest(y) AS prediction FROM "
-                + source
+                + ", unnest(y) AS prediction FROM batch"
             )
         else:
             columns = [*base, "role", "status", "latency_ms", "rows"]
-            select = (
-                "SELECT " + ", ".join(f"unnest({c}) AS {c}" for c in columns) + " FROM " + source
-            )
+            select = "SELECT " + ", ".join(f"unnest({c}) AS {c}" for c in columns) + " FROM batch"
         con.execute(f"COPY ({select}) TO {duck.sql_string(str(out))} (FORMAT parquet)")
         rows, first, last = con.execute(
-            f"SELECT count(*), min(ts), max(ts) FROM read_parquet({duck.sql_string(str(out))})"
+            "SELECT sum(len(ts)), min(list_min(ts)), max(list_max(ts)) FROM batch"
         ).fetchone()
     finally:
         con.close()
@@ -415,17 +418,13 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _struct_fields(con: Any, source: str) -> list[str]:
-    """The feature names of the `x` struct across the file's lines (DuckDB unifies them)."""
-    kinds = {r[0]: str(r[1]) for r in con.execute(f"DESCRIBE SELECT x FROM {source}").fetchall()}
+def _struct_fields(con: Any) -> list[str]:
+    """The feature names of the batch's `x` struct (DuckDB unified them across lines)."""
+    kinds = {r[0]: str(r[1]) for r in con.execute("DESCRIBE batch").fetchall()}
     if not kinds.get("x", "").startswith("STRUCT"):
         return []
-    return [
-        r[0]
-        for r in con.execute(
-            f"SELECT unnest(struct_keys(x)) FROM (SELECT x FROM {source} LIMIT 1)"
-        ).fetchall()
-    ]
+    found = con.execute("SELECT struct_keys(x) FROM batch LIMIT 1").fetchone()
+    return list(found[0]) if found else []
 
 
 def log_files(
