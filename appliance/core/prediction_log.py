@@ -381,10 +381,13 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     try:
         # parsed once into memory; each line is a batch of equal-length columns, so
         # unnesting them together gives rows
-        con.execute(
-            "CREATE TEMP TABLE batch AS SELECT * FROM read_json("
-            f"{duck.sql_string(str(path))}, format = 'newline_delimited')"
-        )
+        read = f"read_json({duck.sql_string(str(path))}, format = 'newline_delimited'"
+        try:  # the writer writes one shape: its first line tells the types (fast) ...
+            con.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM {read}, sample_size = 1)")
+        except duckdb.Error:  # ... unless a later line differs (a client's mixed types)
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE batch AS SELECT * FROM {read}, sample_size = -1)"
+            )
         base = ["ts", "request_id", "version", "revision"]
         if kind == "inputs":
             fields = _struct_fields(con)
