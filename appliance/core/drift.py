@@ -264,13 +264,19 @@ def _floats(values: Any) -> Any:
         mask = np.ma.getmaskarray(values)
         data[mask] = math.nan
         return data
-    return np.array(
-        [
-            float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
-            for v in np.ma.filled(values, None)
-        ],
-        dtype=np.float64,
-    )
+    return np.array([_float(v) for v in np.ma.filled(values, None)], dtype=np.float64)
+
+
+def _float(value: Any) -> float:
+    """A logged value as a number: numbers, and numbers a client sent as text; else NaN."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip('"'))
+        except ValueError:
+            return math.nan
+    return math.nan
 
 
 def _objects(values: Any) -> Any:
