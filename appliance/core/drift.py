@@ -264,7 +264,17 @@ def _floats(values: Any) -> Any:
         mask = np.ma.getmaskarray(values)
         data[mask] = math.nan
         return data
-    return np.array([_float(v) for v in np.ma.filled(values, None)], dtype=np.float64)
+    return np.array([_float(v) for v in _values(values)], dtype=np.float64)
+
+
+def _values(values: Any) -> list[Any]:
+    """A fetched column as Python values, missing ones as None (np.ma.filled would put its
+    fill value there: '?' for text, which would read as a category)."""
+    import numpy as np
+
+    data = np.ma.getdata(values)
+    mask = np.ma.getmaskarray(values)
+    return [None if missing else value for value, missing in zip(data, mask, strict=True)]
 
 
 def _float(value: Any) -> float:
@@ -282,8 +292,7 @@ def _float(value: Any) -> float:
 def _objects(values: Any) -> Any:
     import numpy as np
 
-    filled = np.ma.filled(values, None) if np.ma.isMaskedArray(values) else values
-    return np.asarray([None if v is None else str(v) for v in filled], dtype=object)
+    return np.asarray([None if v is None else str(v) for v in _values(values)], dtype=object)
 
 
 def _predictions(values: Any) -> Any:

@@ -66,15 +66,21 @@ def _item(raw: Any, where: str) -> tuple[str, int, Any]:
     return request_id, row, label
 
 
-def spool_feedback(home: Path, deployment: str, body: Any) -> int:
-    """`POST /feedback` on the server: check the items and write them to the spool as one
+def spool_feedback(
+    home: Path, deployment: str, body: Any, objective: str, labels: list[Any]
+) -> int:
+    """`POST /feedback` on the server: check the items (each label against the served
+    model's classes, or as a number for regression) and write them to the spool as one
     closed file (the agent stores them); returns how many were taken."""
     items = body.get("feedback", [body]) if isinstance(body, dict) else body
     if not isinstance(items, list) or not items:
         raise InvalidInput("expected {request_id, label[, row]} or {feedback: [...]}")
     if len(items) > 100_000:
         raise InvalidInput("at most 100,000 labels per request")
-    checked = [_item(raw, f"feedback[{i}]") for i, raw in enumerate(items)]
+    checked = []
+    for i, raw in enumerate(items):
+        request_id, row, label = _item(raw, f"feedback[{i}]")
+        checked.append((request_id, row, _check_label(label, objective, labels, f"feedback[{i}]")))
     directory = spool_dir(home, deployment)
     directory.mkdir(parents=True, exist_ok=True)
     hour = time.strftime("%Y%m%d%H", time.gmtime())
@@ -82,7 +88,7 @@ def spool_feedback(home: Path, deployment: str, body: Any) -> int:
     tmp = directory / (name + ".part")
     now = time.time()
     with tmp.open("w") as fh:
-        for request_id, row, label in checked:
+        for request_id, row, label in checked:  # label: as stored (checked above)
             fh.write(json.dumps({"request_id": request_id, "row": row, "label": label, "ts": now}))
             fh.write("\n")
     tmp.rename(directory / name)
@@ -101,7 +107,8 @@ def _objective(app: Appliance, deployment: str) -> tuple[str, list[Any]]:
 
 
 def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> str:
-    """The label as stored (text of its value), refused when the model could not score it."""
+    """The label as stored (JSON of the class, or of the number), refused when the model
+    could not score it; a class sent as text ("1" for 1) is the class."""
     if objective == "regression":
         try:
             return repr(float(label))
@@ -194,7 +201,7 @@ def store_spooled_feedback(app: Appliance, deployment: str, path: Path) -> int:
     for line in path.read_text().splitlines():
         if line.strip():
             item = json.loads(line)
-            rows.append((item["request_id"], int(item["row"]), json.dumps(item["label"])))
+            rows.append((item["request_id"], int(item["row"]), str(item["label"])))
     with app.db.transaction() as conn:
         conn.executemany(
             "INSERT INTO monitor_feedback (deployment, request_id, row, label, received_at) "
@@ -253,12 +260,27 @@ def quality(
             signatures[version] = get_model_version(app, f"{dep['model']}@{version}")["signature"]
         signature = signatures[version]
         objective = str(signature.get("objective") or "binary")
-        raw = [json.loads(label) for _, label in pairs]
+        classes_known = list(signature.get("labels") or [])
+        usable = []
+        for prediction, label in pairs:  # a label this version cannot score is skipped
+            try:
+                value = json.loads(label)
+            except (TypeError, ValueError):
+                continue
+            if objective == "regression" and isinstance(value, int | float):
+                usable.append((prediction, value))
+            elif objective != "regression" and value in classes_known:
+                usable.append((prediction, value))
+        result["unusable"] = result.get("unusable", 0) + len(pairs) - len(usable)
+        pairs = usable
+        if not pairs:
+            continue
+        raw = [label for _, label in pairs]
         pred = np.asarray([p for p, _ in pairs], dtype=np.float64)
         if objective == "regression":
             y = np.asarray(raw, dtype=np.float64)
         else:
-            y = label_codes(raw, list(signature.get("labels") or []), "label")
+            y = label_codes(raw, classes_known, "label")
         classes = len(signature.get("labels") or []) or 2
         metrics = evaluate(objective, y, pred, classes) if len(pairs) > 1 else {}
         result["windows"].append(

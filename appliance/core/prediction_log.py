@@ -22,6 +22,7 @@ import random
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def _hour(ts: float) -> str:
 class _SpoolFile:
     """One open `.part` file of one kind and hour; renamed to `.jsonl` when closed."""
 
-    def __init__(self, directory: Path, kind: str, hour: str, seq: int) -> None:
+    def __init__(self, directory: Path, kind: str, hour: str, seq: str) -> None:
         self.path = directory / f"{kind}-{hour}-{os.getpid()}-{seq}.jsonl.part"
         self.kind, self.hour = kind, hour
         self.handle = self.path.open("ab")
@@ -97,6 +98,8 @@ class PredictionLog:
         self.spool_bytes = 0
         self.measured = 0.0
         self.error: str | None = None  # the first thing that cost samples, said once
+        self.token = uuid.uuid4().hex[:8]  # a pid is reused after a restart: names are not
+        self.lock = threading.Lock()  # the writer thread and a stopping server both write
 
     def configure(self, sample: float, requests: bool) -> None:
         """The deployment's current settings (a worker follows changes live)."""
@@ -153,16 +156,19 @@ class PredictionLog:
         while not stop.wait(DRAIN_SECONDS):
             self._drain()
         with contextlib.suppress(OSError):
-            self._drain()
-            self._rotate(force=True)
+            self.flush()
 
     def flush(self) -> None:
         """Write what is queued and close the files (a stopping worker; tests)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._drain()
-        self._rotate(force=True)
+        with self.lock:
+            self._drain_locked()
+            self._rotate(force=True)
 
     def _drain(self) -> None:
+        with self.lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
         items = []
         pending = self.pending
         while pending:
@@ -195,7 +201,9 @@ class PredictionLog:
         if current is None:
             self.seq += 1
             self.directory.mkdir(parents=True, exist_ok=True)  # removed meanwhile: again
-            current = self.files[kind] = _SpoolFile(self.directory, kind, hour, self.seq)
+            current = self.files[kind] = _SpoolFile(
+                self.directory, kind, hour, f"{self.seq}{self.token}"
+            )
         return current
 
     def _write(self, items: list[tuple[Any, ...]]) -> None:
@@ -344,10 +352,17 @@ def ship_logs(app: Appliance, deployment: str | None = None) -> dict[str, Any]:
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
         if deployment is not None and directory.name != deployment:
             continue
+        _adopt_orphans(directory)
         for path in sorted(directory.glob("*.jsonl")):
             try:
                 _ship(app, directory.name, path)
                 shipped += 1
+            except _Unreadable as exc:  # never readable: set aside, not retried forever
+                rejected = directory / "rejected"
+                rejected.mkdir(exist_ok=True)
+                path.rename(rejected / path.name)
+                failed += 1
+                error = error or f"{path.name}: unreadable, moved to rejected/: {exc}"
             except (OSError, ApplianceError, ValueError) as exc:
                 failed += 1
                 error = error or f"{path.name}: {exc}"
@@ -357,10 +372,27 @@ def ship_logs(app: Appliance, deployment: str | None = None) -> dict[str, Any]:
     return {"shipped": shipped, "failed": failed, "error": error}
 
 
+def _adopt_orphans(directory: Path) -> None:
+    """Open files of a worker that died (killed, its machine restarted): their complete
+    lines become a shippable file; a last line cut short is dropped."""
+    from appliance.core.processes import alive
+
+    for part in directory.glob("*.jsonl.part"):
+        pieces = part.name.split("-")
+        pid = int(pieces[2]) if len(pieces) > 3 and pieces[2].isdigit() else 0
+        if pid and alive(pid):
+            continue
+        data = part.read_bytes()
+        keep = data[: data.rfind(b"\n") + 1]
+        if keep:
+            part.write_bytes(keep)
+            part.rename(part.with_suffix(""))
+        else:
+            part.unlink(missing_ok=True)
+
+
 def _ship(app: Appliance, deployment: str, path: Path) -> None:
     import duckdb
-
-    from appliance.core import duck
 
     kind = path.name.split("-", 1)[0]
     if kind == "feedback":  # labels the server took by POST /feedback
@@ -370,7 +402,10 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
         return
     if kind not in KINDS:
         raise ValueError(f"not a prediction log file: {path.name}")
-    known = app.db.scalar("SELECT 1 FROM prediction_logs WHERE spool_name = ?", (path.name,))
+    known = app.db.scalar(
+        "SELECT 1 FROM prediction_logs WHERE deployment = ? AND spool_name = ?",
+        (deployment, path.name),
+    )
     if known:  # recorded by a pass that died before removing it
         path.unlink(missing_ok=True)
         return
@@ -379,35 +414,9 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     out = tmp_dir / (path.stem + ".parquet")
     con = duckdb.connect(config={"threads": 1})  # in the background: one core at most
     try:
-        # parsed once into memory; each line is a batch of equal-length columns, so
-        # unnesting them together gives rows
-        read = f"read_json({duck.sql_string(str(path))}, format = 'newline_delimited'"
-        try:  # the writer writes one shape: its first line tells the types (fast) ...
-            con.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM {read}, sample_size = 1)")
-        except duckdb.Error:  # ... unless a later line differs (a client's mixed types)
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE batch AS SELECT * FROM {read}, sample_size = -1)"
-            )
-        base = ["ts", "request_id", "version", "revision"]
-        if kind == "inputs":
-            fields = _struct_fields(con)
-            columns = [*base, "row"]
-            select = (
-                "SELECT "
-                + ", ".join(f"unnest({c}) AS {c}" for c in columns)
-                + "".join(
-                    f", unnest(x.{duck.sql_identifier(f)}) AS {duck.sql_identifier('x_' + f)}"
-                    for f in fields
-                )
-                + ", unnest(y) AS prediction FROM batch"
-            )
-        else:
-            columns = [*base, "role", "status", "latency_ms", "rows"]
-            select = "SELECT " + ", ".join(f"unnest({c}) AS {c}" for c in columns) + " FROM batch"
-        con.execute(f"COPY ({select}) TO {duck.sql_string(str(out))} (FORMAT parquet)")
-        rows, first, last = con.execute(
-            "SELECT sum(len(ts)), min(list_min(ts)), max(list_max(ts)) FROM batch"
-        ).fetchone()
+        rows, first, last = _convert(con, path, kind, out)
+    except duckdb.Error as exc:  # a cut or hand-made line: the file can never be read
+        raise _Unreadable(str(exc).splitlines()[0]) from None
     finally:
         con.close()
     stored = app.objects.put_file(out, move=True)
@@ -415,19 +424,87 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     app.db.execute(
         "INSERT INTO prediction_logs (deployment, kind, hour, sha256, rows, first_ts, last_ts, "
         "spool_name, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (spool_name) DO NOTHING",
-        (deployment, kind, hour, stored.sha256, rows, first or 0, last or 0, path.name, utcnow()),
+        "ON CONFLICT (deployment, spool_name) DO NOTHING",
+        (deployment, kind, hour, stored.sha256, rows, first, last, path.name, utcnow()),
     )
     path.unlink(missing_ok=True)
 
 
-def _struct_fields(con: Any) -> list[str]:
-    """The feature names of the batch's `x` struct (DuckDB unified them across lines)."""
+class _Unreadable(Exception):
+    """A spool file DuckDB cannot read (a line cut short by a full disk, a hand edit)."""
+
+
+def _convert(con: Any, path: Path, kind: str, out: Path) -> tuple[int, float, float]:
+    """One spool file to Parquet at `out`; its rows and its first and last times."""
+    import duckdb
+
+    from appliance.core import duck
+
+    # Parsed once into memory; each line is a batch of equal-length columns, so unnesting
+    # them together gives rows. Wide models stay a struct (not a map). The first line tells
+    # the types (fast) unless it cannot (a null there, or a later line of other types):
+    # then every line does.
+    read = (
+        f"read_json({duck.sql_string(str(path))}, format = 'newline_delimited', "
+        "map_inference_threshold = -1"
+    )
+    try:
+        con.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM {read}, sample_size = 1)")
+        vague = "JSON" in str(con.execute("DESCRIBE batch").fetchall())
+    except duckdb.Error:
+        vague = True
+    if vague:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE batch AS SELECT * FROM {read}, sample_size = -1)"
+        )
+    base = ["ts", "request_id", "version", "revision"]
+    if kind == "inputs":
+        fields = _struct_fields(con)
+        columns = [*base, "row"]
+        select = (
+            "SELECT "
+            + ", ".join(f"unnest({c}) AS {c}" for c in columns)
+            + "".join(
+                f", unnest({_as_values(f, t)}) AS {duck.sql_identifier('x_' + f)}"
+                for f, t in fields
+            )
+            + ", unnest(y) AS prediction FROM batch"
+        )
+    else:
+        columns = [*base, "role", "status", "latency_ms", "rows"]
+        select = "SELECT " + ", ".join(f"unnest({c}) AS {c}" for c in columns) + " FROM batch"
+    con.execute(f"COPY ({select}) TO {duck.sql_string(str(out))} (FORMAT parquet)")
+    rows, first, last = con.execute(
+        "SELECT sum(len(ts)), min(list_min(ts)), max(list_max(ts)) FROM batch"
+    ).fetchone()
+    return int(rows or 0), float(first or 0), float(last or 0)
+
+
+def _struct_fields(con: Any) -> list[tuple[str, str]]:
+    """(feature, type) of the batch's `x` struct (DuckDB unified them across lines)."""
     kinds = {r[0]: str(r[1]) for r in con.execute("DESCRIBE batch").fetchall()}
     if not kinds.get("x", "").startswith("STRUCT"):
         return []
     found = con.execute("SELECT struct_keys(x) FROM batch LIMIT 1").fetchone()
-    return list(found[0]) if found else []
+    names = list(found[0]) if found else []
+    return [
+        (n, str(con.execute(f"SELECT typeof(x.{_ident(n)}) FROM batch LIMIT 1").fetchone()[0]))
+        for n in names
+    ]
+
+
+def _ident(name: str) -> str:
+    from appliance.core import duck
+
+    return duck.sql_identifier(name)
+
+
+def _as_values(name: str, kind: str) -> str:
+    """A feature's list as plain values: JSON (mixed types, or all missing) as text."""
+    column = f"x.{_ident(name)}"
+    if "JSON" in kind:
+        return f"list_transform({column}, v -> json_extract_string(v, '$'))"
+    return column
 
 
 def log_files(

@@ -12,6 +12,7 @@ revision. The supervisor restarts a worker that dies and judges the canary's rul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -605,8 +606,14 @@ class ModelServer:
         if not self.feedback_token or not hmac.compare_digest(given, self.feedback_token):
             raise RequestError(401, "feedback needs the home's token: Authorization: Bearer …")
         _require_json(headers)
+        routing = self.routing
+        if routing is None:
+            raise RequestError(503, "no model loaded")
+        model = routing.stable  # labels are checked against the model being served
         try:
-            taken = spool_feedback(self.app.settings.home, self.deployment, _loads(raw))
+            taken = spool_feedback(
+                self.app.settings.home, self.deployment, _loads(raw), model.objective, model.labels
+            )
         except ApplianceError as exc:
             raise RequestError(400, exc.message) from None
         return Response(202, _dumps({"accepted": taken}))
@@ -678,6 +685,10 @@ class InferenceApp:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    # what was answered reaches the spool: uvicorn re-raises the stop signal
+                    # after this, so nothing later in the worker would run
+                    with contextlib.suppress(OSError):
+                        self.server.plog.flush()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":

@@ -550,8 +550,9 @@ def m015_monitoring(db: Any) -> None:
             rows INTEGER NOT NULL,
             first_ts REAL NOT NULL,
             last_ts REAL NOT NULL,
-            spool_name TEXT NOT NULL UNIQUE,
-            created_at TEXT NOT NULL
+            spool_name TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (deployment, spool_name)
         );
         CREATE INDEX prediction_logs_by_time ON prediction_logs (deployment, kind, last_ts);
         CREATE TABLE monitor_feedback (
@@ -581,8 +582,10 @@ def m015_monitoring(db: Any) -> None:
             rule TEXT NOT NULL,
             every_s REAL NOT NULL,
             action_json TEXT NOT NULL,
-            state TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'firing', 'no_data')),
+            state TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'ok', 'firing', 'no_data')),
             last_value REAL,
+            last_error TEXT,
             last_checked_at REAL,
             created_at TEXT NOT NULL
         );
