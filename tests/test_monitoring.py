@@ -341,6 +341,9 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
         with pytest.raises(urllib.error.HTTPError) as bad:
             post("/feedback", {"feedback": [{"request_id": ids[0]}]}, auth)
         assert bad.value.code == 400 and b"feedback[0]: label" in bad.value.read()
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            post("/feedback", {"request_id": ids[0], "label": "banana"}, auth)
+        assert wrong.value.code == 400 and b"not a class of the model" in wrong.value.read()
         labels = [{"request_id": r, "label": i % 2} for i, r in enumerate(ids)]
         with post("/feedback", {"feedback": labels}, auth) as response:
             assert response.status == 202 and json.loads(response.read()) == {"accepted": 20}
@@ -409,3 +412,75 @@ def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: P
     ]
     assert results["again"]["action_result"].startswith("started pipeline run ")
     assert app.db.scalar("SELECT pipeline FROM pipeline_runs") == "retrain"
+
+
+def test_review_faults_missing_categories_bad_files_and_dead_workers(
+    app: Appliance, deployed: str
+) -> None:
+    """A missing category at the start of a spool file is missing (not a category and not
+    JSON text); a line cut short sets its file aside; a dead worker's open file ships."""
+    from appliance.core.drift import drift
+
+    rng = np.random.default_rng(6)
+    first = {
+        "a": rng.normal(0, 1, 1),
+        "b": rng.normal(0, 1, 1),
+        "c": np.array([None], dtype=object),
+    }
+    rest = {
+        "a": rng.normal(0, 1, 400),
+        "b": rng.normal(0, 1, 400),
+        "c": np.array(rng.choice(["x", "y", "z"], 400, p=[0.5, 0.3, 0.2]), dtype=object),
+    }
+    _log(app, "syn", [first, rest])
+    (served,) = drift(app, "syn", 3600)["versions"]
+    c = next(f for f in served["features"] if f["feature"] == "c")
+    assert c["unseen"] == [] and c["psi"] < 0.1
+    assert c["missing"] == pytest.approx(1 / 401)
+
+    directory = spool_dir(app.settings.home, "syn")
+    (directory / "inputs-2026010100-1-1bad.jsonl").write_text('{"ts": [1.0], "x": {"a": [1')
+    shipped = ship_logs(app)
+    assert shipped["failed"] == 1 and "moved to rejected/" in shipped["error"]
+    assert (directory / "rejected" / "inputs-2026010100-1-1bad.jsonl").exists()
+    assert ship_logs(app)["failed"] == 0  # not tried again
+
+    orphan = directory / "requests-2026010100-999999-7dead.jsonl.part"
+    line = json.dumps(
+        {
+            "ts": [1.0],
+            "request_id": ["o"],
+            "version": [1],
+            "revision": [1],
+            "role": ["stable"],
+            "status": [200],
+            "latency_ms": [1.0],
+            "rows": [1],
+        }
+    )
+    orphan.write_text(line + "\n" + line[:20])  # the last line was cut when it died
+    assert ship_logs(app)["shipped"] == 1
+    assert (
+        app.db.scalar("SELECT rows FROM prediction_logs WHERE spool_name = ?", (orphan.name[:-5],))
+        == 1
+    )
+
+
+def test_a_monitor_stays_one_alert_through_gaps_and_names_what_it_cannot_measure(
+    app: Appliance, deployed: str
+) -> None:
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts, list_monitors
+
+    with pytest.raises(InvalidInput, match=r"syn@1 has no feature 'nosuch'"):
+        add_monitor(app, "bad", "syn", "psi(nosuch) > 0.2", "1m", {})
+    add_monitor(app, "busy", "syn", "rps > 0 over 1h", "1m", {})
+    assert list_monitors(app)[0]["state"] == "pending"
+    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    now = time.time()
+    assert check_monitors(app, now=now)[0]["state"] == "firing"
+    later = now + 7200  # the logged request is out of the window: no data, still one alert
+    assert check_monitors(app, now=later, force=True)[0]["state"] == "no_data"
+    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    assert check_monitors(app, force=True)[0]["state"] == "firing"
+    (alert,) = list_alerts(app)
+    assert alert["resolved_at"] is None

@@ -1585,6 +1585,12 @@ def monitor_quality(
         emit(result, True)
         return
     click.echo(f"{result['labels']} labels, {result.get('matched', 0)} matched to predictions")
+    if result["labels"] and not result.get("matched"):
+        click.echo(
+            "quality needs logged inputs and outputs: "
+            f"appliance deployments logging {deployment} --sample 0.1",
+            err=True,
+        )
     rows = [{**w, "window_start": _clock(w["window_start"])} for w in result["windows"]]
     columns = ["version", "window_start", "labelled"]
     columns += [
@@ -1673,7 +1679,7 @@ def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
     emit(
         list_monitors(app, deployment),
         as_json,
-        ["name", "deployment", "rule", "every_s", "action", "state", "value"],
+        ["name", "deployment", "rule", "every_s", "action", "state", "value", "error"],
     )
 
 

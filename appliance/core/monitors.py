@@ -6,7 +6,7 @@ A rule is `METRIC[(FEATURE)] OP NUMBER [over DURATION]`:
     psi(tenure_months) > 0.2          ks(x) > 0.1         missing_rate(x) > 0.05
     unseen(contract) > 0.01           prediction_psi > 0.25
     auc < 0.8 over 24h                accuracy, logloss, rmse, mae, r2, f1, precision, recall
-    p99_ms > 50 over 5m               p50_ms, error_rate, rps
+    p99_ms > 50 over 5m               p50_ms, error_rate (5xx), client_error_rate (4xx), rps
 
 Drift is computed on the window (`over`, default 1h) of logged inputs against the model's
 training data; quality on the labelled predictions of the window (default 24h); traffic on
@@ -26,6 +26,7 @@ import re
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from appliance.store.db import utcnow
 
 DRIFT = {"psi", "ks", "missing_rate", "unseen", "prediction_psi"}
 QUALITY = {"auc", "accuracy", "logloss", "rmse", "mae", "r2", "f1", "precision", "recall"}
-TRAFFIC = {"p99_ms", "p50_ms", "error_rate", "rps"}
+TRAFFIC = {"p99_ms", "p50_ms", "error_rate", "client_error_rate", "rps"}
 DEFAULT_OVER = {"drift": 3600.0, "quality": 86400.0, "traffic": 300.0}
 _RULE = re.compile(
     r"^\s*(?P<metric>[a-z_0-9]+)\s*(?:\(\s*(?P<arg>[^()\s]+)\s*\))?\s*"
@@ -148,8 +149,18 @@ def add_monitor(
     from appliance.core.jobs import parse_duration
 
     validate_name("monitor name", name)
-    get_deployment(app, deployment)
+    dep = get_deployment(app, deployment)
     parsed = parse_rule(rule)
+    if parsed.arg is not None:  # a feature the served model does not have never has data
+        from appliance.core.registry import get_model_version
+
+        served = get_model_version(app, f"{dep['model']}@{dep['model_version']}")
+        names = [f["name"] for f in served["signature"]["signature"]]
+        if parsed.arg not in names:
+            raise InvalidInput(
+                f"--rule {rule!r}: {served['ref']} has no feature {parsed.arg!r} "
+                f"(it has {', '.join(names)})"
+            )
     seconds = parse_duration(every, "--every")
     if seconds < 1:
         raise InvalidInput("--every: at least 1s")
@@ -189,6 +200,7 @@ def _shape(row: dict[str, Any]) -> dict[str, Any]:
         "action_detail": action,
         "state": row["state"],
         "value": row["last_value"],
+        "error": row["last_error"],
         "checked_at": row["last_checked_at"],
         "id": row["id"],
     }
@@ -233,8 +245,10 @@ def measure(app: Appliance, deployment: str, rule: Rule, now: float | None = Non
 
         try:
             report = drift(app, deployment, rule.over, now)
-        except InvalidInput:
-            return None  # no logged inputs in the window
+        except InvalidInput as exc:
+            if "no logged inputs" in exc.message:
+                return None  # nothing to judge in the window
+            raise  # a reason to show: no training lineage, say
         if not report["versions"]:
             return None
         served = report["versions"][0]  # the version with most of the window's rows
@@ -268,8 +282,9 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
         listing = ", ".join(duck.sql_string(f) for f in files)
         con = duckdb.connect()
         try:
-            n, errors, p50, p99 = con.execute(
+            n, errors, refused, p50, p99 = con.execute(
                 "SELECT count(*), count(*) FILTER (WHERE status >= 500), "
+                "count(*) FILTER (WHERE status >= 400 AND status < 500), "
                 "quantile_cont(latency_ms, 0.5), quantile_cont(latency_ms, 0.99) "
                 f"FROM read_parquet([{listing}], union_by_name = true) "
                 f"WHERE ts >= {now - rule.over!r} AND ts < {now!r}"
@@ -281,6 +296,7 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
                 "p99_ms": p99,
                 "p50_ms": p50,
                 "error_rate": errors / n,
+                "client_error_rate": refused / n,
                 "rps": n / rule.over,
             }[rule.metric]
     live = traffic(app, deployment, min(rule.over, 60))["all"]
@@ -310,44 +326,64 @@ def check_monitors(
 
 
 def _check_one(app: Appliance, row: dict[str, Any], now: float) -> dict[str, Any]:
+    """One monitor: its value, its state, and on a new firing one alert and one action.
+    A monitor that cannot be measured says why (`last_error`) and stops no other."""
     rule = parse_rule(row["rule"])
     try:
         value = measure(app, row["deployment"], rule, now)
         error = None
     except ApplianceError as exc:
         value, error = None, exc.message
+    except Exception as exc:  # a defect or a damaged log: this monitor, not the pass
+        value, error = None, f"{type(exc).__name__}: {exc}"
     state = "no_data" if value is None else ("firing" if rule.holds(float(value)) else "ok")
     app.db.execute(
-        "UPDATE monitors SET state = ?, last_value = ?, last_checked_at = ? WHERE id = ?",
-        (state, value, now, row["id"]),
+        "UPDATE monitors SET state = ?, last_value = ?, last_checked_at = ?, last_error = ? "
+        "WHERE id = ?",
+        (state, value, now, error, row["id"]),
     )
     outcome = {"monitor": row["name"], "state": state, "value": value, "error": error}
-    if state == "firing" and row["state"] != "firing":
+    if state == "firing":
         action = json.loads(row["action_json"])
-        cur_id = app.db.execute(
-            "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
-            "fired_at, action) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                row["id"],
-                row["name"],
-                row["deployment"],
-                row["rule"],
-                value,
-                utcnow(),
-                next(iter(action), None),
-            ),
-        )
-        result = _act(app, row, action, value)
-        app.db.execute("UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, cur_id))
-        outcome["alert"] = cur_id
-        outcome["action_result"] = result
-    elif state == "ok" and row["state"] == "firing":
+        with app.db.transaction() as conn:  # one alert while it fires, whoever checks
+            open_alert = conn.execute(
+                "SELECT id FROM monitor_alerts WHERE monitor_id = ? AND resolved_at IS NULL",
+                (row["id"],),
+            ).fetchone()
+            alert_id = None
+            if open_alert is None:
+                alert_id = conn.execute(
+                    "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
+                    "fired_at, action) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        row["id"],
+                        row["name"],
+                        row["deployment"],
+                        row["rule"],
+                        value,
+                        utcnow(),
+                        next(iter(action), None),
+                    ),
+                ).lastrowid
+        if alert_id is not None:
+            result = _act(app, row, action, value)
+            app.db.execute(
+                "UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, alert_id)
+            )
+            outcome["alert"] = alert_id
+            outcome["action_result"] = result
+    elif state == "ok":  # no data is not "ok": a firing alert stays open through a gap
         app.db.execute(
             "UPDATE monitor_alerts SET resolved_at = ? WHERE monitor_id = ? "
             "AND resolved_at IS NULL",
             (utcnow(), row["id"]),
         )
     return outcome
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a 3xx is the answer, never a hop elsewhere
 
 
 def _act(app: Appliance, row: dict[str, Any], action: dict[str, Any], value: Any) -> str:
@@ -381,13 +417,13 @@ def _act(app: Appliance, row: dict[str, Any], action: dict[str, Any], value: Any
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
             return f"command exited {done.returncode}: {tail[0][:200]}"
         if "webhook" in action:
-            import urllib.request
-
             body = json.dumps({k.lower(): v for k, v in env.items()}).encode()
             request = urllib.request.Request(
                 action["webhook"], body, {"Content-Type": "application/json"}, method="POST"
             )
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (local)
+            # straight to the address checked when it was added: no proxy, no redirect
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+            with opener.open(request, timeout=10) as response:
                 return f"webhook answered {response.status}"
         if "pipeline" in action:
             from appliance.core.pipeline_runs import run_pipeline
