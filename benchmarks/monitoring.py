@@ -128,11 +128,16 @@ def drift_speed(args: argparse.Namespace) -> dict[str, object]:
             ("wide", "bench", stored.sha256, args.log_rows, now - 60, now, "bench", utcnow()),
         )
         runs, report = [], None
-        for _ in range(args.rounds):
-            started = time.perf_counter()
-            report = drift(app, "wide", window=3600, end=now + 1)
-            runs.append(time.perf_counter() - started)
-        app.close()
+        try:
+            for _ in range(args.rounds):
+                started = time.perf_counter()
+                report = drift(app, "wide", window=3600, end=now + 1)
+                runs.append(time.perf_counter() - started)
+        finally:
+            from appliance.core.agent import stop_agent
+
+            stop_agent(app)  # the training job's agent: the home is about to be deleted
+            app.close()
     assert report is not None
     flagged = sorted(f["feature"] for f in report["versions"][0]["features"] if f["psi"] > 0.2)
     return {"seconds": statistics.median(runs), "flagged": flagged}
