@@ -151,6 +151,11 @@ def test_drift_needs_logs_and_a_training_lineage(app: Appliance, deployed: str) 
         drift(app, "syn", window=60)
     with pytest.raises(InvalidInput, match=r"--window"):
         drift(app, "syn", window=0)
+    # a version registered with no training data in its lineage has nothing to compare with
+    _log(app, "syn", [{"a": np.zeros(3), "b": np.zeros(3), "c": np.array(["x"] * 3, dtype=object)}])
+    app.db.execute("UPDATE model_versions SET dataset_version_id = NULL")
+    with pytest.raises(InvalidInput, match=r"syn@1: no training dataset in its lineage"):
+        drift(app, "syn", window=3600)
 
 
 def test_feedback_joins_labels_and_quality_is_computed_per_version(
