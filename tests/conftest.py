@@ -65,6 +65,7 @@ def stop_agent_of(home: Path) -> None:
             "UPDATE pipeline_runs SET state = 'cancelled' WHERE state IN ('queued', 'running')"
         )
         appliance.db.execute("DELETE FROM pipeline_triggers")
+        appliance.db.execute("DELETE FROM monitors")  # they keep an agent up, as triggers do
         for row in appliance.db.rows("SELECT id FROM jobs WHERE state IN (?, ?)", ACTIVE_STATES):
             cancel_job(appliance, row["id"])
         stop_agent(appliance)

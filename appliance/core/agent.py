@@ -467,19 +467,23 @@ class Agent:
             active = True
         return active or has_triggers(self.app)
 
-    def watch_deployments(self) -> None:
+    def watch_deployments(self) -> bool:
         """Every few seconds, in a thread of its own at a low CPU priority (serving comes
         first, and a slow object store never holds up scheduling): ship the deployments'
         spooled prediction logs to the object store (a failure leaves them spooled, tried
-        again), then evaluate the monitors that are due (alerts, and their actions)."""
+        again), then evaluate the monitors that are due (alerts, and their actions). True
+        while any monitor exists."""
         now = time.monotonic()
+        # monitors are checked by this agent: while any exists it does not go idle
+        watching = bool(self.app.db.scalar("SELECT count(*) FROM monitors"))
         if now - self.watched < SHIP_SECONDS or (
             self.watcher is not None and self.watcher.is_alive()
         ):
-            return
+            return watching
         self.watched = now
         self.watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
         self.watcher.start()
+        return watching
 
     def _watch(self) -> None:
         from appliance.core.monitors import check_monitors
@@ -626,8 +630,8 @@ class Agent:
             pipelines = self.drive_pipelines()
             self.schedule()
             serving = self.supervise_deployments()
-            self.watch_deployments()
-            return self._active() > 0 or serving or pipelines
+            watching = self.watch_deployments()
+            return self._active() > 0 or serving or pipelines or watching
         except (sqlite3.Error, OSError, ApplianceError) as exc:
             print(f"{utcnow()} agent pass failed, retrying: {exc}", file=sys.stderr, flush=True)
             self.app.close()  # a fresh connection next time
