@@ -73,8 +73,13 @@ def test_the_lifecycle_kinds_run_as_steps(app: Appliance, tmp_path: Path) -> Non
     again = wait_run(app, run_pipeline(app, tmp_path / "pipeline.yaml")["id"], timeout=180)
     steps = _steps(app, again["id"])
     assert steps["train_a"]["state"] == steps["reg_a"]["state"] == "cached"
-    assert steps["back"]["state"] in ("succeeded", "failed")
+    # `second` must serve m@2 again (the deployment serves m@1 since the rollback: its
+    # cached result no longer holds), and the rollback runs again: back to m@1
+    assert steps["first"]["state"] == "cached"
+    assert steps["second"]["state"] == "succeeded" and "no longer holds" in steps["second"]["why"]
+    assert steps["back"]["state"] == "succeeded"
     assert steps["back"]["why"] == "a rollback step always runs"
+    assert get_deployment(app, "kinds")["model_version"] == 1
 
 
 def test_a_failing_validation_stops_what_depends_on_it(app: Appliance, tmp_path: Path) -> None:

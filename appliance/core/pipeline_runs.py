@@ -799,9 +799,3 @@ def pipelines_seen(app: Appliance) -> list[dict[str, Any]]:
         )
         entry["last_state"] = last
     return sorted(seen.values(), key=lambda e: e["pipeline"])
-
-
-def still_active(app: Appliance) -> bool:
-    return bool(
-        app.db.scalar("SELECT count(*) FROM pipeline_runs WHERE state IN ('queued', 'running')")
-    )

@@ -553,8 +553,3 @@ def resolve(value: Any, params: dict[str, Any], outputs: dict[str, dict[str, Any
     if len(found) == 1 and value.strip() == "${" + found[0] + "}":
         return lookup(found[0])
     return _REF.sub(lambda m: str(lookup(m.group(1))), value)
-
-
-def step_refs(step: Step) -> list[str]:
-    """The `${...}` references a step's values make (for showing a DAG's edges)."""
-    return [ref for value in step.args.values() for ref, _ in _refs(value)]

@@ -101,6 +101,11 @@ class PredictionLog:
         self.token = uuid.uuid4().hex[:8]  # a pid is reused after a restart: names are not
         self.lock = threading.Lock()  # the writer thread and a stopping server both write
 
+    @property
+    def active(self) -> bool:
+        """Whether anything is logged: a request id is worth making only then."""
+        return self.requests or self.sample > 0
+
     def configure(self, sample: float, requests: bool) -> None:
         """The deployment's current settings (a worker follows changes live)."""
         self.sample, self.requests = sample, requests

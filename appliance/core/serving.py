@@ -546,7 +546,7 @@ class ModelServer:
         runtime, role = self._model(
             routing, name, version, request_id or headers.get("x-request-id")
         )
-        log_id = (request_id or headers.get("x-request-id") or uuid.uuid4().hex)[:200]
+        log_id = (request_id or headers.get("x-request-id") or self._new_id())[:200]
         features = self.entity_inputs(runtime)
         missing = 0
         try:
@@ -578,20 +578,24 @@ class ModelServer:
         served = (runtime.version, role)
         inputs = columns if isinstance(columns, dict) else (runtime.feature_names, columns)
         logged = (log_id, int(shape[0]) if shape else 0, inputs, predictions)
-        id_header = (b"x-request-id", log_id.encode("utf-8", "replace"))
+        id_headers = ((b"x-request-id", log_id.encode("utf-8", "replace")),) if log_id else ()
         if _wants_binary(body):
             data, length = encode_binary_outputs(response)
             return Response(
                 200,
                 data,
                 "application/octet-stream",
-                ((BINARY_HEADER.encode(), str(length).encode()), id_header),
+                ((BINARY_HEADER.encode(), str(length).encode()), *id_headers),
                 served,
                 logged,
             )
         for out in response["outputs"]:
             out["data"] = predictions.reshape(-1).tolist()
-        return Response(200, _dumps(response), headers=(id_header,), served=served, logged=logged)
+        return Response(200, _dumps(response), headers=id_headers, served=served, logged=logged)
+
+    def _new_id(self) -> str:
+        """An id for a request that brought none, when it is logged (feedback names it)."""
+        return uuid.uuid4().hex if self.plog.active else ""
 
     def _feedback(self, headers: dict[str, str], raw: bytes) -> Response:
         """Labels for logged predictions, with the home's feedback token; spooled for the
@@ -636,11 +640,11 @@ class ModelServer:
         except RequestError as exc:
             exc.served = (runtime.version, role)  # type: ignore[attr-defined]
             raise
-        log_id = (headers.get("x-request-id") or uuid.uuid4().hex)[:200]
+        log_id = (headers.get("x-request-id") or self._new_id())[:200]
         return Response(
             200,
             _dumps({"predictions": predictions}),
-            headers=((b"x-request-id", log_id.encode("utf-8", "replace")),),
+            headers=((b"x-request-id", log_id.encode("utf-8", "replace")),) if log_id else (),
             served=(runtime.version, role),
             logged=(log_id, len(predictions), columns, predictions),
         )

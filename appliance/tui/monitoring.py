@@ -23,6 +23,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 from appliance.core import deployments, drift, monitor_report, monitors
 from appliance.core.context import Appliance
 from appliance.errors import ApplianceError
+from appliance.tui.tables import fill_table
 
 REFRESH_SECONDS = 2.0
 STATE_STYLE = {"ok": "green", "firing": "red", "no_data": "dim"}
@@ -163,23 +164,10 @@ class MonitoringScreen(Screen[None]):
             self.reload()
 
     # ---- rendering ----------------------------------------------------------------------
-    @staticmethod
-    def _fill(table: DataTable, columns: tuple[str, ...], rows: list[list[Any]]) -> None:
-        cursor = table.cursor_row
-        with table.prevent(DataTable.RowHighlighted):
-            if not table.columns:
-                for name in columns:
-                    table.add_column(name.upper(), key=name)
-            table.clear()
-            for row in rows:
-                table.add_row(*row[1:], key=str(row[0]))
-            if table.row_count:
-                table.move_cursor(row=min(cursor, table.row_count - 1), animate=False)
-
     def _show(self) -> None:
         deployments_table = self.query_one("#deployments", DataTable)
         with self.prevent(DataTable.RowHighlighted):
-            self._fill(
+            fill_table(
                 deployments_table,
                 ("name", "version", "state", "rps", "p99_ms", "error_rate"),
                 [
@@ -217,7 +205,7 @@ class MonitoringScreen(Screen[None]):
         )
         found = shown["drift"]
         features = found["features"] if found else []
-        self._fill(
+        fill_table(
             self.query_one("#drift", DataTable),
             ("feature", "type", "psi", "test", "p_value", "missing", "unseen"),
             [
@@ -234,7 +222,7 @@ class MonitoringScreen(Screen[None]):
                 for f in features
             ],
         )
-        self._fill(
+        fill_table(
             self.query_one("#monitors", DataTable),
             ("name", "rule", "state", "value", "action"),
             [
@@ -249,7 +237,7 @@ class MonitoringScreen(Screen[None]):
                 for m in shown["monitors"]
             ],
         )
-        self._fill(
+        fill_table(
             self.query_one("#alerts", DataTable),
             ("id", "monitor", "value", "fired", "resolved", "action taken"),
             [

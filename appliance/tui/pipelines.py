@@ -25,6 +25,7 @@ from appliance.core import jobs, pipeline_runs, pipeline_triggers
 from appliance.core.context import Appliance
 from appliance.errors import ApplianceError
 from appliance.tui.jobs import ConfirmScreen, show_outcome
+from appliance.tui.tables import fill_table
 
 REFRESH_SECONDS = 1.0
 GLYPH = {
@@ -279,21 +280,8 @@ class PipelinesScreen(Screen[None]):
         self.action_log()
 
     # ---- rendering ----------------------------------------------------------------------
-    @staticmethod
-    def _fill(table: DataTable, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        cursor = table.cursor_row  # a refresh must not throw the user back to the top
-        with table.prevent(DataTable.RowHighlighted):
-            if not table.columns:
-                for name in columns:
-                    table.add_column(name.upper(), key=name)
-            table.clear()
-            for row in rows:
-                table.add_row(*row[1:], key=row[0])
-            if table.row_count:
-                table.move_cursor(row=min(cursor, table.row_count - 1), animate=False)
-
     def _render_tables(self) -> None:
-        self._fill(
+        fill_table(
             self.query_one("#definitions", DataTable),
             ("pipeline", "runs", "last", "triggers"),
             [
@@ -301,7 +289,7 @@ class PipelinesScreen(Screen[None]):
                 for p in self.seen
             ],
         )
-        self._fill(
+        fill_table(
             self.query_one("#triggers", DataTable),
             ("id", "pipeline", "when", "policy", "next", "last"),
             [
@@ -319,7 +307,7 @@ class PipelinesScreen(Screen[None]):
         )
         runs = self.query_one("#runs", DataTable)
         with self.prevent(DataTable.RowHighlighted):
-            self._fill(
+            fill_table(
                 runs,
                 ("id", "pipeline", "state", "trigger", "steps", "cached", "seconds", "error"),
                 [
@@ -358,7 +346,7 @@ class PipelinesScreen(Screen[None]):
         dag = self.query_one("#dag", Static)
         steps = self.shown["steps_detail"] if self.shown else []
         dag.update(draw_dag(steps))
-        self._fill(
+        fill_table(
             self.query_one("#steps", DataTable),
             ("step", "kind", "state", "seconds", "cache", "why", "outputs", "job"),
             [
