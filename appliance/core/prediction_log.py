@@ -354,26 +354,33 @@ def ship_logs(app: Appliance, deployment: str | None = None) -> dict[str, Any]:
     shipped, failed, error = 0, 0, None
     if not root.is_dir():
         return {"shipped": 0, "failed": 0, "error": None}
+    from appliance.core.processes import exclusive
+
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
         if deployment is not None and directory.name != deployment:
             continue
-        _adopt_orphans(directory)
-        for path in sorted(directory.glob("*.jsonl")):
-            try:
-                _ship(app, directory.name, path)
-                shipped += 1
-            except _Unreadable as exc:  # never readable: set aside, not retried forever
-                rejected = directory / "rejected"
-                rejected.mkdir(exist_ok=True)
-                path.rename(rejected / path.name)
-                failed += 1
-                error = error or f"{path.name}: unreadable, moved to rejected/: {exc}"
-            except (OSError, ApplianceError, ValueError) as exc:
-                failed += 1
-                error = error or f"{path.name}: {exc}"
-            except Exception as exc:  # the store's client raises its own errors (S3Error)
-                failed += 1
-                error = error or f"{path.name}: {type(exc).__name__}: {exc}"
+        # The agent and a command that asks for fresh numbers (quality, drift) may ship at
+        # once: one at a time per deployment, or both would read the same file.
+        with exclusive(directory / ".ship.lock"):
+            _adopt_orphans(directory)
+            for path in sorted(directory.glob("*.jsonl")):
+                if not path.exists():  # shipped by the holder before us
+                    continue
+                try:
+                    _ship(app, directory.name, path)
+                    shipped += 1
+                except _Unreadable as exc:  # never readable: set aside, not retried forever
+                    rejected = directory / "rejected"
+                    rejected.mkdir(exist_ok=True)
+                    path.rename(rejected / path.name)
+                    failed += 1
+                    error = error or f"{path.name}: unreadable, moved to rejected/: {exc}"
+                except (OSError, ApplianceError, ValueError) as exc:
+                    failed += 1
+                    error = error or f"{path.name}: {exc}"
+                except Exception as exc:  # the store's client raises its own errors (S3Error)
+                    failed += 1
+                    error = error or f"{path.name}: {type(exc).__name__}: {exc}"
     return {"shipped": shipped, "failed": failed, "error": error}
 
 
