@@ -5,6 +5,7 @@ and live quality, monitors and the rollback they can trigger, and the report."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,44 @@ def _log(app: Appliance, deployment: str, batches: list[dict[str, Any]], version
         plog.record(f"req{i}", version, 1, "stable", 200, 0.001, n, cols, np.full(n, 0.5))
     plog.flush()
     assert ship_logs(app, deployment)["failed"] == 0
+
+
+def test_tensor_and_column_requests_log_one_row_per_predicted_row(app: Appliance) -> None:
+    import duckdb
+
+    names = ["a", "b"]
+    plog = PredictionLog(app.settings.home, "t", sample=1.0)
+    plog.record("one", 1, 1, "stable", 200, 0.001, 1, (names, np.array([[1.0, 2.0]])), np.ones(1))
+    plog.record(
+        "two",
+        1,
+        1,
+        "stable",
+        200,
+        0.001,
+        2,
+        (names, np.array([[3.0, 4.0], [5.0, 6.0]])),
+        np.array([0.2, 0.3]),
+    )
+    empty = (names, np.empty((0, 2)))  # no rows: nothing to log but its metadata
+    plog.record("none", 1, 1, "stable", 200, 0.001, 0, empty, np.empty(0))
+    plog.flush()  # one batch of tensors only, then a batch that mixes in named columns
+    plog.record("three", 2, 1, "stable", 200, 0.001, 1, (names, np.array([[7.0, 8.0]])), np.ones(1))
+    plog.record("four", 2, 1, "stable", 200, 0.001, 1, {"b": [9.0]}, np.zeros(1))
+    plog.flush()
+    assert ship_logs(app, "t") == {"shipped": 4, "failed": 0, "error": None}
+    files = ", ".join(f"'{f}'" for f in log_files(app, "t", "inputs"))
+    rows = duckdb.sql(
+        f"SELECT request_id, row, version, x_a, x_b, prediction FROM read_parquet([{files}]) "
+        "ORDER BY ts, row"
+    ).fetchall()
+    assert rows == [
+        ("one", 0, 1, 1.0, 2.0, 1.0),
+        ("two", 0, 1, 3.0, 4.0, 0.2),
+        ("two", 1, 1, 5.0, 6.0, 0.3),
+        ("three", 0, 2, 7.0, 8.0, 1.0),
+        ("four", 0, 2, None, 9.0, 0.0),
+    ]
 
 
 @pytest.fixture
@@ -489,3 +528,30 @@ def test_a_monitor_stays_one_alert_through_gaps_and_names_what_it_cannot_measure
     assert check_monitors(app, force=True)[0]["state"] == "firing"
     (alert,) = list_alerts(app)
     assert alert["resolved_at"] is None
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_agent_ships_only_on_idle_cpu_and_checks_monitors_above_it(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import monitors, prediction_log
+    from appliance.core.agent import Agent, Capacity
+
+    seen: dict[str, tuple[int, int]] = {}
+
+    def where(name: str) -> None:  # policy and nice of the calling thread
+        seen[name] = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+
+    def ship(app: Appliance, deployment: str | None = None) -> dict[str, Any]:
+        where("ship")
+        return {"shipped": 0, "failed": 0, "error": None}
+
+    monkeypatch.setattr(prediction_log, "ship_logs", ship)
+    monkeypatch.setattr(monitors, "check_monitors", lambda app: where("watch"))
+    agent = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))
+    agent.watch_deployments()
+    for thread in (agent.shipper, agent.watcher):
+        assert thread is not None
+        thread.join(10)
+    assert seen["ship"][0] == os.SCHED_IDLE
+    assert seen["watch"][0] == os.SCHED_OTHER and seen["watch"][1] >= 10

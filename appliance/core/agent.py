@@ -291,6 +291,7 @@ class Agent:
         self.stopping = False
         self.watched = 0.0
         self.watcher: threading.Thread | None = None
+        self.shipper: threading.Thread | None = None
         self.ship_error: str | None = None
         self._lock_file: IO[str] | None = None
         self._sock: socket.socket | None = None
@@ -468,35 +469,56 @@ class Agent:
         return active or has_triggers(self.app)
 
     def watch_deployments(self) -> bool:
-        """Every few seconds, in a thread of its own at a low CPU priority (serving comes
-        first, and a slow object store never holds up scheduling): ship the deployments'
-        spooled prediction logs to the object store (a failure leaves them spooled, tried
-        again), then evaluate the monitors that are due (alerts, and their actions). True
-        while any monitor exists."""
+        """Every few seconds, each in a thread of its own (a slow object store never holds up
+        scheduling): ship the deployments' spooled prediction logs to the object store (a
+        failure leaves them spooled, tried again), and evaluate the monitors that are due
+        (alerts, and their actions). True while any monitor exists."""
         now = time.monotonic()
         # monitors are checked by this agent: while any exists it does not go idle
         watching = bool(self.app.db.scalar("SELECT count(*) FROM monitors"))
-        if now - self.watched < SHIP_SECONDS or (
-            self.watcher is not None and self.watcher.is_alive()
-        ):
+        if now - self.watched < SHIP_SECONDS:
             return watching
         self.watched = now
-        self.watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
-        self.watcher.start()
+        if self.shipper is None or not self.shipper.is_alive():
+            self.shipper = threading.Thread(target=self._ship, name="ship", daemon=True)
+            self.shipper.start()
+        if self.watcher is None or not self.watcher.is_alive():
+            self.watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
+            self.watcher.start()
         return watching
 
-    def _watch(self) -> None:
-        from appliance.core.monitors import check_monitors
+    def _ship(self) -> None:
+        """Shipping runs only on a core that serving leaves idle (SCHED_IDLE: any serving
+        thread that wakes takes the core at once), so logging costs requests no latency;
+        on a machine saturated for long the spool fills and samples are dropped, counted."""
         from appliance.core.prediction_log import ship_logs
 
-        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WATCH_NICE)
+        tid = threading.get_native_id()
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, AttributeError):  # not Linux: a low nice instead
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, tid, 19)
         app = Appliance(self.app.settings)  # its own connection: this is another thread
         try:
             shipped = ship_logs(app)
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]
+        except Exception:  # shipping must never take the agent down
+            traceback.print_exc()
+        finally:
+            app.close()
+
+    def _watch(self) -> None:
+        """Monitors at a lower priority than serving but not idle: a monitor that should
+        roll back an overloaded deployment must still run on a busy machine."""
+        from appliance.core.monitors import check_monitors
+
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WATCH_NICE)
+        app = Appliance(self.app.settings)
+        try:
             check_monitors(app)
         except Exception:  # monitoring must never take the agent down
             traceback.print_exc()

@@ -212,7 +212,9 @@ class PredictionLog:
         return current
 
     def _write(self, items: list[tuple[Any, ...]]) -> None:
-        """Items as columnar lines: one per kind and hour (the shipper unnests them)."""
+        """Items as columnar lines: one per kind and hour (the shipper unnests them). This
+        thread shares the interpreter with the serving loop: per-item Python work is kept
+        to a few C-level passes over the batch."""
         import orjson
 
         if not items:
@@ -220,16 +222,19 @@ class PredictionLog:
         if self._over_limit():
             self.dropped += len(items)
             return
-        by_hour: dict[str, list[tuple[Any, ...]]] = {}
-        for item in items:
-            by_hour.setdefault(_hour(item[0]), []).append(item)
+        stamps = [item[0] for item in items]
+        if int(min(stamps) // 3600) == int(max(stamps) // 3600):  # nearly always
+            batches = [items]
+        else:
+            by_hour: dict[int, list[tuple[Any, ...]]] = {}
+            for item in items:
+                by_hour.setdefault(int(item[0] // 3600), []).append(item)
+            batches = list(by_hour.values())
         option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-        for batch in by_hour.values():
+        for batch in batches:
             ts0 = batch[0][0]
             if self.requests:
-                ts, ids, ver, rev, role, status, secs, rows, _, _ = map(
-                    list, zip(*batch, strict=True)
-                )
+                ts, ids, ver, rev, role, status, secs, rows, _, _ = zip(*batch, strict=True)
                 line = orjson.dumps(
                     {
                         "ts": ts,
@@ -265,48 +270,40 @@ class PredictionLog:
 
 def _inputs_columns(items: list[tuple[Any, ...]]) -> dict[str, Any]:
     """Sampled requests as row-level columns: every predicted row with its request's id,
-    time and version, its features (x) and its prediction (y). Requests that sent one
-    [N, F] tensor are stacked with one numpy call per batch: the writer holds the
-    interpreter for as short as it can."""
+    time and version, its features (x) and its prediction (y). When every request sent one
+    [N, F] tensor of the same features (the common case) the batch is stacked by numpy in
+    a few calls; requests that sent named columns are placed column by column."""
     import numpy as np
 
-    ts: list[float] = []
-    ids: list[str] = []
-    ver: list[int] = []
-    rev: list[int] = []
-    row: list[int] = []
-    outputs: list[Any] = []
-    matrices: dict[tuple[str, ...], list[tuple[int, Any]]] = {}  # names -> (start, matrix)
-    dicts: list[tuple[int, int, dict[str, Any]]] = []  # (start, n, columns)
-    for t, request_id, version, revision, _, _, _, _, given, predictions in items:
-        n = len(predictions)
-        start = len(row)
-        ts += [t] * n
-        ids += [request_id] * n
-        ver += [version] * n
-        rev += [revision] * n
-        row += range(n)
-        outputs.append(predictions)
-        if isinstance(given, tuple):
-            matrices.setdefault(tuple(given[0]), []).append((start, given[1]))
-        else:
-            dicts.append((start, n, given))
-    total = len(row)
-    x: dict[str, Any] = {}
-    if not dicts and len(matrices) == 1:  # the common case: every request one tensor
-        ((names, parts),) = matrices.items()
-        by_feature = np.ascontiguousarray(np.vstack([m for _, m in parts]).T)
-        x = {name: by_feature[j] for j, name in enumerate(names)}
+    ts, ids, ver, rev, _, _, _, _, given, outputs = zip(*items, strict=True)
+    counts = [len(p) for p in outputs]
+    total = sum(counts)
+    first = given[0]
+    x: dict[str, Any]
+    if isinstance(first, tuple) and all(
+        isinstance(g, tuple) and (g[0] is first[0] or g[0] == first[0]) for g in given
+    ):
+        by_feature = np.ascontiguousarray(np.concatenate([g[1] for g in given]).T)
+        x = {name: by_feature[j] for j, name in enumerate(first[0])}
     else:
-        columns: dict[str, Any] = {}
-        for names, parts in matrices.items():
-            for start, matrix in parts:
+        x = {}
+        start = 0
+        for n, values in zip(counts, given, strict=True):
+            if isinstance(values, tuple):
+                names, matrix = values
                 for j, name in enumerate(names):
-                    _place(columns, name, total, start, matrix[:, j])
-        for start, _n, given in dicts:
-            for name, values in given.items():
-                _place(columns, name, total, start, values)
-        x = columns
+                    _place(x, name, total, start, matrix[:, j])
+            else:
+                for name, column in values.items():
+                    _place(x, name, total, start, column)
+            start += n
+    if counts.count(1) == len(counts):  # one row per request: its values as they are
+        row: Any = [0] * total
+    else:
+        ts, ids, ver, rev = (
+            np.repeat(np.asarray(c, dtype=object), counts).tolist() for c in (ts, ids, ver, rev)
+        )
+        row = [r for n in counts for r in range(n)]
     y = np.concatenate([np.asarray(p) for p in outputs])
     return {
         "ts": ts,
