@@ -9,8 +9,9 @@
    two shared cores the machine's own speed drifts by more than the effect measured, and
    short paired rounds put a slow spell on both sides. Rounds with logging are measured in
    the steady state (after SETTLE seconds of logged load, so the agent ships during them,
-   at the product's own 5-s intervals); rounds without start once the agent has shipped
-   everything. p50 and p99 of each (medians over
+   at the product's own 5-s intervals, and the spool left at the end of each is reported);
+   rounds without start once the agent has shipped everything, after SETTLE seconds of
+   load too. p50 and p99 of each (medians over
    rounds), the p99 ratio (target within 5%) and each pair's ratio, failed requests, and
    the samples the log dropped (target: none dropped, and never a request).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -53,7 +55,7 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         single = http_request("/v2/models/bench/infer", v2_body(row))
         off, on = [], []
         spool = spool_dir(home, "bench")
-        shipped_rows = 0
+        shipped_rows, backlog = 0, []
         try:
             run_load(port, single, args.connections, 3)  # warm-up
             logging_now = False
@@ -66,12 +68,15 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
                             app, "bench", sample=1.0 if logging else 0.0, requests=logging
                         )
                         time.sleep(0.2)  # workers follow within 20 ms
-                        if logging:  # measured in the steady state: the agent ships as it goes
-                            run_load(port, single, args.connections, args.settle)
-                        else:  # a baseline that carries none of the shipping
+                        if not logging:  # a baseline that carries none of the shipping
                             _wait_for_empty(spool, 60)
+                        # both sides start warm; with logging, in the steady state, the agent
+                        # shipping as it goes
+                        run_load(port, single, args.connections, args.settle)
                         logging_now = logging
                     into.append(run_load(port, single, args.connections, args.seconds))
+                    if logging:  # what the agent had not shipped yet: it must keep up
+                        backlog.append(_spool_bytes(spool))
             deployments.set_logging(app, "bench", sample=0.0, requests=False)
             _wait_for_empty(spool, 60)
             shipped_rows = int(
@@ -107,7 +112,16 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         "requests_logged": sum(r.requests for r in on),
         "dropped": dropped,
         "shipped_rows": shipped_rows,
+        "max_backlog_mb": max(backlog, default=0) / 1e6,
     }
+
+
+def _spool_bytes(spool: Path) -> int:
+    total = 0
+    for path in spool.glob("*.jsonl*"):
+        with contextlib.suppress(FileNotFoundError):  # shipped meanwhile
+            total += path.stat().st_size
+    return total
 
 
 def _wait_for_empty(spool: Path, seconds: float) -> None:
@@ -189,7 +203,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=12, help="pairs of rounds, off and on")
     parser.add_argument(
-        "--settle", type=float, default=10.0, help="load before the first round with logging"
+        "--settle", type=float, default=10.0, help="load before the first round of each kind"
     )
     parser.add_argument("--model-rows", type=int, default=20000)
     parser.add_argument("--log-rows", type=int, default=1_000_000)
@@ -218,8 +232,12 @@ def main() -> int:
     )
     print(
         f"  failed requests {load['failed']}, samples dropped {load['dropped']} of "
-        f"{load['requests_logged']:,} logged requests; {load['shipped_rows']:,} rows of "
-        "inputs shipped in all"
+        f"{load['requests_logged']:,} requests logged in measured rounds; "
+        f"{load['shipped_rows']:,} rows of inputs shipped in all (settling included)"
+    )
+    print(
+        f"  spool not yet shipped at the end of a logged round: at most "
+        f"{load['max_backlog_mb']:.1f} MB (the agent keeps up when it stays small)"
     )
     found = drift_speed(args)
     print(

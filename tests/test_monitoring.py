@@ -73,7 +73,7 @@ def test_tensor_and_column_requests_log_one_row_per_predicted_row(app: Appliance
     plog.record("three", 2, 1, "stable", 200, 0.001, 1, (names, np.array([[7.0, 8.0]])), np.ones(1))
     plog.record("four", 2, 1, "stable", 200, 0.001, 1, {"b": [9.0]}, np.zeros(1))
     plog.flush()
-    assert ship_logs(app, "t") == {"shipped": 4, "failed": 0, "error": None}
+    assert ship_logs(app, "t") == {"shipped": 4, "failed": 0, "busy": 0, "error": None}
     files = ", ".join(f"'{f}'" for f in log_files(app, "t", "inputs"))
     rows = duckdb.sql(
         f"SELECT request_id, row, version, x_a, x_b, prediction FROM read_parquet([{files}]) "
@@ -144,7 +144,7 @@ def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
     assert "connection refused" in shipped["error"]
     assert len(list(spool_dir(app.settings.home, "d").glob("*.jsonl"))) == 2  # kept
     monkeypatch.setattr(app.objects, "put_file", real)
-    assert ship_logs(app) == {"shipped": 2, "failed": 0, "error": None}
+    assert ship_logs(app) == {"shipped": 2, "failed": 0, "busy": 0, "error": None}
     assert list(spool_dir(app.settings.home, "d").glob("*.jsonl")) == []
     inputs = log_files(app, "d", "inputs")
     rows = duckdb.sql(
@@ -530,21 +530,23 @@ def test_a_monitor_stays_one_alert_through_gaps_and_names_what_it_cannot_measure
     assert alert["resolved_at"] is None
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_the_agent_ships_only_on_idle_cpu_and_checks_monitors_above_it(
+def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_serving(
     app: Appliance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import threading
+
     from appliance.core import monitors, prediction_log
     from appliance.core.agent import Agent, Capacity
 
-    seen: dict[str, tuple[int, int]] = {}
+    seen: dict[str, tuple[str, int]] = {}
 
-    def where(name: str) -> None:  # policy and nice of the calling thread
-        seen[name] = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+    def where(name: str) -> None:  # the calling thread and its nice (Linux: per thread)
+        seen[name] = (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, 0))
 
-    def ship(app: Appliance, deployment: str | None = None) -> dict[str, Any]:
+    def ship(app: Appliance, deployment: str | None = None, wait: float | None = None) -> Any:
+        assert wait == 0  # a deployment another shipper holds waits for the next pass
         where("ship")
-        return {"shipped": 0, "failed": 0, "error": None}
+        return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
 
     monkeypatch.setattr(prediction_log, "ship_logs", ship)
     monkeypatch.setattr(monitors, "check_monitors", lambda app: where("watch"))
@@ -553,5 +555,28 @@ def test_the_agent_ships_only_on_idle_cpu_and_checks_monitors_above_it(
     for thread in (agent.shipper, agent.watcher):
         assert thread is not None
         thread.join(10)
-    assert seen["ship"][0] == os.SCHED_IDLE
-    assert seen["watch"][0] == os.SCHED_OTHER and seen["watch"][1] >= 10
+    assert seen["ship"][0] != seen["watch"][0]
+    assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
+
+
+def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -> None:
+    import fcntl
+
+    from appliance.core.prediction_log import ship_logs, spool_dir
+
+    plog = PredictionLog(app.settings.home, "s", sample=1.0)
+    plog.record("r1", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
+    # a request with no rows, of a model with two outputs: metadata only, nothing dropped
+    plog.record("r2", 1, 1, "stable", 200, 0.001, 0, {"a": []}, np.empty((0, 2)))
+    plog.flush()
+    assert plog.counters()["dropped"] == 0
+    directory = spool_dir(app.settings.home, "s")
+    with (directory / ".ship.lock").open("a") as held:  # another shipper at work
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert ship_logs(app, "s", wait=0.2)["busy"] == 1
+        assert len(list(directory.glob("*.jsonl"))) == 2
+    assert ship_logs(app, "s") == {"shipped": 2, "failed": 0, "busy": 0, "error": None}
+    (directory / ".ship.lock").unlink()
+    (directory / ".ship.lock").mkdir()  # a lock file that cannot be opened
+    result = ship_logs(app)
+    assert result["failed"] == 1 and result["error"].startswith("s: ")

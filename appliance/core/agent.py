@@ -56,7 +56,8 @@ RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any 
 REPROBE_SECONDS = 60.0
 CLUSTER_REPROBE_SECONDS = 10.0  # nodes join and leave more often than RAM changes
 SHIP_SECONDS = float(os.environ.get("APPLIANCE_SHIP_SECONDS", "5"))  # logs, monitors
-WATCH_NICE = 10
+WATCH_NICE = 10  # monitors: below serving, still prompt on a busy machine
+SHIP_NICE = 19  # shipping prediction logs: whatever serving leaves
 
 
 @dataclass(frozen=True)
@@ -488,20 +489,18 @@ class Agent:
         return watching
 
     def _ship(self) -> None:
-        """Shipping runs only on a core that serving leaves idle (SCHED_IDLE: any serving
-        thread that wakes takes the core at once), so logging costs requests no latency;
-        on a machine saturated for long the spool fills and samples are dropped, counted."""
+        """At the lowest CPU priority (nice 19): serving comes first, and a waking serving
+        thread preempts this one. Not SCHED_IDLE: a starved thread could sit for seconds
+        inside an SQLite write and hold up every other writer. Readers wait for it at most
+        FRESH_WAIT; on a machine saturated for long the spool fills and samples are
+        dropped, counted, never requests."""
         from appliance.core.prediction_log import ship_logs
 
-        tid = threading.get_native_id()
-        try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        except (OSError, AttributeError):  # not Linux: a low nice instead
-            with contextlib.suppress(OSError, AttributeError):
-                os.setpriority(os.PRIO_PROCESS, tid, 19)
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHIP_NICE)
         app = Appliance(self.app.settings)  # its own connection: this is another thread
         try:
-            shipped = ship_logs(app)
+            shipped = ship_logs(app, wait=0)  # a deployment someone else ships: next pass
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]
@@ -511,8 +510,8 @@ class Agent:
             app.close()
 
     def _watch(self) -> None:
-        """Monitors at a lower priority than serving but not idle: a monitor that should
-        roll back an overloaded deployment must still run on a busy machine."""
+        """Monitors, beside shipping rather than after it: a slow shipping pass (a large
+        spool, a slow store) does not hold up a monitor that should roll back."""
         from appliance.core.monitors import check_monitors
 
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice

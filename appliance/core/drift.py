@@ -131,13 +131,13 @@ def drift(
     from appliance.core.datasets import get_dataset_version
     from appliance.core.deployments import get_deployment
     from appliance.core.inference import ModelRuntime
-    from appliance.core.prediction_log import log_files, ship_logs
+    from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs
     from appliance.core.registry import get_model_version
 
     if not window > 0:
         raise InvalidInput(f"--window {window!r}: expected a positive duration")
     dep = get_deployment(app, deployment)
-    ship_logs(app, deployment)
+    ship_logs(app, deployment, wait=FRESH_WAIT)
     end = time.time() if end is None else end
     start = end - window
     files = log_files(app, deployment, "inputs", start, end)

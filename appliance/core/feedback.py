@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
-from appliance.core.prediction_log import log_files, ship_logs, spool_dir
+from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs, spool_dir
 from appliance.errors import InvalidInput
 
 TOKEN_FILE = "feedback.token"
@@ -153,7 +153,7 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
         if objective != "regression" and isinstance(label, str) and labels:
             label = next((k for k in labels if str(k) == label), label)
         rows.append((request_id, row, _check_label(label, objective, labels, where)))
-    ship_logs(app, deployment)
+    ship_logs(app, deployment)  # every logged id, however long the shipper takes
     known = _logged_ids(app, deployment, {r[0] for r in rows})
     kept = [r for r in rows if r[0] in known]
     now = time.time()
@@ -229,7 +229,7 @@ def quality(
     from appliance.core.training import evaluate, label_codes
 
     dep = get_deployment(app, deployment)
-    ship_logs(app, deployment)
+    ship_logs(app, deployment, wait=FRESH_WAIT)
     files = log_files(app, deployment, "inputs", since)
     labels = app.db.rows(
         "SELECT request_id, row, label FROM monitor_feedback WHERE deployment = ?", (deployment,)

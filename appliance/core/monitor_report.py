@@ -22,10 +22,10 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
     from appliance.core.drift import drift
     from appliance.core.feedback import quality
     from appliance.core.monitors import list_alerts, list_monitors
-    from appliance.core.prediction_log import log_files, ship_logs
+    from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs
 
     dep = get_deployment(app, deployment)
-    ship_logs(app, deployment)
+    ship_logs(app, deployment, wait=FRESH_WAIT)
     now = time.time()
     start = now - window
     report: dict[str, Any] = {

@@ -274,9 +274,9 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
 
     from appliance.core import duck
     from appliance.core.deployments import traffic
-    from appliance.core.prediction_log import log_files, ship_logs
+    from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs
 
-    ship_logs(app, deployment)
+    ship_logs(app, deployment, wait=FRESH_WAIT)
     files = log_files(app, deployment, "requests", now - rule.over, now)
     if files:
         listing = ", ".join(duck.sql_string(f) for f in files)

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,16 @@ from appliance.errors import ApplianceError
 from appliance.store.db import utcnow
 
 QUEUE_SIZE = 50_000  # requests waiting for the writer thread; beyond it samples are dropped
-DRAIN_SECONDS = float(os.environ.get("APPLIANCE_LOG_DRAIN_SECONDS", "0.01"))  # small bursts
+# Each drain has a fixed cost (numpy and orjson calls, a write), paid on the serving
+# worker's interpreter: ten a second keeps it small per request and each burst under 1 ms.
+DRAIN_SECONDS = float(os.environ.get("APPLIANCE_LOG_DRAIN_SECONDS", "0.1"))
 ROTATE_SECONDS = float(os.environ.get("APPLIANCE_LOG_ROTATE_SECONDS", "5"))
 ROTATE_BYTES = 64 << 20
 SPOOL_LIMIT = int(os.environ.get("APPLIANCE_LOG_SPOOL_BYTES", str(1 << 30)))
 KINDS = ("requests", "inputs")
+# How long a reader that wants fresh numbers (drift, quality, report, a monitor) waits for
+# the agent's shipper to finish with a deployment; past it, it reads what is shipped.
+FRESH_WAIT = 10.0
 
 
 def spool_dir(home: Path, deployment: str) -> Path:
@@ -250,7 +256,8 @@ class PredictionLog:
                 )
                 self._file("requests", ts0).write(line)
                 self.spool_bytes += len(line)
-            sampled = [i for i in batch if i[8] is not None and i[9] is not None]
+            # a request with no rows has no inputs to log (its metadata is in requests)
+            sampled = [i for i in batch if i[8] is not None and i[9] is not None and len(i[9])]
             if sampled:
                 line = orjson.dumps(_inputs_columns(sampled), option=option)
                 self._file("inputs", ts0).write(line)
@@ -280,11 +287,13 @@ def _inputs_columns(items: list[tuple[Any, ...]]) -> dict[str, Any]:
     total = sum(counts)
     first = given[0]
     x: dict[str, Any]
-    if isinstance(first, tuple) and all(
-        isinstance(g, tuple) and (g[0] is first[0] or g[0] == first[0]) for g in given
+    names = first[0] if isinstance(first, tuple) else None
+    if names is not None and (
+        all(type(g) is tuple and g[0] is names for g in given)  # one runtime's own list
+        or all(isinstance(g, tuple) and g[0] == names for g in given)
     ):
         by_feature = np.ascontiguousarray(np.concatenate([g[1] for g in given]).T)
-        x = {name: by_feature[j] for j, name in enumerate(first[0])}
+        x = {name: by_feature[j] for j, name in enumerate(names)}
     else:
         x = {}
         start = 0
@@ -304,7 +313,7 @@ def _inputs_columns(items: list[tuple[Any, ...]]) -> dict[str, Any]:
             np.repeat(np.asarray(c, dtype=object), counts).tolist() for c in (ts, ids, ver, rev)
         )
         row = [r for n in counts for r in range(n)]
-    y = np.concatenate([np.asarray(p) for p in outputs])
+    y = np.concatenate(outputs)
     return {
         "ts": ts,
         "request_id": ids,
@@ -344,41 +353,81 @@ def _plain(value: Any) -> Any:
 # ---- shipping (the agent) ---------------------------------------------------------------
 
 
-def ship_logs(app: Appliance, deployment: str | None = None) -> dict[str, Any]:
-    """Turn closed spool files into Parquet in the object store; returns what was shipped
-    and the first error (a file that failed stays, and is tried on the next call)."""
-    root = app.settings.home / "spool" / "predictions"
-    shipped, failed, error = 0, 0, None
-    if not root.is_dir():
-        return {"shipped": 0, "failed": 0, "error": None}
-    from appliance.core.processes import exclusive
+def ship_logs(
+    app: Appliance, deployment: str | None = None, wait: float | None = None
+) -> dict[str, Any]:
+    """Turn closed spool files into Parquet in the object store; returns what was shipped,
+    the deployments skipped because another shipper held them, and the first error (a file
+    that failed stays, and is tried on the next call).
 
+    The agent and a command that asks for fresh numbers (quality, drift) may ship at once:
+    one at a time per deployment, or both would read the same file. `wait`: how long to
+    wait for the other (None: until it is done; 0: skip the deployment, as the agent does,
+    since whoever holds it is shipping the same files)."""
+    root = app.settings.home / "spool" / "predictions"
+    shipped, failed, busy, error = 0, 0, 0, None
+    if not root.is_dir():
+        return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
         if deployment is not None and directory.name != deployment:
             continue
-        # The agent and a command that asks for fresh numbers (quality, drift) may ship at
-        # once: one at a time per deployment, or both would read the same file.
-        with exclusive(directory / ".ship.lock"):
-            _adopt_orphans(directory)
-            for path in sorted(directory.glob("*.jsonl")):
-                if not path.exists():  # shipped by the holder before us
+        try:
+            with _shipping(directory, wait) as held:
+                if not held:
+                    busy += 1
                     continue
-                try:
-                    _ship(app, directory.name, path)
-                    shipped += 1
-                except _Unreadable as exc:  # never readable: set aside, not retried forever
-                    rejected = directory / "rejected"
-                    rejected.mkdir(exist_ok=True)
-                    path.rename(rejected / path.name)
-                    failed += 1
-                    error = error or f"{path.name}: unreadable, moved to rejected/: {exc}"
-                except (OSError, ApplianceError, ValueError) as exc:
-                    failed += 1
-                    error = error or f"{path.name}: {exc}"
-                except Exception as exc:  # the store's client raises its own errors (S3Error)
-                    failed += 1
-                    error = error or f"{path.name}: {type(exc).__name__}: {exc}"
-    return {"shipped": shipped, "failed": failed, "error": error}
+                done, lost, first = _ship_directory(app, directory)
+        except OSError as exc:  # the lock file (made by another user?), a dead worker's file
+            failed += 1
+            error = error or f"{directory.name}: {exc}"
+            continue
+        shipped, failed, error = shipped + done, failed + lost, error or first
+    return {"shipped": shipped, "failed": failed, "busy": busy, "error": error}
+
+
+@contextlib.contextmanager
+def _shipping(directory: Path, wait: float | None) -> Iterator[bool]:
+    """Hold the deployment's ship lock; yields False if another shipper kept it `wait` s."""
+    import fcntl
+
+    with (directory / ".ship.lock").open("a") as handle:
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | None]:
+    """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
+    shipped, failed, error = 0, 0, None
+    _adopt_orphans(directory)
+    for path in sorted(directory.glob("*.jsonl")):
+        try:
+            _ship(app, directory.name, path)
+            shipped += 1
+        except _Unreadable as exc:  # never readable: set aside, not retried forever
+            rejected = directory / "rejected"
+            rejected.mkdir(exist_ok=True)
+            path.rename(rejected / path.name)
+            failed += 1
+            error = error or f"{path.name}: unreadable, moved to rejected/: {exc}"
+        except (OSError, ApplianceError, ValueError) as exc:
+            failed += 1
+            error = error or f"{path.name}: {exc}"
+        except Exception as exc:  # the store's client raises its own errors (S3Error)
+            failed += 1
+            error = error or f"{path.name}: {type(exc).__name__}: {exc}"
+    return shipped, failed, error
 
 
 def _adopt_orphans(directory: Path) -> None:
