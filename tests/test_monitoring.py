@@ -543,18 +543,25 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     def where(name: str) -> None:  # the calling thread and its nice (Linux: per thread)
         seen[name] = (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, 0))
 
+    waits: list[float | None] = []
+
     def ship(app: Appliance, deployment: str | None = None, wait: float | None = None) -> Any:
-        assert wait == 0  # a deployment another shipper holds waits for the next pass
+        waits.append(wait)
         where("ship")
         return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
 
+    def check(app: Appliance, fresh: bool = True) -> None:
+        assert not fresh  # monitors never ship, nor wait on a slow store
+        where("watch")
+
     monkeypatch.setattr(prediction_log, "ship_logs", ship)
-    monkeypatch.setattr(monitors, "check_monitors", lambda app: where("watch"))
+    monkeypatch.setattr(monitors, "check_monitors", check)
     agent = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))
     agent.watch_deployments()
     for thread in (agent.shipper, agent.watcher):
         assert thread is not None
         thread.join(10)
+    assert waits == [0]  # a deployment another shipper holds waits for the next pass
     assert seen["ship"][0] != seen["watch"][0]
     assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
 
@@ -566,10 +573,13 @@ def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -
 
     plog = PredictionLog(app.settings.home, "s", sample=1.0)
     plog.record("r1", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
-    # a request with no rows, of a model with two outputs: metadata only, nothing dropped
-    plog.record("r2", 1, 1, "stable", 200, 0.001, 0, {"a": []}, np.empty((0, 2)))
+    # in the same batch: a canary whose model has two outputs, one of its requests with no
+    # rows, and a bare number: each shape is written apart, nothing is dropped
+    plog.record("r2", 2, 1, "canary", 200, 0.001, 1, {"a": [2.0]}, np.array([[0.2, 0.8]]))
+    plog.record("r3", 2, 1, "canary", 200, 0.001, 0, {"a": []}, np.empty((0, 2)))
+    plog.record("r4", 2, 1, "canary", 200, 0.001, 1, {"a": [3.0]}, np.float64(0.1))
     plog.flush()
-    assert plog.counters()["dropped"] == 0
+    assert plog.counters()["dropped"] == 0 and plog.counters()["written"] == 4
     directory = spool_dir(app.settings.home, "s")
     with (directory / ".ship.lock").open("a") as held:  # another shipper at work
         fcntl.flock(held, fcntl.LOCK_EX)

@@ -510,15 +510,16 @@ class Agent:
             app.close()
 
     def _watch(self) -> None:
-        """Monitors, beside shipping rather than after it: a slow shipping pass (a large
-        spool, a slow store) does not hold up a monitor that should roll back."""
+        """Monitors, beside shipping and never shipping themselves: a slow shipping pass (a
+        large spool, a store that is down) does not hold up a monitor that should roll
+        back; they judge the logs shipped so far, seconds old."""
         from appliance.core.monitors import check_monitors
 
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WATCH_NICE)
         app = Appliance(self.app.settings)
         try:
-            check_monitors(app)
+            check_monitors(app, fresh=False)  # the ship thread keeps the logs fresh
         except Exception:  # monitoring must never take the agent down
             traceback.print_exc()
         finally:

@@ -122,9 +122,11 @@ def drift(
     window: float = 3600.0,
     end: float | None = None,
     store: bool = True,
+    fresh: bool = True,
 ) -> dict[str, Any]:
     """Drift of each model version the deployment served in the window ending at `end`
-    (now): a row per feature, worst first, and the output's drift."""
+    (now): a row per feature, worst first, and the output's drift. `fresh`: ship the
+    spool first (False: what is shipped, for callers that just did, or the agent's)."""
     import numpy as np
 
     from appliance.core import duck
@@ -137,7 +139,8 @@ def drift(
     if not window > 0:
         raise InvalidInput(f"--window {window!r}: expected a positive duration")
     dep = get_deployment(app, deployment)
-    ship_logs(app, deployment, wait=FRESH_WAIT)
+    if fresh:
+        ship_logs(app, deployment, wait=FRESH_WAIT)
     end = time.time() if end is None else end
     start = end - window
     files = log_files(app, deployment, "inputs", start, end)

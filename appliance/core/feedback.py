@@ -216,10 +216,15 @@ def store_spooled_feedback(app: Appliance, deployment: str, path: Path) -> int:
 
 
 def quality(
-    app: Appliance, deployment: str, window: float = 3600.0, since: float | None = None
+    app: Appliance,
+    deployment: str,
+    window: float = 3600.0,
+    since: float | None = None,
+    fresh: bool = True,
 ) -> dict[str, Any]:
     """Live quality per model version and time window: predictions logged with their
-    inputs, joined to labels by request id and row; metrics as training computes them."""
+    inputs, joined to labels by request id and row; metrics as training computes them.
+    `fresh`: ship the spool first (False: what is shipped)."""
     import duckdb
     import numpy as np
 
@@ -229,7 +234,8 @@ def quality(
     from appliance.core.training import evaluate, label_codes
 
     dep = get_deployment(app, deployment)
-    ship_logs(app, deployment, wait=FRESH_WAIT)
+    if fresh:
+        ship_logs(app, deployment, wait=FRESH_WAIT)
     files = log_files(app, deployment, "inputs", since)
     labels = app.db.rows(
         "SELECT request_id, row, label FROM monitor_feedback WHERE deployment = ?", (deployment,)

@@ -72,11 +72,11 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
             con.close()
         report["series"] = traffic_series(app, deployment, window, max(60.0, window / 60))
     try:
-        report["drift"] = drift(app, deployment, window, now)
+        report["drift"] = drift(app, deployment, window, now, fresh=False)
     except ApplianceError as exc:
         report["drift"] = None
         report["drift_note"] = exc.message
-    report["quality"] = quality(app, deployment, window=window)
+    report["quality"] = quality(app, deployment, window=window, fresh=False)
     report["monitors"] = list_monitors(app, deployment)
     report["alerts"] = list_alerts(app, deployment, 20)
     return report

@@ -238,13 +238,14 @@ def list_alerts(app: Appliance, deployment: str | None = None, limit: int = 100)
 
 
 def measure(app: Appliance, deployment: str, rule: Rule, now: float | None = None) -> float | None:
-    """The rule's metric now; None when its window holds no data."""
+    """The rule's metric now, from the logs shipped so far; None when its window holds no
+    data."""
     now = time.time() if now is None else now
     if rule.family == "drift":
         from appliance.core.drift import drift
 
         try:
-            report = drift(app, deployment, rule.over, now)
+            report = drift(app, deployment, rule.over, now, fresh=False)
         except InvalidInput as exc:
             if "no logged inputs" in exc.message:
                 return None  # nothing to judge in the window
@@ -262,7 +263,7 @@ def measure(app: Appliance, deployment: str, rule: Rule, now: float | None = Non
     if rule.family == "quality":
         from appliance.core.feedback import quality
 
-        result = quality(app, deployment, window=1e12, since=now - rule.over)
+        result = quality(app, deployment, window=1e12, since=now - rule.over, fresh=False)
         windows = sorted(result["windows"], key=lambda w: -w["labelled"])
         return windows[0].get(rule.metric) if windows else None
     return _traffic_value(app, deployment, rule, now)
@@ -274,9 +275,8 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
 
     from appliance.core import duck
     from appliance.core.deployments import traffic
-    from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs
+    from appliance.core.prediction_log import log_files
 
-    ship_logs(app, deployment, wait=FRESH_WAIT)
     files = log_files(app, deployment, "requests", now - rule.over, now)
     if files:
         listing = ", ".join(duck.sql_string(f) for f in files)
@@ -306,10 +306,18 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
 
 
 def check_monitors(
-    app: Appliance, name: str | None = None, now: float | None = None, force: bool = False
+    app: Appliance,
+    name: str | None = None,
+    now: float | None = None,
+    force: bool = False,
+    fresh: bool = True,
 ) -> list[dict[str, Any]]:
     """The agent's pass (or `monitor check`): evaluate each monitor that is due, move its
-    state, and on a new firing record an alert and run its action once."""
+    state, and on a new firing record an alert and run its action once. `fresh`: ship each
+    deployment's spool once first; the agent passes False, its own thread ships, and a
+    monitor must not wait on a slow store."""
+    from appliance.core.prediction_log import FRESH_WAIT, ship_logs
+
     now = time.time() if now is None else now
     rows = app.db.rows(
         "SELECT * FROM monitors" + (" WHERE name = ?" if name else "") + " ORDER BY name",
@@ -317,12 +325,15 @@ def check_monitors(
     )
     if name and not rows:
         raise NotFound(f"monitor {name!r} not found")
-    done = []
-    for row in rows:
-        if not force and row["last_checked_at"] and now - row["last_checked_at"] < row["every_s"]:
-            continue
-        done.append(_check_one(app, row, now))
-    return done
+    due = [
+        row
+        for row in rows
+        if force or not row["last_checked_at"] or now - row["last_checked_at"] >= row["every_s"]
+    ]
+    if fresh:
+        for deployment in sorted({row["deployment"] for row in due}):
+            ship_logs(app, deployment, wait=FRESH_WAIT)
+    return [_check_one(app, row, now) for row in due]
 
 
 def _check_one(app: Appliance, row: dict[str, Any], now: float) -> dict[str, Any]:

@@ -256,10 +256,15 @@ class PredictionLog:
                 )
                 self._file("requests", ts0).write(line)
                 self.spool_bytes += len(line)
-            # a request with no rows has no inputs to log (its metadata is in requests)
-            sampled = [i for i in batch if i[8] is not None and i[9] is not None and len(i[9])]
+            sampled = [i for i in batch if i[8] is not None and i[9] is not None]
             if sampled:
-                line = orjson.dumps(_inputs_columns(sampled), option=option)
+                try:
+                    line = orjson.dumps(_inputs_columns(sampled), option=option)
+                except (TypeError, ValueError):  # outputs of two shapes (a canary of another
+                    line = b"".join(  # model), or a request with no rows: apart
+                        orjson.dumps(_inputs_columns(group), option=option)
+                        for group in _by_output_shape(sampled)
+                    )
                 self._file("inputs", ts0).write(line)
                 self.spool_bytes += len(line)
         self.written += len(items)
@@ -323,6 +328,19 @@ def _inputs_columns(items: list[tuple[Any, ...]]) -> dict[str, Any]:
         "x": {name: _plain(values) for name, values in x.items()},
         "y": _plain(y),
     }
+
+
+def _by_output_shape(items: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """Sampled requests grouped by the shape of one output row; requests that predicted no
+    rows (or a bare number) have nothing to log as inputs and are left out."""
+    import numpy as np
+
+    groups: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
+    for item in items:
+        shape = np.shape(item[9])
+        if shape and shape[0]:
+            groups.setdefault(shape[1:], []).append(item)
+    return list(groups.values())
 
 
 def _place(columns: dict[str, Any], name: str, total: int, start: int, values: Any) -> None:
