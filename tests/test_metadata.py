@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +137,49 @@ def test_eight_processes_write_500_metrics_each_without_loss(app: Appliance) -> 
     assert [(r["key"], r["n"], r["steps"]) for r in counts] == [
         (f"w{w}", 500, 500) for w in range(8)
     ]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_process_forked_while_another_thread_opens_a_store_can_open_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent forks job supervisors while its ship and watch threads open handles: a
+    lock held by an opening thread must not be inherited held by the child."""
+    import threading
+
+    from appliance.core import context
+
+    real = context.open_database
+    opening = threading.Event()
+
+    def slow_open(path: Path) -> Any:
+        opening.set()
+        time.sleep(1.0)
+        return real(path)
+
+    monkeypatch.setattr(context, "open_database", slow_open)
+    other = Appliance.open(tmp_path / "a")
+    thread = threading.Thread(target=lambda: other.db)
+    thread.start()
+    assert opening.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: its own handle, then out (no test machinery after a fork)
+        try:
+            mine = Appliance.open(tmp_path / "b")
+            mine.db.scalar("SELECT 1")
+            os._exit(0)
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung opening its own store")
+    thread.join()
+    other.close()
+    assert os.waitstatus_to_exitcode(status) == 0

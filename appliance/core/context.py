@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,25 @@ class Appliance:
             ) from exc
         return cls(settings)
 
-    @cached_property
+    # Opened on first use, without functools.cached_property: on Python 3.11 it holds one
+    # lock for every instance while the store opens (migrations included), and a process
+    # forked meanwhile by another thread (the agent forks job supervisors while its ship
+    # and watch threads open their own handles) inherits that lock held, for ever.
+    @property
     def db(self) -> Database:
-        return open_database(self.settings.metadata_path)
+        found = self.__dict__.get("_db")
+        if found is None:
+            found = self.__dict__["_db"] = open_database(self.settings.metadata_path)
+        return found
 
-    @cached_property
+    @property
     def objects(self) -> ObjectStore:
-        return open_object_store(self.settings)
+        found = self.__dict__.get("_objects")
+        if found is None:
+            found = self.__dict__["_objects"] = open_object_store(self.settings)
+        return found
 
     def close(self) -> None:
-        if "db" in self.__dict__:
-            self.db.close()
-            del self.__dict__["db"]
+        found = self.__dict__.pop("_db", None)
+        if found is not None:
+            found.close()
