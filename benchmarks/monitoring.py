@@ -11,9 +11,9 @@
    the steady state (after SETTLE seconds of logged load, so the agent ships during them,
    at the product's own 5-s intervals, and the spool left at the end of each is reported);
    rounds without start once the agent has shipped everything, after SETTLE seconds of
-   load too. p50 and p99 of each (medians over
-   rounds), the p99 ratio (target within 5%) and each pair's ratio, failed requests, and
-   the samples the log dropped (target: none dropped, and never a request).
+   load too. p50 and p99 of each (medians over rounds), the p99 ratio (target within 5%)
+   and each pair's ratio, failed requests, and the samples the log dropped (target: none
+   dropped, and never a request).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
    TRAIN_ROWS-row training set: the whole `drift()` call, PSI, KS and missing rates for
    every feature and the prediction drift (target under 5 s on 2 cores).
@@ -231,9 +231,9 @@ def main() -> int:
         f"quartiles {pairs[len(pairs) // 4]:.3f} to {pairs[(3 * len(pairs)) // 4]:.3f}"
     )
     print(
-        f"  failed requests {load['failed']}, samples dropped {load['dropped']} of "
-        f"{load['requests_logged']:,} requests logged in measured rounds; "
-        f"{load['shipped_rows']:,} rows of inputs shipped in all (settling included)"
+        f"  failed requests {load['failed']}; {load['requests_logged']:,} requests logged in "
+        f"measured rounds; with settling included, samples dropped {load['dropped']} and "
+        f"{load['shipped_rows']:,} rows of inputs shipped"
     )
     print(
         f"  spool not yet shipped at the end of a logged round: at most "
