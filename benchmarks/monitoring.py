@@ -116,9 +116,14 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _spool_files(spool: Path) -> list[Path]:
+    """Log files waiting to ship, open or closed, of either format (not the ship lock)."""
+    return [p for p in spool.glob("*-*") if p.name.split("-")[0] in ("requests", "inputs")]
+
+
 def _spool_bytes(spool: Path) -> int:
     total = 0
-    for path in spool.glob("*.jsonl*"):
+    for path in _spool_files(spool):
         with contextlib.suppress(FileNotFoundError):  # shipped meanwhile
             total += path.stat().st_size
     return total
@@ -129,7 +134,7 @@ def _wait_for_empty(spool: Path, seconds: float) -> None:
     its last line, the agent ships every 5 s)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not any(spool.glob("*.jsonl*")):
+        if not _spool_files(spool):
             return
         time.sleep(0.2)
     raise SystemExit(f"the spool did not empty within {seconds:g} s: the agent is not shipping")

@@ -40,6 +40,11 @@ def _train_model(app: Appliance, tmp_path: Path) -> str:
     return str(register_model(app, "syn", done["run_id"])["ref"])
 
 
+def _closed(directory: Path) -> list[Path]:
+    """The spool's files ready to ship, of either format."""
+    return [*directory.glob("*.frames"), *directory.glob("*.jsonl")]
+
+
 def _log(app: Appliance, deployment: str, batches: list[dict[str, Any]], version: int = 1) -> None:
     """Requests as a worker logs them: through PredictionLog, then shipped by the agent."""
     plog = PredictionLog(app.settings.home, deployment, sample=1.0)
@@ -69,23 +74,38 @@ def test_tensor_and_column_requests_log_one_row_per_predicted_row(app: Appliance
     )
     empty = (names, np.empty((0, 2)))  # no rows: nothing to log but its metadata
     plog.record("none", 1, 1, "stable", 200, 0.001, 0, empty, np.empty(0))
-    plog.flush()  # one batch of tensors only, then a batch that mixes in named columns
+    other = (["a", "c"], np.array([[1.5, np.nan]]))  # a canary's model: other features
+    plog.record("canary", 3, 1, "canary", 200, 0.001, 1, other, np.array([0.7]))
+    plog.flush()  # a batch of tensors only: binary frames, one per model
+    assert sorted(p.name.split("-")[0] + p.suffix for p in _closed(plog.directory)) == [
+        "inputs.frames",
+        "requests.frames",
+    ]
     plog.record("three", 2, 1, "stable", 200, 0.001, 1, (names, np.array([[7.0, 8.0]])), np.ones(1))
     plog.record("four", 2, 1, "stable", 200, 0.001, 1, {"b": [9.0]}, np.zeros(1))
-    plog.flush()
+    text = (names, np.array([["x", 1]], dtype=object))
+    plog.record("five", 2, 1, "stable", 200, 0.001, 1, text, np.zeros(1))
+    plog.flush()  # named columns, and a tensor of text: JSON lines, which DuckDB unifies
     assert ship_logs(app, "t") == {"shipped": 4, "failed": 0, "busy": 0, "error": None}
     files = ", ".join(f"'{f}'" for f in log_files(app, "t", "inputs"))
     rows = duckdb.sql(
-        f"SELECT request_id, row, version, x_a, x_b, prediction FROM read_parquet([{files}]) "
-        "ORDER BY ts, row"
+        f"SELECT request_id, row, version, x_a, x_b, x_c, prediction "
+        f"FROM read_parquet([{files}], union_by_name = true) ORDER BY ts, row"
     ).fetchall()
     assert rows == [
-        ("one", 0, 1, 1.0, 2.0, 1.0),
-        ("two", 0, 1, 3.0, 4.0, 0.2),
-        ("two", 1, 1, 5.0, 6.0, 0.3),
-        ("three", 0, 2, 7.0, 8.0, 1.0),
-        ("four", 0, 2, None, 9.0, 0.0),
+        ("one", 0, 1, "1.0", 2.0, None, 1.0),  # a: text in one file, so text in all
+        ("two", 0, 1, "3.0", 4.0, None, 0.2),
+        ("two", 1, 1, "5.0", 6.0, None, 0.3),
+        ("canary", 0, 3, "1.5", None, None, 0.7),  # NaN is missing, as in a JSON line
+        ("three", 0, 2, "7.0", 8.0, None, 1.0),
+        ("four", 0, 2, None, 9.0, None, 0.0),
+        ("five", 0, 2, "x", 1.0, None, 0.0),
     ]
+    requests = ", ".join(f"'{f}'" for f in log_files(app, "t", "requests"))
+    assert duckdb.sql(
+        f"SELECT request_id, version, role, status, rows FROM read_parquet([{requests}]) "
+        "WHERE request_id IN ('none', 'canary') ORDER BY ts"
+    ).fetchall() == [("none", 1, "stable", 200, 0), ("canary", 3, "canary", 200, 1)]
 
 
 @pytest.fixture
@@ -99,8 +119,9 @@ def deployed(app: Appliance, tmp_path: Path) -> str:
 
 def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Path) -> None:
     plog = PredictionLog(tmp_path, "d", sample=1.0, queue_size=3)
-    for i in range(10):
-        plog.record(f"r{i}", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
+    with plog.lock:  # the writer holds the queue: requests neither wait nor encode
+        for i in range(10):
+            plog.record(f"r{i}", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
     assert plog.counters() == {"queued": 3, "dropped": 7, "written": 0, "error": None}
     plog.flush()
     assert plog.counters()["written"] == 3
@@ -112,6 +133,27 @@ def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Pat
     tight.record("x", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
     tight.flush()
     assert tight.counters()["dropped"] == 1
+
+
+def test_the_serving_loop_encodes_and_the_writer_thread_only_writes(tmp_path: Path) -> None:
+    """A second thread that encodes would take the interpreter from the serving loop on each
+    wake-up; the loop encodes a short batch between requests instead, and the writer writes
+    (and encodes only what a quiet loop left)."""
+    plog = PredictionLog(tmp_path, "d", sample=1.0)
+
+    def record(name: str) -> None:
+        plog.record(name, 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.ones(1))
+
+    record("r0")  # due: encoded at once, by the caller
+    assert (len(plog.pending), len(plog.encoded)) == (0, 1)
+    plog.next_encode = time.monotonic() + 60
+    record("r1")  # not due: queued
+    assert (len(plog.pending), len(plog.encoded)) == (1, 1)
+    assert plog._drain() == 1  # the loop is not quiet: the writer writes r0 only
+    assert (len(plog.pending), len(plog.encoded), plog.counters()["written"]) == (1, 0, 1)
+    plog.next_encode = time.monotonic() - 1  # quiet for a while: the writer encodes r1 too
+    assert plog._drain() == 1 and plog.counters()["written"] == 2
+    assert plog.counters()["queued"] == 0
 
 
 def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
@@ -142,10 +184,10 @@ def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
     shipped = ship_logs(app)
     assert shipped["shipped"] == 0 and shipped["failed"] == 2
     assert "connection refused" in shipped["error"]
-    assert len(list(spool_dir(app.settings.home, "d").glob("*.jsonl"))) == 2  # kept
+    assert len(_closed(spool_dir(app.settings.home, "d"))) == 2  # kept
     monkeypatch.setattr(app.objects, "put_file", real)
     assert ship_logs(app) == {"shipped": 2, "failed": 0, "busy": 0, "error": None}
-    assert list(spool_dir(app.settings.home, "d").glob("*.jsonl")) == []
+    assert _closed(spool_dir(app.settings.home, "d")) == []
     inputs = log_files(app, "d", "inputs")
     rows = duckdb.sql(
         f"SELECT request_id, row, version, x_a, x_c, prediction FROM read_parquet('{inputs[0]}') "
@@ -463,7 +505,10 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
 ) -> None:
     """A missing category at the start of a spool file is missing (not a category and not
     JSON text); a line cut short sets its file aside; a dead worker's open file ships."""
+    import duckdb
+
     from appliance.core.drift import drift
+    from appliance.core.prediction_log import _frame
 
     rng = np.random.default_rng(6)
     first = {
@@ -508,6 +553,41 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
         app.db.scalar("SELECT rows FROM prediction_logs WHERE spool_name = ?", (orphan.name[:-5],))
         == 1
     )
+
+    # the same for binary frames: a dead worker's whole frames ship, a cut one does not; a
+    # file of frames that cannot be read is set aside
+    plog = PredictionLog(app.settings.home, "syn", sample=1.0)
+    tensor = (["a", "b"], np.array([[0.1, 0.2]]))
+    for name in ("f1", "f2"):
+        plog.record(name, 1, 1, "stable", 200, 0.001, 1, tensor, np.array([0.5]))
+        plog.flush()
+    frames = sorted(directory.glob("inputs-*.frames"))
+    data = frames[0].read_bytes() + frames[1].read_bytes()[:-3]
+    for path in directory.glob("*.frames"):
+        path.unlink()
+    orphan = directory / "inputs-2026010100-999999-8dead.frames.part"
+    orphan.write_bytes(data)
+    (directory / "inputs-2026010100-1-2bad.frames").write_bytes(data[:30] + b"\x00" * 40)
+    one = np.ones(1, dtype=np.int64)
+    miscounted = _frame(  # whole, but says 2 rows for 1
+        [("ts", np.zeros(1)), ("request_id", ["r"]), ("version", one), ("revision", one)]
+        + [("count", one * 2), ("x", np.zeros((1, 2))), ("y", np.zeros(1))],
+        features=["a", "b"],
+    )
+    (directory / "inputs-2026010100-1-3bad.frames").write_bytes(miscounted)
+    shipped = ship_logs(app)
+    assert shipped["shipped"] == 1 and shipped["failed"] == 2
+    assert "inputs-2026010100-1-2bad.frames: unreadable" in shipped["error"]
+    for bad in ("2bad", "3bad"):
+        assert (directory / "rejected" / f"inputs-2026010100-1-{bad}.frames").exists()
+    adopted = app.db.scalar(
+        "SELECT sha256 FROM prediction_logs WHERE spool_name = ?", (orphan.name[:-5],)
+    )
+    shipped_file = app.objects.get_file(adopted)
+    rows = duckdb.sql(
+        f"SELECT request_id, x_a, x_b, prediction FROM read_parquet('{shipped_file}')"
+    ).fetchall()
+    assert rows == [("f1", 0.1, 0.2, 0.5)]
 
 
 def test_a_monitor_stays_one_alert_through_gaps_and_names_what_it_cannot_measure(
@@ -584,7 +664,7 @@ def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -
     with (directory / ".ship.lock").open("a") as held:  # another shipper at work
         fcntl.flock(held, fcntl.LOCK_EX)
         assert ship_logs(app, "s", wait=0.2)["busy"] == 1
-        assert len(list(directory.glob("*.jsonl"))) == 2
+        assert len(_closed(directory)) == 2
     assert ship_logs(app, "s") == {"shipped": 2, "failed": 0, "busy": 0, "error": None}
     (directory / ".ship.lock").unlink()
     (directory / ".ship.lock").mkdir()  # a lock file that cannot be opened

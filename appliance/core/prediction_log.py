@@ -1,17 +1,25 @@
 """Prediction logs: what a deployment answered, written off the request path.
 
-A serving worker hands each answered request to `PredictionLog.record`: a few attribute reads
-and a non-blocking put on a bounded queue (when the queue is full the sample is dropped and
-counted; the request never waits). Request metadata (time, request id, version, revision,
-role, status, latency, rows) is logged for every request by default; inputs and outputs for
-a sampled share (`log_sample`). A thread drains the queue into JSON-lines files in the
-home's spool (`spool/predictions/<deployment>/`), closed every few seconds; the spool is
-bounded, so a store that cannot take files for a while costs samples, never requests.
+A serving worker hands each answered request, once its response is sent, to
+`PredictionLog.record`: a few attribute reads and a non-blocking put on a bounded queue (when
+the queue is full the sample is dropped and counted; the request never waits). Request
+metadata (time, request id, version, revision, role, status, latency, rows) is logged for
+every request by default; inputs and outputs for a sampled share (`log_sample`). Every
+10 ms the serving loop encodes the queue between two requests; a thread writes the bytes to
+files in the home's spool (`spool/predictions/<deployment>/`), closed every few seconds. The
+spool is bounded, so a store that cannot take files for a while costs samples, never
+requests.
 
-The agent ships closed spool files (`ship_logs`): DuckDB turns each into Parquet (inputs one
-row per predicted row, a column per feature), the object store takes it by sha256, and one
-row per file is recorded by deployment, kind and hour. A file that cannot be shipped (the
-store unreachable) stays in the spool and is tried again on the next pass.
+Encoding runs on the serving loop's interpreter, so what it does per request is kept to
+copying bytes: request metadata, and inputs that came as one numeric tensor of the model's
+features (the common case), are binary frames (`.frames`: numbers as their raw bytes, text
+as JSON). Inputs of any other shape (named columns, text, mixed types) are columnar JSON
+lines (`.jsonl`), which DuckDB reads and unifies.
+
+The agent ships closed spool files (`ship_logs`): each becomes Parquet (inputs one row per
+predicted row, a column per feature), the object store takes it by sha256, and one row per
+file is recorded by deployment, kind and hour. A file that cannot be shipped (the store
+unreachable) stays in the spool and is tried again on the next pass.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import struct
 import sys
 import threading
 import time
@@ -33,14 +42,25 @@ from appliance.errors import ApplianceError
 from appliance.store.db import utcnow
 
 QUEUE_SIZE = 50_000  # requests waiting for the writer thread; beyond it samples are dropped
-# Each drain has a fixed cost (numpy and orjson calls, a write), paid on the serving
-# worker's interpreter: ten a second keeps it small per request, and each burst about 1 ms
-# at 4,000 logged requests a second.
-DRAIN_SECONDS = float(os.environ.get("APPLIANCE_LOG_DRAIN_SECONDS", "0.1"))
+# Encoding a batch holds the worker's interpreter, so requests in flight wait for it: what
+# p99 feels is how long one batch takes (350 requests, every 100 ms, took 1.5 ms), and each
+# wake-up of another thread costs the serving loop a hand-off of the interpreter. So the
+# serving loop encodes, after a response went out, once ENCODE_SECONDS have passed (a few
+# dozen requests: a tenth of a millisecond), and the writer thread, waking WRITE_SECONDS
+# apart, only writes the bytes (file I/O stays off the loop).
+ENCODE_SECONDS = float(os.environ.get("APPLIANCE_LOG_ENCODE_SECONDS", "0.01"))
+WRITE_SECONDS = float(os.environ.get("APPLIANCE_LOG_WRITE_SECONDS", "0.2"))
+ENCODED_LIMIT = 64 << 20  # encoded bytes the writer has not taken; beyond it samples drop
 ROTATE_SECONDS = float(os.environ.get("APPLIANCE_LOG_ROTATE_SECONDS", "5"))
 ROTATE_BYTES = 64 << 20
 SPOOL_LIMIT = int(os.environ.get("APPLIANCE_LOG_SPOOL_BYTES", str(1 << 30)))
 KINDS = ("requests", "inputs")
+# A binary frame: magic, header length, body length (little-endian uint32), the header (JSON:
+# each column's name, dtype or "json", shape and byte length; the inputs' feature names),
+# then the columns' bytes in that order.
+FRAME_MAGIC = b"APF1"
+FRAME_PREFIX = struct.Struct("<4sII")
+FRAMES, JSONL = ".frames", ".jsonl"
 # How long a reader that wants fresh numbers (drift, quality, report, a monitor) waits for
 # the agent's shipper to finish with a deployment; past it, it reads what is shipped.
 FRESH_WAIT = 10.0
@@ -55,10 +75,11 @@ def _hour(ts: float) -> str:
 
 
 class _SpoolFile:
-    """One open `.part` file of one kind and hour; renamed to `.jsonl` when closed."""
+    """One open `.part` file of one kind, format and hour; renamed without `.part` (and so
+    shippable) when closed."""
 
-    def __init__(self, directory: Path, kind: str, hour: str, seq: str) -> None:
-        self.path = directory / f"{kind}-{hour}-{os.getpid()}-{seq}.jsonl.part"
+    def __init__(self, directory: Path, kind: str, hour: str, seq: str, suffix: str) -> None:
+        self.path = directory / f"{kind}-{hour}-{os.getpid()}-{seq}{suffix}.part"
         self.kind, self.hour = kind, hour
         self.handle = self.path.open("ab")
         self.opened = time.monotonic()
@@ -71,17 +92,19 @@ class _SpoolFile:
     def close(self) -> None:
         self.handle.close()
         if self.size:
-            self.path.rename(self.path.with_suffix(""))  # .jsonl.part -> .jsonl: shippable
+            self.path.rename(self.path.with_suffix(""))  # .frames.part -> .frames
         else:
             self.path.unlink(missing_ok=True)
 
 
 class PredictionLog:
-    """A worker's log writer: `record` on the request path, `run` in a thread of its own.
+    """A worker's log: `record` on the request path, `run` in a thread of its own.
 
-    The request path appends to a deque (atomic, no lock, no wake-up); the writer drains it
-    a few times a second and writes each batch as one columnar JSON line per kind, so the
-    serving loop is interrupted briefly and rarely, whatever the request rate."""
+    The request path appends to a deque (atomic, no wake-up) and, every ENCODE_SECONDS,
+    encodes the queue as one frame (or JSON line) per kind: a short pause between requests,
+    never a wait (if the writer holds the queue, a later request encodes). The writer
+    thread writes the encoded bytes to the spool, and encodes what is left when the loop
+    has gone quiet."""
 
     def __init__(
         self,
@@ -100,13 +123,17 @@ class PredictionLog:
         self.spool_limit = spool_limit
         self.dropped = 0  # samples the full queue (or a full spool) could not take
         self.written = 0
-        self.files: dict[str, _SpoolFile] = {}
+        self.files: dict[tuple[str, str], _SpoolFile] = {}
         self.seq = 0
         self.spool_bytes = 0
         self.measured = 0.0
         self.error: str | None = None  # the first thing that cost samples, said once
         self.token = uuid.uuid4().hex[:8]  # a pid is reused after a restart: names are not
-        self.lock = threading.Lock()  # the writer thread and a stopping server both write
+        self.lock = threading.Lock()  # the queue and the encoded batches
+        self.write_lock = threading.Lock()  # the files: the writer thread, a stopping server
+        self.encoded: list[tuple[int, list[tuple[str, float, str, bytes]]]] = []
+        self.encoded_bytes = 0
+        self.next_encode = 0.0
 
     @property
     def active(self) -> bool:
@@ -129,8 +156,9 @@ class PredictionLog:
         columns: dict[str, Any] | tuple[list[str], Any] | None,
         predictions: Any,
     ) -> None:
-        """Queue one answered request; never blocks, never raises. `columns`: the inputs as
-        feature columns, or (feature names, [N, F] matrix) as a V2 tensor gave them."""
+        """Queue one answered request; never blocks, never raises. `rows`: how many rows it
+        predicted; `columns`: the inputs as feature columns, or (feature names, [N, F]
+        matrix) as a V2 tensor gave them."""
         sample = self.sample
         sampled = columns is not None and sample > 0 and (sample >= 1 or random.random() < sample)
         if not (self.requests or sampled):
@@ -152,10 +180,50 @@ class PredictionLog:
                 predictions if sampled else None,
             )
         )
+        if time.monotonic() >= self.next_encode:
+            self.encode()
+
+    def encode(self) -> None:
+        """Encode the queue (the serving loop, between requests). Never waits: while the
+        writer holds the queue, a later request does it. Never raises."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            self._encode_pending()
+        finally:
+            self.lock.release()
+
+    def _encode_pending(self) -> int:
+        """The queue as encoded batches (the queue lock held); how many items it took."""
+        self.next_encode = time.monotonic() + ENCODE_SECONDS
+        items = []
+        pending = self.pending
+        while pending:
+            items.append(pending.popleft())
+        if not items:
+            return 0
+        if self.encoded_bytes > ENCODED_LIMIT:
+            self._lose(len(items), "the writer is behind (the disk?)")
+            return len(items)
+        try:
+            chunks = self._chunks(items)
+        except Exception as exc:  # a value orjson cannot write: these samples are lost
+            self._lose(len(items), f"{type(exc).__name__}: {exc}")
+            return len(items)
+        self.encoded.append((len(items), chunks))
+        self.encoded_bytes += sum(len(chunk[3]) for chunk in chunks)
+        return len(items)
+
+    def _lose(self, count: int, why: str) -> None:
+        """Samples lost: counted, and the first reason said once."""
+        self.dropped += count
+        if self.error is None:
+            self.error = why
+            print(f"prediction log: samples dropped: {why}", file=sys.stderr)
 
     def counters(self) -> dict[str, Any]:
         return {
-            "queued": len(self.pending),
+            "queued": len(self.pending) + sum(n for n, _ in self.encoded),
             "dropped": self.dropped,
             "written": self.written,
             "error": self.error,
@@ -163,36 +231,51 @@ class PredictionLog:
 
     # ---- the writer thread --------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Drain the queue into spool files every DRAIN_SECONDS until `stop`, then close."""
+        """Write the encoded batches to spool files every WRITE_SECONDS until `stop`, then
+        write the rest and close."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        while not stop.wait(DRAIN_SECONDS):
+        while not stop.wait(WRITE_SECONDS):
             self._drain()
         with contextlib.suppress(OSError):
             self.flush()
 
     def flush(self) -> None:
-        """Write what is queued and close the files (a stopping worker; tests)."""
-        with self.lock:
-            self._drain_locked()
+        """Write everything queued and close the files (a stopping worker; tests)."""
+        with self.write_lock:
+            self._write_encoded(force=True)
             self._rotate(force=True)
 
-    def _drain(self) -> None:
-        with self.lock:
-            self._drain_locked()
+    def _drain(self, force: bool = False) -> int:
+        """The writer's pass: the encoded batches to the spool, and the queue too when the
+        serving loop has not encoded for a while (no requests since) or `force`; how many
+        items were taken."""
+        with self.write_lock:
+            taken = self._write_encoded(force)
+            try:
+                self._rotate(force=False)
+            except OSError as exc:  # written already: nothing lost; said once
+                self.error = self.error or f"{type(exc).__name__}: {exc}"
+        return taken
 
-    def _drain_locked(self) -> None:
-        items = []
-        pending = self.pending
-        while pending:
-            items.append(pending.popleft())
-        try:
-            self._write(items)
-            self._rotate(force=False)
-        except Exception as exc:  # a full disk, a value orjson cannot write: these samples
-            self.dropped += len(items)  # are lost and counted; the writer goes on
-            if self.error is None:
-                self.error = f"{type(exc).__name__}: {exc}"
-                print(f"prediction log: samples dropped: {self.error}", file=sys.stderr)
+    def _write_encoded(self, force: bool) -> int:
+        with self.lock:
+            if force or time.monotonic() >= self.next_encode + ENCODE_SECONDS:
+                self._encode_pending()
+            batches, self.encoded, self.encoded_bytes = self.encoded, [], 0
+        taken = 0
+        for count, chunks in batches:
+            taken += count
+            if self._over_limit():
+                self.dropped += count
+                continue
+            try:
+                for kind, ts, suffix, data in chunks:
+                    self._put(kind, ts, suffix, data)
+            except Exception as exc:  # a full disk: these samples are lost, the writer goes on
+                self._lose(count, f"{type(exc).__name__}: {exc}")
+                continue
+            self.written += count
+        return taken
 
     def _over_limit(self) -> bool:
         now = time.monotonic()
@@ -204,31 +287,31 @@ class PredictionLog:
                 )
         return self.spool_bytes > self.spool_limit
 
-    def _file(self, kind: str, ts: float) -> _SpoolFile:
+    def _file(self, kind: str, ts: float, suffix: str) -> _SpoolFile:
         hour = _hour(ts)
-        current = self.files.get(kind)
+        current = self.files.get((kind, suffix))
         if current is not None and current.hour != hour:
             current.close()
             current = None
         if current is None:
             self.seq += 1
             self.directory.mkdir(parents=True, exist_ok=True)  # removed meanwhile: again
-            current = self.files[kind] = _SpoolFile(
-                self.directory, kind, hour, f"{self.seq}{self.token}"
+            current = self.files[kind, suffix] = _SpoolFile(
+                self.directory, kind, hour, f"{self.seq}{self.token}", suffix
             )
         return current
 
-    def _write(self, items: list[tuple[Any, ...]]) -> None:
-        """Items as columnar lines: one per kind and hour (the shipper unnests them). This
-        thread shares the interpreter with the serving loop: per-item Python work is kept
-        to a few C-level passes over the batch."""
+    def _put(self, kind: str, ts: float, suffix: str, data: bytes) -> None:
+        self._file(kind, ts, suffix).write(data)
+        self.spool_bytes += len(data)
+
+    def _chunks(self, items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, bytes]]:
+        """Items as one frame (or columnar line) per kind and hour, each as (kind, time,
+        suffix, bytes); the shipper unnests them. Per-item Python work is kept to a few
+        C-level passes over the batch."""
         import orjson
 
-        if not items:
-            return
-        if self._over_limit():
-            self.dropped += len(items)
-            return
+        chunks: list[tuple[str, float, str, bytes]] = []
         stamps = [item[0] for item in items]
         if int(min(stamps) // 3600) == int(max(stamps) // 3600):  # nearly always
             batches = [items]
@@ -241,44 +324,137 @@ class PredictionLog:
         for batch in batches:
             ts0 = batch[0][0]
             if self.requests:
-                ts, ids, ver, rev, role, status, secs, rows, _, _ = zip(*batch, strict=True)
-                line = orjson.dumps(
-                    {
-                        "ts": ts,
-                        "request_id": ids,
-                        "version": ver,
-                        "revision": rev,
-                        "role": role,
-                        "status": status,
-                        "latency_ms": [x * 1000.0 for x in secs],
-                        "rows": rows,
-                    },
-                    option=option,
-                )
-                self._file("requests", ts0).write(line)
-                self.spool_bytes += len(line)
+                chunks.append(("requests", ts0, FRAMES, _requests_frame(batch)))
             sampled = [i for i in batch if i[8] is not None and i[9] is not None]
-            if sampled:
-                try:
-                    line = orjson.dumps(_inputs_columns(sampled), option=option)
-                except (TypeError, ValueError):  # outputs of two shapes (a canary of another
-                    line = b"".join(  # model), or a request with no rows: apart
-                        orjson.dumps(_inputs_columns(group), option=option)
-                        for group in _by_output_shape(sampled)
-                    )
-                self._file("inputs", ts0).write(line)
-                self.spool_bytes += len(line)
-        self.written += len(items)
+            if not sampled:
+                continue
+            frames, rest = _tensor_frames(sampled)
+            for frame in frames:
+                chunks.append(("inputs", ts0, FRAMES, frame))
+            if not rest:
+                continue
+            try:
+                line = orjson.dumps(_inputs_columns(rest), option=option)
+            except (TypeError, ValueError):  # outputs of two shapes (a canary of another
+                line = b"".join(  # model), or a request with no rows: apart
+                    orjson.dumps(_inputs_columns(group), option=option)
+                    for group in _by_output_shape(rest)
+                )
+            chunks.append(("inputs", ts0, JSONL, line))
+        return chunks
 
     def _rotate(self, force: bool) -> None:
         now = time.monotonic()
-        for kind, spool in list(self.files.items()):
+        for key, spool in list(self.files.items()):
             if force or now - spool.opened > ROTATE_SECONDS or spool.size > ROTATE_BYTES:
                 spool.handle.flush()
                 spool.close()
-                del self.files[kind]
+                del self.files[key]
             else:
                 spool.handle.flush()
+
+
+_DTYPES: dict[Any, str] = {}  # numpy builds a dtype's name on every ask
+
+
+def _frame(columns: list[tuple[str, Any]], features: Any = None) -> bytes:
+    """One binary frame: numeric arrays as their bytes, anything else as JSON."""
+    import numpy as np
+    import orjson
+
+    head, body = [], []
+    for name, values in columns:
+        if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+            data = values.tobytes()
+            dtype = _DTYPES.get(values.dtype) or _DTYPES.setdefault(values.dtype, values.dtype.str)
+            head.append((name, dtype, values.shape, len(data)))
+        else:
+            data = orjson.dumps(values)
+            head.append((name, "json", None, len(data)))
+        body.append(data)
+    header = orjson.dumps({"columns": head, "features": features})
+    data = b"".join(body)
+    return FRAME_PREFIX.pack(FRAME_MAGIC, len(header), len(data)) + header + data
+
+
+def _requests_frame(items: list[tuple[Any, ...]]) -> bytes:
+    """Every request's metadata: times and latencies as float64 bytes, the rest as JSON."""
+    import numpy as np
+
+    ts, ids, ver, rev, role, status, secs, rows, _, _ = zip(*items, strict=True)
+    return _frame(
+        [
+            ("ts", np.array(ts, dtype=np.float64)),
+            ("request_id", ids),
+            ("version", np.array(ver, dtype=np.int64)),
+            ("revision", np.array(rev, dtype=np.int64)),
+            ("role", role),
+            ("status", np.array(status, dtype=np.int64)),
+            ("latency_ms", np.array(secs, dtype=np.float64) * 1000.0),
+            ("rows", np.array(rows, dtype=np.int64)),
+        ]
+    )
+
+
+def _tensor_frames(items: list[tuple[Any, ...]]) -> tuple[list[bytes], list[tuple[Any, ...]]]:
+    """Sampled requests that sent tensors, as a frame per model's feature list (one runtime
+    gives every request the same list object), and the requests left for a JSON line."""
+    first = items[0][8]
+    names = first[0] if type(first) is tuple else None
+    if names is not None and all(type(i[8]) is tuple and i[8][0] is names for i in items):
+        groups, rest = [items], []  # nearly always: one model
+    else:
+        by_list: dict[int | None, list[tuple[Any, ...]]] = {}
+        for item in items:
+            given = item[8]
+            by_list.setdefault(id(given[0]) if type(given) is tuple else None, []).append(item)
+        rest = by_list.pop(None, [])
+        groups = list(by_list.values())
+    frames = []
+    for group in groups:
+        frame = _tensor_frame(group)
+        if frame is None:
+            rest.extend(group)
+        else:
+            frames.append(frame)
+    return frames, rest
+
+
+def _tensor_frame(items: list[tuple[Any, ...]]) -> bytes | None:
+    """Requests that each sent a numeric [N, F] tensor of the same features and got one
+    number per row, as one frame: their matrices stacked, the predictions, and per request
+    its time, id, version and row count. None if they did not."""
+    import numpy as np
+
+    ts, ids, ver, rev, _, _, _, rows, given, outputs = zip(*items, strict=True)
+    names = given[0][0]
+    try:
+        x = np.concatenate([g[1] for g in given])
+        y = np.concatenate(outputs)
+        counts = np.array(rows, dtype=np.int64)  # each request's predicted rows
+    except (TypeError, ValueError):  # a bare number, ragged rows
+        return None
+    if not (
+        x.ndim == 2
+        and x.shape[1] == len(names)
+        and x.dtype.kind in "biuf"
+        and y.ndim == 1
+        and y.dtype.kind in "biuf"
+        and len(x) == len(y) == int(counts.sum())
+    ):
+        return None
+    return _frame(
+        [
+            ("ts", np.array(ts, dtype=np.float64)),
+            ("request_id", ids),
+            ("version", np.array(ver, dtype=np.int64)),
+            ("revision", np.array(rev, dtype=np.int64)),
+            ("count", counts),
+            ("x", x),
+            ("y", y),
+        ],
+        features=list(names),
+    )
 
 
 def _inputs_columns(items: list[tuple[Any, ...]]) -> dict[str, Any]:
@@ -430,7 +606,8 @@ def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | No
     """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
     shipped, failed, error = 0, 0, None
     _adopt_orphans(directory)
-    for path in sorted(directory.glob("*.jsonl")):
+    closed = [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]
+    for path in sorted(closed, key=lambda p: p.name):
         try:
             _ship(app, directory.name, path)
             shipped += 1
@@ -451,21 +628,35 @@ def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | No
 
 def _adopt_orphans(directory: Path) -> None:
     """Open files of a worker that died (killed, its machine restarted): their complete
-    lines become a shippable file; a last line cut short is dropped."""
+    frames or lines become a shippable file; the last one, cut short, is dropped."""
     from appliance.core.processes import alive
 
-    for part in directory.glob("*.jsonl.part"):
+    for part in [*directory.glob(f"*{FRAMES}.part"), *directory.glob(f"*{JSONL}.part")]:
         pieces = part.name.split("-")
         pid = int(pieces[2]) if len(pieces) > 3 and pieces[2].isdigit() else 0
         if pid and alive(pid):
             continue
         data = part.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
+        if part.name.endswith(f"{FRAMES}.part"):
+            keep = data[: _complete_frames(data)]
+        else:
+            keep = data[: data.rfind(b"\n") + 1]
         if keep:
             part.write_bytes(keep)
             part.rename(part.with_suffix(""))
         else:
             part.unlink(missing_ok=True)
+
+
+def _complete_frames(data: bytes) -> int:
+    """How many leading bytes of `data` are whole frames."""
+    end = 0
+    while end + FRAME_PREFIX.size <= len(data):
+        magic, head, body = FRAME_PREFIX.unpack_from(data, end)
+        if magic != FRAME_MAGIC or end + FRAME_PREFIX.size + head + body > len(data):
+            break
+        end += FRAME_PREFIX.size + head + body
+    return end
 
 
 def _ship(app: Appliance, deployment: str, path: Path) -> None:
@@ -489,13 +680,16 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     tmp_dir = app.settings.cache_dir / "spool-ship"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out = tmp_dir / (path.stem + ".parquet")
-    con = duckdb.connect(config={"threads": 1})  # in the background: one core at most
+    con = _connection()
     try:
-        rows, first, last = _convert(con, path, kind, out)
+        if path.suffix == FRAMES:
+            rows, first, last = _convert_frames(con, path, kind, out)
+        else:
+            rows, first, last = _convert(con, path, kind, out)
     except duckdb.Error as exc:  # a cut or hand-made line: the file can never be read
         raise _Unreadable(str(exc).splitlines()[0]) from None
     finally:
-        con.close()
+        con.execute("DROP TABLE IF EXISTS batch")  # the connection serves the next file
     stored = app.objects.put_file(out, move=True)
     hour = path.name.split("-")[1]
     app.db.execute(
@@ -507,8 +701,132 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+_shipper = threading.local()
+
+
+def _connection() -> Any:
+    """This thread's DuckDB connection for shipping: opening one costs about as much as
+    converting a few thousand rows, so the agent opens it once, not once per file."""
+    import duckdb
+
+    con = getattr(_shipper, "con", None)
+    if con is None:
+        con = _shipper.con = duckdb.connect(config={"threads": 1})  # one core at most
+    return con
+
+
 class _Unreadable(Exception):
-    """A spool file DuckDB cannot read (a line cut short by a full disk, a hand edit)."""
+    """A spool file that cannot be read (a line cut short by a full disk, a hand edit)."""
+
+
+def _convert_frames(con: Any, path: Path, kind: str, out: Path) -> tuple[int, float, float]:
+    """A file of binary frames to Parquet at `out`: each frame's columns decoded (per-request
+    values of inputs repeated for each of the request's rows), frames of the same columns
+    stacked, and those of different ones (a canary of another model) put together by name."""
+    import numpy as np
+
+    data = path.read_bytes()
+    groups: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
+    pos = 0
+    while pos < len(data):
+        frame, pos = _read_frame(data, pos)
+        columns = _input_rows(frame, pos) if kind == "inputs" else frame["columns"]
+        signature = tuple((name, values.dtype) for name, values in columns.items())
+        groups.setdefault(signature, []).append(columns)
+    tables = [
+        {name: np.concatenate([f[name] for f in frames]) for name in frames[0]}
+        for frames in groups.values()
+    ]
+    if not tables:
+        raise _Unreadable("no frames")
+    try:
+        for number, table in enumerate(tables):
+            con.register(f"frames{number}", table)
+        select = " UNION ALL BY NAME ".join(f"SELECT * FROM frames{n}" for n in range(len(tables)))
+        con.execute(f"COPY ({select}) TO {_sql_string(str(out))} (FORMAT parquet)")
+    finally:
+        for number in range(len(tables)):
+            con.unregister(f"frames{number}")
+    ts = np.concatenate([t["ts"] for t in tables])
+    if not len(ts):
+        return 0, 0.0, 0.0
+    return len(ts), float(ts.min()), float(ts.max())
+
+
+def _read_frame(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
+    """The frame at `pos` as {"columns": {name: array}, "features": [...]}, and where the
+    next one starts."""
+    import numpy as np
+    import orjson
+
+    def bad(why: str) -> _Unreadable:
+        return _Unreadable(f"frame at byte {pos}: {why}")
+
+    if pos + FRAME_PREFIX.size > len(data):
+        raise bad("cut short")
+    magic, head_size, body_size = FRAME_PREFIX.unpack_from(data, pos)
+    start = pos + FRAME_PREFIX.size
+    if magic != FRAME_MAGIC:
+        raise bad("not a prediction log frame")
+    if start + head_size + body_size > len(data):
+        raise bad("cut short")
+    try:
+        header = orjson.loads(data[start : start + head_size])
+        at = start + head_size
+        columns: dict[str, Any] = {}
+        for column, dtype, shape, size in header["columns"]:
+            raw = data[at : at + size]
+            at += size
+            if dtype == "json":
+                columns[column] = _json_column(orjson.loads(raw))
+            else:
+                columns[column] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+        if at != start + head_size + body_size:
+            raise ValueError("columns do not fill the frame")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise bad(str(exc)) from None
+    return {"columns": columns, "features": header.get("features")}, at
+
+
+def _json_column(values: Any) -> Any:
+    """A JSON list (the frames' text columns) as a column of objects."""
+    import numpy as np
+
+    if not isinstance(values, list):
+        raise ValueError("a column is not a list")
+    return np.array(values, dtype=object)
+
+
+def _input_rows(frame: dict[str, Any], end: int) -> dict[str, Any]:
+    """An inputs frame (the one ending at byte `end`) as one row per predicted row, in the
+    columns the JSON lines give."""
+    import numpy as np
+
+    columns, features = frame["columns"], frame["features"]
+    try:
+        counts, x, y = columns["count"], columns["x"], columns["y"]
+        if not isinstance(features, list) or x.shape[1:] != (len(features),):
+            raise ValueError("its features do not match its inputs")
+        if len(x) != len(y) or len(x) != int(counts.sum()):
+            raise ValueError("its row counts do not match")
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        rows = {
+            key: np.repeat(columns[key], counts)
+            for key in ("ts", "request_id", "version", "revision")
+        }
+    except (KeyError, ValueError, IndexError, AttributeError) as exc:
+        raise _Unreadable(f"frame ending at byte {end}: {exc}") from None
+    rows["row"] = np.arange(len(x), dtype=np.int64) - starts
+    for j, feature in enumerate(features):
+        rows[f"x_{feature}"] = np.ascontiguousarray(x[:, j])
+    rows["prediction"] = y
+    return rows
+
+
+def _sql_string(value: str) -> str:
+    from appliance.core import duck
+
+    return duck.sql_string(value)
 
 
 def _convert(con: Any, path: Path, kind: str, out: Path) -> tuple[int, float, float]:

@@ -13,6 +13,7 @@ revision. The supervisor restarts a worker that dies and judges the canary's rul
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -827,6 +828,10 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     # Listening now: connections wait in the backlog until uvicorn accepts, none is refused,
     # so this is when the worker may say it is ready.
     server.write_snapshot()
+    # What is loaded by now lives as long as the worker: the collector's full passes skip
+    # it. Without this, request logging (whose queued items live long enough to reach the
+    # oldest generation) triggers a full pass every few seconds, a stall of tens of ms.
+    gc.freeze()
     stop = threading.Event()
     threading.Thread(target=server.follow, args=(stop,), daemon=True).start()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
