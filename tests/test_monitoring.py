@@ -385,6 +385,8 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
     import urllib.error
     import urllib.request
 
+    import duckdb
+
     from appliance.core.deployments import create_deployment, set_logging, stop_deployment
     from appliance.core.feedback import feedback_token, quality
 
@@ -445,8 +447,17 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
         assert result["matched"] == 20 and result["windows"][0]["labelled"] == 20
         shown = cli("--home", str(app.settings.home), "monitor", "quality", "live")
         assert shown.code == 0 and "20 labels, 20 matched" in shown.out
+        # a stop is graceful for the log too: what was answered just before reaches it
+        for i in range(5):
+            post("/v2/models/syn/infer", body, {"x-request-id": f"last-{i}"}).close()
     finally:
         stop_deployment(app, "live")
+    ship_logs(app, "live")
+    files = ", ".join(f"'{f}'" for f in log_files(app, "live", "requests"))
+    logged = duckdb.sql(
+        f"SELECT request_id FROM read_parquet([{files}]) WHERE request_id LIKE 'last-%'"
+    ).fetchall()
+    assert sorted(r[0] for r in logged) == [f"last-{i}" for i in range(5)]
 
 
 def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: Path) -> None:
@@ -588,6 +599,66 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
         f"SELECT request_id, x_a, x_b, prediction FROM read_parquet('{shipped_file}')"
     ).fetchall()
     assert rows == [("f1", 0.1, 0.2, 0.5)]
+
+
+def test_the_writer_outlives_a_lost_spool_and_a_failed_write_is_retried_not_rejected(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import duckdb
+
+    from appliance.core import prediction_log
+    from appliance.core.prediction_log import _frame
+
+    tensor = (["a"], np.array([[1.0], [2.0], [3.0]]))
+    # rows are split by each request's predictions (its `rows` argument is not trusted)
+    split = PredictionLog(app.settings.home, "v", sample=1.0)
+    with split.lock:  # one batch
+        split.record("r1", 1, 1, "stable", 200, 0.001, 2, (["a"], tensor[1][:1]), np.ones(1))
+        split.record("r2", 1, 1, "stable", 200, 0.001, 1, (["a"], tensor[1][1:]), np.zeros(2))
+    split.flush()
+    ship_logs(app, "v")
+    (inputs,) = log_files(app, "v", "inputs")
+    assert duckdb.sql(
+        f"SELECT request_id, row, x_a FROM read_parquet('{inputs}') ORDER BY ts, row"
+    ).fetchall() == [("r1", 0, 1.0), ("r2", 0, 2.0), ("r2", 1, 3.0)]
+
+    plog = PredictionLog(app.settings.home, "w", sample=1.0)
+    plog.record("r0", 1, 1, "stable", 200, 0.001, 1, tensor, np.ones(3))
+    plog._drain(force=True)  # a file is open now
+    shutil.rmtree(plog.directory)  # removed under the writer: its file cannot be closed
+    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 0.0)
+    plog._drain()  # no exception: the writer thread would have died
+    plog.record("r3", 1, 1, "stable", 200, 0.001, 1, tensor, np.ones(3))
+    plog.flush()
+    assert plog.counters()["written"] == 2 and "Error" in (plog.counters()["error"] or "")
+
+    directory = plog.directory
+    blocker = app.settings.cache_dir / "spool-ship"
+    blocker.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob("*.frames"):  # the Parquet cannot be written: a full disk
+        (blocker / (path.stem + ".parquet")).mkdir()
+    failed = ship_logs(app, "w")
+    assert failed["failed"] == 2 and not (directory / "rejected").exists()
+    shutil.rmtree(blocker)
+    assert ship_logs(app, "w")["shipped"] == 2  # kept, and shipped once it can be
+    (inputs,) = log_files(app, "w", "inputs")
+    assert duckdb.sql(
+        f"SELECT request_id, row, x_a FROM read_parquet('{inputs}') ORDER BY ts, row"
+    ).fetchall() == [("r3", 0, 1.0), ("r3", 1, 2.0), ("r3", 2, 3.0)]
+
+    # a requests frame without its times is set aside, not retried on every pass
+    one = np.ones(1, dtype=np.int64)
+    (directory / "requests-2026010100-1-4bad.frames").write_bytes(
+        _frame([("request_id", ["r"]), ("version", one), ("revision", one)])
+    )
+    result = ship_logs(app, "w")
+    assert (
+        result["failed"] == 1
+        and "no ts, role, status, latency_ms, rows column" in (result["error"])
+    )
+    assert ship_logs(app, "w")["failed"] == 0
 
 
 def test_a_monitor_stays_one_alert_through_gaps_and_names_what_it_cannot_measure(

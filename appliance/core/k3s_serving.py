@@ -416,6 +416,7 @@ def pod_server(app: Appliance, spec: dict[str, Any]) -> ModelServer:
     server = ModelServer(app, spec["deployment"], directory=app.settings.home / "run")
     server.model = spec["model"]
     server.routing = Routing(generation=0, revision=int(spec["revision"]), stable=runtime)
+    server.plog.configure(0.0, False)  # a pod's logs are not collected: nothing is kept
     return server
 
 

@@ -1,8 +1,9 @@
 """Prediction logs: what a deployment answered, written off the request path.
 
 A serving worker hands each answered request, once its response is sent, to
-`PredictionLog.record`: a few attribute reads and a non-blocking put on a bounded queue (when
-the queue is full the sample is dropped and counted; the request never waits). Request
+`PredictionLog.record`: a non-blocking put on a bounded queue (when the queue is full the
+sample is dropped and counted; the request never waits) and, every 10 ms, the encoding of
+what is queued (below). Request
 metadata (time, request id, version, revision, role, status, latency, rows) is logged for
 every request by default; inputs and outputs for a sampled share (`log_sample`). Every
 10 ms the serving loop encodes the queue between two requests; a thread writes the bytes to
@@ -41,7 +42,7 @@ from appliance.core.context import Appliance
 from appliance.errors import ApplianceError
 from appliance.store.db import utcnow
 
-QUEUE_SIZE = 50_000  # requests waiting for the writer thread; beyond it samples are dropped
+QUEUE_SIZE = 50_000  # requests waiting to be encoded; beyond it samples are dropped
 # Encoding a batch holds the worker's interpreter, so requests in flight wait for it: what
 # p99 feels is how long one batch takes (350 requests, every 100 ms, took 1.5 ms), and each
 # wake-up of another thread costs the serving loop a hand-off of the interpreter. So the
@@ -55,6 +56,16 @@ ROTATE_SECONDS = float(os.environ.get("APPLIANCE_LOG_ROTATE_SECONDS", "5"))
 ROTATE_BYTES = 64 << 20
 SPOOL_LIMIT = int(os.environ.get("APPLIANCE_LOG_SPOOL_BYTES", str(1 << 30)))
 KINDS = ("requests", "inputs")
+REQUEST_COLUMNS = (
+    "ts",
+    "request_id",
+    "version",
+    "revision",
+    "role",
+    "status",
+    "latency_ms",
+    "rows",
+)
 # A binary frame: magic, header length, body length (little-endian uint32), the header (JSON:
 # each column's name, dtype or "json", shape and byte length; the inputs' feature names),
 # then the columns' bytes in that order.
@@ -121,7 +132,11 @@ class PredictionLog:
         self.pending: deque[tuple[Any, ...]] = deque()
         self.queue_size = queue_size
         self.spool_limit = spool_limit
-        self.dropped = 0  # samples the full queue (or a full spool) could not take
+        # samples lost: on the serving loop (a full queue or backlog, a value that cannot be
+        # encoded) and in the writer thread (a full spool or disk); one counter per thread,
+        # as `+=` from two threads can lose counts
+        self.dropped = 0
+        self.lost = 0
         self.written = 0
         self.files: dict[tuple[str, str], _SpoolFile] = {}
         self.seq = 0
@@ -214,17 +229,22 @@ class PredictionLog:
         self.encoded_bytes += sum(len(chunk[3]) for chunk in chunks)
         return len(items)
 
-    def _lose(self, count: int, why: str) -> None:
-        """Samples lost: counted, and the first reason said once."""
-        self.dropped += count
+    def _lose(self, count: int, why: str, writer: bool = False) -> None:
+        """Samples lost: counted (on the calling thread's counter), the first reason said
+        once."""
+        if writer:
+            self.lost += count
+        else:
+            self.dropped += count
         if self.error is None:
             self.error = why
-            print(f"prediction log: samples dropped: {why}", file=sys.stderr)
+            with contextlib.suppress(Exception):  # a closed stderr must not reach a request
+                print(f"prediction log: samples dropped: {why}", file=sys.stderr)
 
     def counters(self) -> dict[str, Any]:
         return {
             "queued": len(self.pending) + sum(n for n, _ in self.encoded),
-            "dropped": self.dropped,
+            "dropped": self.dropped + self.lost,
             "written": self.written,
             "error": self.error,
         }
@@ -251,10 +271,7 @@ class PredictionLog:
         items were taken."""
         with self.write_lock:
             taken = self._write_encoded(force)
-            try:
-                self._rotate(force=False)
-            except OSError as exc:  # written already: nothing lost; said once
-                self.error = self.error or f"{type(exc).__name__}: {exc}"
+            self._rotate(force=False)
         return taken
 
     def _write_encoded(self, force: bool) -> int:
@@ -265,14 +282,14 @@ class PredictionLog:
         taken = 0
         for count, chunks in batches:
             taken += count
-            if self._over_limit():
-                self.dropped += count
-                continue
             try:
+                if self._over_limit():
+                    self.lost += count
+                    continue
                 for kind, ts, suffix, data in chunks:
                     self._put(kind, ts, suffix, data)
             except Exception as exc:  # a full disk: these samples are lost, the writer goes on
-                self._lose(count, f"{type(exc).__name__}: {exc}")
+                self._lose(count, f"{type(exc).__name__}: {exc}", writer=True)
                 continue
             self.written += count
         return taken
@@ -346,12 +363,14 @@ class PredictionLog:
     def _rotate(self, force: bool) -> None:
         now = time.monotonic()
         for key, spool in list(self.files.items()):
-            if force or now - spool.opened > ROTATE_SECONDS or spool.size > ROTATE_BYTES:
-                spool.handle.flush()
-                spool.close()
-                del self.files[key]
-            else:
-                spool.handle.flush()
+            try:
+                if force or now - spool.opened > ROTATE_SECONDS or spool.size > ROTATE_BYTES:
+                    del self.files[key]  # first: one that cannot be closed is not tried again
+                    spool.close()
+                else:
+                    spool.handle.flush()
+            except Exception as exc:  # its directory removed, a full disk: the others go on
+                self.error = self.error or f"{type(exc).__name__}: {exc}"
 
 
 _DTYPES: dict[Any, str] = {}  # numpy builds a dtype's name on every ask
@@ -426,12 +445,12 @@ def _tensor_frame(items: list[tuple[Any, ...]]) -> bytes | None:
     its time, id, version and row count. None if they did not."""
     import numpy as np
 
-    ts, ids, ver, rev, _, _, _, rows, given, outputs = zip(*items, strict=True)
+    ts, ids, ver, rev, _, _, _, _, given, outputs = zip(*items, strict=True)
     names = given[0][0]
     try:
         x = np.concatenate([g[1] for g in given])
         y = np.concatenate(outputs)
-        counts = np.array(rows, dtype=np.int64)  # each request's predicted rows
+        counts = np.fromiter(map(len, outputs), dtype=np.int64, count=len(outputs))
     except (TypeError, ValueError):  # a bare number, ragged rows
         return None
     if not (
@@ -443,6 +462,10 @@ def _tensor_frame(items: list[tuple[Any, ...]]) -> bytes | None:
         and len(x) == len(y) == int(counts.sum())
     ):
         return None
+    if x.dtype.kind == "f" and x.dtype.itemsize < 8:  # as the JSON lines give them
+        x = x.astype(np.float64)
+    if y.dtype.kind == "f" and y.dtype.itemsize < 8:
+        y = y.astype(np.float64)
     return _frame(
         [
             ("ts", np.array(ts, dtype=np.float64)),
@@ -686,10 +709,15 @@ def _ship(app: Appliance, deployment: str, path: Path) -> None:
             rows, first, last = _convert_frames(con, path, kind, out)
         else:
             rows, first, last = _convert(con, path, kind, out)
+    except duckdb.IOException as exc:  # writing the Parquet (a full disk): tried again
+        _drop_connection()
+        raise OSError(str(exc).splitlines()[0]) from None
     except duckdb.Error as exc:  # a cut or hand-made line: the file can never be read
+        _drop_connection()
         raise _Unreadable(str(exc).splitlines()[0]) from None
     finally:
-        con.execute("DROP TABLE IF EXISTS batch")  # the connection serves the next file
+        with contextlib.suppress(duckdb.Error):  # the connection serves the next file
+            con.execute("DROP TABLE IF EXISTS batch")
     stored = app.objects.put_file(out, move=True)
     hour = path.name.split("-")[1]
     app.db.execute(
@@ -706,13 +734,23 @@ _shipper = threading.local()
 
 def _connection() -> Any:
     """This thread's DuckDB connection for shipping: opening one costs about as much as
-    converting a few thousand rows, so the agent opens it once, not once per file."""
+    converting a few thousand rows, so a shipping pass opens one, not one per file."""
     import duckdb
 
     con = getattr(_shipper, "con", None)
     if con is None:
         con = _shipper.con = duckdb.connect(config={"threads": 1})  # one core at most
     return con
+
+
+def _drop_connection() -> None:
+    """After a failed conversion: the next file gets a fresh connection, whatever state
+    the error left this one in."""
+    con = getattr(_shipper, "con", None)
+    _shipper.con = None
+    if con is not None:
+        with contextlib.suppress(Exception):
+            con.close()
 
 
 class _Unreadable(Exception):
@@ -731,6 +769,8 @@ def _convert_frames(con: Any, path: Path, kind: str, out: Path) -> tuple[int, fl
     while pos < len(data):
         frame, pos = _read_frame(data, pos)
         columns = _input_rows(frame, pos) if kind == "inputs" else frame["columns"]
+        if kind == "requests":
+            _check_columns(columns, REQUEST_COLUMNS, pos)
         signature = tuple((name, values.dtype) for name, values in columns.items())
         groups.setdefault(signature, []).append(columns)
     tables = [
@@ -739,6 +779,7 @@ def _convert_frames(con: Any, path: Path, kind: str, out: Path) -> tuple[int, fl
     ]
     if not tables:
         raise _Unreadable("no frames")
+    ts = np.concatenate([t["ts"] for t in tables])
     try:
         for number, table in enumerate(tables):
             con.register(f"frames{number}", table)
@@ -747,7 +788,6 @@ def _convert_frames(con: Any, path: Path, kind: str, out: Path) -> tuple[int, fl
     finally:
         for number in range(len(tables)):
             con.unregister(f"frames{number}")
-    ts = np.concatenate([t["ts"] for t in tables])
     if not len(ts):
         return 0, 0.0, 0.0
     return len(ts), float(ts.min()), float(ts.max())
@@ -788,6 +828,19 @@ def _read_frame(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
     return {"columns": columns, "features": header.get("features")}, at
 
 
+def _check_columns(columns: dict[str, Any], names: tuple[str, ...], end: int) -> None:
+    """A decoded frame has these columns, one-dimensional and of one length."""
+    missing = [n for n in names if n not in columns]
+    shapes = {getattr(values, "shape", None) for values in columns.values()}
+    if missing:
+        why = f"no {', '.join(missing)} column"
+    elif len(shapes) != 1 or len(shapes.pop() or ()) != 1:
+        why = "columns of different shapes"
+    else:
+        return
+    raise _Unreadable(f"frame ending at byte {end}: {why}")
+
+
 def _json_column(values: Any) -> Any:
     """A JSON list (the frames' text columns) as a column of objects."""
     import numpy as np
@@ -805,16 +858,18 @@ def _input_rows(frame: dict[str, Any], end: int) -> dict[str, Any]:
     columns, features = frame["columns"], frame["features"]
     try:
         counts, x, y = columns["count"], columns["x"], columns["y"]
-        if not isinstance(features, list) or x.shape[1:] != (len(features),):
+        if not isinstance(features, list) or x.ndim != 2 or x.shape[1] != len(features):
             raise ValueError("its features do not match its inputs")
-        if len(x) != len(y) or len(x) != int(counts.sum()):
+        if counts.dtype.kind not in "iu" or y.ndim != 1:
+            raise ValueError("its counts or predictions are not what a frame holds")
+        if len(x) != len(y) or len(x) != int(counts.sum()) or (counts < 0).any():
             raise ValueError("its row counts do not match")
+        per_request = {key: columns[key] for key in ("ts", "request_id", "version", "revision")}
+        if any(v.shape != counts.shape for v in per_request.values()):
+            raise ValueError("its columns are of different lengths")
         starts = np.repeat(np.cumsum(counts) - counts, counts)
-        rows = {
-            key: np.repeat(columns[key], counts)
-            for key in ("ts", "request_id", "version", "revision")
-        }
-    except (KeyError, ValueError, IndexError, AttributeError) as exc:
+        rows = {key: np.repeat(values, counts) for key, values in per_request.items()}
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:
         raise _Unreadable(f"frame ending at byte {end}: {exc}") from None
     rows["row"] = np.arange(len(x), dtype=np.int64) - starts
     for j, feature in enumerate(features):

@@ -12,7 +12,6 @@ revision. The supervisor restarts a worker that dies and judges the canary's rul
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import logging
@@ -694,12 +693,8 @@ class InferenceApp:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    # what was answered reaches the spool: uvicorn re-raises the stop signal
-                    # after this, so nothing later in the worker would run
-                    with contextlib.suppress(OSError):
-                        self.server.plog.flush()
-                    await send({"type": "lifespan.shutdown.complete"})
+                elif message["type"] == "lifespan.shutdown":  # (lifespan is off in
+                    await send({"type": "lifespan.shutdown.complete"})  # server_config)
                     return
         if scope["type"] != "http":
             return
@@ -831,14 +826,25 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     # What is loaded by now lives as long as the worker: the collector's full passes skip
     # it. Without this, request logging (whose queued items live long enough to reach the
     # oldest generation) triggers a full pass every few seconds, a stall of tens of ms.
+    gc.collect()
     gc.freeze()
     stop = threading.Event()
     threading.Thread(target=server.follow, args=(stop,), daemon=True).start()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
     writer.start()
-    uvicorn.Server(config).run(sockets=[sock])
-    stop.set()
-    writer.join(timeout=5)  # what was queued reaches the spool before the worker exits
+
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, to this handler: the
+    # worker then exits through the `finally`, so what it logged reaches the spool.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopped)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        stop.set()
+        writer.join(timeout=5)
     return 0
 
 
@@ -963,8 +969,7 @@ class _Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            # uvicorn re-raises the SIGTERM after its graceful shutdown, so a worker does not
-            # get to clean up after itself
+            # a worker killed after the timeout cannot remove its snapshot: done here
             self.snapshot(proc).unlink(missing_ok=True)
 
 
