@@ -208,8 +208,9 @@ class PredictionLog:
         finally:
             self.lock.release()
 
-    def _encode_pending(self) -> int:
-        """The queue as encoded batches (the queue lock held); how many items it took."""
+    def _encode_pending(self, writer: bool = False) -> int:
+        """The queue as encoded batches (the queue lock held; `writer`: called by the writer
+        thread); how many items it took."""
         self.next_encode = time.monotonic() + ENCODE_SECONDS
         items = []
         pending = self.pending
@@ -218,12 +219,12 @@ class PredictionLog:
         if not items:
             return 0
         if self.encoded_bytes > ENCODED_LIMIT:
-            self._lose(len(items), "the writer is behind (the disk?)")
+            self._lose(len(items), "the writer is behind (the disk?)", writer)
             return len(items)
         try:
             chunks = self._chunks(items)
         except Exception as exc:  # a value orjson cannot write: these samples are lost
-            self._lose(len(items), f"{type(exc).__name__}: {exc}")
+            self._lose(len(items), f"{type(exc).__name__}: {exc}", writer)
             return len(items)
         self.encoded.append((len(items), chunks))
         self.encoded_bytes += sum(len(chunk[3]) for chunk in chunks)
@@ -255,7 +256,10 @@ class PredictionLog:
         write the rest and close."""
         self.directory.mkdir(parents=True, exist_ok=True)
         while not stop.wait(WRITE_SECONDS):
-            self._drain()
+            try:
+                self._drain()
+            except Exception as exc:  # whatever it was, the thread lives: the next pass tries
+                self.error = self.error or f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(OSError):
             self.flush()
 
@@ -277,7 +281,7 @@ class PredictionLog:
     def _write_encoded(self, force: bool) -> int:
         with self.lock:
             if force or time.monotonic() >= self.next_encode + ENCODE_SECONDS:
-                self._encode_pending()
+                self._encode_pending(writer=True)
             batches, self.encoded, self.encoded_bytes = self.encoded, [], 0
         taken = 0
         for count, chunks in batches:
