@@ -693,8 +693,8 @@ class InferenceApp:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":  # (lifespan is off in
-                    await send({"type": "lifespan.shutdown.complete"})  # server_config)
+                elif message["type"] == "lifespan.shutdown":  # server_config turns it off
+                    await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
             return
