@@ -400,17 +400,26 @@ def _frame(columns: list[tuple[str, Any]], features: Any = None) -> bytes:
     return FRAME_PREFIX.pack(FRAME_MAGIC, len(header), len(data)) + header + data
 
 
+def _request_columns(ts: Any, ids: Any, ver: Any, rev: Any) -> list[tuple[str, Any]]:
+    """The columns both kinds of frame give per request: time, id, version, revision."""
+    import numpy as np
+
+    return [
+        ("ts", np.array(ts, dtype=np.float64)),
+        ("request_id", ids),
+        ("version", np.array(ver, dtype=np.int64)),
+        ("revision", np.array(rev, dtype=np.int64)),
+    ]
+
+
 def _requests_frame(items: list[tuple[Any, ...]]) -> bytes:
-    """Every request's metadata: times and latencies as float64 bytes, the rest as JSON."""
+    """Every request's metadata: numbers as their bytes, the ids and roles as JSON."""
     import numpy as np
 
     ts, ids, ver, rev, role, status, secs, rows, _, _ = zip(*items, strict=True)
     return _frame(
         [
-            ("ts", np.array(ts, dtype=np.float64)),
-            ("request_id", ids),
-            ("version", np.array(ver, dtype=np.int64)),
-            ("revision", np.array(rev, dtype=np.int64)),
+            *_request_columns(ts, ids, ver, rev),
             ("role", role),
             ("status", np.array(status, dtype=np.int64)),
             ("latency_ms", np.array(secs, dtype=np.float64) * 1000.0),
@@ -472,10 +481,7 @@ def _tensor_frame(items: list[tuple[Any, ...]]) -> bytes | None:
         y = y.astype(np.float64)
     return _frame(
         [
-            ("ts", np.array(ts, dtype=np.float64)),
-            ("request_id", ids),
-            ("version", np.array(ver, dtype=np.int64)),
-            ("revision", np.array(rev, dtype=np.int64)),
+            *_request_columns(ts, ids, ver, rev),
             ("count", counts),
             ("x", x),
             ("y", y),
