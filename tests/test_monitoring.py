@@ -630,6 +630,11 @@ def test_the_writer_outlives_a_lost_spool_and_a_failed_write_is_retried_not_reje
     shutil.rmtree(plog.directory)  # removed under the writer: its file cannot be closed
     monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 0.0)
     plog._drain()  # no exception: the writer thread would have died
+    plog._put("inputs", time.time(), ".frames", b"x")  # an open file, then its directory gone
+    shutil.rmtree(plog.directory)
+    plog._put("inputs", time.time() + 3600, ".frames", b"")  # a new hour: the old file
+    assert list(plog.files) == [("inputs", ".frames")]  # could not close, and is not retried
+    plog._rotate(force=True)
     plog.record("r3", 1, 1, "stable", 200, 0.001, 1, tensor, np.ones(3))
     plog.flush()
     assert plog.counters()["written"] == 2 and "Error" in (plog.counters()["error"] or "")
