@@ -86,7 +86,9 @@ def test_tensor_and_column_requests_log_one_row_per_predicted_row(app: Appliance
     text = (names, np.array([["x", 1]], dtype=object))
     plog.record("five", 2, 1, "stable", 200, 0.001, 1, text, np.zeros(1))
     plog.flush()  # named columns, and a tensor of text: JSON lines, which DuckDB unifies
-    assert ship_logs(app, "t") == {"shipped": 4, "failed": 0, "busy": 0, "error": None}
+    kinds = sorted(p.name.split("-")[0] + p.suffix for p in _closed(plog.directory))
+    assert kinds == [*["inputs.frames"] * 2, "inputs.jsonl", *["requests.frames"] * 2]
+    assert ship_logs(app, "t") == {"shipped": 5, "failed": 0, "busy": 0, "error": None}
     files = ", ".join(f"'{f}'" for f in log_files(app, "t", "inputs"))
     rows = duckdb.sql(
         f"SELECT request_id, row, version, x_a, x_b, x_c, prediction "
@@ -119,12 +121,11 @@ def deployed(app: Appliance, tmp_path: Path) -> str:
 
 def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Path) -> None:
     plog = PredictionLog(tmp_path, "d", sample=1.0, queue_size=3)
-    with plog.lock:  # the writer holds the queue: requests neither wait nor encode
-        for i in range(10):
-            plog.record(f"r{i}", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
+    for i in range(10):  # the writer is not running: the queue fills
+        plog.record(f"r{i}", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
     assert plog.counters() == {"queued": 3, "dropped": 7, "written": 0, "error": None}
     plog.flush()
-    assert plog.counters()["written"] == 3
+    assert plog.counters() == {"queued": 0, "dropped": 7, "written": 3, "error": None}
     names = sorted(p.name.split("-")[0] for p in spool_dir(tmp_path, "d").iterdir())
     assert names == ["inputs", "requests"]
     # a full spool: what does not fit is dropped and counted, nothing blocks
@@ -135,25 +136,48 @@ def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Pat
     assert tight.counters()["dropped"] == 1
 
 
-def test_the_serving_loop_encodes_and_the_writer_thread_only_writes(tmp_path: Path) -> None:
-    """A second thread that encodes would take the interpreter from the serving loop on each
-    wake-up; the loop encodes a short batch between requests instead, and the writer writes
-    (and encodes only what a quiet loop left)."""
+def test_the_request_path_appends_bytes_and_the_writer_thread_frames_them(
+    tmp_path: Path,
+) -> None:
+    """Code that runs once per batch runs cold, and a second thread that encodes takes the
+    interpreter from the serving loop: so a request appends its metadata and tensor to
+    column buffers as it is logged, the writer frames and writes them, and only inputs of
+    other shapes are queued, for the loop to encode between requests."""
     plog = PredictionLog(tmp_path, "d", sample=1.0)
-
-    def record(name: str) -> None:
-        plog.record(name, 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.ones(1))
-
-    record("r0")  # due: encoded at once, by the caller
-    assert (len(plog.pending), len(plog.encoded)) == (0, 1)
+    names = ["a"]
+    for i in range(3):
+        plog.record(f"t{i}", 1, 1, "stable", 200, 0.001, 1, (names, np.ones((1, 1))), np.ones(1))
+    hour = plog.hour
+    assert hour is not None and hour.items == 3 and list(hour.ids) == ["t0", "t1", "t2"]
+    assert len(hour.tensors[id(names)].x) == 3 * 8 and not plog.pending and not plog.encoded
     plog.next_encode = time.monotonic() + 60
-    record("r1")  # not due: queued
-    assert (len(plog.pending), len(plog.encoded)) == (1, 1)
-    assert plog._drain() == 1  # the loop is not quiet: the writer writes r0 only
-    assert (len(plog.pending), len(plog.encoded), plog.counters()["written"]) == (1, 0, 1)
-    plog.next_encode = time.monotonic() - 1  # quiet for a while: the writer encodes r1 too
-    assert plog._drain() == 1 and plog.counters()["written"] == 2
-    assert plog.counters()["queued"] == 0
+    plog.record("c0", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.ones(1))  # not due
+    assert (len(plog.pending), len(plog.encoded), hour.items) == (1, 0, 3)
+    assert plog._drain() == 3  # the loop is not quiet: the writer writes the buffers only
+    assert plog.hour is None and plog.counters() == {
+        "queued": 1,
+        "dropped": 0,
+        "written": 3,
+        "error": None,
+    }
+    plog.next_encode = time.monotonic() - 1  # quiet for a while: the writer encodes c0 too
+    assert plog._drain() == 1 and plog.counters()["written"] == 4
+    plog.next_encode = time.monotonic() - 1
+    plog.record("c1", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.ones(1))  # due: at once
+    assert (len(plog.pending), len(plog.encoded)) == (0, 1)
+    plog.flush()
+    assert plog.counters()["queued"] == 0 and plog.counters()["written"] == 5
+    # float32 is widened as JSON would give it; integers after floats go to the queue
+    plog.record("f4", 1, 1, "stable", 200, 0.001, 1, (names, np.ones((1, 1), "f4")), np.ones(1))
+    plog.record("i8", 1, 1, "stable", 200, 0.001, 1, (names, np.ones((1, 1), "i8")), np.ones(1))
+    assert plog.hour is not None and len(plog.hour.tensors[id(names)].x) == 8
+    assert [item[1] for item in plog.pending] == ["i8"]
+    plog.hour.end = time.time() // 3600 * 3600  # as if the hour turned: a new one starts
+    plog.record("h", 1, 1, "stable", 200, 0.001, 1, (names, np.ones((1, 1))), np.ones(1))
+    assert len(plog.sealed) == 1 and plog.hour.items == 1
+    plog.flush()
+    hours = {p.name.split("-")[1] for p in _closed(plog.directory) if "requests" in p.name}
+    assert len(hours) == 2 and plog.counters()["written"] == 8
 
 
 def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
@@ -614,9 +638,8 @@ def test_the_writer_outlives_a_lost_spool_and_a_failed_write_is_retried_not_reje
     tensor = (["a"], np.array([[1.0], [2.0], [3.0]]))
     # rows are split by each request's predictions (its `rows` argument is not trusted)
     split = PredictionLog(app.settings.home, "v", sample=1.0)
-    with split.lock:  # one batch
-        split.record("r1", 1, 1, "stable", 200, 0.001, 2, (["a"], tensor[1][:1]), np.ones(1))
-        split.record("r2", 1, 1, "stable", 200, 0.001, 1, (["a"], tensor[1][1:]), np.zeros(2))
+    split.record("r1", 1, 1, "stable", 200, 0.001, 2, (["a"], tensor[1][:1]), np.ones(1))
+    split.record("r2", 1, 1, "stable", 200, 0.001, 1, (["a"], tensor[1][1:]), np.zeros(2))
     split.flush()
     ship_logs(app, "v")
     (inputs,) = log_files(app, "v", "inputs")
@@ -701,8 +724,11 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
 
     waits: list[float | None] = []
 
-    def ship(app: Appliance, deployment: str | None = None, wait: float | None = None) -> Any:
+    def ship(
+        app: Appliance, deployment: str | None = None, wait: float | None = None, idle: bool = False
+    ) -> Any:
         waits.append(wait)
+        assert idle  # converting at SCHED_IDLE
         where("ship")
         return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
 
@@ -720,6 +746,34 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     assert waits == [0]  # a deployment another shipper holds waits for the next pass
     assert seen["ship"][0] != seen["watch"][0]
     assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
+
+
+def test_the_agent_converts_logs_in_a_thread_that_runs_only_when_serving_does_not(
+    app: Appliance,
+) -> None:
+    """At nice 19 a converting thread still held a core a waking serving worker needed; at
+    SCHED_IDLE the worker takes it back at once. Storing and the SQLite write stay in the
+    shipping thread: a starved thread must not hold the database's write lock."""
+    import threading
+
+    from appliance.core import prediction_log
+
+    converted: list[tuple[str, int]] = []
+    convert = prediction_log._convert_file
+
+    def spy(path: Path, kind: str, out: Path) -> Any:
+        converted.append((threading.current_thread().name, os.sched_getscheduler(0)))
+        return convert(path, kind, out)
+
+    plog = PredictionLog(app.settings.home, "idle", sample=1.0)
+    plog.record("r", 1, 1, "stable", 200, 0.001, 1, (["a"], np.ones((1, 1))), np.ones(1))
+    plog.flush()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prediction_log, "_convert_file", spy)
+        assert ship_logs(app, "idle", idle=True)["shipped"] == 2
+    assert [policy for _, policy in converted] == [os.SCHED_IDLE] * 2
+    assert all(name != threading.current_thread().name for name, _ in converted)
+    assert len(log_files(app, "idle", "inputs")) == 1
 
 
 def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -> None:
