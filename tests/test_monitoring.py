@@ -178,6 +178,18 @@ def test_the_request_path_appends_bytes_and_the_writer_thread_frames_them(
     plog.flush()
     hours = {p.name.split("-")[1] for p in _closed(plog.directory) if "requests" in p.name}
     assert len(hours) == 2 and plog.counters()["written"] == 8
+    # a value the buffers do not take costs that sample, and the columns stay aligned
+    plog.requests = False  # the tensor's columns first: its version fails half-way
+    plog.record("bad", "v", 1, "stable", 200, 0.001, 1, (names, np.ones((1, 1))), np.ones(1))
+    plog.requests = True
+    plog.record("bad", 1, 1, "stable", 200, "s", 1, (names, np.ones((1, 1))), np.ones(1))
+    plog.record("ok", 1, 1, "stable", 200, 0.001, 1, (names, np.ones((1, 1))), np.ones(1))
+    counters = plog.counters()
+    assert counters["dropped"] == 2 and counters["queued"] == 1
+    assert "TypeError" in counters["error"]
+    assert plog.hour is not None and list(plog.hour.ids) == ["ok"]
+    assert list(plog.hour.tensors[id(names)].ids) == ["ok"]
+    assert len(plog.hour.tensors[id(names)].x) == 8
 
 
 def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(

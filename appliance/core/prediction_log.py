@@ -187,18 +187,25 @@ class PredictionLog:
             hour = self.hour
             if hour is None or ts >= hour.end:
                 hour = self._new_hour(ts)
-            if self.requests:
-                hour.ts.append(ts)
-                hour.ids.append(request_id)
-                hour.version.append(version)
-                hour.revision.append(revision)
-                hour.role.append(role)
-                hour.status.append(status)
-                hour.latency.append(seconds * 1000.0)
-                hour.rows.append(rows)
-            if sampled and not self._add_tensor(
-                hour, ts, request_id, version, revision, columns, predictions
-            ):
+            try:
+                if self.requests:
+                    hour.ts.append(ts)
+                    hour.ids.append(request_id)
+                    hour.version.append(version)
+                    hour.revision.append(revision)
+                    hour.role.append(role)
+                    hour.status.append(status)
+                    hour.latency.append(seconds * 1000.0)
+                    hour.rows.append(rows)
+                tensor = sampled and self._add_tensor(
+                    hour, ts, request_id, version, revision, columns, predictions
+                )
+            except Exception as exc:  # a value the buffers do not take: this sample only
+                hour.realign()
+                self.held -= 1
+                self._lose(1, f"{type(exc).__name__}: {exc}")
+                return
+            if sampled and not tensor:
                 item = (ts, request_id, version, revision, role, status, seconds, rows)
                 self.pending.append((*item, columns, predictions))
                 if time.monotonic() >= self.next_encode:
@@ -506,6 +513,17 @@ class _Hour:
         self.latency, self.rows = array("d"), array("q")
         self.tensors: dict[int, _Tensors] = {}  # by id of the model's feature list
 
+    def realign(self) -> None:
+        """After a request failed half-way through its appends: every column back to the
+        length they all had."""
+        columns = (self.ts, self.ids, self.version, self.revision, self.role)
+        columns += (self.status, self.latency, self.rows)
+        shortest = min(map(len, columns))
+        for column in columns:
+            del column[shortest:]
+        for group in self.tensors.values():
+            group.realign()
+
     def chunks(self) -> list[tuple[str, float, str, bytes]]:
         """The metadata and each model's tensors as frames, as (kind, time, suffix, bytes)."""
         import numpy as np
@@ -571,6 +589,16 @@ class _Tensors:
         if not isinstance(names, list | tuple) or getattr(x, "ndim", 0) != 2:
             return None
         return cls(type(x), names, _widened(dtype), _widened(ytype))
+
+    def realign(self) -> None:
+        """Every request's values back to the requests appended whole."""
+        columns = (self.ts, self.ids, self.version, self.revision, self.count)
+        shortest = min(map(len, columns))
+        for column in columns:
+            del column[shortest:]
+        rows = sum(self.count)
+        del self.x[rows * self.width * self.xtype.itemsize :]
+        del self.y[rows * self.ytype.itemsize :]
 
     def frame(self) -> bytes:
         import numpy as np
