@@ -190,6 +190,9 @@ def test_the_request_path_appends_bytes_and_the_writer_thread_frames_them(
     assert plog.hour is not None and list(plog.hour.ids) == ["ok"]
     assert list(plog.hour.tensors[id(names)].ids) == ["ok"]
     assert len(plog.hour.tensors[id(names)].x) == 8
+    plog.next_encode = time.monotonic() - 1  # inputs orjson cannot write: counted once
+    plog.record("obj", 1, 1, "stable", 200, 0.001, 1, {"a": [object()]}, np.ones(1))
+    assert plog.counters()["dropped"] == 3 and plog.counters()["queued"] == 1
 
 
 def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
@@ -736,11 +739,8 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
 
     waits: list[float | None] = []
 
-    def ship(
-        app: Appliance, deployment: str | None = None, wait: float | None = None, idle: bool = False
-    ) -> Any:
+    def ship(app: Appliance, deployment: str | None = None, wait: float | None = None) -> Any:
         waits.append(wait)
-        assert idle  # converting at SCHED_IDLE
         where("ship")
         return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
 
@@ -758,34 +758,6 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     assert waits == [0]  # a deployment another shipper holds waits for the next pass
     assert seen["ship"][0] != seen["watch"][0]
     assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
-
-
-def test_the_agent_converts_logs_in_a_thread_that_runs_only_when_serving_does_not(
-    app: Appliance,
-) -> None:
-    """At nice 19 a converting thread still held a core a waking serving worker needed; at
-    SCHED_IDLE the worker takes it back at once. Storing and the SQLite write stay in the
-    shipping thread: a starved thread must not hold the database's write lock."""
-    import threading
-
-    from appliance.core import prediction_log
-
-    converted: list[tuple[str, int]] = []
-    convert = prediction_log._convert_file
-
-    def spy(path: Path, kind: str, out: Path) -> Any:
-        converted.append((threading.current_thread().name, os.sched_getscheduler(0)))
-        return convert(path, kind, out)
-
-    plog = PredictionLog(app.settings.home, "idle", sample=1.0)
-    plog.record("r", 1, 1, "stable", 200, 0.001, 1, (["a"], np.ones((1, 1))), np.ones(1))
-    plog.flush()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prediction_log, "_convert_file", spy)
-        assert ship_logs(app, "idle", idle=True)["shipped"] == 2
-    assert [policy for _, policy in converted] == [os.SCHED_IDLE] * 2
-    assert all(name != threading.current_thread().name for name, _ in converted)
-    assert len(log_files(app, "idle", "inputs")) == 1
 
 
 def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -> None:

@@ -489,8 +489,8 @@ class Agent:
         return watching
 
     def _ship(self) -> None:
-        """At nice 19, converting at SCHED_IDLE in a thread of its own (`ship_logs`' `idle`):
-        serving comes first. Not SCHED_IDLE here: a starved thread could sit for seconds
+        """At the lowest CPU priority (nice 19): serving comes first, and a waking serving
+        thread preempts this one. Not SCHED_IDLE: a starved thread could sit for seconds
         inside an SQLite write and hold up every other writer. Readers wait for it at most
         FRESH_WAIT; on a machine saturated for long the spool fills and samples are
         dropped, counted, never requests."""
@@ -500,8 +500,7 @@ class Agent:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHIP_NICE)
         app = Appliance(self.app.settings)  # its own connection: this is another thread
         try:
-            # a deployment someone else ships: next pass
-            shipped = ship_logs(app, wait=0, idle=True)
+            shipped = ship_logs(app, wait=0)  # a deployment someone else ships: next pass
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]

@@ -170,8 +170,8 @@ class PredictionLog:
         columns: dict[str, Any] | tuple[list[str], Any] | None,
         predictions: Any,
     ) -> None:
-        """Log one answered request; never raises, and waits at most for the writer to swap
-        the buffers (a few bytecodes). `rows`: how many rows it predicted; `columns`: the
+        """Log one answered request; never raises, and waits at most while the writer swaps
+        the buffers or encodes the queue. `rows`: how many rows it predicted; `columns`: the
         inputs as feature columns, or (feature names, [N, F] matrix) as a V2 tensor gave
         them."""
         sample = self.sample
@@ -200,9 +200,11 @@ class PredictionLog:
                 tensor = sampled and self._add_tensor(
                     hour, ts, request_id, version, revision, columns, predictions
                 )
-            except Exception as exc:  # a value the buffers do not take: this sample only
+            except BaseException as exc:  # a value the buffers do not take: this sample only
                 hour.realign()
                 self.held -= 1
+                if not isinstance(exc, Exception):  # a stop: the columns stay aligned
+                    raise
                 self._lose(1, f"{type(exc).__name__}: {exc}")
                 return
             if sampled and not tensor:
@@ -283,6 +285,7 @@ class PredictionLog:
         try:
             chunks = _chunks(items)
         except Exception as exc:  # a value orjson cannot write: these samples are lost
+            self.held -= len(items)
             self._lose(len(items), f"{type(exc).__name__}: {exc}", writer)
             return len(items)
         self.encoded.append((len(items), chunks))
@@ -776,7 +779,7 @@ def _plain(value: Any) -> Any:
 
 
 def ship_logs(
-    app: Appliance, deployment: str | None = None, wait: float | None = None, idle: bool = False
+    app: Appliance, deployment: str | None = None, wait: float | None = None
 ) -> dict[str, Any]:
     """Turn closed spool files into Parquet in the object store; returns what was shipped,
     the deployments skipped because another shipper held them, and the first error (a file
@@ -785,8 +788,7 @@ def ship_logs(
     The agent and a command that asks for fresh numbers (quality, drift) may ship at once:
     one at a time per deployment, or both would read the same file. `wait`: how long to
     wait for the other (None: until it is done; 0: skip the deployment, as the agent does,
-    since whoever holds it is shipping the same files). `idle`: convert in a thread that
-    runs only when the machine has nothing else to do (the agent; see `_converter`)."""
+    since whoever holds it is shipping the same files)."""
     root = app.settings.home / "spool" / "predictions"
     shipped, failed, busy, error = 0, 0, 0, None
     if not root.is_dir():
@@ -799,7 +801,7 @@ def ship_logs(
                 if not held:
                     busy += 1
                     continue
-                done, lost, first = _ship_directory(app, directory, idle)
+                done, lost, first = _ship_directory(app, directory)
         except OSError as exc:  # the lock file (made by another user?), a dead worker's file
             failed += 1
             error = error or f"{directory.name}: {exc}"
@@ -830,16 +832,14 @@ def _shipping(directory: Path, wait: float | None) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _ship_directory(
-    app: Appliance, directory: Path, idle: bool = False
-) -> tuple[int, int, str | None]:
+def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | None]:
     """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
     shipped, failed, error = 0, 0, None
     _adopt_orphans(directory)
     closed = [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]
     for path in sorted(closed, key=lambda p: p.name):
         try:
-            _ship(app, directory.name, path, idle)
+            _ship(app, directory.name, path)
             shipped += 1
         except _Unreadable as exc:  # never readable: set aside, not retried forever
             rejected = directory / "rejected"
@@ -889,7 +889,7 @@ def _complete_frames(data: bytes) -> int:
     return end
 
 
-def _ship(app: Appliance, deployment: str, path: Path, idle: bool = False) -> None:
+def _ship(app: Appliance, deployment: str, path: Path) -> None:
     kind = path.name.split("-", 1)[0]
     if kind == "feedback":  # labels the server took by POST /feedback
         from appliance.core.feedback import store_spooled_feedback
@@ -908,10 +908,7 @@ def _ship(app: Appliance, deployment: str, path: Path, idle: bool = False) -> No
     tmp_dir = app.settings.cache_dir / "spool-ship"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out = tmp_dir / (path.stem + ".parquet")
-    if idle:
-        rows, first, last = _converter().submit(_convert_file, path, kind, out).result()
-    else:
-        rows, first, last = _convert_file(path, kind, out)
+    rows, first, last = _convert_file(path, kind, out)
     stored = app.objects.put_file(out, move=True)
     hour = path.name.split("-")[1]
     app.db.execute(
@@ -945,33 +942,6 @@ def _convert_file(path: Path, kind: str, out: Path) -> tuple[int, float, float]:
 
 
 _shipper = threading.local()
-_idle_pool: Any = None
-_idle_pool_lock = threading.Lock()
-
-
-def _converter() -> Any:
-    """The agent's converting thread, at SCHED_IDLE (Linux): it runs only on a core that
-    nothing else wants, and a serving worker that wakes takes the core back at once. At
-    nice 19 it still held a core a waking worker needed, and raised serving's p99 by 5 to
-    10% under load. Only conversion runs there: storing the Parquet and the SQLite write
-    stay in the caller's thread, as a thread starved while holding SQLite's write lock
-    would hold up every other writer (and a thread cannot leave SCHED_IDLE unprivileged)."""
-    global _idle_pool
-    with _idle_pool_lock:
-        if _idle_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _idle_pool = ThreadPoolExecutor(1, "convert", initializer=_lowest_priority)
-        return _idle_pool
-
-
-def _lowest_priority() -> None:
-    """This thread at SCHED_IDLE; where that is refused, at nice 19."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):  # not Linux, or refused
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _connection() -> Any:
