@@ -604,6 +604,7 @@ class _Tensors:
         del self.y[rows * self.ytype.itemsize :]
 
     def frame(self) -> bytes:
+        """The buffers as one inputs frame, the same as a queued batch of tensors gives."""
         import numpy as np
 
         x = np.frombuffer(self.x, dtype=self.xtype).reshape(-1, self.width)
