@@ -1,7 +1,7 @@
 """Monitoring speed: the prediction log's cost under load, and drift over a million rows.
 
     .venv/bin/python benchmarks/monitoring.py [--seconds 4] [--connections 8] [--rounds 12]
-                                             [--log-rows 1000000] [--train-rows 200000]
+                                             [--log-rows 1000000] [--train-rows 200000] [--aa]
 
 1. The serving benchmark's model and load (single-row V2 requests, closed loop on
    127.0.0.1), in pairs of short rounds with logging off (no request metadata, no inputs)
@@ -13,7 +13,8 @@
    rounds without start once the agent has shipped everything, after SETTLE seconds of
    load too. p50 and p99 of each (medians over rounds), the p99 ratio (target within 5%)
    and each pair's ratio, failed requests, and the samples the log dropped (target: none
-   dropped, and never a request).
+   dropped, and never a request). `--aa` runs the same protocol with logging off on both
+   sides: what the ratio reads when there is nothing to measure (the machine's own noise).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
    TRAIN_ROWS-row training set: the whole `drift()` call, PSI, KS and missing rates for
    every feature and the prediction drift (target under 5 s on 2 cores).
@@ -64,8 +65,9 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
                 order = ((False, off), (True, on)) if i % 2 == 0 else ((True, on), (False, off))
                 for logging, into in order:
                     if logging != logging_now:
+                        logs = logging and not args.aa
                         deployments.set_logging(
-                            app, "bench", sample=1.0 if logging else 0.0, requests=logging
+                            app, "bench", sample=1.0 if logs else 0.0, requests=logs
                         )
                         time.sleep(0.2)  # workers follow within 20 ms
                         if not logging:  # a baseline that carries none of the shipping
@@ -213,6 +215,9 @@ def main() -> int:
     parser.add_argument("--model-rows", type=int, default=20000)
     parser.add_argument("--log-rows", type=int, default=1_000_000)
     parser.add_argument("--train-rows", type=int, default=200_000)
+    parser.add_argument(
+        "--aa", action="store_true", help="logging off on both sides: the protocol's own noise"
+    )
     args = parser.parse_args()
 
     load = logging_overhead(args)
@@ -226,11 +231,13 @@ def main() -> int:
         f"  logging off   p50 {load['p50_off_ms']:.2f} ms  p99 {load['p99_off_ms']:.2f} ms  "
         f"{load['rps_off']:,.0f} req/s"
     )
+    side = "off (A/A)  " if args.aa else "inputs 100%"
     print(
-        f"  inputs 100%   p50 {load['p50_on_ms']:.2f} ms  p99 {load['p99_on_ms']:.2f} ms  "
+        f"  {side}   p50 {load['p50_on_ms']:.2f} ms  p99 {load['p99_on_ms']:.2f} ms  "
         f"{load['rps_on']:,.0f} req/s"
     )
-    print(f"  p99 with logging / without: {ratio:.3f} (target <= 1.05)")
+    what = "off / off, nothing to measure" if args.aa else "with logging / without"
+    print(f"  p99 {what}: {ratio:.3f} (target <= 1.05)")
     print(
         f"  per pair: median {statistics.median(pairs):.3f}, "
         f"quartiles {pairs[len(pairs) // 4]:.3f} to {pairs[(3 * len(pairs)) // 4]:.3f}"
