@@ -508,3 +508,29 @@ def test_health_aliases_and_a_huge_csv_field(served) -> None:  # type: ignore[no
     csv_body = (",".join(features) + "\n" + ",".join(row) + "\n").encode()
     code, _ = call(f"{dep['url']}/invocations", raw=csv_body, headers={"Content-Type": "text/csv"})
     assert code == 200
+
+
+def test_small_batches_predict_on_one_thread_with_the_same_numbers(trained_home: Path) -> None:
+    """Up to SMALL_BATCH rows skip LightGBM's thread team; every row must come out exactly as
+    the team gives it, at the limit, on either side of it and alone."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from appliance.core import inference, registry
+    from appliance.core.inference import ModelRuntime
+
+    app = Appliance.open(trained_home)
+    try:
+        mv = registry.get_model_version(app, "churn@1")
+        model_file = str(app.objects.get_file(mv["sha256"]))
+        runtime = ModelRuntime(mv, model_file)
+        features, rows = sample_rows(3 * inference.SMALL_BATCH)
+    finally:
+        app.close()
+    matrix = runtime.matrix({f: [r[j] for r in rows] for j, f in enumerate(features)})
+    want = lgb.Booster(model_file=model_file).predict(matrix)  # the team, as before
+    for n in (1, inference.SMALL_BATCH, inference.SMALL_BATCH + 1, len(matrix)):
+        got = np.concatenate(
+            [runtime.predict_matrix(matrix[i : i + n]) for i in range(0, len(matrix), n)]
+        )
+        assert got.tobytes() == want.tobytes(), n
