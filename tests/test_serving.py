@@ -512,7 +512,8 @@ def test_health_aliases_and_a_huge_csv_field(served) -> None:  # type: ignore[no
 
 def test_small_batches_predict_on_one_thread_with_the_same_numbers(trained_home: Path) -> None:
     """Up to SMALL_BATCH rows skip LightGBM's thread team; every row must come out exactly as
-    the team gives it, at the limit, on either side of it and alone."""
+    the team gives it, at the limit, on either side of it and alone, and each call must take
+    the branch its size calls for."""
     import lightgbm as lgb
     import numpy as np
 
@@ -529,8 +530,18 @@ def test_small_batches_predict_on_one_thread_with_the_same_numbers(trained_home:
         app.close()
     matrix = runtime.matrix({f: [r[j] for r in rows] for j, f in enumerate(features)})
     want = lgb.Booster(model_file=model_file).predict(matrix)  # the team, as before
+    threads: list[tuple[int, Any]] = []
+    predict = runtime.booster.predict
+
+    def spy(data: Any, **kwargs: Any) -> Any:
+        threads.append((len(data), kwargs.get("num_threads")))
+        return predict(data, **kwargs)
+
+    runtime.booster.predict = spy
     for n in (1, inference.SMALL_BATCH, inference.SMALL_BATCH + 1, len(matrix)):
         got = np.concatenate(
             [runtime.predict_matrix(matrix[i : i + n]) for i in range(0, len(matrix), n)]
         )
         assert got.tobytes() == want.tobytes(), n
+    assert {t for _, t in threads} == {1, None}  # both branches were taken, each by its size
+    assert all((t == 1) == (rows <= inference.SMALL_BATCH) for rows, t in threads)
