@@ -544,4 +544,4 @@ def test_small_batches_predict_on_one_thread_with_the_same_numbers(trained_home:
         )
         assert got.tobytes() == want.tobytes(), n
     assert {t for _, t in threads} == {1, None}  # both branches were taken, each by its size
-    assert all((t == 1) == (rows <= inference.SMALL_BATCH) for rows, t in threads)
+    assert all((t == 1) == (size <= inference.SMALL_BATCH) for size, t in threads)
