@@ -13,8 +13,11 @@
    rounds without start once the agent has shipped everything, after SETTLE seconds of
    load too. p50 and p99 of each (medians over rounds), the p99 ratio (target within 5%)
    and each pair's ratio, failed requests, and the samples the log dropped (target: none
-   dropped, and never a request). `--aa` runs the same protocol with logging off on both
-   sides: what the ratio reads when there is nothing to measure (the machine's own noise).
+   dropped, and never a request). Beside them, the CPU the deployment's serving worker
+   spends per request in each round (Linux): the worker is the side the load saturates, so
+   this is the logging's own cost, where the latencies show its effect on a queue. `--aa`
+   runs the same protocol with logging off on both sides: what the ratio reads when there
+   is nothing to measure (the machine's own noise).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
    TRAIN_ROWS-row training set: the whole `drift()` call, PSI, KS and missing rates for
    every feature and the prediction drift (target under 5 s on 2 cores).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -55,6 +59,9 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         row = np.random.default_rng(3).normal(size=(1, len(FEATURES))).round(6).tolist()
         single = http_request("/v2/models/bench/infer", v2_body(row))
         off, on = [], []
+        cpu_off: list[float] = []
+        cpu_on: list[float] = []
+        workers = state_dir(app, "bench")
         spool = spool_dir(home, "bench")
         shipped_rows, backlog = 0, []
         try:
@@ -76,7 +83,13 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
                         # shipping as it goes
                         run_load(port, single, args.connections, args.settle)
                         logging_now = logging
+                    before = _worker_cpu(workers)
                     into.append(run_load(port, single, args.connections, args.seconds))
+                    after = _worker_cpu(workers)
+                    if before is not None and after is not None and into[-1].requests:
+                        (cpu_on if logging else cpu_off).append(
+                            (after - before) / into[-1].requests * 1e6
+                        )
                     if logging:  # what the agent had not shipped yet: it must keep up
                         backlog.append(_spool_bytes(spool))
             deployments.set_logging(app, "bench", sample=0.0, requests=False)
@@ -110,12 +123,37 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         ),
         "rps_off": statistics.median(r.rps for r in off),
         "rps_on": statistics.median(r.rps for r in on),
+        # per pair only where both rounds were measured (/proc can be missing)
+        "cpu_us_off": statistics.median(cpu_off) if cpu_off else None,
+        "cpu_us_on": statistics.median(cpu_on) if cpu_on else None,
+        "cpu_us_pairs": sorted(a - b for a, b in zip(cpu_on, cpu_off, strict=True))
+        if len(cpu_on) == len(cpu_off)
+        else [],
         "failed": sum(r.failures for r in off + on),
         "requests_logged": sum(r.requests for r in on),
         "dropped": dropped,
         "shipped_rows": shipped_rows,
         "max_backlog_mb": max(backlog, default=0) / 1e6,
     }
+
+
+def _worker_cpu(directory: Path) -> float | None:
+    """CPU seconds the deployment's serving workers have used so far, every thread counted
+    (the log's writer too); None where /proc cannot tell (not Linux, a worker gone)."""
+    from appliance.core.traffic import read_snapshots
+
+    pids = {int(s["pid"]) for s in read_snapshots(directory) if s.get("pid")}
+    if not pids:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:  # utime and stime, the 14th and 15th fields; the name before ")" may hold spaces
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _spool_files(spool: Path) -> list[Path]:
@@ -242,6 +280,18 @@ def main() -> int:
         f"  per pair: median {statistics.median(pairs):.3f}, "
         f"quartiles {pairs[len(pairs) // 4]:.3f} to {pairs[(3 * len(pairs)) // 4]:.3f}"
     )
+    if load["cpu_us_off"] is not None and load["cpu_us_on"] is not None:
+        cpu_pairs = load["cpu_us_pairs"]
+        extra = (
+            f"; per pair {statistics.median(cpu_pairs):+.1f} µs "
+            f"({statistics.median(cpu_pairs) / load['cpu_us_off']:+.1%})"
+            if cpu_pairs
+            else ""
+        )
+        print(
+            f"  serving worker CPU per request: off {load['cpu_us_off']:.1f} µs, "
+            f"{'off' if args.aa else 'on'} {load['cpu_us_on']:.1f} µs{extra}"
+        )
     print(
         f"  failed requests {load['failed']}; {load['requests_logged']:,} requests logged in "
         f"measured rounds; with settling included, samples dropped {load['dropped']} and "
