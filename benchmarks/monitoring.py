@@ -13,9 +13,10 @@
    rounds without start once the agent has shipped everything, after SETTLE seconds of
    load too. p50 and p99 of each (medians over rounds), the p99 ratio (target within 5%)
    and each pair's ratio, failed requests, and the samples the log dropped (target: none
-   dropped, and never a request). Beside them, the CPU the deployment's serving worker
-   spends per request in each round (Linux): the worker is the side the load saturates, so
-   this is the logging's own cost, where the latencies show its effect on a queue. `--aa`
+   dropped, and never a request). Beside them, the CPU the deployment's serving workers
+   spend per request in each round, every thread counted (Linux): the difference between
+   the two sides is the serving process's share of the logging's cost (the agent's shipping
+   is a process of its own), where the latencies show its effect on a queue. `--aa`
    runs the same protocol with logging off on both sides: what the ratio reads when there
    is nothing to measure (the machine's own noise).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
@@ -59,8 +60,8 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         row = np.random.default_rng(3).normal(size=(1, len(FEATURES))).round(6).tolist()
         single = http_request("/v2/models/bench/infer", v2_body(row))
         off, on = [], []
-        cpu_off: list[float] = []
-        cpu_on: list[float] = []
+        # CPU per request of each pair's rounds, [off, on]; None where a round went unmeasured
+        cpu: list[list[float | None]] = [[None, None] for _ in range(args.rounds)]
         workers = state_dir(app, "bench")
         spool = spool_dir(home, "bench")
         shipped_rows, backlog = 0, []
@@ -86,10 +87,10 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
                     before = _worker_cpu(workers)
                     into.append(run_load(port, single, args.connections, args.seconds))
                     after = _worker_cpu(workers)
-                    if before is not None and after is not None and into[-1].requests:
-                        (cpu_on if logging else cpu_off).append(
-                            (after - before) / into[-1].requests * 1e6
-                        )
+                    # the same processes before and after: a restarted worker voids the round
+                    if before and before.keys() == after.keys() and into[-1].requests:
+                        used = sum(after.values()) - sum(before.values())
+                        cpu[i][int(logging)] = used / into[-1].requests * 1e6
                     if logging:  # what the agent had not shipped yet: it must keep up
                         backlog.append(_spool_bytes(spool))
             deployments.set_logging(app, "bench", sample=0.0, requests=False)
@@ -123,12 +124,10 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         ),
         "rps_off": statistics.median(r.rps for r in off),
         "rps_on": statistics.median(r.rps for r in on),
-        # per pair only where both rounds were measured (/proc can be missing)
-        "cpu_us_off": statistics.median(cpu_off) if cpu_off else None,
-        "cpu_us_on": statistics.median(cpu_on) if cpu_on else None,
-        "cpu_us_pairs": sorted(a - b for a, b in zip(cpu_on, cpu_off, strict=True))
-        if len(cpu_on) == len(cpu_off)
-        else [],
+        "cpu_us_off": _median([a for a, _ in cpu if a is not None]),
+        "cpu_us_on": _median([b for _, b in cpu if b is not None]),
+        # on - off within each pair whose two rounds were both measured
+        "cpu_us_pairs": sorted(b - a for a, b in cpu if a is not None and b is not None),
         "failed": sum(r.failures for r in off + on),
         "requests_logged": sum(r.requests for r in on),
         "dropped": dropped,
@@ -137,23 +136,32 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _worker_cpu(directory: Path) -> float | None:
-    """CPU seconds the deployment's serving workers have used so far, every thread counted
-    (the log's writer too); None where /proc cannot tell (not Linux, a worker gone)."""
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _worker_cpu(directory: Path) -> dict[tuple[int, str], float]:
+    """CPU seconds each running serving worker of the deployment has used so far, every
+    thread counted (the log's writer too), keyed by pid and start time, so that a restarted
+    or reused pid never reads as the same process; empty where /proc cannot tell."""
+    from appliance.core.processes import alive
     from appliance.core.traffic import read_snapshots
 
-    pids = {int(s["pid"]) for s in read_snapshots(directory) if s.get("pid")}
-    if not pids:
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:  # utime and stime, the 14th and 15th fields; the name before ")" may hold spaces
+    tick = getattr(os, "sysconf", None) and os.sysconf("SC_CLK_TCK")
+    if not tick:
+        return {}
+    used: dict[tuple[int, str], float] = {}
+    for snapshot in read_snapshots(directory):
+        pid = int(snapshot.get("pid") or 0)
+        if not alive(pid):  # a snapshot its worker left behind
+            continue
+        try:  # after the name, which may hold ")": utime, stime and starttime are fields
+            # 14, 15 and 22 of the line
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            used[(pid, fields[19])] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            return {}
+    return used
 
 
 def _spool_files(spool: Path) -> list[Path]:
@@ -280,17 +288,18 @@ def main() -> int:
         f"  per pair: median {statistics.median(pairs):.3f}, "
         f"quartiles {pairs[len(pairs) // 4]:.3f} to {pairs[(3 * len(pairs)) // 4]:.3f}"
     )
-    if load["cpu_us_off"] is not None and load["cpu_us_on"] is not None:
+    if load["cpu_us_off"] and load["cpu_us_on"]:
         cpu_pairs = load["cpu_us_pairs"]
         extra = (
-            f"; per pair {statistics.median(cpu_pairs):+.1f} µs "
-            f"({statistics.median(cpu_pairs) / load['cpu_us_off']:+.1%})"
+            f"; on - off per pair: median {statistics.median(cpu_pairs):+.1f} µs "
+            f"({statistics.median(cpu_pairs) / load['cpu_us_off']:+.1%} of the median off), "
+            f"{len(cpu_pairs)} pairs"
             if cpu_pairs
             else ""
         )
         print(
             f"  serving worker CPU per request: off {load['cpu_us_off']:.1f} µs, "
-            f"{'off' if args.aa else 'on'} {load['cpu_us_on']:.1f} µs{extra}"
+            f"{side.strip()} {load['cpu_us_on']:.1f} µs{extra}"
         )
     print(
         f"  failed requests {load['failed']}; {load['requests_logged']:,} requests logged in "
