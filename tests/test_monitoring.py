@@ -784,3 +784,72 @@ def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -
     (directory / ".ship.lock").mkdir()  # a lock file that cannot be opened
     result = ship_logs(app)
     assert result["failed"] == 1 and result["error"].startswith("s: ")
+
+
+def test_readers_say_what_the_spool_still_holds_when_shipping_is_held_or_fails(
+    app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+) -> None:
+    import fcntl
+
+    from appliance.core import prediction_log
+    from appliance.core.drift import drift
+    from appliance.core.feedback import quality
+    from appliance.core.monitor_report import build_report, render_html, render_text
+
+    monkeypatch.setattr(prediction_log, "FRESH_WAIT", 0.2)  # how long a reader waits
+    rng = np.random.default_rng(5)
+
+    def batch(n: int) -> dict[str, Any]:
+        return {
+            "a": rng.normal(0, 1, n),
+            "b": rng.normal(0, 1, n),
+            "c": np.array(["x"] * n, dtype=object),
+        }
+
+    directory = spool_dir(app.settings.home, "syn")
+    # nothing shipped yet and the spool held by another shipper: the refusal says why
+    plog = PredictionLog(app.settings.home, "syn", sample=1.0)
+    plog.record("early", 1, 1, "stable", 200, 0.001, 30, batch(30), np.full(30, 0.5))
+    plog.flush()
+    lock = directory / ".ship.lock"
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InvalidInput, match=r"not shipped yet \(another shipper held"):
+            drift(app, "syn", window=3600)
+    assert ship_logs(app, "syn")["shipped"] == 2
+    # more logged; the shipper holds the spool past the reader's wait
+    plog.record("late", 1, 1, "stable", 200, 0.001, 20, batch(20), np.full(20, 0.5))
+    plog.flush()
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        report = drift(app, "syn", window=3600)
+        assert report["versions"][0]["rows"] == 30  # what is shipped, and it says so
+        behind = report["behind"]
+        assert behind["files"] == 2 and behind["bytes"] > 0
+        assert behind["why"] == "another shipper held the spool for 0.2 s"
+        assert quality(app, "syn")["behind"]["files"] == 2
+        full = build_report(app, "syn", 3600)
+        assert "note: 2 log file(s)" in render_text(full)
+        assert (
+            "<strong>Note:</strong> 2 log file(s)"
+            in render_html(full, tmp_path / "r.html").read_text()
+        )
+        said = cli("monitor", "drift", "syn", "--home", str(app.settings.home))
+        assert said.code == 0 and "note: 2 log file(s)" in said.err
+        assert "not shipped yet" not in said.out  # stdout stays the table
+        as_json = cli("monitor", "quality", "syn", "--home", str(app.settings.home), "--json")
+        assert as_json.json()["behind"]["files"] == 2
+    # the store away: the files stay, and the reason is the store's
+    monkeypatch.setattr(app.objects, "put_file", _refuse)
+    behind = drift(app, "syn", window=3600)["behind"]
+    assert behind["files"] == 2 and behind["why"].startswith("shipping failed: ")
+    assert "connection refused" in behind["why"]
+    monkeypatch.undo()
+    # shipped: nothing left out, nothing said
+    report = drift(app, "syn", window=3600)
+    assert report["behind"] is None and report["versions"][0]["rows"] == 50
+    assert "note:" not in render_text(build_report(app, "syn", 3600))
+
+
+def _refuse(*args: Any, **kwargs: Any) -> Any:
+    raise OSError("connection refused")

@@ -7,7 +7,8 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-from textual.widgets import DataTable, Sparkline
+import pytest
+from textual.widgets import DataTable, Sparkline, Static
 
 from appliance.core.context import Appliance
 from appliance.core.drift import drift_history
@@ -17,8 +18,11 @@ from tests.test_monitoring import _log, _train_model
 
 
 def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
-    app: Appliance, tmp_path: Path
+    app: Appliance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fcntl
+
+    from appliance.core import prediction_log
     from appliance.core.deployments import create_deployment
     from appliance.core.monitors import add_monitor, check_monitors
     from appliance.tui.monitoring import MonitoringScreen
@@ -52,5 +56,21 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
             before = len(drift_history(app, "syn"))
             await pilot.press("d")
             await until(pilot, lambda: len(drift_history(app, "syn")) == before + 1, "drift now")
+            # logs the shipper holds past the reader's wait: the drift line says so
+            monkeypatch.setattr(prediction_log, "FRESH_WAIT", 0.2)
+            plog = prediction_log.PredictionLog(app.settings.home, "syn", sample=1.0)
+            cols = {k: v[:5] for k, v in shifted.items()}
+            plog.record("late", 1, 1, "stable", 200, 0.001, 5, cols, np.full(5, 0.5))
+            plog.flush()
+            status = screen.query_one("#monitoring-status", Static)
+            lock = prediction_log.spool_dir(app.settings.home, "syn") / ".ship.lock"
+            with lock.open("a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                await pilot.press("d")
+                # kept in the status line past the reload that follows a drift
+                await until(
+                    pilot, lambda: "last drift: 2 log file(s)" in str(status.render()), "note"
+                )
+            assert "not shipped yet" in str(status.render())
 
     asyncio.run(scenario())

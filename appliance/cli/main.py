@@ -1584,6 +1584,7 @@ def monitor_quality(
     if as_json:
         emit(result, True)
         return
+    _say_behind(result["behind"])
     click.echo(f"{result['labels']} labels, {result.get('matched', 0)} matched to predictions")
     if result["labels"] and not result.get("matched"):
         click.echo(
@@ -1597,6 +1598,15 @@ def monitor_quality(
         k for k in ("auc", "accuracy", "logloss", "rmse", "mae", "r2") if any(k in w for w in rows)
     ]
     click.echo(table(rows, columns))
+
+
+def _say_behind(behind: dict[str, Any] | None) -> None:
+    """Warn (on stderr) that the figures leave out logs the spool still holds."""
+    from appliance.core.prediction_log import behind_note
+
+    note = behind_note(behind)
+    if note:
+        click.echo(f"note: {note}", err=True)
 
 
 def _clock(ts: float | None) -> str:
@@ -1616,6 +1626,7 @@ def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None
     if as_json:
         emit(report, True)
         return
+    _say_behind(report["behind"])
     for item in report["versions"]:
         click.echo(
             f"version {item['version']}: {item['rows']} rows from {_clock(report['window_start'])}"

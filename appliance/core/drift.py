@@ -133,21 +133,24 @@ def drift(
     from appliance.core.datasets import get_dataset_version
     from appliance.core.deployments import get_deployment
     from appliance.core.inference import ModelRuntime
-    from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs
+    from appliance.core.prediction_log import behind_note, log_files, ship_for_reading
     from appliance.core.registry import get_model_version
 
     if not window > 0:
         raise InvalidInput(f"--window {window!r}: expected a positive duration")
     dep = get_deployment(app, deployment)
-    if fresh:
-        ship_logs(app, deployment, wait=FRESH_WAIT)
+    behind = ship_for_reading(app, deployment) if fresh else None
     end = time.time() if end is None else end
     start = end - window
     files = log_files(app, deployment, "inputs", start, end)
     if not files:
+        hint = (
+            behind_note(behind)
+            or f"log them with 'appliance deployments logging {deployment} --sample 0.1'"
+        )
         raise InvalidInput(
             f"deployment {deployment}: no logged inputs between {_when(start)} and {_when(end)}"
-            f" (log them with 'appliance deployments logging {deployment} --sample 0.1')"
+            f" ({hint})"
         )
     con = duck.connect(app.settings)
     results = []
@@ -236,6 +239,7 @@ def drift(
         "window_end": end,
         "window_s": window,
         "versions": results,
+        "behind": behind,
     }
     if store:
         with app.db.transaction() as conn:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
-from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs, spool_dir
+from appliance.core.prediction_log import log_files, ship_for_reading, ship_logs, spool_dir
 from appliance.errors import InvalidInput
 
 TOKEN_FILE = "feedback.token"
@@ -234,13 +234,17 @@ def quality(
     from appliance.core.training import evaluate, label_codes
 
     dep = get_deployment(app, deployment)
-    if fresh:
-        ship_logs(app, deployment, wait=FRESH_WAIT)
+    behind = ship_for_reading(app, deployment) if fresh else None
     files = log_files(app, deployment, "inputs", since)
     labels = app.db.rows(
         "SELECT request_id, row, label FROM monitor_feedback WHERE deployment = ?", (deployment,)
     )
-    result: dict[str, Any] = {"deployment": deployment, "labels": len(labels), "windows": []}
+    result: dict[str, Any] = {
+        "deployment": deployment,
+        "labels": len(labels),
+        "windows": [],
+        "behind": behind,
+    }
     if not files or not labels:
         result["matched"] = 0
         return result

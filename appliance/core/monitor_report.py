@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
+from appliance.core.prediction_log import behind_note
 from appliance.errors import ApplianceError
 
 
@@ -22,10 +23,10 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
     from appliance.core.drift import drift
     from appliance.core.feedback import quality
     from appliance.core.monitors import list_alerts, list_monitors
-    from appliance.core.prediction_log import FRESH_WAIT, log_files, ship_logs
+    from appliance.core.prediction_log import log_files, ship_for_reading
 
     dep = get_deployment(app, deployment)
-    ship_logs(app, deployment, wait=FRESH_WAIT)
+    behind = ship_for_reading(app, deployment)
     now = time.time()
     start = now - window
     report: dict[str, Any] = {
@@ -35,6 +36,7 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
         "version": dep["model_version"],
         "status": dep["status"],
         "generated_at": now,
+        "behind": behind,
         "window_s": window,
         "versions": [],
         "series": [],
@@ -140,6 +142,7 @@ def render_text(report: dict[str, Any]) -> str:
         f"deployment {report['deployment']}: {report['model']}@{report['version']} "
         f"(revision {report['revision']}, {report['status']}), last "
         f"{report['window_s'] / 3600:g} h",
+        *([f"note: {note}"] if (note := behind_note(report.get("behind"))) else []),
         "",
         "traffic by version (from the request log)",
         *_table(
@@ -225,6 +228,11 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
         f"{report['version']}</h1>",
         f"<p>revision {report['revision']}, {html.escape(report['status'])}; last "
         f"{report['window_s'] / 3600:g} h, generated {_when(report['generated_at'])}</p>",
+        *(
+            [f"<p><strong>Note:</strong> {html.escape(note)}</p>"]
+            if (note := behind_note(report.get("behind")))
+            else []
+        ),
         "<h2>Traffic</h2>",
         _html_table(
             report["versions"],

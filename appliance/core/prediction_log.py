@@ -811,6 +811,43 @@ def ship_logs(
     return {"shipped": shipped, "failed": failed, "busy": busy, "error": error}
 
 
+def ship_for_reading(app: Appliance, deployment: str) -> dict[str, Any] | None:
+    """Ship the deployment's closed log files before a reader's query, waiting FRESH_WAIT
+    for another shipper; what still waits when that shipper kept the spool or shipping
+    failed (else None), so that drift, quality and the report can say what they leave out."""
+    result = ship_logs(app, deployment, wait=FRESH_WAIT)
+    if result["busy"]:
+        why = f"another shipper held the spool for {FRESH_WAIT:g} s"
+    elif result["error"]:
+        why = f"shipping failed: {result['error']}"
+    else:  # a file closed since is seconds old, as the open one is: nothing to say
+        return None
+    directory = spool_dir(app.settings.home, deployment)
+    waiting = []
+    for path in [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]:
+        with contextlib.suppress(FileNotFoundError):  # shipped meanwhile by the agent
+            waiting.append(path.stat())
+    if not waiting:
+        return None
+    return {
+        "files": len(waiting),
+        "bytes": sum(s.st_size for s in waiting),
+        "since": min(s.st_mtime for s in waiting),
+        "why": why,
+    }
+
+
+def behind_note(behind: dict[str, Any] | None) -> str | None:
+    """One line saying what a figure leaves out, for the CLI, the report and the TUI."""
+    if not behind:
+        return None
+    since = time.strftime("%H:%M:%S", time.localtime(behind["since"]))
+    return (
+        f"{behind['files']} log file(s), {behind['bytes'] / 1e6:.1f} MB written since {since}, "
+        f"are not shipped yet ({behind['why']}): these figures leave them out"
+    )
+
+
 @contextlib.contextmanager
 def _shipping(directory: Path, wait: float | None) -> Iterator[bool]:
     """Hold the deployment's ship lock; yields False if another shipper kept it `wait` s."""

@@ -22,6 +22,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from appliance.core import deployments, drift, monitor_report, monitors
 from appliance.core.context import Appliance
+from appliance.core.prediction_log import behind_note
 from appliance.errors import ApplianceError
 from appliance.tui.tables import fill_table
 
@@ -38,9 +39,12 @@ class MonitoringLoaded(Message):
 
 
 class DriftComputed(Message):
-    def __init__(self, what: str, error: str | None) -> None:
+    def __init__(
+        self, what: str, error: str | None, name: str = "", note: str | None = None
+    ) -> None:
         super().__init__()
         self.what, self.error = what, error
+        self.name, self.note = name, note  # note: the logs that drift left out, if any
 
 
 def _num(value: Any) -> str:
@@ -74,6 +78,7 @@ class MonitoringScreen(Screen[None]):
         self.ctx = ctx
         self.rows: list[dict[str, Any]] = []
         self.selected: str | None = None
+        self.left_out: dict[str, str | None] = {}  # per deployment, from its last drift
         self.shown: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
@@ -131,7 +136,9 @@ class MonitoringScreen(Screen[None]):
             self.post_message(DriftComputed(f"drift of {name}", exc.message))
             return
         rows = sum(v["rows"] for v in report["versions"])
-        self.post_message(DriftComputed(f"drift of {name} over {rows} logged rows", None))
+        note = behind_note(report["behind"])
+        what = f"drift of {name} over {rows} logged rows" + (f"; {note}" if note else "")
+        self.post_message(DriftComputed(what, None, name, note))
 
     # ---- handlers -----------------------------------------------------------------------
     @on(MonitoringLoaded)
@@ -154,6 +161,9 @@ class MonitoringScreen(Screen[None]):
         else:
             status.update(escape(message.what))
             self.notify(message.what)
+            # kept beside the drift it qualifies until the next one (the status line is
+            # rebuilt on every reload)
+            self.left_out[message.name] = message.note
         self.reload()
 
     @on(DataTable.RowHighlighted, "#deployments")
@@ -260,9 +270,11 @@ class MonitoringScreen(Screen[None]):
             else "no drift computed yet: d computes it over the last hour"
         )
         firing = sum(1 for m in shown["monitors"] if m["state"] == "firing")
+        left_out = self.left_out.get(shown["name"])
         status.update(
             f"{escape(shown['name'])}: {drift_note} · {len(shown['monitors'])} monitor(s), "
             f"{firing} firing · {len(shown['alerts'])} alert(s)"
+            + (f"\n[yellow]last drift: {escape(left_out)}[/yellow]" if left_out else "")
         )
 
     # ---- actions ------------------------------------------------------------------------
