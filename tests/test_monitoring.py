@@ -807,17 +807,31 @@ def test_readers_say_what_the_spool_still_holds_when_shipping_is_held_or_fails(
         }
 
     directory = spool_dir(app.settings.home, "syn")
-    # nothing shipped yet and the spool held by another shipper: the refusal says why
+    lock = directory / ".ship.lock"
+    home = str(app.settings.home)
+    # requests logged, no inputs, the spool held: drift still says how to log inputs
+    bare = PredictionLog(app.settings.home, "syn")
+    bare.record("bare", 1, 1, "stable", 200, 0.001, 1, None, None)
+    bare.flush()
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InvalidInput, match=r"log them with 'appliance deployments logging"):
+            drift(app, "syn", window=3600)
+    # inputs logged, nothing shipped yet, the spool held: the refusal says why instead
     plog = PredictionLog(app.settings.home, "syn", sample=1.0)
     plog.record("early", 1, 1, "stable", 200, 0.001, 30, batch(30), np.full(30, 0.5))
     plog.flush()
-    lock = directory / ".ship.lock"
     with lock.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(InvalidInput, match=r"not shipped yet \(another shipper held"):
+        with pytest.raises(
+            InvalidInput,
+            match=r"1 log file\(s\) \(.* kB, the oldest written 20\d\d-.*\) are not "
+            r"shipped yet: another shipper held the spool for 0.2 s",
+        ):
             drift(app, "syn", window=3600)
-    assert ship_logs(app, "syn")["shipped"] == 2
-    # more logged; the shipper holds the spool past the reader's wait
+    assert ship_logs(app, "syn")["shipped"] == 3
+    # more logged (a requests file and an inputs file); the shipper holds the spool past
+    # the reader's wait: each reader counts the kinds it reads
     plog.record("late", 1, 1, "stable", 200, 0.001, 20, batch(20), np.full(20, 0.5))
     plog.flush()
     with lock.open("a") as held:
@@ -825,24 +839,25 @@ def test_readers_say_what_the_spool_still_holds_when_shipping_is_held_or_fails(
         report = drift(app, "syn", window=3600)
         assert report["versions"][0]["rows"] == 30  # what is shipped, and it says so
         behind = report["behind"]
-        assert behind["files"] == 2 and behind["bytes"] > 0
+        assert behind["files"] == 1 and behind["bytes"] > 0  # the inputs file
         assert behind["why"] == "another shipper held the spool for 0.2 s"
-        assert quality(app, "syn")["behind"]["files"] == 2
+        assert quality(app, "syn")["behind"]["files"] == 1
         full = build_report(app, "syn", 3600)
+        assert full["behind"]["files"] == 2  # the report reads requests too
+        assert "behind" not in full["drift"] and "behind" not in full["quality"]
         assert "note: 2 log file(s)" in render_text(full)
-        assert (
-            "<strong>Note:</strong> 2 log file(s)"
-            in render_html(full, tmp_path / "r.html").read_text()
-        )
-        said = cli("monitor", "drift", "syn", "--home", str(app.settings.home))
-        assert said.code == 0 and "note: 2 log file(s)" in said.err
+        page = render_html(full, tmp_path / "r.html").read_text()
+        assert "<strong>Note:</strong> 2 log file(s)" in page
+        said = cli("monitor", "drift", "syn", "--home", home)
+        assert said.code == 0 and "note: 1 log file(s)" in said.err
+        assert "these figures leave them out" in said.err
         assert "not shipped yet" not in said.out  # stdout stays the table
-        as_json = cli("monitor", "quality", "syn", "--home", str(app.settings.home), "--json")
-        assert as_json.json()["behind"]["files"] == 2
+        as_json = cli("monitor", "quality", "syn", "--home", home, "--json")
+        assert as_json.json()["behind"]["files"] == 1
     # the store away: the files stay, and the reason is the store's
     monkeypatch.setattr(app.objects, "put_file", _refuse)
     behind = drift(app, "syn", window=3600)["behind"]
-    assert behind["files"] == 2 and behind["why"].startswith("shipping failed: ")
+    assert behind["files"] == 1 and behind["why"].startswith("shipping failed: ")
     assert "connection refused" in behind["why"]
     monkeypatch.undo()
     # shipped: nothing left out, nothing said

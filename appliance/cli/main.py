@@ -1584,7 +1584,7 @@ def monitor_quality(
     if as_json:
         emit(result, True)
         return
-    _say_behind(result["behind"])
+    _say_behind(result.get("behind"))
     click.echo(f"{result['labels']} labels, {result.get('matched', 0)} matched to predictions")
     if result["labels"] and not result.get("matched"):
         click.echo(
@@ -1606,7 +1606,7 @@ def _say_behind(behind: dict[str, Any] | None) -> None:
 
     note = behind_note(behind)
     if note:
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"note: {note}; these figures leave them out", err=True)
 
 
 def _clock(ts: float | None) -> str:
@@ -1626,7 +1626,7 @@ def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None
     if as_json:
         emit(report, True)
         return
-    _say_behind(report["behind"])
+    _say_behind(report.get("behind"))
     for item in report["versions"]:
         click.echo(
             f"version {item['version']}: {item['rows']} rows from {_clock(report['window_start'])}"

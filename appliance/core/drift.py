@@ -123,10 +123,12 @@ def drift(
     end: float | None = None,
     store: bool = True,
     fresh: bool = True,
+    behind: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Drift of each model version the deployment served in the window ending at `end`
     (now): a row per feature, worst first, and the output's drift. `fresh`: ship the
-    spool first (False: what is shipped, for callers that just did, or the agent's)."""
+    spool first, and say in `behind` which inputs still wait (False: what is shipped, for
+    callers that just shipped, or the agent's; `behind`: what their pass left waiting)."""
     import numpy as np
 
     from appliance.core import duck
@@ -139,7 +141,8 @@ def drift(
     if not window > 0:
         raise InvalidInput(f"--window {window!r}: expected a positive duration")
     dep = get_deployment(app, deployment)
-    behind = ship_for_reading(app, deployment) if fresh else None
+    if fresh:
+        behind = ship_for_reading(app, deployment, ("inputs",))
     end = time.time() if end is None else end
     start = end - window
     files = log_files(app, deployment, "inputs", start, end)
@@ -239,8 +242,9 @@ def drift(
         "window_end": end,
         "window_s": window,
         "versions": results,
-        "behind": behind,
     }
+    if fresh:
+        report["behind"] = behind
     if store:
         with app.db.transaction() as conn:
             for item in results:

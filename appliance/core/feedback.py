@@ -234,17 +234,14 @@ def quality(
     from appliance.core.training import evaluate, label_codes
 
     dep = get_deployment(app, deployment)
-    behind = ship_for_reading(app, deployment) if fresh else None
+    behind = ship_for_reading(app, deployment, ("inputs", "feedback")) if fresh else None
     files = log_files(app, deployment, "inputs", since)
     labels = app.db.rows(
         "SELECT request_id, row, label FROM monitor_feedback WHERE deployment = ?", (deployment,)
     )
-    result: dict[str, Any] = {
-        "deployment": deployment,
-        "labels": len(labels),
-        "windows": [],
-        "behind": behind,
-    }
+    result: dict[str, Any] = {"deployment": deployment, "labels": len(labels), "windows": []}
+    if fresh:  # what is left out, where this call shipped
+        result["behind"] = behind
     if not files or not labels:
         result["matched"] = 0
         return result

@@ -23,10 +23,15 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
     from appliance.core.drift import drift
     from appliance.core.feedback import quality
     from appliance.core.monitors import list_alerts, list_monitors
-    from appliance.core.prediction_log import log_files, ship_for_reading
+    from appliance.core.prediction_log import (
+        LOG_KINDS,
+        log_files,
+        ship_for_reading,
+        waiting_logs,
+    )
 
     dep = get_deployment(app, deployment)
-    behind = ship_for_reading(app, deployment)
+    behind = ship_for_reading(app, deployment, LOG_KINDS)
     now = time.time()
     start = now - window
     report: dict[str, Any] = {
@@ -74,7 +79,8 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
             con.close()
         report["series"] = traffic_series(app, deployment, window, max(60.0, window / 60))
     try:
-        report["drift"] = drift(app, deployment, window, now, fresh=False)
+        inputs = behind and waiting_logs(app, deployment, ("inputs",), behind["why"])
+        report["drift"] = drift(app, deployment, window, now, fresh=False, behind=inputs)
     except ApplianceError as exc:
         report["drift"] = None
         report["drift_note"] = exc.message
@@ -142,7 +148,11 @@ def render_text(report: dict[str, Any]) -> str:
         f"deployment {report['deployment']}: {report['model']}@{report['version']} "
         f"(revision {report['revision']}, {report['status']}), last "
         f"{report['window_s'] / 3600:g} h",
-        *([f"note: {note}"] if (note := behind_note(report.get("behind"))) else []),
+        *(
+            [f"note: {note}; the figures below leave them out"]
+            if (note := behind_note(report.get("behind")))
+            else []
+        ),
         "",
         "traffic by version (from the request log)",
         *_table(
@@ -229,7 +239,7 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
         f"<p>revision {report['revision']}, {html.escape(report['status'])}; last "
         f"{report['window_s'] / 3600:g} h, generated {_when(report['generated_at'])}</p>",
         *(
-            [f"<p><strong>Note:</strong> {html.escape(note)}</p>"]
+            [f"<p><strong>Note:</strong> {html.escape(note)}; the figures below leave them out</p>"]
             if (note := behind_note(report.get("behind")))
             else []
         ),

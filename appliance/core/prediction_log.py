@@ -69,6 +69,8 @@ REQUEST_COLUMNS = (
 FRAME_MAGIC = b"APF1"
 FRAME_PREFIX = struct.Struct("<4sII")
 FRAMES, JSONL = ".frames", ".jsonl"
+# The log kinds, as spool files and shipped Parquet are named: what each reader reads
+LOG_KINDS = ("requests", "inputs", "feedback")
 # How long a reader that wants fresh numbers (drift, quality, report, a monitor) waits for
 # the agent's shipper to finish with a deployment; past it, it reads what is shipped.
 FRESH_WAIT = 10.0
@@ -811,10 +813,13 @@ def ship_logs(
     return {"shipped": shipped, "failed": failed, "busy": busy, "error": error}
 
 
-def ship_for_reading(app: Appliance, deployment: str) -> dict[str, Any] | None:
+def ship_for_reading(
+    app: Appliance, deployment: str, kinds: tuple[str, ...]
+) -> dict[str, Any] | None:
     """Ship the deployment's closed log files before a reader's query, waiting FRESH_WAIT
-    for another shipper; what still waits when that shipper kept the spool or shipping
-    failed (else None), so that drift, quality and the report can say what they leave out."""
+    for another shipper. When that shipper kept the spool or shipping failed, what still
+    waits of the `kinds` the reader reads (requests, inputs, feedback): so that drift,
+    quality and the report can say what they leave out. None when nothing does."""
     result = ship_logs(app, deployment, wait=FRESH_WAIT)
     if result["busy"]:
         why = f"another shipper held the spool for {FRESH_WAIT:g} s"
@@ -822,9 +827,19 @@ def ship_for_reading(app: Appliance, deployment: str) -> dict[str, Any] | None:
         why = f"shipping failed: {result['error']}"
     else:  # a file closed since is seconds old, as the open one is: nothing to say
         return None
+    return waiting_logs(app, deployment, kinds, why)
+
+
+def waiting_logs(
+    app: Appliance, deployment: str, kinds: tuple[str, ...], why: str
+) -> dict[str, Any] | None:
+    """The closed spool files of `kinds` not shipped yet: how many, their bytes, the
+    oldest's time and `why` (None if there are none)."""
     directory = spool_dir(app.settings.home, deployment)
     waiting = []
     for path in [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]:
+        if path.name.split("-", 1)[0] not in kinds:
+            continue
         with contextlib.suppress(FileNotFoundError):  # shipped meanwhile by the agent
             waiting.append(path.stat())
     if not waiting:
@@ -838,13 +853,15 @@ def ship_for_reading(app: Appliance, deployment: str) -> dict[str, Any] | None:
 
 
 def behind_note(behind: dict[str, Any] | None) -> str | None:
-    """One line saying what a figure leaves out, for the CLI, the report and the TUI."""
+    """One line saying which logs are not shipped yet, for the CLI, the report and the TUI."""
     if not behind:
         return None
-    since = time.strftime("%H:%M:%S", time.localtime(behind["since"]))
+    size = behind["bytes"]
+    shown = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(behind["since"]))
     return (
-        f"{behind['files']} log file(s), {behind['bytes'] / 1e6:.1f} MB written since {since}, "
-        f"are not shipped yet ({behind['why']}): these figures leave them out"
+        f"{behind['files']} log file(s) ({shown}, the oldest written {since}) are not shipped "
+        f"yet: {behind['why']}"
     )
 
 

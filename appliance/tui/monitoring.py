@@ -136,7 +136,7 @@ class MonitoringScreen(Screen[None]):
             self.post_message(DriftComputed(f"drift of {name}", exc.message))
             return
         rows = sum(v["rows"] for v in report["versions"])
-        note = behind_note(report["behind"])
+        note = behind_note(report.get("behind"))
         what = f"drift of {name} over {rows} logged rows" + (f"; {note}" if note else "")
         self.post_message(DriftComputed(what, None, name, note))
 
