@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -823,12 +824,13 @@ def test_readers_say_what_the_spool_still_holds_when_shipping_is_held_or_fails(
     plog.flush()
     with lock.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(
-            InvalidInput,
-            match=r"1 log file\(s\) \(.* kB, the oldest written 20\d\d-.*\) are not "
-            r"shipped yet: another shipper held the spool for 0.2 s",
-        ):
+        waits = (
+            r"\(1 log file of [\d.]+ kB, the oldest written 20\d\d-\d\d-\d\d [\d:]+, is not "
+            r"shipped yet: another shipper held the spool for 0.2 s\)"
+        )
+        with pytest.raises(InvalidInput, match=waits):
             drift(app, "syn", window=3600)
+        assert re.search(waits, build_report(app, "syn", 3600)["drift_note"])
     assert ship_logs(app, "syn")["shipped"] == 3
     # more logged (a requests file and an inputs file); the shipper holds the spool past
     # the reader's wait: each reader counts the kinds it reads
@@ -845,11 +847,11 @@ def test_readers_say_what_the_spool_still_holds_when_shipping_is_held_or_fails(
         full = build_report(app, "syn", 3600)
         assert full["behind"]["files"] == 2  # the report reads requests too
         assert "behind" not in full["drift"] and "behind" not in full["quality"]
-        assert "note: 2 log file(s)" in render_text(full)
+        assert "note: 2 log files of " in render_text(full)
         page = render_html(full, tmp_path / "r.html").read_text()
-        assert "<strong>Note:</strong> 2 log file(s)" in page
+        assert "<strong>Note:</strong> 2 log files of " in page
         said = cli("monitor", "drift", "syn", "--home", home)
-        assert said.code == 0 and "note: 1 log file(s)" in said.err
+        assert said.code == 0 and "note: 1 log file of " in said.err
         assert "these figures leave them out" in said.err
         assert "not shipped yet" not in said.out  # stdout stays the table
         as_json = cli("monitor", "quality", "syn", "--home", home, "--json")

@@ -69,7 +69,7 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
                 await pilot.press("d")
                 # kept in the status line past the reload that follows a drift
                 await until(
-                    pilot, lambda: "last drift: 1 log file(s)" in str(status.render()), "note"
+                    pilot, lambda: "last drift: 1 log file of " in str(status.render()), "note"
                 )
             assert "not shipped yet" in str(status.render())
 

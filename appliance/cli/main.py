@@ -1586,7 +1586,7 @@ def monitor_quality(
         return
     _say_behind(result.get("behind"))
     click.echo(f"{result['labels']} labels, {result.get('matched', 0)} matched to predictions")
-    if result["labels"] and not result.get("matched"):
+    if result["labels"] and not result.get("matched") and not result.get("behind"):
         click.echo(
             "quality needs logged inputs and outputs: "
             f"appliance deployments logging {deployment} --sample 0.1",

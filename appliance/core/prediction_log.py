@@ -856,12 +856,16 @@ def behind_note(behind: dict[str, Any] | None) -> str | None:
     """One line saying which logs are not shipped yet, for the CLI, the report and the TUI."""
     if not behind:
         return None
-    size = behind["bytes"]
-    shown = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    size, files = behind["bytes"], behind["files"]
+    if size >= 999_950:
+        shown = f"{size / 1e6:.1f} MB"
+    else:
+        shown = f"{size / 1e3:.1f} kB" if size >= 1000 else f"{size} bytes"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(behind["since"]))
+    many = files != 1
     return (
-        f"{behind['files']} log file(s) ({shown}, the oldest written {since}) are not shipped "
-        f"yet: {behind['why']}"
+        f"{files} log file{'s' if many else ''} of {shown}, the oldest written {since}, "
+        f"{'are' if many else 'is'} not shipped yet: {behind['why']}"
     )
 
 
