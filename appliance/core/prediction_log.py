@@ -835,10 +835,9 @@ def waiting_logs(
 ) -> dict[str, Any] | None:
     """The closed spool files of `kinds` not shipped yet: how many, their bytes, the
     oldest's time and `why` (None if there are none)."""
-    directory = spool_dir(app.settings.home, deployment)
     waiting = []
-    for path in [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]:
-        if path.name.split("-", 1)[0] not in kinds:
+    for path in _closed_files(spool_dir(app.settings.home, deployment)):
+        if path.name.split("-", 1)[0] not in kinds:  # <kind>-<hour>-<pid>-<seq><suffix>
             continue
         with contextlib.suppress(FileNotFoundError):  # shipped meanwhile by the agent
             waiting.append(path.stat())
@@ -891,12 +890,16 @@ def _shipping(directory: Path, wait: float | None) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _closed_files(directory: Path) -> list[Path]:
+    """The spool's files ready to ship, of either format (a writer's open file ends .part)."""
+    return [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]
+
+
 def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | None]:
     """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
     shipped, failed, error = 0, 0, None
     _adopt_orphans(directory)
-    closed = [*directory.glob(f"*{FRAMES}"), *directory.glob(f"*{JSONL}")]
-    for path in sorted(closed, key=lambda p: p.name):
+    for path in sorted(_closed_files(directory), key=lambda p: p.name):
         try:
             _ship(app, directory.name, path)
             shipped += 1
