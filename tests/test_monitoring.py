@@ -366,6 +366,63 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     assert list_monitors(app)[0]["state"] == "firing"
 
 
+def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import drift as drift_module
+    from appliance.core.monitors import add_monitor, check_monitors
+
+    rng = np.random.default_rng(5)
+    shifted = {
+        "a": rng.normal(3, 1, 500),
+        "b": rng.normal(0, 1, 500),
+        "c": np.array(rng.choice(["x", "y", "z"], 500, p=[0.5, 0.3, 0.2]), dtype=object),
+    }
+    _log(app, "syn", [shifted])
+    computed = []
+    real = drift_module.drift
+
+    def counted(app: Appliance, deployment: str, window: float, *args: Any, **kw: Any) -> Any:
+        computed.append(window)
+        return real(app, deployment, window, *args, **kw)
+
+    monkeypatch.setattr(drift_module, "drift", counted)
+    add_monitor(app, "a-hour", "syn", "psi(a) > 0.2 over 1h", "1m", {})
+    add_monitor(app, "b-hour", "syn", "psi(b) > 0.2 over 1h", "1m", {})
+    add_monitor(app, "output", "syn", "prediction_psi > 100 over 1h", "1m", {})
+    add_monitor(app, "a-day", "syn", "psi(a) > 0.2 over 1d", "1m", {})
+    computed.clear()  # adding a monitor checks its feature against the model, not the logs
+    # a result of a window that ended long ago, and one of another deployment's
+    old = time.time() - (drift_module.KEEP_DAYS + 1) * 86400
+    for deployment in ("syn", "other"):
+        app.db.execute(
+            "INSERT INTO drift_results (deployment, version, reference, window_start, "
+            "window_end, rows, results_json, computed_at) VALUES (?, 1, 'synthetic@1', ?, ?, "
+            "1, '{}', '2026-01-01T00:00:00Z')",
+            (deployment, old - 3600, old),
+        )
+    outcomes = {o["monitor"]: o for o in check_monitors(app)}
+    # four drift monitors, two windows: two computations, two results stored
+    assert sorted(computed) == [3600, 86400]
+    assert {name: o["state"] for name, o in outcomes.items()} == {
+        "a-day": "firing",
+        "a-hour": "firing",
+        "b-hour": "ok",
+        "output": "ok",
+    }
+    assert outcomes["a-hour"]["value"] == outcomes["a-day"]["value"] > 0.2  # the same rows
+    assert outcomes["b-hour"]["value"] < 0.2
+    stored = app.db.rows("SELECT deployment, window_end FROM drift_results ORDER BY id")
+    assert [r["deployment"] for r in stored] == ["other", "syn", "syn"]  # syn's old one gone
+    assert all(r["window_end"] > old for r in stored[1:])
+    # a failure is computed once too, and each monitor says it
+    app.db.execute("UPDATE model_versions SET dataset_version_id = NULL")
+    computed.clear()
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    assert sorted(computed) == [3600, 86400]
+    assert all("no training dataset in its lineage" in o["error"] for o in outcomes.values())
+
+
 def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
     app: Appliance, deployed: str, tmp_path: Path
 ) -> None:

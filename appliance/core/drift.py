@@ -7,13 +7,16 @@ chi-square test of the window's counts against the reference's shares, and the c
 the model never saw; for both, the change in the missing-value rate. The output's drift is
 the same test on the predictions: the window's against the model's own predictions on its
 training data. DuckDB reads the Parquet logs and the training file; the statistics are
-numpy over the columns. Each result is stored with its window.
+numpy over the columns. Each result is stored with its window, and results whose window
+ended more than KEEP_DAYS ago are removed as new ones are stored: a monitor checked every
+minute stores one a minute, which on an edge box must not grow without end.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -23,6 +26,7 @@ from appliance.store.db import utcnow
 
 EPSILON = 1e-4  # a bin with no rows counts as this share (PSI's usual guard)
 PSI_BINS = 10
+KEEP_DAYS = float(os.environ.get("APPLIANCE_DRIFT_KEEP_DAYS", "30"))  # stored results
 
 
 def psi(expected: Any, actual: Any) -> float:
@@ -247,6 +251,10 @@ def drift(
         report["behind"] = behind
     if store:
         with app.db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM drift_results WHERE deployment = ? AND window_end < ?",
+                (deployment, time.time() - KEEP_DAYS * 86400),
+            )
             for item in results:
                 conn.execute(
                     "INSERT INTO drift_results (deployment, version, reference, window_start, "

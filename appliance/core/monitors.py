@@ -237,15 +237,27 @@ def list_alerts(app: Appliance, deployment: str | None = None, limit: int = 100)
 # ---- evaluating -----------------------------------------------------------------------------
 
 
-def measure(app: Appliance, deployment: str, rule: Rule, now: float | None = None) -> float | None:
+def measure(
+    app: Appliance,
+    deployment: str,
+    rule: Rule,
+    now: float | None = None,
+    shared: dict[tuple[str, str, float], Any] | None = None,
+) -> float | None:
     """The rule's metric now, from the logs shipped so far; None when its window holds no
-    data."""
+    data. `shared`: drift and quality computed earlier in the same pass, by window, which
+    monitors of one deployment reuse (drift over a million rows takes seconds, and each
+    computation stores a result)."""
     now = time.time() if now is None else now
     if rule.family == "drift":
         from appliance.core.drift import drift
 
         try:
-            report = drift(app, deployment, rule.over, now, fresh=False)
+            report = _once(
+                shared,
+                ("drift", deployment, rule.over),
+                lambda: drift(app, deployment, rule.over, now, fresh=False),
+            )
         except InvalidInput as exc:
             if "no logged inputs" in exc.message:
                 return None  # nothing to judge in the window
@@ -263,10 +275,31 @@ def measure(app: Appliance, deployment: str, rule: Rule, now: float | None = Non
     if rule.family == "quality":
         from appliance.core.feedback import quality
 
-        result = quality(app, deployment, window=1e12, since=now - rule.over, fresh=False)
+        result = _once(
+            shared,
+            ("quality", deployment, rule.over),
+            lambda: quality(app, deployment, window=1e12, since=now - rule.over, fresh=False),
+        )
         windows = sorted(result["windows"], key=lambda w: -w["labelled"])
         return windows[0].get(rule.metric) if windows else None
     return _traffic_value(app, deployment, rule, now)
+
+
+def _once(
+    shared: dict[tuple[str, str, float], Any] | None, key: tuple[str, str, float], compute: Any
+) -> Any:
+    """`compute()`, or what it gave (or raised) earlier in the pass under `key`."""
+    if shared is None:
+        return compute()
+    if key not in shared:
+        try:
+            shared[key] = (compute(), None)
+        except ApplianceError as exc:
+            shared[key] = (None, exc)
+    value, error = shared[key]
+    if error is not None:
+        raise error
+    return value
 
 
 def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> float | None:
@@ -333,15 +366,18 @@ def check_monitors(
     if fresh:
         for deployment in sorted({row["deployment"] for row in due}):
             ship_logs(app, deployment, wait=FRESH_WAIT)
-    return [_check_one(app, row, now) for row in due]
+    shared: dict[tuple[str, str, float], Any] = {}  # one drift per deployment and window
+    return [_check_one(app, row, now, shared) for row in due]
 
 
-def _check_one(app: Appliance, row: dict[str, Any], now: float) -> dict[str, Any]:
+def _check_one(
+    app: Appliance, row: dict[str, Any], now: float, shared: dict[tuple[str, str, float], Any]
+) -> dict[str, Any]:
     """One monitor: its value, its state, and on a new firing one alert and one action.
     A monitor that cannot be measured says why (`last_error`) and stops no other."""
     rule = parse_rule(row["rule"])
     try:
-        value = measure(app, row["deployment"], rule, now)
+        value = measure(app, row["deployment"], rule, now, shared)
         error = None
     except ApplianceError as exc:
         value, error = None, exc.message
