@@ -486,6 +486,8 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
 
     from appliance.core.deployments import create_deployment, set_logging, stop_deployment
     from appliance.core.feedback import feedback_token, quality
+    from appliance.core.monitor_report import build_report, render_text
+    from appliance.core.monitors import add_monitor, check_monitors
 
     monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", "0.5")
     monkeypatch.setenv("APPLIANCE_LOG_ROTATE_SECONDS", "0.5")
@@ -544,6 +546,20 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
         assert result["matched"] == 20 and result["windows"][0]["labelled"] == 20
         shown = cli("--home", str(app.settings.home), "monitor", "quality", "live")
         assert shown.code == 0 and "20 labels, 20 matched" in shown.out
+        # refused before a version is chosen: logged too, as version 0, "unrouted"
+        with pytest.raises(urllib.error.HTTPError) as malformed:
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    url + "/v2/models/syn/infer",
+                    b"{not json",
+                    {"Content-Type": "application/json", "x-request-id": "broken"},
+                ),
+                timeout=10,
+            )
+        assert malformed.value.code == 400
+        with pytest.raises(urllib.error.HTTPError) as unserved:
+            post("/v2/models/syn/versions/9/infer", body)
+        assert unserved.value.code == 404
         # a stop is graceful for the log too: what was answered just before reaches it
         for i in range(5):
             post("/v2/models/syn/infer", body, {"x-request-id": f"last-{i}"}).close()
@@ -555,6 +571,18 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
         f"SELECT request_id FROM read_parquet([{files}]) WHERE request_id LIKE 'last-%'"
     ).fetchall()
     assert sorted(r[0] for r in logged) == [f"last-{i}" for i in range(5)]
+    unrouted = duckdb.sql(
+        f"SELECT request_id, version, revision, role, status, rows FROM read_parquet([{files}]) "
+        "WHERE role = 'unrouted' ORDER BY status"
+    ).fetchall()
+    assert unrouted == [("broken", 0, 1, "unrouted", 400, 0), ("", 0, 1, "unrouted", 404, 0)]
+    # so a client's errors reach the monitors and the report judged on the log
+    add_monitor(app, "clients", "live", "client_error_rate > 0.05 over 1h", "1m", {})
+    (outcome,) = check_monitors(app, "clients")
+    assert outcome["state"] == "firing" and outcome["value"] == pytest.approx(2 / 27)
+    report = build_report(app, "live")
+    assert [(v["version"], v["requests"]) for v in report["versions"]] == [(0, 2), (1, 25)]
+    assert "\n  unrouted " in render_text(report)
 
 
 def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: Path) -> None:

@@ -118,6 +118,12 @@ def traffic_series(
     return [{"t": t, "requests": n, "p99_ms": p99, "errors": e} for t, n, p99, e in rows]
 
 
+def _by_version(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Traffic rows as shown: version 0 holds the requests refused before a version was
+    chosen (a malformed body, no model loaded)."""
+    return [{**row, "version": row["version"] or "unrouted"} for row in rows]
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
@@ -156,7 +162,7 @@ def render_text(report: dict[str, Any]) -> str:
         "",
         "traffic by version (from the request log)",
         *_table(
-            report["versions"],
+            _by_version(report["versions"]),
             ["version", "requests", "rps", "error_rate", "p50_ms", "p90_ms", "p99_ms"],
         ),
         "",
@@ -245,7 +251,7 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
         ),
         "<h2>Traffic</h2>",
         _html_table(
-            report["versions"],
+            _by_version(report["versions"]),
             ["version", "requests", "rps", "error_rate", "p50_ms", "p90_ms", "p99_ms"],
         ),
         _svg_line([(s["t"], s["requests"]) for s in series], "requests per interval"),

@@ -709,7 +709,7 @@ class InferenceApp:
                 else "Content-Length must be a byte count"
             )
             await self._send(send, _error(status, message), close=True)
-            self._count_refused(scope["path"], status, started)
+            self._count_refused(scope["path"], status, started, headers)
             return
         chunks: list[bytes] = []
         size = 0
@@ -724,7 +724,7 @@ class InferenceApp:
                 await self._send(
                     send, _error(413, f"request body over the {self.max_body}-byte limit"), True
                 )
-                self._count_refused(scope["path"], 413, started)
+                self._count_refused(scope["path"], 413, started, headers)
                 return
             if chunk:
                 chunks.append(chunk)
@@ -755,12 +755,30 @@ class InferenceApp:
                 outputs,
             )
         else:
-            self._count_refused(scope["path"], response.status, started)
+            self._count_refused(scope["path"], response.status, started, headers)
 
-    def _count_refused(self, path: str, status: int, started: float) -> None:
-        """A prediction request refused before a version was chosen still counts."""
+    def _count_refused(
+        self, path: str, status: int, started: float, headers: dict[str, str]
+    ) -> None:
+        """A prediction request refused before a version was chosen still counts: in the
+        live counters and in the request log, as version 0 and role "unrouted" (an error
+        rate judged on the log must see a client's malformed bodies and a worker with no
+        model)."""
         if path == "/invocations" or path.endswith("/infer"):
-            self.server.stats.observe(*UNROUTED, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.server.stats.observe(*UNROUTED, status, seconds)
+            routing = self.server.routing
+            self.server.plog.record(
+                headers.get("x-request-id", "")[:200],
+                UNROUTED[0],
+                routing.revision if routing else 0,
+                UNROUTED[1],
+                status,
+                seconds,
+                0,
+                None,
+                None,
+            )
 
     @staticmethod
     async def _send(send: Send, response: Response, close: bool = False) -> None:
