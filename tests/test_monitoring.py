@@ -830,8 +830,9 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
         where("ship")
         return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
 
-    def check(app: Appliance, fresh: bool = True) -> None:
+    def check(app: Appliance, fresh: bool = True, ship_error: str | None = None) -> None:
         assert not fresh  # monitors never ship, nor wait on a slow store
+        assert ship_error is None  # the shipper's last error: none yet
         where("watch")
 
     monkeypatch.setattr(prediction_log, "ship_logs", ship)
@@ -951,6 +952,59 @@ def test_readers_say_what_the_spool_still_holds_when_shipping_is_held_or_fails(
     report = drift(app, "syn", window=3600)
     assert report["behind"] is None and report["versions"][0]["rows"] == 50
     assert "note:" not in render_text(build_report(app, "syn", 3600))
+
+
+def test_monitors_say_when_their_logs_wait_in_the_spool(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core.monitors import UNSHIPPED_AFTER, add_monitor, check_monitors, list_monitors
+
+    rng = np.random.default_rng(6)
+
+    def batch(n: int) -> dict[str, Any]:
+        return {"a": rng.normal(0, 1, n), "b": rng.normal(0, 1, n), "c": np.array(["x"] * n)}
+
+    add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {})
+    add_monitor(app, "busy", "syn", "rps > 0 over 1h", "1m", {})
+    add_monitor(app, "labels", "syn", "auc < 0.5 over 1h", "1m", {})
+    _log(app, "syn", [batch(200)])  # shipped
+    plog = PredictionLog(app.settings.home, "syn", sample=1.0)
+    plog.record("late", 1, 1, "stable", 200, 0.001, 50, batch(50), np.full(50, 0.5))
+    plog.flush()  # a requests file and an inputs file, not shipped
+    # `monitor check` ships first; the store is away: each monitor says what it went without
+    monkeypatch.setattr(app.objects, "put_file", _refuse)
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    drifted = outcomes["a-drift"]
+    assert drifted["state"] == "ok" and drifted["value"] is not None  # the 200 shipped rows
+    assert re.fullmatch(
+        r"1 log file of [\d.]+ kB, the oldest written 20\d\d-\d\d-\d\d [\d:]+, is not "
+        r"shipped yet: shipping failed: .*connection refused; judged without them",
+        drifted["error"],
+    )
+    assert outcomes["busy"]["behind"]["files"] == 1  # its requests file
+    # quality reads inputs and labels: no labels, so no data, and the same inputs file
+    assert outcomes["labels"]["state"] == "no_data"
+    assert outcomes["labels"]["error"].startswith("1 log file of ")
+    assert "judged without them" in list_monitors(app, "syn")[0]["error"]
+    # the agent's pass: files closed seconds ago are its shipper's ordinary work, not news
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True, fresh=False)}
+    assert all(o["error"] is None for o in outcomes.values())
+    old = time.time() - UNSHIPPED_AFTER - 5
+    for path in _closed(spool_dir(app.settings.home, "syn")):
+        os.utime(path, (old, old))
+    outcomes = check_monitors(app, force=True, fresh=False, ship_error="x: connection refused")
+    assert all(
+        "not shipped yet: shipping failed: x: connection refused" in o["error"] for o in outcomes
+    )
+    (drifted, *_) = check_monitors(app, "a-drift", force=True, fresh=False)
+    assert drifted["error"].endswith(
+        "the agent has not shipped them within 60 s; judged without them"
+    )
+    # the store back: shipped, judged on everything, nothing to say
+    monkeypatch.undo()
+    outcomes = check_monitors(app, force=True)
+    assert all(o["error"] is None and o["behind"] is None for o in outcomes)
+    assert all(m["error"] is None for m in list_monitors(app, "syn"))
 
 
 def _refuse(*args: Any, **kwargs: Any) -> Any:

@@ -519,7 +519,8 @@ class Agent:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WATCH_NICE)
         app = Appliance(self.app.settings)
         try:
-            check_monitors(app, fresh=False)  # the ship thread keeps the logs fresh
+            # the ship thread keeps the logs fresh; its last error says why any wait
+            check_monitors(app, fresh=False, ship_error=self.ship_error)
         except Exception:  # monitoring must never take the agent down
             traceback.print_exc()
         finally:

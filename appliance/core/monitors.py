@@ -39,6 +39,10 @@ DRIFT = {"psi", "ks", "missing_rate", "unseen", "prediction_psi"}
 QUALITY = {"auc", "accuracy", "logloss", "rmse", "mae", "r2", "f1", "precision", "recall"}
 TRAFFIC = {"p99_ms", "p50_ms", "error_rate", "client_error_rate", "rps"}
 DEFAULT_OVER = {"drift": 3600.0, "quality": 86400.0, "traffic": 300.0}
+LOG_KINDS = {"drift": ("inputs",), "quality": ("inputs", "feedback"), "traffic": ("requests",)}
+# a closed log file the agent (shipping every few seconds) has not shipped within this is held
+# up: its monitors say so
+UNSHIPPED_AFTER = 60.0
 _RULE = re.compile(
     r"^\s*(?P<metric>[a-z_0-9]+)\s*(?:\(\s*(?P<arg>[^()\s]+)\s*\))?\s*"
     r"(?P<op>>=|<=|>|<)\s*(?P<num>-?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*"
@@ -242,7 +246,7 @@ def measure(
     deployment: str,
     rule: Rule,
     now: float | None = None,
-    shared: dict[tuple[str, str, float], Any] | None = None,
+    shared: dict[tuple[Any, ...], Any] | None = None,
 ) -> float | None:
     """The rule's metric now, from the logs shipped so far; None when its window holds no
     data. `shared`: drift and quality computed earlier in the same pass, by window, which
@@ -285,9 +289,7 @@ def measure(
     return _traffic_value(app, deployment, rule, now)
 
 
-def _once(
-    shared: dict[tuple[str, str, float], Any] | None, key: tuple[str, str, float], compute: Any
-) -> Any:
+def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compute: Any) -> Any:
     """`compute()`, or what it gave (or raised) earlier in the pass under `key`."""
     if shared is None:
         return compute()
@@ -344,12 +346,16 @@ def check_monitors(
     now: float | None = None,
     force: bool = False,
     fresh: bool = True,
+    ship_error: str | None = None,
 ) -> list[dict[str, Any]]:
     """The agent's pass (or `monitor check`): evaluate each monitor that is due, move its
     state, and on a new firing record an alert and run its action once. `fresh`: ship each
     deployment's spool once first; the agent passes False, its own thread ships, and a
-    monitor must not wait on a slow store."""
-    from appliance.core.prediction_log import FRESH_WAIT, ship_logs
+    monitor must not wait on a slow store. A monitor whose logs wait in the spool (the
+    store away, another shipper holding it; for the agent, files not shipped within
+    UNSHIPPED_AFTER, `ship_error` its shipper's last error) says so in its error: it was
+    judged without them."""
+    from appliance.core.prediction_log import FRESH_WAIT, ship_logs, shipping_held
 
     now = time.time() if now is None else now
     rows = app.db.rows(
@@ -363,18 +369,33 @@ def check_monitors(
         for row in rows
         if force or not row["last_checked_at"] or now - row["last_checked_at"] >= row["every_s"]
     ]
-    if fresh:
-        for deployment in sorted({row["deployment"] for row in due}):
-            ship_logs(app, deployment, wait=FRESH_WAIT)
-    shared: dict[tuple[str, str, float], Any] = {}  # one drift per deployment and window
-    return [_check_one(app, row, now, shared) for row in due]
+    held: dict[str, tuple[str, float] | None] = {}  # deployment: why files wait, their age
+    for deployment in sorted({row["deployment"] for row in due}):
+        if fresh:
+            why = shipping_held(ship_logs(app, deployment, wait=FRESH_WAIT))
+            held[deployment] = (why, 0.0) if why else None
+        else:
+            why = (
+                f"shipping failed: {ship_error}"
+                if ship_error
+                else f"the agent has not shipped them within {UNSHIPPED_AFTER:g} s"
+            )
+            held[deployment] = (why, UNSHIPPED_AFTER)
+    shared: dict[tuple[Any, ...], Any] = {}  # one drift per deployment and window
+    return [_check_one(app, row, now, shared, held.get(row["deployment"])) for row in due]
 
 
 def _check_one(
-    app: Appliance, row: dict[str, Any], now: float, shared: dict[tuple[str, str, float], Any]
+    app: Appliance,
+    row: dict[str, Any],
+    now: float,
+    shared: dict[tuple[Any, ...], Any],
+    held: tuple[str, float] | None,
 ) -> dict[str, Any]:
     """One monitor: its value, its state, and on a new firing one alert and one action.
     A monitor that cannot be measured says why (`last_error`) and stops no other."""
+    from appliance.core.prediction_log import behind_note, waiting_logs
+
     rule = parse_rule(row["rule"])
     try:
         value = measure(app, row["deployment"], rule, now, shared)
@@ -383,13 +404,28 @@ def _check_one(
         value, error = None, exc.message
     except Exception as exc:  # a defect or a damaged log: this monitor, not the pass
         value, error = None, f"{type(exc).__name__}: {exc}"
+    kinds = LOG_KINDS[rule.family]
+    behind = held and _once(
+        shared,
+        ("waiting", row["deployment"], kinds),
+        lambda: waiting_logs(app, row["deployment"], kinds, *held),
+    )
+    if behind:
+        note = f"{behind_note(behind)}; judged without them"
+        error = f"{error}; {note}" if error else note
     state = "no_data" if value is None else ("firing" if rule.holds(float(value)) else "ok")
     app.db.execute(
         "UPDATE monitors SET state = ?, last_value = ?, last_checked_at = ?, last_error = ? "
         "WHERE id = ?",
         (state, value, now, error, row["id"]),
     )
-    outcome = {"monitor": row["name"], "state": state, "value": value, "error": error}
+    outcome = {
+        "monitor": row["name"],
+        "state": state,
+        "value": value,
+        "error": error,
+        "behind": behind or None,
+    }
     if state == "firing":
         action = json.loads(row["action_json"])
         with app.db.transaction() as conn:  # one alert while it fires, whoever checks

@@ -820,27 +820,39 @@ def ship_for_reading(
     for another shipper. When that shipper kept the spool or shipping failed, what still
     waits of the `kinds` the reader reads (requests, inputs, feedback): so that drift,
     quality and the report can say what they leave out. None when nothing does."""
-    result = ship_logs(app, deployment, wait=FRESH_WAIT)
-    if result["busy"]:
-        why = f"another shipper held the spool for {FRESH_WAIT:g} s"
-    elif result["error"]:
-        why = f"shipping failed: {result['error']}"
-    else:  # a file closed since is seconds old, as the open one is: nothing to say
+    why = shipping_held(ship_logs(app, deployment, wait=FRESH_WAIT))
+    if why is None:  # a file closed since is seconds old, as the open one is: nothing to say
         return None
     return waiting_logs(app, deployment, kinds, why)
 
 
+def shipping_held(result: dict[str, Any]) -> str | None:
+    """Why a `ship_logs` pass left files in the spool, in words; None when it did not."""
+    if result["busy"]:
+        return f"another shipper held the spool for {FRESH_WAIT:g} s"
+    if result["error"]:
+        return f"shipping failed: {result['error']}"
+    return None
+
+
 def waiting_logs(
-    app: Appliance, deployment: str, kinds: tuple[str, ...], why: str
+    app: Appliance,
+    deployment: str,
+    kinds: tuple[str, ...],
+    why: str,
+    older_than: float = 0.0,
 ) -> dict[str, Any] | None:
-    """The closed spool files of `kinds` not shipped yet: how many, their bytes, the
-    oldest's time and `why` (None if there are none)."""
+    """The closed spool files of `kinds` not shipped yet (and closed over `older_than`
+    seconds ago): how many, their bytes, the oldest's time and `why` (None if none)."""
     waiting = []
+    before = time.time() - older_than
     for path in _closed_files(spool_dir(app.settings.home, deployment)):
         if path.name.split("-", 1)[0] not in kinds:  # <kind>-<hour>-<pid>-<seq><suffix>
             continue
         with contextlib.suppress(FileNotFoundError):  # shipped meanwhile by the agent
-            waiting.append(path.stat())
+            stat = path.stat()
+            if stat.st_mtime <= before:
+                waiting.append(stat)
     if not waiting:
         return None
     return {
