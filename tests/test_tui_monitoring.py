@@ -14,7 +14,7 @@ from appliance.core.context import Appliance
 from appliance.core.drift import drift_history
 from appliance.tui.app import ApplianceApp
 from tests.pilot import until
-from tests.test_monitoring import _log, _train_model
+from tests.test_monitoring import _log, _refuse, _train_model
 
 
 def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
@@ -72,5 +72,14 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
                     pilot, lambda: "last drift: 1 log file of " in str(status.render()), "note"
                 )
             assert "not shipped yet" in str(status.render())
+            # a monitor checked while the store is away says what it went without
+            monkeypatch.setattr(app.objects, "put_file", _refuse)
+            check_monitors(app, force=True)
+            await pilot.press("r")
+            await until(
+                pilot,
+                lambda: "judged without them" in str(monitors.get_row_at(0)[-1]),
+                "monitor note",
+            )
 
     asyncio.run(scenario())

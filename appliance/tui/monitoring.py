@@ -234,7 +234,7 @@ class MonitoringScreen(Screen[None]):
         )
         fill_table(
             self.query_one("#monitors", DataTable),
-            ("name", "rule", "state", "value", "action"),
+            ("name", "rule", "state", "value", "action", "note"),
             [
                 [
                     m["name"],
@@ -243,6 +243,7 @@ class MonitoringScreen(Screen[None]):
                     Text(m["state"], style=STATE_STYLE.get(m["state"], "")),
                     _num(m["value"]),
                     m["action"],
+                    m["error"] or "",
                 ]
                 for m in shown["monitors"]
             ],
