@@ -89,7 +89,13 @@ def test_tensor_and_column_requests_log_one_row_per_predicted_row(app: Appliance
     plog.flush()  # named columns, and a tensor of text: JSON lines, which DuckDB unifies
     kinds = sorted(p.name.split("-")[0] + p.suffix for p in _closed(plog.directory))
     assert kinds == [*["inputs.frames"] * 2, "inputs.jsonl", *["requests.frames"] * 2]
-    assert ship_logs(app, "t") == {"shipped": 5, "failed": 0, "busy": 0, "error": None}
+    assert ship_logs(app, "t") == {
+        "shipped": 5,
+        "failed": 0,
+        "busy": 0,
+        "error": None,
+        "errors": {},
+    }
     files = ", ".join(f"'{f}'" for f in log_files(app, "t", "inputs"))
     rows = duckdb.sql(
         f"SELECT request_id, row, version, x_a, x_b, x_c, prediction "
@@ -226,7 +232,7 @@ def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
     assert "connection refused" in shipped["error"]
     assert len(_closed(spool_dir(app.settings.home, "d"))) == 2  # kept
     monkeypatch.setattr(app.objects, "put_file", real)
-    assert ship_logs(app) == {"shipped": 2, "failed": 0, "busy": 0, "error": None}
+    assert ship_logs(app) == {"shipped": 2, "failed": 0, "busy": 0, "error": None, "errors": {}}
     assert _closed(spool_dir(app.settings.home, "d")) == []
     inputs = log_files(app, "d", "inputs")
     rows = duckdb.sql(
@@ -370,6 +376,7 @@ def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed
     app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from appliance.core import drift as drift_module
+    from appliance.core import feedback as feedback_module
     from appliance.core.monitors import add_monitor, check_monitors
 
     rng = np.random.default_rng(5)
@@ -387,6 +394,16 @@ def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed
         return real(app, deployment, window, *args, **kw)
 
     monkeypatch.setattr(drift_module, "drift", counted)
+    judged = []
+    real_quality = feedback_module.quality
+
+    def quality(app: Appliance, deployment: str, *args: Any, **kw: Any) -> Any:
+        judged.append(kw["since"])
+        return real_quality(app, deployment, *args, **kw)
+
+    monkeypatch.setattr(feedback_module, "quality", quality)
+    add_monitor(app, "auc", "syn", "auc < 0.5 over 1h", "1m", {})
+    add_monitor(app, "accuracy", "syn", "accuracy < 0.5 over 1h", "1m", {})
     add_monitor(app, "a-hour", "syn", "psi(a) > 0.2 over 1h", "1m", {})
     add_monitor(app, "b-hour", "syn", "psi(b) > 0.2 over 1h", "1m", {})
     add_monitor(app, "output", "syn", "prediction_psi > 100 over 1h", "1m", {})
@@ -404,9 +421,12 @@ def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed
     outcomes = {o["monitor"]: o for o in check_monitors(app)}
     # four drift monitors, two windows: two computations, two results stored
     assert sorted(computed) == [3600, 86400]
+    assert len(judged) == 1  # two quality monitors over one window: one computation
     assert {name: o["state"] for name, o in outcomes.items()} == {
         "a-day": "firing",
         "a-hour": "firing",
+        "accuracy": "no_data",  # no labels
+        "auc": "no_data",
         "b-hour": "ok",
         "output": "ok",
     }
@@ -420,7 +440,11 @@ def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed
     computed.clear()
     outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
     assert sorted(computed) == [3600, 86400]
-    assert all("no training dataset in its lineage" in o["error"] for o in outcomes.values())
+    assert all(
+        "no training dataset in its lineage" in o["error"]
+        for name, o in outcomes.items()
+        if name not in ("auc", "accuracy")
+    )
 
 
 def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
@@ -816,7 +840,7 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     import threading
 
     from appliance.core import monitors, prediction_log
-    from appliance.core.agent import Agent, Capacity
+    from appliance.core.agent import SHIP_SECONDS, Agent, Capacity
 
     seen: dict[str, tuple[str, int]] = {}
 
@@ -828,23 +852,39 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     def ship(app: Appliance, deployment: str | None = None, wait: float | None = None) -> Any:
         waits.append(wait)
         where("ship")
-        return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
+        return {
+            "shipped": 0,
+            "failed": 0,
+            "busy": 0,
+            "error": "f: down",
+            "errors": {"s": "f: down"},
+        }
 
-    def check(app: Appliance, fresh: bool = True, ship_error: str | None = None) -> None:
+    told: list[tuple[Any, float]] = []
+
+    def check(
+        app: Appliance,
+        fresh: bool = True,
+        ship_errors: dict[str, str] | None = None,
+        unshipped_after: float = 0.0,
+    ) -> None:
         assert not fresh  # monitors never ship, nor wait on a slow store
-        assert ship_error is None  # the shipper's last error: none yet
+        told.append((ship_errors, unshipped_after))
         where("watch")
 
     monkeypatch.setattr(prediction_log, "ship_logs", ship)
     monkeypatch.setattr(monitors, "check_monitors", check)
     agent = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))
-    agent.watch_deployments()
-    for thread in (agent.shipper, agent.watcher):
-        assert thread is not None
-        thread.join(10)
-    assert waits == [0]  # a deployment another shipper holds waits for the next pass
+    for _ in range(2):  # the second pass's monitors hear what the first pass's shipping met
+        agent.watched = 0.0
+        agent.watch_deployments()
+        for thread in (agent.shipper, agent.watcher):
+            assert thread is not None
+            thread.join(10)
+    assert waits == [0, 0]  # a deployment another shipper holds waits for the next pass
     assert seen["ship"][0] != seen["watch"][0]
     assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
+    assert told[-1] == ({"s": "f: down"}, max(monitors.UNSHIPPED_AFTER, 3 * SHIP_SECONDS))
 
 
 def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -> None:
@@ -866,7 +906,13 @@ def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -
         fcntl.flock(held, fcntl.LOCK_EX)
         assert ship_logs(app, "s", wait=0.2)["busy"] == 1
         assert len(_closed(directory)) == 2
-    assert ship_logs(app, "s") == {"shipped": 2, "failed": 0, "busy": 0, "error": None}
+    assert ship_logs(app, "s") == {
+        "shipped": 2,
+        "failed": 0,
+        "busy": 0,
+        "error": None,
+        "errors": {},
+    }
     (directory / ".ship.lock").unlink()
     (directory / ".ship.lock").mkdir()  # a lock file that cannot be opened
     result = ship_logs(app)
@@ -990,12 +1036,23 @@ def test_monitors_say_when_their_logs_wait_in_the_spool(
     outcomes = {o["monitor"]: o for o in check_monitors(app, force=True, fresh=False)}
     assert all(o["error"] is None for o in outcomes.values())
     old = time.time() - UNSHIPPED_AFTER - 5
-    for path in _closed(spool_dir(app.settings.home, "syn")):
+    spool = spool_dir(app.settings.home, "syn")
+    for path in _closed(spool):
         os.utime(path, (old, old))
-    outcomes = check_monitors(app, force=True, fresh=False, ship_error="x: connection refused")
+    # a requests file of an hour three days gone is outside every window here: not counted
+    (stale,) = spool.glob("requests-*")
+    days_ago = time.strftime("%Y%m%d%H", time.gmtime(time.time() - 3 * 86400))
+    stale_copy = spool / stale.name.replace(stale.name.split("-")[1], days_ago)
+    stale_copy.write_bytes(stale.read_bytes())
+    os.utime(stale_copy, (old, old))
+    outcomes = check_monitors(
+        app, force=True, fresh=False, ship_errors={"syn": "x: connection refused"}
+    )
     assert all(
         "not shipped yet: shipping failed: x: connection refused" in o["error"] for o in outcomes
     )
+    assert [o["behind"]["files"] for o in outcomes if o["monitor"] == "busy"] == [1]
+    stale_copy.unlink()
     (drifted, *_) = check_monitors(app, "a-drift", force=True, fresh=False)
     assert drifted["error"].endswith(
         "the agent has not shipped them within 60 s; judged without them"
@@ -1005,6 +1062,86 @@ def test_monitors_say_when_their_logs_wait_in_the_spool(
     outcomes = check_monitors(app, force=True)
     assert all(o["error"] is None and o["behind"] is None for o in outcomes)
     assert all(m["error"] is None for m in list_monitors(app, "syn"))
+
+
+def test_a_failing_model_counts_against_its_version_and_refusals_are_no_label_target(
+    app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests refused before routing are logged as `unrouted`; a model that raises is a 500
+    of its own version; labels for a refused request count as unknown; latency monitors
+    judge answered requests only."""
+    import asyncio
+
+    import duckdb
+
+    from appliance.core.deployments import set_logging
+    from appliance.core.feedback import add_feedback
+    from appliance.core.monitors import add_monitor, check_monitors
+    from appliance.core.serving import InferenceApp, ModelServer
+
+    set_logging(app, "syn", sample=1.0)
+    server = ModelServer(app, "syn")
+    server.directory.mkdir(parents=True, exist_ok=True)
+    server.sync(snapshot=False)
+    web = InferenceApp(server)
+
+    def call(body: bytes, request_id: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/syn/infer"}
+        asyncio.run(web({**scope, "headers": headers}, receive, send))
+        return int(sent[0]["status"])
+
+    good = json.dumps(
+        {
+            "inputs": [
+                {"name": "a", "shape": [1], "datatype": "FP64", "data": [0.1]},
+                {"name": "b", "shape": [1], "datatype": "FP64", "data": [0.2]},
+                {"name": "c", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+            ]
+        }
+    ).encode()
+    assert call(good, "fine") == 200
+    for i in range(3):
+        assert call(b"{not json", f"refused-{i}") == 400
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(server.routing.stable, "predict_matrix", boom)
+    assert call(good, "crash") == 500
+    server.plog.flush()
+    assert ship_logs(app, "syn")["failed"] == 0
+    files = ", ".join(f"'{f}'" for f in log_files(app, "syn", "requests"))
+    rows = duckdb.sql(
+        f"SELECT request_id, version, role, status FROM read_parquet([{files}]) ORDER BY ts"
+    ).fetchall()
+    assert rows == [
+        ("fine", 1, "stable", 200),
+        *[(f"refused-{i}", 0, "unrouted", 400) for i in range(3)],
+        ("crash", 1, "stable", 500),  # the version that failed, not "unrouted"
+    ]
+    snapshot = server.stats.snapshot()["series"]
+    assert {(s["version"], s["role"]) for s in snapshot} == {(1, "stable"), (0, "unrouted")}
+    # a label for a refused request judges no prediction: counted as unknown
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nfine,1\nrefused-0,1\n")
+    result = add_feedback(app, "syn", labels)
+    assert (result["stored"], result["unknown_request_ids"]) == (1, 1)
+    # latency is of answered requests: three quick refusals do not pull the median down
+    answered = duckdb.sql(
+        f"SELECT median(latency_ms) FROM read_parquet([{files}]) WHERE role <> 'unrouted'"
+    ).fetchone()
+    add_monitor(app, "median", "syn", "p50_ms > 1000 over 1h", "1m", {})
+    (outcome,) = check_monitors(app, "median")
+    assert answered is not None and outcome["value"] == pytest.approx(answered[0])
 
 
 def _refuse(*args: Any, **kwargs: Any) -> Any:

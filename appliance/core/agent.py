@@ -294,6 +294,7 @@ class Agent:
         self.watcher: threading.Thread | None = None
         self.shipper: threading.Thread | None = None
         self.ship_error: str | None = None
+        self.ship_errors: dict[str, str] = {}  # deployment: its last shipping error
         self._lock_file: IO[str] | None = None
         self._sock: socket.socket | None = None
 
@@ -504,6 +505,7 @@ class Agent:
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]
+            self.ship_errors = shipped["errors"]  # what each deployment's monitors quote
         except Exception:  # shipping must never take the agent down
             traceback.print_exc()
         finally:
@@ -513,14 +515,19 @@ class Agent:
         """Monitors, beside shipping and never shipping themselves: a slow shipping pass (a
         large spool, a store that is down) does not hold up a monitor that should roll
         back; they judge the logs shipped so far, seconds old."""
-        from appliance.core.monitors import check_monitors
+        from appliance.core.monitors import UNSHIPPED_AFTER, check_monitors
 
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WATCH_NICE)
         app = Appliance(self.app.settings)
         try:
             # the ship thread keeps the logs fresh; its last error says why any wait
-            check_monitors(app, fresh=False, ship_error=self.ship_error)
+            check_monitors(
+                app,
+                fresh=False,
+                ship_errors=self.ship_errors,
+                unshipped_after=max(UNSHIPPED_AFTER, 3 * SHIP_SECONDS),
+            )
         except Exception:  # monitoring must never take the agent down
             traceback.print_exc()
         finally:

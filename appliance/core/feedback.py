@@ -173,13 +173,21 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
 
 
 def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> set[str]:
-    """Which of `wanted` a deployment logged (request metadata or inputs)."""
+    """Which of `wanted` a deployment logged (request metadata or inputs); a request refused
+    before a version was chosen predicted nothing a label could judge."""
     import duckdb
 
     from appliance.core import duck
 
-    files = log_files(app, deployment, "requests") + log_files(app, deployment, "inputs")
-    if not files or not wanted:
+    sources = []
+    for kind, where in (("requests", " WHERE role <> 'unrouted'"), ("inputs", "")):
+        files = log_files(app, deployment, kind)
+        if files:
+            listing = ", ".join(duck.sql_string(f) for f in files)
+            sources.append(
+                f"SELECT request_id FROM read_parquet([{listing}], union_by_name = true){where}"
+            )
+    if not sources or not wanted:
         return set()
     con = duckdb.connect()
     try:
@@ -187,10 +195,10 @@ def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> set[str]:
         con.execute(
             "CREATE TABLE wanted AS SELECT unnest(?::VARCHAR[]) AS request_id", [sorted(wanted)]
         )
-        listing = ", ".join(duck.sql_string(f) for f in files)
         found = con.execute(
-            f"SELECT DISTINCT w.request_id FROM wanted w JOIN "
-            f"read_parquet([{listing}], union_by_name = true) l USING (request_id)"
+            "SELECT DISTINCT w.request_id FROM wanted w JOIN ("
+            + " UNION ALL ".join(sources)
+            + ") l USING (request_id)"
         ).fetchall()
     finally:
         con.close()

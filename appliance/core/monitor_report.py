@@ -109,7 +109,8 @@ def traffic_series(
     try:
         rows = con.execute(
             f"SELECT floor(ts / {step}) * {step} AS t, count(*), "
-            "quantile_cont(latency_ms, 0.99), count(*) FILTER (WHERE status >= 500) "
+            "quantile_cont(latency_ms, 0.99) FILTER (WHERE role <> 'unrouted'), "
+            "count(*) FILTER (WHERE status >= 500) "
             f"FROM read_parquet([{listing}], union_by_name = true) "
             f"WHERE ts >= {now - window!r} GROUP BY 1 ORDER BY 1"
         ).fetchall()

@@ -41,7 +41,7 @@ TRAFFIC = {"p99_ms", "p50_ms", "error_rate", "client_error_rate", "rps"}
 DEFAULT_OVER = {"drift": 3600.0, "quality": 86400.0, "traffic": 300.0}
 LOG_KINDS = {"drift": ("inputs",), "quality": ("inputs", "feedback"), "traffic": ("requests",)}
 # a closed log file the agent (shipping every few seconds) has not shipped within this is held
-# up: its monitors say so
+# up: its monitors say so (the agent passes three of its intervals when that is longer)
 UNSHIPPED_AFTER = 60.0
 _RULE = re.compile(
     r"^\s*(?P<metric>[a-z_0-9]+)\s*(?:\(\s*(?P<arg>[^()\s]+)\s*\))?\s*"
@@ -304,6 +304,10 @@ def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compu
     return value
 
 
+# latency is of the requests a model answered: refusals before routing take microseconds
+ROUTED = "WHERE role <> 'unrouted'"
+
+
 def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> float | None:
     """From the logged requests of the window; from the live counters when none are logged."""
     import duckdb
@@ -320,7 +324,8 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
             n, errors, refused, p50, p99 = con.execute(
                 "SELECT count(*), count(*) FILTER (WHERE status >= 500), "
                 "count(*) FILTER (WHERE status >= 400 AND status < 500), "
-                "quantile_cont(latency_ms, 0.5), quantile_cont(latency_ms, 0.99) "
+                f"quantile_cont(latency_ms, 0.5) FILTER ({ROUTED}), "
+                f"quantile_cont(latency_ms, 0.99) FILTER ({ROUTED}) "
                 f"FROM read_parquet([{listing}], union_by_name = true) "
                 f"WHERE ts >= {now - rule.over!r} AND ts < {now!r}"
             ).fetchone()
@@ -346,15 +351,16 @@ def check_monitors(
     now: float | None = None,
     force: bool = False,
     fresh: bool = True,
-    ship_error: str | None = None,
+    ship_errors: dict[str, str] | None = None,
+    unshipped_after: float = UNSHIPPED_AFTER,
 ) -> list[dict[str, Any]]:
     """The agent's pass (or `monitor check`): evaluate each monitor that is due, move its
     state, and on a new firing record an alert and run its action once. `fresh`: ship each
     deployment's spool once first; the agent passes False, its own thread ships, and a
     monitor must not wait on a slow store. A monitor whose logs wait in the spool (the
-    store away, another shipper holding it; for the agent, files not shipped within
-    UNSHIPPED_AFTER, `ship_error` its shipper's last error) says so in its error: it was
-    judged without them."""
+    store away, another shipper holding it; for the agent, files of the monitor's window
+    not shipped within `unshipped_after`, `ship_errors` its shipper's last error for each
+    deployment) says so in its error: it was judged without them."""
     from appliance.core.prediction_log import FRESH_WAIT, ship_logs, shipping_held
 
     now = time.time() if now is None else now
@@ -375,12 +381,13 @@ def check_monitors(
             why = shipping_held(ship_logs(app, deployment, wait=FRESH_WAIT))
             held[deployment] = (why, 0.0) if why else None
         else:
+            failed = (ship_errors or {}).get(deployment)
             why = (
-                f"shipping failed: {ship_error}"
-                if ship_error
-                else f"the agent has not shipped them within {UNSHIPPED_AFTER:g} s"
+                f"shipping failed: {failed}"
+                if failed
+                else f"the agent has not shipped them within {unshipped_after:g} s"
             )
-            held[deployment] = (why, UNSHIPPED_AFTER)
+            held[deployment] = (why, unshipped_after)
     shared: dict[tuple[Any, ...], Any] = {}  # one drift per deployment and window
     return [_check_one(app, row, now, shared, held.get(row["deployment"])) for row in due]
 
@@ -407,8 +414,8 @@ def _check_one(
     kinds = LOG_KINDS[rule.family]
     behind = held and _once(
         shared,
-        ("waiting", row["deployment"], kinds),
-        lambda: waiting_logs(app, row["deployment"], kinds, *held),
+        ("waiting", row["deployment"], kinds, rule.over),
+        lambda: waiting_logs(app, row["deployment"], kinds, *held, since=now - rule.over),
     )
     if behind:
         note = f"{behind_note(behind)}; judged without them"

@@ -24,6 +24,7 @@ unreachable) stays in the spool and is tried again on the next pass.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import struct
@@ -785,17 +786,17 @@ def ship_logs(
     app: Appliance, deployment: str | None = None, wait: float | None = None
 ) -> dict[str, Any]:
     """Turn closed spool files into Parquet in the object store; returns what was shipped,
-    the deployments skipped because another shipper held them, and the first error (a file
-    that failed stays, and is tried on the next call).
+    the deployments skipped because another shipper held them, and the first error, also
+    per deployment in `errors` (a file that failed stays, and is tried on the next call).
 
     The agent and a command that asks for fresh numbers (quality, drift) may ship at once:
     one at a time per deployment, or both would read the same file. `wait`: how long to
     wait for the other (None: until it is done; 0: skip the deployment, as the agent does,
     since whoever holds it is shipping the same files)."""
     root = app.settings.home / "spool" / "predictions"
-    shipped, failed, busy, error = 0, 0, 0, None
+    shipped, failed, busy, errors = 0, 0, 0, {}
     if not root.is_dir():
-        return {"shipped": 0, "failed": 0, "busy": 0, "error": None}
+        return {"shipped": 0, "failed": 0, "busy": 0, "error": None, "errors": {}}
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
         if deployment is not None and directory.name != deployment:
             continue
@@ -807,10 +808,13 @@ def ship_logs(
                 done, lost, first = _ship_directory(app, directory)
         except OSError as exc:  # the lock file (made by another user?), a dead worker's file
             failed += 1
-            error = error or f"{directory.name}: {exc}"
+            errors[directory.name] = f"{directory.name}: {exc}"
             continue
-        shipped, failed, error = shipped + done, failed + lost, error or first
-    return {"shipped": shipped, "failed": failed, "busy": busy, "error": error}
+        shipped, failed = shipped + done, failed + lost
+        if first:
+            errors[directory.name] = first
+    error = next(iter(errors.values()), None)
+    return {"shipped": shipped, "failed": failed, "busy": busy, "error": error, "errors": errors}
 
 
 def ship_for_reading(
@@ -841,13 +845,16 @@ def waiting_logs(
     kinds: tuple[str, ...],
     why: str,
     older_than: float = 0.0,
+    since: float | None = None,
 ) -> dict[str, Any] | None:
-    """The closed spool files of `kinds` not shipped yet (and closed over `older_than`
-    seconds ago): how many, their bytes, the oldest's time and `why` (None if none)."""
+    """The closed spool files of `kinds` not shipped yet (closed over `older_than` seconds
+    ago; of requests and inputs, those whose hour ends after `since`): how many, their
+    bytes, the oldest's time and `why` (None if none)."""
     waiting = []
     before = time.time() - older_than
     for path in _closed_files(spool_dir(app.settings.home, deployment)):
-        if path.name.split("-", 1)[0] not in kinds:  # <kind>-<hour>-<pid>-<seq><suffix>
+        kind, hour = (path.name.split("-") + [""])[:2]  # <kind>-<hour>-<pid>-<seq><suffix>
+        if kind not in kinds or (since is not None and kind in KINDS and _hour_end(hour) <= since):
             continue
         with contextlib.suppress(FileNotFoundError):  # shipped meanwhile by the agent
             stat = path.stat()
@@ -861,6 +868,16 @@ def waiting_logs(
         "since": min(s.st_mtime for s in waiting),
         "why": why,
     }
+
+
+def _hour_end(hour: str) -> float:
+    """When a spool file's hour (UTC, as named) ends; infinity for a name that is not one."""
+    import calendar
+
+    try:
+        return calendar.timegm(time.strptime(hour, "%Y%m%d%H")) + 3600.0
+    except ValueError:
+        return math.inf
 
 
 def behind_note(behind: dict[str, Any] | None) -> str | None:

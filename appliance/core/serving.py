@@ -48,6 +48,7 @@ from appliance.core.prediction_log import PredictionLog
 from appliance.core.registry import get_model_version
 from appliance.core.traffic import (
     KEEP_SECONDS,
+    UNROUTED,
     TrafficStats,
     merge,
     parse_rule,
@@ -65,7 +66,6 @@ MAX_BODY = 32 << 20
 MAX_BODY_ENV = "APPLIANCE_SERVE_MAX_BODY"  # e.g. 8Mi: larger requests get a 413
 FOLLOW_SECONDS = 0.02  # how often a worker looks for a new revision
 SNAPSHOT_SECONDS = 1.0
-UNROUTED = (0, "unrouted")  # counted, but answered before any model version was chosen
 WORKER_READY_TIMEOUT = 60.0
 
 
@@ -564,6 +564,8 @@ class ModelServer:
         except RequestError as exc:
             exc.served = (runtime.version, role)  # type: ignore[attr-defined]
             raise
+        except Exception as exc:
+            raise _internal_error(runtime, role) from exc
         shape = list(predictions.shape)
         response: dict[str, Any] = {
             "model_name": runtime.model,
@@ -645,6 +647,8 @@ class ModelServer:
         except RequestError as exc:
             exc.served = (runtime.version, role)  # type: ignore[attr-defined]
             raise
+        except Exception as exc:
+            raise _internal_error(runtime, role) from exc
         log_id = (headers.get("x-request-id") or self._new_id())[:200]
         return Response(
             200,
@@ -653,6 +657,15 @@ class ModelServer:
             served=(runtime.version, role),
             logged=(log_id, len(predictions), columns, predictions),
         )
+
+
+def _internal_error(runtime: ModelRuntime, role: str) -> RequestError:
+    """A defect past routing (the model raised): a 500 counted, and logged, against the
+    version that was chosen, so a failing canary shows as itself and not as unrouted."""
+    log.exception("internal error in %s version %s", runtime.model, runtime.version)
+    error = RequestError(500, "internal server error")
+    error.served = (runtime.version, role)  # type: ignore[attr-defined]
+    return error
 
 
 def _require_json(headers: dict[str, str]) -> None:

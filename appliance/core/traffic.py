@@ -49,6 +49,9 @@ BOUNDS = (
     10.0,
 )
 KEEP_SECONDS = 60  # per-second buckets kept when no canary rule asks for a longer window
+# counted, but answered before any model version was chosen: in the counts and error rates,
+# not in the latency percentiles (a flood of refusals must not hide a slow model)
+UNROUTED = (0, "unrouted")
 LIVE_WINDOW = 10  # seconds behind the req/s, p99 and error rate that list and the TUI show
 
 
@@ -229,7 +232,8 @@ def window(
                 out.requests += counts[0]
                 out.errors += counts[1]
                 out.client_errors += counts[2]
-                hist = [a + b for a, b in zip(hist, counts[3:], strict=True)]
+                if r != UNROUTED[1]:
+                    hist = [a + b for a, b in zip(hist, counts[3:], strict=True)]
     p50, p99 = quantile(hist, 0.5), quantile(hist, 0.99)
     out.p50_ms = None if p50 is None else p50 * 1000
     out.p99_ms = None if p99 is None else p99 * 1000

@@ -243,7 +243,7 @@ class MonitoringScreen(Screen[None]):
                     Text(m["state"], style=STATE_STYLE.get(m["state"], "")),
                     _num(m["value"]),
                     m["action"],
-                    m["error"] or "",
+                    Text(m["error"] or ""),  # the store's words: never markup
                 ]
                 for m in shown["monitors"]
             ],
