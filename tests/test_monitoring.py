@@ -1117,6 +1117,8 @@ def test_a_failing_model_counts_against_its_version_and_refusals_are_no_label_ta
 
     monkeypatch.setattr(server.routing.stable, "predict_matrix", boom)
     assert call(good, "crash") == 500
+    monkeypatch.setattr(server, "entity_inputs", boom)  # the registry failing mid-request
+    assert call(good, "lookup") == 500
     server.plog.flush()
     assert ship_logs(app, "syn")["failed"] == 0
     files = ", ".join(f"'{f}'" for f in log_files(app, "syn", "requests"))
@@ -1127,6 +1129,7 @@ def test_a_failing_model_counts_against_its_version_and_refusals_are_no_label_ta
         ("fine", 1, "stable", 200),
         *[(f"refused-{i}", 0, "unrouted", 400) for i in range(3)],
         ("crash", 1, "stable", 500),  # the version that failed, not "unrouted"
+        ("lookup", 1, "stable", 500),
     ]
     snapshot = server.stats.snapshot()["series"]
     assert {(s["version"], s["role"]) for s in snapshot} == {(1, "stable"), (0, "unrouted")}

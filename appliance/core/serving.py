@@ -552,9 +552,9 @@ class ModelServer:
             routing, name, version, request_id or headers.get("x-request-id")
         )
         log_id = (request_id or headers.get("x-request-id") or self._new_id())[:200]
-        features = self.entity_inputs(runtime)
         missing = 0
         try:
+            features = self.entity_inputs(runtime)  # its first use reads the registry
             if features is None:
                 columns, outputs = parse_v2_request(body, runtime, binary)
             else:
@@ -634,9 +634,9 @@ class ModelServer:
         if content_type not in ("application/json", "text/csv"):
             raise RequestError(415, "Content-Type must be application/json or text/csv")
         runtime, role = self.pick(routing, headers.get("x-request-id"))
-        features = self.entity_inputs(runtime)
-        spec: Any = runtime if features is None else features
         try:
+            features = self.entity_inputs(runtime)  # its first use reads the registry
+            spec: Any = runtime if features is None else features
             if content_type == "text/csv":
                 columns = parse_csv(raw, spec)
             else:

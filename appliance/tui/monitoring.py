@@ -227,7 +227,7 @@ class MonitoringScreen(Screen[None]):
                     _num(f.get("ks") if f["type"] == "numeric" else f.get("chi2")),
                     _num(f.get("p_value")),
                     f"{f['missing_ref']:.3f} → {f['missing']:.3f}",
-                    ",".join(f.get("unseen") or []),
+                    Text(",".join(f.get("unseen") or [])),  # clients' values: never markup
                 ]
                 for f in features
             ],
