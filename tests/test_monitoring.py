@@ -95,6 +95,7 @@ def test_tensor_and_column_requests_log_one_row_per_predicted_row(app: Appliance
         "busy": 0,
         "error": None,
         "errors": {},
+        "held": [],
     }
     files = ", ".join(f"'{f}'" for f in log_files(app, "t", "inputs"))
     rows = duckdb.sql(
@@ -232,7 +233,7 @@ def test_logs_ship_as_parquet_and_wait_in_the_spool_while_the_store_is_away(
     assert "connection refused" in shipped["error"]
     assert len(_closed(spool_dir(app.settings.home, "d"))) == 2  # kept
     monkeypatch.setattr(app.objects, "put_file", real)
-    assert ship_logs(app) == {"shipped": 2, "failed": 0, "busy": 0, "error": None, "errors": {}}
+    assert ship_logs(app)["shipped"] == 2
     assert _closed(spool_dir(app.settings.home, "d")) == []
     inputs = log_files(app, "d", "inputs")
     rows = duckdb.sql(
@@ -849,15 +850,21 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
 
     waits: list[float | None] = []
 
+    # what three passes of shipping meet: a failure, the spool held by another shipper, success
+    passes = [({"s": "f: down"}, []), ({}, ["s"]), ({}, [])]
+
     def ship(app: Appliance, deployment: str | None = None, wait: float | None = None) -> Any:
         waits.append(wait)
         where("ship")
+        errors, held = passes[len(waits) - 1]
+        error = next(iter(errors.values()), None)
         return {
             "shipped": 0,
             "failed": 0,
-            "busy": 0,
-            "error": "f: down",
-            "errors": {"s": "f: down"},
+            "busy": len(held),
+            "error": error,
+            "errors": errors,
+            "held": held,
         }
 
     told: list[tuple[Any, float]] = []
@@ -875,16 +882,20 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     monkeypatch.setattr(prediction_log, "ship_logs", ship)
     monkeypatch.setattr(monitors, "check_monitors", check)
     agent = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))
-    for _ in range(2):  # the second pass's monitors hear what the first pass's shipping met
+    heard = []
+    for _ in passes:  # each pass's monitors hear what the pass before's shipping met
         agent.watched = 0.0
         agent.watch_deployments()
         for thread in (agent.shipper, agent.watcher):
             assert thread is not None
             thread.join(10)
-    assert waits == [0, 0]  # a deployment another shipper holds waits for the next pass
+        heard.append(agent.ship_errors)
+    assert waits == [0, 0, 0]  # a deployment another shipper holds waits for the next pass
     assert seen["ship"][0] != seen["watch"][0]
     assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
-    assert told[-1] == ({"s": "f: down"}, max(monitors.UNSHIPPED_AFTER, 3 * SHIP_SECONDS))
+    # the error outlives a pass that could not ship (another shipper held the spool)
+    assert heard == [{"s": "f: down"}, {"s": "f: down"}, {}]
+    assert told[1] == ({"s": "f: down"}, max(monitors.UNSHIPPED_AFTER, 3 * SHIP_SECONDS))
 
 
 def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -> None:
@@ -904,7 +915,8 @@ def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -
     directory = spool_dir(app.settings.home, "s")
     with (directory / ".ship.lock").open("a") as held:  # another shipper at work
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert ship_logs(app, "s", wait=0.2)["busy"] == 1
+        busy = ship_logs(app, "s", wait=0.2)
+        assert (busy["busy"], busy["held"]) == (1, ["s"])
         assert len(_closed(directory)) == 2
     assert ship_logs(app, "s") == {
         "shipped": 2,
@@ -912,6 +924,7 @@ def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -
         "busy": 0,
         "error": None,
         "errors": {},
+        "held": [],
     }
     (directory / ".ship.lock").unlink()
     (directory / ".ship.lock").mkdir()  # a lock file that cannot be opened

@@ -505,7 +505,9 @@ class Agent:
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]
-            self.ship_errors = shipped["errors"]  # what each deployment's monitors quote
+            # what each deployment's monitors quote; one another shipper held keeps its last
+            kept = {d: e for d, e in self.ship_errors.items() if d in shipped["held"]}
+            self.ship_errors = {**kept, **shipped["errors"]}
         except Exception:  # shipping must never take the agent down
             traceback.print_exc()
         finally:

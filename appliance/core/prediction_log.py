@@ -786,24 +786,25 @@ def ship_logs(
     app: Appliance, deployment: str | None = None, wait: float | None = None
 ) -> dict[str, Any]:
     """Turn closed spool files into Parquet in the object store; returns what was shipped,
-    the deployments skipped because another shipper held them, and the first error, also
-    per deployment in `errors` (a file that failed stays, and is tried on the next call).
+    the deployments skipped because another shipper held them (`busy`, named in `held`), and
+    the first error, also per deployment in `errors` (a file that failed stays, and is tried
+    on the next call).
 
     The agent and a command that asks for fresh numbers (quality, drift) may ship at once:
     one at a time per deployment, or both would read the same file. `wait`: how long to
     wait for the other (None: until it is done; 0: skip the deployment, as the agent does,
     since whoever holds it is shipping the same files)."""
     root = app.settings.home / "spool" / "predictions"
-    shipped, failed, busy, errors = 0, 0, 0, {}
+    shipped, failed, held_by_others, errors = 0, 0, [], {}
     if not root.is_dir():
-        return {"shipped": 0, "failed": 0, "busy": 0, "error": None, "errors": {}}
+        return {"shipped": 0, "failed": 0, "busy": 0, "error": None, "errors": {}, "held": []}
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
         if deployment is not None and directory.name != deployment:
             continue
         try:
             with _shipping(directory, wait) as held:
                 if not held:
-                    busy += 1
+                    held_by_others.append(directory.name)
                     continue
                 done, lost, first = _ship_directory(app, directory)
         except OSError as exc:  # the lock file (made by another user?), a dead worker's file
@@ -813,8 +814,14 @@ def ship_logs(
         shipped, failed = shipped + done, failed + lost
         if first:
             errors[directory.name] = first
-    error = next(iter(errors.values()), None)
-    return {"shipped": shipped, "failed": failed, "busy": busy, "error": error, "errors": errors}
+    return {
+        "shipped": shipped,
+        "failed": failed,
+        "busy": len(held_by_others),
+        "error": next(iter(errors.values()), None),
+        "errors": errors,
+        "held": held_by_others,
+    }
 
 
 def ship_for_reading(
