@@ -883,7 +883,7 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     monkeypatch.setattr(monitors, "check_monitors", check)
     agent = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))
     heard = []
-    for _ in passes:  # each pass's monitors hear what the pass before's shipping met
+    for _ in passes:  # a pass's monitors hear what shipping met so far (its own pass's, or before)
         agent.watched = 0.0
         agent.watch_deployments()
         for thread in (agent.shipper, agent.watcher):
