@@ -741,8 +741,13 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 def test_the_pod_serves_its_version_from_s3_without_the_metadata_database(
     cluster: Any, cli: Any, tmp_path: Path
 ) -> None:
+    import duckdb
+
+    from appliance.core.prediction_log import log_files, posted_box, ship_logs
+
     c = cluster
-    assert cli("deploy", "churn/2", "--name", "scoring", *c.home).code == 0
+    deployed = cli("deploy", "churn/2", "--name", "scoring", "--log-sample", "1", *c.home)
+    assert deployed.code == 0, deployed.err
     objects = json.loads(c.stored("scoring", 1) or "")["items"]
     container = _container(objects)
     # the container's environment as the kubelet builds it: Secret values filled in
@@ -754,19 +759,41 @@ def test_the_pod_serves_its_version_from_s3_without_the_metadata_database(
             env[item["name"]] = item["value"]
     pod_home = tmp_path / "pod"
     env["APPLIANCE_HOME"] = str(pod_home)  # the emptyDir
+    env["APPLIANCE_SHIP_SECONDS"] = env["APPLIANCE_LOG_ROTATE_SECONDS"] = "0.3"
     port = free_port()
     command = [sys.executable, *container["command"][1:-1], str(port)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    box = posted_box("scoring")
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, proc)
-        assert predict(url) == "2"
+        assert predict(url, "first") == "2"
         with urllib.request.urlopen(url + "/v2/health/live", timeout=5) as response:
             assert json.loads(response.read()) == {"live": True}
         with urllib.request.urlopen(url + "/version", timeout=5) as response:
             version = json.loads(response.read())
         assert version["model_version"] == 2 and version["revision"] == 1
+        # the pod posts its closed log files to the store while it serves
+        deadline = time.monotonic() + 20
+        while not c.app.objects.inbox(box) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.app.objects.inbox(box), "the pod posted no log file"
+        # a logging change reaches the running pod through the store: inputs off
+        assert cli("deployments", "logging", "scoring", "--sample", "0", *c.home).code == 0
+        time.sleep(1.5)  # the pod reads the settings every 0.3 s
+        assert predict(url, "later") == "2"
     finally:
-        proc.terminate()
+        proc.terminate()  # the kubelet's stop: what the pod logged is posted before it exits
         proc.wait(timeout=10)
     assert not (pod_home / "metadata.db").exists()
+    # the agent's pass (or a reader's) takes the posted files and ships them
+    assert ship_logs(c.app, "scoring")["failed"] == 0
+    assert c.app.objects.inbox(box) == []
+    requests = ", ".join(f"'{f}'" for f in log_files(c.app, "scoring", "requests"))
+    inputs = ", ".join(f"'{f}'" for f in log_files(c.app, "scoring", "inputs"))
+    assert duckdb.sql(
+        f"SELECT request_id, version, revision, role, status FROM read_parquet([{requests}]) "
+        "ORDER BY ts"
+    ).fetchall() == [("first", 2, 1, "stable", 200), ("later", 2, 1, "stable", 200)]
+    logged = duckdb.sql(f"SELECT request_id FROM read_parquet([{inputs}])").fetchall()
+    assert logged == [("first",)]  # sampled before the change, not after

@@ -87,6 +87,35 @@ def test_missing_object_is_not_found(store) -> None:  # type: ignore[no-untyped-
     assert not store.exists("0" * 64)
 
 
+def test_a_box_carries_named_files_taken_once(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What a k3s pod posts (its closed log files) and the agent takes, by name."""
+    first, second = tmp_path / "a.frames", tmp_path / "b.jsonl"
+    first.write_bytes(b"one")
+    second.write_bytes(b"two")
+    assert store.inbox("spool/dep") == []
+    store.post("spool/dep", "b.jsonl", second)
+    store.post("spool/dep", "a.frames", first)
+    store.post("spool/other", "a.frames", second)  # boxes do not mix
+    assert store.inbox("spool/dep") == ["a.frames", "b.jsonl"]
+    target = tmp_path / "out"
+    target.mkdir()
+    assert store.fetch("spool/dep", "a.frames", target / "a.frames")
+    assert (target / "a.frames").read_bytes() == b"one"
+    store.discard("spool/dep", "a.frames")
+    store.discard("spool/dep", "a.frames")  # gone already: nothing to do
+    assert store.inbox("spool/dep") == ["b.jsonl"]
+    assert not store.fetch("spool/dep", "a.frames", target / "again")
+    assert not (target / "again").exists()
+    assert [p.name for p in target.iterdir()] == ["a.frames"]  # no temporary file left
+    second.write_bytes(b"replaced")
+    store.post("spool/dep", "b.jsonl", second)
+    assert store.fetch("spool/dep", "b.jsonl", target / "b.jsonl")
+    assert (target / "b.jsonl").read_bytes() == b"replaced"
+    for box, name in (("../x", "a"), ("spool/dep", "../../a"), ("spool/dep", "a/b"), ("", "a")):
+        with pytest.raises(ValueError, match="not a box or file name"):
+            store.post(box, name, first)
+
+
 def test_local_store_leaves_no_temp_files(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "objects")
     src = tmp_path / "x"

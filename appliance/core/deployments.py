@@ -313,7 +313,7 @@ def set_logging(
 ) -> dict[str, Any]:
     """What a deployment's prediction log keeps: request metadata (on by default) and a
     share of its inputs and outputs (`sample`, 0 to 1; 0 by default). Workers follow within
-    a few milliseconds; nothing is restarted."""
+    a few milliseconds, a k3s deployment's pods within seconds; nothing is restarted."""
     if sample is not None and (isinstance(sample, bool) or not 0 <= float(sample) <= 1):
         raise InvalidInput(f"--log-sample {sample!r}: expected a share between 0 and 1")
     dep = get_deployment(app, name)
@@ -326,6 +326,13 @@ def set_logging(
             conn.execute(
                 "UPDATE deployments SET log_requests = ? WHERE id = ?", (int(requests), dep["id"])
             )
+        if dep.get("backend") == "k3s":  # its pods read them from the store: both or neither
+            from appliance.core.k3s_serving import publish_logging
+
+            now = conn.execute(
+                "SELECT log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
+            ).fetchone()
+            publish_logging(app, name, float(now[0] or 0), bool(now[1]))
     row = app.db.one(
         "SELECT name, log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
     )

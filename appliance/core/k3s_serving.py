@@ -28,6 +28,13 @@ it (30000-32767); otherwise the deployment records the one the API server alloca
 revisions pin that one, so the address outlives a stop and a start. The URL shown is
 `http://HOST:NODE_PORT`, HOST being `--host` (default 127.0.0.1: this node).
 
+Prediction logs: a pod logs as a local worker does, into a spool in its emptyDir, and every
+few seconds posts the closed files to the deployment's box in the object store; the agent
+(or a reader that ships first) takes them from there and ships them as a local spool's. The
+pod reads its logging settings from the store too (`publish_logging`, on each change), so a
+change reaches running pods within seconds, with no new revision. A pod killed without its
+graceful stop loses what it had not posted.
+
 Stopping deletes the Deployment and the Service; starting applies the current revision's
 stored manifest again. A k3s deployment's `serving` state means "applied": the cluster, not
 the agent, restarts its pods. kubectl's timeout (15 s) is below the metadata store's busy
@@ -46,9 +53,13 @@ import json
 import logging
 import os
 import re
+import signal
 import sqlite3
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import Settings
@@ -78,6 +89,7 @@ PROGRESS_DEADLINE_S = 300  # the cluster marks a rollout failed after this long 
 ROLLOUT_TIMEOUT = 180.0  # how long deploy and rollback wait for the rollout
 POLL_SECONDS = 1.0  # APPLIANCE_K3S_POLL overrides (a fake cluster answers at once)
 MAX_MODEL_ENV = 64 << 10  # an environment string is limited (128 KiB on Linux)
+LOGGING_BOX = "logging"  # the store's box of each k3s deployment's logging settings
 _PREFIX = "serve-"
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
 
@@ -402,6 +414,31 @@ def wait_rollout(
         time.sleep(poll)
 
 
+def publish_logging(app: Appliance, name: str, sample: float, requests: bool) -> None:
+    """A k3s deployment's logging settings, where its pods read them (the object store)."""
+    app.settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=app.settings.cache_dir) as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps({"sample": float(sample), "requests": bool(requests)}))
+        app.objects.post(LOGGING_BOX, path.name, path)
+
+
+def pod_logging(app: Appliance, name: str) -> tuple[float, bool]:
+    """The logging settings a pod of `name` follows: published ones, or the defaults
+    (request metadata on, no inputs) when none are."""
+    app.settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=app.settings.cache_dir) as tmp:
+        path = Path(tmp) / "logging.json"
+        if not app.objects.fetch(LOGGING_BOX, f"{name}.json", path):
+            return 0.0, True
+        try:
+            data = json.loads(path.read_text())
+            return float(data["sample"]), bool(data["requests"])
+        except (ValueError, KeyError, TypeError) as exc:  # written by hand, say
+            log.warning("logging settings of %s unreadable (%s): the defaults apply", name, exc)
+            return 0.0, True
+
+
 # ---- in the pod ----------------------------------------------------------------------------
 
 
@@ -416,8 +453,29 @@ def pod_server(app: Appliance, spec: dict[str, Any]) -> ModelServer:
     server = ModelServer(app, spec["deployment"], directory=app.settings.home / "run")
     server.model = spec["model"]
     server.routing = Routing(generation=0, revision=int(spec["revision"]), stable=runtime)
-    server.plog.configure(0.0, False)  # a pod's logs are not collected: nothing is kept
+    server.plog.configure(*pod_logging(app, spec["deployment"]))
     return server
+
+
+def _follow_logging(app: Appliance, server: ModelServer, stop: threading.Event) -> None:
+    """The pod's logging thread: every ship interval, the published settings, and the
+    closed log files posted to the store (a store away: both wait for the next round)."""
+    from appliance.core.agent import SHIP_SECONDS
+    from appliance.core.prediction_log import post_spool
+
+    name = server.deployment
+    said = None
+    while not stop.wait(SHIP_SECONDS):
+        try:
+            server.plog.configure(*pod_logging(app, name))
+            error = post_spool(app, name)[1]
+        except ApplianceError as exc:
+            error = exc.message
+        except Exception as exc:  # the thread lives: the next round tries again
+            error = f"{type(exc).__name__}: {exc}"
+        if error and error != said:
+            log.warning("prediction logs not posted: %s", error)
+        said = error
 
 
 def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (the pod's own)
@@ -455,5 +513,26 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         port,
     )
     config = server_config(InferenceApp(server, max_body), host=host, port=port)
-    uvicorn.Server(config).run()
+    stop = threading.Event()
+    writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
+    writer.start()
+    threading.Thread(target=_follow_logging, args=(app, server, stop), daemon=True).start()
+
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn re-raises SIGTERM after its graceful shutdown (the kubelet's stop), to this
+    # handler: the pod then writes and posts what it logged before it exits
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopped)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        stop.set()
+        writer.join(timeout=5)
+        from appliance.core.prediction_log import post_spool
+
+        error = post_spool(app, spec["deployment"])[1]
+        if error:
+            log.warning("prediction logs not posted at exit: %s", error)
     return 0

@@ -796,17 +796,22 @@ def ship_logs(
     since whoever holds it is shipping the same files)."""
     root = app.settings.home / "spool" / "predictions"
     shipped, failed, held_by_others, errors = 0, 0, [], {}
-    if not root.is_dir():
-        return {"shipped": 0, "failed": 0, "busy": 0, "error": None, "errors": {}, "held": []}
-    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-        if deployment is not None and directory.name != deployment:
+    names = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    posting = _posting_deployments(app)  # their pods post closed files to the store
+    names |= posting
+    for name in sorted(names):
+        if deployment is not None and name != deployment:
             continue
+        directory = root / name
         try:
+            directory.mkdir(parents=True, exist_ok=True)
             with _shipping(directory, wait) as held:
                 if not held:
                     held_by_others.append(directory.name)
                     continue
+                taken = _take_posted(app, name, directory) if name in posting else None
                 done, lost, first = _ship_directory(app, directory)
+                first = first or taken
         except OSError as exc:  # the lock file (made by another user?), a dead worker's file
             failed += 1
             errors[directory.name] = f"{directory.name}: {exc}"
@@ -822,6 +827,46 @@ def ship_logs(
         "errors": errors,
         "held": held_by_others,
     }
+
+
+def posted_box(deployment: str) -> str:
+    """The store's box where a deployment's k3s pods post their closed log files."""
+    return f"spool/{deployment}"
+
+
+def post_spool(app: Appliance, deployment: str) -> tuple[int, str | None]:
+    """In a k3s pod: its closed log files into the deployment's box in the object store,
+    each removed once posted, for the agent to take and ship (a pod never opens the
+    registry). How many were posted, and the store's error (the rest stay, tried again)."""
+    posted = 0
+    for path in sorted(_closed_files(spool_dir(app.settings.home, deployment))):
+        try:
+            app.objects.post(posted_box(deployment), path.name, path)
+        except ApplianceError as exc:
+            return posted, exc.message
+        path.unlink(missing_ok=True)
+        posted += 1
+    return posted, None
+
+
+def _posting_deployments(app: Appliance) -> set[str]:
+    """Deployments served on k3s, whose log files arrive through the object store."""
+    return {r["name"] for r in app.db.rows("SELECT name FROM deployments WHERE backend = 'k3s'")}
+
+
+def _take_posted(app: Appliance, deployment: str, directory: Path) -> str | None:
+    """Move the files a deployment's pods posted into its spool (its ship lock held); the
+    store's error, if any. A file is removed from the store only once it is in the spool,
+    and one shipped before (a removal that failed) is known by name when shipped again."""
+    box = posted_box(deployment)
+    try:
+        for name in app.objects.inbox(box):
+            target = directory / name
+            if target.exists() or app.objects.fetch(box, name, target):
+                app.objects.discard(box, name)
+    except ApplianceError as exc:
+        return f"{deployment}: {exc.message}"
+    return None
 
 
 def ship_for_reading(

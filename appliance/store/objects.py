@@ -2,12 +2,18 @@
 
 Objects are named by the sha256 of their bytes, written under a temporary name and committed
 with a rename (local) or a server-side copy (s3), and verified every time they are read.
+
+Beside them, named boxes (`boxes/<box>/<name>`) carry what a process that never opens the
+registry hands to one that does: a k3s serving pod posts its closed prediction-log files,
+which the agent takes and ships, and reads its logging settings. A box's files are not
+artifacts: they are taken once and removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -20,6 +26,15 @@ from appliance.config import Settings
 from appliance.errors import ApplianceError, CorruptObject, NotFound, StoreUnavailable
 
 CHUNK = 1 << 20
+_BOX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def box_key(box: str, name: str | None = None) -> str:
+    """`boxes/<box>/<name>` (or the box's prefix), refusing any path that could leave it."""
+    if not _BOX.match(box) or (name is not None and not _NAME.match(name)):
+        raise ValueError(f"not a box or file name: {box!r}, {name!r}")
+    return f"boxes/{box}/" + (name or "")
 
 
 def sha256_file(path: Path) -> str:
@@ -58,6 +73,23 @@ class ObjectStore(Protocol):
     def exists(self, sha256: str) -> bool: ...
 
     def describe(self) -> str: ...
+
+    def post(self, box: str, name: str, path: Path) -> None:
+        """Put a file in a box, replacing one of the same name."""
+        ...
+
+    def inbox(self, box: str) -> list[str]:
+        """The names in a box, sorted."""
+        ...
+
+    def fetch(self, box: str, name: str, dest: Path) -> bool:
+        """Copy a box's file to `dest` (written whole or not at all); False if it is not
+        there."""
+        ...
+
+    def discard(self, box: str, name: str) -> None:
+        """Remove a box's file (none: nothing to do)."""
+        ...
 
 
 class LocalObjectStore:
@@ -126,6 +158,45 @@ class LocalObjectStore:
 
     def describe(self) -> str:
         return f"local {self.root}"
+
+    def post(self, box: str, name: str, path: Path) -> None:
+        final = self.root / box_key(box, name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{name}.{uuid.uuid4().hex}")
+        try:
+            with path.open("rb") as src, tmp.open("wb") as out:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"object store {self.root}: could not post {name}: {exc}"
+            ) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def inbox(self, box: str) -> list[str]:
+        directory = self.root / box_key(box)
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+    def fetch(self, box: str, name: str, dest: Path) -> bool:
+        source = self.root / box_key(box, name)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+        try:
+            with source.open("rb") as src, tmp.open("wb") as out:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def discard(self, box: str, name: str) -> None:
+        (self.root / box_key(box, name)).unlink(missing_ok=True)
 
 
 _MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
@@ -249,6 +320,41 @@ class S3ObjectStore:
 
     def describe(self) -> str:
         return f"s3 {self.endpoint}/{self.bucket}"
+
+    def post(self, box: str, name: str, path: Path) -> None:
+        with self._talking():  # one PUT: the object appears whole or not at all
+            self.client.fput_object(self.bucket, box_key(box, name), str(path))
+
+    def inbox(self, box: str) -> list[str]:
+        prefix = box_key(box)
+        with self._talking():
+            names = [
+                o.object_name[len(prefix) :]
+                for o in self.client.list_objects(self.bucket, prefix=prefix)
+                if o.object_name and not o.is_dir
+            ]
+        return sorted(n for n in names if "/" not in n)
+
+    def fetch(self, box: str, name: str, dest: Path) -> bool:
+        from minio.error import S3Error
+
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+        try:
+            with self._talking():
+                try:
+                    self.client.fget_object(self.bucket, box_key(box, name), str(tmp))
+                except S3Error as exc:
+                    if exc.code in _MISSING:
+                        return False
+                    raise
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def discard(self, box: str, name: str) -> None:
+        with self._talking():
+            self.client.remove_object(self.bucket, box_key(box, name))
 
 
 def open_object_store(settings: Settings) -> ObjectStore:
