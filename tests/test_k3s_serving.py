@@ -784,7 +784,7 @@ def test_the_pod_serves_its_version_from_s3_without_the_metadata_database(
         assert predict(url, "later") == "2"
     finally:
         proc.terminate()  # the kubelet's stop: what the pod logged is posted before it exits
-        proc.wait(timeout=10)
+        assert proc.wait(timeout=10) == 0
     assert not (pod_home / "metadata.db").exists()
     # the agent's pass (or a reader's) takes the posted files and ships them
     assert ship_logs(c.app, "scoring")["failed"] == 0
@@ -797,3 +797,56 @@ def test_the_pod_serves_its_version_from_s3_without_the_metadata_database(
     ).fetchall() == [("first", 2, 1, "stable", 200), ("later", 2, 1, "stable", 200)]
     logged = duckdb.sql(f"SELECT request_id FROM read_parquet([{inputs}])").fetchall()
     assert logged == [("first",)]  # sampled before the change, not after
+
+
+def test_a_pod_posts_what_it_can_and_keeps_the_rest(app: Appliance) -> None:
+    """A store away keeps the pod's files for the next round; a file the pod's other round
+    posted meanwhile is passed over; a restarted container's open files are adopted."""
+    from appliance.core.prediction_log import (
+        PredictionLog,
+        adopt_orphans,
+        post_spool,
+        posted_box,
+        spool_dir,
+    )
+    from appliance.errors import StoreUnavailable
+
+    plog = PredictionLog(app.settings.home, "pod", sample=0.0)
+    for hour in (0, 3600):  # two hours: two closed files
+        plog.record(f"r{hour}", 1, 1, "stable", 200, 0.001, 1, None, None)
+        plog.flush()
+    spool = spool_dir(app.settings.home, "pod")
+    files = sorted(p.name for p in spool.glob("*.frames"))
+    assert len(files) == 2
+    real = app.objects.post
+    calls = []
+
+    def away(box: str, name: str, path: Path) -> None:
+        calls.append(name)
+        raise StoreUnavailable("object store s3://x: connection refused")
+
+    app.objects.post = away  # type: ignore[method-assign]
+    assert post_spool(app, "pod") == (0, "object store s3://x: connection refused")
+    assert sorted(p.name for p in spool.glob("*.frames")) == files  # kept, tried again
+    assert calls == files[:1]  # the first failure ends the round
+
+    def raced(box: str, name: str, path: Path) -> None:
+        if name == files[0]:  # the pod's other round posted and removed it first
+            path.unlink()
+            raise StoreUnavailable(f"could not post {name}: no such file")
+        real(box, name, path)
+
+    app.objects.post = raced  # type: ignore[method-assign]
+    assert post_spool(app, "pod") == (1, None)
+    assert app.objects.inbox(posted_box("pod")) == files[1:]
+    # an open file whose pid lives again (a container restarted in place, its pid reused)
+    plog.record("again", 1, 1, "stable", 200, 0.001, 1, None, None)
+    plog.flush()
+    (closed,) = spool.glob("*.frames")
+    part = spool / f"requests-2026010100-{os.getpid()}-9abc.frames.part"
+    part.write_bytes(closed.read_bytes())
+    closed.unlink()
+    adopt_orphans(spool)
+    assert part.exists()  # a live pid: a running worker's open file, left alone
+    adopt_orphans(spool, every=True)  # the pod's start, before its writer
+    assert not part.exists() and (spool / part.name.removesuffix(".part")).exists()

@@ -6,6 +6,7 @@ The s3 backend talks over real HTTP to moto's S3 server bound to 127.0.0.1.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,9 +112,23 @@ def test_a_box_carries_named_files_taken_once(store, tmp_path: Path) -> None:  #
     store.post("spool/dep", "b.jsonl", second)
     assert store.fetch("spool/dep", "b.jsonl", target / "b.jsonl")
     assert (target / "b.jsonl").read_bytes() == b"replaced"
-    for box, name in (("../x", "a"), ("spool/dep", "../../a"), ("spool/dep", "a/b"), ("", "a")):
+    for box, name in (
+        ("../x", "a"),
+        ("spool/dep", "../../a"),
+        ("spool/dep", "a/b"),
+        ("", "a"),
+        ("spool/dep", "a\n"),
+    ):
         with pytest.raises(ValueError, match="not a box or file name"):
             store.post(box, name, first)
+    # what else lands under a box (written by hand, a folder) is passed over, never taken
+    if isinstance(store, LocalObjectStore):
+        (store.root / "boxes/spool/dep/bad name").write_bytes(b"x")
+        (store.root / "boxes/spool/dep/folder").mkdir()
+    else:
+        for key in ("boxes/spool/dep/bad name", "boxes/spool/dep/folder/x"):
+            store.client.put_object(store.bucket, key, io.BytesIO(b"x"), 1)
+    assert store.inbox("spool/dep") == ["b.jsonl"]
 
 
 def test_local_store_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -182,8 +182,13 @@ def _append_revision(
         context=("Deployment", name),
     )
     if backend == "k3s" and manifest is not None:
-        from appliance.core.k3s_serving import apply_revision
+        from appliance.core.k3s_serving import apply_revision, publish_logging
 
+        # the pods it rolls out read their logging settings from the store: there before them
+        sample, requests = conn.execute(
+            "SELECT log_sample, log_requests FROM deployments WHERE id = ?", (deployment_id,)
+        ).fetchone()
+        publish_logging(app, name, float(sample or 0), bool(requests))
         apply_revision(app.settings, conn, deployment_id, name, revision, manifest)
     return int(revision)
 
@@ -317,6 +322,21 @@ def set_logging(
     if sample is not None and (isinstance(sample, bool) or not 0 <= float(sample) <= 1):
         raise InvalidInput(f"--log-sample {sample!r}: expected a share between 0 and 1")
     dep = get_deployment(app, name)
+    if dep.get("backend") == "k3s":  # its pods read them from the store; a failure changes
+        # nothing (published first, outside the registry's write lock: a store away takes
+        # seconds to say so)
+        from appliance.core.k3s_serving import publish_logging
+
+        now = app.db.one(
+            "SELECT log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
+        )
+        assert now is not None
+        publish_logging(
+            app,
+            name,
+            float(now["log_sample"] or 0) if sample is None else float(sample),
+            bool(now["log_requests"]) if requests is None else bool(requests),
+        )
     with app.db.transaction() as conn:
         if sample is not None:
             conn.execute(
@@ -326,13 +346,6 @@ def set_logging(
             conn.execute(
                 "UPDATE deployments SET log_requests = ? WHERE id = ?", (int(requests), dep["id"])
             )
-        if dep.get("backend") == "k3s":  # its pods read them from the store: both or neither
-            from appliance.core.k3s_serving import publish_logging
-
-            now = conn.execute(
-                "SELECT log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
-            ).fetchone()
-            publish_logging(app, name, float(now[0] or 0), bool(now[1]))
     row = app.db.one(
         "SELECT name, log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
     )

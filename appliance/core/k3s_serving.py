@@ -33,7 +33,8 @@ few seconds posts the closed files to the deployment's box in the object store; 
 (or a reader that ships first) takes them from there and ships them as a local spool's. The
 pod reads its logging settings from the store too (`publish_logging`, on each change), so a
 change reaches running pods within seconds, with no new revision. A pod killed without its
-graceful stop loses what it had not posted.
+graceful stop, or stopped while the store is away, loses what it had not posted; a container
+restarted in place posts what its predecessor had written.
 
 Stopping deletes the Deployment and the Service; starting applies the current revision's
 stored manifest again. A k3s deployment's `serving` state means "applied": the cluster, not
@@ -420,7 +421,13 @@ def publish_logging(app: Appliance, name: str, sample: float, requests: bool) ->
     with tempfile.TemporaryDirectory(dir=app.settings.cache_dir) as tmp:
         path = Path(tmp) / f"{name}.json"
         path.write_text(json.dumps({"sample": float(sample), "requests": bool(requests)}))
-        app.objects.post(LOGGING_BOX, path.name, path)
+        try:
+            app.objects.post(LOGGING_BOX, path.name, path)
+        except ApplianceError as exc:
+            raise type(exc)(
+                f"deployment {name!r}: its pods' logging settings could not be published to "
+                f"the object store: {exc.message}"
+            ) from exc
 
 
 def pod_logging(app: Appliance, name: str) -> tuple[float, bool]:
@@ -513,10 +520,15 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         port,
     )
     config = server_config(InferenceApp(server, max_body), host=host, port=port)
+    from appliance.core.prediction_log import adopt_orphans, post_spool, spool_dir
+
+    # a container restarted in place finds its predecessor's open files in the emptyDir
+    adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True)
     stop = threading.Event()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
     writer.start()
-    threading.Thread(target=_follow_logging, args=(app, server, stop), daemon=True).start()
+    follower = threading.Thread(target=_follow_logging, args=(app, server, stop), daemon=True)
+    follower.start()
 
     def stopped(signum: int, frame: object) -> None:
         raise SystemExit(0)
@@ -530,8 +542,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     finally:
         stop.set()
         writer.join(timeout=5)
-        from appliance.core.prediction_log import post_spool
-
+        follower.join(timeout=5)  # a round of posting under way ends first
         error = post_spool(app, spec["deployment"])[1]
         if error:
             log.warning("prediction logs not posted at exit: %s", error)

@@ -843,6 +843,8 @@ def post_spool(app: Appliance, deployment: str) -> tuple[int, str | None]:
         try:
             app.objects.post(posted_box(deployment), path.name, path)
         except ApplianceError as exc:
+            if not path.exists():  # posted meanwhile by the pod's other round (its stop)
+                continue
             return posted, exc.message
         path.unlink(missing_ok=True)
         posted += 1
@@ -864,8 +866,8 @@ def _take_posted(app: Appliance, deployment: str, directory: Path) -> str | None
             target = directory / name
             if target.exists() or app.objects.fetch(box, name, target):
                 app.objects.discard(box, name)
-    except ApplianceError as exc:
-        return f"{deployment}: {exc.message}"
+    except (ApplianceError, OSError) as exc:  # the store; a full disk here
+        return f"{deployment}: {getattr(exc, 'message', exc)}"
     return None
 
 
@@ -979,7 +981,7 @@ def _closed_files(directory: Path) -> list[Path]:
 def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | None]:
     """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
     shipped, failed, error = 0, 0, None
-    _adopt_orphans(directory)
+    adopt_orphans(directory)
     for path in sorted(_closed_files(directory), key=lambda p: p.name):
         try:
             _ship(app, directory.name, path)
@@ -999,15 +1001,17 @@ def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | No
     return shipped, failed, error
 
 
-def _adopt_orphans(directory: Path) -> None:
+def adopt_orphans(directory: Path, every: bool = False) -> None:
     """Open files of a worker that died (killed, its machine restarted): their complete
-    frames or lines become a shippable file; the last one, cut short, is dropped."""
+    frames or lines become a shippable file; the last one, cut short, is dropped. `every`:
+    all open files, whatever their pid (a restarted pod's container, before its writer
+    starts: a pid there is reused at once)."""
     from appliance.core.processes import alive
 
     for part in [*directory.glob(f"*{FRAMES}.part"), *directory.glob(f"*{JSONL}.part")]:
         pieces = part.name.split("-")
         pid = int(pieces[2]) if len(pieces) > 3 and pieces[2].isdigit() else 0
-        if pid and alive(pid):
+        if not every and pid and alive(pid):
             continue
         data = part.read_bytes()
         if part.name.endswith(f"{FRAMES}.part"):

@@ -26,13 +26,13 @@ from appliance.config import Settings
 from appliance.errors import ApplianceError, CorruptObject, NotFound, StoreUnavailable
 
 CHUNK = 1 << 20
-_BOX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_BOX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 def box_key(box: str, name: str | None = None) -> str:
     """`boxes/<box>/<name>` (or the box's prefix), refusing any path that could leave it."""
-    if not _BOX.match(box) or (name is not None and not _NAME.match(name)):
+    if not _BOX.fullmatch(box) or (name is not None and not _NAME.fullmatch(name)):
         raise ValueError(f"not a box or file name: {box!r}, {name!r}")
     return f"boxes/{box}/" + (name or "")
 
@@ -79,7 +79,8 @@ class ObjectStore(Protocol):
         ...
 
     def inbox(self, box: str) -> list[str]:
-        """The names in a box, sorted."""
+        """The names of the files in a box, sorted; anything else there (a name no box
+        takes, a folder) is passed over."""
         ...
 
     def fetch(self, box: str, name: str, dest: Path) -> bool:
@@ -179,7 +180,11 @@ class LocalObjectStore:
         directory = self.root / box_key(box)
         if not directory.is_dir():
             return []
-        return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+        return sorted(
+            p.name
+            for p in directory.iterdir()
+            if _NAME.fullmatch(p.name) and not p.name.startswith(".") and p.is_file()
+        )
 
     def fetch(self, box: str, name: str, dest: Path) -> bool:
         source = self.root / box_key(box, name)
@@ -333,7 +338,7 @@ class S3ObjectStore:
                 for o in self.client.list_objects(self.bucket, prefix=prefix)
                 if o.object_name and not o.is_dir
             ]
-        return sorted(n for n in names if "/" not in n)
+        return sorted(n for n in names if _NAME.fullmatch(n))
 
     def fetch(self, box: str, name: str, dest: Path) -> bool:
         from minio.error import S3Error
