@@ -850,3 +850,36 @@ def test_a_pod_posts_what_it_can_and_keeps_the_rest(app: Appliance) -> None:
     assert part.exists()  # a live pid: a running worker's open file, left alone
     adopt_orphans(spool, every=True)  # the pod's start, before its writer
     assert not part.exists() and (spool / part.name.removesuffix(".part")).exists()
+
+
+def test_logging_settings_reach_the_store_after_the_registry(
+    cluster: Any, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Published once committed, from the committed row: with the store away the registry
+    keeps the change and the error says how to hand it on; a plain `deployments logging`
+    does, and so does every rollout."""
+    from appliance.core.deployments import set_logging
+    from appliance.core.k3s_serving import pod_logging
+    from appliance.errors import StoreUnavailable
+
+    c = cluster
+    assert cli("deploy", "churn/2", "--name", "scoring", *c.home).code == 0
+    assert pod_logging(c.app, "scoring") == (0.0, True)  # published by the rollout
+    real = c.app.objects.post
+
+    def away(*args: Any) -> None:
+        raise StoreUnavailable("object store s3://x: connection refused")
+
+    monkeypatch.setattr(c.app.objects, "post", away)
+    with pytest.raises(StoreUnavailable, match=r"run `appliance deployments logging scoring`"):
+        set_logging(c.app, "scoring", sample=0.5, requests=False)
+    assert deployments.get_deployment(c.app, "scoring")["status"] == "serving"
+    row = c.app.db.one("SELECT log_sample, log_requests FROM deployments WHERE name = 'scoring'")
+    assert row is not None and (row["log_sample"], row["log_requests"]) == (0.5, 0)
+    # a rollout with the store away is served all the same, and says why pods lag
+    deployed = deployments.deploy(c.app, "scoring", "churn/1")
+    assert "could not be given them" in deployed["logging_note"]
+    monkeypatch.setattr(c.app.objects, "post", real)
+    assert pod_logging(c.app, "scoring") == (0.0, True)  # the pods still have the old ones
+    set_logging(c.app, "scoring")  # shows them, and hands them on
+    assert pod_logging(c.app, "scoring") == (0.5, False)

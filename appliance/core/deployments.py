@@ -182,13 +182,8 @@ def _append_revision(
         context=("Deployment", name),
     )
     if backend == "k3s" and manifest is not None:
-        from appliance.core.k3s_serving import apply_revision, publish_logging
+        from appliance.core.k3s_serving import apply_revision
 
-        # the pods it rolls out read their logging settings from the store: there before them
-        sample, requests = conn.execute(
-            "SELECT log_sample, log_requests FROM deployments WHERE id = ?", (deployment_id,)
-        ).fetchone()
-        publish_logging(app, name, float(sample or 0), bool(requests))
         apply_revision(app.settings, conn, deployment_id, name, revision, manifest)
     return int(revision)
 
@@ -265,8 +260,12 @@ def wait_served(app: Appliance, name: str, timeout: float | None = None) -> dict
     if dep["status"] != "serving":
         return dep
     if dep["backend"] == "k3s":
-        from appliance.core.k3s_serving import wait_rollout
+        from appliance.core.k3s_serving import publish_logging, wait_rollout
 
+        try:  # the pods it rolls out read their logging settings there (within seconds)
+            publish_logging(app, name)
+        except ApplianceError as exc:  # served all the same: the pods keep the last ones
+            dep["logging_note"] = exc.message
         dep["rollout"] = wait_rollout(app.settings, name, dep["current_revision"], timeout)
         return dep
     timeout = SERVED_TIMEOUT if timeout is None else timeout
@@ -322,21 +321,6 @@ def set_logging(
     if sample is not None and (isinstance(sample, bool) or not 0 <= float(sample) <= 1):
         raise InvalidInput(f"--log-sample {sample!r}: expected a share between 0 and 1")
     dep = get_deployment(app, name)
-    if dep.get("backend") == "k3s":  # its pods read them from the store; a failure changes
-        # nothing (published first, outside the registry's write lock: a store away takes
-        # seconds to say so)
-        from appliance.core.k3s_serving import publish_logging
-
-        now = app.db.one(
-            "SELECT log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
-        )
-        assert now is not None
-        publish_logging(
-            app,
-            name,
-            float(now["log_sample"] or 0) if sample is None else float(sample),
-            bool(now["log_requests"]) if requests is None else bool(requests),
-        )
     with app.db.transaction() as conn:
         if sample is not None:
             conn.execute(
@@ -346,6 +330,10 @@ def set_logging(
             conn.execute(
                 "UPDATE deployments SET log_requests = ? WHERE id = ?", (int(requests), dep["id"])
             )
+    if dep["backend"] == "k3s":  # its pods read them from the store, outside the write lock
+        from appliance.core.k3s_serving import publish_logging
+
+        publish_logging(app, name)
     row = app.db.one(
         "SELECT name, log_sample, log_requests FROM deployments WHERE id = ?", (dep["id"],)
     )

@@ -31,10 +31,10 @@ revisions pin that one, so the address outlives a stop and a start. The URL show
 Prediction logs: a pod logs as a local worker does, into a spool in its emptyDir, and every
 few seconds posts the closed files to the deployment's box in the object store; the agent
 (or a reader that ships first) takes them from there and ships them as a local spool's. The
-pod reads its logging settings from the store too (`publish_logging`, on each change), so a
-change reaches running pods within seconds, with no new revision. A pod killed without its
-graceful stop, or stopped while the store is away, loses what it had not posted; a container
-restarted in place posts what its predecessor had written.
+pod reads its logging settings from the store too (`publish_logging`, after each change and
+each rollout), so a change reaches running pods within seconds, with no new revision. A pod
+killed without its graceful stop, or stopped while the store is away, loses what it had not
+posted; a container restarted in place posts what its predecessor had written.
 
 Stopping deletes the Deployment and the Service; starting applies the current revision's
 stored manifest again. A k3s deployment's `serving` state means "applied": the cluster, not
@@ -415,19 +415,30 @@ def wait_rollout(
         time.sleep(poll)
 
 
-def publish_logging(app: Appliance, name: str, sample: float, requests: bool) -> None:
-    """A k3s deployment's logging settings, where its pods read them (the object store)."""
+def publish_logging(app: Appliance, name: str) -> None:
+    """A k3s deployment's logging settings as the registry holds them, where its pods read
+    them (the object store). After the registry's change commits, and one publisher at a
+    time: each reads the committed row under the lock, so the last one published is never
+    older than the last one committed."""
+    from appliance.core.processes import exclusive
+
     app.settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=app.settings.cache_dir) as tmp:
-        path = Path(tmp) / f"{name}.json"
-        path.write_text(json.dumps({"sample": float(sample), "requests": bool(requests)}))
-        try:
-            app.objects.post(LOGGING_BOX, path.name, path)
-        except ApplianceError as exc:
-            raise type(exc)(
-                f"deployment {name!r}: its pods' logging settings could not be published to "
-                f"the object store: {exc.message}"
-            ) from exc
+    with exclusive(app.settings.home / "locks" / f"logging-{name}.lock"):
+        row = app.db.one("SELECT log_sample, log_requests FROM deployments WHERE name = ?", (name,))
+        if row is None:
+            return
+        settings = {"sample": float(row["log_sample"] or 0), "requests": bool(row["log_requests"])}
+        with tempfile.TemporaryDirectory(dir=app.settings.cache_dir) as tmp:
+            path = Path(tmp) / f"{name}.json"
+            path.write_text(json.dumps(settings))
+            try:
+                app.objects.post(LOGGING_BOX, path.name, path)
+            except ApplianceError as exc:
+                raise type(exc)(
+                    f"deployment {name!r}: its logging settings are recorded, but its pods "
+                    f"could not be given them (the object store: {exc.message}); run "
+                    f"`appliance deployments logging {name}` once the store is back"
+                ) from exc
 
 
 def pod_logging(app: Appliance, name: str) -> tuple[float, bool]:
@@ -522,8 +533,12 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     config = server_config(InferenceApp(server, max_body), host=host, port=port)
     from appliance.core.prediction_log import adopt_orphans, post_spool, spool_dir
 
-    # a container restarted in place finds its predecessor's open files in the emptyDir
-    adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True)
+    # a container restarted in place finds its predecessor's open files in the emptyDir (one
+    # container per pod: the kubelet starts it once the old one has ended)
+    try:
+        adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True)
+    except OSError as exc:  # a log to lose, not a reason not to serve
+        log.warning("open log files of the previous container not adopted: %s", exc)
     stop = threading.Event()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
     writer.start()

@@ -862,13 +862,18 @@ def _take_posted(app: Appliance, deployment: str, directory: Path) -> str | None
     and one shipped before (a removal that failed) is known by name when shipped again."""
     box = posted_box(deployment)
     try:
-        for name in app.objects.inbox(box):
-            target = directory / name
+        names = app.objects.inbox(box)
+    except ApplianceError as exc:
+        return f"{deployment}: {exc.message}"
+    error = None
+    for name in names:  # one that fails waits for the next pass; the others go on
+        target = directory / name
+        try:
             if target.exists() or app.objects.fetch(box, name, target):
                 app.objects.discard(box, name)
-    except (ApplianceError, OSError) as exc:  # the store; a full disk here
-        return f"{deployment}: {getattr(exc, 'message', exc)}"
-    return None
+        except (ApplianceError, OSError) as exc:  # the store; a full disk here
+            error = error or f"{deployment}: {name}: {getattr(exc, 'message', exc)}"
+    return error
 
 
 def ship_for_reading(

@@ -27,7 +27,7 @@ from appliance.errors import ApplianceError, CorruptObject, NotFound, StoreUnava
 
 CHUNK = 1 << 20
 _BOX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # room for a temporary name
 
 
 def box_key(box: str, name: str | None = None) -> str:
