@@ -859,7 +859,7 @@ def test_logging_settings_reach_the_store_after_the_registry(
     keeps the change and the error says how to hand it on; a plain `deployments logging`
     does, and so does every rollout."""
     from appliance.core.deployments import set_logging
-    from appliance.core.k3s_serving import pod_logging
+    from appliance.core.k3s_serving import pod_logging, republish_logging
     from appliance.errors import StoreUnavailable
 
     c = cluster
@@ -883,3 +883,11 @@ def test_logging_settings_reach_the_store_after_the_registry(
     assert pod_logging(c.app, "scoring") == (0.0, True)  # the pods still have the old ones
     set_logging(c.app, "scoring")  # shows them, and hands them on
     assert pod_logging(c.app, "scoring") == (0.5, False)
+    # a publisher that died between its commit and its publish: the agent's pass repairs it
+    c.app.db.execute("UPDATE deployments SET log_sample = 0.25 WHERE name = 'scoring'")
+    republish_logging(c.app)
+    assert pod_logging(c.app, "scoring") == (0.25, False)
+    posts = []
+    monkeypatch.setattr(c.app.objects, "post", lambda *args: posts.append(args))
+    republish_logging(c.app)  # already the registry's: nothing written
+    assert posts == []

@@ -495,6 +495,7 @@ class Agent:
         inside an SQLite write and hold up every other writer. Readers wait for it at most
         FRESH_WAIT; on a machine saturated for long the spool fills and samples are
         dropped, counted, never requests."""
+        from appliance.core.k3s_serving import republish_logging
         from appliance.core.prediction_log import ship_logs
 
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice
@@ -502,6 +503,7 @@ class Agent:
         app = Appliance(self.app.settings)  # its own connection: this is another thread
         try:
             shipped = ship_logs(app, wait=0)  # a deployment someone else ships: next pass
+            republish_logging(app)  # what k3s pods read, as the registry holds it
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]

@@ -264,8 +264,9 @@ def wait_served(app: Appliance, name: str, timeout: float | None = None) -> dict
 
         try:  # the pods it rolls out read their logging settings there (within seconds)
             publish_logging(app, name)
-        except ApplianceError as exc:  # served all the same: the pods keep the last ones
-            dep["logging_note"] = exc.message
+        except (ApplianceError, OSError) as exc:  # served all the same: the pods keep the
+            # last ones until the agent's pass hands these on
+            dep["logging_note"] = getattr(exc, "message", None) or str(exc)
         dep["rollout"] = wait_rollout(app.settings, name, dep["current_revision"], timeout)
         return dep
     timeout = SERVED_TIMEOUT if timeout is None else timeout
@@ -305,7 +306,8 @@ def deployment_status(
     if dep["backend"] == "k3s" and dep["status"] == "serving":
         from appliance.core.k3s_serving import rollout_status
 
-        return {**out, **(dep.get("rollout") or rollout_status(app.settings, name))}
+        note = {"logging_note": dep["logging_note"]} if dep.get("logging_note") else {}
+        return {**out, **(dep.get("rollout") or rollout_status(app.settings, name)), **note}
     return {**out, "state": dep["status"], "message": None}
 
 

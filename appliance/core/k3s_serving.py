@@ -441,6 +441,21 @@ def publish_logging(app: Appliance, name: str) -> None:
                 ) from exc
 
 
+def republish_logging(app: Appliance) -> None:
+    """The agent's pass: each k3s deployment's published settings made the registry's again
+    where they differ (a publisher that died between commit and publish, a store that was
+    away). One read of the store per deployment."""
+    for row in app.db.rows(
+        "SELECT name, log_sample, log_requests FROM deployments WHERE backend = 'k3s'"
+    ):
+        wanted = (float(row["log_sample"] or 0), bool(row["log_requests"]))
+        try:
+            if pod_logging(app, row["name"]) != wanted:
+                publish_logging(app, row["name"])
+        except ApplianceError:  # the store away: the next pass tries again
+            continue
+
+
 def pod_logging(app: Appliance, name: str) -> tuple[float, bool]:
     """The logging settings a pod of `name` follows: published ones, or the defaults
     (request metadata on, no inputs) when none are."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoreUnavailable
 from appliance.store.db import utcnow
 
 QUEUE_SIZE = 50_000  # requests logged, not yet written; beyond it samples are dropped
@@ -871,7 +871,9 @@ def _take_posted(app: Appliance, deployment: str, directory: Path) -> str | None
         try:
             if target.exists() or app.objects.fetch(box, name, target):
                 app.objects.discard(box, name)
-        except (ApplianceError, OSError) as exc:  # the store; a full disk here
+        except StoreUnavailable as exc:  # the store went away: the rest would only wait
+            return f"{deployment}: {exc.message}"
+        except (ApplianceError, OSError) as exc:  # this file; a full disk here
             error = error or f"{deployment}: {name}: {getattr(exc, 'message', exc)}"
     return error
 
