@@ -503,13 +503,13 @@ class Agent:
         app = Appliance(self.app.settings)  # its own connection: this is another thread
         try:
             shipped = ship_logs(app, wait=0)  # a deployment someone else ships: next pass
-            republish_logging(app)  # what k3s pods read, as the registry holds it
             if shipped["error"] and shipped["error"] != self.ship_error:
                 print(f"{utcnow()} prediction logs: {shipped['error']}", file=sys.stderr)
             self.ship_error = shipped["error"]
             # what each deployment's monitors quote; one another shipper held keeps its last
             kept = {d: e for d, e in self.ship_errors.items() if d in shipped["held"]}
             self.ship_errors = {**kept, **shipped["errors"]}
+            republish_logging(app)  # what k3s pods read, as the registry holds it
         except Exception:  # shipping must never take the agent down
             traceback.print_exc()
         finally:

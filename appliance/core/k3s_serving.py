@@ -518,6 +518,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
 
     from appliance.core.context import Appliance
     from appliance.core.jobs import parse_memory
+    from appliance.core.prediction_log import adopt_orphans, post_spool, spool_dir
     from appliance.core.serving import (
         MAX_BODY,
         MAX_BODY_ENV,
@@ -546,8 +547,6 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         port,
     )
     config = server_config(InferenceApp(server, max_body), host=host, port=port)
-    from appliance.core.prediction_log import adopt_orphans, post_spool, spool_dir
-
     # a container restarted in place finds its predecessor's open files in the emptyDir (one
     # container per pod: the kubelet starts it once the old one has ended)
     try:
