@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -523,6 +522,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         MAX_BODY,
         MAX_BODY_ENV,
         InferenceApp,
+        exit_after_graceful_stop,
         server_config,
     )
 
@@ -558,14 +558,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     writer.start()
     follower = threading.Thread(target=_follow_logging, args=(app, server, stop), daemon=True)
     follower.start()
-
-    def stopped(signum: int, frame: object) -> None:
-        raise SystemExit(0)
-
-    # uvicorn re-raises SIGTERM after its graceful shutdown (the kubelet's stop), to this
-    # handler: the pod then writes and posts what it logged before it exits
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stopped)
+    exit_after_graceful_stop()  # the kubelet's SIGTERM: what the pod logged is posted first
     try:
         uvicorn.Server(config).run()
     finally:

@@ -863,20 +863,24 @@ def serve_worker(app: Appliance, name: str, fd: int | None = None, bind: str | N
     threading.Thread(target=server.follow, args=(stop,), daemon=True).start()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
     writer.start()
-
-    def stopped(signum: int, frame: object) -> None:
-        raise SystemExit(0)
-
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, to this handler: the
-    # worker then exits through the `finally`, so what it logged reaches the spool.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stopped)
+    exit_after_graceful_stop()
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         stop.set()
         writer.join(timeout=5)
     return 0
+
+
+def exit_after_graceful_stop() -> None:
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown: with this, the process
+    then exits through its `finally` (status 0), so what it logged reaches the spool."""
+
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopped)
 
 
 PARENT_ENV = "APPLIANCE_SERVE_SUPERVISOR"

@@ -93,6 +93,18 @@ class ObjectStore(Protocol):
         ...
 
 
+def _copy_whole(source: Path, dest: Path) -> None:
+    """Copy under a temporary name beside `dest`, then rename: `dest` is whole or absent."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+    try:
+        with source.open("rb") as src, tmp.open("wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class LocalObjectStore:
     """Objects as files under one directory; rename makes each write atomic."""
 
@@ -163,18 +175,12 @@ class LocalObjectStore:
     def post(self, box: str, name: str, path: Path) -> None:
         final = self.root / box_key(box, name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{name}.{uuid.uuid4().hex}")
         try:
-            with path.open("rb") as src, tmp.open("wb") as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
-            os.replace(tmp, final)
+            _copy_whole(path, final)
         except OSError as exc:
             raise StoreUnavailable(
                 f"object store {self.root}: could not post {name}: {exc}"
             ) from exc
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def inbox(self, box: str) -> list[str]:
         directory = self.root / box_key(box)
@@ -187,17 +193,10 @@ class LocalObjectStore:
         )
 
     def fetch(self, box: str, name: str, dest: Path) -> bool:
-        source = self.root / box_key(box, name)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
         try:
-            with source.open("rb") as src, tmp.open("wb") as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
-            os.replace(tmp, dest)
+            _copy_whole(self.root / box_key(box, name), dest)
         except FileNotFoundError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
         return True
 
     def discard(self, box: str, name: str) -> None:
