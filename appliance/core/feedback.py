@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import log_files, ship_for_reading, ship_logs, spool_dir
+from appliance.core.traffic import ROUTED
 from appliance.errors import InvalidInput
 
 TOKEN_FILE = "feedback.token"
@@ -180,7 +181,7 @@ def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> set[str]:
     from appliance.core import duck
 
     sources = []
-    for kind, where in (("requests", " WHERE role <> 'unrouted'"), ("inputs", "")):
+    for kind, where in (("requests", f" WHERE {ROUTED}"), ("inputs", "")):
         files = log_files(app, deployment, kind)
         if files:
             listing = ", ".join(duck.sql_string(f) for f in files)

@@ -11,6 +11,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import behind_note
+from appliance.core.traffic import ROUTED, UNROUTED
 from appliance.errors import ApplianceError
 
 
@@ -109,7 +110,7 @@ def traffic_series(
     try:
         rows = con.execute(
             f"SELECT floor(ts / {step}) * {step} AS t, count(*), "
-            "quantile_cont(latency_ms, 0.99) FILTER (WHERE role <> 'unrouted'), "
+            f"quantile_cont(latency_ms, 0.99) FILTER (WHERE {ROUTED}), "
             "count(*) FILTER (WHERE status >= 500) "
             f"FROM read_parquet([{listing}], union_by_name = true) "
             f"WHERE ts >= {now - window!r} GROUP BY 1 ORDER BY 1"
@@ -122,7 +123,7 @@ def traffic_series(
 def _by_version(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Traffic rows as shown: version 0 holds the requests refused before a version was
     chosen (a malformed body, no model loaded)."""
-    return [{**row, "version": row["version"] or "unrouted"} for row in rows]
+    return [{**row, "version": row["version"] or UNROUTED[1]} for row in rows]
 
 
 def _when(ts: float) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.names import validate_name
+from appliance.core.traffic import ROUTED
 from appliance.errors import ApplianceError, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
@@ -39,7 +40,7 @@ DRIFT = {"psi", "ks", "missing_rate", "unseen", "prediction_psi"}
 QUALITY = {"auc", "accuracy", "logloss", "rmse", "mae", "r2", "f1", "precision", "recall"}
 TRAFFIC = {"p99_ms", "p50_ms", "error_rate", "client_error_rate", "rps"}
 DEFAULT_OVER = {"drift": 3600.0, "quality": 86400.0, "traffic": 300.0}
-LOG_KINDS = {"drift": ("inputs",), "quality": ("inputs", "feedback"), "traffic": ("requests",)}
+FAMILY_LOGS = {"drift": ("inputs",), "quality": ("inputs", "feedback"), "traffic": ("requests",)}
 # a closed log file the agent (shipping every few seconds) has not shipped within this is held
 # up: its monitors say so (the agent passes three of its intervals when that is longer)
 UNSHIPPED_AFTER = 60.0
@@ -304,10 +305,6 @@ def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compu
     return value
 
 
-# latency is of the requests a model answered: refusals before routing take microseconds
-ROUTED = "WHERE role <> 'unrouted'"
-
-
 def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> float | None:
     """From the logged requests of the window; from the live counters when none are logged."""
     import duckdb
@@ -324,8 +321,9 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
             n, errors, refused, p50, p99 = con.execute(
                 "SELECT count(*), count(*) FILTER (WHERE status >= 500), "
                 "count(*) FILTER (WHERE status >= 400 AND status < 500), "
-                f"quantile_cont(latency_ms, 0.5) FILTER ({ROUTED}), "
-                f"quantile_cont(latency_ms, 0.99) FILTER ({ROUTED}) "
+                # latency is of the requests a model answered: refusals take microseconds
+                f"quantile_cont(latency_ms, 0.5) FILTER (WHERE {ROUTED}), "
+                f"quantile_cont(latency_ms, 0.99) FILTER (WHERE {ROUTED}) "
                 f"FROM read_parquet([{listing}], union_by_name = true) "
                 f"WHERE ts >= {now - rule.over!r} AND ts < {now!r}"
             ).fetchone()
@@ -411,7 +409,7 @@ def _check_one(
         value, error = None, exc.message
     except Exception as exc:  # a defect or a damaged log: this monitor, not the pass
         value, error = None, f"{type(exc).__name__}: {exc}"
-    kinds = LOG_KINDS[rule.family]
+    kinds = FAMILY_LOGS[rule.family]
     behind = held and _once(
         shared,
         ("waiting", row["deployment"], kinds, rule.over),

@@ -52,6 +52,7 @@ KEEP_SECONDS = 60  # per-second buckets kept when no canary rule asks for a long
 # counted, but answered before any model version was chosen: in the counts and error rates,
 # not in the latency percentiles (a flood of refusals must not hide a slow model)
 UNROUTED = (0, "unrouted")
+ROUTED = f"role <> '{UNROUTED[1]}'"  # the request log's answered requests, in SQL
 LIVE_WINDOW = 10  # seconds behind the req/s, p99 and error rate that list and the TUI show
 
 

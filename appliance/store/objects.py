@@ -189,7 +189,7 @@ class LocalObjectStore:
         return sorted(
             p.name
             for p in directory.iterdir()
-            if _NAME.fullmatch(p.name) and not p.name.startswith(".") and p.is_file()
+            if _NAME.fullmatch(p.name) and p.is_file()  # temporary names start with "."
         )
 
     def fetch(self, box: str, name: str, dest: Path) -> bool:
