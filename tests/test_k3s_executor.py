@@ -336,10 +336,11 @@ def test_cancel_deletes_the_job(cluster: Any) -> None:
     done = cancel_job(cluster.app, job["id"])
     done = wait_job(cluster.app, job["id"], timeout=10)
     assert done["state"] == "cancelled"
+    # the supervisor deletes it; on a loaded machine cancel_job's fallback may too, after
+    # its grace, and a second delete of the same Job is harmless (--ignore-not-found)
+    delete = ["delete", f"job/job-{job['id']}", "-n", "appliance", "--ignore-not-found"]
     deletes = [c for c in cluster.calls() if c[0] == "delete"]
-    assert deletes == [
-        ["delete", f"job/job-{job['id']}", "-n", "appliance", "--ignore-not-found", "--wait=false"]
-    ]
+    assert deletes and all(d == [*delete, "--wait=false"] for d in deletes)
 
 
 def test_an_image_that_cannot_be_pulled_fails_the_job_at_once(cluster: Any) -> None:
