@@ -846,9 +846,12 @@ def test_a_pod_posts_what_it_can_and_keeps_the_rest(app: Appliance) -> None:
     part = spool / f"requests-2026010100-{os.getpid()}-9abc.frames.part"
     part.write_bytes(closed.read_bytes())
     closed.unlink()
-    adopt_orphans(spool)
+    assert adopt_orphans(spool) == []
     assert part.exists()  # a live pid: a running worker's open file, left alone
-    adopt_orphans(spool, every=True)  # the pod's start, before its writer
+    stuck = spool / "inputs-2026010100-1-5x.frames.part"
+    stuck.mkdir()  # one that cannot be read is said, and holds up none of the others
+    # the pod's start, before its writer
+    assert adopt_orphans(spool, every=True) == [f"{stuck.name} not adopted: Is a directory"]
     assert not part.exists() and (spool / part.name.removesuffix(".part")).exists()
 
 

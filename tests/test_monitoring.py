@@ -709,7 +709,11 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
         }
     )
     orphan.write_text(line + "\n" + line[:20])  # the last line was cut when it died
-    assert ship_logs(app)["shipped"] == 1
+    stuck = directory / "requests-2026010100-999999-6dead.jsonl.part"
+    stuck.mkdir()  # an open file that cannot be read holds up none of the others
+    shipped = ship_logs(app)
+    assert shipped["shipped"] == 1 and "6dead.jsonl.part not adopted" in shipped["error"]
+    stuck.rmdir()
     assert (
         app.db.scalar("SELECT rows FROM prediction_logs WHERE spool_name = ?", (orphan.name[:-5],))
         == 1

@@ -550,9 +550,11 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     # a container restarted in place finds its predecessor's open files in the emptyDir (one
     # container per pod: the kubelet starts it once the old one has ended)
     try:
-        adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True)
-    except OSError as exc:  # a log to lose, not a reason not to serve
-        log.warning("open log files of the previous container not adopted: %s", exc)
+        lost = adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True)
+    except OSError as exc:  # the spool unreadable: a log to lose, not a reason not to serve
+        lost = [str(exc)]
+    for line in lost:
+        log.warning("an open log file of the previous container: %s", line)
     stop = threading.Event()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
     writer.start()

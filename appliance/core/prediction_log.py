@@ -987,8 +987,8 @@ def _closed_files(directory: Path) -> list[Path]:
 
 def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | None]:
     """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
-    shipped, failed, error = 0, 0, None
-    adopt_orphans(directory)
+    shipped, failed = 0, 0
+    error = next(iter(adopt_orphans(directory)), None)  # said, and the rest still shipped
     for path in sorted(_closed_files(directory), key=lambda p: p.name):
         try:
             _ship(app, directory.name, path)
@@ -1008,28 +1008,34 @@ def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | No
     return shipped, failed, error
 
 
-def adopt_orphans(directory: Path, every: bool = False) -> None:
+def adopt_orphans(directory: Path, every: bool = False) -> list[str]:
     """Open files of a worker that died (killed, its machine restarted): their complete
     frames or lines become a shippable file; the last one, cut short, is dropped. `every`:
     all open files, whatever their pid (a restarted pod's container, before its writer
-    starts: a pid there is reused at once)."""
+    starts: a pid there is reused at once). Returns what could not be adopted, one line a
+    file: a file that cannot be read holds up none of the others."""
     from appliance.core.processes import alive
 
+    errors = []
     for part in [*directory.glob(f"*{FRAMES}.part"), *directory.glob(f"*{JSONL}.part")]:
         pieces = part.name.split("-")
         pid = int(pieces[2]) if len(pieces) > 3 and pieces[2].isdigit() else 0
         if not every and pid and alive(pid):
             continue
-        data = part.read_bytes()
-        if part.name.endswith(f"{FRAMES}.part"):
-            keep = data[: _complete_frames(data)]
-        else:
-            keep = data[: data.rfind(b"\n") + 1]
-        if keep:
-            part.write_bytes(keep)
-            part.rename(part.with_suffix(""))
-        else:
-            part.unlink(missing_ok=True)
+        try:
+            data = part.read_bytes()
+            if part.name.endswith(f"{FRAMES}.part"):
+                keep = data[: _complete_frames(data)]
+            else:
+                keep = data[: data.rfind(b"\n") + 1]
+            if keep:
+                part.write_bytes(keep)
+                part.rename(part.with_suffix(""))
+            else:
+                part.unlink(missing_ok=True)
+        except OSError as exc:
+            errors.append(f"{part.name} not adopted: {exc.strerror or exc}")
+    return errors
 
 
 def _complete_frames(data: bytes) -> int:
