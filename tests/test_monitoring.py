@@ -710,10 +710,9 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
     )
     orphan.write_text(line + "\n" + line[:20])  # the last line was cut when it died
     stuck = directory / "requests-2026010100-999999-6dead.jsonl.part"
-    stuck.mkdir()  # an open file that cannot be read holds up none of the others
+    stuck.mkdir()  # an open file that cannot be read (taken first) holds up none of the others
     shipped = ship_logs(app)
     assert shipped["shipped"] == 1 and "6dead.jsonl.part not adopted" in shipped["error"]
-    stuck.rmdir()
     assert (
         app.db.scalar("SELECT rows FROM prediction_logs WHERE spool_name = ?", (orphan.name[:-5],))
         == 1
@@ -742,6 +741,7 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
     (directory / "inputs-2026010100-1-3bad.frames").write_bytes(miscounted)
     shipped = ship_logs(app)
     assert shipped["shipped"] == 1 and shipped["failed"] == 2
+    # a file that fails to ship is said before the open file still stuck
     assert "inputs-2026010100-1-2bad.frames: unreadable" in shipped["error"]
     for bad in ("2bad", "3bad"):
         assert (directory / "rejected" / f"inputs-2026010100-1-{bad}.frames").exists()

@@ -987,8 +987,8 @@ def _closed_files(directory: Path) -> list[Path]:
 
 def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | None]:
     """Ship one deployment's closed files (its lock held): shipped, failed, first error."""
-    shipped, failed = 0, 0
-    error = next(iter(adopt_orphans(directory)), None)  # said, and the rest still shipped
+    shipped, failed, error = 0, 0, None
+    unadopted = adopt_orphans(directory)  # said below, and the rest still shipped
     for path in sorted(_closed_files(directory), key=lambda p: p.name):
         try:
             _ship(app, directory.name, path)
@@ -1005,7 +1005,8 @@ def _ship_directory(app: Appliance, directory: Path) -> tuple[int, int, str | No
         except Exception as exc:  # the store's client raises its own errors (S3Error)
             failed += 1
             error = error or f"{path.name}: {type(exc).__name__}: {exc}"
-    return shipped, failed, error
+    # a file that fails to ship (the store away) is news; one stuck unadopted says so after
+    return shipped, failed, error or next(iter(unadopted), None)
 
 
 def adopt_orphans(directory: Path, every: bool = False) -> list[str]:
@@ -1017,7 +1018,7 @@ def adopt_orphans(directory: Path, every: bool = False) -> list[str]:
     from appliance.core.processes import alive
 
     errors = []
-    for part in [*directory.glob(f"*{FRAMES}.part"), *directory.glob(f"*{JSONL}.part")]:
+    for part in sorted([*directory.glob(f"*{FRAMES}.part"), *directory.glob(f"*{JSONL}.part")]):
         pieces = part.name.split("-")
         pid = int(pieces[2]) if len(pieces) > 3 and pieces[2].isdigit() else 0
         if not every and pid and alive(pid):
