@@ -253,6 +253,7 @@ def test_a_revision_is_a_deployment_and_a_nodeport_service() -> None:
     ]
     pod = spec["template"]["spec"]
     assert "runtimeClassName" not in pod
+    assert pod["terminationGracePeriodSeconds"] == 60  # time to post the log at a stop
     container = _container(objects)
     assert container["image"] == "appliance-runtime:0.2.0"
     assert container["imagePullPolicy"] == "IfNotPresent"

@@ -86,6 +86,10 @@ NAME_ANNOTATION = "appliance.dev/deployment"  # the deployment's own name, as ty
 DEFAULT_RESOURCES = {"cpu": 1.0, "memory": 2**30, "gpu": 0}
 NODE_PORTS = (30000, 32767)
 PROGRESS_DEADLINE_S = 300  # the cluster marks a rollout failed after this long stuck
+# A pod's graceful stop: uvicorn's (5 s), the writer's and the poster's last rounds (5 s
+# each at most), then a last post of its log, whose calls time out after about 15 s when
+# the store is away. The kubelet's default, 30 s, could kill it before it says so.
+STOP_GRACE_S = 60
 ROLLOUT_TIMEOUT = 180.0  # how long deploy and rollback wait for the rollout
 POLL_SECONDS = 1.0  # APPLIANCE_K3S_POLL overrides (a fake cluster answers at once)
 MAX_MODEL_ENV = 64 << 10  # an environment string is limited (128 KiB on Linux)
@@ -199,6 +203,7 @@ def deployment_manifests(
         "containers": [container],
         "volumes": [{"name": "home", "emptyDir": {}}],
         "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": STOP_GRACE_S,
     }
     if request["gpu"]:
         pod["runtimeClassName"] = "nvidia"
