@@ -554,11 +554,8 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     config = server_config(InferenceApp(server, max_body), host=host, port=port)
     # a container restarted in place finds its predecessor's open files in the emptyDir (one
     # container per pod: the kubelet starts it once the old one has ended)
-    try:
-        lost = adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True)
-    except OSError as exc:  # the spool unreadable: a log to lose, not a reason not to serve
-        lost = [str(exc)]
-    for line in lost:
+    # (one it cannot read is a log to lose, not a reason not to serve)
+    for line in adopt_orphans(spool_dir(app.settings.home, spec["deployment"]), every=True):
         log.warning("an open log file of the previous container: %s", line)
     stop = threading.Event()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
