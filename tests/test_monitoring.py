@@ -302,7 +302,18 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
         "request_id,label\n" + "".join(f"req{i},{i % 2}\n" for i in range(40)) + "ghost,1\n"
     )
     added = add_feedback(app, "syn", labels)
-    assert added == {"deployment": "syn", "labels": 41, "stored": 40, "unknown_request_ids": 1}
+    assert added == {
+        "deployment": "syn",
+        "labels": 41,
+        "stored": 40,
+        "unknown_request_ids": 1,
+        "unknown_rows": 0,
+    }
+    beyond = tmp_path / "rows.csv"  # req0 predicted one row: there is no row 5 to judge
+    beyond.write_text("request_id,label,row\nreq0,0,0\nreq0,0,5\n")
+    added = add_feedback(app, "syn", beyond)
+    assert (added["stored"], added["unknown_request_ids"], added["unknown_rows"]) == (1, 0, 1)
+    assert app.db.scalar("SELECT count(*) FROM monitor_feedback WHERE row = 5") == 0
     result = quality(app, "syn", window=3600)
     assert result["matched"] == 40
     (window,) = result["windows"]
@@ -318,6 +329,85 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
     with pytest.raises(InvalidInput, match=r"m.csv: the header needs request_id"):
         add_feedback(app, "syn", missing)
     assert app.db.scalar("SELECT count(*) FROM monitor_feedback") == 40  # nothing half-stored
+
+
+def test_the_cli_names_the_flag_it_refuses(
+    app: Appliance, deployed: str, tmp_path: Path, cli: Any
+) -> None:
+    home = ("--home", str(app.settings.home))
+    add = ("monitor", "add", "m", "--deployment", "syn", "--rule", "rps > 1", *home)
+    for line, message in [("", "expected a command line"), ('say "hi', "No closing quotation")]:
+        said = cli(*add, "--command", line)
+        assert said.code != 0 and "--command" in said.err and message in said.err
+    said = cli("deployments", "logging", "syn", "--sample", "1.5", *home)
+    assert said.code != 0 and "--sample" in said.err and "--log-sample" not in said.err
+    said = cli("monitor", "report", "syn", "--html", str(tmp_path / "nodir" / "r.html"), *home)
+    assert said.code == 2 and "--html" in said.err and "no directory" in said.err
+    assert cli("monitor", "list", *home, "--json").json() == []  # nothing was added
+    said = cli("deploy", deployed, "--name", "syn", "--log-sample", "0.1", *home)
+    assert said.code == 0 and "note: deployment syn is stopped; it serves revision" in said.err
+
+
+def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_them(
+    app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from appliance.core import feedback as feedback_module
+    from appliance.core import prediction_log
+    from appliance.core.feedback import _check_label, add_feedback
+
+    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
+    monkeypatch.setattr(feedback_module, "ROTATE_SECONDS", 1.0)
+    # a live worker's log: its writer thread keeps the current file open for a while
+    plog = PredictionLog(app.settings.home, "syn", sample=1.0)
+    stop = threading.Event()
+    writer = threading.Thread(target=plog.run, args=(stop,), daemon=True)
+    writer.start()
+    try:
+        cols = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
+        for i in range(20):
+            plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
+        time.sleep(0.5)
+        assert list(plog.directory.glob("*.part"))  # not shippable yet
+        labels = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+        labels.write_bytes(
+            b"\xef\xbb\xbfrequest_id,label\n"
+            + b"".join(f"now{i},{i % 2}.0\n".encode() for i in range(20))  # 1.0 is class 1
+            + b"ghost,1\n"
+        )
+        added = add_feedback(app, "syn", labels)
+    finally:
+        stop.set()
+        writer.join(10)
+    assert (added["stored"], added["unknown_request_ids"]) == (20, 1)
+    stored = {
+        r["request_id"]: r["label"]
+        for r in app.db.rows("SELECT request_id, label FROM monitor_feedback")
+    }
+    assert stored["now1"] == "1" and stored["now2"] == "0"
+    # a JSON file holding the body POST /feedback takes
+    body = tmp_path / "labels.json"
+    body.write_text(json.dumps({"feedback": [{"request_id": "now3", "label": 0}]}))
+    assert add_feedback(app, "syn", body)["stored"] == 1
+    assert app.db.scalar("SELECT label FROM monitor_feedback WHERE request_id = 'now3'") == "0"
+    refused = [
+        (b"request_id,label\nnow1,1\nnow2,\xff\n", "latin.csv", r"latin.csv:3: not UTF-8"),
+        (b"request_id,label\nnow1,1\nnow2,1,extra\n", "wide.csv", r"wide.csv:3: 3 values, "),
+        (b'{"request_id": "now1", "label": true}\n', "t.jsonl", r"t.jsonl:1: label True: exp"),
+        (b'{"feedback": [{"request_id": "now1", "label": 7}]}', "b.json", r"b.json: feedback\[0\]"),
+    ]
+    for content, name, message in refused:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InvalidInput, match=message):
+            add_feedback(app, "syn", tmp_path / name)
+    assert app.db.scalar("SELECT count(*) FROM monitor_feedback") == 20  # nothing half-stored
+    for label, message in [("nan", "a finite number"), (float("inf"), "a finite number")]:
+        with pytest.raises(InvalidInput, match=rf"f.csv:2: label .*: expected {message}"):
+            _check_label(label, "regression", [], "f.csv:2")
+    with pytest.raises(InvalidInput, match="expected a number, not true or false"):
+        _check_label(True, "regression", [], "f.csv:2")
+    assert _check_label("2.5", "regression", [], "f.csv:2") == "2.5"
 
 
 @pytest.mark.parametrize(
@@ -340,7 +430,7 @@ def test_a_rule_that_does_not_parse_is_refused(rule: str, message: str) -> None:
 def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     app: Appliance, deployed: str, tmp_path: Path
 ) -> None:
-    from appliance.core.deployments import deploy, get_deployment
+    from appliance.core.deployments import deploy, get_deployment, list_revisions
     from appliance.core.jobs import wait_job
     from appliance.core.monitors import add_monitor, check_monitors, list_alerts, list_monitors
     from appliance.core.registry import register_model
@@ -359,7 +449,7 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     }
     _log(app, "syn", [drifted], version=2)
     add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
-    with pytest.raises(InvalidInput, match="only a loopback or private address"):
+    with pytest.raises(InvalidInput, match="only a loopback, private or link-local address"):
         add_monitor(app, "hook", "syn", "auc < 0.5", "1m", {"webhook": "http://8.8.8.8/x"})
     (outcome,) = check_monitors(app)
     assert outcome["state"] == "firing" and outcome["value"] > 0.2
@@ -367,10 +457,85 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     assert (dep["current_revision"], dep["model_version"]) == (3, 1)  # back to syn@1
     (alert,) = list_alerts(app, "syn")
     assert alert["action_result"] == "rolled back: revision 3 serves version 1"
-    # still firing on the next check: no second alert, no second rollback
-    assert check_monitors(app, force=True)[0]["state"] == "firing"
+    history = {r["revision"]: r for r in list_revisions(app, "syn")}
+    assert history[3]["action"] == "rollback"
+    assert history[3]["reason"].startswith("monitor a-drift: psi(a) > 0.2 over 1h (value ")
+    # syn@2 is no longer served, so its rows are not judged: no data from syn@1 yet, and
+    # the alert stays open through the gap; no second alert, no second rollback
+    assert check_monitors(app, force=True)[0]["state"] == "no_data"
     assert len(list_alerts(app, "syn")) == 1 and get_deployment(app, "syn")["current_revision"] == 3
-    assert list_monitors(app)[0]["state"] == "firing"
+    assert list_monitors(app)[0]["state"] == "no_data"
+    assert list_alerts(app, "syn")[0]["resolved_at"] is None
+    usual = {
+        "a": rng.normal(0, 1, 500),
+        "b": rng.normal(0, 1, 500),
+        "c": np.array(rng.choice(["x", "y", "z"], 500, p=[0.5, 0.3, 0.2]), dtype=object),
+    }
+    _log(app, "syn", [usual], version=1)  # the version rolled back to, as it was trained
+    (outcome,) = check_monitors(app, force=True)
+    assert outcome["state"] == "ok" and outcome["value"] < 0.2
+    assert list_alerts(app, "syn")[0]["resolved_at"] is not None
+    assert get_deployment(app, "syn")["current_revision"] == 3
+
+
+def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
+    app: Appliance, deployed: str
+) -> None:
+    from appliance.core.deployments import deploy
+    from appliance.core.jobs import wait_job
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts, remove_monitor
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    rng = np.random.default_rng(8)
+
+    def rows(n: int, shift: float) -> dict[str, Any]:
+        return {
+            "a": rng.normal(shift, 1, n),
+            "b": rng.normal(0, 1, n),
+            "c": np.array(rng.choice(["x", "y", "z"], n, p=[0.5, 0.3, 0.2]), dtype=object),
+        }
+
+    _log(app, "syn", [rows(1500, 0.0)], version=1)  # the old version: most of the window
+    job = wait_job(
+        app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"], 120
+    )
+    deploy(app, "syn", register_model(app, "syn", job["run_id"])["ref"])  # serves syn@2
+    _log(app, "syn", [rows(200, 3.0)], version=2)  # the new one drifts from its first rows
+    add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {})
+    add_monitor(app, "b-drift", "syn", "psi(b) > 0.2 over 1h", "1m", {})
+    add_monitor(app, "requests", "syn", "rps > 0.4 over 1h", "1m", {})
+    outcomes = {o["monitor"]: o for o in check_monitors(app)}
+    assert outcomes["a-drift"]["state"] == "firing" and outcomes["a-drift"]["value"] > 1
+    assert outcomes["b-drift"]["state"] == "ok"
+    # traffic of the versions served: syn@2's request (200 rows), not syn@1's
+    assert outcomes["requests"]["value"] == pytest.approx(1 / 3600)
+    # a monitor removed while firing leaves no alert open for ever
+    (alert,) = [a for a in list_alerts(app, "syn") if a["monitor"] == "a-drift"]
+    assert alert["resolved_at"] is None
+    remove_monitor(app, "a-drift")
+    (alert,) = [a for a in list_alerts(app, "syn") if a["monitor"] == "a-drift"]
+    assert alert["resolved_at"] is not None
+    # rules the served model could never give a value for
+    for rule, message in [
+        ("ks(c) > 0.1", r"ks is measured on numeric features; 'c' is categorical in syn@2"),
+        ("unseen(a) > 0.01", r"unseen is measured on categorical features; 'a' is numeric"),
+        ("rmse > 1", r"syn@2 is a binary model, with no rmse \(it has accuracy, auc, f1"),
+        ("r2 < 0.5", r"a binary model, with no r2"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            add_monitor(app, "never", "syn", rule, "1m", {})
+    # no request at all is a rate of 0 while the deployment serves (the fixture's is not
+    # started: it is marked serving by this process)
+    add_monitor(app, "stopped", "syn", "rps < 1 over 1m", "1m", {})
+    later = time.time() + 7200  # nothing logged in the window
+    assert check_monitors(app, "stopped", now=later)[0]["state"] == "no_data"
+    app.db.execute(
+        "UPDATE deployments SET status = 'serving', pid = ?, port = 1 WHERE name = 'syn'",
+        (os.getpid(),),
+    )
+    stopped = check_monitors(app, "stopped", now=later, force=True)[0]
+    assert (stopped["state"], stopped["value"]) == ("firing", 0.0)
 
 
 def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed(
@@ -494,7 +659,16 @@ def test_the_report_is_text_and_one_self_contained_page(
     page = render_html(report, tmp_path / "r.html").read_text()
     assert "<svg" in page and "<table>" in page
     assert "src=" not in page and "http://" not in page and "https://" not in page
+    assert "<circle" in page  # one logged request: a dot, where a line needs two points
     json.dumps(report)  # --json prints it as it is
+    # a path it cannot write: the error names it, and nothing is left beside it
+    for bad, message in [
+        (tmp_path / "nodir" / "r.html", "no directory"),
+        (tmp_path, "a directory; name the file"),
+    ]:
+        with pytest.raises(InvalidInput, match=f"--html {re.escape(str(bad))}: {message}"):
+            render_html(report, bad)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
 
 @pytest.mark.slow

@@ -1557,7 +1557,8 @@ def _seconds(text: str, flag: str) -> float:
 @click.argument("deployment")
 @click.argument("file", type=click.Path())
 def monitor_feedback(app: Any, as_json: bool, deployment: str, file: str) -> None:
-    """Labels for logged predictions (CSV or JSON lines: request_id, label[, row])."""
+    """Labels for logged predictions (CSV, JSON lines, or POST /feedback's body as .json:
+    request_id, label[, row])."""
     from appliance.core.feedback import add_feedback
 
     emit(add_feedback(app, deployment, file), as_json)
@@ -1653,7 +1654,9 @@ def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None
 @click.option("--every", default="1m", show_default=True, help="How often the agent checks.")
 @click.option("--rollback", is_flag=True, help="When it fires: roll the deployment back.")
 @click.option("--command", "command_line", help="When it fires: run this command line.")
-@click.option("--webhook", help="When it fires: POST JSON here (a loopback or private address).")
+@click.option(
+    "--webhook", help="When it fires: POST JSON here (a loopback, private or link-local address)."
+)
 @click.option("--pipeline", help="When it fires: run this pipeline file (e.g. a retrain).")
 def monitor_add(
     app: Any,
@@ -1672,9 +1675,17 @@ def monitor_add(
 
     from appliance.core.monitors import add_monitor
 
+    command = None
+    if command_line is not None:  # '' is a mistake, not "no action"
+        try:
+            command = shlex.split(command_line)
+        except ValueError as exc:
+            raise click.BadParameter(f"{command_line!r}: {exc}", param_hint="--command") from None
+        if not command:
+            raise click.BadParameter("expected a command line", param_hint="--command")
     action = {
         "rollback": rollback or None,
-        "command": shlex.split(command_line) if command_line else None,
+        "command": command,
         "webhook": webhook,
         "pipeline": pipeline,
     }
@@ -2055,7 +2066,8 @@ def deploy_cmd(
     log_sample: float | None,
 ) -> None:
     """Serve NAME@ALIAS or NAME/N: a new deployment, or its next revision (returns once every
-    worker serves it; on k3s, once the rollout is available)."""
+    worker serves it; on k3s, once the rollout is available; a stopped deployment records
+    the revision and serves it once started)."""
     from appliance.core.deployments import deploy_model, set_logging
 
     resources = {"cpu": cpus, "memory": memory, "gpu": gpus}
@@ -2077,6 +2089,13 @@ def deploy_cmd(
     )
     if log_sample is not None:
         done = {**done, **set_logging(app, done["name"], sample=log_sample)}
+    if done.get("status") == "stopped":  # said, or a user waits for answers from nothing
+        click.echo(
+            f"note: deployment {done['name']} is stopped; it serves revision "
+            f"{done['current_revision']} once started: appliance deployments start "
+            f"{done['name']}",
+            err=True,
+        )
     emit(done, as_json)
 
 
@@ -2299,11 +2318,14 @@ def deployments_deploy(app: Any, as_json: bool, name: str, model_ref: str) -> No
     help="Revision whose model version to serve again (default: the one before the current, "
     "like kubectl rollout undo).",
 )
-def deployments_rollback(app: Any, as_json: bool, name: str, to_revision: int | None) -> None:
+@click.option("--reason", help="Why (kept in the deployment's history).")
+def deployments_rollback(
+    app: Any, as_json: bool, name: str, to_revision: int | None, reason: str | None
+) -> None:
     """Roll back to an earlier revision's model version."""
     from appliance.core.deployments import rollback
 
-    emit(rollback(app, name, to_revision), as_json)
+    emit(rollback(app, name, to_revision, reason), as_json)
 
 
 @command(deployments_group, "history")
@@ -2427,6 +2449,8 @@ def deployments_logging(
     """What a deployment's prediction log keeps; workers follow at once."""
     from appliance.core.deployments import set_logging
 
+    if sample is not None and not 0 <= sample <= 1:
+        raise click.BadParameter("expected a share between 0 and 1", param_hint="--sample")
     emit(set_logging(app, name, sample, requests), as_json)
 
 

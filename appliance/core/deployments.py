@@ -651,16 +651,21 @@ def abort_canary(
     return wait_served(app, name) if wait else get_deployment(app, name)
 
 
-def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[str, Any]:
+def rollback(
+    app: Appliance, name: str, to_revision: int | None = None, reason: str | None = None
+) -> dict[str, Any]:
     """Go back to the model version of an earlier live revision (default: the one before the
     current). A running canary is aborted with it, in one transaction: a rollback means
-    'back to known good'. A target whose model file is gone or damaged changes nothing."""
+    'back to known good'. A target whose model file is gone or damaged changes nothing.
+    `reason`: why, kept in the history (a monitor names itself and its rule)."""
     if to_revision is not None and to_revision < 1:
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
     if dep["canary_revision"] is not None and to_revision is None:
         # With a canary running, known good is the stable revision: end the canary only.
-        end_canary(app, name, "aborted", "rolled back", None, expected=dep["canary_revision"])
+        end_canary(
+            app, name, "aborted", reason or "rolled back", None, expected=dep["canary_revision"]
+        )
         return wait_served(app, name)
     live = app.db.rows(
         "SELECT r.revision, mv.version FROM deployment_revisions r "
@@ -693,7 +698,7 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
             raise Conflict(f"deployment {name!r} changed meanwhile; run the rollback again")
         _still_deployable(conn, mv)
         if canary is not None:
-            _end_canary_in(conn, dep_id, canary, "aborted", "rolled back", None)
+            _end_canary_in(conn, dep_id, canary, "aborted", reason or "rolled back", None)
         # a rollback is a version chosen by hand: an alias it followed no longer decides
         conn.execute("UPDATE deployments SET follow_alias = NULL WHERE id = ?", (dep_id,))
         if _version_of(conn, dep_id, current) != mv["id"]:
@@ -703,7 +708,9 @@ def rollback(app: Appliance, name: str, to_revision: int | None = None) -> dict[
                 "AND revision = ?",
                 (dep_id, target["revision"]),
             ).fetchone()[0]
-            _append_revision(app, conn, dep_id, name, mv, "rollback", manifest=stored)
+            _append_revision(
+                app, conn, dep_id, name, mv, "rollback", reason=reason, manifest=stored
+            )
     return wait_served(app, name)
 
 

@@ -2,17 +2,19 @@
 live quality per model version over time windows.
 
 Labels arrive from a file (`monitor feedback DEPLOYMENT FILE`: CSV or JSON lines with
-request_id, label and optionally row) or from `POST /feedback` on the model server (with the
-home's feedback token); the server writes them to the spool and the agent stores them.
-A label is checked against the model's objective (a class it was trained on, or a number
-for regression) and refused with the line that holds it; a request id that was never
-logged is counted and reported, and the rest is stored.
+request_id, label and optionally row, or POST /feedback's body) or from `POST /feedback` on
+the model server (with the home's feedback token); the server writes them to the spool and
+the agent stores them. A label is checked against the model's objective (a class it was
+trained on, or a finite number for regression) and refused with the line that holds it; a
+request id that was never logged, or a row its request did not predict, is counted and
+reported, and the rest is stored.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import secrets
 import time
@@ -21,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
-from appliance.core.prediction_log import log_files, ship_for_reading, ship_logs, spool_dir
+from appliance.core.prediction_log import (
+    ROTATE_SECONDS,
+    WRITE_SECONDS,
+    log_files,
+    ship_for_reading,
+    ship_logs,
+    spool_dir,
+)
 from appliance.core.traffic import ROUTED
 from appliance.errors import InvalidInput
 
@@ -109,26 +118,58 @@ def _objective(app: Appliance, deployment: str) -> tuple[str, list[Any]]:
 
 def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> str:
     """The label as stored (JSON of the class, or of the number), refused when the model
-    could not score it; a class sent as text ("1" for 1) is the class."""
-    if objective == "regression":
+    could not score it; a class sent as text ("1" or "1.0" for 1) is the class. True and
+    false are not 1 and 0 (JSON's true is not CSV's "true"), and NaN is no label."""
+    regression = objective == "regression"
+    if isinstance(label, bool) and (regression or not any(isinstance(k, bool) for k in labels)):
+        expected = "a number" if regression else "a class of the model"
+        raise InvalidInput(f"{where}: label {label!r}: expected {expected}, not true or false")
+    if regression:
         try:
-            return repr(float(label))
+            value = float(label)
         except (TypeError, ValueError):
             raise InvalidInput(f"{where}: label {label!r}: expected a number") from None
+        if not math.isfinite(value):
+            raise InvalidInput(f"{where}: label {label!r}: expected a finite number")
+        return repr(value)
     for known in labels:
         if label == known or str(label) == str(known):
             return json.dumps(known)
+    if isinstance(label, str):  # "1.0" in a CSV for class 1, as JSON's 1.0 is
+        try:
+            number = float(label)
+        except ValueError:
+            number = None
+        for known in labels:
+            if number is not None and isinstance(known, int | float) and number == known:
+                return json.dumps(known)
     raise InvalidInput(
         f"{where}: label {label!r}: not a class of the model (classes: "
         f"{', '.join(map(str, labels)) or 'unknown'})"
     )
 
 
-def _read(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read(path: Path) -> list[tuple[str, Any]]:
+    """The file's items, each with where it is (file:line); JSON lines, a JSON body as
+    `POST /feedback` takes it, or CSV with a header (Excel's byte-order mark allowed)."""
     if not path.is_file():
         raise InvalidInput(f"{path}: no such feedback file")
-    text = path.read_text(encoding="utf-8", errors="strict")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InvalidInput(f"{path.name}:{line}: not UTF-8 text (byte {exc.start})") from None
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        if path.suffix.lower() == ".json":
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError:
+                body = None  # JSON lines named .json
+            if isinstance(body, dict) and isinstance(body.get("feedback"), list):
+                body = body["feedback"]
+            if isinstance(body, list):
+                return [(f"{path.name}: feedback[{i}]", item) for i, item in enumerate(body)]
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -141,7 +182,15 @@ def _read(path: Path) -> list[tuple[str, dict[str, Any]]]:
     missing = {"request_id", "label"} - set(reader.fieldnames or [])
     if missing:
         raise InvalidInput(f"{path.name}: the header needs {', '.join(sorted(missing))}")
-    return [(f"{path.name}:{n}", dict(row)) for n, row in enumerate(reader, 2)]
+    items = []
+    for n, row in enumerate(reader, 2):
+        if None in row:  # more values than the header names: a shifted column
+            raise InvalidInput(
+                f"{path.name}:{n}: {len(reader.fieldnames or []) + len(row[None])} values, "
+                f"the header names {len(reader.fieldnames or [])}"
+            )
+        items.append((f"{path.name}:{n}", dict(row)))
+    return items
 
 
 def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str, Any]:
@@ -155,8 +204,13 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
             label = next((k for k in labels if str(k) == label), label)
         rows.append((request_id, row, _check_label(label, objective, labels, where)))
     ship_logs(app, deployment)  # every logged id, however long the shipper takes
-    known = _logged_ids(app, deployment, {r[0] for r in rows})
-    kept = [r for r in rows if r[0] in known]
+    wanted = {r[0] for r in rows}
+    known = _logged_ids(app, deployment, wanted)
+    if wanted - known.keys() and _wait_for_open_logs(app, deployment):
+        # requests answered moments ago were still in a worker's open spool file
+        ship_logs(app, deployment)
+        known |= _logged_ids(app, deployment, wanted - known.keys())
+    kept = [r for r in rows if r[1] < known.get(r[0], 0)]
     now = time.time()
     with app.db.transaction() as conn:
         conn.executemany(
@@ -169,27 +223,53 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
         "deployment": deployment,
         "labels": len(rows),
         "stored": len(kept),
-        "unknown_request_ids": len({r[0] for r in rows} - known),
+        "unknown_request_ids": len(wanted - known.keys()),
+        # a row past the last one its request predicted: no prediction for it to judge
+        "unknown_rows": sum(1 for r in rows if r[0] in known and r[1] >= known[r[0]]),
     }
 
 
-def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> set[str]:
-    """Which of `wanted` a deployment logged (request metadata or inputs); a request refused
-    before a version was chosen predicted nothing a label could judge."""
+def _wait_for_open_logs(app: Appliance, deployment: str) -> bool:
+    """Wait until the spool files the deployment's workers have open now are closed (they
+    close every ROTATE_SECONDS), so that labels sent right after their predictions find
+    them; False when none was open. A worker writes what it answered within WRITE_SECONDS,
+    perhaps to a file it opens then: those count too."""
+    directory = spool_dir(app.settings.home, deployment)
+
+    def open_files() -> set[str]:
+        return {p.name for kind in ("requests", "inputs") for p in directory.glob(f"{kind}-*.part")}
+
+    waiting = open_files()
+    time.sleep(WRITE_SECONDS + 0.05)
+    waiting |= open_files()
+    deadline = time.monotonic() + ROTATE_SECONDS + 2 * WRITE_SECONDS + 1
+    while waiting & open_files() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(waiting)
+
+
+def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> dict[str, int]:
+    """Which of `wanted` a deployment logged (request metadata or inputs), with how many rows
+    each predicted; a request refused before a version was chosen predicted nothing a label
+    could judge."""
     import duckdb
 
     from appliance.core import duck
 
     sources = []
-    for kind, where in (("requests", f" WHERE {ROUTED}"), ("inputs", "")):
+    for kind, rows, where in (
+        ("requests", "rows", f" WHERE {ROUTED}"),
+        ("inputs", "row + 1", ""),
+    ):
         files = log_files(app, deployment, kind)
         if files:
             listing = ", ".join(duck.sql_string(f) for f in files)
             sources.append(
-                f"SELECT request_id FROM read_parquet([{listing}], union_by_name = true){where}"
+                f"SELECT request_id, {rows} AS n "
+                f"FROM read_parquet([{listing}], union_by_name = true){where}"
             )
     if not sources or not wanted:
-        return set()
+        return {}
     con = duckdb.connect()
     try:
         # one list parameter, not a row per id: a file of 100,000 labels stays quick
@@ -197,13 +277,13 @@ def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> set[str]:
             "CREATE TABLE wanted AS SELECT unnest(?::VARCHAR[]) AS request_id", [sorted(wanted)]
         )
         found = con.execute(
-            "SELECT DISTINCT w.request_id FROM wanted w JOIN ("
+            "SELECT w.request_id, max(l.n) FROM wanted w JOIN ("
             + " UNION ALL ".join(sources)
-            + ") l USING (request_id)"
+            + ") l USING (request_id) GROUP BY w.request_id"
         ).fetchall()
     finally:
         con.close()
-    return {r[0] for r in found}
+    return {r[0]: int(r[1] or 0) for r in found}
 
 
 def store_spooled_feedback(app: Appliance, deployment: str, path: Path) -> int:

@@ -5,6 +5,7 @@ terminal or one self-contained HTML page (inline SVG plots, no network resources
 from __future__ import annotations
 
 import html
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import behind_note
 from appliance.core.traffic import ROUTED, UNROUTED
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, InvalidInput
 
 
 def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dict[str, Any]:
@@ -210,11 +211,19 @@ def _svg_line(points: list[tuple[float, float]], title: str, unit: str = "") -> 
         return height - pad - (y - y0) / (y1 - y0 or 1) * (height - 2 * pad)
 
     path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    # a line needs two points: a few points are also drawn as dots, so one window shows
+    dots = (
+        "".join(
+            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="#2563eb"/>' for x, y in points
+        )
+        if len(points) <= 60
+        else ""
+    )
     return (
         f"<figure><figcaption>{html.escape(title)}</figcaption>"
         f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>'
-        f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{path}"/>'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{path}"/>{dots}'
         f'<text x="4" y="14" font-size="11">{_num(y1)}{html.escape(unit)}</text>'
         f'<text x="4" y="{height - 4}" font-size="11">{_when(x0)} – {_when(x1)}</text>'
         "</svg></figure>"
@@ -289,7 +298,10 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
             _svg_line([(w["window_start"], w[metric]) for w in windows if metric in w], metric)
         )
     parts.append(
-        _html_table(windows, ["version", "window_start", "labelled", "auc", "accuracy", "rmse"])
+        _html_table(
+            [{**w, "window": _when(w["window_start"])} for w in windows],
+            ["version", "window", "labelled", "auc", "accuracy", "rmse"],
+        )
     )
     parts.append("<h2>Alerts</h2>")
     parts.append(
@@ -300,7 +312,15 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
     )
     parts.append("</body></html>")
     target = Path(path)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(target)
+    if target.is_dir():
+        raise InvalidInput(f"--html {path}: a directory; name the file to write")
+    if not target.parent.is_dir():
+        raise InvalidInput(f"--html {path}: no directory {target.parent}")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:  # the whole page or nothing: an earlier report at the path stays until then
+        tmp.write_text("".join(parts), encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"--html {path}: cannot write it: {exc.strerror or exc}") from None
     return target

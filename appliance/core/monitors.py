@@ -11,10 +11,11 @@ A rule is `METRIC[(FEATURE)] OP NUMBER [over DURATION]`:
 Drift is computed on the window (`over`, default 1h) of logged inputs against the model's
 training data; quality on the labelled predictions of the window (default 24h); traffic on
 the logged requests of the window (default 5m; the live counters when requests are not
-logged). A rule with no data in its window is `no_data`, never firing. An action is one of
-`rollback` (the deployment goes back to its previous revision), `command` (an argv run with
-MONITOR_* in its environment), `webhook` (a JSON POST to a loopback or private address) or
-`pipeline` (a pipeline file run, e.g. a retrain).
+logged). Each is judged on the versions the deployment serves now. A rule with no data in
+its window is `no_data`, never firing. An action is one of `rollback` (the deployment goes
+back to its previous revision), `command` (an argv run with MONITOR_* in its environment),
+`webhook` (a JSON POST to a loopback, private or link-local address) or `pipeline` (a
+pipeline file run, e.g. a retrain).
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def check_action(action: dict[str, Any]) -> dict[str, Any]:
             local = host == "localhost"
         if not local:
             raise InvalidInput(
-                f"--webhook {given['webhook']!r}: only a loopback or private address (the "
-                "appliance sends nothing off site)"
+                f"--webhook {given['webhook']!r}: only a loopback, private or link-local address "
+                "(the appliance sends nothing off site)"
             )
     if "pipeline" in given:
         from appliance.core.pipelines import load_pipeline
@@ -156,16 +157,7 @@ def add_monitor(
     validate_name("monitor name", name)
     dep = get_deployment(app, deployment)
     parsed = parse_rule(rule)
-    if parsed.arg is not None:  # a feature the served model does not have never has data
-        from appliance.core.registry import get_model_version
-
-        served = get_model_version(app, f"{dep['model']}@{dep['model_version']}")
-        names = [f["name"] for f in served["signature"]["signature"]]
-        if parsed.arg not in names:
-            raise InvalidInput(
-                f"--rule {rule!r}: {served['ref']} has no feature {parsed.arg!r} "
-                f"(it has {', '.join(names)})"
-            )
+    _check_fits_model(app, dep, parsed)
     seconds = parse_duration(every, "--every")
     if seconds < 1:
         raise InvalidInput("--every: at least 1s")
@@ -185,6 +177,41 @@ def add_monitor(
     )
     ensure_agent(app)
     return get_monitor(app, name)
+
+
+def _check_fits_model(app: Appliance, dep: dict[str, Any], rule: Rule) -> None:
+    """Refuse a rule the served model could never give a value for: it would sit at
+    no_data for ever. A feature it does not have, KS on a categorical feature or unseen
+    categories of a numeric one, a quality metric of another objective (RMSE of a
+    classifier)."""
+    from appliance.core.registry import get_model_version
+
+    served = get_model_version(app, f"{dep['model']}@{dep['model_version']}")
+    signature = served["signature"]
+    if rule.arg is not None:
+        types = {
+            f["name"]: "categorical" if f.get("type") == "category" else "numeric"
+            for f in signature["signature"]
+        }
+        if rule.arg not in types:
+            raise InvalidInput(
+                f"--rule {rule.text!r}: {served['ref']} has no feature {rule.arg!r} "
+                f"(it has {', '.join(types)})"
+            )
+        fits = _FEATURE_TYPES.get(rule.metric)
+        if fits is not None and types[rule.arg] != fits:
+            raise InvalidInput(
+                f"--rule {rule.text!r}: {rule.metric} is measured on {fits} features; "
+                f"{rule.arg!r} is {types[rule.arg]} in {served['ref']}"
+            )
+    if rule.family == "quality":
+        objective = str(signature.get("objective") or "binary")
+        metrics = _OBJECTIVE_METRICS.get(objective, QUALITY)
+        if rule.metric not in metrics:
+            raise InvalidInput(
+                f"--rule {rule.text!r}: {served['ref']} is a {objective} model, with no "
+                f"{rule.metric} (it has {', '.join(sorted(metrics))})"
+            )
 
 
 def get_monitor(app: Appliance, name: str) -> dict[str, Any]:
@@ -222,8 +249,15 @@ def list_monitors(app: Appliance, deployment: str | None = None) -> list[dict[st
 
 
 def remove_monitor(app: Appliance, name: str) -> dict[str, Any]:
+    """Stop watching; an alert still open is resolved with it (nothing checks it again)."""
     monitor = get_monitor(app, name)
-    app.db.execute("DELETE FROM monitors WHERE name = ?", (name,))
+    with app.db.transaction() as conn:
+        conn.execute(
+            "UPDATE monitor_alerts SET resolved_at = ? WHERE monitor_id = ? "
+            "AND resolved_at IS NULL",
+            (utcnow(), monitor["id"]),
+        )
+        conn.execute("DELETE FROM monitors WHERE name = ?", (name,))
     return monitor
 
 
@@ -267,16 +301,25 @@ def measure(
             if "no logged inputs" in exc.message:
                 return None  # nothing to judge in the window
             raise  # a reason to show: no training lineage, say
-        if not report["versions"]:
-            return None
-        served = report["versions"][0]  # the version with most of the window's rows
+        served = _served_versions(app, deployment)
+        judged = [v for v in report["versions"] if v["version"] in served]
         if rule.metric == "prediction_psi":
-            return served["prediction"].get("psi")
-        found = next((f for f in served["features"] if f["feature"] == rule.arg), None)
-        if found is None:
-            raise InvalidInput(f"rule {rule.text!r}: the model has no feature {rule.arg!r}")
-        key = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
-        return found.get(key[rule.metric])
+            return _worst(rule, [v["prediction"].get("psi") for v in judged])
+        values = []
+        for version in judged:
+            found = next((f for f in version["features"] if f["feature"] == rule.arg), None)
+            if found is None:
+                raise InvalidInput(
+                    f"rule {rule.text!r}: version {version['version']} has no feature {rule.arg!r}"
+                )
+            fits = _FEATURE_TYPES.get(rule.metric)
+            if fits is not None and found.get("type") != fits:
+                raise InvalidInput(
+                    f"rule {rule.text!r}: {rule.metric} is measured on {fits} features; "
+                    f"{rule.arg!r} is {found.get('type')} in version {version['version']}"
+                )
+            values.append(found.get(_DRIFT_KEYS[rule.metric]))
+        return _worst(rule, values)
     if rule.family == "quality":
         from appliance.core.feedback import quality
 
@@ -285,9 +328,39 @@ def measure(
             ("quality", deployment, rule.over),
             lambda: quality(app, deployment, window=1e12, since=now - rule.over, fresh=False),
         )
-        windows = sorted(result["windows"], key=lambda w: -w["labelled"])
-        return windows[0].get(rule.metric) if windows else None
+        served = _served_versions(app, deployment)
+        return _worst(
+            rule, [w.get(rule.metric) for w in result["windows"] if w["version"] in served]
+        )
     return _traffic_value(app, deployment, rule, now)
+
+
+_DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
+_FEATURE_TYPES = {"ks": "numeric", "unseen": "categorical"}  # the others fit both
+# which quality metrics a model's objective has (training.evaluate computes these)
+_OBJECTIVE_METRICS = {
+    "regression": {"rmse", "mae", "r2"},
+    "binary": {"auc", "accuracy", "logloss", "f1", "precision", "recall"},
+    "multiclass": {"accuracy", "logloss", "f1", "precision", "recall"},
+}
+
+
+def _served_versions(app: Appliance, deployment: str) -> set[int]:
+    """The model versions the deployment serves now: its stable one and any canary. A
+    monitor judges these, so a new version is judged from its first rows, a canary on its
+    own, and a version rolled back from stops counting at once."""
+    from appliance.core.deployments import get_deployment
+
+    dep = get_deployment(app, deployment)
+    return {int(v) for v in (dep["model_version"], dep["canary_version"]) if v is not None}
+
+
+def _worst(rule: Rule, values: list[Any]) -> float | None:
+    """Of the served versions' values, the one nearest to firing; None when none has one."""
+    known = [float(v) for v in values if v is not None and v == v]  # NaN != NaN
+    if not known:
+        return None
+    return max(known) if rule.op in (">", ">=") else min(known)
 
 
 def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compute: Any) -> Any:
@@ -310,12 +383,14 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
     import duckdb
 
     from appliance.core import duck
-    from appliance.core.deployments import traffic
+    from appliance.core.deployments import get_deployment, traffic
     from appliance.core.prediction_log import log_files
 
     files = log_files(app, deployment, "requests", now - rule.over, now)
     if files:
         listing = ", ".join(duck.sql_string(f) for f in files)
+        # the versions served now, and the requests refused before any was chosen
+        served = ", ".join(str(v) for v in sorted(_served_versions(app, deployment)))
         con = duckdb.connect()
         try:
             n, errors, refused, p50, p99 = con.execute(
@@ -325,7 +400,8 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
                 f"quantile_cont(latency_ms, 0.5) FILTER (WHERE {ROUTED}), "
                 f"quantile_cont(latency_ms, 0.99) FILTER (WHERE {ROUTED}) "
                 f"FROM read_parquet([{listing}], union_by_name = true) "
-                f"WHERE ts >= {now - rule.over!r} AND ts < {now!r}"
+                f"WHERE ts >= {now - rule.over!r} AND ts < {now!r} "
+                f"AND (version IN ({served or 'NULL'}) OR NOT ({ROUTED}))"
             ).fetchone()
         finally:
             con.close()
@@ -339,7 +415,9 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
             }[rule.metric]
     live = traffic(app, deployment, min(rule.over, 60))["all"]
     if not live["requests"]:
-        return None
+        # no request is news for a rule on the rate, while the deployment serves
+        serving = get_deployment(app, deployment)["status"] == "serving"
+        return 0.0 if rule.metric == "rps" and serving else None
     return live.get(rule.metric)
 
 
@@ -488,7 +566,8 @@ def _act(app: Appliance, row: dict[str, Any], action: dict[str, Any], value: Any
         if action.get("rollback"):
             from appliance.core.deployments import rollback
 
-            dep = rollback(app, row["deployment"])
+            why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
+            dep = rollback(app, row["deployment"], reason=why)
             return (
                 f"rolled back: revision {dep['current_revision']} serves version "
                 f"{dep['model_version']}"
