@@ -331,6 +331,27 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
     assert app.db.scalar("SELECT count(*) FROM monitor_feedback") == 40  # nothing half-stored
 
 
+def test_a_monitor_removed_while_it_is_measured_fires_nothing(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import monitors
+    from appliance.core.deployments import get_deployment
+
+    monitors.add_monitor(app, "gone", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
+    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    real = monitors.judge
+
+    def judged_while_removed(*args: Any, **kwargs: Any) -> Any:
+        monitors.remove_monitor(app, "gone")  # `monitor remove` meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitors, "judge", judged_while_removed)
+    (outcome,) = monitors.check_monitors(app)
+    assert outcome["state"] == "firing" and "alert" not in outcome
+    assert monitors.list_alerts(app) == [] and monitors.list_monitors(app) == []
+    assert get_deployment(app, "syn")["current_revision"] == 1  # no rollback for it
+
+
 def test_the_cli_names_the_flag_it_refuses(
     app: Appliance, deployed: str, tmp_path: Path, cli: Any
 ) -> None:
@@ -357,8 +378,8 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     from appliance.core import prediction_log
     from appliance.core.feedback import _check_label, add_feedback
 
-    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
-    monkeypatch.setattr(feedback_module, "ROTATE_SECONDS", 1.0)
+    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 3.0)
+    monkeypatch.setattr(feedback_module, "ROTATE_SECONDS", 3.0)
     # a live worker's log: its writer thread keeps the current file open for a while
     plog = PredictionLog(app.settings.home, "syn", sample=1.0)
     stop = threading.Event()
@@ -368,7 +389,7 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         cols = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
         for i in range(20):
             plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
-        time.sleep(0.5)
+        time.sleep(0.4)  # the writer has written them, to a file open for 3 s
         assert list(plog.directory.glob("*.part"))  # not shippable yet
         labels = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
         labels.write_bytes(
@@ -390,12 +411,17 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     body = tmp_path / "labels.json"
     body.write_text(json.dumps({"feedback": [{"request_id": "now3", "label": 0}]}))
     assert add_feedback(app, "syn", body)["stored"] == 1
+    one = tmp_path / "one.json"  # one label, as a person writes it
+    one.write_text('{\n  "request_id": "now4",\n  "label": 0\n}\n')
+    assert add_feedback(app, "syn", one)["stored"] == 1
     assert app.db.scalar("SELECT label FROM monitor_feedback WHERE request_id = 'now3'") == "0"
     refused = [
         (b"request_id,label\nnow1,1\nnow2,\xff\n", "latin.csv", r"latin.csv:3: not UTF-8"),
         (b"request_id,label\nnow1,1\nnow2,1,extra\n", "wide.csv", r"wide.csv:3: 3 values, "),
         (b'{"request_id": "now1", "label": true}\n', "t.jsonl", r"t.jsonl:1: label True: exp"),
         (b'{"feedback": [{"request_id": "now1", "label": 7}]}', "b.json", r"b.json: feedback\[0\]"),
+        (b'{"feedback": []}', "none.json", r"none.json: no labels in it"),
+        (b"\xef\xbb\xbfrequest_id,label\nnow1,1\n\xff\n", "bom.csv", r"bom.csv:3: not UTF-8 text"),
     ]
     for content, name, message in refused:
         (tmp_path / name).write_bytes(content)
@@ -408,6 +434,8 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     with pytest.raises(InvalidInput, match="expected a number, not true or false"):
         _check_label(True, "regression", [], "f.csv:2")
     assert _check_label("2.5", "regression", [], "f.csv:2") == "2.5"
+    with pytest.raises(InvalidInput, match="expected a number"):
+        _check_label(10**400, "regression", [], "f.jsonl:2")  # no float holds it
 
 
 @pytest.mark.parametrize(
@@ -481,9 +509,16 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
 def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
     app: Appliance, deployed: str
 ) -> None:
-    from appliance.core.deployments import deploy
+    from appliance.core.deployments import deploy, deploy_canary, get_deployment
     from appliance.core.jobs import wait_job
-    from appliance.core.monitors import add_monitor, check_monitors, list_alerts, remove_monitor
+    from appliance.core.monitors import (
+        _worst,
+        add_monitor,
+        check_monitors,
+        list_alerts,
+        parse_rule,
+        remove_monitor,
+    )
     from appliance.core.registry import register_model
     from appliance.core.training import submit_training
 
@@ -516,6 +551,35 @@ def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
     remove_monitor(app, "a-drift")
     (alert,) = [a for a in list_alerts(app, "syn") if a["monitor"] == "a-drift"]
     assert alert["resolved_at"] is not None
+    # a canary is judged on its own rows, and a rollback acts on the version that fired
+    job = wait_job(
+        app, submit_training(app, "synthetic", "y", params={"num_boost_round": 6})["id"], 120
+    )
+    deploy_canary(app, "syn", register_model(app, "syn", job["run_id"])["ref"], 10)
+    canary = rows(100, 0.0)
+    canary["b"] = rng.normal(3, 1, 100)  # syn@3 sees b shifted; a as trained
+    _log(app, "syn", [canary], version=3)
+    add_monitor(app, "a-back", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
+    add_monitor(app, "b-back", "syn", "psi(b) > 0.2 over 1h", "1m", {"rollback": True})
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    stable = outcomes["a-back"]  # checked first: the stable version fired, not the canary
+    assert (stable["state"], stable["version"]) == ("firing", 2)
+    assert stable["action_result"] == (
+        "not rolled back: the stable version 2 fired while version 3 is a canary; a rollback "
+        "would only end the canary"
+    )
+    assert outcomes["b-back"]["version"] == 3  # the canary fired: the rollback ends it
+    assert outcomes["b-back"]["action_result"] == "rolled back: revision 2 serves version 2"
+    assert get_deployment(app, "syn")["canary_version"] is None
+    # checked after b-back in the same pass: the canary had ended, so syn@2 alone is judged
+    assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 2)
+    # the worse value, whichever way the rule looks
+    assert _worst(parse_rule("auc < 0.8"), [(1, 0.9), (2, 0.7), (3, None), (4, np.nan)]) == (
+        0.7,
+        2,
+    )
+    assert _worst(parse_rule("auc >= 0.8"), [(1, 0.9), (2, 0.7)]) == (0.9, 1)
+    assert _worst(parse_rule("auc < 0.8"), [(1, None)]) == (None, None)
     # rules the served model could never give a value for
     for rule, message in [
         ("ks(c) > 0.1", r"ks is measured on numeric features; 'c' is categorical in syn@2"),
@@ -829,6 +893,7 @@ def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: P
             "monitor_deployment": "syn",
             "monitor_rule": "rps > 0 over 1h",
             "monitor_value": repr(results["hook"]["value"]),
+            "monitor_version": "",  # traffic pools the versions served
         }
     ]
     assert results["again"]["action_result"].startswith("started pipeline run ")

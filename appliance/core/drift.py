@@ -128,11 +128,13 @@ def drift(
     store: bool = True,
     fresh: bool = True,
     behind: dict[str, Any] | None = None,
+    only: set[int] | None = None,
 ) -> dict[str, Any]:
     """Drift of each model version the deployment served in the window ending at `end`
     (now): a row per feature, worst first, and the output's drift. `fresh`: ship the
     spool first, and say in `behind` which inputs still wait (False: what is shipped, for
-    callers that just shipped, or the agent's; `behind`: what their pass left waiting)."""
+    callers that just shipped, or the agent's; `behind`: what their pass left waiting).
+    `only`: these versions (a monitor's, served now), none of the others computed."""
     import numpy as np
 
     from appliance.core import duck
@@ -175,6 +177,8 @@ def drift(
             raise InvalidInput(
                 f"deployment {deployment}: no logged inputs between {_when(start)} and {_when(end)}"
             )
+        if only is not None:
+            versions = [(v, n) for v, n in versions if v in only]
         available = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {logged}").fetchall()}
         for version, rows in versions:
             mv = get_model_version(app, f"{dep['model']}@{version}")

@@ -12,11 +12,13 @@ reported, and the rest is stored.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
 import os
 import secrets
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -127,8 +129,8 @@ def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> s
     if regression:
         try:
             value = float(label)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"{where}: label {label!r}: expected a number") from None
+        except (TypeError, ValueError, OverflowError):  # 10**400 is no float either
+            raise InvalidInput(f"{where}: label {str(label)[:40]!r}: expected a number") from None
         if not math.isfinite(value):
             raise InvalidInput(f"{where}: label {label!r}: expected a finite number")
         return repr(value)
@@ -158,18 +160,25 @@ def _read(path: Path) -> list[tuple[str, Any]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InvalidInput(f"{path.name}:{line}: not UTF-8 text (byte {exc.start})") from None
+        at = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw[:at].count(b"\n") + 1
+        raise InvalidInput(f"{path.name}:{line}: not UTF-8 text (byte {at})") from None
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         if path.suffix.lower() == ".json":
             try:
                 body = json.loads(text)
             except json.JSONDecodeError:
                 body = None  # JSON lines named .json
-            if isinstance(body, dict) and isinstance(body.get("feedback"), list):
-                body = body["feedback"]
+            if isinstance(body, dict):  # as POST /feedback reads it
+                body = body.get("feedback", [body])
             if isinstance(body, list):
+                if not body:
+                    raise InvalidInput(f"{path.name}: no labels in it")
                 return [(f"{path.name}: feedback[{i}]", item) for i, item in enumerate(body)]
+            if body is not None:
+                raise InvalidInput(
+                    f"{path.name}: expected {{request_id, label[, row]}} or {{feedback: [...]}}"
+                )
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -283,7 +292,8 @@ def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> dict[str, 
         ).fetchall()
     finally:
         con.close()
-    return {r[0]: int(r[1] or 0) for r in found}
+    # a request logged with no row count (an older log) takes a label for any row
+    return {r[0]: int(r[1]) if r[1] is not None else sys.maxsize for r in found}
 
 
 def store_spooled_feedback(app: Appliance, deployment: str, path: Path) -> int:

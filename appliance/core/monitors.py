@@ -287,24 +287,36 @@ def measure(
     data. `shared`: drift and quality computed earlier in the same pass, by window, which
     monitors of one deployment reuse (drift over a million rows takes seconds, and each
     computation stores a result)."""
+    return judge(app, deployment, rule, now, shared)[0]
+
+
+def judge(
+    app: Appliance,
+    deployment: str,
+    rule: Rule,
+    now: float | None = None,
+    shared: dict[tuple[Any, ...], Any] | None = None,
+) -> tuple[float | None, int | None]:
+    """`measure`, and the version that gave the value (None for traffic, which pools the
+    versions served): an action must know whether the stable version or a canary fired."""
     now = time.time() if now is None else now
+    served = _served_versions(app, deployment)
     if rule.family == "drift":
         from appliance.core.drift import drift
 
         try:
             report = _once(
                 shared,
-                ("drift", deployment, rule.over),
-                lambda: drift(app, deployment, rule.over, now, fresh=False),
+                ("drift", deployment, rule.over, frozenset(served)),
+                lambda: drift(app, deployment, rule.over, now, fresh=False, only=served),
             )
         except InvalidInput as exc:
             if "no logged inputs" in exc.message:
-                return None  # nothing to judge in the window
+                return None, None  # nothing to judge in the window
             raise  # a reason to show: no training lineage, say
-        served = _served_versions(app, deployment)
         judged = [v for v in report["versions"] if v["version"] in served]
         if rule.metric == "prediction_psi":
-            return _worst(rule, [v["prediction"].get("psi") for v in judged])
+            return _worst(rule, [(v["version"], v["prediction"].get("psi")) for v in judged])
         values = []
         for version in judged:
             found = next((f for f in version["features"] if f["feature"] == rule.arg), None)
@@ -318,7 +330,7 @@ def measure(
                     f"rule {rule.text!r}: {rule.metric} is measured on {fits} features; "
                     f"{rule.arg!r} is {found.get('type')} in version {version['version']}"
                 )
-            values.append(found.get(_DRIFT_KEYS[rule.metric]))
+            values.append((version["version"], found.get(_DRIFT_KEYS[rule.metric])))
         return _worst(rule, values)
     if rule.family == "quality":
         from appliance.core.feedback import quality
@@ -328,11 +340,9 @@ def measure(
             ("quality", deployment, rule.over),
             lambda: quality(app, deployment, window=1e12, since=now - rule.over, fresh=False),
         )
-        served = _served_versions(app, deployment)
-        return _worst(
-            rule, [w.get(rule.metric) for w in result["windows"] if w["version"] in served]
-        )
-    return _traffic_value(app, deployment, rule, now)
+        windows = [w for w in result["windows"] if w["version"] in served]
+        return _worst(rule, [(w["version"], w.get(rule.metric)) for w in windows])
+    return _traffic_value(app, deployment, rule, now, served), None
 
 
 _DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
@@ -355,12 +365,14 @@ def _served_versions(app: Appliance, deployment: str) -> set[int]:
     return {int(v) for v in (dep["model_version"], dep["canary_version"]) if v is not None}
 
 
-def _worst(rule: Rule, values: list[Any]) -> float | None:
-    """Of the served versions' values, the one nearest to firing; None when none has one."""
-    known = [float(v) for v in values if v is not None and v == v]  # NaN != NaN
-    if not known:
-        return None
-    return max(known) if rule.op in (">", ">=") else min(known)
+def _worst(rule: Rule, values: list[tuple[int, Any]]) -> tuple[float | None, int | None]:
+    """Of the served versions' (version, value), the value nearest to firing and its
+    version; (None, None) when none has one."""
+    known = [(float(v), version) for version, v in values if v is not None and v == v]
+    if not known:  # NaN != NaN: no value
+        return None, None
+    pick = max if rule.op in (">", ">=") else min
+    return pick(known, key=lambda item: item[0])
 
 
 def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compute: Any) -> Any:
@@ -378,8 +390,12 @@ def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compu
     return value
 
 
-def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> float | None:
-    """From the logged requests of the window; from the live counters when none are logged."""
+def _traffic_value(
+    app: Appliance, deployment: str, rule: Rule, now: float, served: set[int]
+) -> float | None:
+    """From the logged requests of the window, of the versions served now and those refused
+    before a version was chosen, pooled; from the live counters when none are logged (local
+    workers only: k3s pods keep theirs)."""
     import duckdb
 
     from appliance.core import duck
@@ -389,8 +405,7 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
     files = log_files(app, deployment, "requests", now - rule.over, now)
     if files:
         listing = ", ".join(duck.sql_string(f) for f in files)
-        # the versions served now, and the requests refused before any was chosen
-        served = ", ".join(str(v) for v in sorted(_served_versions(app, deployment)))
+        versions = ", ".join(str(v) for v in sorted(served))
         con = duckdb.connect()
         try:
             n, errors, refused, p50, p99 = con.execute(
@@ -401,7 +416,7 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
                 f"quantile_cont(latency_ms, 0.99) FILTER (WHERE {ROUTED}) "
                 f"FROM read_parquet([{listing}], union_by_name = true) "
                 f"WHERE ts >= {now - rule.over!r} AND ts < {now!r} "
-                f"AND (version IN ({served or 'NULL'}) OR NOT ({ROUTED}))"
+                f"AND (version IN ({versions or 'NULL'}) OR NOT ({ROUTED}))"
             ).fetchone()
         finally:
             con.close()
@@ -413,11 +428,13 @@ def _traffic_value(app: Appliance, deployment: str, rule: Rule, now: float) -> f
                 "client_error_rate": refused / n,
                 "rps": n / rule.over,
             }[rule.metric]
+    dep = get_deployment(app, deployment)
+    if dep["backend"] != "local":  # a pod's counters stay in the pod
+        return None
     live = traffic(app, deployment, min(rule.over, 60))["all"]
     if not live["requests"]:
-        # no request is news for a rule on the rate, while the deployment serves
-        serving = get_deployment(app, deployment)["status"] == "serving"
-        return 0.0 if rule.metric == "rps" and serving else None
+        # no request is news for a rule on the rate, while the local workers serve
+        return 0.0 if rule.metric == "rps" and dep["status"] == "serving" else None
     return live.get(rule.metric)
 
 
@@ -480,8 +497,9 @@ def _check_one(
     from appliance.core.prediction_log import behind_note, waiting_logs
 
     rule = parse_rule(row["rule"])
+    version = None
     try:
-        value = measure(app, row["deployment"], rule, now, shared)
+        value, version = judge(app, row["deployment"], rule, now, shared)
         error = None
     except ApplianceError as exc:
         value, error = None, exc.message
@@ -508,16 +526,19 @@ def _check_one(
         "value": value,
         "error": error,
         "behind": behind or None,
+        "version": version,  # whose value it is (drift and quality judge each served one)
     }
     if state == "firing":
         action = json.loads(row["action_json"])
         with app.db.transaction() as conn:  # one alert while it fires, whoever checks
+            alert_id = None
+            # removed while it was measured: no alert and no action for it
+            exists = conn.execute("SELECT 1 FROM monitors WHERE id = ?", (row["id"],)).fetchone()
             open_alert = conn.execute(
                 "SELECT id FROM monitor_alerts WHERE monitor_id = ? AND resolved_at IS NULL",
                 (row["id"],),
             ).fetchone()
-            alert_id = None
-            if open_alert is None:
+            if exists and open_alert is None:
                 alert_id = conn.execute(
                     "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
                     "fired_at, action) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -532,7 +553,7 @@ def _check_one(
                     ),
                 ).lastrowid
         if alert_id is not None:
-            result = _act(app, row, action, value)
+            result = _act(app, row, action, value, version)
             app.db.execute(
                 "UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, alert_id)
             )
@@ -552,8 +573,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a 3xx is the answer, never a hop elsewhere
 
 
-def _act(app: Appliance, row: dict[str, Any], action: dict[str, Any], value: Any) -> str:
-    """Run a firing monitor's action; what happened, in words (kept with the alert)."""
+def _act(
+    app: Appliance,
+    row: dict[str, Any],
+    action: dict[str, Any],
+    value: Any,
+    version: int | None = None,
+) -> str:
+    """Run a firing monitor's action; what happened, in words (kept with the alert).
+    `version`: whose value fired, when the rule judges each served version."""
     if not action:
         return "alert only"
     env = {
@@ -561,11 +589,20 @@ def _act(app: Appliance, row: dict[str, Any], action: dict[str, Any], value: Any
         "MONITOR_DEPLOYMENT": row["deployment"],
         "MONITOR_RULE": row["rule"],
         "MONITOR_VALUE": "" if value is None else repr(value),
+        "MONITOR_VERSION": "" if version is None else str(version),
     }
     try:
         if action.get("rollback"):
-            from appliance.core.deployments import rollback
+            from appliance.core.deployments import get_deployment, rollback
 
+            dep = get_deployment(app, row["deployment"])
+            if dep["canary_version"] is not None and version == dep["model_version"]:
+                # with a canary running, a rollback ends the canary: it would not touch the
+                # stable version that fired, and would throw away what may be its fix
+                return (
+                    f"not rolled back: the stable version {version} fired while version "
+                    f"{dep['canary_version']} is a canary; a rollback would only end the canary"
+                )
             why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
             dep = rollback(app, row["deployment"], reason=why)
             return (
