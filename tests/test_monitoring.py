@@ -331,6 +331,101 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
     assert app.db.scalar("SELECT count(*) FROM monitor_feedback") == 40  # nothing half-stored
 
 
+def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_that_fired(
+    app: Appliance, deployed: str, tmp_path: Path
+) -> None:
+    import sys
+
+    from appliance.core.deployments import deploy, deploy_canary, get_deployment
+    from appliance.core.jobs import wait_job
+    from appliance.core.monitors import (
+        MIN_ROWS,
+        Judged,
+        _rollback_waits,
+        add_monitor,
+        check_monitors,
+        list_alerts,
+    )
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    rng = np.random.default_rng(9)
+
+    def rows(n: int, a: float = 0.0, b: float = 0.0) -> dict[str, Any]:
+        return {
+            "a": rng.normal(a, 1, n),
+            "b": rng.normal(b, 1, n),
+            "c": np.array(rng.choice(["x", "y", "z"], n, p=[0.5, 0.3, 0.2]), dtype=object),
+        }
+
+    def another() -> str:
+        job = wait_job(
+            app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"], 120
+        )
+        return str(register_model(app, "syn", job["run_id"])["ref"])
+
+    _log(app, "syn", [rows(1000)], version=1)
+    deploy(app, "syn", another())  # revision 2 serves syn@2, whose a has drifted
+    _log(app, "syn", [rows(MIN_ROWS, a=3.0)], version=2)
+    deploy_canary(app, "syn", another(), 10)  # syn@3 on 10%, whose b drifts
+    _log(app, "syn", [rows(50, b=3.0)], version=3)
+    add_monitor(app, "b-drift", "syn", "psi(b) > 0.2 over 1h", "1m", {})
+    (few,) = check_monitors(app)  # 50 rows are too few to judge: the stable one is judged
+    assert (few["state"], few["version"]) == ("ok", 2)
+    assert few["error"] == f"version 3: 50 rows in the window, judged from {MIN_ROWS}"
+    _log(app, "syn", [rows(MIN_ROWS - 50, b=3.0)], version=3)
+    # a canary with no lineage does not stop the stable version's monitor
+    dataset = app.db.scalar("SELECT dataset_version_id FROM model_versions WHERE version = 3")
+    app.db.execute("UPDATE model_versions SET dataset_version_id = NULL WHERE version = 3")
+    (unknown,) = check_monitors(app, force=True)
+    assert (unknown["state"], unknown["version"]) == ("ok", 2)
+    assert unknown["error"].startswith("version 3: syn@3: no training dataset in its lineage")
+    app.db.execute("UPDATE model_versions SET dataset_version_id = ? WHERE version = 3", (dataset,))
+    add_monitor(app, "a-back", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
+    said = tmp_path / "version.txt"
+    script = f"import os; open({str(said)!r}, 'w').write(os.environ['MONITOR_VERSION'])"
+    command = {"command": [sys.executable, "-c", script]}
+    add_monitor(app, "a-cmd", "syn", "psi(b) > 0.2 over 1h", "1m", command)
+    add_monitor(app, "b-back", "syn", "psi(b) > 0.2 over 1h", "1m", {"rollback": True})
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    assert outcomes["a-cmd"]["action_result"].startswith("command exited 0")
+    assert said.read_text() == "3"  # the command is told whose value fired
+    stable = outcomes["a-back"]  # checked first: the stable version fired, not the canary
+    assert (stable["state"], stable["version"]) == ("firing", 2)
+    assert stable["action_result"] == (
+        "waiting: not rolled back: the stable version 2 fired while version 3 is a canary, "
+        "and a rollback would only end the canary; tried again once it ends"
+    )
+    assert outcomes["b-back"]["version"] == 3  # the canary fired: the rollback ends it
+    assert outcomes["b-back"]["action_result"] == "rolled back: revision 2 serves version 2"
+    assert get_deployment(app, "syn")["canary_version"] is None
+    # checked after b-back in the same pass: the canary had ended, so syn@2 alone is judged
+    assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 2)
+    # the next pass: the canary has ended, so a-back's waiting rollback is tried again
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    assert (outcomes["a-back"]["state"], outcomes["a-back"]["version"]) == ("firing", 2)
+    assert outcomes["a-back"]["action_result"] == "rolled back: revision 4 serves version 1"
+    (alert,) = [a for a in list_alerts(app, "syn") if a["monitor"] == "a-back"]
+    assert alert["action_result"] == outcomes["a-back"]["action_result"]  # the same alert
+    # checked after a-back in the same pass: syn@1 is judged, on its own rows
+    assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 1)
+    assert check_monitors(app, "a-back", force=True)[0]["state"] == "ok"  # and it resolves
+    # what the rollback does, for each way it can fire
+    row = {"rule": "psi(a) > 0.2 over 1h"}
+    canary_on = {"model_version": 2, "canary_version": 3}
+    both = Judged(6.9, 2, {2: 6.9, 3: 0.5}, [])  # the stable one is worse; the canary fires too
+    assert _rollback_waits(row, both, canary_on) is None
+    assert "traffic together fired" in str(_rollback_waits(row, Judged(5, None, {}, []), canary_on))
+    gone = Judged(0.9, 3, {3: 0.9}, [])  # the canary ended meanwhile, by its own rule
+    assert "version 3, which fired, is no longer served" in str(
+        _rollback_waits(row, gone, {"model_version": 2, "canary_version": None})
+    )
+    assert (
+        _rollback_waits(row, Judged(0.9, 2, {2: 0.9}, []), {**canary_on, "canary_version": None})
+        is None
+    )
+
+
 def test_a_monitor_removed_while_it_is_measured_fires_nothing(
     app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -421,6 +516,10 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         (b'{"request_id": "now1", "label": true}\n', "t.jsonl", r"t.jsonl:1: label True: exp"),
         (b'{"feedback": [{"request_id": "now1", "label": 7}]}', "b.json", r"b.json: feedback\[0\]"),
         (b'{"feedback": []}', "none.json", r"none.json: no labels in it"),
+        (b"request_id,label\n", "header.csv", r"header.csv: no labels in it"),
+        (b"\n\n", "blank.jsonl", r"blank.jsonl: no labels in it"),
+        (b'{"feedback": null}', "null.json", r"null.json: feedback: expected a list"),
+        (b'{"request_id": "now1", "label": ' + b"1" * 5000 + b"}\n", "big.jsonl", r"big.jsonl:1"),
         (b"\xef\xbb\xbfrequest_id,label\nnow1,1\n\xff\n", "bom.csv", r"bom.csv:3: not UTF-8 text"),
     ]
     for content, name, message in refused:
@@ -509,16 +608,9 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
 def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
     app: Appliance, deployed: str
 ) -> None:
-    from appliance.core.deployments import deploy, deploy_canary, get_deployment
+    from appliance.core.deployments import deploy
     from appliance.core.jobs import wait_job
-    from appliance.core.monitors import (
-        _worst,
-        add_monitor,
-        check_monitors,
-        list_alerts,
-        parse_rule,
-        remove_monitor,
-    )
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts, remove_monitor
     from appliance.core.registry import register_model
     from appliance.core.training import submit_training
 
@@ -551,35 +643,6 @@ def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
     remove_monitor(app, "a-drift")
     (alert,) = [a for a in list_alerts(app, "syn") if a["monitor"] == "a-drift"]
     assert alert["resolved_at"] is not None
-    # a canary is judged on its own rows, and a rollback acts on the version that fired
-    job = wait_job(
-        app, submit_training(app, "synthetic", "y", params={"num_boost_round": 6})["id"], 120
-    )
-    deploy_canary(app, "syn", register_model(app, "syn", job["run_id"])["ref"], 10)
-    canary = rows(100, 0.0)
-    canary["b"] = rng.normal(3, 1, 100)  # syn@3 sees b shifted; a as trained
-    _log(app, "syn", [canary], version=3)
-    add_monitor(app, "a-back", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
-    add_monitor(app, "b-back", "syn", "psi(b) > 0.2 over 1h", "1m", {"rollback": True})
-    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
-    stable = outcomes["a-back"]  # checked first: the stable version fired, not the canary
-    assert (stable["state"], stable["version"]) == ("firing", 2)
-    assert stable["action_result"] == (
-        "not rolled back: the stable version 2 fired while version 3 is a canary; a rollback "
-        "would only end the canary"
-    )
-    assert outcomes["b-back"]["version"] == 3  # the canary fired: the rollback ends it
-    assert outcomes["b-back"]["action_result"] == "rolled back: revision 2 serves version 2"
-    assert get_deployment(app, "syn")["canary_version"] is None
-    # checked after b-back in the same pass: the canary had ended, so syn@2 alone is judged
-    assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 2)
-    # the worse value, whichever way the rule looks
-    assert _worst(parse_rule("auc < 0.8"), [(1, 0.9), (2, 0.7), (3, None), (4, np.nan)]) == (
-        0.7,
-        2,
-    )
-    assert _worst(parse_rule("auc >= 0.8"), [(1, 0.9), (2, 0.7)]) == (0.9, 1)
-    assert _worst(parse_rule("auc < 0.8"), [(1, None)]) == (None, None)
     # rules the served model could never give a value for
     for rule, message in [
         ("ks(c) > 0.1", r"ks is measured on numeric features; 'c' is categorical in syn@2"),
@@ -600,6 +663,13 @@ def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
     )
     stopped = check_monitors(app, "stopped", now=later, force=True)[0]
     assert (stopped["state"], stopped["value"]) == ("firing", 0.0)
+    # a k3s deployment's pods keep their counters: no request logged is no data there
+    app.db.execute("UPDATE deployments SET backend = 'k3s' WHERE name = 'syn'")
+    assert check_monitors(app, "stopped", now=later, force=True)[0]["state"] == "no_data"
+    app.db.execute(
+        "UPDATE deployments SET backend = 'local', status = 'stopped', pid = NULL "
+        "WHERE name = 'syn'"
+    )
 
 
 def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed(

@@ -163,42 +163,51 @@ def _read(path: Path) -> list[tuple[str, Any]]:
         at = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
         line = raw[:at].count(b"\n") + 1
         raise InvalidInput(f"{path.name}:{line}: not UTF-8 text (byte {at})") from None
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        if path.suffix.lower() == ".json":
+    items = _items(path.name, path.suffix.lower(), text)
+    if not items:
+        raise InvalidInput(f"{path.name}: no labels in it")
+    return items
+
+
+def _items(name: str, suffix: str, text: str) -> list[tuple[str, Any]]:
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        if suffix == ".json":
             try:
                 body = json.loads(text)
-            except json.JSONDecodeError:
-                body = None  # JSON lines named .json
+            except (ValueError, RecursionError):  # JSON lines named .json, or not JSON
+                body = None
             if isinstance(body, dict):  # as POST /feedback reads it
                 body = body.get("feedback", [body])
+                if not isinstance(body, list):
+                    raise InvalidInput(f"{name}: feedback: expected a list of labels")
             if isinstance(body, list):
-                if not body:
-                    raise InvalidInput(f"{path.name}: no labels in it")
-                return [(f"{path.name}: feedback[{i}]", item) for i, item in enumerate(body)]
+                return [(f"{name}: feedback[{i}]", item) for i, item in enumerate(body)]
             if body is not None:
                 raise InvalidInput(
-                    f"{path.name}: expected {{request_id, label[, row]}} or {{feedback: [...]}}"
+                    f"{name}: expected {{request_id, label[, row]}} or {{feedback: [...]}}"
                 )
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    items.append((f"{path.name}:{n}", json.loads(line)))
+                    items.append((f"{name}:{n}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise InvalidInput(f"{path.name}:{n}: not JSON: {exc.msg}") from None
+                    raise InvalidInput(f"{name}:{n}: not JSON: {exc.msg}") from None
+                except (ValueError, RecursionError) as exc:  # 5,000 digits, deep nesting
+                    raise InvalidInput(f"{name}:{n}: not JSON we read: {exc}"[:300]) from None
         return items
     reader = csv.DictReader(text.splitlines())
     missing = {"request_id", "label"} - set(reader.fieldnames or [])
     if missing:
-        raise InvalidInput(f"{path.name}: the header needs {', '.join(sorted(missing))}")
+        raise InvalidInput(f"{name}: the header needs {', '.join(sorted(missing))}")
     items = []
     for n, row in enumerate(reader, 2):
         if None in row:  # more values than the header names: a shifted column
             raise InvalidInput(
-                f"{path.name}:{n}: {len(reader.fieldnames or []) + len(row[None])} values, "
+                f"{name}:{n}: {len(reader.fieldnames or []) + len(row[None])} values, "
                 f"the header names {len(reader.fieldnames or [])}"
             )
-        items.append((f"{path.name}:{n}", dict(row)))
+        items.append((f"{name}:{n}", dict(row)))
     return items
 
 

@@ -11,9 +11,12 @@ A rule is `METRIC[(FEATURE)] OP NUMBER [over DURATION]`:
 Drift is computed on the window (`over`, default 1h) of logged inputs against the model's
 training data; quality on the labelled predictions of the window (default 24h); traffic on
 the logged requests of the window (default 5m; the live counters when requests are not
-logged). Each is judged on the versions the deployment serves now. A rule with no data in
-its window is `no_data`, never firing. An action is one of `rollback` (the deployment goes
-back to its previous revision), `command` (an argv run with MONITOR_* in its environment),
+logged). Each is judged on the versions the deployment serves now (drift and quality on
+each version's own rows, once there are MIN_ROWS or MIN_LABELS of them). A rule with no
+data in its window is `no_data`, never firing. An action is one of `rollback` (the
+deployment goes back to its previous revision; with a canary running, the canary ends, so
+only the canary's own value firing does it, and otherwise it waits and is tried again),
+`command` (an argv run with MONITOR_* in its environment),
 `webhook` (a JSON POST to a loopback, private or link-local address) or `pipeline` (a
 pipeline file run, e.g. a retrain).
 """
@@ -276,18 +279,15 @@ def list_alerts(app: Appliance, deployment: str | None = None, limit: int = 100)
 # ---- evaluating -----------------------------------------------------------------------------
 
 
-def measure(
-    app: Appliance,
-    deployment: str,
-    rule: Rule,
-    now: float | None = None,
-    shared: dict[tuple[Any, ...], Any] | None = None,
-) -> float | None:
-    """The rule's metric now, from the logs shipped so far; None when its window holds no
-    data. `shared`: drift and quality computed earlier in the same pass, by window, which
-    monitors of one deployment reuse (drift over a million rows takes seconds, and each
-    computation stores a result)."""
-    return judge(app, deployment, rule, now, shared)[0]
+@dataclass
+class Judged:
+    """A rule's value now: the worst of the served versions', whose it is (None for
+    traffic, which pools them), each version's, and the versions left out, with why."""
+
+    value: float | None
+    version: int | None
+    values: dict[int, float]
+    notes: list[str]
 
 
 def judge(
@@ -296,43 +296,54 @@ def judge(
     rule: Rule,
     now: float | None = None,
     shared: dict[tuple[Any, ...], Any] | None = None,
-) -> tuple[float | None, int | None]:
-    """`measure`, and the version that gave the value (None for traffic, which pools the
-    versions served): an action must know whether the stable version or a canary fired."""
+) -> Judged:
+    """The rule's value now, from the logs shipped so far (`shared`: drift and quality
+    computed earlier in the same pass, which monitors of one deployment reuse: drift over
+    a million rows takes seconds, and each computation stores a result). Each version
+    served now is judged on its own rows: a version with too few rows to judge
+    (PSI of ten rows is large by chance alone), without the feature, or without lineage,
+    is left out and said, and the others are judged all the same."""
     now = time.time() if now is None else now
     served = _served_versions(app, deployment)
+    values: dict[int, Any] = {}
+    notes: list[str] = []
     if rule.family == "drift":
         from appliance.core.drift import drift
 
-        try:
-            report = _once(
-                shared,
-                ("drift", deployment, rule.over, frozenset(served)),
-                lambda: drift(app, deployment, rule.over, now, fresh=False, only=served),
-            )
-        except InvalidInput as exc:
-            if "no logged inputs" in exc.message:
-                return None, None  # nothing to judge in the window
-            raise  # a reason to show: no training lineage, say
-        judged = [v for v in report["versions"] if v["version"] in served]
-        if rule.metric == "prediction_psi":
-            return _worst(rule, [(v["version"], v["prediction"].get("psi")) for v in judged])
-        values = []
-        for version in judged:
-            found = next((f for f in version["features"] if f["feature"] == rule.arg), None)
-            if found is None:
-                raise InvalidInput(
-                    f"rule {rule.text!r}: version {version['version']} has no feature {rule.arg!r}"
+        for version in sorted(served):
+            try:
+                report = _once(
+                    shared,
+                    ("drift", deployment, rule.over, version),
+                    lambda v=version: drift(app, deployment, rule.over, now, fresh=False, only={v}),
                 )
+            except InvalidInput as exc:
+                if "no logged inputs" not in exc.message:  # no lineage, say
+                    notes.append(f"version {version}: {exc.message}")
+                continue
+            item = next((r for r in report["versions"] if r["version"] == version), None)
+            if item is None:
+                continue  # none of its rows in the window
+            if item["rows"] < MIN_ROWS:
+                notes.append(
+                    f"version {version}: {item['rows']} rows in the window, judged from {MIN_ROWS}"
+                )
+                continue
+            if rule.metric == "prediction_psi":
+                values[version] = item["prediction"].get("psi")
+                continue
+            found = next((f for f in item["features"] if f["feature"] == rule.arg), None)
             fits = _FEATURE_TYPES.get(rule.metric)
-            if fits is not None and found.get("type") != fits:
-                raise InvalidInput(
-                    f"rule {rule.text!r}: {rule.metric} is measured on {fits} features; "
-                    f"{rule.arg!r} is {found.get('type')} in version {version['version']}"
+            if found is None:
+                notes.append(f"version {version} has no feature {rule.arg!r}")
+            elif fits is not None and found.get("type") != fits:
+                notes.append(
+                    f"{rule.metric} is measured on {fits} features; {rule.arg!r} is "
+                    f"{found.get('type')} in version {version}"
                 )
-            values.append((version["version"], found.get(_DRIFT_KEYS[rule.metric])))
-        return _worst(rule, values)
-    if rule.family == "quality":
+            else:
+                values[version] = found.get(_DRIFT_KEYS[rule.metric])
+    elif rule.family == "quality":
         from appliance.core.feedback import quality
 
         result = _once(
@@ -340,12 +351,35 @@ def judge(
             ("quality", deployment, rule.over),
             lambda: quality(app, deployment, window=1e12, since=now - rule.over, fresh=False),
         )
-        windows = [w for w in result["windows"] if w["version"] in served]
-        return _worst(rule, [(w["version"], w.get(rule.metric)) for w in windows])
-    return _traffic_value(app, deployment, rule, now, served), None
+        for window in result["windows"]:
+            version = window["version"]
+            if version not in served:
+                continue
+            if window["labelled"] < MIN_LABELS:
+                notes.append(
+                    f"version {version}: {window['labelled']} labelled predictions in the "
+                    f"window, judged from {MIN_LABELS}"
+                )
+                continue
+            values[version] = window.get(rule.metric)
+    else:
+        return Judged(_traffic_value(app, deployment, rule, now, served), None, {}, [])
+    known = {v: float(x) for v, x in values.items() if x is not None and x == x}  # not NaN
+    if not known:
+        return Judged(None, None, {}, notes)
+    pick = max if rule.op in (">", ">=") else min
+    version = pick(sorted(known), key=lambda v: known[v])
+    return Judged(known[version], version, known, notes)
 
 
 _DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
+# the least a version is judged on: drift over fewer rows is mostly chance (PSI over the
+# ten training deciles averages about 9/rows with nothing changed), quality likewise
+MIN_ROWS = int(os.environ.get("APPLIANCE_MONITOR_MIN_ROWS", "200"))
+MIN_LABELS = int(os.environ.get("APPLIANCE_MONITOR_MIN_LABELS", "30"))
+# an action that could not run yet (a rollback while a canary runs that did not fire):
+# its alert keeps this result, and the action is tried again while the monitor fires
+WAITING = "waiting: "
 _FEATURE_TYPES = {"ks": "numeric", "unseen": "categorical"}  # the others fit both
 # which quality metrics a model's objective has (training.evaluate computes these)
 _OBJECTIVE_METRICS = {
@@ -363,16 +397,6 @@ def _served_versions(app: Appliance, deployment: str) -> set[int]:
 
     dep = get_deployment(app, deployment)
     return {int(v) for v in (dep["model_version"], dep["canary_version"]) if v is not None}
-
-
-def _worst(rule: Rule, values: list[tuple[int, Any]]) -> tuple[float | None, int | None]:
-    """Of the served versions' (version, value), the value nearest to firing and its
-    version; (None, None) when none has one."""
-    known = [(float(v), version) for version, v in values if v is not None and v == v]
-    if not known:  # NaN != NaN: no value
-        return None, None
-    pick = max if rule.op in (">", ">=") else min
-    return pick(known, key=lambda item: item[0])
 
 
 def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compute: Any) -> Any:
@@ -497,14 +521,15 @@ def _check_one(
     from appliance.core.prediction_log import behind_note, waiting_logs
 
     rule = parse_rule(row["rule"])
-    version = None
+    judged = Judged(None, None, {}, [])
     try:
-        value, version = judge(app, row["deployment"], rule, now, shared)
-        error = None
+        judged = judge(app, row["deployment"], rule, now, shared)
+        error = "; ".join(judged.notes) or None
     except ApplianceError as exc:
-        value, error = None, exc.message
+        error = exc.message
     except Exception as exc:  # a defect or a damaged log: this monitor, not the pass
-        value, error = None, f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"
+    value = judged.value
     kinds = FAMILY_LOGS[rule.family]
     behind = held and _once(
         shared,
@@ -526,7 +551,7 @@ def _check_one(
         "value": value,
         "error": error,
         "behind": behind or None,
-        "version": version,  # whose value it is (drift and quality judge each served one)
+        "version": judged.version,  # whose value (drift and quality judge each served one)
     }
     if state == "firing":
         action = json.loads(row["action_json"])
@@ -538,6 +563,14 @@ def _check_one(
                 "SELECT id FROM monitor_alerts WHERE monitor_id = ? AND resolved_at IS NULL",
                 (row["id"],),
             ).fetchone()
+            if exists and open_alert is not None:
+                # an action that had to wait is tried again; one checker claims it
+                claimed = conn.execute(
+                    "UPDATE monitor_alerts SET action_result = 'trying again' WHERE id = ? "
+                    "AND action_result LIKE ?",
+                    (open_alert[0], WAITING + "%"),
+                ).rowcount
+                alert_id = open_alert[0] if claimed else None
             if exists and open_alert is None:
                 alert_id = conn.execute(
                     "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
@@ -553,7 +586,7 @@ def _check_one(
                     ),
                 ).lastrowid
         if alert_id is not None:
-            result = _act(app, row, action, value, version)
+            result = _act(app, row, action, value, judged)
             app.db.execute(
                 "UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, alert_id)
             )
@@ -568,6 +601,32 @@ def _check_one(
     return outcome
 
 
+def _rollback_waits(row: dict[str, Any], judged: Judged | None, dep: dict[str, Any]) -> str | None:
+    """Why a rollback must wait, if it must. With a canary running, a rollback ends the
+    canary and touches nothing else: it acts only when the canary's own value holds the
+    rule. A version that stopped being served while it was judged (a canary ended by its
+    own rule meanwhile) is judged again first."""
+    version = judged.version if judged else None
+    served = {dep["model_version"], dep["canary_version"]} - {None}
+    if version is not None and version not in served:
+        return f"version {version}, which fired, is no longer served; judged again next check"
+    canary = dep["canary_version"]
+    if canary is None:
+        return None
+    mine = judged.values.get(canary) if judged else None
+    if mine is not None and parse_rule(row["rule"]).holds(mine):
+        return None
+    fired = (
+        "the stable and canary versions' traffic together"
+        if version is None
+        else f"the stable version {version}"
+    )
+    return (
+        f"not rolled back: {fired} fired while version {canary} is a canary, and a rollback "
+        "would only end the canary; tried again once it ends"
+    )
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # a 3xx is the answer, never a hop elsewhere
@@ -578,12 +637,13 @@ def _act(
     row: dict[str, Any],
     action: dict[str, Any],
     value: Any,
-    version: int | None = None,
+    judged: Judged | None = None,
 ) -> str:
     """Run a firing monitor's action; what happened, in words (kept with the alert).
-    `version`: whose value fired, when the rule judges each served version."""
+    `judged`: each served version's value, so a rollback acts on the version that fired."""
     if not action:
         return "alert only"
+    version = judged.version if judged else None
     env = {
         "MONITOR_NAME": row["name"],
         "MONITOR_DEPLOYMENT": row["deployment"],
@@ -595,14 +655,9 @@ def _act(
         if action.get("rollback"):
             from appliance.core.deployments import get_deployment, rollback
 
-            dep = get_deployment(app, row["deployment"])
-            if dep["canary_version"] is not None and version == dep["model_version"]:
-                # with a canary running, a rollback ends the canary: it would not touch the
-                # stable version that fired, and would throw away what may be its fix
-                return (
-                    f"not rolled back: the stable version {version} fired while version "
-                    f"{dep['canary_version']} is a canary; a rollback would only end the canary"
-                )
+            waiting = _rollback_waits(row, judged, get_deployment(app, row["deployment"]))
+            if waiting:
+                return WAITING + waiting
             why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
             dep = rollback(app, row["deployment"], reason=why)
             return (
