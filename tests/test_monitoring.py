@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -397,7 +398,9 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
         "and a rollback would only end the canary; tried again once it ends"
     )
     assert outcomes["b-back"]["version"] == 3  # the canary fired: the rollback ends it
-    assert outcomes["b-back"]["action_result"] == "rolled back: revision 2 serves version 2"
+    assert outcomes["b-back"]["action_result"] == (
+        "rolled back: ended the canary of version 3; revision 2 serves version 2"
+    )
     assert get_deployment(app, "syn")["canary_version"] is None
     # checked after b-back in the same pass: the canary had ended, so syn@2 alone is judged
     assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 2)
@@ -410,6 +413,17 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     # checked after a-back in the same pass: syn@1 is judged, on its own rows
     assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 1)
     assert check_monitors(app, "a-back", force=True)[0]["state"] == "ok"  # and it resolves
+    # the canary and the stable version both fire: the canary ends, the stable one waits
+    deploy_canary(app, "syn", another(), 10)  # syn@4, beside syn@1
+    _log(app, "syn", [rows(MIN_ROWS)], version=4)
+    add_monitor(app, "output", "syn", "prediction_psi >= 0 over 1h", "1m", {"rollback": True})
+    (both,) = check_monitors(app, "output")
+    assert both["action_result"] == (
+        "waiting: ended the canary of version 4 (revision 4 serves version 1); the stable "
+        "version 1 fires too: tried again"
+    )
+    (again,) = check_monitors(app, "output", force=True)
+    assert again["action_result"] == "rolled back: revision 6 serves version 2"
     # what the rollback does, for each way it can fire
     row = {"rule": "psi(a) > 0.2 over 1h"}
     canary_on = {"model_version": 2, "canary_version": 3}
@@ -445,6 +459,30 @@ def test_a_monitor_removed_while_it_is_measured_fires_nothing(
     assert outcome["state"] == "firing" and "alert" not in outcome
     assert monitors.list_alerts(app) == [] and monitors.list_monitors(app) == []
     assert get_deployment(app, "syn")["current_revision"] == 1  # no rollback for it
+
+
+def test_an_alert_resolved_while_its_action_waits_says_so_and_thresholds_are_checked(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts
+
+    monitor = add_monitor(app, "calm", "syn", "rps > 1000 over 1h", "1m", {"rollback": True})
+    app.db.execute(
+        "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, fired_at, "
+        "action, action_result) VALUES (?, 'calm', 'syn', 'rps > 1000 over 1h', 2000, "
+        "'2026-01-01T00:00:00Z', 'rollback', 'waiting: not rolled back: the canary')",
+        (monitor["id"],),
+    )
+    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    assert check_monitors(app)[0]["state"] == "ok"
+    (alert,) = list_alerts(app)
+    assert alert["resolved_at"] is not None
+    assert alert["action_result"] == "not run: resolved while not rolled back: the canary"
+    add_monitor(app, "drift", "syn", "psi(a) > 0.2 over 1h", "1m", {})
+    monkeypatch.setenv("APPLIANCE_MONITOR_MIN_ROWS", "200.0")
+    (bad,) = check_monitors(app, "drift")
+    assert bad["state"] == "no_data"
+    assert bad["error"] == "APPLIANCE_MONITOR_MIN_ROWS='200.0': expected a whole number of rows"
 
 
 def test_the_cli_names_the_flag_it_refuses(
@@ -519,6 +557,16 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         (b"request_id,label\n", "header.csv", r"header.csv: no labels in it"),
         (b"\n\n", "blank.jsonl", r"blank.jsonl: no labels in it"),
         (b'{"feedback": null}', "null.json", r"null.json: feedback: expected a list"),
+        (
+            b'{\n "feedback": [\n  {"request_id": "x" "label": 1}\n ]\n}',
+            "pretty.json",
+            r"pretty.json:3: not JSON",
+        ),
+        (
+            b'{\n "feedback": [{"label": ' + b"1" * 5000 + b"}]\n}",
+            "huge.json",
+            r"huge.json: not JSON we",
+        ),
         (b'{"request_id": "now1", "label": ' + b"1" * 5000 + b"}\n", "big.jsonl", r"big.jsonl:1"),
         (b"\xef\xbb\xbfrequest_id,label\nnow1,1\n\xff\n", "bom.csv", r"bom.csv:3: not UTF-8 text"),
     ]
@@ -555,8 +603,9 @@ def test_a_rule_that_does_not_parse_is_refused(rule: str, message: str) -> None:
 
 
 def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
-    app: Appliance, deployed: str, tmp_path: Path
+    app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from appliance.core import deployments
     from appliance.core.deployments import deploy, get_deployment, list_revisions
     from appliance.core.jobs import wait_job
     from appliance.core.monitors import add_monitor, check_monitors, list_alerts, list_monitors
@@ -578,7 +627,20 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
     with pytest.raises(InvalidInput, match="only a loopback, private or link-local address"):
         add_monitor(app, "hook", "syn", "auc < 0.5", "1m", {"webhook": "http://8.8.8.8/x"})
-    (outcome,) = check_monitors(app)
+
+    # a rollback that raises (a locked registry, say) is tried again, not lost
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(deployments, "rollback", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        check_monitors(app)
+    (alert,) = list_alerts(app, "syn")
+    assert alert["action_result"] == (
+        "waiting: the action failed (OperationalError: database is locked); tried again"
+    )
+    monkeypatch.undo()
+    (outcome,) = check_monitors(app, force=True)
     assert outcome["state"] == "firing" and outcome["value"] > 0.2
     dep = get_deployment(app, "syn")
     assert (dep["current_revision"], dep["model_version"]) == (3, 1)  # back to syn@1

@@ -171,11 +171,14 @@ def _read(path: Path) -> list[tuple[str, Any]]:
 
 def _items(name: str, suffix: str, text: str) -> list[tuple[str, Any]]:
     if suffix in (".jsonl", ".json", ".ndjson"):
+        whole: json.JSONDecodeError | None = None
         if suffix == ".json":
             try:
                 body = json.loads(text)
-            except (ValueError, RecursionError):  # JSON lines named .json, or not JSON
-                body = None
+            except json.JSONDecodeError as exc:  # JSON lines named .json, or not JSON
+                body, whole = None, exc
+            except (ValueError, RecursionError) as exc:  # 5,000 digits, deep nesting
+                raise InvalidInput(f"{name}: not JSON we read: {exc}"[:300]) from None
             if isinstance(body, dict):  # as POST /feedback reads it
                 body = body.get("feedback", [body])
                 if not isinstance(body, list):
@@ -192,6 +195,10 @@ def _items(name: str, suffix: str, text: str) -> list[tuple[str, Any]]:
                 try:
                     items.append((f"{name}:{n}", json.loads(line)))
                 except json.JSONDecodeError as exc:
+                    if whole is not None and not items:  # one document, not JSON lines
+                        raise InvalidInput(
+                            f"{name}:{whole.lineno}: not JSON: {whole.msg}"
+                        ) from None
                     raise InvalidInput(f"{name}:{n}: not JSON: {exc.msg}") from None
                 except (ValueError, RecursionError) as exc:  # 5,000 digits, deep nesting
                     raise InvalidInput(f"{name}:{n}: not JSON we read: {exc}"[:300]) from None

@@ -305,6 +305,8 @@ def judge(
     is left out and said, and the others are judged all the same."""
     now = time.time() if now is None else now
     served = _served_versions(app, deployment)
+    least_rows = _least("APPLIANCE_MONITOR_MIN_ROWS", MIN_ROWS)
+    least_labels = _least("APPLIANCE_MONITOR_MIN_LABELS", MIN_LABELS)
     values: dict[int, Any] = {}
     notes: list[str] = []
     if rule.family == "drift":
@@ -321,12 +323,19 @@ def judge(
                 if "no logged inputs" not in exc.message:  # no lineage, say
                     notes.append(f"version {version}: {exc.message}")
                 continue
+            except ApplianceError as exc:  # its training data or model gone from the store
+                notes.append(f"version {version}: {exc.message}")
+                continue
+            except Exception as exc:  # a damaged file: this version, not the others
+                notes.append(f"version {version}: {type(exc).__name__}: {exc}")
+                continue
             item = next((r for r in report["versions"] if r["version"] == version), None)
             if item is None:
                 continue  # none of its rows in the window
-            if item["rows"] < MIN_ROWS:
+            if item["rows"] < least_rows:
                 notes.append(
-                    f"version {version}: {item['rows']} rows in the window, judged from {MIN_ROWS}"
+                    f"version {version}: {item['rows']} rows in the window, judged from "
+                    f"{least_rows}"
                 )
                 continue
             if rule.metric == "prediction_psi":
@@ -355,10 +364,10 @@ def judge(
             version = window["version"]
             if version not in served:
                 continue
-            if window["labelled"] < MIN_LABELS:
+            if window["labelled"] < least_labels:
                 notes.append(
                     f"version {version}: {window['labelled']} labelled predictions in the "
-                    f"window, judged from {MIN_LABELS}"
+                    f"window, judged from {least_labels}"
                 )
                 continue
             values[version] = window.get(rule.metric)
@@ -375,11 +384,42 @@ def judge(
 _DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
 # the least a version is judged on: drift over fewer rows is mostly chance (PSI over the
 # ten training deciles averages about 9/rows with nothing changed), quality likewise
-MIN_ROWS = int(os.environ.get("APPLIANCE_MONITOR_MIN_ROWS", "200"))
-MIN_LABELS = int(os.environ.get("APPLIANCE_MONITOR_MIN_LABELS", "30"))
+MIN_ROWS, MIN_LABELS = 200, 30  # APPLIANCE_MONITOR_MIN_ROWS, APPLIANCE_MONITOR_MIN_LABELS
+
+
+def _least(variable: str, default: int) -> int:
+    """A threshold from the environment, read when used: a bad value is that monitor's
+    error, naming the variable, not a crash of every monitor."""
+    text = os.environ.get(variable)
+    if text is None or text.strip() == "":
+        return default
+    if not text.strip().isdigit():
+        raise InvalidInput(f"{variable}={text!r}: expected a whole number of rows")
+    return int(text)
+
+
 # an action that could not run yet (a rollback while a canary runs that did not fire):
 # its alert keeps this result, and the action is tried again while the monitor fires
 WAITING = "waiting: "
+TRYING = "trying again since "  # then the claim's time, in epoch seconds
+CLAIM_EXPIRES = 600.0  # a rollback waits at most this for its workers; a claim outlives it
+
+
+def _claimable(result: str | None, now: float) -> bool:
+    """Whether an open alert's action is to be tried again now: it waits, or the checker
+    that claimed it died (its claim is older than CLAIM_EXPIRES)."""
+    if result is None:
+        return False
+    if result.startswith(WAITING):
+        return True
+    if result.startswith(TRYING):
+        try:
+            return now - float(result[len(TRYING) :]) > CLAIM_EXPIRES
+        except ValueError:
+            return False
+    return False
+
+
 _FEATURE_TYPES = {"ks": "numeric", "unseen": "categorical"}  # the others fit both
 # which quality metrics a model's objective has (training.evaluate computes these)
 _OBJECTIVE_METRICS = {
@@ -564,13 +604,17 @@ def _check_one(
                 (row["id"],),
             ).fetchone()
             if exists and open_alert is not None:
-                # an action that had to wait is tried again; one checker claims it
-                claimed = conn.execute(
-                    "UPDATE monitor_alerts SET action_result = 'trying again' WHERE id = ? "
-                    "AND action_result LIKE ?",
-                    (open_alert[0], WAITING + "%"),
-                ).rowcount
-                alert_id = open_alert[0] if claimed else None
+                # an action that had to wait is tried again; one checker claims it, and a
+                # claim whose checker died is taken over after CLAIM_EXPIRES seconds
+                before = conn.execute(
+                    "SELECT action_result FROM monitor_alerts WHERE id = ?", (open_alert[0],)
+                ).fetchone()[0]
+                if _claimable(before, now):
+                    conn.execute(
+                        "UPDATE monitor_alerts SET action_result = ? WHERE id = ?",
+                        (f"{TRYING}{now!r}", open_alert[0]),
+                    )
+                    alert_id = open_alert[0]
             if exists and open_alert is None:
                 alert_id = conn.execute(
                     "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
@@ -586,7 +630,15 @@ def _check_one(
                     ),
                 ).lastrowid
         if alert_id is not None:
-            result = _act(app, row, action, value, judged)
+            try:
+                result = _act(app, row, action, value, judged)
+            except BaseException as exc:  # tried again on the next check, not lost
+                failed = f"{type(exc).__name__}: {exc}"[:300]
+                app.db.execute(
+                    "UPDATE monitor_alerts SET action_result = ? WHERE id = ?",
+                    (f"{WAITING}the action failed ({failed}); tried again", alert_id),
+                )
+                raise
             app.db.execute(
                 "UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, alert_id)
             )
@@ -594,9 +646,10 @@ def _check_one(
             outcome["action_result"] = result
     elif state == "ok":  # no data is not "ok": a firing alert stays open through a gap
         app.db.execute(
-            "UPDATE monitor_alerts SET resolved_at = ? WHERE monitor_id = ? "
-            "AND resolved_at IS NULL",
-            (utcnow(), row["id"]),
+            "UPDATE monitor_alerts SET resolved_at = ?, action_result = CASE WHEN "
+            "action_result LIKE ? THEN 'not run: resolved while ' || substr(action_result, ?) "
+            "ELSE action_result END WHERE monitor_id = ? AND resolved_at IS NULL",
+            (utcnow(), WAITING + "%", len(WAITING) + 1, row["id"]),
         )
     return outcome
 
@@ -655,15 +708,23 @@ def _act(
         if action.get("rollback"):
             from appliance.core.deployments import get_deployment, rollback
 
-            waiting = _rollback_waits(row, judged, get_deployment(app, row["deployment"]))
+            before = get_deployment(app, row["deployment"])
+            waiting = _rollback_waits(row, judged, before)
             if waiting:
                 return WAITING + waiting
             why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
             dep = rollback(app, row["deployment"], reason=why)
-            return (
-                f"rolled back: revision {dep['current_revision']} serves version "
-                f"{dep['model_version']}"
-            )
+            done = f"revision {dep['current_revision']} serves version {dep['model_version']}"
+            canary = before["canary_version"]
+            if canary is None:
+                return f"rolled back: {done}"
+            stable = judged.values.get(before["model_version"]) if judged else None
+            if stable is not None and parse_rule(row["rule"]).holds(stable):
+                return (
+                    f"{WAITING}ended the canary of version {canary} ({done}); the stable "
+                    f"version {before['model_version']} fires too: tried again"
+                )
+            return f"rolled back: ended the canary of version {canary}; {done}"
         if "command" in action:
             done = subprocess.run(
                 action["command"],
