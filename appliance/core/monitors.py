@@ -431,8 +431,8 @@ _OBJECTIVE_METRICS = {
 
 def _served_versions(app: Appliance, deployment: str) -> set[int]:
     """The model versions the deployment serves now: its stable one and any canary. A
-    monitor judges these, so a new version is judged from its first rows, a canary on its
-    own, and a version rolled back from stops counting at once."""
+    monitor judges these, so a new version is judged once it has enough rows, a canary on
+    its own, and a version rolled back from stops counting at once."""
     from appliance.core.deployments import get_deployment
 
     dep = get_deployment(app, deployment)
