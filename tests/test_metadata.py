@@ -72,6 +72,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m013_k3s_serving",
         "m014_pipelines",
         "m015_monitoring",
+        "m016_alert_claims",
     ]
     again.close()
 

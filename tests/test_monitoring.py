@@ -440,6 +440,58 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     )
 
 
+def test_a_rollback_is_never_run_twice_for_one_alert(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import deployments
+    from appliance.core.deployments import deploy, get_deployment
+    from appliance.core.jobs import wait_job
+    from appliance.core.monitors import add_monitor, check_monitors, list_alerts
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    for rounds in (5, 6):  # syn@2 then syn@3, each served in turn
+        job = wait_job(
+            app, submit_training(app, "synthetic", "y", params={"num_boost_round": rounds})["id"]
+        )
+        deploy(app, "syn", register_model(app, "syn", job["run_id"])["ref"])
+    add_monitor(app, "calls", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
+    one = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
+    _log(app, "syn", [one], version=2)  # traffic of both: the rule fires whichever serves
+    _log(app, "syn", [one], version=3)
+    # the rollback commits, then its wait for the workers fails
+    real = deployments.wait_served
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("workers")
+
+    monkeypatch.setattr(deployments, "wait_served", broken)
+    (first,) = check_monitors(app)
+    assert first["action_result"].startswith("waiting: the action failed (KeyError")
+    assert get_deployment(app, "syn")["current_revision"] == 4  # it did roll back
+    monkeypatch.setattr(deployments, "wait_served", real)
+    (second,) = check_monitors(app, force=True)  # tried again: the deployment has moved
+    assert second["action_result"] == (
+        "not run: the deployment went from revision 3 to 4 since the alert fired (this "
+        "rollback before it failed, or another change); see to it by hand"
+    )
+    assert get_deployment(app, "syn")["current_revision"] == 4  # not twice
+    assert check_monitors(app, force=True)[0].get("alert") is None  # and never again
+    # a checker that died while acting: its claim is taken over once it is old, not before
+    (alert,) = list_alerts(app, "syn")
+    app.db.execute(
+        "UPDATE monitor_alerts SET action_result = NULL, claimed_at = ?, from_revision = 4 "
+        "WHERE id = ?",
+        (time.time() - 60, alert["id"]),
+    )
+    assert check_monitors(app, force=True)[0].get("alert") is None
+    app.db.execute(
+        "UPDATE monitor_alerts SET claimed_at = ? WHERE id = ?", (time.time() - 700, alert["id"])
+    )
+    (taken,) = check_monitors(app, force=True)
+    assert taken["action_result"] == "rolled back: revision 5 serves version 3"
+
+
 def test_a_monitor_removed_while_it_is_measured_fires_nothing(
     app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -477,12 +529,12 @@ def test_an_alert_resolved_while_its_action_waits_says_so_and_thresholds_are_che
     assert check_monitors(app)[0]["state"] == "ok"
     (alert,) = list_alerts(app)
     assert alert["resolved_at"] is not None
-    assert alert["action_result"] == "not run: resolved while not rolled back: the canary"
+    assert alert["action_result"] == "resolved while waiting: not rolled back: the canary"
     add_monitor(app, "drift", "syn", "psi(a) > 0.2 over 1h", "1m", {})
     monkeypatch.setenv("APPLIANCE_MONITOR_MIN_ROWS", "200.0")
     (bad,) = check_monitors(app, "drift")
     assert bad["state"] == "no_data"
-    assert bad["error"] == "APPLIANCE_MONITOR_MIN_ROWS='200.0': expected a whole number of rows"
+    assert bad["error"] == "APPLIANCE_MONITOR_MIN_ROWS='200.0': expected a whole number, 0 or more"
 
 
 def test_the_cli_names_the_flag_it_refuses(
@@ -633,12 +685,13 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr(deployments, "rollback", locked)
-    with pytest.raises(sqlite3.OperationalError):
-        check_monitors(app)
-    (alert,) = list_alerts(app, "syn")
-    assert alert["action_result"] == (
+    (failed,) = check_monitors(app)  # said, and the other monitors are still checked
+    assert failed["action_result"] == (
         "waiting: the action failed (OperationalError: database is locked); tried again"
     )
+    assert failed["error"] == failed["action_result"]
+    (alert,) = list_alerts(app, "syn")
+    assert alert["action_result"] == failed["action_result"]
     monkeypatch.undo()
     (outcome,) = check_monitors(app, force=True)
     assert outcome["state"] == "firing" and outcome["value"] > 0.2

@@ -652,15 +652,22 @@ def abort_canary(
 
 
 def rollback(
-    app: Appliance, name: str, to_revision: int | None = None, reason: str | None = None
+    app: Appliance,
+    name: str,
+    to_revision: int | None = None,
+    reason: str | None = None,
+    expected: tuple[int, int | None] | None = None,
 ) -> dict[str, Any]:
     """Go back to the model version of an earlier live revision (default: the one before the
     current). A running canary is aborted with it, in one transaction: a rollback means
     'back to known good'. A target whose model file is gone or damaged changes nothing.
-    `reason`: why, kept in the history (a monitor names itself and its rule)."""
+    `reason`: why, kept in the history (a monitor names itself and its rule). `expected`:
+    the (revision, canary revision) the caller judged; another is a Conflict."""
     if to_revision is not None and to_revision < 1:
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
+    if expected is not None and (dep["current_revision"], dep["canary_revision"]) != expected:
+        raise Conflict(f"deployment {name!r} changed meanwhile; judged again")
     if dep["canary_revision"] is not None and to_revision is None:
         # With a canary running, known good is the stable revision: end the canary only.
         end_canary(

@@ -171,14 +171,12 @@ def _read(path: Path) -> list[tuple[str, Any]]:
 
 def _items(name: str, suffix: str, text: str) -> list[tuple[str, Any]]:
     if suffix in (".jsonl", ".json", ".ndjson"):
-        whole: json.JSONDecodeError | None = None
+        whole: Exception | None = None  # why it is not one JSON document
         if suffix == ".json":
             try:
                 body = json.loads(text)
-            except json.JSONDecodeError as exc:  # JSON lines named .json, or not JSON
+            except (ValueError, RecursionError) as exc:  # JSON lines named .json, or not JSON
                 body, whole = None, exc
-            except (ValueError, RecursionError) as exc:  # 5,000 digits, deep nesting
-                raise InvalidInput(f"{name}: not JSON we read: {exc}"[:300]) from None
             if isinstance(body, dict):  # as POST /feedback reads it
                 body = body.get("feedback", [body])
                 if not isinstance(body, list):
@@ -195,10 +193,12 @@ def _items(name: str, suffix: str, text: str) -> list[tuple[str, Any]]:
                 try:
                     items.append((f"{name}:{n}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    if whole is not None and not items:  # one document, not JSON lines
+                    if isinstance(whole, json.JSONDecodeError) and not items:  # one document
                         raise InvalidInput(
                             f"{name}:{whole.lineno}: not JSON: {whole.msg}"
                         ) from None
+                    if whole is not None and not items:  # 5,000 digits, deep nesting
+                        raise InvalidInput(f"{name}: not JSON we read: {whole}"[:300]) from None
                     raise InvalidInput(f"{name}:{n}: not JSON: {exc.msg}") from None
                 except (ValueError, RecursionError) as exc:  # 5,000 digits, deep nesting
                     raise InvalidInput(f"{name}:{n}: not JSON we read: {exc}"[:300]) from None

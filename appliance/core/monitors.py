@@ -37,7 +37,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.names import validate_name
 from appliance.core.traffic import ROUTED
-from appliance.errors import ApplianceError, InvalidInput, NotFound
+from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
 DRIFT = {"psi", "ks", "missing_rate", "unseen", "prediction_psi"}
@@ -255,11 +255,7 @@ def remove_monitor(app: Appliance, name: str) -> dict[str, Any]:
     """Stop watching; an alert still open is resolved with it (nothing checks it again)."""
     monitor = get_monitor(app, name)
     with app.db.transaction() as conn:
-        conn.execute(
-            "UPDATE monitor_alerts SET resolved_at = ? WHERE monitor_id = ? "
-            "AND resolved_at IS NULL",
-            (utcnow(), monitor["id"]),
-        )
+        _resolve_alerts(app, monitor["id"], conn)
         conn.execute("DELETE FROM monitors WHERE name = ?", (name,))
     return monitor
 
@@ -305,13 +301,12 @@ def judge(
     is left out and said, and the others are judged all the same."""
     now = time.time() if now is None else now
     served = _served_versions(app, deployment)
-    least_rows = _least("APPLIANCE_MONITOR_MIN_ROWS", MIN_ROWS)
-    least_labels = _least("APPLIANCE_MONITOR_MIN_LABELS", MIN_LABELS)
     values: dict[int, Any] = {}
     notes: list[str] = []
     if rule.family == "drift":
         from appliance.core.drift import drift
 
+        least_rows = _least("APPLIANCE_MONITOR_MIN_ROWS", MIN_ROWS)
         for version in sorted(served):
             try:
                 report = _once(
@@ -355,6 +350,7 @@ def judge(
     elif rule.family == "quality":
         from appliance.core.feedback import quality
 
+        least_labels = _least("APPLIANCE_MONITOR_MIN_LABELS", MIN_LABELS)
         result = _once(
             shared,
             ("quality", deployment, rule.over),
@@ -393,31 +389,19 @@ def _least(variable: str, default: int) -> int:
     text = os.environ.get(variable)
     if text is None or text.strip() == "":
         return default
-    if not text.strip().isdigit():
-        raise InvalidInput(f"{variable}={text!r}: expected a whole number of rows")
-    return int(text)
+    try:
+        least = int(text)
+    except ValueError:
+        least = -1
+    if least < 0:
+        raise InvalidInput(f"{variable}={text!r}: expected a whole number, 0 or more")
+    return least
 
 
 # an action that could not run yet (a rollback while a canary runs that did not fire):
 # its alert keeps this result, and the action is tried again while the monitor fires
 WAITING = "waiting: "
-TRYING = "trying again since "  # then the claim's time, in epoch seconds
 CLAIM_EXPIRES = 600.0  # a rollback waits at most this for its workers; a claim outlives it
-
-
-def _claimable(result: str | None, now: float) -> bool:
-    """Whether an open alert's action is to be tried again now: it waits, or the checker
-    that claimed it died (its claim is older than CLAIM_EXPIRES)."""
-    if result is None:
-        return False
-    if result.startswith(WAITING):
-        return True
-    if result.startswith(TRYING):
-        try:
-            return now - float(result[len(TRYING) :]) > CLAIM_EXPIRES
-        except ValueError:
-            return False
-    return False
 
 
 _FEATURE_TYPES = {"ks": "numeric", "unseen": "categorical"}  # the others fit both
@@ -446,7 +430,7 @@ def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compu
     if key not in shared:
         try:
             shared[key] = (compute(), None)
-        except ApplianceError as exc:
+        except Exception as exc:  # a damaged file too: computed once, said by each monitor
             shared[key] = (None, exc)
     value, error = shared[key]
     if error is not None:
@@ -595,63 +579,90 @@ def _check_one(
     }
     if state == "firing":
         action = json.loads(row["action_json"])
-        with app.db.transaction() as conn:  # one alert while it fires, whoever checks
-            alert_id = None
-            # removed while it was measured: no alert and no action for it
-            exists = conn.execute("SELECT 1 FROM monitors WHERE id = ?", (row["id"],)).fetchone()
-            open_alert = conn.execute(
-                "SELECT id FROM monitor_alerts WHERE monitor_id = ? AND resolved_at IS NULL",
-                (row["id"],),
-            ).fetchone()
-            if exists and open_alert is not None:
-                # an action that had to wait is tried again; one checker claims it, and a
-                # claim whose checker died is taken over after CLAIM_EXPIRES seconds
-                before = conn.execute(
-                    "SELECT action_result FROM monitor_alerts WHERE id = ?", (open_alert[0],)
-                ).fetchone()[0]
-                if _claimable(before, now):
-                    conn.execute(
-                        "UPDATE monitor_alerts SET action_result = ? WHERE id = ?",
-                        (f"{TRYING}{now!r}", open_alert[0]),
-                    )
-                    alert_id = open_alert[0]
-            if exists and open_alert is None:
-                alert_id = conn.execute(
-                    "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
-                    "fired_at, action) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        row["id"],
-                        row["name"],
-                        row["deployment"],
-                        row["rule"],
-                        value,
-                        utcnow(),
-                        next(iter(action), None),
-                    ),
-                ).lastrowid
-        if alert_id is not None:
+        alert = _claim_action(app, row, value, action)
+        if alert is not None:
+            alert_id, from_revision = alert
             try:
-                result = _act(app, row, action, value, judged)
-            except BaseException as exc:  # tried again on the next check, not lost
+                result = _act(app, row, action, value, judged, from_revision)
+            except BaseException as exc:  # tried again on the next firing check, not lost
                 failed = f"{type(exc).__name__}: {exc}"[:300]
-                app.db.execute(
-                    "UPDATE monitor_alerts SET action_result = ? WHERE id = ?",
-                    (f"{WAITING}the action failed ({failed}); tried again", alert_id),
-                )
-                raise
-            app.db.execute(
-                "UPDATE monitor_alerts SET action_result = ? WHERE id = ?", (result, alert_id)
-            )
+                result = f"{WAITING}the action failed ({failed}); tried again"
+                _record_result(app, alert_id, result)
+                if not isinstance(exc, Exception):  # a stop (Ctrl-C, SIGTERM): stop
+                    raise
+                outcome["error"] = f"{error}; {result}" if error else result
+            else:
+                _record_result(app, alert_id, result)
             outcome["alert"] = alert_id
             outcome["action_result"] = result
     elif state == "ok":  # no data is not "ok": a firing alert stays open through a gap
-        app.db.execute(
-            "UPDATE monitor_alerts SET resolved_at = ?, action_result = CASE WHEN "
-            "action_result LIKE ? THEN 'not run: resolved while ' || substr(action_result, ?) "
-            "ELSE action_result END WHERE monitor_id = ? AND resolved_at IS NULL",
-            (utcnow(), WAITING + "%", len(WAITING) + 1, row["id"]),
-        )
+        _resolve_alerts(app, row["id"])
     return outcome
+
+
+def _claim_action(
+    app: Appliance, row: dict[str, Any], value: Any, action: dict[str, Any]
+) -> tuple[int, int | None] | None:
+    """The alert whose action this checker runs now, and the revision the deployment served
+    when it fired; None when there is none to run. One alert while the monitor fires,
+    whoever checks: a new one, or an open one whose action waits, or whose checker died
+    (claimed over CLAIM_EXPIRES ago). A monitor removed while it was measured gets none."""
+    claimed = time.time()  # the claim's own time, whatever `now` the pass judged at
+    with app.db.transaction() as conn:
+        if not conn.execute("SELECT 1 FROM monitors WHERE id = ?", (row["id"],)).fetchone():
+            return None
+        open_alert = conn.execute(
+            "SELECT id, action_result, claimed_at, from_revision FROM monitor_alerts "
+            "WHERE monitor_id = ? AND resolved_at IS NULL",
+            (row["id"],),
+        ).fetchone()
+        if open_alert is not None:
+            alert_id, result, held_since, from_revision = open_alert
+            waits = held_since is None and str(result or "").startswith(WAITING)
+            if not (waits or (held_since is not None and claimed - held_since > CLAIM_EXPIRES)):
+                return None
+            conn.execute(
+                "UPDATE monitor_alerts SET claimed_at = ? WHERE id = ?", (claimed, alert_id)
+            )
+            return int(alert_id), from_revision
+        revision = conn.execute(
+            "SELECT current_revision FROM deployments WHERE name = ?", (row["deployment"],)
+        ).fetchone()
+        from_revision = revision[0] if revision else None
+        alert_id = conn.execute(
+            "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
+            "fired_at, action, claimed_at, from_revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row["id"],
+                row["name"],
+                row["deployment"],
+                row["rule"],
+                value,
+                utcnow(),
+                next(iter(action), None),
+                claimed,
+                from_revision,
+            ),
+        ).lastrowid
+    return int(alert_id), from_revision
+
+
+def _record_result(app: Appliance, alert_id: int, result: str) -> None:
+    """What the action did; the claim is let go (a waiting action is taken again)."""
+    app.db.execute(
+        "UPDATE monitor_alerts SET action_result = ?, claimed_at = NULL WHERE id = ?",
+        (result, alert_id),
+    )
+
+
+def _resolve_alerts(app: Appliance, monitor_id: str, conn: Any = None) -> None:
+    """Close the monitor's open alert; an action still waiting says it was not run."""
+    (conn or app.db).execute(
+        "UPDATE monitor_alerts SET resolved_at = ?, claimed_at = NULL, action_result = CASE "
+        "WHEN action_result LIKE ? THEN 'resolved while waiting: ' || substr(action_result, ?) "
+        "ELSE action_result END WHERE monitor_id = ? AND resolved_at IS NULL",
+        (utcnow(), WAITING + "%", len(WAITING) + 1, monitor_id),
+    )
 
 
 def _rollback_waits(row: dict[str, Any], judged: Judged | None, dep: dict[str, Any]) -> str | None:
@@ -691,9 +702,12 @@ def _act(
     action: dict[str, Any],
     value: Any,
     judged: Judged | None = None,
+    from_revision: int | None = None,
 ) -> str:
     """Run a firing monitor's action; what happened, in words (kept with the alert).
-    `judged`: each served version's value, so a rollback acts on the version that fired."""
+    `judged`: each served version's value, so a rollback acts on the version that fired;
+    `from_revision`: what the deployment served when the alert fired (a rollback tried
+    again never acts on a deployment that moved since: its first try may have done it)."""
     if not action:
         return "alert only"
     version = judged.version if judged else None
@@ -709,11 +723,25 @@ def _act(
             from appliance.core.deployments import get_deployment, rollback
 
             before = get_deployment(app, row["deployment"])
+            if from_revision is not None and before["current_revision"] != from_revision:
+                return (
+                    f"not run: the deployment went from revision {from_revision} to "
+                    f"{before['current_revision']} since the alert fired (this rollback "
+                    "before it failed, or another change); see to it by hand"
+                )
             waiting = _rollback_waits(row, judged, before)
             if waiting:
                 return WAITING + waiting
             why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
-            dep = rollback(app, row["deployment"], reason=why)
+            try:
+                dep = rollback(
+                    app,
+                    row["deployment"],
+                    reason=why,
+                    expected=(before["current_revision"], before["canary_revision"]),
+                )
+            except Conflict:  # a canary ended or a version deployed while it was judged
+                return f"{WAITING}the deployment changed while it was judged; judged again"
             done = f"revision {dep['current_revision']} serves version {dep['model_version']}"
             canary = before["canary_version"]
             if canary is None:

@@ -606,6 +606,19 @@ def m015_monitoring(db: Any) -> None:
     )
 
 
+def m016_alert_claims(db: Any) -> None:
+    # A monitor's action is claimed by one checker (`claimed_at`) and remembers the revision
+    # the deployment served when its alert fired (`from_revision`): an action tried again
+    # never rolls back a deployment that has moved since.
+    _run_script(
+        db,
+        """
+        ALTER TABLE monitor_alerts ADD COLUMN claimed_at REAL;
+        ALTER TABLE monitor_alerts ADD COLUMN from_revision INTEGER
+        """,
+    )
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -647,6 +660,7 @@ STEPS: list[Callable[[Any], None]] = [
     m013_k3s_serving,
     m014_pipelines,
     m015_monitoring,
+    m016_alert_claims,
 ]
 
 
