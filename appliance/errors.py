@@ -29,6 +29,10 @@ class Conflict(ApplianceError):
     exit_code = 4
 
 
+class Changed(Conflict):
+    """The state moved on since the caller judged it (a deploy or a canary's end meanwhile)."""
+
+
 class CorruptObject(ApplianceError):
     """An object's bytes no longer match the sha256 it is stored under."""
 

@@ -395,7 +395,8 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     assert (stable["state"], stable["version"]) == ("firing", 2)
     assert stable["action_result"] == (
         "waiting: not rolled back: the stable version 2 fired while version 3 is a canary, "
-        "and a rollback would only end the canary; tried again once it ends"
+        "and a rollback would only end the canary; tried again if it is aborted (a promotion "
+        "leaves it to you)"
     )
     assert outcomes["b-back"]["version"] == 3  # the canary fired: the rollback ends it
     assert outcomes["b-back"]["action_result"] == (
@@ -472,8 +473,8 @@ def test_a_rollback_is_never_run_twice_for_one_alert(
     monkeypatch.setattr(deployments, "wait_served", real)
     (second,) = check_monitors(app, force=True)  # tried again: the deployment has moved
     assert second["action_result"] == (
-        "not run: the deployment went from revision 3 to 4 since the alert fired (this "
-        "rollback before it failed, or another change); see to it by hand"
+        "not run: the deployment went from revision 3 to 4 since the alert fired (a deploy, a "
+        "promotion, a rollback, or this one before it failed); see to it by hand"
     )
     assert get_deployment(app, "syn")["current_revision"] == 4  # not twice
     assert check_monitors(app, force=True)[0].get("alert") is None  # and never again
@@ -490,6 +491,43 @@ def test_a_rollback_is_never_run_twice_for_one_alert(
     )
     (taken,) = check_monitors(app, force=True)
     assert taken["action_result"] == "rolled back: revision 5 serves version 3"
+
+
+def test_a_rollback_with_nowhere_to_go_fails_once_and_one_overtaken_is_not_run(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import monitors
+    from appliance.core.deployments import deploy, get_deployment
+    from appliance.core.jobs import wait_job
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    one = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
+    _log(app, "syn", [one], version=1)
+    monitors.add_monitor(app, "calls", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
+    (first,) = monitors.check_monitors(app)
+    assert (
+        first["action_result"] == "failed: deployment 'syn' has no earlier revision to roll back to"
+    )
+    assert monitors.check_monitors(app, force=True)[0].get("alert") is None  # final
+    monitors.remove_monitor(app, "calls")
+    # a version deployed between the judgement and the action: the rollback is not run
+    job = wait_job(app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"])
+    second = register_model(app, "syn", job["run_id"])["ref"]
+    real = monitors.judge
+
+    def deployed_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        judged = real(*args, **kwargs)
+        deploy(app, "syn", second)  # revision 2, after syn@1's traffic was judged
+        return judged
+
+    monkeypatch.setattr(monitors, "judge", deployed_meanwhile)
+    monitors.add_monitor(app, "calls-2", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
+    (overtaken,) = monitors.check_monitors(app)
+    assert overtaken["action_result"].startswith(
+        "not run: the deployment went from revision 1 to 2 since the alert fired"
+    )
+    assert get_deployment(app, "syn")["current_revision"] == 2  # the fresh deploy stays
 
 
 def test_a_monitor_removed_while_it_is_measured_fires_nothing(

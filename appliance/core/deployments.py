@@ -25,7 +25,7 @@ from appliance.core.lineage import record_execution
 from appliance.core.names import validate_name
 from appliance.core.processes import alive, exclusive, signal_ours
 from appliance.core.registry import current_actor, get_model_version, parse_ref
-from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
+from appliance.errors import ApplianceError, Changed, Conflict, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
 READY_TIMEOUT = 60.0
@@ -667,7 +667,7 @@ def rollback(
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
     if expected is not None and (dep["current_revision"], dep["canary_revision"]) != expected:
-        raise Conflict(f"deployment {name!r} changed meanwhile; judged again")
+        raise Changed(f"deployment {name!r} changed since it was judged")
     if dep["canary_revision"] is not None and to_revision is None:
         # With a canary running, known good is the stable revision: end the canary only.
         end_canary(

@@ -37,7 +37,7 @@ from typing import Any
 from appliance.core.context import Appliance
 from appliance.core.names import validate_name
 from appliance.core.traffic import ROUTED
-from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
+from appliance.errors import ApplianceError, Changed, InvalidInput, NotFound
 from appliance.store.db import utcnow
 
 DRIFT = {"psi", "ks", "missing_rate", "unseen", "prediction_psi"}
@@ -284,6 +284,8 @@ class Judged:
     version: int | None
     values: dict[int, float]
     notes: list[str]
+    # the deployment's (revision, canary revision) when judged: what an action acts on
+    served_at: tuple[int, int | None] | None = None
 
 
 def judge(
@@ -300,7 +302,7 @@ def judge(
     (PSI of ten rows is large by chance alone), without the feature, or without lineage,
     is left out and said, and the others are judged all the same."""
     now = time.time() if now is None else now
-    served = _served_versions(app, deployment)
+    served, served_at = _served_versions(app, deployment)
     values: dict[int, Any] = {}
     notes: list[str] = []
     if rule.family == "drift":
@@ -368,13 +370,14 @@ def judge(
                 continue
             values[version] = window.get(rule.metric)
     else:
-        return Judged(_traffic_value(app, deployment, rule, now, served), None, {}, [])
+        value = _traffic_value(app, deployment, rule, now, served)
+        return Judged(value, None, {}, [], served_at)
     known = {v: float(x) for v, x in values.items() if x is not None and x == x}  # not NaN
     if not known:
-        return Judged(None, None, {}, notes)
+        return Judged(None, None, {}, notes, served_at)
     pick = max if rule.op in (">", ">=") else min
     version = pick(sorted(known), key=lambda v: known[v])
-    return Judged(known[version], version, known, notes)
+    return Judged(known[version], version, known, notes, served_at)
 
 
 _DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
@@ -413,14 +416,16 @@ _OBJECTIVE_METRICS = {
 }
 
 
-def _served_versions(app: Appliance, deployment: str) -> set[int]:
-    """The model versions the deployment serves now: its stable one and any canary. A
-    monitor judges these, so a new version is judged once it has enough rows, a canary on
-    its own, and a version rolled back from stops counting at once."""
+def _served_versions(app: Appliance, deployment: str) -> tuple[set[int], tuple[int, int | None]]:
+    """The model versions the deployment serves now, its stable one and any canary, and its
+    (revision, canary revision). A monitor judges these versions, so a new version is
+    judged once it has enough rows, a canary on its own, and a version rolled back from
+    stops counting at once; its action acts on that revision or not at all."""
     from appliance.core.deployments import get_deployment
 
     dep = get_deployment(app, deployment)
-    return {int(v) for v in (dep["model_version"], dep["canary_version"]) if v is not None}
+    versions = {int(v) for v in (dep["model_version"], dep["canary_version"]) if v is not None}
+    return versions, (int(dep["current_revision"]), dep["canary_revision"])
 
 
 def _once(shared: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compute: Any) -> Any:
@@ -579,20 +584,24 @@ def _check_one(
     }
     if state == "firing":
         action = json.loads(row["action_json"])
-        alert = _claim_action(app, row, value, action)
+        alert = _claim_action(app, row, value, action, judged)
         if alert is not None:
-            alert_id, from_revision = alert
+            alert_id, from_revision, claimed = alert
             try:
                 result = _act(app, row, action, value, judged, from_revision)
             except BaseException as exc:  # tried again on the next firing check, not lost
                 failed = f"{type(exc).__name__}: {exc}"[:300]
                 result = f"{WAITING}the action failed ({failed}); tried again"
-                _record_result(app, alert_id, result)
+                _record_result(app, alert_id, claimed, result)
+                error = f"{error}; {result}" if error else result
+                app.db.execute(
+                    "UPDATE monitors SET last_error = ? WHERE id = ?", (error, row["id"])
+                )
+                outcome["error"] = error
                 if not isinstance(exc, Exception):  # a stop (Ctrl-C, SIGTERM): stop
                     raise
-                outcome["error"] = f"{error}; {result}" if error else result
             else:
-                _record_result(app, alert_id, result)
+                _record_result(app, alert_id, claimed, result)
             outcome["alert"] = alert_id
             outcome["action_result"] = result
     elif state == "ok":  # no data is not "ok": a firing alert stays open through a gap
@@ -601,12 +610,13 @@ def _check_one(
 
 
 def _claim_action(
-    app: Appliance, row: dict[str, Any], value: Any, action: dict[str, Any]
-) -> tuple[int, int | None] | None:
-    """The alert whose action this checker runs now, and the revision the deployment served
-    when it fired; None when there is none to run. One alert while the monitor fires,
-    whoever checks: a new one, or an open one whose action waits, or whose checker died
-    (claimed over CLAIM_EXPIRES ago). A monitor removed while it was measured gets none."""
+    app: Appliance, row: dict[str, Any], value: Any, action: dict[str, Any], judged: Judged
+) -> tuple[int, int | None, float] | None:
+    """The alert whose action this checker runs now, the revision the deployment served
+    when it was judged firing, and the claim's time; None when there is none to run. One
+    alert while the monitor fires, whoever checks: a new one, or an open one whose action
+    waits, or whose checker died (claimed over CLAIM_EXPIRES ago). A monitor removed while
+    it was measured gets none."""
     claimed = time.time()  # the claim's own time, whatever `now` the pass judged at
     with app.db.transaction() as conn:
         if not conn.execute("SELECT 1 FROM monitors WHERE id = ?", (row["id"],)).fetchone():
@@ -624,11 +634,8 @@ def _claim_action(
             conn.execute(
                 "UPDATE monitor_alerts SET claimed_at = ? WHERE id = ?", (claimed, alert_id)
             )
-            return int(alert_id), from_revision
-        revision = conn.execute(
-            "SELECT current_revision FROM deployments WHERE name = ?", (row["deployment"],)
-        ).fetchone()
-        from_revision = revision[0] if revision else None
+            return int(alert_id), from_revision, claimed
+        from_revision = judged.served_at[0] if judged.served_at else None
         alert_id = conn.execute(
             "INSERT INTO monitor_alerts (monitor_id, monitor, deployment, rule, value, "
             "fired_at, action, claimed_at, from_revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -644,15 +651,27 @@ def _claim_action(
                 from_revision,
             ),
         ).lastrowid
-    return int(alert_id), from_revision
+    return int(alert_id), from_revision, claimed
 
 
-def _record_result(app: Appliance, alert_id: int, result: str) -> None:
-    """What the action did; the claim is let go (a waiting action is taken again)."""
-    app.db.execute(
-        "UPDATE monitor_alerts SET action_result = ?, claimed_at = NULL WHERE id = ?",
-        (result, alert_id),
-    )
+def _record_result(app: Appliance, alert_id: int, claimed: float, result: str) -> None:
+    """What the action did, and the claim let go (a waiting action is taken again), while
+    this checker still holds it. Resolved meanwhile: said on the resolved alert; taken over
+    by another checker (this one ran past CLAIM_EXPIRES): that one says."""
+    with app.db.transaction() as conn:
+        held = conn.execute(
+            "UPDATE monitor_alerts SET action_result = ?, claimed_at = NULL "
+            "WHERE id = ? AND claimed_at = ?",
+            (result, alert_id, claimed),
+        ).rowcount
+        if not held:
+            if result.startswith(WAITING):
+                result = "resolved while waiting: " + result[len(WAITING) :]
+            conn.execute(
+                "UPDATE monitor_alerts SET action_result = ? WHERE id = ? "
+                "AND resolved_at IS NOT NULL AND claimed_at IS NULL",
+                (result, alert_id),
+            )
 
 
 def _resolve_alerts(app: Appliance, monitor_id: str, conn: Any = None) -> None:
@@ -687,7 +706,7 @@ def _rollback_waits(row: dict[str, Any], judged: Judged | None, dep: dict[str, A
     )
     return (
         f"not rolled back: {fired} fired while version {canary} is a canary, and a rollback "
-        "would only end the canary; tried again once it ends"
+        "would only end the canary; tried again if it is aborted (a promotion leaves it to you)"
     )
 
 
@@ -723,24 +742,24 @@ def _act(
             from appliance.core.deployments import get_deployment, rollback
 
             before = get_deployment(app, row["deployment"])
+            if from_revision is not None and from_revision < 0:  # an alert from before m016
+                return "not run: the alert fired before its revision was kept; see to it by hand"
             if from_revision is not None and before["current_revision"] != from_revision:
                 return (
                     f"not run: the deployment went from revision {from_revision} to "
-                    f"{before['current_revision']} since the alert fired (this rollback "
-                    "before it failed, or another change); see to it by hand"
+                    f"{before['current_revision']} since the alert fired (a deploy, a "
+                    "promotion, a rollback, or this one before it failed); see to it by hand"
                 )
             waiting = _rollback_waits(row, judged, before)
             if waiting:
                 return WAITING + waiting
             why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
             try:
-                dep = rollback(
-                    app,
-                    row["deployment"],
-                    reason=why,
-                    expected=(before["current_revision"], before["canary_revision"]),
-                )
-            except Conflict:  # a canary ended or a version deployed while it was judged
+                expected = (before["current_revision"], before["canary_revision"])
+                if judged is not None and judged.served_at is not None:
+                    expected = judged.served_at  # what was judged, not what is now
+                dep = rollback(app, row["deployment"], reason=why, expected=expected)
+            except Changed:  # a canary ended or a version deployed while it was judged
                 return f"{WAITING}the deployment changed while it was judged; judged again"
             done = f"revision {dep['current_revision']} serves version {dep['model_version']}"
             canary = before["canary_version"]

@@ -609,12 +609,17 @@ def m015_monitoring(db: Any) -> None:
 def m016_alert_claims(db: Any) -> None:
     # A monitor's action is claimed by one checker (`claimed_at`) and remembers the revision
     # the deployment served when its alert fired (`from_revision`): an action tried again
-    # never rolls back a deployment that has moved since.
+    # never rolls back a deployment that has moved since. Alerts open before this have no
+    # such revision (-1: never acted on again), and an action they left unfinished is
+    # taken over at once.
     _run_script(
         db,
         """
         ALTER TABLE monitor_alerts ADD COLUMN claimed_at REAL;
-        ALTER TABLE monitor_alerts ADD COLUMN from_revision INTEGER
+        ALTER TABLE monitor_alerts ADD COLUMN from_revision INTEGER;
+        UPDATE monitor_alerts SET from_revision = -1, claimed_at = CASE
+            WHEN action_result IS NULL OR action_result LIKE 'trying again since %' THEN 0
+            END WHERE resolved_at IS NULL
         """,
     )
 
