@@ -530,6 +530,56 @@ def test_a_rollback_with_nowhere_to_go_fails_once_and_one_overtaken_is_not_run(
     assert get_deployment(app, "syn")["current_revision"] == 2  # the fresh deploy stays
 
 
+def test_a_rollback_judged_at_one_revision_refuses_another(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import deployments
+    from appliance.core.deployments import deploy, deploy_canary, get_deployment, rollback
+    from appliance.core.jobs import wait_job
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+    from appliance.errors import Changed
+
+    refs = []
+    for rounds in (5, 6):
+        job = wait_job(
+            app, submit_training(app, "synthetic", "y", params={"num_boost_round": rounds})["id"]
+        )
+        refs.append(register_model(app, "syn", job["run_id"])["ref"])
+    deploy(app, "syn", refs[0])  # revision 2 serves syn@2
+    # a canary started while the rollback checks its target: refused, the canary kept
+    real = deployments._deployable
+    started: list[int] = []
+
+    def canary_meanwhile(app_: Appliance, ref: str) -> Any:
+        mv = real(app_, ref)
+        if not started:
+            started.append(1)
+            deploy_canary(app, "syn", refs[1], 10)  # revision 3
+        return mv
+
+    monkeypatch.setattr(deployments, "_deployable", canary_meanwhile)
+    with pytest.raises(Changed):
+        rollback(app, "syn", expected=(2, None))
+    monkeypatch.undo()
+    dep = get_deployment(app, "syn")
+    assert (dep["current_revision"], dep["canary_revision"]) == (2, 3)
+    # the canary promoted while the rollback ends it: refused, not said to be done
+    real_end = deployments.end_canary
+
+    def promoted_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("expected") is not None:  # the rollback's call, not the promotion's
+            real_end(app, "syn", "promoted", None, None)
+        return real_end(*args, **kwargs)
+
+    monkeypatch.setattr(deployments, "end_canary", promoted_meanwhile)
+    with pytest.raises(Changed):
+        rollback(app, "syn", expected=(2, 3))
+    monkeypatch.undo()
+    dep = get_deployment(app, "syn")
+    assert (dep["current_revision"], dep["canary_revision"], dep["model_version"]) == (3, None, 3)
+
+
 def test_a_monitor_removed_while_it_is_measured_fires_nothing(
     app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -670,9 +670,11 @@ def rollback(
         raise Changed(f"deployment {name!r} changed since it was judged")
     if dep["canary_revision"] is not None and to_revision is None:
         # With a canary running, known good is the stable revision: end the canary only.
-        end_canary(
+        ended = end_canary(
             app, name, "aborted", reason or "rolled back", None, expected=dep["canary_revision"]
         )
+        if ended is None and expected is not None:  # promoted or replaced meanwhile
+            raise Changed(f"deployment {name!r} changed since it was judged")
         return wait_served(app, name)
     live = app.db.rows(
         "SELECT r.revision, mv.version FROM deployment_revisions r "
@@ -701,6 +703,8 @@ def rollback(
     mv = _deployable(app, f"{dep['model']}@{target['version']}")  # refused before any change
     with app.db.transaction() as conn:
         dep_id, canary, current = _locked_deployment(conn, name, mv)
+        if expected is not None and (current, canary) != expected:
+            raise Changed(f"deployment {name!r} changed since it was judged")
         if current != dep["current_revision"]:
             raise Conflict(f"deployment {name!r} changed meanwhile; run the rollback again")
         _still_deployable(conn, mv)

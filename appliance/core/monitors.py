@@ -602,6 +602,12 @@ def _check_one(
                     raise
             else:
                 _record_result(app, alert_id, claimed, result)
+                if result.startswith("failed: "):  # said where the monitor's state is read
+                    error = f"{error}; {result}" if error else result
+                    app.db.execute(
+                        "UPDATE monitors SET last_error = ? WHERE id = ?", (error, row["id"])
+                    )
+                    outcome["error"] = error
             outcome["alert"] = alert_id
             outcome["action_result"] = result
     elif state == "ok":  # no data is not "ok": a firing alert stays open through a gap
@@ -667,9 +673,10 @@ def _record_result(app: Appliance, alert_id: int, claimed: float, result: str) -
         if not held:
             if result.startswith(WAITING):
                 result = "resolved while waiting: " + result[len(WAITING) :]
-            conn.execute(
+            conn.execute(  # not over what a checker that took over wrote
                 "UPDATE monitor_alerts SET action_result = ? WHERE id = ? "
-                "AND resolved_at IS NOT NULL AND claimed_at IS NULL",
+                "AND resolved_at IS NOT NULL AND claimed_at IS NULL AND (action_result IS NULL "
+                "OR action_result LIKE 'resolved while waiting: %')",
                 (result, alert_id),
             )
 
@@ -682,6 +689,21 @@ def _resolve_alerts(app: Appliance, monitor_id: str, conn: Any = None) -> None:
         "ELSE action_result END WHERE monitor_id = ? AND resolved_at IS NULL",
         (utcnow(), WAITING + "%", len(WAITING) + 1, monitor_id),
     )
+
+
+def _moved(from_revision: int | None, dep: dict[str, Any]) -> str | None:
+    """Why a rollback must not run at all: the deployment is no longer at the revision its
+    alert was judged at (so its target could be the version that fired, or a fresh deploy
+    would be undone), or the alert is from before revisions were kept."""
+    if from_revision is None or from_revision < 0:
+        return "not run: the alert fired before its revision was kept; see to it by hand"
+    if dep["current_revision"] != from_revision:
+        return (
+            f"not run: the deployment went from revision {from_revision} to "
+            f"{dep['current_revision']} since the alert fired (a deploy, a promotion, a "
+            "rollback, or this one before it failed); see to it by hand"
+        )
+    return None
 
 
 def _rollback_waits(row: dict[str, Any], judged: Judged | None, dep: dict[str, Any]) -> str | None:
@@ -742,14 +764,9 @@ def _act(
             from appliance.core.deployments import get_deployment, rollback
 
             before = get_deployment(app, row["deployment"])
-            if from_revision is not None and from_revision < 0:  # an alert from before m016
-                return "not run: the alert fired before its revision was kept; see to it by hand"
-            if from_revision is not None and before["current_revision"] != from_revision:
-                return (
-                    f"not run: the deployment went from revision {from_revision} to "
-                    f"{before['current_revision']} since the alert fired (a deploy, a "
-                    "promotion, a rollback, or this one before it failed); see to it by hand"
-                )
+            moved = _moved(from_revision, before)
+            if moved:
+                return moved
             waiting = _rollback_waits(row, judged, before)
             if waiting:
                 return WAITING + waiting
@@ -759,8 +776,9 @@ def _act(
                 if judged is not None and judged.served_at is not None:
                     expected = judged.served_at  # what was judged, not what is now
                 dep = rollback(app, row["deployment"], reason=why, expected=expected)
-            except Changed:  # a canary ended or a version deployed while it was judged
-                return f"{WAITING}the deployment changed while it was judged; judged again"
+            except Changed:  # a canary ended, started or promoted, a version deployed
+                moved = _moved(from_revision, get_deployment(app, row["deployment"]))
+                return moved or f"{WAITING}the deployment changed while it was judged; judged again"
             done = f"revision {dep['current_revision']} serves version {dep['model_version']}"
             canary = before["canary_version"]
             if canary is None:
