@@ -333,7 +333,7 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
 
 
 def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_that_fired(
-    app: Appliance, deployed: str, tmp_path: Path
+    app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sys
 
@@ -418,9 +418,18 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     deploy_canary(app, "syn", another(), 10)  # syn@4, beside syn@1
     _log(app, "syn", [rows(MIN_ROWS)], version=4)
     add_monitor(app, "output", "syn", "prediction_psi >= 0 over 1h", "1m", {"rollback": True})
+    from appliance.core import deployments
+    from appliance.errors import ApplianceError
+
+    def slow_workers(*args: Any, **kwargs: Any) -> Any:
+        raise ApplianceError("revision 4 recorded, but a worker did not adopt it")
+
+    monkeypatch.setattr(deployments, "wait_served", slow_workers)  # ended, then not adopted
     (both,) = check_monitors(app, "output")
+    monkeypatch.undo()
     assert both["action_result"] == (
-        "waiting: ended the canary of version 4 (revision 4 serves version 1); the stable "
+        "waiting: ended the canary of version 4 (revision 4 serves version 1; not yet served "
+        "by every worker: revision 4 recorded, but a worker did not adopt it); the stable "
         "version 1 fires too: tried again"
     )
     (again,) = check_monitors(app, "output", force=True)

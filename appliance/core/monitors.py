@@ -771,15 +771,21 @@ def _act(
             if waiting:
                 return WAITING + waiting
             why = f"monitor {row['name']}: {row['rule']} (value {value:.4g})"
+            expected = (before["current_revision"], before["canary_revision"])
+            if judged is not None and judged.served_at is not None:
+                expected = judged.served_at  # what was judged, not what is now
+            late = ""
             try:
-                expected = (before["current_revision"], before["canary_revision"])
-                if judged is not None and judged.served_at is not None:
-                    expected = judged.served_at  # what was judged, not what is now
                 dep = rollback(app, row["deployment"], reason=why, expected=expected)
             except Changed:  # a canary ended, started or promoted, a version deployed
                 moved = _moved(from_revision, get_deployment(app, row["deployment"]))
                 return moved or f"{WAITING}the deployment changed while it was judged; judged again"
-            done = f"revision {dep['current_revision']} serves version {dep['model_version']}"
+            except ApplianceError as exc:
+                dep = get_deployment(app, row["deployment"])
+                if (dep["current_revision"], dep["canary_revision"]) == expected:
+                    raise  # refused: nothing changed (no earlier revision, say)
+                late = f"; not yet served by every worker: {exc.message}"  # but it is done
+            done = f"revision {dep['current_revision']} serves version {dep['model_version']}{late}"
             canary = before["canary_version"]
             if canary is None:
                 return f"rolled back: {done}"
