@@ -662,7 +662,7 @@ def rollback(
     current). A running canary is aborted with it, in one transaction: a rollback means
     'back to known good'. A target whose model file is gone or damaged changes nothing.
     `reason`: why, kept in the history (a monitor names itself and its rule). `expected`:
-    the (revision, canary revision) the caller judged; another is a Conflict."""
+    the (revision, canary revision) the caller judged; another raises Changed."""
     if to_revision is not None and to_revision < 1:
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)

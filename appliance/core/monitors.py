@@ -48,6 +48,21 @@ FAMILY_LOGS = {"drift": ("inputs",), "quality": ("inputs", "feedback"), "traffic
 # a closed log file the agent (shipping every few seconds) has not shipped within this is held
 # up: its monitors say so (the agent passes three of its intervals when that is longer)
 UNSHIPPED_AFTER = 60.0
+_DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
+# the least a version is judged on: drift over fewer rows is mostly chance (PSI over the
+# ten training deciles averages about 9/rows with nothing changed), quality likewise
+MIN_ROWS, MIN_LABELS = 200, 30  # APPLIANCE_MONITOR_MIN_ROWS, APPLIANCE_MONITOR_MIN_LABELS
+# an action that could not run yet (a rollback while a canary that did not fire runs, an
+# action that raised): its alert keeps this result, and it is tried again while it fires
+WAITING = "waiting: "
+CLAIM_EXPIRES = 600.0  # a rollback waits at most this for its workers; a claim outlives it
+_FEATURE_TYPES = {"ks": "numeric", "unseen": "categorical"}  # the others fit both
+# which quality metrics a model's objective has (training.evaluate computes these)
+_OBJECTIVE_METRICS = {
+    "regression": {"rmse", "mae", "r2"},
+    "binary": {"auc", "accuracy", "logloss", "f1", "precision", "recall"},
+    "multiclass": {"accuracy", "logloss", "f1", "precision", "recall"},
+}
 _RULE = re.compile(
     r"^\s*(?P<metric>[a-z_0-9]+)\s*(?:\(\s*(?P<arg>[^()\s]+)\s*\))?\s*"
     r"(?P<op>>=|<=|>|<)\s*(?P<num>-?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*"
@@ -380,12 +395,6 @@ def judge(
     return Judged(known[version], version, known, notes, served_at)
 
 
-_DRIFT_KEYS = {"psi": "psi", "ks": "ks", "missing_rate": "missing", "unseen": "unseen_share"}
-# the least a version is judged on: drift over fewer rows is mostly chance (PSI over the
-# ten training deciles averages about 9/rows with nothing changed), quality likewise
-MIN_ROWS, MIN_LABELS = 200, 30  # APPLIANCE_MONITOR_MIN_ROWS, APPLIANCE_MONITOR_MIN_LABELS
-
-
 def _least(variable: str, default: int) -> int:
     """A threshold from the environment, read when used: a bad value is that monitor's
     error, naming the variable, not a crash of every monitor."""
@@ -399,21 +408,6 @@ def _least(variable: str, default: int) -> int:
     if least < 0:
         raise InvalidInput(f"{variable}={text!r}: expected a whole number, 0 or more")
     return least
-
-
-# an action that could not run yet (a rollback while a canary runs that did not fire):
-# its alert keeps this result, and the action is tried again while the monitor fires
-WAITING = "waiting: "
-CLAIM_EXPIRES = 600.0  # a rollback waits at most this for its workers; a claim outlives it
-
-
-_FEATURE_TYPES = {"ks": "numeric", "unseen": "categorical"}  # the others fit both
-# which quality metrics a model's objective has (training.evaluate computes these)
-_OBJECTIVE_METRICS = {
-    "regression": {"rmse", "mae", "r2"},
-    "binary": {"auc", "accuracy", "logloss", "f1", "precision", "recall"},
-    "multiclass": {"accuracy", "logloss", "f1", "precision", "recall"},
-}
 
 
 def _served_versions(app: Appliance, deployment: str) -> tuple[set[int], tuple[int, int | None]]:

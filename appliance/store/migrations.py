@@ -617,9 +617,9 @@ def m016_alert_claims(db: Any) -> None:
         """
         ALTER TABLE monitor_alerts ADD COLUMN claimed_at REAL;
         ALTER TABLE monitor_alerts ADD COLUMN from_revision INTEGER;
-        UPDATE monitor_alerts SET from_revision = -1, claimed_at = CASE
-            WHEN action_result IS NULL OR action_result LIKE 'trying again since %' THEN 0
-            END WHERE resolved_at IS NULL
+        UPDATE monitor_alerts SET from_revision = -1,
+            claimed_at = CASE WHEN action_result IS NULL THEN 0 END
+            WHERE resolved_at IS NULL
         """,
     )
 
