@@ -259,6 +259,64 @@ def test_after_a_crash_a_restarted_agent_settles_running_jobs(app: Appliance) ->
     assert app.db.scalar("SELECT count(*) FROM jobs WHERE state = 'running'") == 0
 
 
+def test_a_job_started_while_another_thread_has_the_database_open_runs(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent starts jobs while its shipping or monitor thread may have the database
+    open. A supervisor forked then inherits that connection's SQLite state without its
+    files and failed its first read ("disk I/O error"): the job ended as "supervisor
+    disappeared" within 20 ms. Such a supervisor starts in a fresh interpreter instead."""
+    import threading
+
+    from appliance.core import agent
+    from appliance.core.jobs import LocalExecutor, cancel_job, claim_job
+    from appliance.core.processes import identity
+
+    monkeypatch.setattr(agent, "ensure_agent", lambda app: None)  # this test is the agent
+    opened, done = threading.Event(), threading.Event()
+
+    def start(spec: JobSpec) -> dict:  # type: ignore[type-arg]
+        job = submit_job(app, spec)
+        assert claim_job(app, job["id"])
+        pid = LocalExecutor().start(app, job["id"])
+        app.db.execute(  # what the agent records
+            "UPDATE jobs SET pid = coalesce(pid, ?), pid_identity = coalesce(pid_identity, ?) "
+            "WHERE id = ?",
+            (pid, identity(pid), job["id"]),
+        )
+        return job
+
+    def hold_the_database() -> None:  # as a shipping pass does, for as long as it runs
+        other = Appliance(app.settings)
+        other.db.scalar("SELECT count(*) FROM jobs")
+        opened.set()
+        done.wait(30)
+        other.close()
+
+    holder = threading.Thread(target=hold_the_database)
+    holder.start()
+    try:
+        assert opened.wait(10)
+        # the job gets signals as any other: SIGTERM not blocked (bit 15 of SigBlk)
+        code = (
+            "import re; print(re.search(r'SigBlk:\\s*(\\w+)', open('/proc/self/status').read())[1])"
+        )
+        ended = wait_job(app, start(_py(code))["id"], timeout=60)
+        # a cancel that comes before the fresh interpreter listens waits for it
+        cancelled = start(_py("import time; time.sleep(30)", retries=1))
+        took = time.monotonic()
+        stopped = cancel_job(app, cancelled["id"])
+        took = time.monotonic() - took
+    finally:
+        done.set()
+        holder.join()
+    assert ended["state"] == "succeeded", (ended["error"], Path(ended["log_path"]).read_text())
+    blocked = Path(ended["log_path"]).read_text().split()[-1]
+    assert not int(blocked, 16) & (1 << (signal.SIGTERM - 1)), blocked
+    assert stopped["state"] == "cancelled" and stopped["attempt"] == 1, stopped
+    assert took < 2.0, took
+
+
 def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:
     """However early the cancel lands (claim, fork, registration), the job ends cancelled,
     is not retried, and within 2 s."""

@@ -253,6 +253,8 @@ class LocalExecutor:
     def start(self, app: Appliance, job_id: str) -> int:
         log_path = app.settings.logs_dir / "jobs" / f"{job_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        if not _fork_safe():
+            return self._spawn(app, job_id, log_path)
         sys.stdout.flush()
         sys.stderr.flush()
         # SQLite keeps per-process lock state that a forked child must not inherit: close the
@@ -290,7 +292,31 @@ class LocalExecutor:
 
             traceback.print_exc()
         finally:
+            with contextlib.suppress(Exception):  # os._exit flushes nothing: keep its last words
+                sys.stderr.flush()
             os._exit(code)
+
+    def _spawn(self, app: Appliance, job_id: str, log_path: Path) -> int:
+        """The supervisor in a fresh interpreter, when another thread runs (the agent's
+        shipping or monitor pass): a fork would copy its open SQLite connection without the
+        files behind it, or a module it is importing half-done, and the child's first read
+        fails or its import hangs. Slower to start (no warm imports), never broken."""
+        stops = {signal.SIGTERM, signal.SIGINT}
+        # the mask crosses exec: a cancel waits until the supervisor listens (it unblocks)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "appliance.runner", "supervise", job_id],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env={**os.environ, "APPLIANCE_HOME": str(app.settings.home)},
+                    start_new_session=True,
+                )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        return proc.pid
 
     def cancel(self, job: dict[str, Any]) -> None:
         if self.is_alive(job):
@@ -1108,6 +1134,7 @@ def supervise(app: Appliance, job_id: str, grace: float = KILL_GRACE) -> str:
     # Listening before the pid is registered: a cancel can never find a deaf supervisor.
     signal.signal(signal.SIGTERM, lambda signum, frame: stop("cancelled"))
     signal.signal(signal.SIGINT, lambda signum, frame: stop("cancelled"))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # see _spawn
     if _STOP_REQUESTED.is_set():
         stop("cancelled")
 
