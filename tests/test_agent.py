@@ -314,7 +314,43 @@ def test_a_job_started_while_another_thread_has_the_database_open_runs(
     blocked = Path(ended["log_path"]).read_text().split()[-1]
     assert not int(blocked, 16) & (1 << (signal.SIGTERM - 1)), blocked
     assert stopped["state"] == "cancelled" and stopped["attempt"] == 1, stopped
+    assert stopped["error"] == "cancelled before it started", stopped  # by the supervisor
     assert took < 2.0, took
+
+
+def test_the_agent_reaps_what_it_started_and_nothing_its_threads_wait_for(
+    app: Appliance,
+) -> None:
+    """A monitor's command runs in the agent's watch thread while the main loop reaps: a
+    waitpid(-1) there could take the command's exit status first, and a failed command then
+    read as exit 0. The loop reaps the supervisors and servers it started, and only those."""
+    import threading
+
+    from appliance.core.agent import Agent
+
+    agent = Agent(app, capacity=machine_capacity())
+    codes: list[int] = []
+    done = threading.Event()
+
+    def commands() -> None:  # as the watch thread runs an action's command
+        try:
+            for _ in range(300):
+                codes.append(subprocess.run(["false"], check=False).returncode)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=commands)
+    thread.start()
+    while not done.is_set():
+        agent._reap()
+    thread.join()
+    assert codes == [1] * 300, codes.count(0)
+
+    started = os.posix_spawnp("true", ["true"], os.environ)  # a supervisor that has ended
+    agent.children.add(started)
+    _until(lambda: _gone(started))  # a zombie until reaped
+    agent._reap()
+    assert not Path(f"/proc/{started}").exists() and started not in agent.children
 
 
 def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:

@@ -288,6 +288,7 @@ class Agent:
         self.capacity = capacity or self._probe()
         self.probe_capacity = capacity is None  # a given capacity (tests) stays as given
         self.restarts: dict[str, tuple[int, float]] = {}  # deployment -> (restarts, not before)
+        self.children: set[int] = set()  # supervisors and servers started here, for _reap
         self.probed = time.monotonic()
         self.stopping = False
         self.watched = 0.0
@@ -353,9 +354,10 @@ class Agent:
 
     def preload(self) -> None:
         """Import what built-in jobs import (numpy, DuckDB, LightGBM, the job bodies) once,
-        here: every supervisor forked from the agent inherits them, so a training job starts
-        warm. Their native helper threads are idle at a fork (the agent runs no queries, no
-        training). Not torch: its CUDA state must not cross a fork."""
+        here: every supervisor forked from the agent inherits them, so a training job started
+        between the agent's passes starts warm. Their native helper threads are idle at a
+        fork (the agent runs no queries, no training). Not torch: its CUDA state must not
+        cross a fork."""
         if not warm_jobs_enabled():
             return
         started = time.monotonic()
@@ -442,6 +444,7 @@ class Agent:
             except OSError as exc:
                 fail_or_retry(self.app, job["id"], None, f"could not start: {exc}")
                 continue
+            self.children.add(pid)
             self.app.db.execute(
                 "UPDATE jobs SET pid = coalesce(pid, ?), pid_identity = coalesce(pid_identity, ?) "
                 "WHERE id = ? AND state = 'running'",
@@ -548,7 +551,9 @@ class Agent:
             if now < not_before:
                 continue
             try:
-                restart_deployment(self.app, dep["name"], dep["host"], dep["port"])
+                served = restart_deployment(self.app, dep["name"], dep["host"], dep["port"])
+                if served.get("pid"):
+                    self.children.add(int(served["pid"]))
                 print(f"{utcnow()} restarted deployment {dep['name']}", file=sys.stderr, flush=True)
                 self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
             except ApplianceError as exc:
@@ -595,13 +600,17 @@ class Agent:
         return [str(i) for i in range(self.capacity.gpu)]
 
     def _reap(self) -> None:
-        while True:
+        """Reap the supervisors and servers started here once they exit. Only those: a
+        thread's subprocess (a monitor's command, kubectl) waits for its own child, and a
+        waitpid(-1) here could take that child's exit status first (a failed command then
+        reads as exit 0)."""
+        for pid in list(self.children):
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped already (a liveness check reaps its own)
+                done = pid
+            if done:
+                self.children.discard(pid)
 
     def _active(self) -> int:
         return int(

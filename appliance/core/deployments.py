@@ -851,6 +851,11 @@ def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, 
                 pass
         time.sleep(0.05)
     proc.terminate()
+    try:  # reaped here: no caller knows of it (the agent reaps only what it started)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     raise ApplianceError(f"deployment {name}: server not ready after {READY_TIMEOUT:.0f}s")
 
 

@@ -242,10 +242,11 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Each job is supervised by a process forked from the agent into a session of its own.
+    """Each job is supervised by a process of its own session, forked from the agent while
+    the agent runs no other thread, else started as a fresh interpreter.
 
-    Forking skips an interpreter start (about 100 ms) per job; the supervisor survives the
-    agent's exit or kill -9, and records the job's end itself.
+    Forking skips an interpreter start and, for built-in jobs, the imports the agent preloaded;
+    the supervisor survives the agent's exit or kill -9, and records the job's end itself.
     """
 
     name = "local"
@@ -292,15 +293,13 @@ class LocalExecutor:
 
             traceback.print_exc()
         finally:
-            with contextlib.suppress(Exception):  # os._exit flushes nothing: keep its last words
-                sys.stderr.flush()
             os._exit(code)
 
     def _spawn(self, app: Appliance, job_id: str, log_path: Path) -> int:
         """The supervisor in a fresh interpreter, when another thread runs (the agent's
-        shipping or monitor pass): a fork would copy its open SQLite connection without the
-        files behind it, or a module it is importing half-done, and the child's first read
-        fails or its import hangs. Slower to start (no warm imports), never broken."""
+        shipping or monitor pass): a fork would copy that thread's open SQLite connection
+        without the files behind it, or a module it is importing half-done, and the child's
+        first read fails or its import hangs. It starts slower: no warm imports."""
         stops = {signal.SIGTERM, signal.SIGINT}
         # the mask crosses exec: a cancel waits until the supervisor listens (it unblocks)
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)
@@ -1106,7 +1105,9 @@ def run_body() -> int:
 
 
 def _fork_safe() -> bool:
-    """Forking a body needs a single-threaded supervisor (it is, until its pumps start)."""
+    """Whether this process may fork a child that goes on in Python: only with no other
+    thread, whose locks, imports and SQLite connections a child would copy half-done (the
+    agent between its passes; a supervisor until its pumps start)."""
     return threading.active_count() == 1
 
 

@@ -8,7 +8,7 @@ executor will read from the pod's log with the same line parser. Resources becom
 and limits, a GPU request becomes an `nvidia.com/gpu` limit on the `nvidia` RuntimeClass, the
 timeout becomes `activeDeadlineSeconds` and retries `backoffLimit`.
 
-The executor keeps the local one's supervisor: the agent forks it, it records what the job
+The executor keeps the local one's supervisor: the agent starts it, it records what the job
 prints and ends the job. Only its child differs: a `KubeJob` applies the Job, follows each
 pod's log in turn (every pod is one attempt), and ends with the Job's outcome.
 """
@@ -580,7 +580,7 @@ def ship_code(app: Appliance, spec: JobSpec) -> JobSpec:
 
 
 class K3sExecutor(LocalExecutor):
-    """Jobs as Kubernetes Jobs on k3s. The supervisor is forked here as locally (it survives
+    """Jobs as Kubernetes Jobs on k3s. The supervisor is started here as locally (it survives
     the agent, records the job's lines, ends it); the job itself runs in a pod."""
 
     name = "k3s"
