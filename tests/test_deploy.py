@@ -139,3 +139,26 @@ def test_the_agent_restarts_a_crashed_server_and_respects_stop(cli, registry_hom
     finally:
         cli("deployments", "stop", "churn", *home)
         app.close()
+
+
+def test_a_server_whose_wait_fails_is_stopped_and_reaped(
+    app, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A server whose readiness wait fails (not ready in time, or the database busy past its
+    timeout) is stopped and reaped where it was started: no caller learns its pid, and the
+    agent reaps only the servers it knows it started."""
+    import sqlite3
+
+    from appliance.core import deployments
+
+    spawned = []
+
+    def busy(app, name, proc, log_path):  # type: ignore[no-untyped-def]
+        spawned.append(proc)
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(deployments, "_wait_ready", busy)
+    with pytest.raises(sqlite3.OperationalError):
+        deployments._spawn_server(app, "churn", "127.0.0.1", 0)
+    assert spawned[0].returncode is not None  # stopped, and waited for
+    assert not Path(f"/proc/{spawned[0].pid}").exists()

@@ -288,7 +288,7 @@ class Agent:
         self.capacity = capacity or self._probe()
         self.probe_capacity = capacity is None  # a given capacity (tests) stays as given
         self.restarts: dict[str, tuple[int, float]] = {}  # deployment -> (restarts, not before)
-        self.children: set[int] = set()  # supervisors and servers started here, for _reap
+        self.children: set[int] = set()  # supervisors and servers it started, for _reap
         self.probed = time.monotonic()
         self.stopping = False
         self.watched = 0.0
@@ -355,9 +355,9 @@ class Agent:
     def preload(self) -> None:
         """Import what built-in jobs import (numpy, DuckDB, LightGBM, the job bodies) once,
         here: every supervisor forked from the agent inherits them, so a training job started
-        between the agent's passes starts warm. Their native helper threads are idle at a
-        fork (the agent runs no queries, no training). Not torch: its CUDA state must not
-        cross a fork."""
+        while no shipping or monitor pass runs starts warm. Their native helper threads are
+        idle at a fork (the agent runs no queries, no training). Not torch: its CUDA state
+        must not cross a fork."""
         if not warm_jobs_enabled():
             return
         started = time.monotonic()
@@ -607,7 +607,7 @@ class Agent:
         for pid in list(self.children):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # reaped already (a liveness check reaps its own)
+            except ChildProcessError:  # reaped already (by a liveness check), or not ours
                 done = pid
             if done:
                 self.children.discard(pid)

@@ -9,6 +9,7 @@ generation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
@@ -834,6 +836,16 @@ def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, 
             env=env,
             start_new_session=True,
         )
+    try:
+        return _wait_ready(app, name, proc, log_path)
+    except BaseException:  # not ready, or the wait failed: stopped and reaped here, as no
+        _discard(proc)  # caller learns of it (the agent reaps only what it started)
+        raise
+
+
+def _wait_ready(
+    app: Appliance, name: str, proc: subprocess.Popen[bytes], log_path: Path
+) -> dict[str, Any]:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -850,13 +862,19 @@ def _spawn_server(app: Appliance, name: str, host: str, port: int) -> dict[str, 
             except (urllib.error.URLError, OSError):
                 pass
         time.sleep(0.05)
+    raise ApplianceError(f"deployment {name}: server not ready after {READY_TIMEOUT:.0f}s")
+
+
+def _discard(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server that did not get ready, and reap it (bounded: a process stuck in the
+    kernel is left to its parent's exit)."""
     proc.terminate()
-    try:  # reaped here: no caller knows of it (the agent reaps only what it started)
-        proc.wait(timeout=10)
+    try:
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
-    raise ApplianceError(f"deployment {name}: server not ready after {READY_TIMEOUT:.0f}s")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 def crashed_deployments(app: Appliance) -> list[dict[str, Any]]:

@@ -299,23 +299,29 @@ class LocalExecutor:
         """The supervisor in a fresh interpreter, when another thread runs (the agent's
         shipping or monitor pass): a fork would copy that thread's open SQLite connection
         without the files behind it, or a module it is importing half-done, and the child's
-        first read fails or its import hangs. It starts slower: no warm imports."""
-        stops = {signal.SIGTERM, signal.SIGINT}
-        # the mask crosses exec: a cancel waits until the supervisor listens (it unblocks)
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        first read fails or its import hangs. It starts slower: no warm imports.
+
+        No Popen: only the agent's `_reap` waits for it, as for a forked one. It starts with
+        SIGTERM and SIGINT blocked, so a cancel waits until the supervisor listens (it
+        unblocks them then). The agent's own files are all close-on-exec."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        log = os.open(log_path, flags, 0o644)
         try:
-            with log_path.open("ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "appliance.runner", "supervise", job_id],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env={**os.environ, "APPLIANCE_HOME": str(app.settings.home)},
-                    start_new_session=True,
-                )
+            return os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-m", "appliance.runner", "supervise", job_id],
+                {**os.environ, "APPLIANCE_HOME": str(app.settings.home)},
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, log, 1),
+                    (os.POSIX_SPAWN_DUP2, log, 2),
+                ],
+                setsid=True,
+                setsigmask={signal.SIGTERM, signal.SIGINT},
+                setsigdef={signal.SIGPIPE, signal.SIGXFSZ},  # as Popen restores them
+            )
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-        return proc.pid
+            os.close(log)
 
     def cancel(self, job: dict[str, Any]) -> None:
         if self.is_alive(job):
@@ -1107,7 +1113,7 @@ def run_body() -> int:
 def _fork_safe() -> bool:
     """Whether this process may fork a child that goes on in Python: only with no other
     thread, whose locks, imports and SQLite connections a child would copy half-done (the
-    agent between its passes; a supervisor until its pumps start)."""
+    agent while no shipping or monitor pass runs; a supervisor until its pumps start)."""
     return threading.active_count() == 1
 
 
