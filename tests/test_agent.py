@@ -353,6 +353,22 @@ def test_the_agent_reaps_what_it_started_and_nothing_its_threads_wait_for(
     assert not Path(f"/proc/{started}").exists() and started not in agent.children
 
 
+def test_the_agent_passes_no_descriptor_it_inherited_to_the_supervisors_it_spawns() -> None:
+    """Forked supervisors close every descriptor but 0-2; spawned ones get what is not
+    close-on-exec, so the agent makes what it inherited (from a shell that leaks some)
+    close-on-exec when it starts."""
+    code = (
+        "import os\n"
+        "from appliance.core.agent import _inherit_nothing\n"
+        "read, write = os.pipe()\n"
+        "os.set_inheritable(write, True)\n"
+        "_inherit_nothing()\n"
+        "print(os.get_inheritable(write), os.get_inheritable(read), os.get_inheritable(2))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "False", "True"], done.stderr
+
+
 def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:
     """However early the cancel lands (claim, fork, registration), the job ends cancelled,
     is not retried, and within 2 s."""

@@ -141,24 +141,58 @@ def test_the_agent_restarts_a_crashed_server_and_respects_stop(cli, registry_hom
         app.close()
 
 
-def test_a_server_whose_wait_fails_is_stopped_and_reaped(
-    app, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    """A server whose readiness wait fails (not ready in time, or the database busy past its
-    timeout) is stopped and reaped where it was started: no caller learns its pid, and the
-    agent reaps only the servers it knows it started."""
+def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
+    registry_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server the agent restarts, whose readiness wait then fails (the database busy past
+    its timeout, an interrupt), is stopped and reaped there: no caller learns its pid, and
+    the agent reaps only what it knows it started. The deployment stays wanted, so the agent
+    tries again, though the server recorded itself stopped on its way out. A database busy
+    for a moment is only "not ready yet"."""
     import sqlite3
+    import subprocess
 
-    from appliance.core import deployments
+    from appliance.core import agent, deployments
+    from appliance.core.context import Appliance
 
-    spawned = []
+    app = Appliance.open(registry_home)
+    agent.stop_agent(app)  # this test restarts the server as the agent would, alone
+    monkeypatch.setattr(agent, "ensure_agent", lambda app: None)
+    gone = subprocess.Popen(["true"])  # a pid that no longer runs: a crash
+    gone.wait()
+    app.db.execute(
+        "UPDATE deployments SET status = 'serving', pid = ? WHERE name = 'churn'", (gone.pid,)
+    )
+    assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
+    servers = []
+    real_wait = deployments._wait_ready
 
-    def busy(app, name, proc, log_path):  # type: ignore[no-untyped-def]
-        spawned.append(proc)
+    def ready_then_busy(app, name, proc, log_path):  # type: ignore[no-untyped-def]
+        servers.append(proc)
+        real_wait(app, name, proc, log_path)  # it serves; then the database is busy
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(deployments, "_wait_ready", busy)
+    monkeypatch.setattr(deployments, "_wait_ready", ready_then_busy)
     with pytest.raises(sqlite3.OperationalError):
-        deployments._spawn_server(app, "churn", "127.0.0.1", 0)
-    assert spawned[0].returncode is not None  # stopped, and waited for
-    assert not Path(f"/proc/{spawned[0].pid}").exists()
+        deployments.restart_deployment(app, "churn", "127.0.0.1", 0)
+    assert servers[0].returncode is not None  # it was serving: stopped, and waited for
+    assert not Path(f"/proc/{servers[0].pid}").exists()
+    assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
+
+    monkeypatch.setattr(deployments, "_wait_ready", real_wait)
+    real_get, calls = deployments.get_deployment, []
+
+    def busy_once(app, name):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        if len(calls) == 2:  # restart's own look, then the wait's first
+            raise sqlite3.OperationalError("database is locked")
+        return real_get(app, name)
+
+    monkeypatch.setattr(deployments, "get_deployment", busy_once)
+    try:
+        served = deployments.restart_deployment(app, "churn", "127.0.0.1", 0)
+        assert served["status"] == "serving" and len(calls) > 2, (calls, served)
+    finally:
+        monkeypatch.setattr(deployments, "get_deployment", real_get)
+        deployments.stop_deployment(app, "churn")
+        app.close()

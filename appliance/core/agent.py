@@ -690,10 +690,22 @@ class Agent:
         self.stopping = True
 
 
+def _inherit_nothing() -> None:
+    """Descriptors the agent itself inherited (a foreground agent under a shell that leaks
+    some) stay out of the supervisors it spawns, as forked ones close them: close-on-exec.
+    Its own files are close-on-exec already."""
+    with contextlib.suppress(OSError):  # no procfs: nothing to list
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2:
+                with contextlib.suppress(OSError):  # the listing's own descriptor, closed
+                    os.set_inheritable(int(name), False)
+
+
 def run_agent(app: Appliance, idle_exit: float | None = None, wait_lock: bool = False) -> int:
     """`appliance agent`: run the scheduler in the foreground (what systemd and on-demand
     starts both run). Returns 1 at once, with a message, if another agent holds this home;
     with `wait_lock` (the service), it waits for that agent to exit instead."""
+    _inherit_nothing()
     agent = Agent(app, idle_exit=idle_exit)
     if wait_lock:
         signal.signal(signal.SIGTERM, agent._on_stop)

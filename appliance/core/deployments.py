@@ -854,7 +854,11 @@ def _wait_ready(
                 f"deployment {name}: server exited with code {proc.returncode}: "
                 f"{tail[0] if tail else 'no output'} (log: {log_path})"
             )
-        dep = get_deployment(app, name)
+        try:
+            dep = get_deployment(app, name)
+        except sqlite3.OperationalError:  # busy past its timeout: not known ready yet
+            time.sleep(0.05)
+            continue
         if dep["status"] == "serving" and dep["pid"] == proc.pid:
             try:
                 with urllib.request.urlopen(f"{dep['url']}/v2/health/ready", timeout=5):
@@ -894,9 +898,20 @@ def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[
         if wanted != "serving" or dep["status"] == "serving":  # stopped, or already back
             return dep
         try:
-            return _spawn_server(app, name, host or "127.0.0.1", port or 0)
-        except ApplianceError:
-            return _spawn_server(app, name, host or "127.0.0.1", 0)  # the port was taken
+            try:
+                return _spawn_server(app, name, host or "127.0.0.1", port or 0)
+            except ApplianceError:
+                return _spawn_server(app, name, host or "127.0.0.1", 0)  # the port was taken
+        except BaseException:
+            # A server stopped on its way up records itself stopped as it exits; the
+            # deployment is still wanted (a stop waits for this lock), so the agent tries again.
+            with contextlib.suppress(sqlite3.Error):
+                app.db.execute(
+                    "UPDATE deployments SET status = 'serving', updated_at = ? "
+                    "WHERE name = ? AND status = 'stopped'",
+                    (utcnow(), name),
+                )
+            raise
 
 
 def stop_deployment(app: Appliance, name: str, timeout: float = 10.0) -> dict[str, Any]:
