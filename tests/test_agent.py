@@ -353,20 +353,56 @@ def test_the_agent_reaps_what_it_started_and_nothing_its_threads_wait_for(
     assert not Path(f"/proc/{started}").exists() and started not in agent.children
 
 
-def test_the_agent_passes_no_descriptor_it_inherited_to_the_supervisors_it_spawns() -> None:
+def test_the_agent_passes_no_descriptor_it_inherited_to_the_supervisors_it_spawns(
+    tmp_path: Path,
+) -> None:
     """Forked supervisors close every descriptor but 0-2; spawned ones get what is not
     close-on-exec, so the agent makes what it inherited (from a shell that leaks some)
     close-on-exec when it starts."""
     code = (
-        "import os\n"
-        "from appliance.core.agent import _inherit_nothing\n"
+        "import os, sys\n"
+        "from appliance.core.agent import run_agent\n"
+        "from appliance.core.context import Appliance\n"
         "read, write = os.pipe()\n"
         "os.set_inheritable(write, True)\n"
-        "_inherit_nothing()\n"
+        "run_agent(Appliance.open(sys.argv[1]), idle_exit=0.01)\n"
         "print(os.get_inheritable(write), os.get_inheritable(read), os.get_inheritable(2))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.stdout.split() == ["False", "False", "True"], done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "home")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split()[-3:] == ["False", "False", "True"], (done.stdout, done.stderr)
+
+
+def test_a_restart_that_fails_with_any_error_backs_off(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart that fails with a database or system error, not only the server's own,
+    waits its backoff: the deployment stays wanted after a failed restart, and the agent
+    must not start a server on every pass."""
+    import contextlib
+    import sqlite3
+
+    from appliance.core import deployments
+    from appliance.core.agent import Agent
+
+    agent = Agent(app, capacity=machine_capacity())
+    crashed = [{"name": "churn", "host": "127.0.0.1", "port": 0, "pid": None}]
+    monkeypatch.setattr(deployments, "crashed_deployments", lambda app: crashed)
+    tries: list[str] = []
+
+    def broken(app, name, host, port):  # type: ignore[no-untyped-def]
+        tries.append(name)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(deployments, "restart_deployment", broken)
+    for _ in range(3):  # the pass fails as before (logged, a fresh connection)
+        with contextlib.suppress(sqlite3.OperationalError):
+            agent.supervise_deployments()
+    assert tries == ["churn"] and agent.restarts["churn"][0] == 1
 
 
 def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:

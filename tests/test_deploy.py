@@ -144,54 +144,86 @@ def test_the_agent_restarts_a_crashed_server_and_respects_stop(cli, registry_hom
 def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
     registry_home: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A server the agent restarts, whose readiness wait then fails (the database busy past
-    its timeout, an interrupt), is stopped and reaped there: no caller learns its pid, and
-    the agent reaps only what it knows it started. The deployment stays wanted, so the agent
-    tries again, though the server recorded itself stopped on its way out. A database busy
-    for a moment is only "not ready yet"."""
+    """A server the agent restarts whose readiness wait fails (not ready in time, an
+    interrupt) is stopped and reaped there: no caller learns its pid, and the agent reaps
+    only what it knows it started. The deployment stays wanted on its own address, so the
+    agent tries again, though the servers recorded themselves stopped, and the fallback its
+    port, on their way out. A database busy for a while is only "not ready yet"; any other
+    database error is said at once."""
     import sqlite3
     import subprocess
+    import time
 
     from appliance.core import agent, deployments
     from appliance.core.context import Appliance
+    from appliance.errors import ApplianceError
 
     app = Appliance.open(registry_home)
     agent.stop_agent(app)  # this test restarts the server as the agent would, alone
     monkeypatch.setattr(agent, "ensure_agent", lambda app: None)
     gone = subprocess.Popen(["true"])  # a pid that no longer runs: a crash
     gone.wait()
-    app.db.execute(
-        "UPDATE deployments SET status = 'serving', pid = ? WHERE name = 'churn'", (gone.pid,)
-    )
-    assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
+    address = app.db.rows("SELECT host, port FROM deployments WHERE name = 'churn'")[0]
+
+    def crash() -> None:
+        app.db.execute(
+            "UPDATE deployments SET status = 'serving', pid = ? WHERE name = 'churn'", (gone.pid,)
+        )
+        assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
+
+    def restart() -> dict:  # type: ignore[type-arg]
+        return deployments.restart_deployment(app, "churn", address["host"], address["port"])
+
+    crash()
     servers = []
     real_wait = deployments._wait_ready
 
-    def ready_then_busy(app, name, proc, log_path):  # type: ignore[no-untyped-def]
+    def ready_too_late(app, name, proc, log_path):  # type: ignore[no-untyped-def]
         servers.append(proc)
-        real_wait(app, name, proc, log_path)  # it serves; then the database is busy
-        raise sqlite3.OperationalError("database is locked")
+        real_wait(app, name, proc, log_path)  # it serves, but after the deadline
+        raise ApplianceError(f"deployment {name}: server not ready after 60s")
 
-    monkeypatch.setattr(deployments, "_wait_ready", ready_then_busy)
-    with pytest.raises(sqlite3.OperationalError):
-        deployments.restart_deployment(app, "churn", "127.0.0.1", 0)
-    assert servers[0].returncode is not None  # it was serving: stopped, and waited for
-    assert not Path(f"/proc/{servers[0].pid}").exists()
+    monkeypatch.setattr(deployments, "_wait_ready", ready_too_late)
+    with pytest.raises(ApplianceError):
+        restart()
+    assert len(servers) == 2  # on its address, then on a free port
+    for server in servers:  # both were serving: stopped, and waited for
+        assert server.returncode is not None and not Path(f"/proc/{server.pid}").exists()
     assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
+    assert app.db.rows("SELECT host, port FROM deployments WHERE name = 'churn'") == [address]
 
     monkeypatch.setattr(deployments, "_wait_ready", real_wait)
-    real_get, calls = deployments.get_deployment, []
+    real_get = deployments.get_deployment
+    calls: list[str] = []
 
-    def busy_once(app, name):  # type: ignore[no-untyped-def]
-        calls.append(name)
-        if len(calls) == 2:  # restart's own look, then the wait's first
-            raise sqlite3.OperationalError("database is locked")
-        return real_get(app, name)
+    def fails_once(code: int):  # type: ignore[no-untyped-def]
+        def get(app, name):  # type: ignore[no-untyped-def]
+            calls.append(name)
+            if len(calls) == 2:  # restart's own look, then the wait's first
+                error = sqlite3.OperationalError("database is locked" if code == 5 else "I/O")
+                error.sqlite_errorcode = code  # type: ignore[attr-defined]
+                raise error
+            return real_get(app, name)
 
-    monkeypatch.setattr(deployments, "get_deployment", busy_once)
+        return get
+
+    monkeypatch.setattr(deployments, "get_deployment", fails_once(5))  # SQLITE_BUSY
     try:
-        served = deployments.restart_deployment(app, "churn", "127.0.0.1", 0)
-        assert served["status"] == "serving" and len(calls) > 2, (calls, served)
+        served = restart()
+        assert served["status"] == "serving" and served["port"] == address["port"]
+        assert len(calls) > 2, calls
+    finally:
+        monkeypatch.setattr(deployments, "get_deployment", real_get)
+        deployments.stop_deployment(app, "churn")
+    crash()
+    calls.clear()
+    monkeypatch.setattr(deployments, "get_deployment", fails_once(10))  # SQLITE_IOERR
+    started = time.monotonic()
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            restart()
+        assert time.monotonic() - started < 30  # said, not waited out (60 s)
+        assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
     finally:
         monkeypatch.setattr(deployments, "get_deployment", real_get)
         deployments.stop_deployment(app, "churn")

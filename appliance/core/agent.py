@@ -556,13 +556,15 @@ class Agent:
                     self.children.add(int(served["pid"]))
                 print(f"{utcnow()} restarted deployment {dep['name']}", file=sys.stderr, flush=True)
                 self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
-            except ApplianceError as exc:
+            except Exception as exc:  # any failure backs off: not a restart every pass
+                self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
+                if not isinstance(exc, ApplianceError):
+                    raise  # the pass's own handling: said in the log, a fresh connection
                 print(
                     f"{utcnow()} deployment {dep['name']} did not restart: {exc.message}",
                     file=sys.stderr,
                     flush=True,
                 )
-                self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
         # k3s deployments are the cluster's to keep up: they keep no agent alive
         return bool(
             self.app.db.scalar(

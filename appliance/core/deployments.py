@@ -31,6 +31,7 @@ from appliance.errors import ApplianceError, Changed, Conflict, InvalidInput, No
 from appliance.store.db import utcnow
 
 READY_TIMEOUT = 60.0
+SQLITE_BUSY_LOCKED = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a wait on another writer, not a fault
 SERVED_TIMEOUT = 30.0  # how long deploy/rollback wait for every worker to swap
 MAX_WORKERS = 64
 MAX_CANARY_WINDOW = 3600.0
@@ -856,7 +857,9 @@ def _wait_ready(
             )
         try:
             dep = get_deployment(app, name)
-        except sqlite3.OperationalError:  # busy past its timeout: not known ready yet
+        except sqlite3.OperationalError as exc:  # busy past its timeout: not known ready yet
+            if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in SQLITE_BUSY_LOCKED:
+                raise
             time.sleep(0.05)
             continue
         if dep["status"] == "serving" and dep["pid"] == proc.pid:
@@ -891,7 +894,8 @@ def crashed_deployments(app: Appliance) -> list[dict[str, Any]]:
 
 
 def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
-    """Start a crashed deployment's server again, on its address when that is free."""
+    """Start a crashed deployment's server again, on its address when that is free. When
+    that fails, the deployment stays wanted on its address, for the agent's next try."""
     with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
         dep = get_deployment(app, name)
         wanted = app.db.scalar("SELECT status FROM deployments WHERE name = ?", (name,))
@@ -903,14 +907,17 @@ def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[
             except ApplianceError:
                 return _spawn_server(app, name, host or "127.0.0.1", 0)  # the port was taken
         except BaseException:
-            # A server stopped on its way up records itself stopped as it exits; the
-            # deployment is still wanted (a stop waits for this lock), so the agent tries again.
-            with contextlib.suppress(sqlite3.Error):
+            # A server stopped on its way up records itself stopped as it exits, and one on a
+            # fallback port recorded that port: the deployment is still wanted, on its address
+            # (a stop waits for this lock), so the agent tries again.
+            try:
                 app.db.execute(
-                    "UPDATE deployments SET status = 'serving', updated_at = ? "
-                    "WHERE name = ? AND status = 'stopped'",
-                    (utcnow(), name),
+                    "UPDATE deployments SET status = CASE status WHEN 'stopped' THEN 'serving' "
+                    "ELSE status END, host = ?, port = ?, updated_at = ? WHERE name = ?",
+                    (host, port, utcnow(), name),
                 )
+            except sqlite3.Error as exc:
+                print(f"deployment {name}: left stopped: {exc}", file=sys.stderr, flush=True)
             raise
 
 
