@@ -147,9 +147,9 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
     """A server the agent restarts whose readiness wait fails (not ready in time, an
     interrupt) is stopped and reaped there: no caller learns its pid, and the agent reaps
     only what it knows it started. The deployment stays wanted on its own address, so the
-    agent tries again, though the servers recorded themselves stopped, and the fallback its
-    port, on their way out. A database busy for a while is only "not ready yet"; any other
-    database error is said at once."""
+    agent tries again, though the servers recorded themselves stopped on their way out and
+    the fallback server had recorded its free port. A database busy for a while is only
+    "not ready yet"; any other database error is said at once, its server reaped too."""
     import sqlite3
     import subprocess
     import time
@@ -192,7 +192,11 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
     assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
     assert app.db.rows("SELECT host, port FROM deployments WHERE name = 'churn'") == [address]
 
-    monkeypatch.setattr(deployments, "_wait_ready", real_wait)
+    def recorded(app, name, proc, log_path):  # type: ignore[no-untyped-def]
+        servers.append(proc)
+        return real_wait(app, name, proc, log_path)
+
+    monkeypatch.setattr(deployments, "_wait_ready", recorded)
     real_get = deployments.get_deployment
     calls: list[str] = []
 
@@ -200,14 +204,16 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
         def get(app, name):  # type: ignore[no-untyped-def]
             calls.append(name)
             if len(calls) == 2:  # restart's own look, then the wait's first
-                error = sqlite3.OperationalError("database is locked" if code == 5 else "I/O")
+                error = sqlite3.OperationalError(
+                    "database is locked" if code & 0xFF == 5 else "I/O"
+                )
                 error.sqlite_errorcode = code  # type: ignore[attr-defined]
                 raise error
             return real_get(app, name)
 
         return get
 
-    monkeypatch.setattr(deployments, "get_deployment", fails_once(5))  # SQLITE_BUSY
+    monkeypatch.setattr(deployments, "get_deployment", fails_once(517))  # SQLITE_BUSY_SNAPSHOT
     try:
         served = restart()
         assert served["status"] == "serving" and served["port"] == address["port"]
@@ -223,6 +229,8 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
         with pytest.raises(sqlite3.OperationalError):
             restart()
         assert time.monotonic() - started < 30  # said, not waited out (60 s)
+        assert servers[-1].returncode is not None  # its server stopped, and waited for
+        assert not Path(f"/proc/{servers[-1].pid}").exists()
         assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
     finally:
         monkeypatch.setattr(deployments, "get_deployment", real_get)

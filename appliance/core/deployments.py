@@ -31,10 +31,10 @@ from appliance.errors import ApplianceError, Changed, Conflict, InvalidInput, No
 from appliance.store.db import utcnow
 
 READY_TIMEOUT = 60.0
-SQLITE_BUSY_LOCKED = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a wait on another writer, not a fault
 SERVED_TIMEOUT = 30.0  # how long deploy/rollback wait for every worker to swap
 MAX_WORKERS = 64
 MAX_CANARY_WINDOW = 3600.0
+SQLITE_BUSY_LOCKED = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a wait on another writer, not a fault
 
 
 def get_deployment(app: Appliance, name: str) -> dict[str, Any]:
@@ -857,7 +857,7 @@ def _wait_ready(
             )
         try:
             dep = get_deployment(app, name)
-        except sqlite3.OperationalError as exc:  # busy past its timeout: not known ready yet
+        except sqlite3.OperationalError as exc:  # busy or locked: not known ready yet
             if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in SQLITE_BUSY_LOCKED:
                 raise
             time.sleep(0.05)
@@ -895,7 +895,7 @@ def crashed_deployments(app: Appliance) -> list[dict[str, Any]]:
 
 def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
     """Start a crashed deployment's server again, on its address when that is free. When
-    that fails, the deployment stays wanted on its address, for the agent's next try."""
+    that fails, the deployment is kept wanted on its address, for the agent's next try."""
     with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
         dep = get_deployment(app, name)
         wanted = app.db.scalar("SELECT status FROM deployments WHERE name = ?", (name,))
@@ -917,7 +917,12 @@ def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[
                     (host, port, utcnow(), name),
                 )
             except sqlite3.Error as exc:
-                print(f"deployment {name}: left stopped: {exc}", file=sys.stderr, flush=True)
+                print(
+                    f"{utcnow()} deployment {name}: its failed restart is not kept for another "
+                    f"try: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise
 
 
