@@ -399,10 +399,13 @@ def test_a_restart_that_fails_with_any_error_backs_off(
 
     monkeypatch.setattr(deployments, "restart_deployment", broken)
     before = time.monotonic()
-    assert agent._step() is True  # the pass fails as before: logged, and retried
+    assert agent._step() is True  # the pass fails as before: logged
     assert "agent pass failed, retrying: disk I/O error" in capsys.readouterr().err
     failures, not_before = agent.restarts["churn"]
     assert tries == ["churn"] and failures == 1 and not_before >= before + 1.0  # backing off
+    agent.restarts["churn"] = (failures, time.monotonic() + 3600)  # still backing off
+    agent._step()
+    assert tries == ["churn"]  # not tried again meanwhile
 
 
 def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:

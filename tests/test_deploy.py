@@ -144,8 +144,8 @@ def test_the_agent_restarts_a_crashed_server_and_respects_stop(cli, registry_hom
 def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
     registry_home: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A server the agent restarts whose readiness wait fails (not ready in time, an
-    interrupt) is stopped and reaped there: no caller learns its pid, and the agent reaps
+    """A server the agent restarts whose readiness wait fails (not ready in time, a database
+    error) is stopped and reaped there: no caller learns its pid, and the agent reaps
     only what it knows it started. The deployment stays wanted on its own address, so the
     agent tries again, though the servers recorded themselves stopped on their way out and
     the fallback server had recorded its free port. A database busy for a while is only
@@ -229,6 +229,7 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
         with pytest.raises(sqlite3.OperationalError):
             restart()
         assert time.monotonic() - started < 30  # said, not waited out (60 s)
+        assert len(servers) == 4  # two not ready, one served, this one
         assert servers[-1].returncode is not None  # its server stopped, and waited for
         assert not Path(f"/proc/{servers[-1].pid}").exists()
         assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]

@@ -559,7 +559,7 @@ class Agent:
             except Exception as exc:  # any failure backs off: not a restart every pass
                 self.restarts[dep["name"]] = (failures + 1, now + min(60.0, 2.0**failures))
                 if not isinstance(exc, ApplianceError):
-                    raise  # the pass's own handling (a database or system error: logged)
+                    raise  # handled by the pass as before (a database or system error: logged)
                 print(
                     f"{utcnow()} deployment {dep['name']} did not restart: {exc.message}",
                     file=sys.stderr,

@@ -918,8 +918,8 @@ def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[
                 )
             except sqlite3.Error as exc:
                 print(
-                    f"{utcnow()} deployment {name}: its failed restart is not kept for another "
-                    f"try: {exc}",
+                    f"{utcnow()} deployment {name}: could not keep it wanted on its address "
+                    f"after the failed restart: {exc}",
                     file=sys.stderr,
                     flush=True,
                 )
