@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -424,9 +425,10 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     def slow_workers(*args: Any, **kwargs: Any) -> Any:
         raise ApplianceError("revision 4 recorded, but a worker did not adopt it")
 
+    real_wait_served = deployments.wait_served
     monkeypatch.setattr(deployments, "wait_served", slow_workers)  # ended, then not adopted
     (both,) = check_monitors(app, "output")
-    monkeypatch.undo()
+    monkeypatch.setattr(deployments, "wait_served", real_wait_served)
     assert both["action_result"] == (
         "waiting: ended the canary of version 4 (revision 4 serves version 1; not yet served "
         "by every worker: revision 4 recorded, but a worker did not adopt it); the stable "
@@ -567,10 +569,11 @@ def test_a_rollback_judged_at_one_revision_refuses_another(
             deploy_canary(app, "syn", refs[1], 10)  # revision 3
         return mv
 
+    real__deployable = deployments._deployable
     monkeypatch.setattr(deployments, "_deployable", canary_meanwhile)
     with pytest.raises(Changed):
         rollback(app, "syn", expected=(2, None))
-    monkeypatch.undo()
+    monkeypatch.setattr(deployments, "_deployable", real__deployable)
     dep = get_deployment(app, "syn")
     assert (dep["current_revision"], dep["canary_revision"]) == (2, 3)
     # the canary promoted while the rollback ends it: refused, not said to be done
@@ -581,10 +584,11 @@ def test_a_rollback_judged_at_one_revision_refuses_another(
             real_end(app, "syn", "promoted", None, None)
         return real_end(*args, **kwargs)
 
+    real_end_canary = deployments.end_canary
     monkeypatch.setattr(deployments, "end_canary", promoted_meanwhile)
     with pytest.raises(Changed):
         rollback(app, "syn", expected=(2, 3))
-    monkeypatch.undo()
+    monkeypatch.setattr(deployments, "end_canary", real_end_canary)
     dep = get_deployment(app, "syn")
     assert (dep["current_revision"], dep["canary_revision"], dep["model_version"]) == (3, None, 3)
 
@@ -781,6 +785,7 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     def locked(*args: Any, **kwargs: Any) -> Any:
         raise sqlite3.OperationalError("database is locked")
 
+    real_rollback = deployments.rollback
     monkeypatch.setattr(deployments, "rollback", locked)
     (failed,) = check_monitors(app)  # said, and the other monitors are still checked
     assert failed["action_result"] == (
@@ -789,7 +794,7 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     assert failed["error"] == failed["action_result"]
     (alert,) = list_alerts(app, "syn")
     assert alert["action_result"] == failed["action_result"]
-    monkeypatch.undo()
+    monkeypatch.setattr(deployments, "rollback", real_rollback)
     (outcome,) = check_monitors(app, force=True)
     assert outcome["state"] == "firing" and outcome["value"] > 0.2
     dep = get_deployment(app, "syn")
@@ -865,23 +870,28 @@ def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
         with pytest.raises(InvalidInput, match=message):
             add_monitor(app, "never", "syn", rule, "1m", {})
     # no request at all is a rate of 0 while the deployment serves (the fixture's is not
-    # started: it is marked serving by this process)
+    # started: it is marked serving here, with a live pid)
     add_monitor(app, "stopped", "syn", "rps < 1 over 1m", "1m", {})
     later = time.time() + 7200  # nothing logged in the window
     assert check_monitors(app, "stopped", now=later)[0]["state"] == "no_data"
-    app.db.execute(
-        "UPDATE deployments SET status = 'serving', pid = ?, port = 1 WHERE name = 'syn'",
-        (os.getpid(),),
-    )
-    stopped = check_monitors(app, "stopped", now=later, force=True)[0]
-    assert (stopped["state"], stopped["value"]) == ("firing", 0.0)
-    # a k3s deployment's pods keep their counters: no request logged is no data there
-    app.db.execute("UPDATE deployments SET backend = 'k3s' WHERE name = 'syn'")
-    assert check_monitors(app, "stopped", now=later, force=True)[0]["state"] == "no_data"
-    app.db.execute(
-        "UPDATE deployments SET backend = 'local', status = 'stopped', pid = NULL "
-        "WHERE name = 'syn'"
-    )
+    server = subprocess.Popen(["sleep", "60"])  # a live pid, never signalled as ours
+    try:
+        app.db.execute(
+            "UPDATE deployments SET status = 'serving', pid = ?, port = 1 WHERE name = 'syn'",
+            (server.pid,),
+        )
+        stopped = check_monitors(app, "stopped", now=later, force=True)[0]
+        assert (stopped["state"], stopped["value"]) == ("firing", 0.0)
+        # a k3s deployment's pods keep their counters: no request logged is no data there
+        app.db.execute("UPDATE deployments SET backend = 'k3s' WHERE name = 'syn'")
+        assert check_monitors(app, "stopped", now=later, force=True)[0]["state"] == "no_data"
+    finally:
+        app.db.execute(
+            "UPDATE deployments SET backend = 'local', status = 'stopped', pid = NULL "
+            "WHERE name = 'syn'"
+        )
+        server.kill()
+        server.wait()
 
 
 def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed(

@@ -654,6 +654,10 @@ def abort_canary(
     return wait_served(app, name) if wait else get_deployment(app, name)
 
 
+def _changed(name: str) -> Changed:
+    return Changed(f"deployment {name!r} changed since it was judged")
+
+
 def rollback(
     app: Appliance,
     name: str,
@@ -670,14 +674,14 @@ def rollback(
         raise InvalidInput(f"--to-revision {to_revision}: revisions start at 1")
     dep = get_deployment(app, name)
     if expected is not None and (dep["current_revision"], dep["canary_revision"]) != expected:
-        raise Changed(f"deployment {name!r} changed since it was judged")
+        raise _changed(name)
     if dep["canary_revision"] is not None and to_revision is None:
         # With a canary running, known good is the stable revision: end the canary only.
         ended = end_canary(
             app, name, "aborted", reason or "rolled back", None, expected=dep["canary_revision"]
         )
         if ended is None and expected is not None:  # promoted or replaced meanwhile
-            raise Changed(f"deployment {name!r} changed since it was judged")
+            raise _changed(name)
         return wait_served(app, name)
     live = app.db.rows(
         "SELECT r.revision, mv.version FROM deployment_revisions r "
@@ -707,7 +711,7 @@ def rollback(
     with app.db.transaction() as conn:
         dep_id, canary, current = _locked_deployment(conn, name, mv)
         if expected is not None and (current, canary) != expected:
-            raise Changed(f"deployment {name!r} changed since it was judged")
+            raise _changed(name)
         if current != dep["current_revision"]:
             raise Conflict(f"deployment {name!r} changed meanwhile; run the rollback again")
         _still_deployable(conn, mv)

@@ -141,9 +141,9 @@ def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> s
         try:
             number = float(label)
         except ValueError:
-            number = None
+            number = math.nan  # equal to no class
         for known in labels:
-            if number is not None and isinstance(known, int | float) and number == known:
+            if isinstance(known, int | float) and number == known:
                 return json.dumps(known)
     raise InvalidInput(
         f"{where}: label {label!r}: not a class of the model (classes: "

@@ -581,27 +581,22 @@ def _check_one(
         alert = _claim_action(app, row, value, action, judged)
         if alert is not None:
             alert_id, from_revision, claimed = alert
+            raised: BaseException | None = None
             try:
                 result = _act(app, row, action, value, judged, from_revision)
             except BaseException as exc:  # tried again on the next firing check, not lost
+                raised = exc
                 failed = f"{type(exc).__name__}: {exc}"[:300]
                 result = f"{WAITING}the action failed ({failed}); tried again"
-                _record_result(app, alert_id, claimed, result)
+            _record_result(app, alert_id, claimed, result)
+            if raised is not None or result.startswith("failed: "):  # said with its state
                 error = f"{error}; {result}" if error else result
                 app.db.execute(
                     "UPDATE monitors SET last_error = ? WHERE id = ?", (error, row["id"])
                 )
                 outcome["error"] = error
-                if not isinstance(exc, Exception):  # a stop (Ctrl-C, SIGTERM): stop
-                    raise
-            else:
-                _record_result(app, alert_id, claimed, result)
-                if result.startswith("failed: "):  # said where the monitor's state is read
-                    error = f"{error}; {result}" if error else result
-                    app.db.execute(
-                        "UPDATE monitors SET last_error = ? WHERE id = ?", (error, row["id"])
-                    )
-                    outcome["error"] = error
+            if raised is not None and not isinstance(raised, Exception):  # a stop: stop
+                raise raised
             outcome["alert"] = alert_id
             outcome["action_result"] = result
     elif state == "ok":  # no data is not "ok": a firing alert stays open through a gap
