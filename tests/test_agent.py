@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -406,6 +407,46 @@ def test_a_restart_that_fails_with_any_error_backs_off(
     agent.restarts["churn"] = (failures, time.monotonic() + 3600)  # still backing off
     agent.supervise_deployments()
     assert tries == ["churn"]  # not tried again meanwhile
+
+
+def test_a_deployment_back_for_ten_minutes_starts_its_backoff_afresh(
+    app: Appliance, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Restarts back off while a deployment keeps crashing; once it has stayed up for
+    RESTARTS_FORGOTTEN, its next crash is restarted at once, as Kubernetes does. A restart
+    that found nothing to start (stopped meanwhile, or already back) is neither logged nor
+    counted."""
+    from appliance.core import deployments
+    from appliance.core.agent import RESTARTS_FORGOTTEN, Agent
+
+    agent = Agent(app, capacity=machine_capacity())
+    crashed = [{"name": "churn", "host": "127.0.0.1", "port": 0, "pid": None}]
+    monkeypatch.setattr(deployments, "crashed_deployments", lambda app: crashed)
+    answers: list[dict[str, Any] | None] = []
+    monkeypatch.setattr(deployments, "restart_deployment", lambda *a: answers.pop(0))
+    answers.append({"name": "churn", "pid": None})
+    agent.supervise_deployments()
+    assert agent.restarts["churn"][0] == 1
+    assert "restarted deployment churn" in capsys.readouterr().err
+    up_since = time.monotonic() - RESTARTS_FORGOTTEN
+    agent.restarts["churn"] = (6, up_since + 5)  # up, but not yet for long enough
+    crashed.clear()
+    agent.supervise_deployments()
+    assert agent.restarts["churn"] == (6, up_since + 5)
+    agent.restarts["churn"] = (6, up_since - 5)  # crashing still: the backoff stays
+    crashed.append({"name": "churn", "host": "127.0.0.1", "port": 0, "pid": None})
+    answers.append({"name": "churn", "pid": None})
+    agent.supervise_deployments()
+    assert agent.restarts["churn"][0] == 7 and "restarted" in capsys.readouterr().err
+    agent.restarts["churn"] = (7, up_since - 5)  # up for ten minutes: forgotten
+    crashed.clear()
+    agent.supervise_deployments()
+    assert "churn" not in agent.restarts
+    crashed.append({"name": "churn", "host": "127.0.0.1", "port": 0, "pid": None})
+    answers.append(None)  # already back when the restart looked
+    agent.supervise_deployments()
+    assert "churn" not in agent.restarts and answers == []
+    assert "restarted" not in capsys.readouterr().err
 
 
 def test_a_cancel_right_after_the_start_is_a_cancel(app: Appliance) -> None:

@@ -23,6 +23,14 @@ from appliance.errors import InvalidInput
 N_TRAIN = 4000
 
 
+@pytest.fixture(autouse=True)
+def _checks_are_the_tests_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agents these tests start (a training job's) never ship or check monitors on their
+    own: each test ships and checks itself, and an agent's check just before the test's own
+    would take the monitor it means to check. A test of the agent's passes sets its own."""
+    monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", "inf")
+
+
 def _train_model(app: Appliance, tmp_path: Path) -> str:
     """A model over a, b (numbers) and c (a category), trained on known distributions."""
     from appliance.core.datasets import import_csv
@@ -41,6 +49,23 @@ def _train_model(app: Appliance, tmp_path: Path) -> str:
     done = wait_job(app, job["id"], 120)
     assert done["state"] == "succeeded", done["error"]
     return str(register_model(app, "syn", done["run_id"])["ref"])
+
+
+def _another_version(app: Appliance, rounds: int = 5) -> str:
+    """Another registered version of syn, trained on the same dataset with `rounds` trees."""
+    from appliance.core.jobs import wait_job
+    from appliance.core.registry import register_model
+    from appliance.core.training import submit_training
+
+    job = submit_training(app, "synthetic", "y", params={"num_boost_round": rounds})
+    done = wait_job(app, job["id"], 120)
+    assert done["state"] == "succeeded", done["error"]
+    return str(register_model(app, "syn", done["run_id"])["ref"])
+
+
+def _one_row() -> dict[str, Any]:
+    """One logged request's inputs: a and b zero, c "x"."""
+    return {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
 
 
 def _closed(directory: Path) -> list[Path]:
@@ -339,7 +364,6 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     import sys
 
     from appliance.core.deployments import deploy, deploy_canary, get_deployment
-    from appliance.core.jobs import wait_job
     from appliance.core.monitors import (
         MIN_ROWS,
         Judged,
@@ -348,8 +372,6 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
         check_monitors,
         list_alerts,
     )
-    from appliance.core.registry import register_model
-    from appliance.core.training import submit_training
 
     rng = np.random.default_rng(9)
 
@@ -360,16 +382,10 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
             "c": np.array(rng.choice(["x", "y", "z"], n, p=[0.5, 0.3, 0.2]), dtype=object),
         }
 
-    def another() -> str:
-        job = wait_job(
-            app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"], 120
-        )
-        return str(register_model(app, "syn", job["run_id"])["ref"])
-
     _log(app, "syn", [rows(1000)], version=1)
-    deploy(app, "syn", another())  # revision 2 serves syn@2, whose a has drifted
+    deploy(app, "syn", _another_version(app))  # revision 2 serves syn@2, whose a has drifted
     _log(app, "syn", [rows(MIN_ROWS, a=3.0)], version=2)
-    deploy_canary(app, "syn", another(), 10)  # syn@3 on 10%, whose b drifts
+    deploy_canary(app, "syn", _another_version(app), 10)  # syn@3 on 10%, whose b drifts
     _log(app, "syn", [rows(50, b=3.0)], version=3)
     add_monitor(app, "b-drift", "syn", "psi(b) > 0.2 over 1h", "1m", {})
     (few,) = check_monitors(app)  # 50 rows are too few to judge: the stable one is judged
@@ -416,7 +432,7 @@ def test_a_canary_is_judged_on_its_own_rows_and_a_rollback_acts_on_the_version_t
     assert (outcomes["b-drift"]["state"], outcomes["b-drift"]["version"]) == ("ok", 1)
     assert check_monitors(app, "a-back", force=True)[0]["state"] == "ok"  # and it resolves
     # the canary and the stable version both fire: the canary ends, the stable one waits
-    deploy_canary(app, "syn", another(), 10)  # syn@4, beside syn@1
+    deploy_canary(app, "syn", _another_version(app), 10)  # syn@4, beside syn@1
     _log(app, "syn", [rows(MIN_ROWS)], version=4)
     add_monitor(app, "output", "syn", "prediction_psi >= 0 over 1h", "1m", {"rollback": True})
     from appliance.core import deployments
@@ -457,18 +473,12 @@ def test_a_rollback_is_never_run_twice_for_one_alert(
 ) -> None:
     from appliance.core import deployments
     from appliance.core.deployments import deploy, get_deployment
-    from appliance.core.jobs import wait_job
     from appliance.core.monitors import add_monitor, check_monitors, list_alerts
-    from appliance.core.registry import register_model
-    from appliance.core.training import submit_training
 
     for rounds in (5, 6):  # syn@2 then syn@3, each served in turn
-        job = wait_job(
-            app, submit_training(app, "synthetic", "y", params={"num_boost_round": rounds})["id"]
-        )
-        deploy(app, "syn", register_model(app, "syn", job["run_id"])["ref"])
+        deploy(app, "syn", _another_version(app, rounds))
     add_monitor(app, "calls", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
-    one = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
+    one = _one_row()
     _log(app, "syn", [one], version=2)  # traffic of both: the rule fires whichever serves
     _log(app, "syn", [one], version=3)
     # the rollback commits, then its wait for the workers fails
@@ -509,11 +519,8 @@ def test_a_rollback_with_nowhere_to_go_fails_once_and_one_overtaken_is_not_run(
 ) -> None:
     from appliance.core import monitors
     from appliance.core.deployments import deploy, get_deployment
-    from appliance.core.jobs import wait_job
-    from appliance.core.registry import register_model
-    from appliance.core.training import submit_training
 
-    one = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
+    one = _one_row()
     _log(app, "syn", [one], version=1)
     monitors.add_monitor(app, "calls", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
     (first,) = monitors.check_monitors(app)
@@ -523,8 +530,7 @@ def test_a_rollback_with_nowhere_to_go_fails_once_and_one_overtaken_is_not_run(
     assert monitors.check_monitors(app, force=True)[0].get("alert") is None  # final
     monitors.remove_monitor(app, "calls")
     # a version deployed between the judgement and the action: the rollback is not run
-    job = wait_job(app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"])
-    second = register_model(app, "syn", job["run_id"])["ref"]
+    second = _another_version(app)
     real = monitors.judge
 
     def deployed_meanwhile(*args: Any, **kwargs: Any) -> Any:
@@ -546,17 +552,9 @@ def test_a_rollback_judged_at_one_revision_refuses_another(
 ) -> None:
     from appliance.core import deployments
     from appliance.core.deployments import deploy, deploy_canary, get_deployment, rollback
-    from appliance.core.jobs import wait_job
-    from appliance.core.registry import register_model
-    from appliance.core.training import submit_training
     from appliance.errors import Changed
 
-    refs = []
-    for rounds in (5, 6):
-        job = wait_job(
-            app, submit_training(app, "synthetic", "y", params={"num_boost_round": rounds})["id"]
-        )
-        refs.append(register_model(app, "syn", job["run_id"])["ref"])
+    refs = [_another_version(app, rounds) for rounds in (5, 6)]
     deploy(app, "syn", refs[0])  # revision 2 serves syn@2
     # a canary started while the rollback checks its target: refused, the canary kept
     real = deployments._deployable
@@ -600,7 +598,7 @@ def test_a_monitor_removed_while_it_is_measured_fires_nothing(
     from appliance.core.deployments import get_deployment
 
     monitors.add_monitor(app, "gone", "syn", "rps > 0 over 1h", "1m", {"rollback": True})
-    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    _log(app, "syn", [_one_row()])
     real = monitors.judge
 
     def judged_while_removed(*args: Any, **kwargs: Any) -> Any:
@@ -626,7 +624,7 @@ def test_an_alert_resolved_while_its_action_waits_says_so_and_thresholds_are_che
         "'2026-01-01T00:00:00Z', 'rollback', 'waiting: not rolled back: the canary')",
         (monitor["id"],),
     )
-    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    _log(app, "syn", [_one_row()])
     assert check_monitors(app)[0]["state"] == "ok"
     (alert,) = list_alerts(app)
     assert alert["resolved_at"] is not None
@@ -672,11 +670,14 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     writer = threading.Thread(target=plog.run, args=(stop,), daemon=True)
     writer.start()
     try:
-        cols = {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
+        cols = _one_row()
         for i in range(20):
             plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
-        time.sleep(0.4)  # the writer has written them, to a file open for 3 s
-        assert list(plog.directory.glob("*.part"))  # not shippable yet
+        deadline = time.monotonic() + 10
+        while plog.written < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # the writer has written them, to a file open for 3 s: not shippable yet
+        assert plog.written == 20 and list(plog.directory.glob("*.part"))
         labels = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
         labels.write_bytes(
             b"\xef\xbb\xbfrequest_id,label\n"
@@ -760,15 +761,9 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
 ) -> None:
     from appliance.core import deployments
     from appliance.core.deployments import deploy, get_deployment, list_revisions
-    from appliance.core.jobs import wait_job
     from appliance.core.monitors import add_monitor, check_monitors, list_alerts, list_monitors
-    from appliance.core.registry import register_model
-    from appliance.core.training import submit_training
 
-    job = wait_job(
-        app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"], 120
-    )
-    second = register_model(app, "syn", job["run_id"])["ref"]
+    second = _another_version(app)
     deploy(app, "syn", second)  # revision 2 serves syn@2
     rng = np.random.default_rng(3)
     drifted = {
@@ -826,10 +821,7 @@ def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
     app: Appliance, deployed: str
 ) -> None:
     from appliance.core.deployments import deploy
-    from appliance.core.jobs import wait_job
     from appliance.core.monitors import add_monitor, check_monitors, list_alerts, remove_monitor
-    from appliance.core.registry import register_model
-    from appliance.core.training import submit_training
 
     rng = np.random.default_rng(8)
 
@@ -841,10 +833,7 @@ def test_monitors_judge_the_versions_served_now_and_refuse_rules_never_measured(
         }
 
     _log(app, "syn", [rows(1500, 0.0)], version=1)  # the old version: most of the window
-    job = wait_job(
-        app, submit_training(app, "synthetic", "y", params={"num_boost_round": 5})["id"], 120
-    )
-    deploy(app, "syn", register_model(app, "syn", job["run_id"])["ref"])  # serves syn@2
+    deploy(app, "syn", _another_version(app))  # serves syn@2
     _log(app, "syn", [rows(200, 3.0)], version=2)  # the new one drifts from its first rows
     add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {})
     add_monitor(app, "b-drift", "syn", "psi(b) > 0.2 over 1h", "1m", {})
@@ -983,7 +972,7 @@ def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
     add_monitor(
         app, "cmd", "syn", "rps > 0 over 1h", "1m", {"command": [sys.executable, "-c", script]}
     )
-    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    _log(app, "syn", [_one_row()])
     fired = {o["monitor"]: o for o in check_monitors(app, force=True)}
     assert fired["cmd"]["state"] == "firing"
     assert fired["cmd"]["action_result"].startswith("command exited 0")
@@ -992,7 +981,7 @@ def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
 
 
 def test_the_report_is_text_and_one_self_contained_page(
-    app: Appliance, deployed: str, tmp_path: Path
+    app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from appliance.core.monitor_report import build_report, render_html, render_text
 
@@ -1024,7 +1013,19 @@ def test_the_report_is_text_and_one_self_contained_page(
     ]:
         with pytest.raises(InvalidInput, match=f"--html {re.escape(str(bad))}: {message}"):
             render_html(report, bad)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    # a page that cannot be put in place (a full disk): the earlier report stays whole, and
+    # no temporary file is left beside it
+    earlier = (tmp_path / "r.html").read_bytes()
+
+    def full(self: Path, target: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "replace", full)
+        with pytest.raises(InvalidInput, match="r.html: cannot write it: No space left on"):
+            render_html(report, tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_bytes() == earlier
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 @pytest.mark.slow
@@ -1174,7 +1175,7 @@ def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: P
             "1m",
             {"pipeline": str(tmp_path / "retrain.yaml")},
         )
-        _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+        _log(app, "syn", [_one_row()])
         results = {o["monitor"]: o for o in check_monitors(app)}
     finally:
         server.shutdown()
@@ -1359,15 +1360,28 @@ def test_a_monitor_stays_one_alert_through_gaps_and_names_what_it_cannot_measure
         add_monitor(app, "bad", "syn", "psi(nosuch) > 0.2", "1m", {})
     add_monitor(app, "busy", "syn", "rps > 0 over 1h", "1m", {})
     assert list_monitors(app)[0]["state"] == "pending"
-    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    _log(app, "syn", [_one_row()])
     now = time.time()
     assert check_monitors(app, now=now)[0]["state"] == "firing"
     later = now + 7200  # the logged request is out of the window: no data, still one alert
     assert check_monitors(app, now=later, force=True)[0]["state"] == "no_data"
-    _log(app, "syn", [{"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}])
+    _log(app, "syn", [_one_row()])
     assert check_monitors(app, force=True)[0]["state"] == "firing"
     (alert,) = list_alerts(app)
     assert alert["resolved_at"] is None
+
+
+def test_the_ship_interval_is_read_when_asked_and_a_bad_one_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from appliance.core.agent import ship_seconds
+
+    monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", "0.5")
+    assert ship_seconds() == 0.5
+    for bad in ("", "soon", "0", "-1", "nan"):
+        monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", bad)
+        with pytest.raises(InvalidInput, match=f"APPLIANCE_SHIP_SECONDS={bad!r}: expected"):
+            ship_seconds()
 
 
 def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_serving(
@@ -1376,7 +1390,12 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     import threading
 
     from appliance.core import monitors, prediction_log
-    from appliance.core.agent import SHIP_SECONDS, Agent, Capacity
+    from appliance.core.agent import Agent, Capacity
+
+    idle = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))  # "inf", as the other tests here
+    idle.watch_deployments()
+    assert idle.shipper is None and idle.watcher is None  # no pass, not even a first one
+    monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", "30")  # read by each agent as it starts
 
     seen: dict[str, tuple[str, int]] = {}
 
@@ -1430,7 +1449,7 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     assert seen["ship"][1] == 19 and seen["watch"][1] >= 10
     # the error outlives a pass that could not ship (another shipper held the spool)
     assert heard == [{"s": "f: down"}, {"s": "f: down"}, {}]
-    assert told[1] == ({"s": "f: down"}, max(monitors.UNSHIPPED_AFTER, 3 * SHIP_SECONDS))
+    assert told[1] == ({"s": "f: down"}, 90.0)  # 3 intervals
 
 
 def test_one_shipper_per_spool_and_a_bad_lock_file_is_reported(app: Appliance) -> None:

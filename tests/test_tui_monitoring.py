@@ -27,6 +27,9 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
     from appliance.core.monitors import add_monitor, check_monitors
     from appliance.tui.monitoring import MonitoringScreen
 
+    # the training job's agent never checks the monitor itself: this test does (its check
+    # would otherwise find the monitor already checked)
+    monkeypatch.setenv("APPLIANCE_SHIP_SECONDS", "inf")
     create_deployment(app, "syn", _train_model(app, tmp_path), start=False)
     rng = np.random.default_rng(5)
     shifted = {

@@ -55,7 +55,27 @@ RECONCILE_SECONDS = 2.0
 RESERVE_AFTER = 30.0  # a queued job that waited this long is not overtaken any more
 REPROBE_SECONDS = 60.0
 CLUSTER_REPROBE_SECONDS = 10.0  # nodes join and leave more often than RAM changes
-SHIP_SECONDS = float(os.environ.get("APPLIANCE_SHIP_SECONDS", "5"))  # logs, monitors
+# How often the agent ships prediction logs and checks monitors, and a k3s pod posts its
+# logs: read when each starts, not at import (a test's setting must not outlive it).
+SHIP_ENV = "APPLIANCE_SHIP_SECONDS"
+
+
+def ship_seconds() -> float:
+    """The interval in seconds; "inf": an agent that never ships or checks monitors on its
+    own (tests that do both themselves)."""
+    raw = os.environ.get(SHIP_ENV, "5")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise InvalidInput(f"{SHIP_ENV}={raw!r}: expected seconds, more than 0")
+    return seconds
+
+
+# A restarted deployment that stays up this long starts its backoff afresh, as Kubernetes
+# does: a crash next week is not held back by this week's.
+RESTARTS_FORGOTTEN = 600.0
 WATCH_NICE = 10  # monitors: below serving, still prompt on a busy machine
 SHIP_NICE = 19  # shipping prediction logs: whatever serving leaves
 
@@ -291,6 +311,7 @@ class Agent:
         self.children: set[int] = set()  # supervisors and servers it started, for _reap
         self.probed = time.monotonic()
         self.stopping = False
+        self.ship_seconds = ship_seconds()
         self.watched = 0.0
         self.watcher: threading.Thread | None = None
         self.shipper: threading.Thread | None = None
@@ -481,7 +502,7 @@ class Agent:
         now = time.monotonic()
         # monitors are checked by this agent: while any exists it does not go idle
         watching = bool(self.app.db.scalar("SELECT count(*) FROM monitors"))
-        if now - self.watched < SHIP_SECONDS:
+        if now - self.watched < self.ship_seconds:
             return watching
         self.watched = now
         if self.shipper is None or not self.shipper.is_alive():
@@ -533,7 +554,7 @@ class Agent:
                 app,
                 fresh=False,
                 ship_errors=self.ship_errors,
-                unshipped_after=max(UNSHIPPED_AFTER, 3 * SHIP_SECONDS),
+                unshipped_after=max(UNSHIPPED_AFTER, 3 * self.ship_seconds),
             )
         except Exception:  # monitoring must never take the agent down
             traceback.print_exc()
@@ -542,16 +563,24 @@ class Agent:
 
     def supervise_deployments(self) -> bool:
         """Restart deployment servers that died (crash, reboot), backing off 1 s, 2 s, 4 s...
-        up to a minute per deployment. True while any deployment is meant to serve."""
+        up to a minute per deployment; one that then stays up for RESTARTS_FORGOTTEN starts
+        afresh at 1 s. True while any deployment is meant to serve."""
         from appliance.core.deployments import crashed_deployments, restart_deployment
 
         now = time.monotonic()
-        for dep in crashed_deployments(self.app):
+        crashed = crashed_deployments(self.app)
+        down = {dep["name"] for dep in crashed}
+        for name, (_, not_before) in list(self.restarts.items()):
+            if name not in down and now - not_before > RESTARTS_FORGOTTEN:
+                del self.restarts[name]
+        for dep in crashed:
             failures, not_before = self.restarts.get(dep["name"], (0, 0.0))
             if now < not_before:
                 continue
             try:
                 served = restart_deployment(self.app, dep["name"], dep["host"], dep["port"])
+                if served is None:  # stopped meanwhile, or someone else brought it back
+                    continue
                 if served.get("pid"):
                     self.children.add(int(served["pid"]))
                 print(f"{utcnow()} restarted deployment {dep['name']}", file=sys.stderr, flush=True)

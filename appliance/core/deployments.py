@@ -897,14 +897,15 @@ def crashed_deployments(app: Appliance) -> list[dict[str, Any]]:
     return [r for r in rows if not alive(r["pid"])]
 
 
-def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[str, Any]:
-    """Start a crashed deployment's server again, on its address when that is free. When
-    that fails, the deployment is kept wanted on its address, for the agent's next try."""
+def restart_deployment(app: Appliance, name: str, host: str, port: int) -> dict[str, Any] | None:
+    """Start a crashed deployment's server again, on its address when that is free; None
+    when there is nothing to start (stopped meanwhile, or already back). When the start
+    fails, the deployment is kept wanted on its address, for the agent's next try."""
     with exclusive(app.settings.home / "locks" / f"deployment-{name}.lock"):
         dep = get_deployment(app, name)
         wanted = app.db.scalar("SELECT status FROM deployments WHERE name = ?", (name,))
-        if wanted != "serving" or dep["status"] == "serving":  # stopped, or already back
-            return dep
+        if wanted != "serving" or dep["status"] == "serving":
+            return None
         try:
             try:
                 return _spawn_server(app, name, host or "127.0.0.1", port or 0)

@@ -494,15 +494,16 @@ def pod_server(app: Appliance, spec: dict[str, Any]) -> ModelServer:
     return server
 
 
-def _follow_logging(app: Appliance, server: ModelServer, stop: threading.Event) -> None:
+def _follow_logging(
+    app: Appliance, server: ModelServer, stop: threading.Event, interval: float
+) -> None:
     """The pod's logging thread: every ship interval, the published settings, and the
     closed log files posted to the store (a store away: both wait for the next round)."""
-    from appliance.core.agent import SHIP_SECONDS
     from appliance.core.prediction_log import post_spool
 
     name = server.deployment
     said = None
-    while not stop.wait(SHIP_SECONDS):
+    while not stop.wait(interval):
         try:
             server.plog.configure(*pod_logging(app, name))
             error = post_spool(app, name)[1]
@@ -520,6 +521,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     then listen."""
     import uvicorn
 
+    from appliance.core.agent import ship_seconds
     from appliance.core.context import Appliance
     from appliance.core.jobs import parse_memory
     from appliance.core.prediction_log import adopt_orphans, post_spool, spool_dir
@@ -538,6 +540,7 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
         return 2
     spec = json.loads(raw)
     max_body = parse_memory(os.environ.get(MAX_BODY_ENV, MAX_BODY), MAX_BODY_ENV)
+    interval = min(ship_seconds(), 3600.0)  # how often it posts its logs; wait() takes no inf
     app = Appliance.open(os.environ.get("APPLIANCE_HOME"))
     try:
         server = pod_server(app, spec)
@@ -560,7 +563,9 @@ def serve_pod(host: str = "0.0.0.0", port: int = PORT) -> int:  # noqa: S104 (th
     stop = threading.Event()
     writer = threading.Thread(target=server.plog.run, args=(stop,), daemon=True)
     writer.start()
-    follower = threading.Thread(target=_follow_logging, args=(app, server, stop), daemon=True)
+    follower = threading.Thread(
+        target=_follow_logging, args=(app, server, stop, interval), daemon=True
+    )
     follower.start()
     exit_after_graceful_stop()  # the kubelet's SIGTERM: what the pod logged is posted first
     try:
