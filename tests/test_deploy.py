@@ -171,7 +171,7 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
         )
         assert [d["name"] for d in deployments.crashed_deployments(app)] == ["churn"]
 
-    def restart() -> dict:  # type: ignore[type-arg]
+    def restart() -> dict | None:  # type: ignore[type-arg]
         return deployments.restart_deployment(app, "churn", address["host"], address["port"])
 
     crash()
@@ -216,11 +216,14 @@ def test_a_restart_whose_wait_fails_reaps_its_server_and_the_agent_tries_again(
     monkeypatch.setattr(deployments, "get_deployment", fails_once(517))  # SQLITE_BUSY_SNAPSHOT
     try:
         served = restart()
-        assert served["status"] == "serving" and served["port"] == address["port"]
-        assert len(calls) > 2, calls
+        assert served is not None and served["status"] == "serving"
+        assert served["port"] == address["port"] and len(calls) > 2, calls
+        monkeypatch.setattr(deployments, "get_deployment", real_get)
+        assert restart() is None  # already back: nothing to start, and the agent says nothing
     finally:
         monkeypatch.setattr(deployments, "get_deployment", real_get)
         deployments.stop_deployment(app, "churn")
+    assert restart() is None  # stopped meanwhile
     crash()
     calls.clear()
     monkeypatch.setattr(deployments, "get_deployment", fails_once(10))  # SQLITE_IOERR

@@ -1015,7 +1015,7 @@ def test_the_report_is_text_and_one_self_contained_page(
             render_html(report, bad)
     # a page that cannot be put in place (a full disk): the earlier report stays whole, and
     # no temporary file is left beside it
-    earlier = (tmp_path / "r.html").read_bytes()
+    (tmp_path / "r.html").write_bytes(b"the earlier report")
 
     def full(self: Path, target: Any) -> None:
         raise OSError(28, "No space left on device")
@@ -1024,7 +1024,7 @@ def test_the_report_is_text_and_one_self_contained_page(
         patched.setattr(Path, "replace", full)
         with pytest.raises(InvalidInput, match="r.html: cannot write it: No space left on"):
             render_html(report, tmp_path / "r.html")
-    assert (tmp_path / "r.html").read_bytes() == earlier
+    assert (tmp_path / "r.html").read_bytes() == b"the earlier report"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -1438,7 +1438,7 @@ def test_the_agent_ships_and_checks_monitors_in_threads_of_their_own_below_servi
     agent = Agent(app, capacity=Capacity(1.0, 1 << 30, 0))
     heard = []
     for _ in passes:  # a pass's monitors hear what shipping met so far (its own pass's, or before)
-        agent.watched = 0.0
+        agent.watched = float("-inf")  # due whatever the clock reads
         agent.watch_deployments()
         for thread in (agent.shipper, agent.watcher):
             assert thread is not None

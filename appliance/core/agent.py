@@ -62,7 +62,7 @@ SHIP_ENV = "APPLIANCE_SHIP_SECONDS"
 
 def ship_seconds() -> float:
     """The interval in seconds; "inf": an agent that never ships or checks monitors on its
-    own (tests that do both themselves)."""
+    own (tests that do both themselves), and a pod that posts hourly."""
     raw = os.environ.get(SHIP_ENV, "5")
     try:
         seconds = float(raw)
