@@ -306,7 +306,7 @@ class S3ObjectStore:
         try:
             with self._talking():
                 try:
-                    self.client.fget_object(self.bucket, key, str(tmp))
+                    self._download(key, tmp)
                 except S3Error as exc:
                     if exc.code in _MISSING:
                         raise NotFound(f"object {key} is missing from s3://{self.bucket}") from exc
@@ -321,6 +321,19 @@ class S3ObjectStore:
         finally:
             tmp.unlink(missing_ok=True)
         return cached
+
+    def _download(self, key: str, tmp: Path) -> None:
+        """The object's bytes into `tmp`, which the caller removes on failure. Not
+        `fget_object`: it downloads beside `tmp` into a name of its own, which a broken
+        transfer leaves behind (in the spool, or the cache), and asks for the object twice."""
+        response = self.client.get_object(self.bucket, key)
+        try:
+            with tmp.open("wb") as out:
+                for chunk in response.stream(1 << 20):
+                    out.write(chunk)
+        finally:
+            response.close()
+            response.release_conn()
 
     def describe(self) -> str:
         return f"s3 {self.endpoint}/{self.bucket}"
@@ -346,7 +359,7 @@ class S3ObjectStore:
         try:
             with self._talking():
                 try:
-                    self.client.fget_object(self.bucket, box_key(box, name), str(tmp))
+                    self._download(box_key(box, name), tmp)
                 except S3Error as exc:
                     if exc.code in _MISSING:
                         return False
