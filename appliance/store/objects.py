@@ -325,12 +325,23 @@ class S3ObjectStore:
     def _download(self, key: str, tmp: Path) -> None:
         """The object's bytes into `tmp`, which the caller removes on failure. Not
         `fget_object`: it downloads beside `tmp` into a name of its own, which a broken
-        transfer leaves behind (in the spool, or the cache), and asks for the object twice."""
+        transfer leaves behind (in the spool, or the cache), and asks for the object twice.
+        A body shorter than its Content-Length is an error here, whatever the HTTP library
+        does: a box's file has no checksum to catch it, and is discarded once taken."""
+        import urllib3
+
         response = self.client.get_object(self.bucket, key)
         try:
+            written = 0
             with tmp.open("wb") as out:
-                for chunk in response.stream(1 << 20):
-                    out.write(chunk)
+                for chunk in response.stream(CHUNK):
+                    written += out.write(chunk)
+            length = response.headers.get("content-length")
+            encoded = response.headers.get("content-encoding", "identity") != "identity"
+            if length is not None and not encoded and written != int(length):
+                raise urllib3.exceptions.ProtocolError(
+                    f"{key}: the transfer ended after {written} of {length} bytes"
+                )
         finally:
             response.close()
             response.release_conn()
