@@ -4,12 +4,14 @@ and live quality, monitors and the rollback they can trigger, and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,31 @@ def _another_version(app: Appliance, rounds: int = 5) -> str:
     done = wait_job(app, job["id"], 120)
     assert done["state"] == "succeeded", done["error"]
     return str(register_model(app, "syn", done["run_id"])["ref"])
+
+
+@contextlib.contextmanager
+def _live_log(app: Appliance, deployment: str) -> Iterator[PredictionLog]:
+    """A live worker's log: its writer thread writes what is recorded within 0.2 s, to a
+    file it keeps open for ROTATE_SECONDS (not shippable until then)."""
+    import threading
+
+    plog = PredictionLog(app.settings.home, deployment, sample=1.0)
+    stop = threading.Event()
+    writer = threading.Thread(target=plog.run, args=(stop,), daemon=True)
+    writer.start()
+    try:
+        yield plog
+    finally:
+        stop.set()
+        writer.join(10)
+
+
+def _written(plog: PredictionLog, count: int) -> None:
+    """Until the writer has written `count` requests, to a file still open."""
+    deadline = time.monotonic() + 10
+    while plog.written < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert plog.written == count and list(plog.directory.glob("*.part"))
 
 
 def _one_row() -> dict[str, Any]:
@@ -169,6 +196,7 @@ def test_a_full_queue_drops_samples_never_requests_and_counts_them(tmp_path: Pat
     tight.record("x", 1, 1, "stable", 200, 0.001, 1, {"a": [1.0]}, np.array([0.5]))
     tight.flush()
     assert tight.counters()["dropped"] == 1
+    assert tight.counters()["error"] == "the spool is full (1 bytes)"  # said, not only counted
 
 
 def test_the_request_path_appends_bytes_and_the_writer_thread_frames_them(
@@ -299,13 +327,30 @@ def test_drift_flags_the_shifted_features_and_not_the_others(app: Appliance, dep
     assert drift_history(app, "syn")[0]["worst_feature"] == served["features"][0]["feature"]
 
 
-def test_drift_needs_logs_and_a_training_lineage(app: Appliance, deployed: str) -> None:
+def test_drift_needs_logs_and_a_training_lineage(
+    app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.core import prediction_log
+    from appliance.core.deployments import set_logging
     from appliance.core.drift import drift
 
-    with pytest.raises(InvalidInput, match=r"deployment syn: no logged inputs between"):
-        drift(app, "syn", window=60)
+    with pytest.raises(InvalidInput, match=r"no logged inputs between .*--sample 0.1'"):
+        drift(app, "syn", window=60)  # it logs no inputs: how to log them
+    set_logging(app, "syn", sample=1.0)
+    with pytest.raises(InvalidInput, match=r"it logs inputs \(--sample 1\); none was logged"):
+        drift(app, "syn", window=60)  # not told to do what it does
     with pytest.raises(InvalidInput, match=r"--window"):
         drift(app, "syn", window=0)
+    # inputs logged moments ago, still in a worker's open file: drift waits for it
+    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
+    with _live_log(app, "syn") as plog:
+        rng = np.random.default_rng(2)
+        for i in range(250):
+            cols = {"a": rng.normal(0, 1, 1), "b": rng.normal(0, 1, 1), "c": np.array(["x"])}
+            plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
+        _written(plog, 250)
+        report = drift(app, "syn", window=60)
+    assert report["versions"][0]["rows"] == 250
     # a version registered with no training data in its lineage has nothing to compare with
     _log(app, "syn", [{"a": np.zeros(3), "b": np.zeros(3), "c": np.array(["x"] * 3, dtype=object)}])
     app.db.execute("UPDATE model_versions SET dataset_version_id = NULL")
@@ -335,7 +380,13 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
         "stored": 40,
         "unknown_request_ids": 1,
         "unknown_rows": 0,
+        "duplicates": 0,
     }
+    twice = tmp_path / "twice.csv"  # one prediction labelled twice: counted, the last kept
+    twice.write_text("request_id,label\nreq3,0\nreq3,1\n")
+    added = add_feedback(app, "syn", twice)
+    assert (added["labels"], added["stored"], added["duplicates"]) == (2, 1, 1)
+    assert app.db.scalar("SELECT label FROM monitor_feedback WHERE request_id = 'req3'") == "1"
     beyond = tmp_path / "rows.csv"  # req0 predicted one row: there is no row 5 to judge
     beyond.write_text("request_id,label,row\nreq0,0,0\nreq0,0,5\n")
     added = add_feedback(app, "syn", beyond)
@@ -651,33 +702,28 @@ def test_the_cli_names_the_flag_it_refuses(
     assert cli("monitor", "list", *home, "--json").json() == []  # nothing was added
     said = cli("deploy", deployed, "--name", "syn", "--log-sample", "0.1", *home)
     assert said.code == 0 and "note: deployment syn is stopped; it serves revision" in said.err
+    # monitors that no agent checks are said to be so: when it stops, and when they are listed
+    said = cli(*add, "--command", "sh -c 'exit 0'")
+    assert said.code == 0, said.err
+    assert cli("agent", "start", *home).code == 0  # the agent the monitor woke, up for sure
+    said = cli("agent", "stop", *home)
+    assert said.code == 0 and "note: 1 monitor(s) go unchecked while no agent runs" in said.err
+    said = cli("monitor", "list", *home)
+    assert said.code == 0 and "note: no agent runs, so nothing checks these monitors" in said.err
 
 
 def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_them(
     app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
-    from appliance.core import feedback as feedback_module
     from appliance.core import prediction_log
     from appliance.core.feedback import _check_label, add_feedback
 
     monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 3.0)
-    monkeypatch.setattr(feedback_module, "ROTATE_SECONDS", 3.0)
-    # a live worker's log: its writer thread keeps the current file open for a while
-    plog = PredictionLog(app.settings.home, "syn", sample=1.0)
-    stop = threading.Event()
-    writer = threading.Thread(target=plog.run, args=(stop,), daemon=True)
-    writer.start()
-    try:
+    with _live_log(app, "syn") as plog:
         cols = _one_row()
         for i in range(20):
             plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
-        deadline = time.monotonic() + 10
-        while plog.written < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        # the writer has written them, to a file open for 3 s: not shippable yet
-        assert plog.written == 20 and list(plog.directory.glob("*.part"))
+        _written(plog, 20)  # to a file open for 3 s: not shippable yet
         labels = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
         labels.write_bytes(
             b"\xef\xbb\xbfrequest_id,label\n"
@@ -685,9 +731,6 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
             + b"ghost,1\n"
         )
         added = add_feedback(app, "syn", labels)
-    finally:
-        stop.set()
-        writer.join(10)
     assert (added["stored"], added["unknown_request_ids"]) == (20, 1)
     stored = {
         r["request_id"]: r["label"]
@@ -747,6 +790,7 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         ("auc(a) < 0.8", "auc takes no feature"),
         ("lift < 2", "unknown metric 'lift'"),
         ("auc < 0.8 over soon", "over"),
+        ("psi(a) > 1e309", "the threshold is not a finite number"),  # no float holds it
     ],
 )
 def test_a_rule_that_does_not_parse_is_refused(rule: str, message: str) -> None:
@@ -775,6 +819,12 @@ def test_a_firing_monitor_records_an_alert_and_rolls_the_deployment_back(
     add_monitor(app, "a-drift", "syn", "psi(a) > 0.2 over 1h", "1m", {"rollback": True})
     with pytest.raises(InvalidInput, match="only a loopback, private or link-local address"):
         add_monitor(app, "hook", "syn", "auc < 0.5", "1m", {"webhook": "http://8.8.8.8/x"})
+    # refused now what could only fail, for good, once the monitor fires
+    for never in ("http://user:pw@127.0.0.1:8080/h", "http://127.0.0.1:99999/h"):
+        with pytest.raises(InvalidInput, match="expected http://HOST"):
+            add_monitor(app, "hook", "syn", "auc < 0.5", "1m", {"webhook": never})
+    with pytest.raises(InvalidInput, match="'|' needs a shell, and the command runs without"):
+        add_monitor(app, "cmd", "syn", "auc < 0.5", "1m", {"command": ["env", "|", "grep", "M"]})
 
     # a rollback that raises (a locked registry, say) is tried again, not lost
     def locked(*args: Any, **kwargs: Any) -> Any:
@@ -983,8 +1033,16 @@ def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
 def test_the_report_is_text_and_one_self_contained_page(
     app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from appliance.core import prediction_log
     from appliance.core.monitor_report import build_report, render_html, render_text
 
+    # requests answered moments ago, still in a worker's open file: the report waits for them
+    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
+    with _live_log(app, "syn") as plog:
+        for i in range(20):
+            plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, _one_row(), np.full(1, 0.5))
+        _written(plog, 20)
+        assert build_report(app, "syn", 3600)["versions"][0]["requests"] == 20
     rng = np.random.default_rng(4)
     _log(
         app,
@@ -998,9 +1056,27 @@ def test_the_report_is_text_and_one_self_contained_page(
         ],
     )
     report = build_report(app, "syn", 3600)
-    assert report["versions"][0]["requests"] == 1 and report["versions"][0]["rows"] == 50
+    assert report["versions"][0]["requests"] == 21 and report["versions"][0]["rows"] == 70
     text = render_text(report)
     assert "traffic by version" in text and "drift of version 1 against synthetic@1" in text
+    assert "), last 1 h" in text
+    # samples the workers' logs dropped are said beside the counts that leave them out, and
+    # quality is drawn a line per version
+    dropped = {"queued": 0, "dropped": 235, "written": 65, "error": "the spool is full (9 bytes)"}
+    windows = [
+        {"version": v, "window_start": report["generated_at"] - 60, "labelled": 40, "auc": auc}
+        for v, auc in ((1, 0.7), (2, 0.8))
+    ]
+    alert = {"monitor": "m", "rule": "psi(a) > 0.2", "value": 0.3, "action_result": "alert only"}
+    alert |= {"fired_at": "2026-01-01T00:00:00Z", "resolved_at": "2026-01-01T01:00:00Z"}
+    other = {**report, "log": dropped, "quality": {**report["quality"], "windows": windows}}
+    other["alerts"] = [alert]
+    said = "prediction logs dropped 235 samples since they started (the first reason: the spool"
+    assert said in render_text(other)
+    assert "RESOLVED_AT" in render_text(other)  # an alert over is not shown as open
+    assert "2026-01-01T01:00:00Z" in render_text(other)
+    page = render_html(other, tmp_path / "other.html").read_text()
+    assert said in page and ">auc, version 1<" in page and ">auc, version 2<" in page
     page = render_html(report, tmp_path / "r.html").read_text()
     assert "<svg" in page and "<table>" in page
     assert "src=" not in page and "http://" not in page and "https://" not in page
@@ -1190,7 +1266,9 @@ def test_webhook_and_pipeline_actions(app: Appliance, deployed: str, tmp_path: P
         }
     ]
     assert results["again"]["action_result"].startswith("started pipeline run ")
-    assert app.db.scalar("SELECT pipeline FROM pipeline_runs") == "retrain"
+    assert app.db.rows("SELECT pipeline, trigger FROM pipeline_runs") == [
+        {"pipeline": "retrain", "trigger": "monitor:again"}  # who started it, for the audit
+    ]
 
 
 def test_review_faults_missing_categories_bad_files_and_dead_workers(

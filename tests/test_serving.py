@@ -450,6 +450,20 @@ def test_version_and_prometheus_metrics(served, sample) -> None:  # type: ignore
     bad = f'appliance_requests_total{{{labels},code="400"}}'
     assert ok in text and bad in text
     assert "# TYPE appliance_request_seconds histogram" in text
+    # what the prediction log dropped is a counter too (its queue and spool are bounded)
+    assert 'appliance_prediction_log_dropped_total{model="churn"} 0' in text
+    # a refusal carries the client's request id back, as the log row it makes does
+    for path, body in (("/v2/models/nope/infer", b"{}"), ("/v2/models/churn/infer", b"[")):
+        request = urllib.request.Request(
+            f"{dep['url']}{path}",
+            body,
+            {"Content-Type": "application/json", "X-Request-Id": "mine-1"},
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code in (400, 404)
+        assert refused.value.headers["x-request-id"] == "mine-1", path
     assert 'le="+Inf"' in text and "appliance_request_seconds_count" in text
 
 

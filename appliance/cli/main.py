@@ -807,8 +807,15 @@ def agent_start_cmd(app: Any, as_json: bool) -> None:
 def agent_stop_cmd(app: Any, as_json: bool) -> None:
     """Stop the agent; running jobs go on under their supervisors."""
     from appliance.core.agent import stop_agent
+    from appliance.core.monitors import list_monitors
 
     emit(stop_agent(app), as_json)
+    if not as_json and (watched := len(list_monitors(app))):
+        click.echo(
+            f"note: {watched} monitor(s) go unchecked while no agent runs "
+            "('appliance agent start'; adding a monitor starts one too)",
+            err=True,
+        )
 
 
 @command(agent_group, "unit", listing=False)
@@ -1653,7 +1660,11 @@ def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None
 @click.option("--rule", required=True, help="e.g. 'psi(tenure) > 0.2', 'auc < 0.8 over 24h'.")
 @click.option("--every", default="1m", show_default=True, help="How often the agent checks.")
 @click.option("--rollback", is_flag=True, help="When it fires: roll the deployment back.")
-@click.option("--command", "command_line", help="When it fires: run this command line.")
+@click.option(
+    "--command",
+    "command_line",
+    help="When it fires: run this command line (no shell: sh -c '...' for pipes).",
+)
 @click.option(
     "--webhook", help="When it fires: POST JSON here (a loopback, private or link-local address)."
 )
@@ -1696,13 +1707,21 @@ def monitor_add(
 @click.option("--deployment")
 def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
     """Monitors with their state and last value."""
+    from appliance.core.agent import agent_running
     from appliance.core.monitors import list_monitors
 
+    monitors = list_monitors(app, deployment)
     emit(
-        list_monitors(app, deployment),
+        monitors,
         as_json,
         ["name", "deployment", "rule", "every_s", "action", "state", "value", "error"],
     )
+    if not as_json and monitors and not agent_running(app):
+        click.echo(
+            "note: no agent runs, so nothing checks these monitors now: their states are as "
+            "last checked ('appliance agent start')",
+            err=True,
+        )
 
 
 @command(monitor_group, "remove")
@@ -2413,6 +2432,7 @@ def deployments_abort(app: Any, as_json: bool, name: str, reason: str | None) ->
 def deployments_traffic(app: Any, as_json: bool, name: str, seconds: float) -> None:
     """Live req/s, p50/p99 and error rate, for all requests and stable/canary apart."""
     from appliance.core.deployments import traffic
+    from appliance.core.monitor_report import dropped_note
 
     data = traffic(app, name, seconds)
     rows = [{"role": role, **data[role]} for role in ("all", "stable", "canary")]
@@ -2421,6 +2441,8 @@ def deployments_traffic(app: Any, as_json: bool, name: str, seconds: float) -> N
         as_json,
         ("role", "requests", "rps", "p50_ms", "p99_ms", "error_rate"),
     )
+    if not as_json and (note := dropped_note(data["log"])):
+        click.echo(f"note: {note}", err=True)
 
 
 @command(deployments_group, "start")

@@ -282,6 +282,11 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
+def agent_running(app: Appliance) -> bool:
+    """Whether an agent holds this home now (a probe: it never takes the lock)."""
+    return _locked_by(app) is not None
+
+
 def stop_agent(app: Appliance, timeout: float = 5.0) -> dict[str, Any]:
     """Stop the agent (running jobs keep running under their supervisors)."""
     pid = _locked_by(app)

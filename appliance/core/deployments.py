@@ -71,7 +71,7 @@ def traffic(app: Appliance, name: str, seconds: float | None = None) -> dict[str
 
 def _traffic(app: Appliance, name: str, seconds: float | None) -> dict[str, Any]:
     from appliance.core.serving import state_dir
-    from appliance.core.traffic import LIVE_WINDOW, merge, read_snapshots, window
+    from appliance.core.traffic import LIVE_WINDOW, log_counters, merge, read_snapshots, window
 
     snapshots = [s for s in read_snapshots(state_dir(app, name)) if alive(int(s.get("pid") or 0))]
     merged = merge(snapshots)
@@ -82,6 +82,7 @@ def _traffic(app: Appliance, name: str, seconds: float | None) -> dict[str, Any]
         "stable": window(merged, span, role="stable").as_dict(),
         "canary": window(merged, span, role="canary").as_dict(),
         "seconds": span,
+        "log": log_counters(snapshots),  # since each running worker started
     }
 
 

@@ -141,7 +141,12 @@ def drift(
     from appliance.core.datasets import get_dataset_version
     from appliance.core.deployments import get_deployment
     from appliance.core.inference import ModelRuntime
-    from appliance.core.prediction_log import behind_note, log_files, ship_for_reading
+    from appliance.core.prediction_log import (
+        behind_note,
+        log_files,
+        ship_for_reading,
+        wait_for_open_logs,
+    )
     from appliance.core.registry import get_model_version
 
     if not window > 0:
@@ -152,10 +157,16 @@ def drift(
     end = time.time() if end is None else end
     start = end - window
     files = log_files(app, deployment, "inputs", start, end)
+    if not files and fresh and wait_for_open_logs(app, deployment, ("inputs",)):
+        # inputs logged moments ago, still in a worker's open file: one look more
+        behind = ship_for_reading(app, deployment, ("inputs",))
+        files = log_files(app, deployment, "inputs", start, end)
     if not files:
-        hint = (
-            behind_note(behind)
-            or f"log them with 'appliance deployments logging {deployment} --sample 0.1'"
+        sample = app.db.scalar("SELECT log_sample FROM deployments WHERE name = ?", (deployment,))
+        hint = behind_note(behind) or (
+            f"it logs inputs (--sample {float(sample):g}); none was logged in this window"
+            if sample
+            else f"log them with 'appliance deployments logging {deployment} --sample 0.1'"
         )
         raise InvalidInput(
             f"deployment {deployment}: no logged inputs between {_when(start)} and {_when(end)}"

@@ -26,12 +26,11 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import (
-    ROTATE_SECONDS,
-    WRITE_SECONDS,
     log_files,
     ship_for_reading,
     ship_logs,
     spool_dir,
+    wait_for_open_logs,
 )
 from appliance.core.traffic import ROUTED
 from appliance.errors import InvalidInput
@@ -118,6 +117,12 @@ def _objective(app: Appliance, deployment: str) -> tuple[str, list[Any]]:
     return str(signature.get("objective") or "binary"), list(signature.get("labels") or [])
 
 
+def _shown(label: Any) -> str:
+    """A label as an error quotes it: a 5,000-digit one is not echoed whole."""
+    text = repr(label)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> str:
     """The label as stored (JSON of the class, or of the number), refused when the model
     could not score it; a class sent as text ("1" or "1.0" for 1) is the class. True and
@@ -130,9 +135,9 @@ def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> s
         try:
             value = float(label)
         except (TypeError, ValueError, OverflowError):  # 10**400 is no float either
-            raise InvalidInput(f"{where}: label {str(label)[:40]!r}: expected a number") from None
+            raise InvalidInput(f"{where}: label {_shown(label)}: expected a number") from None
         if not math.isfinite(value):
-            raise InvalidInput(f"{where}: label {label!r}: expected a finite number")
+            raise InvalidInput(f"{where}: label {_shown(label)}: expected a finite number")
         return repr(value)
     for known in labels:
         if label == known or str(label) == str(known):
@@ -146,7 +151,7 @@ def _check_label(label: Any, objective: str, labels: list[Any], where: str) -> s
             if isinstance(known, int | float) and number == known:
                 return json.dumps(known)
     raise InvalidInput(
-        f"{where}: label {label!r}: not a class of the model (classes: "
+        f"{where}: label {_shown(label)}: not a class of the model (classes: "
         f"{', '.join(map(str, labels)) or 'unknown'})"
     )
 
@@ -231,46 +236,29 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
     ship_logs(app, deployment)  # every logged id, however long the shipper takes
     wanted = {r[0] for r in rows}
     known = _logged_ids(app, deployment, wanted)
-    if wanted - known.keys() and _wait_for_open_logs(app, deployment):
+    if wanted - known.keys() and wait_for_open_logs(app, deployment):
         # requests answered moments ago were still in a worker's open spool file
         ship_logs(app, deployment)
         known |= _logged_ids(app, deployment, wanted - known.keys())
-    kept = [r for r in rows if r[1] < known.get(r[0], 0)]
+    # one row labelled twice in the file: the last label is the one kept
+    kept = {(r[0], r[1]): r[2] for r in rows if r[1] < known.get(r[0], 0)}
     now = time.time()
     with app.db.transaction() as conn:
         conn.executemany(
             "INSERT INTO monitor_feedback (deployment, request_id, row, label, received_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deployment, request_id, row) "
             "DO UPDATE SET label = excluded.label, received_at = excluded.received_at",
-            [(deployment, r[0], r[1], r[2], now) for r in kept],
+            [(deployment, rid, row, label, now) for (rid, row), label in kept.items()],
         )
     return {
         "deployment": deployment,
         "labels": len(rows),
         "stored": len(kept),
         "unknown_request_ids": len(wanted - known.keys()),
+        "duplicates": len(rows) - len({(r[0], r[1]) for r in rows}),
         # a row past the last one its request predicted: no prediction for it to judge
         "unknown_rows": sum(1 for r in rows if r[0] in known and r[1] >= known[r[0]]),
     }
-
-
-def _wait_for_open_logs(app: Appliance, deployment: str) -> bool:
-    """Wait until the spool files the deployment's workers have open now are closed (they
-    close every ROTATE_SECONDS), so that labels sent right after their predictions find
-    them; False when none was open. A worker writes what it answered within WRITE_SECONDS,
-    perhaps to a file it opens then: those count too."""
-    directory = spool_dir(app.settings.home, deployment)
-
-    def open_files() -> set[str]:
-        return {p.name for kind in ("requests", "inputs") for p in directory.glob(f"{kind}-*.part")}
-
-    waiting = open_files()
-    time.sleep(WRITE_SECONDS + 0.05)
-    waiting |= open_files()
-    deadline = time.monotonic() + ROTATE_SECONDS + 2 * WRITE_SECONDS + 1
-    while waiting & open_files() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return bool(waiting)
 
 
 def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> dict[str, int]:

@@ -29,13 +29,21 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
         LOG_KINDS,
         log_files,
         ship_for_reading,
+        wait_for_open_logs,
         waiting_logs,
     )
 
     dep = get_deployment(app, deployment)
+    live = traffic(app, deployment) if dep["status"] == "serving" else None
     behind = ship_for_reading(app, deployment, LOG_KINDS)
     now = time.time()
     start = now - window
+    if not log_files(app, deployment, "requests", start, now) and wait_for_open_logs(
+        app, deployment
+    ):  # requests answered moments ago, still in a worker's open file: one look more
+        behind = ship_for_reading(app, deployment, LOG_KINDS)
+        now = time.time()
+        start = now - window
     report: dict[str, Any] = {
         "deployment": deployment,
         "model": dep["model"],
@@ -47,7 +55,9 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
         "window_s": window,
         "versions": [],
         "series": [],
-        "live": traffic(app, deployment)["all"] if dep["status"] == "serving" else None,
+        "live": live["all"] if live else None,
+        # what the running workers' logs dropped: the request counts below leave it out
+        "log": live["log"] if live else None,
     }
     files = log_files(app, deployment, "requests", start, now)
     if files:
@@ -131,6 +141,25 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+def dropped_note(log: dict[str, Any] | None) -> str | None:
+    """What the workers' prediction logs dropped, in words; None when nothing was."""
+    if not log or not log.get("dropped"):
+        return None
+    why = f" (the first reason: {log['error']})" if log.get("error") else ""
+    return (
+        f"the running workers' prediction logs dropped {log['dropped']} samples since they "
+        f"started{why}; the request log leaves them out"
+    )
+
+
+def _span(seconds: float) -> str:
+    """A window as people write one: 1 h, 90 min, 30 s (not 0.000277778 h)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
+
+
 def _num(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -156,7 +185,7 @@ def render_text(report: dict[str, Any]) -> str:
     out = [
         f"deployment {report['deployment']}: {report['model']}@{report['version']} "
         f"(revision {report['revision']}, {report['status']}), last "
-        f"{report['window_s'] / 3600:g} h",
+        f"{_span(report['window_s'])}",
         *(
             [f"note: {note}; the figures below leave them out"]
             if (note := behind_note(report.get("behind")))
@@ -168,6 +197,7 @@ def render_text(report: dict[str, Any]) -> str:
             _by_version(report["versions"]),
             ["version", "requests", "rps", "error_rate", "p50_ms", "p90_ms", "p99_ms"],
         ),
+        *([f"note: {note}"] if (note := dropped_note(report.get("log"))) else []),
         "",
     ]
     drift = report.get("drift")
@@ -190,7 +220,10 @@ def render_text(report: dict[str, Any]) -> str:
     )
     out.append("")
     out.append("alerts")
-    out += _table(report["alerts"], ["monitor", "rule", "value", "fired_at", "action_result"])
+    out += _table(
+        report["alerts"],
+        ["monitor", "rule", "value", "fired_at", "resolved_at", "action_result"],
+    )
     return "\n".join(out)
 
 
@@ -254,7 +287,7 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
         f"<h1>{html.escape(report['deployment'])}: {html.escape(report['model'])}@"
         f"{report['version']}</h1>",
         f"<p>revision {report['revision']}, {html.escape(report['status'])}; last "
-        f"{report['window_s'] / 3600:g} h, generated {_when(report['generated_at'])}</p>",
+        f"{_span(report['window_s'])}, generated {_when(report['generated_at'])}</p>",
         *(
             [f"<p><strong>Note:</strong> {html.escape(note)}; the figures below leave them out</p>"]
             if (note := behind_note(report.get("behind")))
@@ -264,6 +297,11 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
         _html_table(
             _by_version(report["versions"]),
             ["version", "requests", "rps", "error_rate", "p50_ms", "p90_ms", "p99_ms"],
+        ),
+        *(
+            [f"<p><strong>Note:</strong> {html.escape(note)}</p>"]
+            if (note := dropped_note(report.get("log")))
+            else []
         ),
         _svg_line([(s["t"], s["requests"]) for s in series], "requests per interval"),
         _svg_line(
@@ -293,10 +331,14 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
     )
     windows = quality["windows"]
     metric = next((m for m in ("auc", "accuracy", "rmse") if any(m in w for w in windows)), None)
-    if metric:
-        parts.append(
-            _svg_line([(w["window_start"], w[metric]) for w in windows if metric in w], metric)
-        )
+    if metric:  # a chart per version: one line through two versions' windows means nothing
+        for version in sorted({w["version"] for w in windows if metric in w}):
+            points = [
+                (w["window_start"], w[metric])
+                for w in windows
+                if w["version"] == version and metric in w
+            ]
+            parts.append(_svg_line(points, f"{metric}, version {version}"))
     parts.append(
         _html_table(
             [{**w, "window": _when(w["window_start"])} for w in windows],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import subprocess
@@ -119,7 +120,13 @@ def parse_rule(text: str) -> Rule:
     over = parse_duration(match["over"], "--rule over") if match["over"] else DEFAULT_OVER[family]
     if not over > 0:
         raise InvalidInput(f"--rule {text!r}: over: expected a positive duration")
-    return Rule(text.strip(), metric, arg, match["op"], float(match["num"]), float(over))
+    threshold = float(match["num"])
+    if not math.isfinite(threshold):  # 1e309: a number no float holds, so never crossed
+        raise InvalidInput(f"--rule {text!r}: the threshold is not a finite number")
+    return Rule(text.strip(), metric, arg, match["op"], threshold, float(over))
+
+
+_SHELL_OPERATORS = frozenset({"|", "||", "&", "&&", ";", "<", ">", ">>", "2>", "2>&1"})
 
 
 def check_action(action: dict[str, Any]) -> dict[str, Any]:
@@ -135,9 +142,26 @@ def check_action(action: dict[str, Any]) -> dict[str, Any]:
             or not all(isinstance(c, str) for c in command)
         ):
             raise InvalidInput("--command: expected a command line")
+        operators = [c for c in command if c in _SHELL_OPERATORS]
+        if operators:  # it runs without a shell: "|" would reach the program as an argument
+            raise InvalidInput(
+                f"--command: {operators[0]!r} needs a shell, and the command runs without one; "
+                "write it as sh -c '...'"
+            )
     if "webhook" in given:
         url = urllib.parse.urlparse(str(given["webhook"]))
-        if url.scheme not in ("http", "https") or not url.hostname:
+        try:
+            port_ok = url.port is None or url.port > 0
+        except ValueError:  # out of range
+            port_ok = False
+        # Refused now what could only fail once the monitor fires, and for good: a port no
+        # address has, credentials in the address (no request the agent makes sends them)
+        if (
+            url.scheme not in ("http", "https")
+            or not url.hostname
+            or not port_ok
+            or "@" in url.netloc
+        ):
             raise InvalidInput(f"--webhook {given['webhook']!r}: expected http://HOST[:PORT]/PATH")
         host = url.hostname
         try:
@@ -808,7 +832,12 @@ def _act(
         if "pipeline" in action:
             from appliance.core.pipeline_runs import run_pipeline
 
-            run = run_pipeline(app, action["pipeline"], action.get("params") or [])
+            run = run_pipeline(
+                app,
+                action["pipeline"],
+                action.get("params") or [],
+                trigger=f"monitor:{row['name']}",
+            )
             return f"started pipeline run {run['id']} ({run['pipeline']})"
     except subprocess.TimeoutExpired:
         return "command timed out after 120 s"

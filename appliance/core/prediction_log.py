@@ -362,8 +362,8 @@ class PredictionLog:
         for count, chunks in batches:
             taken += count
             try:
-                if self._over_limit():
-                    self.lost += count
+                if self._over_limit():  # the store away for long: the spool is bounded
+                    self._lose(count, f"the spool is full ({self.spool_limit} bytes)", True)
                     continue
                 for kind, ts, suffix, data in chunks:
                     self._put(kind, ts, suffix, data)
@@ -889,6 +889,25 @@ def ship_for_reading(
     if why is None:  # a file closed since is seconds old, as the open one is: nothing to say
         return None
     return waiting_logs(app, deployment, kinds, why)
+
+
+def wait_for_open_logs(app: Appliance, deployment: str, kinds: tuple[str, ...] = KINDS) -> bool:
+    """Wait until the spool files of `kinds` the deployment's workers have open now are
+    closed (they close every ROTATE_SECONDS), so that a reader that found nothing of
+    requests answered moments ago finds them; False when none was open. A worker writes what
+    it answered within WRITE_SECONDS, perhaps to a file it opens then: those count too."""
+    directory = spool_dir(app.settings.home, deployment)
+
+    def open_files() -> set[str]:
+        return {p.name for kind in kinds for p in directory.glob(f"{kind}-*.part")}
+
+    waiting = open_files()
+    time.sleep(WRITE_SECONDS + 0.05)
+    waiting |= open_files()
+    deadline = time.monotonic() + ROTATE_SECONDS + 2 * WRITE_SECONDS + 1
+    while waiting & open_files() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(waiting)
 
 
 def shipping_held(result: dict[str, Any]) -> str | None:

@@ -50,6 +50,7 @@ from appliance.core.traffic import (
     KEEP_SECONDS,
     UNROUTED,
     TrafficStats,
+    log_counters,
     merge,
     parse_rule,
     read_snapshots,
@@ -127,6 +128,15 @@ class Response:
 
 def _error(status: int, message: str) -> Response:
     return Response(status, _dumps({"error": message}))
+
+
+def _echo_id(response: Response, headers: dict[str, str]) -> Response:
+    """A refusal carries the client's X-Request-Id back, as an answer does: its row in the
+    request log has that id (plain printable ASCII only: it goes back as a header)."""
+    sent = headers.get("x-request-id", "")[:200]
+    if sent and sent.isascii() and sent.isprintable():
+        response.headers = (*response.headers, (b"x-request-id", sent.encode()))
+    return response
 
 
 def wake_address(app: Appliance, deployment: str, pid: int) -> str | None:
@@ -448,12 +458,12 @@ class ModelServer:
                 raise RequestError(503, "no model loaded")
             return self._route(routing, method, path, headers, body)
         except RequestError as exc:
-            response = _error(exc.status, exc.message)
+            response = _echo_id(_error(exc.status, exc.message), headers)
             response.served = getattr(exc, "served", None)
             return response
         except Exception:
             log.exception("internal error on %s %s", method, path)
-            return _error(500, "internal server error")
+            return _echo_id(_error(500, "internal server error"), headers)
 
     def _route(
         self, routing: Routing, method: str, path: str, headers: dict[str, str], body: bytes
@@ -530,8 +540,8 @@ class ModelServer:
         """Every worker's counters summed (this worker's live ones in place of its file)."""
         own = str(os.getpid())
         snapshots = [s for s in read_snapshots(self.directory) if str(s.get("pid")) != own]
-        snapshots.append({"traffic": self.stats.snapshot()})
-        return render_prometheus(self.model, merge(snapshots))
+        snapshots.append({"traffic": self.stats.snapshot(), "log": self.plog.counters()})
+        return render_prometheus(self.model, merge(snapshots), log_counters(snapshots))
 
     def _infer(
         self,
@@ -721,7 +731,7 @@ class InferenceApp:
                 if status == 413
                 else "Content-Length must be a byte count"
             )
-            await self._send(send, _error(status, message), close=True)
+            await self._send(send, _echo_id(_error(status, message), headers), close=True)
             self._count_refused(scope["path"], status, started, headers)
             return
         chunks: list[bytes] = []
@@ -734,9 +744,8 @@ class InferenceApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:  # chunked, with no Content-Length to refuse up front
-                await self._send(
-                    send, _error(413, f"request body over the {self.max_body}-byte limit"), True
-                )
+                refused = _error(413, f"request body over the {self.max_body}-byte limit")
+                await self._send(send, _echo_id(refused, headers), True)
                 self._count_refused(scope["path"], 413, started, headers)
                 return
             if chunk:

@@ -241,8 +241,26 @@ def window(
     return out
 
 
-def render_prometheus(model: str, merged: dict[tuple[int, str], dict[str, Any]]) -> str:
-    """Prometheus text format: requests by version, role and code; latency histograms."""
+def log_counters(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' prediction logs summed, since each started: requests logged and not yet
+    written (`queued`), samples `dropped` (a full queue or spool, a value that cannot be
+    encoded) and `written`; `error`: the first reason a worker gave for dropping."""
+    total: dict[str, Any] = {"queued": 0, "dropped": 0, "written": 0, "error": None}
+    for snap in snapshots:
+        log = snap.get("log") or {}
+        for key in ("queued", "dropped", "written"):
+            total[key] += int(log.get(key) or 0)
+        total["error"] = total["error"] or log.get("error")
+    return total
+
+
+def render_prometheus(
+    model: str,
+    merged: dict[tuple[int, str], dict[str, Any]],
+    log: dict[str, Any] | None = None,
+) -> str:
+    """Prometheus text format: requests by version, role and code; latency histograms; and,
+    for a model server, what its prediction log dropped and wrote."""
     lines = [
         "# HELP appliance_requests_total Prediction requests by model version, role and code.",
         "# TYPE appliance_requests_total counter",
@@ -265,6 +283,16 @@ def render_prometheus(model: str, merged: dict[tuple[int, str], dict[str, Any]])
         lines.append(f'appliance_request_seconds_bucket{{{base},le="+Inf"}} {count}')
         lines.append(f"appliance_request_seconds_sum{{{base}}} {s['sum']:.6f}")
         lines.append(f"appliance_request_seconds_count{{{base}}} {count}")
+    if log is not None:
+        for name, key, what in (
+            ("dropped", "dropped", "Samples the prediction log dropped, never requests."),
+            ("written", "written", "Requests the prediction log wrote to its spool."),
+        ):
+            lines += [
+                f"# HELP appliance_prediction_log_{name}_total {what}",
+                f"# TYPE appliance_prediction_log_{name}_total counter",
+                f'appliance_prediction_log_{name}_total{{model="{model}"}} {int(log[key])}',
+            ]
     return "\n".join(lines) + "\n"
 
 
