@@ -70,28 +70,32 @@ def test_the_request_body_limit_is_configurable(
         url = started.json()["url"] + "/v2/models/churn/infer"
         body = json.dumps({"inputs": [{"name": "x", "data": [0] * 2000}]}).encode()
         request = urllib.request.Request(
-            url, data=body, headers={"Content-Type": "application/json"}
+            url, data=body, headers={"Content-Type": "application/json", "X-Request-Id": "big-1"}
         )
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
         assert caught.value.code == 413
+        assert caught.value.headers["x-request-id"] == "big-1"  # as its row in the log
         assert "1024-byte limit" in json.loads(caught.value.read())["error"]
-        # chunked: no Content-Length to refuse up front, so the limit applies while reading
-        import http.client
+        # chunked: no Content-Length to refuse up front, so the limit applies while reading.
+        # Two chunks of 600 bytes pass it; no more is sent, as the server answers and closes
+        # then (bytes sent after that would reset the connection before the answer is read).
+        import socket
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-        conn.request(
-            "POST",
-            parts.path,
-            body=iter([body[:600], body[600:1200], body[1200:]]),
-            headers={"Content-Type": "application/json"},
-            encode_chunked=True,
+        head = (
+            f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nX-Request-Id: big-2\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
-        response = conn.getresponse()
-        assert response.status == 413 and b"1024-byte limit" in response.read()
-        conn.close()
+        chunks = b"".join(b"258\r\n" + body[i : i + 600] + b"\r\n" for i in (0, 600))
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(head.encode() + chunks)
+            answer = b""
+            while more := sock.recv(65536):
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"1024-byte limit" in answer
+        assert b"\r\nx-request-id: big-2\r\n" in answer.lower()
     finally:
         cli("deployments", "stop", "churn", *home)
 

@@ -464,6 +464,14 @@ def test_version_and_prometheus_metrics(served, sample) -> None:  # type: ignore
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code in (400, 404)
         assert refused.value.headers["x-request-id"] == "mine-1", path
+    # an id no header can carry (a newline) is answered all the same, without the header
+    odd = json.dumps({"id": "two\nlines", "inputs": v2_inputs(features, rows)}).encode()
+    request = urllib.request.Request(
+        f"{dep['url']}/v2/models/churn/infer", odd, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answered:
+        assert answered.status == 200 and answered.headers["x-request-id"] is None
+        assert json.loads(answered.read())["id"] == "two\nlines"
     assert 'le="+Inf"' in text and "appliance_request_seconds_count" in text
 
 

@@ -1684,10 +1684,16 @@ def monitor_add(
     """Watch a deployment with a rule; the agent checks it and records alerts."""
     import shlex
 
-    from appliance.core.monitors import add_monitor
+    from appliance.core.monitors import add_monitor, needs_shell
 
     command = None
     if command_line is not None:  # '' is a mistake, not "no action"
+        if shell := needs_shell(command_line):
+            raise click.BadParameter(
+                f"{shell!r} needs a shell, and the command runs without one: "
+                "write it as sh -c '...'",
+                param_hint="--command",
+            )
         try:
             command = shlex.split(command_line)
         except ValueError as exc:

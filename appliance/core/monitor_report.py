@@ -145,7 +145,7 @@ def dropped_note(log: dict[str, Any] | None) -> str | None:
     """What the workers' prediction logs dropped, in words; None when nothing was."""
     if not log or not log.get("dropped"):
         return None
-    why = f" (the first reason: {log['error']})" if log.get("error") else ""
+    why = f" (the first reason a worker gave: {log['error']})" if log.get("error") else ""
     return (
         f"the running workers' prediction logs dropped {log['dropped']} samples since they "
         f"started{why}; the request log leaves them out"
@@ -153,7 +153,7 @@ def dropped_note(log: dict[str, Any] | None) -> str | None:
 
 
 def _span(seconds: float) -> str:
-    """A window as people write one: 1 h, 90 min, 30 s (not 0.000277778 h)."""
+    """A window as people write one: 1 h, 1.5 min, 30 s (not 0.000277778 h)."""
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:g} {unit}"

@@ -184,7 +184,7 @@ class PredictionLog:
         ts = time.time()
         with self.lock:
             if self.held >= self.queue_size or self.encoded_bytes > ENCODED_LIMIT:
-                self.dropped += 1
+                self._lose(1, "the queue is full (the writer is behind)")
                 return
             self.held += 1
             hour = self.hour

@@ -133,7 +133,7 @@ def _error(status: int, message: str) -> Response:
 def _echo_id(response: Response, headers: dict[str, str]) -> Response:
     """A refusal carries the client's X-Request-Id back, as an answer does: its row in the
     request log has that id (plain printable ASCII only: it goes back as a header)."""
-    sent = headers.get("x-request-id", "")[:200]
+    sent = headers.get("x-request-id", "")[:200].strip()  # no space may end a header
     if sent and sent.isascii() and sent.isprintable():
         response.headers = (*response.headers, (b"x-request-id", sent.encode()))
     return response
@@ -595,7 +595,13 @@ class ModelServer:
         served = (runtime.version, role)
         inputs = columns if isinstance(columns, dict) else (runtime.feature_names, columns)
         logged = (log_id, int(shape[0]) if shape else 0, inputs, predictions)
-        id_headers = ((b"x-request-id", log_id.encode("utf-8", "replace")),) if log_id else ()
+        # a body id with a control character (a newline) is logged, not sent back: as a
+        # header it would make the server drop the connection, answer and count unsent
+        id_headers = (
+            ((b"x-request-id", log_id.encode("utf-8", "replace")),)
+            if log_id and log_id.isprintable()
+            else ()
+        )
         if _wants_binary(body):
             data, length = encode_binary_outputs(response)
             return Response(
