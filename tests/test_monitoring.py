@@ -695,6 +695,9 @@ def test_an_alert_resolved_while_its_action_waits_says_so_and_thresholds_are_che
     (bad,) = check_monitors(app, "drift")
     assert bad["state"] == "no_data"
     assert bad["error"] == "APPLIANCE_MONITOR_MIN_ROWS='200.0': expected a whole number, 0 or more"
+    # a rule stored before `monitor add` refused thresholds no float holds is still read
+    app.db.execute("UPDATE monitors SET rule = 'rps > 1e309 over 1h' WHERE name = 'calm'")
+    assert {o["monitor"] for o in check_monitors(app, force=True)} == {"calm", "drift"}
 
 
 def test_the_cli_names_the_flag_it_refuses(
@@ -807,6 +810,35 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     assert _check_label("2.5", "regression", [], "f.csv:2") == "2.5"
     with pytest.raises(InvalidInput, match="expected a number"):
         _check_label(10**400, "regression", [], "f.jsonl:2")  # no float holds it
+
+
+def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
+    """A monitor's command runs without a shell: what only a shell acts on is refused when
+    the monitor is added, unless quoted, escaped, or the line is a shell's own."""
+    from appliance.core.monitors import needs_shell
+
+    for line, found in [
+        ("env | grep M", "|"),
+        ("env|grep M", "|"),
+        ("notify a && notify b", "&"),
+        ("echo hi >/tmp/o", ">"),
+        ('test "$MONITOR_VALUE" -gt 1', "$"),  # passed as it is, never expanded
+        ("echo $1", "$"),
+        ("LOG=debug notify.sh", "="),  # a program named LOG=debug
+        ("cp a ~/x", "~"),
+        ("echo `date`", "`"),
+    ]:
+        assert needs_shell(line) == found, line
+    for line in [
+        "cut -d ';' -f1 /tmp/x",
+        "awk -F '|' '{print $1}' f",
+        "find /var/tmp/x -name '*.tmp' -exec rm {} \\;",
+        'grep "a$" f',
+        "notify --msg 'a & b' --to=ops",
+        'sh -c "notify --value $MONITOR_VALUE | logger"',  # the inner shell's to expand
+        "/bin/bash -c 'a > b'",
+    ]:
+        assert needs_shell(line) is None, line
 
 
 @pytest.mark.parametrize(

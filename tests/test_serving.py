@@ -453,25 +453,31 @@ def test_version_and_prometheus_metrics(served, sample) -> None:  # type: ignore
     # what the prediction log dropped is a counter too (its queue and spool are bounded)
     assert 'appliance_prediction_log_dropped_total{model="churn"} 0' in text
     # a refusal carries the client's request id back, as the log row it makes does
-    for path, body in (("/v2/models/nope/infer", b"{}"), ("/v2/models/churn/infer", b"[")):
+    for path, body, sent, back in (
+        ("/v2/models/nope/infer", b"{}", "mine-1", "mine-1"),
+        ("/v2/models/churn/infer", b"[", "mine-2", "mine-2"),
+        ("/v2/models/churn/infer", b"[", "mine-3 ", None),  # no header value ends in a space
+    ):
         request = urllib.request.Request(
             f"{dep['url']}{path}",
             body,
-            {"Content-Type": "application/json", "X-Request-Id": "mine-1"},
+            {"Content-Type": "application/json", "X-Request-Id": sent},
             method="POST",
         )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code in (400, 404)
-        assert refused.value.headers["x-request-id"] == "mine-1", path
-    # an id no header can carry (a newline) is answered all the same, without the header
-    odd = json.dumps({"id": "two\nlines", "inputs": v2_inputs(features, rows)}).encode()
-    request = urllib.request.Request(
-        f"{dep['url']}/v2/models/churn/infer", odd, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as answered:
-        assert answered.status == 200 and answered.headers["x-request-id"] is None
-        assert json.loads(answered.read())["id"] == "two\nlines"
+        assert refused.value.headers["x-request-id"] == back, path
+    # an id no header can carry (a newline, a space at an end) is answered all the same,
+    # without the header
+    for odd_id in ("two\nlines", "ends in a space "):
+        odd = json.dumps({"id": odd_id, "inputs": v2_inputs(features, rows)}).encode()
+        request = urllib.request.Request(
+            f"{dep['url']}/v2/models/churn/infer", odd, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answered:
+            assert answered.status == 200 and answered.headers["x-request-id"] is None
+            assert json.loads(answered.read())["id"] == odd_id
     assert 'le="+Inf"' in text and "appliance_request_seconds_count" in text
 
 

@@ -1690,8 +1690,8 @@ def monitor_add(
     if command_line is not None:  # '' is a mistake, not "no action"
         if shell := needs_shell(command_line):
             raise click.BadParameter(
-                f"{shell!r} needs a shell, and the command runs without one: "
-                "write it as sh -c '...'",
+                f"{shell!r} needs a shell, and the command runs without one: quote it to "
+                "mean it as it is, or write sh -c '...' (single quotes)",
                 param_hint="--command",
             )
         try:

@@ -28,11 +28,13 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
@@ -123,11 +125,24 @@ def parse_rule(text: str) -> Rule:
     return Rule(text.strip(), metric, arg, match["op"], float(match["num"]), float(over))
 
 
+_SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
 def needs_shell(line: str) -> str | None:
-    """What in a command line only a shell would act on (a pipe, a redirection, `;`, `&`,
-    a `$` expansion, a backquote), outside quotes and not escaped; None when there is
-    nothing. A monitor's command runs without a shell, so `env | grep M` would hand "|" to
-    env: said when the monitor is added, not when it fires and fails for good."""
+    """What in a command line only a shell would act on (a pipe, a redirection, `;`, `&`, a
+    `$` expansion, a backquote, a `~` or a `NAME=value` before the command), outside quotes
+    and not escaped; None when there is nothing, or the line is a shell's own (`sh -c ...`).
+    A monitor's command runs without a shell, so `env | grep M` would hand "|" to env:
+    said when the monitor is added, not when it fires and fails for good."""
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = []  # unbalanced quotes: the caller says so
+    if words[:2] and Path(words[0]).name in _SHELLS and words[1:2] == ["-c"]:
+        return None
+    if words and _ASSIGNMENT.match(words[0]):
+        return "="
     quote = ""
     escaped = False
     for i, char in enumerate(line):
@@ -144,13 +159,15 @@ def needs_shell(line: str) -> str | None:
             quote = char
         elif char in "|;&<>`" or (char == "$" and _expands(line, i)):
             return char
+        elif char == "~" and (i == 0 or line[i - 1].isspace()):
+            return char
     return None
 
 
 def _expands(line: str, at: int) -> bool:
-    """Whether the `$` at `at` starts an expansion: $NAME, ${...}, $(...)."""
+    """Whether the `$` at `at` starts an expansion: $NAME, ${...}, $(...), $1, $?..."""
     after = line[at + 1 : at + 2]
-    return bool(after) and (after.isalpha() or after in "_{(")
+    return bool(after) and after.isascii() and (after.isalnum() or after in "_{(?$#!@*-")
 
 
 def check_action(action: dict[str, Any]) -> dict[str, Any]:

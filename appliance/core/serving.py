@@ -130,11 +130,16 @@ def _error(status: int, message: str) -> Response:
     return Response(status, _dumps({"error": message}))
 
 
+def _header_safe(value: str) -> bool:
+    """Whether an id can go back as a header value: printable, no space at either end."""
+    return bool(value) and value.isprintable() and value[0] != " " and value[-1] != " "
+
+
 def _echo_id(response: Response, headers: dict[str, str]) -> Response:
     """A refusal carries the client's X-Request-Id back, as an answer does: its row in the
-    request log has that id (plain printable ASCII only: it goes back as a header)."""
-    sent = headers.get("x-request-id", "")[:200].strip()  # no space may end a header
-    if sent and sent.isascii() and sent.isprintable():
+    request log has that id (ASCII only: it goes back as it came)."""
+    sent = headers.get("x-request-id", "")[:200]
+    if sent.isascii() and _header_safe(sent):
         response.headers = (*response.headers, (b"x-request-id", sent.encode()))
     return response
 
@@ -595,12 +600,10 @@ class ModelServer:
         served = (runtime.version, role)
         inputs = columns if isinstance(columns, dict) else (runtime.feature_names, columns)
         logged = (log_id, int(shape[0]) if shape else 0, inputs, predictions)
-        # a body id with a control character (a newline) is logged, not sent back: as a
-        # header it would make the server drop the connection, answer and count unsent
+        # an id no header can carry (a newline, a space at an end) is logged, not sent
+        # back: as a header it would make the server drop the connection, answer unsent
         id_headers = (
-            ((b"x-request-id", log_id.encode("utf-8", "replace")),)
-            if log_id and log_id.isprintable()
-            else ()
+            ((b"x-request-id", log_id.encode("utf-8", "replace")),) if _header_safe(log_id) else ()
         )
         if _wants_binary(body):
             data, length = encode_binary_outputs(response)
@@ -766,7 +769,7 @@ class InferenceApp:
             self.server.stats.observe(version, role, response.status, seconds)
             routing = self.server.routing
             request_id, rows, columns, outputs = response.logged or (
-                headers.get("x-request-id", ""),
+                headers.get("x-request-id", "")[:200],
                 0,
                 None,
                 None,
