@@ -697,7 +697,9 @@ def test_an_alert_resolved_while_its_action_waits_says_so_and_thresholds_are_che
     assert bad["error"] == "APPLIANCE_MONITOR_MIN_ROWS='200.0': expected a whole number, 0 or more"
     # a rule stored before `monitor add` refused thresholds no float holds is still read
     app.db.execute("UPDATE monitors SET rule = 'rps > 1e309 over 1h' WHERE name = 'calm'")
-    assert {o["monitor"] for o in check_monitors(app, force=True)} == {"calm", "drift"}
+    outcomes = {o["monitor"]: o for o in check_monitors(app, force=True)}
+    assert outcomes.keys() == {"calm", "drift"} and outcomes["calm"]["state"] == "ok"
+    assert len(list_alerts(app)) == 1  # the one resolved above: nothing new fired
 
 
 def test_the_cli_names_the_flag_it_refuses(
@@ -827,6 +829,8 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         ("LOG=debug notify.sh", "="),  # a program named LOG=debug
         ("cp a ~/x", "~"),
         ("echo `date`", "`"),
+        ("sh -c notify $MONITOR_VALUE", "$"),  # the quotes forgotten: not the shell's
+        ("sh -c 'notify \"$MONITOR_VALUE\"' >> /var/log/m.log", ">"),  # the outer line's
     ]:
         assert needs_shell(line) == found, line
     for line in [
@@ -836,7 +840,9 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         'grep "a$" f',
         "notify --msg 'a & b' --to=ops",
         'sh -c "notify --value $MONITOR_VALUE | logger"',  # the inner shell's to expand
-        "/bin/bash -c 'a > b'",
+        '/bin/bash -c "a > $HOME/b"',
+        '"LOG=debug" notify.sh',  # quoted: meant as it is
+        "notify x~y --dir a~",
     ]:
         assert needs_shell(line) is None, line
 

@@ -126,7 +126,7 @@ def parse_rule(text: str) -> Rule:
 
 
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
-_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_ASSIGNMENT = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*=")  # unquoted, as typed
 
 
 def needs_shell(line: str) -> str | None:
@@ -139,9 +139,9 @@ def needs_shell(line: str) -> str | None:
         words = shlex.split(line)
     except ValueError:
         words = []  # unbalanced quotes: the caller says so
-    if words[:2] and Path(words[0]).name in _SHELLS and words[1:2] == ["-c"]:
-        return None
-    if words and _ASSIGNMENT.match(words[0]):
+    if len(words) == 3 and Path(words[0]).name in _SHELLS and words[1] == "-c":
+        return None  # the script is the inner shell's; anything after it is not
+    if _ASSIGNMENT.match(line):
         return "="
     quote = ""
     escaped = False
