@@ -2438,7 +2438,7 @@ def deployments_abort(app: Any, as_json: bool, name: str, reason: str | None) ->
 def deployments_traffic(app: Any, as_json: bool, name: str, seconds: float) -> None:
     """Live req/s, p50/p99 and error rate, for all requests and stable/canary apart."""
     from appliance.core.deployments import traffic
-    from appliance.core.monitor_report import dropped_note
+    from appliance.core.traffic import dropped_note
 
     data = traffic(app, name, seconds)
     rows = [{"role": role, **data[role]} for role in ("all", "stable", "canary")]

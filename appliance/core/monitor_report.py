@@ -12,7 +12,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import behind_note
-from appliance.core.traffic import ROUTED, UNROUTED
+from appliance.core.traffic import ROUTED, UNROUTED, dropped_note
 from appliance.errors import ApplianceError, InvalidInput
 
 
@@ -139,17 +139,6 @@ def _by_version(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-
-def dropped_note(log: dict[str, Any] | None) -> str | None:
-    """What the workers' prediction logs dropped, in words; None when nothing was."""
-    if not log or not log.get("dropped"):
-        return None
-    why = f" (the first reason a worker gave: {log['error']})" if log.get("error") else ""
-    return (
-        f"the running workers' prediction logs dropped {log['dropped']} samples since they "
-        f"started{why}; the request log leaves them out"
-    )
 
 
 def _span(seconds: float) -> str:

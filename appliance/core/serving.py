@@ -135,6 +135,13 @@ def _header_safe(value: str) -> bool:
     return bool(value) and value.isprintable() and value[0] != " " and value[-1] != " "
 
 
+def _id_headers(log_id: str) -> tuple[tuple[bytes, bytes], ...]:
+    """An answer's id as its header; none for an id no header can carry (a newline, a space
+    at an end), which is logged all the same: sent, it would make the server drop the
+    connection and the answer with it."""
+    return ((b"x-request-id", log_id.encode("utf-8", "replace")),) if _header_safe(log_id) else ()
+
+
 def _echo_id(response: Response, headers: dict[str, str]) -> Response:
     """A refusal carries the client's X-Request-Id back, as an answer does: its row in the
     request log has that id (ASCII only: it goes back as it came)."""
@@ -600,11 +607,7 @@ class ModelServer:
         served = (runtime.version, role)
         inputs = columns if isinstance(columns, dict) else (runtime.feature_names, columns)
         logged = (log_id, int(shape[0]) if shape else 0, inputs, predictions)
-        # an id no header can carry (a newline, a space at an end) is logged, not sent
-        # back: as a header it would make the server drop the connection, answer unsent
-        id_headers = (
-            ((b"x-request-id", log_id.encode("utf-8", "replace")),) if _header_safe(log_id) else ()
-        )
+        id_headers = _id_headers(log_id)
         if _wants_binary(body):
             data, length = encode_binary_outputs(response)
             return Response(
@@ -672,7 +675,7 @@ class ModelServer:
         return Response(
             200,
             _dumps({"predictions": predictions}),
-            headers=((b"x-request-id", log_id.encode("utf-8", "replace")),) if log_id else (),
+            headers=_id_headers(log_id),
             served=(runtime.version, role),
             logged=(log_id, len(predictions), columns, predictions),
         )

@@ -254,6 +254,17 @@ def log_counters(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def dropped_note(log: dict[str, Any] | None) -> str | None:
+    """What the workers' prediction logs dropped, in words; None when nothing was."""
+    if not log or not log.get("dropped"):
+        return None
+    why = f" (the first reason a worker gave: {log['error']})" if log.get("error") else ""
+    return (
+        f"the running workers' prediction logs dropped {log['dropped']} samples since they "
+        f"started{why}; the request log leaves them out"
+    )
+
+
 def render_prometheus(
     model: str,
     merged: dict[tuple[int, str], dict[str, Any]],
@@ -284,14 +295,14 @@ def render_prometheus(
         lines.append(f"appliance_request_seconds_sum{{{base}}} {s['sum']:.6f}")
         lines.append(f"appliance_request_seconds_count{{{base}}} {count}")
     if log is not None:
-        for name, key, what in (
-            ("dropped", "dropped", "Samples the prediction log dropped, never requests."),
-            ("written", "written", "Requests the prediction log wrote to its spool."),
+        for key, what in (
+            ("dropped", "Samples the prediction log dropped, never requests."),
+            ("written", "Requests the prediction log wrote to its spool."),
         ):
             lines += [
-                f"# HELP appliance_prediction_log_{name}_total {what}",
-                f"# TYPE appliance_prediction_log_{name}_total counter",
-                f'appliance_prediction_log_{name}_total{{model="{model}"}} {int(log[key])}',
+                f"# HELP appliance_prediction_log_{key}_total {what}",
+                f"# TYPE appliance_prediction_log_{key}_total counter",
+                f'appliance_prediction_log_{key}_total{{model="{model}"}} {int(log[key])}',
             ]
     return "\n".join(lines) + "\n"
 
