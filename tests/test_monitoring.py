@@ -368,6 +368,26 @@ def test_drift_needs_logs_and_a_training_lineage(
         drift(app, "syn", window=3600)
 
 
+def test_a_row_labelled_twice_in_one_post_is_counted_and_spooled_once(tmp_path: Path) -> None:
+    """`POST /feedback` says what `monitor feedback` says of a file: a row labelled twice is
+    a duplicate, and its last label the one kept."""
+    from appliance.core.feedback import spool_feedback
+    from appliance.core.prediction_log import spool_dir
+
+    items = [("a", 0), ("b", 1), ("a", 1), ("b", 1)]
+    body = {"feedback": [{"request_id": r, "label": label} for r, label in items]}
+    assert spool_feedback(tmp_path, "d", body, "binary", [0, 1]) == {
+        "accepted": 4,
+        "duplicates": 2,
+    }
+    (spooled,) = spool_dir(tmp_path, "d").glob("feedback-*.jsonl")
+    stored = [json.loads(line) for line in spooled.read_text().splitlines()]
+    assert [(s["request_id"], s["row"], s["label"]) for s in stored] == [
+        ("a", 0, "1"),
+        ("b", 0, "1"),
+    ]
+
+
 def test_feedback_joins_labels_and_quality_is_computed_per_version(
     app: Appliance, deployed: str, tmp_path: Path
 ) -> None:
@@ -712,6 +732,7 @@ def test_the_cli_names_the_flag_it_refuses(
         ('say "hi', "No closing quotation"),
         ("env | grep M", "'|' needs a shell, and the command runs without one"),
         ('test "$MONITOR_VALUE" -gt 1', "'$' needs a shell"),  # passed as it is, unexpanded
+        ("notify ops # paged", "'#' needs a shell"),
     ]:
         said = cli(*add, "--command", line)
         assert said.code != 0 and "--command" in said.err and message in said.err
@@ -742,6 +763,11 @@ def test_the_cli_names_the_flag_it_refuses(
     assert said.code == 0 and "note: 1 monitor(s) go unchecked while no agent runs" in said.err
     said = cli("monitor", "list", *home)
     assert said.code == 0 and "note: no agent runs, so nothing checks these monitors" in said.err
+    assert "CHECKED" in said.out.splitlines()[0]
+    assert cli("monitor", "check", "m", *home).code == 0
+    checked = cli("monitor", "list", *home, "--json").json()[0]["checked_at"]
+    shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checked))
+    assert shown in cli("monitor", "list", *home).out  # when it was last checked, to the second
 
 
 def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_them(
@@ -831,6 +857,11 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         ("echo `date`", "`"),
         ("sh -c notify $MONITOR_VALUE", "$"),  # the quotes forgotten: not the shell's
         ("sh -c 'notify \"$MONITOR_VALUE\"' >> /var/log/m.log", ">"),  # the outer line's
+        ("notify a # says a", "#"),  # a comment, handed to notify as two words
+        ("#notify a", "#"),
+        ("(cd /srv && make)", "("),
+        ("notify a\nnotify b", "\n"),  # two commands, run as one with four words
+        ("cp a b=~/x", "~"),  # bash expands it, an argument too
     ]:
         assert needs_shell(line) == found, line
     for line in [
@@ -842,7 +873,11 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         'sh -c "notify --value $MONITOR_VALUE | logger"',  # the inner shell's to expand
         '/bin/bash -c "a > $HOME/b"',
         '"LOG=debug" notify.sh',  # quoted: meant as it is
-        "notify x~y --dir a~",
+        "notify x~y --dir a~ --dir=~/y",  # bash leaves an option's ~ as it is
+        "notify 'a # b' a#b \\#c",
+        "find /srv -name '*.log' \\( -size +1M \\)",
+        "curl -s http://127.0.0.1:9000/hook?level=warn",  # a glob no file matches: as it is
+        "notify 'two\nlines'",
     ]:
         assert needs_shell(line) is None, line
 
@@ -1230,7 +1265,10 @@ def test_a_served_deployment_logs_takes_feedback_and_the_agent_ships(
         assert wrong.value.code == 400 and b"not a class of the model" in wrong.value.read()
         labels = [{"request_id": r, "label": i % 2} for i, r in enumerate(ids)]
         with post("/feedback", {"feedback": labels}, auth) as response:
-            assert response.status == 202 and json.loads(response.read()) == {"accepted": 20}
+            assert response.status == 202 and json.loads(response.read()) == {
+                "accepted": 20,
+                "duplicates": 0,
+            }
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             stored = app.db.scalar("SELECT count(*) FROM monitor_feedback")

@@ -1617,10 +1617,11 @@ def _say_behind(behind: dict[str, Any] | None) -> None:
         click.echo(f"note: {note}; these figures leave them out", err=True)
 
 
-def _clock(ts: float | None) -> str:
+def _clock(ts: float | None, seconds: bool = False) -> str:
     import time
 
-    return "" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return "" if ts is None else time.strftime(form, time.localtime(ts))
 
 
 @command(monitor_group, "drift")
@@ -1718,9 +1719,11 @@ def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
 
     monitors = list_monitors(app, deployment)
     emit(
-        monitors,
+        monitors
+        if as_json
+        else [{**m, "checked": _clock(m["checked_at"], seconds=True)} for m in monitors],
         as_json,
-        ["name", "deployment", "rule", "every_s", "action", "state", "value", "error"],
+        ["name", "deployment", "rule", "every_s", "action", "state", "value", "checked", "error"],
     )
     if not as_json and monitors and not agent_running(app):
         click.echo(

@@ -79,10 +79,11 @@ def _item(raw: Any, where: str) -> tuple[str, int, Any]:
 
 def spool_feedback(
     home: Path, deployment: str, body: Any, objective: str, labels: list[Any]
-) -> int:
+) -> dict[str, int]:
     """`POST /feedback` on the server: check the items (each label against the served
     model's classes, or as a number for regression) and write them to the spool as one
-    closed file (the agent stores them); returns how many were taken."""
+    closed file (the agent stores them); returns how many were accepted, and how many of
+    them labelled a row the body labelled before (the last label is kept, as in a file)."""
     items = body.get("feedback", [body]) if isinstance(body, dict) else body
     if not isinstance(items, list) or not items:
         raise InvalidInput("expected {request_id, label[, row]} or {feedback: [...]}")
@@ -92,6 +93,7 @@ def spool_feedback(
     for i, raw in enumerate(items):
         request_id, row, label = _item(raw, f"feedback[{i}]")
         checked.append((request_id, row, _check_label(label, objective, labels, f"feedback[{i}]")))
+    kept = {(request_id, row): label for request_id, row, label in checked}
     directory = spool_dir(home, deployment)
     directory.mkdir(parents=True, exist_ok=True)
     hour = time.strftime("%Y%m%d%H", time.gmtime())
@@ -99,11 +101,11 @@ def spool_feedback(
     tmp = directory / (name + ".part")
     now = time.time()
     with tmp.open("w") as fh:
-        for request_id, row, label in checked:  # label: as stored (checked above)
+        for (request_id, row), label in kept.items():  # label: as stored (checked above)
             fh.write(json.dumps({"request_id": request_id, "row": row, "label": label, "ts": now}))
             fh.write("\n")
     tmp.rename(directory / name)
-    return len(checked)
+    return {"accepted": len(checked), "duplicates": len(checked) - len(kept)}
 
 
 def _objective(app: Appliance, deployment: str) -> tuple[str, list[Any]]:

@@ -127,14 +127,18 @@ def parse_rule(text: str) -> Rule:
 
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
 _ASSIGNMENT = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*=")  # unquoted, as typed
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def needs_shell(line: str) -> str | None:
     """What in a command line only a shell would act on (a pipe, a redirection, `;`, `&`, a
-    `$` expansion, a backquote, a `~` or a `NAME=value` before the command), outside quotes
-    and not escaped; None when there is nothing, or the line is a shell's own (`sh -c ...`).
-    A monitor's command runs without a shell, so `env | grep M` would hand "|" to env:
-    said when the monitor is added, not when it fires and fails for good."""
+    `$` expansion, a backquote, parentheses, a line break, a `#` comment, a `~` or a
+    `NAME=value` before the command), outside quotes and not escaped; None when there is
+    nothing, or the line is a shell's own (`sh -c ...`). A monitor's command runs without a
+    shell, so `env | grep M` would hand "|" to env: said when the monitor is added, not when
+    it fires and fails for good. Glob characters pass: a `?` or `*` in an address or a
+    pattern is meant as it is more often than not, and no shell would change a pattern that
+    matches no file."""
     try:
         words = shlex.split(line)
     except ValueError:
@@ -145,6 +149,7 @@ def needs_shell(line: str) -> str | None:
         return "="
     quote = ""
     escaped = False
+    word = 0  # where the unquoted word being read starts
     for i, char in enumerate(line):
         if escaped:
             escaped = False
@@ -157,9 +162,15 @@ def needs_shell(line: str) -> str | None:
                 return char
         elif char in "'\"":
             quote = char
-        elif char in "|;&<>`" or (char == "$" and _expands(line, i)):
+        elif char in "|;&<>`()\n" or (char == "$" and _expands(line, i)):
             return char
-        elif char == "~" and (i == 0 or line[i - 1].isspace()):
+        elif char.isspace():
+            word = i + 1
+        elif char == "#" and i == word:
+            return char
+        elif char == "~" and (
+            i == word or (line[i - 1] == "=" and _NAME.fullmatch(line[word : i - 1]))
+        ):  # bash expands a=~/x, as an argument too
             return char
     return None
 

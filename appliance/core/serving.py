@@ -649,7 +649,7 @@ class ModelServer:
             )
         except ApplianceError as exc:
             raise RequestError(400, exc.message) from None
-        return Response(202, _dumps({"accepted": taken}))
+        return Response(202, _dumps(taken))
 
     def _invocations(self, routing: Routing, headers: dict[str, str], raw: bytes) -> Response:
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
