@@ -135,7 +135,7 @@ def test_canary_requests_are_checked(app: Appliance) -> None:
         ({"canary": 10, "auto_rollback": "p99_ms > 5", "window": "2h"}, "--window 2h"),
         (
             {"canary": 10, "auto_rollback": "error_rate > 0.5 or p99_ms > 1" + "0" * 400},
-            "a threshold is not a finite number",
+            "--auto-rollback: p99_ms's threshold is not a finite number",
         ),
         ({"auto_rollback": "p99_ms > 5"}, "only with --canary"),
     ]:

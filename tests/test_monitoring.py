@@ -861,7 +861,13 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         ("#notify a", "#"),
         ("(cd /srv && make)", "("),
         ("notify a\nnotify b", "\n"),  # two commands, run as one with four words
+        ("curl -s \\\n  http://127.0.0.1:9000/hook", "\n"),  # a shell joins the lines
+        ("echo x )", ")"),
         ("cp a b=~/x", "~"),  # bash expands it, an argument too
+        ("env PATH=/usr/bin:~/bin notify", "~"),  # after a `:` of one as well
+        ("cp conf{,.bak}", "{"),  # brace expansion: two words
+        ("notify {'a',b}", "{"),
+        ("notify $'a\\tb'", "$"),  # a tab to bash, a backslash and a t without it
     ]:
         assert needs_shell(line) == found, line
     for line in [
@@ -878,6 +884,10 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         "find /srv -name '*.log' \\( -size +1M \\)",
         "curl -s http://127.0.0.1:9000/hook?level=warn",  # a glob no file matches: as it is
         "notify 'two\nlines'",
+        "notify ops\n",  # a line break at the end separates nothing
+        "xargs -I{} cp {} a,b",
+        "notify '{a,b}' \\{a,b} {a} v1.2..3",
+        "notify \"$'x'\" a\xa0#b",  # bash splits words at blanks and tabs only
     ]:
         assert needs_shell(line) is None, line
 

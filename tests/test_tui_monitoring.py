@@ -4,6 +4,7 @@ computed on `d` with the worst features first, monitors and the alert a rollback
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
 
     from appliance.core import prediction_log
     from appliance.core.deployments import create_deployment
-    from appliance.core.monitors import add_monitor, check_monitors
+    from appliance.core.monitors import add_monitor, check_monitors, list_monitors
     from appliance.tui.monitoring import MonitoringScreen
 
     # the training job's agent never checks the monitor itself: this test does (its check
@@ -51,6 +52,10 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
             monitors = screen.query_one("#monitors", DataTable)
             alerts = screen.query_one("#alerts", DataTable)
             await until(pilot, lambda: monitors.row_count == 1 and alerts.row_count == 1, "rows")
+            checked = list_monitors(app)[0]["checked_at"]  # when, as `monitor list` says it
+            assert monitors.get_row_at(0)[4] == time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(checked)
+            )
             spark = screen.query_one("#requests-spark", Sparkline)
             assert sum(spark.data or []) == 10  # ten logged requests in the last hour
             # the monitor's check stored a drift result: shown worst first

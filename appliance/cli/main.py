@@ -1713,7 +1713,7 @@ def monitor_add(
 @command(monitor_group, "list")
 @click.option("--deployment")
 def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
-    """Monitors with their state and last value."""
+    """Monitors with their state, last value and when they were last checked."""
     from appliance.core.agent import agent_running
     from appliance.core.monitors import list_monitors
 

@@ -559,10 +559,10 @@ def deploy_canary(
 
     if not 0 < percent < 100:
         raise InvalidInput(f"--canary {percent:g}: a percentage between 0 and 100 (exclusive)")
-    if rule is not None and not all(math.isfinite(t[2]) for t in parse_rule(rule).terms):
-        # 1e309: no float holds it, so the canary would never be rolled back (refused here,
-        # not by parse_rule: a rule stored before must still be read)
-        raise InvalidInput(f"--auto-rollback {rule!r}: a threshold is not a finite number")
+    for metric, _, limit in parse_rule(rule).terms if rule is not None else ():
+        if not math.isfinite(limit):  # 400 digits: no float holds them, so never crossed
+            # (refused here, not by parse_rule: a rule stored before must still be read)
+            raise InvalidInput(f"--auto-rollback: {metric}'s threshold is not a finite number")
     seconds = parse_duration(window if window is not None else "60s", "--window")
     if not 1 <= seconds <= MAX_CANARY_WINDOW:
         raise InvalidInput(f"--window {window}: between 1s and {MAX_CANARY_WINDOW / 60:.0f}m")

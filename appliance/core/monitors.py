@@ -126,33 +126,36 @@ def parse_rule(text: str) -> Rule:
 
 
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
-_ASSIGNMENT = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*=")  # unquoted, as typed
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ASSIGNED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")  # a word that begins as an assignment
 
 
 def needs_shell(line: str) -> str | None:
     """What in a command line only a shell would act on (a pipe, a redirection, `;`, `&`, a
-    `$` expansion, a backquote, parentheses, a line break, a `#` comment, a `~` or a
-    `NAME=value` before the command), outside quotes and not escaped; None when there is
-    nothing, or the line is a shell's own (`sh -c ...`). A monitor's command runs without a
-    shell, so `env | grep M` would hand "|" to env: said when the monitor is added, not when
-    it fires and fails for good. Glob characters pass: a `?` or `*` in an address or a
-    pattern is meant as it is more often than not, and no shell would change a pattern that
-    matches no file."""
+    `$` expansion or `$'...'` quote, a backquote, parentheses, a line break or continuation,
+    a `#` comment, brace expansion, a `~` or a `NAME=value` before the command), outside
+    quotes and not escaped; None when there is nothing, or the line is a shell's own
+    (`sh -c ...`). A monitor's command runs without a shell, so `env | grep M` would hand "|"
+    to env: said when the monitor is added, not when it fires and fails for good. Glob
+    characters pass: a `?` or `*` in an address or a pattern is meant as it is more often
+    than not, and no shell would change a pattern that matches no file."""
     try:
         words = shlex.split(line)
     except ValueError:
         words = []  # unbalanced quotes: the caller says so
     if len(words) == 3 and Path(words[0]).name in _SHELLS and words[1] == "-c":
         return None  # the script is the inner shell's; anything after it is not
-    if _ASSIGNMENT.match(line):
+    if _ASSIGNED.match(line.lstrip()):  # unquoted, as typed
         return "="
     quote = ""
     escaped = False
     word = 0  # where the unquoted word being read starts
+    brace = -1  # where an unquoted `{` of this word opened, or -1
+    listed = False  # a `,` or `..` since that `{`: `{a,b}` and `{1..3}` expand, `{}` does not
     for i, char in enumerate(line):
         if escaped:
             escaped = False
+            if char == "\n":  # a continuation: a shell joins the lines, shlex keeps the break
+                return char
         elif char == "\\" and quote != "'":
             escaped = True
         elif quote:
@@ -162,23 +165,40 @@ def needs_shell(line: str) -> str | None:
                 return char
         elif char in "'\"":
             quote = char
-        elif char in "|;&<>`()\n" or (char == "$" and _expands(line, i)):
+        elif char in "|;&<>`()" or (char == "$" and _expands(line, i, unquoted=True)):
             return char
-        elif char.isspace():
-            word = i + 1
+        elif char == "\n" and line[i + 1 :].strip(" \t\n"):  # one at the end separates nothing
+            return char
+        elif char in " \t\n":  # what a shell splits words at
+            word, brace, listed = i + 1, -1, False
         elif char == "#" and i == word:
             return char
-        elif char == "~" and (
-            i == word or (line[i - 1] == "=" and _NAME.fullmatch(line[word : i - 1]))
-        ):  # bash expands a=~/x, as an argument too
+        elif char == "~" and (i == word or _tilde_of_assignment(line, word, i)):
             return char
+        elif char == "{":
+            brace, listed = i, False
+        elif brace >= 0 and (char == "," or (char == "." and line[i + 1 : i + 2] == ".")):
+            listed = True
+        elif char == "}" and brace >= 0:
+            if listed:
+                return "{"
+            brace = -1
     return None
 
 
-def _expands(line: str, at: int) -> bool:
-    """Whether the `$` at `at` starts an expansion: $NAME, ${...}, $(...), $1, $?..."""
+def _tilde_of_assignment(line: str, word: int, at: int) -> bool:
+    """Whether bash expands the `~` at `at` as an assignment's (after its first `=` or a
+    `:`), which it does in an argument too: `echo a=~/x` and `PATH=/bin:~/bin`."""
+    match = _ASSIGNED.match(line, word, at)
+    return match is not None and (at == match.end() or line[at - 1] == ":")
+
+
+def _expands(line: str, at: int, unquoted: bool = False) -> bool:
+    """Whether the `$` at `at` starts an expansion: $NAME, ${...}, $(...), $1, $?..., and
+    outside double quotes a `$'...'` or `$"..."` quote."""
     after = line[at + 1 : at + 2]
-    return bool(after) and after.isascii() and (after.isalnum() or after in "_{(?$#!@*-")
+    signs = "_{(?$#!@*-" + ("'\"" if unquoted else "")
+    return bool(after) and after.isascii() and (after.isalnum() or after in signs)
 
 
 def check_action(action: dict[str, Any]) -> dict[str, Any]:
