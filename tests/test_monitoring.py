@@ -868,6 +868,16 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         ("cp conf{,.bak}", "{"),  # brace expansion: two words
         ("notify {'a',b}", "{"),
         ("notify $'a\\tb'", "$"),  # a tab to bash, a backslash and a t without it
+        ('notify-send "cost \\$5"', "\\"),  # bash drops that backslash, the split keeps it
+        ("notify $[1+2]", "$"),
+        ("notify {b,{c}}", "{"),  # braces as bash nests them
+        ("notify a{b}c,d}", "{"),
+        ("a+=b notify", "="),
+        ("a[1]=b notify", "="),
+        ("notify a+=~/x", "~"),
+        ("notify 'a'\r'b'", "\r"),  # one word to bash, two to the split
+        ("! notify", "!"),  # keywords, no program's name
+        ("[[ -f /tmp/x ]]", "[["),
     ]:
         assert needs_shell(line) == found, line
     for line in [
@@ -888,6 +898,9 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         "xargs -I{} cp {} a,b",
         "notify '{a,b}' \\{a,b} {a} v1.2..3",
         "notify \"$'x'\" a\xa0#b",  # bash splits words at blanks and tabs only
+        "notify ops\r\n",  # a line pasted from elsewhere
+        "notify 'cost \\$5' \"cost $ 5\" 'if' iffy",
+        "time notify ops",
     ]:
         assert needs_shell(line) is None, line
 

@@ -559,7 +559,8 @@ def deploy_canary(
 
     if not 0 < percent < 100:
         raise InvalidInput(f"--canary {percent:g}: a percentage between 0 and 100 (exclusive)")
-    for metric, _, limit in parse_rule(rule).terms if rule is not None else ():
+    terms = parse_rule(rule).terms if rule is not None else ()
+    for metric, _, limit in terms:
         if not math.isfinite(limit):  # 400 digits: no float holds them, so never crossed
             # (refused here, not by parse_rule: a rule stored before must still be read)
             raise InvalidInput(f"--auto-rollback: {metric}'s threshold is not a finite number")

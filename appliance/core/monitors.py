@@ -126,36 +126,48 @@ def parse_rule(text: str) -> Rule:
 
 
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
-_ASSIGNED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")  # a word that begins as an assignment
+# a word that begins as an assignment: NAME=, NAME+=, NAME[i]=
+_ASSIGNED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[[^]]*\])?\+?=")
+# words only a shell reads as syntax, never a program's name
+_KEYWORDS = frozenset(
+    {"!", "[[", "]]", "{", "}", "if", "then", "elif", "else", "fi", "case", "esac", "for"}
+    | {"select", "while", "until", "do", "done", "function", "coproc"}
+)
 
 
 def needs_shell(line: str) -> str | None:
     """What in a command line only a shell would act on (a pipe, a redirection, `;`, `&`, a
     `$` expansion or `$'...'` quote, a backquote, parentheses, a line break or continuation,
-    a `#` comment, brace expansion, a `~` or a `NAME=value` before the command), outside
-    quotes and not escaped; None when there is nothing, or the line is a shell's own
-    (`sh -c ...`). A monitor's command runs without a shell, so `env | grep M` would hand "|"
-    to env: said when the monitor is added, not when it fires and fails for good. Glob
-    characters pass: a `?` or `*` in an address or a pattern is meant as it is more often
-    than not, and no shell would change a pattern that matches no file."""
+    a `#` comment, brace expansion, a `~`, a `NAME=value` before the command or a keyword
+    such as `if` or `!` as the command), outside quotes and not escaped; None when there is
+    nothing, or the line is a shell's own (`sh -c ...`). A monitor's command runs without a
+    shell, so `env | grep M` would hand "|" to env: said when the monitor is added, not when
+    it fires and fails for good. Glob characters pass: a `?` or `*` in an address or a
+    pattern is meant as it is more often than not, and no shell would change a pattern that
+    matches no file."""
     try:
         words = shlex.split(line)
     except ValueError:
         words = []  # unbalanced quotes: the caller says so
     if len(words) == 3 and Path(words[0]).name in _SHELLS and words[1] == "-c":
         return None  # the script is the inner shell's; anything after it is not
-    if _ASSIGNED.match(line.lstrip()):  # unquoted, as typed
+    if _ASSIGNED.match(line.lstrip(" \t\n")):  # unquoted, as typed
         return "="
+    if words and words[0] in _KEYWORDS and line.lstrip(" \t\n").startswith(words[0]):
+        return words[0]
     quote = ""
     escaped = False
     word = 0  # where the unquoted word being read starts
-    brace = -1  # where an unquoted `{` of this word opened, or -1
-    listed = False  # a `,` or `..` since that `{`: `{a,b}` and `{1..3}` expand, `{}` does not
+    # an unquoted `{` in this word, then a `,` or `..`, then a `}`: `{a,b}` and `{1..3}`
+    # expand, `{}` does not (bash matches braces as it nests them: one rule in between)
+    brace = listed = False
     for i, char in enumerate(line):
         if escaped:
             escaped = False
             if char == "\n":  # a continuation: a shell joins the lines, shlex keeps the break
                 return char
+            if quote == '"' and char in "$`":  # in double quotes a shell drops the \, shlex not
+                return "\\"
         elif char == "\\" and quote != "'":
             escaped = True
         elif quote:
@@ -167,22 +179,20 @@ def needs_shell(line: str) -> str | None:
             quote = char
         elif char in "|;&<>`()" or (char == "$" and _expands(line, i, unquoted=True)):
             return char
-        elif char == "\n" and line[i + 1 :].strip(" \t\n"):  # one at the end separates nothing
-            return char
-        elif char in " \t\n":  # what a shell splits words at
-            word, brace, listed = i + 1, -1, False
+        elif char in "\r\n" and line[i + 1 :].strip(" \t\r\n"):  # at the end: nothing after
+            return char  # a newline separates commands; shlex splits words at a CR, bash not
+        elif char in " \t\r\n":  # where a shell splits words (and shlex, at a CR at the end)
+            word, brace, listed = i + 1, False, False
         elif char == "#" and i == word:
             return char
         elif char == "~" and (i == word or _tilde_of_assignment(line, word, i)):
             return char
         elif char == "{":
-            brace, listed = i, False
-        elif brace >= 0 and (char == "," or (char == "." and line[i + 1 : i + 2] == ".")):
+            brace = True
+        elif brace and (char == "," or (char == "." and line[i + 1 : i + 2] == ".")):
             listed = True
-        elif char == "}" and brace >= 0:
-            if listed:
-                return "{"
-            brace = -1
+        elif char == "}" and listed:
+            return "{"
     return None
 
 
@@ -194,10 +204,10 @@ def _tilde_of_assignment(line: str, word: int, at: int) -> bool:
 
 
 def _expands(line: str, at: int, unquoted: bool = False) -> bool:
-    """Whether the `$` at `at` starts an expansion: $NAME, ${...}, $(...), $1, $?..., and
-    outside double quotes a `$'...'` or `$"..."` quote."""
+    """Whether the `$` at `at` starts an expansion: $NAME, ${...}, $(...), $[...], $1, $?...,
+    and outside double quotes a `$'...'` or `$"..."` quote."""
     after = line[at + 1 : at + 2]
-    signs = "_{(?$#!@*-" + ("'\"" if unquoted else "")
+    signs = "_{([?$#!@*-" + ("'\"" if unquoted else "")
     return bool(after) and after.isascii() and (after.isalnum() or after in signs)
 
 
