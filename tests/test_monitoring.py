@@ -878,6 +878,10 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         ("notify 'a'\r'b'", "\r"),  # one word to bash, two to the split
         ("! notify", "!"),  # keywords, no program's name
         ("[[ -f /tmp/x ]]", "[["),
+        ("time notify ops", "time"),  # bash's own: a program only where one is installed
+        ('sh -c "kill \\$(cat /run/app.pid)"', "\\"),  # the outer shell hands on $(...)
+        ("bash -c $'notify a\\nnotify b'", "$"),
+        ("sh -c notify{,-send}", "{"),  # the outer shell's to expand, unquoted
     ]:
         assert needs_shell(line) == found, line
     for line in [
@@ -900,7 +904,7 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         "notify \"$'x'\" a\xa0#b",  # bash splits words at blanks and tabs only
         "notify ops\r\n",  # a line pasted from elsewhere
         "notify 'cost \\$5' \"cost $ 5\" 'if' iffy",
-        "time notify ops",
+        "/usr/bin/time notify ops",
     ]:
         assert needs_shell(line) is None, line
 

@@ -128,29 +128,32 @@ def parse_rule(text: str) -> Rule:
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
 # a word that begins as an assignment: NAME=, NAME+=, NAME[i]=
 _ASSIGNED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[[^]]*\])?\+?=")
-# words only a shell reads as syntax, never a program's name
+# words a shell reads as its own as the command (`time` is a program only where installed)
 _KEYWORDS = frozenset(
     {"!", "[[", "]]", "{", "}", "if", "then", "elif", "else", "fi", "case", "esac", "for"}
-    | {"select", "while", "until", "do", "done", "function", "coproc"}
+    | {"select", "while", "until", "do", "done", "function", "coproc", "time"}
 )
 
 
 def needs_shell(line: str) -> str | None:
-    """What in a command line only a shell would act on (a pipe, a redirection, `;`, `&`, a
-    `$` expansion or `$'...'` quote, a backquote, parentheses, a line break or continuation,
-    a `#` comment, brace expansion, a `~`, a `NAME=value` before the command or a keyword
-    such as `if` or `!` as the command), outside quotes and not escaped; None when there is
-    nothing, or the line is a shell's own (`sh -c ...`). A monitor's command runs without a
-    shell, so `env | grep M` would hand "|" to env: said when the monitor is added, not when
-    it fires and fails for good. Glob characters pass: a `?` or `*` in an address or a
-    pattern is meant as it is more often than not, and no shell would change a pattern that
+    """The first thing in a command line that a shell would act on, or None. A monitor's
+    command is split as words and runs without a shell, so `env | grep M` would hand "|" to
+    env: said when the monitor is added, not when it fires and fails for good.
+
+    Found outside quotes: a pipe, a redirection, `;`, `&`, parentheses, a `$` expansion or
+    `$'...'` quote, a backquote, a line break or carriage return within the line, a `#`
+    comment, brace expansion, a `~`, a `NAME=value` before the command, a keyword (`if`,
+    `!`, `time`) as the command. Inside double quotes: a `$` expansion, a backquote, and a
+    backslash before either (a shell drops it, the split keeps it). Outside single quotes:
+    a line continuation. A shell's own line (`sh -c SCRIPT`) may expand in double quotes: its
+    script is the inner shell's. Glob characters pass: a `?` or `*` in an address or a
+    pattern is meant as it is more often than not, and no shell changes a pattern that
     matches no file."""
     try:
         words = shlex.split(line)
     except ValueError:
         words = []  # unbalanced quotes: the caller says so
-    if len(words) == 3 and Path(words[0]).name in _SHELLS and words[1] == "-c":
-        return None  # the script is the inner shell's; anything after it is not
+    own = len(words) == 3 and Path(words[0]).name in _SHELLS and words[1] == "-c"
     if _ASSIGNED.match(line.lstrip(" \t\n")):  # unquoted, as typed
         return "="
     if words and words[0] in _KEYWORDS and line.lstrip(" \t\n").startswith(words[0]):
@@ -173,15 +176,15 @@ def needs_shell(line: str) -> str | None:
         elif quote:
             if char == quote:
                 quote = ""
-            elif quote == '"' and (char == "`" or (char == "$" and _expands(line, i))):
+            elif quote == '"' and not own and (char == "`" or (char == "$" and _expands(line, i))):
                 return char
         elif char in "'\"":
             quote = char
         elif char in "|;&<>`()" or (char == "$" and _expands(line, i, unquoted=True)):
             return char
-        elif char in "\r\n" and line[i + 1 :].strip(" \t\r\n"):  # at the end: nothing after
+        elif char in "\r\n" and line[i + 1 :].strip(" \t\r\n"):  # not at the end
             return char  # a newline separates commands; shlex splits words at a CR, bash not
-        elif char in " \t\r\n":  # where a shell splits words (and shlex, at a CR at the end)
+        elif char in " \t\r\n":  # where a shell splits words (a CR here ends the line)
             word, brace, listed = i + 1, False, False
         elif char == "#" and i == word:
             return char
