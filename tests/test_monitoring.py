@@ -842,7 +842,8 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
 
 def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
     """A monitor's command runs without a shell: what only a shell acts on is refused when
-    the monitor is added, unless quoted, escaped, or the line is a shell's own."""
+    the monitor is added, unless quoted or escaped; a shell's own line (`sh -c SCRIPT`) may
+    leave expansions in double quotes to the inner shell."""
     from appliance.core.monitors import needs_shell
 
     for line, found in [
