@@ -842,8 +842,8 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
 
 def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
     """A monitor's command runs without a shell: what only a shell acts on is refused when
-    the monitor is added, unless quoted or escaped; a shell's own line (`sh -c SCRIPT`) may
-    leave expansions in double quotes to the inner shell."""
+    the monitor is added, unless quoted or escaped; a shell's own line too, as no shell
+    reads it before the inner one."""
     from appliance.core.monitors import needs_shell
 
     for line, found in [
@@ -883,6 +883,8 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         ('sh -c "kill \\$(cat /run/app.pid)"', "\\"),  # the outer shell hands on $(...)
         ("bash -c $'notify a\\nnotify b'", "$"),
         ("sh -c notify{,-send}", "{"),  # the outer shell's to expand, unquoted
+        ('sh -c "notify $MONITOR_VALUE"', "$"),  # no outer shell: the inner gets `$X` as is
+        ("sh -c \"printf '%s' '$MONITOR_NAME fired'\"", "$"),  # and there it is in quotes
     ]:
         assert needs_shell(line) == found, line
     for line in [
@@ -891,8 +893,8 @@ def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
         "find /var/tmp/x -name '*.tmp' -exec rm {} \\;",
         'grep "a$" f',
         "notify --msg 'a & b' --to=ops",
-        'sh -c "notify --value $MONITOR_VALUE | logger"',  # the inner shell's to expand
-        '/bin/bash -c "a > $HOME/b"',
+        "sh -c 'notify --value \"$MONITOR_VALUE\" | logger'",  # the inner shell's to expand
+        "/bin/bash -c 'a > \"$HOME/b\"'",
         '"LOG=debug" notify.sh',  # quoted: meant as it is
         "notify x~y --dir a~ --dir=~/y",  # bash leaves an option's ~ as it is
         "notify 'a # b' a#b \\#c",

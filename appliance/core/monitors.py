@@ -34,7 +34,6 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
@@ -125,7 +124,6 @@ def parse_rule(text: str) -> Rule:
     return Rule(text.strip(), metric, arg, match["op"], float(match["num"]), float(over))
 
 
-_SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
 # a word that begins as an assignment: NAME=, NAME+=, NAME[i]=
 _ASSIGNED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[[^]]*\])?\+?=")
 # words a shell reads as its own as the command (`time` is a program only where installed)
@@ -141,19 +139,21 @@ def needs_shell(line: str) -> str | None:
     env: said when the monitor is added, not when it fires and fails for good.
 
     Found outside quotes: a pipe, a redirection, `;`, `&`, parentheses, a `$` expansion or
-    `$'...'` quote, a backquote, a line break or carriage return within the line, a `#`
-    comment, brace expansion, a `~`, a `NAME=value` before the command, a keyword (`if`,
-    `!`, `time`) as the command. Inside double quotes: a `$` expansion, a backquote, and a
+    a `$'...'` or `$"..."` quote, a backquote, a line break or carriage return within the
+    line, a `#` comment, brace expansion, a `~` that starts a word or follows an
+    assignment's `=` or `:`, a `NAME=value` before the command, a keyword (`if`, `!`,
+    `time`) as the command. Inside double quotes: a `$` expansion, a backquote, and a
     backslash before either (a shell drops it, the split keeps it). Outside single quotes:
-    a line continuation. A shell's own line (`sh -c SCRIPT`) may expand in double quotes: its
-    script is the inner shell's. Glob characters pass: a `?` or `*` in an address or a
+    a line continuation. A shell's own line (`sh -c SCRIPT`) is no exception: no shell reads
+    it before the inner one, so its double quotes reach that shell as typed (`sh -c "echo
+    '$X'"` prints `$X`, where a shell would print X's value), while `sh -c 'echo "$X"'`
+    means the same either way. Glob characters pass: a `?` or `*` in an address or a
     pattern is meant as it is more often than not, and no shell changes a pattern that
     matches no file."""
     try:
         words = shlex.split(line)
     except ValueError:
         words = []  # unbalanced quotes: the caller says so
-    own = len(words) == 3 and Path(words[0]).name in _SHELLS and words[1] == "-c"
     if _ASSIGNED.match(line.lstrip(" \t\n")):  # unquoted, as typed
         return "="
     if words and words[0] in _KEYWORDS and line.lstrip(" \t\n").startswith(words[0]):
@@ -176,7 +176,7 @@ def needs_shell(line: str) -> str | None:
         elif quote:
             if char == quote:
                 quote = ""
-            elif quote == '"' and not own and (char == "`" or (char == "$" and _expands(line, i))):
+            elif quote == '"' and (char == "`" or (char == "$" and _expands(line, i))):
                 return char
         elif char in "'\"":
             quote = char
