@@ -1582,6 +1582,7 @@ def monitor_quality(
     import time
 
     from appliance.core.feedback import quality
+    from appliance.core.monitor_report import clock
 
     result = quality(
         app,
@@ -1600,7 +1601,7 @@ def monitor_quality(
             f"appliance deployments logging {deployment} --sample 0.1",
             err=True,
         )
-    rows = [{**w, "window_start": _clock(w["window_start"])} for w in result["windows"]]
+    rows = [{**w, "window_start": clock(w["window_start"])} for w in result["windows"]]
     columns = ["version", "window_start", "labelled"]
     columns += [
         k for k in ("auc", "accuracy", "logloss", "rmse", "mae", "r2") if any(k in w for w in rows)
@@ -1617,19 +1618,13 @@ def _say_behind(behind: dict[str, Any] | None) -> None:
         click.echo(f"note: {note}; these figures leave them out", err=True)
 
 
-def _clock(ts: float | None, seconds: bool = False) -> str:
-    import time
-
-    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
-    return "" if ts is None else time.strftime(form, time.localtime(ts))
-
-
 @command(monitor_group, "drift")
 @click.argument("deployment")
 @click.option("--window", default="1h", show_default=True, help="The window of logged inputs.")
 def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None:
     """Drift of the window's logged inputs (and outputs) against the training data."""
     from appliance.core.drift import drift
+    from appliance.core.monitor_report import clock
 
     report = drift(app, deployment, _seconds(window, "--window"))
     if as_json:
@@ -1638,8 +1633,8 @@ def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None
     _say_behind(report.get("behind"))
     for item in report["versions"]:
         click.echo(
-            f"version {item['version']}: {item['rows']} rows from {_clock(report['window_start'])}"
-            f" to {_clock(report['window_end'])} against {item['reference']}"
+            f"version {item['version']}: {item['rows']} rows from {clock(report['window_start'])}"
+            f" to {clock(report['window_end'])} against {item['reference']}"
         )
         rows = [
             {
@@ -1715,13 +1710,14 @@ def monitor_add(
 def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
     """Monitors with their state, last value and when they were last checked."""
     from appliance.core.agent import agent_running
+    from appliance.core.monitor_report import clock
     from appliance.core.monitors import list_monitors
 
     monitors = list_monitors(app, deployment)
     emit(
         monitors
         if as_json
-        else [{**m, "checked": _clock(m["checked_at"], seconds=True)} for m in monitors],
+        else [{**m, "checked": clock(m["checked_at"], seconds=True)} for m in monitors],
         as_json,
         ["name", "deployment", "rule", "every_s", "action", "state", "value", "checked", "error"],
     )

@@ -137,8 +137,11 @@ def _by_version(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**row, "version": row["version"] or UNROUTED[1]} for row in rows]
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+def clock(ts: float | None, seconds: bool = False) -> str:
+    """A stored time as people read it, local, to the minute (or second); "" for none. The
+    report, the CLI and the TUI show times alike."""
+    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return "" if ts is None else time.strftime(form, time.localtime(ts))
 
 
 def _span(seconds: float) -> str:
@@ -204,7 +207,7 @@ def render_text(report: dict[str, Any]) -> str:
     quality = report["quality"]
     out.append(f"quality ({quality['labels']} labels, {quality.get('matched', 0)} matched)")
     out += _table(
-        [{**w, "window": _when(w["window_start"])} for w in quality["windows"]],
+        [{**w, "window": clock(w["window_start"])} for w in quality["windows"]],
         ["version", "window", "labelled", "auc", "accuracy", "rmse"],
     )
     out.append("")
@@ -247,7 +250,7 @@ def _svg_line(points: list[tuple[float, float]], title: str, unit: str = "") -> 
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>'
         f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{path}"/>{dots}'
         f'<text x="4" y="14" font-size="11">{_num(y1)}{html.escape(unit)}</text>'
-        f'<text x="4" y="{height - 4}" font-size="11">{_when(x0)} – {_when(x1)}</text>'
+        f'<text x="4" y="{height - 4}" font-size="11">{clock(x0)} – {clock(x1)}</text>'
         "</svg></figure>"
     )
 
@@ -276,7 +279,7 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
         f"<h1>{html.escape(report['deployment'])}: {html.escape(report['model'])}@"
         f"{report['version']}</h1>",
         f"<p>revision {report['revision']}, {html.escape(report['status'])}; last "
-        f"{_span(report['window_s'])}, generated {_when(report['generated_at'])}</p>",
+        f"{_span(report['window_s'])}, generated {clock(report['generated_at'])}</p>",
         *(
             [f"<p><strong>Note:</strong> {html.escape(note)}; the figures below leave them out</p>"]
             if (note := behind_note(report.get("behind")))
@@ -330,7 +333,7 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
             parts.append(_svg_line(points, f"{metric}, version {version}"))
     parts.append(
         _html_table(
-            [{**w, "window": _when(w["window_start"])} for w in windows],
+            [{**w, "window": clock(w["window_start"])} for w in windows],
             ["version", "window", "labelled", "auc", "accuracy", "rmse"],
         )
     )

@@ -8,7 +8,6 @@ the drift of the last hour now (a worker too) and stores it. CLI twins: `monitor
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 from rich.markup import escape
@@ -52,11 +51,6 @@ def _num(value: Any) -> str:
     if value is None:
         return ""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _clock(ts: float | None) -> str:
-    """A time stored as seconds since the epoch, as `monitor list` shows it (local time)."""
-    return "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 class MonitoringScreen(Screen[None]):
@@ -248,7 +242,7 @@ class MonitoringScreen(Screen[None]):
                     m["rule"],
                     Text(m["state"], style=STATE_STYLE.get(m["state"], "")),
                     _num(m["value"]),
-                    _clock(m["checked_at"]),
+                    monitor_report.clock(m["checked_at"], seconds=True),
                     m["action"],
                     Text(m["error"] or ""),  # the store's words: never markup
                 ]
