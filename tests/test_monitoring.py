@@ -337,6 +337,51 @@ def test_drift_flags_the_shifted_features_and_not_the_others(app: Appliance, dep
     assert drift_history(app, "syn")[0]["worst_feature"] == served["features"][0]["feature"]
 
 
+def test_drift_statistics_are_the_textbook_ones() -> None:
+    """Each statistic as scipy computes it on the same values (KS, its asymptotic p-value,
+    chi-square) or as its definition gives it by hand (PSI, missing rates, unseen): a
+    threshold a user copies from elsewhere means the same here."""
+    from scipy import stats
+
+    from appliance.core.drift import categorical_drift, numeric_drift, psi
+
+    rng = np.random.default_rng(7)
+    for n, m, shift in ((5000, 3000, 0.0), (5000, 3000, 0.1), (60, 45, 0.5), (2000, 2000, 0.05)):
+        ref, cur = rng.normal(0, 1, n), rng.normal(shift, 1, m)
+        ref[:10], cur[:3] = np.nan, np.inf  # neither is a value: both count as missing
+        got = numeric_drift(ref, cur)
+        want = stats.ks_2samp(ref[10:], cur[3:], method="asymp")
+        assert got["ks"] == pytest.approx(want.statistic, abs=1e-12)
+        assert got["p_value"] == pytest.approx(want.pvalue, rel=1e-9)
+        assert got["missing_ref"] == pytest.approx(10 / n)
+        assert got["missing"] == pytest.approx(3 / m) and got["rows"] == m
+        # PSI over the reference's deciles, computed here from its definition
+        bins = [-np.inf, *np.quantile(ref[10:], np.linspace(0.1, 0.9, 9)), np.inf]
+        shares = [np.histogram(v, bins)[0] / v.size for v in (ref[10:], cur[3:])]
+        e, a = (np.maximum(s, 1e-4) for s in shares)
+        assert got["psi"] == pytest.approx(float(np.sum((a - e) * np.log(a / e))), rel=1e-9)
+    # ties (a number-coded category): the empirical CDFs' gap is read at every value
+    ref, cur = rng.integers(0, 5, 1000).astype(float), rng.integers(0, 6, 800).astype(float)
+    assert numeric_drift(ref, cur)["ks"] == pytest.approx(stats.ks_2samp(ref, cur).statistic)
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
+
+    ref_c = ["a"] * 500 + ["b"] * 300 + ["c"] * 200
+    cur_c = ["a"] * 400 + ["b"] * 300 + ["c"] * 200 + ["d"] * 100
+    cur_c += [None] * 40 + [float("nan")] * 10  # missing, as a JSON null or a NaN
+    got = categorical_drift(ref_c, cur_c)
+    want = stats.chisquare([400, 300, 200], [0.5 * 900, 0.3 * 900, 0.2 * 900])
+    assert got["chi2"] == pytest.approx(want.statistic) and got["p_value"] == pytest.approx(
+        want.pvalue
+    )
+    e = np.maximum([0.5, 0.3, 0.2, 0.0], 1e-4)
+    a = np.array([400, 300, 200, 100]) / 1000
+    assert got["psi"] == pytest.approx(float(np.sum((a - e) * np.log(a / e))))
+    assert got["unseen"] == ["d"] and got["unseen_share"] == pytest.approx(0.1)
+    assert got["missing"] == pytest.approx(50 / 1050) and got["missing_ref"] == 0.0
+    assert got["rows"] == 1050
+
+
 def test_drift_needs_logs_and_a_training_lineage(
     app: Appliance, deployed: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,6 +396,11 @@ def test_drift_needs_logs_and_a_training_lineage(
         drift(app, "syn", window=60)  # not told to do what it does
     with pytest.raises(InvalidInput, match=r"--window"):
         drift(app, "syn", window=0)
+    for bad in ("0", "-1", "thirty", "nan"):  # how long results stay: named, not a traceback
+        monkeypatch.setenv("APPLIANCE_DRIFT_KEEP_DAYS", bad)
+        with pytest.raises(InvalidInput, match=rf"APPLIANCE_DRIFT_KEEP_DAYS='{bad}': expected"):
+            drift(app, "syn", window=60)
+    monkeypatch.setenv("APPLIANCE_DRIFT_KEEP_DAYS", "inf")  # keeps every result
     # inputs logged moments ago, still in a worker's open file: drift waits for it
     monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
     with _live_log(app, "syn") as plog:
@@ -408,9 +458,10 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
         "deployment": "syn",
         "labels": 41,
         "stored": 40,
+        "duplicates": 0,
+        "unmatched": 1,
         "unknown_request_ids": 1,
         "unknown_rows": 0,
-        "duplicates": 0,
     }
     twice = tmp_path / "twice.csv"  # one prediction labelled twice: counted, the last kept
     twice.write_text("request_id,label\nreq3,0\nreq3,1\n")
@@ -418,9 +469,17 @@ def test_feedback_joins_labels_and_quality_is_computed_per_version(
     assert (added["labels"], added["stored"], added["duplicates"]) == (2, 1, 1)
     assert app.db.scalar("SELECT label FROM monitor_feedback WHERE request_id = 'req3'") == "1"
     beyond = tmp_path / "rows.csv"  # req0 predicted one row: there is no row 5 to judge
-    beyond.write_text("request_id,label,row\nreq0,0,0\nreq0,0,5\n")
+    beyond.write_text("request_id,label,row\nreq0,0,0\nreq0,0,5\nreq0,1,5\nghost,1,0\nghost,0,0\n")
     added = add_feedback(app, "syn", beyond)
-    assert (added["stored"], added["unknown_request_ids"], added["unknown_rows"]) == (1, 0, 1)
+    # each label once: stored, a duplicate, or unmatched (of an unknown id or row)
+    assert {k: v for k, v in added.items() if k != "deployment"} == {
+        "labels": 5,
+        "stored": 1,
+        "duplicates": 2,
+        "unmatched": 2,
+        "unknown_request_ids": 1,
+        "unknown_rows": 1,
+    }
     assert app.db.scalar("SELECT count(*) FROM monitor_feedback WHERE row = 5") == 0
     result = quality(app, "syn", window=3600)
     assert result["matched"] == 40
@@ -1100,7 +1159,7 @@ def test_monitors_of_one_deployment_share_each_drift_and_old_results_are_removed
     add_monitor(app, "a-day", "syn", "psi(a) > 0.2 over 1d", "1m", {})
     computed.clear()  # adding a monitor checks its feature against the model, not the logs
     # a result of a window that ended long ago, and one of another deployment's
-    old = time.time() - (drift_module.KEEP_DAYS + 1) * 86400
+    old = time.time() - (drift_module.keep_days() + 1) * 86400
     for deployment in ("syn", "other"):
         app.db.execute(
             "INSERT INTO drift_results (deployment, version, reference, window_start, "

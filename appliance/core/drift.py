@@ -8,8 +8,8 @@ the model never saw; for both, the change in the missing-value rate. The output'
 the same test on the predictions: the window's against the model's own predictions on its
 training data. DuckDB reads the Parquet logs and the training file; the statistics are
 numpy over the columns. Each result is stored with its window, and results whose window
-ended more than KEEP_DAYS ago are removed as new ones are stored: a monitor checked every
-minute stores one a minute, which on an edge box must not grow without end.
+ended more than `keep_days()` ago are removed as new ones are stored: a monitor checked
+every minute stores one a minute, which on an edge box must not grow without end.
 """
 
 from __future__ import annotations
@@ -21,12 +21,26 @@ import time
 from typing import Any
 
 from appliance.core.context import Appliance
+from appliance.core.monitor_report import clock
 from appliance.errors import InvalidInput
 from appliance.store.db import utcnow
 
 EPSILON = 1e-4  # a bin with no rows counts as this share (PSI's usual guard)
 PSI_BINS = 10
-KEEP_DAYS = float(os.environ.get("APPLIANCE_DRIFT_KEEP_DAYS", "30"))  # stored results
+KEEP_ENV = "APPLIANCE_DRIFT_KEEP_DAYS"  # how long stored results stay (30 days)
+
+
+def keep_days() -> float:
+    """Days a stored result stays after its window ends, read when results are stored (a
+    bad value is named before anything is computed); "inf" keeps them all."""
+    raw = os.environ.get(KEEP_ENV, "30")
+    try:
+        days = float(raw)
+    except ValueError:
+        days = float("nan")
+    if not days > 0:
+        raise InvalidInput(f"{KEEP_ENV}={raw!r}: expected days, more than 0")
+    return days
 
 
 def psi(expected: Any, actual: Any) -> float:
@@ -151,11 +165,13 @@ def drift(
 
     if not window > 0:
         raise InvalidInput(f"--window {window!r}: expected a positive duration")
+    keep = keep_days() if store else 0.0
     dep = get_deployment(app, deployment)
     if fresh:
         behind = ship_for_reading(app, deployment, ("inputs",))
     end = time.time() if end is None else end
     start = end - window
+    between = f"between {clock(start, True)} and {clock(end, True)}"
     files = log_files(app, deployment, "inputs", start, end)
     if not files and fresh and wait_for_open_logs(app, deployment, ("inputs",)):
         # inputs logged moments ago, still in a worker's open file: one look more
@@ -168,10 +184,7 @@ def drift(
             if sample
             else f"log them with 'appliance deployments logging {deployment} --sample 0.1'"
         )
-        raise InvalidInput(
-            f"deployment {deployment}: no logged inputs between {_when(start)} and {_when(end)}"
-            f" ({hint})"
-        )
+        raise InvalidInput(f"deployment {deployment}: no logged inputs {between} ({hint})")
     con = duck.connect(app.settings)
     results = []
     try:
@@ -185,9 +198,7 @@ def drift(
             ).fetchall()
         ]
         if not versions:
-            raise InvalidInput(
-                f"deployment {deployment}: no logged inputs between {_when(start)} and {_when(end)}"
-            )
+            raise InvalidInput(f"deployment {deployment}: no logged inputs {between}")
         if only is not None:
             versions = [(v, n) for v, n in versions if v in only]
         available = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {logged}").fetchall()}
@@ -268,7 +279,7 @@ def drift(
         with app.db.transaction() as conn:
             conn.execute(
                 "DELETE FROM drift_results WHERE deployment = ? AND window_end < ?",
-                (deployment, time.time() - KEEP_DAYS * 86400),
+                (deployment, time.time() - keep * 86400),
             )
             for item in results:
                 conn.execute(
@@ -336,10 +347,6 @@ def _predictions(values: Any) -> Any:
     if filled.dtype == object:  # multiclass: a list per row
         return np.asarray([np.asarray(v, dtype=np.float64) for v in filled])
     return filled.astype(np.float64)
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def drift_history(app: Appliance, deployment: str, limit: int = 50) -> list[dict[str, Any]]:

@@ -252,14 +252,18 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
             "DO UPDATE SET label = excluded.label, received_at = excluded.received_at",
             [(deployment, rid, row, label, now) for (rid, row), label in kept.items()],
         )
+    labelled = {(r[0], r[1]) for r in rows}
+    # every label is stored, a duplicate (a row labelled again: the last label is kept), or
+    # unmatched (no logged prediction has its row), so the counts add up to `labels`
     return {
         "deployment": deployment,
         "labels": len(rows),
         "stored": len(kept),
+        "duplicates": len(rows) - len(labelled),
+        "unmatched": len(labelled) - len(kept),
         "unknown_request_ids": len(wanted - known.keys()),
-        "duplicates": len(rows) - len({(r[0], r[1]) for r in rows}),
         # a row past the last one its request predicted: no prediction for it to judge
-        "unknown_rows": sum(1 for r in rows if r[0] in known and r[1] >= known[r[0]]),
+        "unknown_rows": sum(1 for rid, row in labelled if rid in known and row >= known[rid]),
     }
 
 
