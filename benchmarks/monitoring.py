@@ -189,6 +189,9 @@ def _wait_for_empty(spool: Path, seconds: float) -> None:
 
 
 def drift_speed(args: argparse.Namespace) -> dict[str, object]:
+    """Median seconds of drift over the logged rows, 5 of 20 features shifted; and again
+    with the other 15 drifting a little (+0.01), which gives KS p-values in the range where
+    their exact finite-sample form is slowest."""
     import duckdb
 
     from appliance.core import datasets, jobs, registry, training
@@ -216,38 +219,47 @@ def drift_speed(args: argparse.Namespace) -> dict[str, object]:
         job = jobs.wait_job(app, job["id"], timeout=600)
         assert job["state"] == "succeeded", job
         version = registry.register_model(app, "wide", job["run_id"])
-        create_deployment(app, "wide", version["ref"], start=False)
         now = time.time()
-        shifted = ", ".join(
-            f"random() * 2 - 1 + {0.5 if i < 5 else 0.0} AS x_{n}" for i, n in enumerate(names)
-        )
-        log = root / "log.parquet"
-        con.execute(
-            f"COPY (SELECT {now - 60} + i * 1e-5 AS ts, 'r' || i AS request_id, 1 AS version, "
-            f"1 AS revision, 0 AS row, {shifted}, random() AS prediction "
-            f"FROM range({args.log_rows}) t(i)) TO '{log}' (FORMAT parquet)"
-        )
+        for name, others in (("wide", 0.0), ("wide-mild", 0.01)):
+            create_deployment(app, name, version["ref"], start=False)
+            shifted = ", ".join(
+                f"random() * 2 - 1 + {0.5 if i < 5 else others} AS x_{n}"
+                for i, n in enumerate(names)
+            )
+            log = root / f"{name}.parquet"
+            con.execute(
+                f"COPY (SELECT {now - 60} + i * 1e-5 AS ts, 'r' || i AS request_id, "
+                f"1 AS version, 1 AS revision, 0 AS row, {shifted}, random() AS prediction "
+                f"FROM range({args.log_rows}) t(i)) TO '{log}' (FORMAT parquet)"
+            )
+            stored = app.objects.put_file(log)
+            app.db.execute(
+                "INSERT INTO prediction_logs (deployment, kind, hour, sha256, rows, first_ts, "
+                "last_ts, spool_name, created_at) VALUES (?, 'inputs', ?, ?, ?, ?, ?, ?, ?)",
+                (name, "bench", stored.sha256, args.log_rows, now - 60, now, "bench", utcnow()),
+            )
         con.close()
-        stored = app.objects.put_file(log)
-        app.db.execute(
-            "INSERT INTO prediction_logs (deployment, kind, hour, sha256, rows, first_ts, "
-            "last_ts, spool_name, created_at) VALUES (?, 'inputs', ?, ?, ?, ?, ?, ?, ?)",
-            ("wide", "bench", stored.sha256, args.log_rows, now - 60, now, "bench", utcnow()),
-        )
-        runs, report = [], None
+        runs: dict[str, list[float]] = {"wide": [], "wide-mild": []}
+        flagged: dict[str, list[str]] = {}
         try:
             for _ in range(args.rounds):
-                started = time.perf_counter()
-                report = drift(app, "wide", window=3600, end=now + 1)
-                runs.append(time.perf_counter() - started)
+                for name, times in runs.items():  # interleaved: a slow spell falls on both
+                    started = time.perf_counter()
+                    report = drift(app, name, window=3600, end=now + 1)
+                    times.append(time.perf_counter() - started)
+                    features = report["versions"][0]["features"]
+                    flagged[name] = sorted(f["feature"] for f in features if f["psi"] > 0.2)
         finally:
             from appliance.core.agent import stop_agent
 
             stop_agent(app)  # the training job's agent: the home is about to be deleted
             app.close()
-    assert report is not None
-    flagged = sorted(f["feature"] for f in report["versions"][0]["features"] if f["psi"] > 0.2)
-    return {"seconds": statistics.median(runs), "flagged": flagged}
+    return {
+        "seconds": statistics.median(runs["wide"]),
+        "flagged": flagged["wide"],
+        "seconds_mild": statistics.median(runs["wide-mild"]),
+        "flagged_mild": flagged["wide-mild"],
+    }
 
 
 def main() -> int:
@@ -314,6 +326,10 @@ def main() -> int:
     print(
         f"drift of {args.log_rows:,} logged rows x 20 features vs {args.train_rows:,} training "
         f"rows: {found['seconds']:.2f} s (target < 5 s); flagged {', '.join(found['flagged'])}"
+    )
+    print(
+        f"  the same, the other 15 features drifting a little (+0.01): "
+        f"{found['seconds_mild']:.2f} s; flagged {', '.join(found['flagged_mild'])}"
     )
     print(json.dumps({"load": load, "drift": found}))
     return 0

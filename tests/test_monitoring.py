@@ -343,26 +343,42 @@ def test_drift_statistics_are_the_textbook_ones() -> None:
     threshold a user copies from elsewhere means the same here."""
     from scipy import stats
 
-    from appliance.core.drift import categorical_drift, numeric_drift, psi
+    from appliance.core.drift import KS_LIMIT_N, categorical_drift, numeric_drift, psi
+
+    def by_hand(ref: Any, cur: Any, edges: Any) -> float:
+        """PSI over `edges` (a value on an edge goes above it), from its definition."""
+        bins = [-np.inf, *edges, np.inf]
+        shares = [np.histogram(v, bins)[0] / v.size for v in (ref, cur)]
+        e, a = (np.maximum(s, 1e-4) for s in shares)
+        return float(np.sum((a - e) * np.log(a / e)))
 
     rng = np.random.default_rng(7)
-    for n, m, shift in ((5000, 3000, 0.0), (5000, 3000, 0.1), (60, 45, 0.5), (2000, 2000, 0.05)):
+    cases = ((5000, 3000, 0.0), (5000, 3000, 0.1), (5000, 3000, -0.1), (60, 45, 0.5))
+    for n, m, shift in (*cases, (2000, 2000, 0.05)):
         ref, cur = rng.normal(0, 1, n), rng.normal(shift, 1, m)
-        ref[:10], cur[:3] = np.nan, np.inf  # neither is a value: both count as missing
+        ref[:10], ref[10:12], cur[:3] = np.nan, -np.inf, np.inf  # none a value: all missing
         got = numeric_drift(ref, cur)
-        want = stats.ks_2samp(ref[10:], cur[3:], method="asymp")
+        want = stats.ks_2samp(ref[12:], cur[3:], method="asymp")
         assert got["ks"] == pytest.approx(want.statistic, abs=1e-12)
         assert got["p_value"] == pytest.approx(want.pvalue, rel=1e-9)
-        assert got["missing_ref"] == pytest.approx(10 / n)
+        assert got["missing_ref"] == pytest.approx(12 / n)
         assert got["missing"] == pytest.approx(3 / m) and got["rows"] == m
-        # PSI over the reference's deciles, computed here from its definition
-        bins = [-np.inf, *np.quantile(ref[10:], np.linspace(0.1, 0.9, 9)), np.inf]
-        shares = [np.histogram(v, bins)[0] / v.size for v in (ref[10:], cur[3:])]
-        e, a = (np.maximum(s, 1e-4) for s in shares)
-        assert got["psi"] == pytest.approx(float(np.sum((a - e) * np.log(a / e))), rel=1e-9)
-    # ties (a number-coded category): the empirical CDFs' gap is read at every value
+        deciles = np.quantile(ref[12:], np.linspace(0.1, 0.9, 9))
+        assert got["psi"] == pytest.approx(by_hand(ref[12:], cur[3:], deciles), rel=1e-9)
+    # past KS_LIMIT_N the p-value is Kolmogorov's limit: within 2% of scipy's here
+    ref, cur = rng.normal(0, 1, 3 * KS_LIMIT_N), rng.normal(0.02, 1, 3 * KS_LIMIT_N)
+    got, want = numeric_drift(ref, cur), stats.ks_2samp(ref, cur, method="asymp")
+    assert 1e-6 < want.pvalue < 0.5 and got["ks"] == pytest.approx(want.statistic)
+    assert want.pvalue <= got["p_value"] < want.pvalue * 1.02
+    limit = stats.kstwobign.sf(want.statistic * np.sqrt(1.5 * KS_LIMIT_N))  # n = m*n/(m+n)
+    assert got["p_value"] == pytest.approx(limit, rel=1e-12)  # milliseconds, not seconds
+    # ties (a number-coded category): KS reads the CDFs' gap at every value, and a value
+    # on a decile edge counts above it
     ref, cur = rng.integers(0, 5, 1000).astype(float), rng.integers(0, 6, 800).astype(float)
-    assert numeric_drift(ref, cur)["ks"] == pytest.approx(stats.ks_2samp(ref, cur).statistic)
+    got = numeric_drift(ref, cur)
+    assert got["ks"] == pytest.approx(stats.ks_2samp(ref, cur).statistic)
+    deciles = np.unique(np.quantile(ref, np.linspace(0.1, 0.9, 9)))
+    assert got["psi"] == pytest.approx(by_hand(ref, cur, deciles), rel=1e-9)
     assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
     assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
 
@@ -371,15 +387,24 @@ def test_drift_statistics_are_the_textbook_ones() -> None:
     cur_c += [None] * 40 + [float("nan")] * 10  # missing, as a JSON null or a NaN
     got = categorical_drift(ref_c, cur_c)
     want = stats.chisquare([400, 300, 200], [0.5 * 900, 0.3 * 900, 0.2 * 900])
-    assert got["chi2"] == pytest.approx(want.statistic) and got["p_value"] == pytest.approx(
-        want.pvalue
-    )
+    assert got["chi2"] == pytest.approx(want.statistic)
+    assert got["p_value"] == pytest.approx(want.pvalue)
     e = np.maximum([0.5, 0.3, 0.2, 0.0], 1e-4)
     a = np.array([400, 300, 200, 100]) / 1000
     assert got["psi"] == pytest.approx(float(np.sum((a - e) * np.log(a / e))))
     assert got["unseen"] == ["d"] and got["unseen_share"] == pytest.approx(0.1)
     assert got["missing"] == pytest.approx(50 / 1050) and got["missing_ref"] == 0.0
     assert got["rows"] == 1050
+    # a category the reference holds once in 20,001 rows is expected at least 1e-4 of the
+    # window (no division by a near-zero share), the expectations scaled back to its size
+    ref_c = ["a"] * 12000 + ["b"] * 8000 + ["rare"]
+    cur_c = ["a"] * 600 + ["b"] * 380 + ["rare"] * 20
+    got = categorical_drift(ref_c, cur_c)
+    expected = np.array([12000 / 20001, 8000 / 20001, 1e-4])
+    want = stats.chisquare([600, 380, 20], expected / expected.sum() * 1000)
+    assert got["chi2"] == pytest.approx(want.statistic) and got["p_value"] == pytest.approx(
+        want.pvalue
+    )
 
 
 def test_drift_needs_logs_and_a_training_lineage(
@@ -396,11 +421,6 @@ def test_drift_needs_logs_and_a_training_lineage(
         drift(app, "syn", window=60)  # not told to do what it does
     with pytest.raises(InvalidInput, match=r"--window"):
         drift(app, "syn", window=0)
-    for bad in ("0", "-1", "thirty", "nan"):  # how long results stay: named, not a traceback
-        monkeypatch.setenv("APPLIANCE_DRIFT_KEEP_DAYS", bad)
-        with pytest.raises(InvalidInput, match=rf"APPLIANCE_DRIFT_KEEP_DAYS='{bad}': expected"):
-            drift(app, "syn", window=60)
-    monkeypatch.setenv("APPLIANCE_DRIFT_KEEP_DAYS", "inf")  # keeps every result
     # inputs logged moments ago, still in a worker's open file: drift waits for it
     monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
     with _live_log(app, "syn") as plog:
@@ -411,6 +431,34 @@ def test_drift_needs_logs_and_a_training_lineage(
         _written(plog, 250)
         report = drift(app, "syn", window=60)
     assert report["versions"][0]["rows"] == 250
+    for bad in ("0", "-1", "thirty", "nan"):  # how long results stay: named, not a traceback
+        monkeypatch.setenv("APPLIANCE_DRIFT_KEEP_DAYS", bad)
+        with pytest.raises(InvalidInput, match=rf"APPLIANCE_DRIFT_KEEP_DAYS='{bad}': expected"):
+            drift(app, "syn", window=60)
+    stored = app.db.scalar("SELECT count(*) FROM drift_results")
+    for good in ("", "inf"):  # the default; every result kept
+        monkeypatch.setenv("APPLIANCE_DRIFT_KEEP_DAYS", good)
+        drift(app, "syn", window=60)
+    assert app.db.scalar("SELECT count(*) FROM drift_results") == stored + 2
+    # ... or in one that closes just after drift's first look: no file is open any more
+    real_files = prediction_log.log_files
+    with _live_log(app, "syn") as plog:
+        after = time.time()  # a window of these rows alone
+        for i in range(220):
+            cols = {"a": rng.normal(0, 1, 1), "b": rng.normal(0, 1, 1), "c": np.array(["x"])}
+            plog.record(f"late{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
+        _written(plog, 220)
+
+        def look_then_rotate(*args: Any) -> list[str]:
+            found = real_files(*args)
+            if plog.files:
+                plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
+            return found
+
+        monkeypatch.setattr(prediction_log, "log_files", look_then_rotate)
+        report = drift(app, "syn", window=60, end=after + 60)
+        monkeypatch.setattr(prediction_log, "log_files", real_files)
+    assert report["versions"][0]["rows"] == 220
     # a version registered with no training data in its lineage has nothing to compare with
     _log(app, "syn", [{"a": np.zeros(3), "b": np.zeros(3), "c": np.array(["x"] * 3, dtype=object)}])
     app.db.execute("UPDATE model_versions SET dataset_version_id = NULL")
@@ -897,6 +945,27 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     assert _check_label("2.5", "regression", [], "f.csv:2") == "2.5"
     with pytest.raises(InvalidInput, match="expected a number"):
         _check_label(10**400, "regression", [], "f.jsonl:2")  # no float holds it
+    # a 3-row batch whose file closes (rotates) just after the first look found nothing of
+    # it: no file is open any more, and the look after the wait finds it all the same
+    from appliance.core import feedback as feedback_module
+
+    real_lookup = feedback_module._logged_ids
+    with _live_log(app, "syn") as plog:
+        three = {k: np.repeat(v, 3) for k, v in cols.items()}
+        plog.record("batch", 1, 1, "stable", 200, 0.001, 3, three, np.full(3, 0.5))
+        _written(plog, 1)
+
+        def lookup_then_rotate(*args: Any) -> dict[str, int]:
+            found = real_lookup(*args)
+            if plog.files:
+                plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
+            return found
+
+        monkeypatch.setattr(feedback_module, "_logged_ids", lookup_then_rotate)
+        batch = tmp_path / "batch.csv"
+        batch.write_text("request_id,row,label\nbatch,0,0\nbatch,1,1\nbatch,2,0\n")
+        added = add_feedback(app, "syn", batch)
+    assert (added["stored"], added["unmatched"]) == (3, 0)
 
 
 def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
@@ -1224,13 +1293,23 @@ def test_the_report_is_text_and_one_self_contained_page(
     from appliance.core import prediction_log
     from appliance.core.monitor_report import build_report, render_html, render_text
 
-    # requests answered moments ago, still in a worker's open file: the report waits for them
-    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
+    # requests answered moments ago, in a worker's file that closes just after the report's
+    # first look (drift's and feedback's tests wait for one still open): it looks again
+    real_files = prediction_log.log_files
     with _live_log(app, "syn") as plog:
         for i in range(20):
             plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, _one_row(), np.full(1, 0.5))
         _written(plog, 20)
+
+        def look_then_rotate(*args: Any) -> list[str]:
+            found = real_files(*args)
+            if plog.files:
+                plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
+            return found
+
+        monkeypatch.setattr(prediction_log, "log_files", look_then_rotate)
         assert build_report(app, "syn", 3600)["versions"][0]["requests"] == 20
+        monkeypatch.setattr(prediction_log, "log_files", real_files)
     rng = np.random.default_rng(4)
     _log(
         app,

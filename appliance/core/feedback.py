@@ -238,8 +238,10 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
     ship_logs(app, deployment)  # every logged id, however long the shipper takes
     wanted = {r[0] for r in rows}
     known = _logged_ids(app, deployment, wanted)
-    if wanted - known.keys() and wait_for_open_logs(app, deployment):
-        # requests answered moments ago were still in a worker's open spool file
+    if wanted - known.keys():
+        # requests answered moments ago: in a worker's open spool file, or in one closed
+        # (and perhaps shipped by the agent) since the look above
+        wait_for_open_logs(app, deployment)
         ship_logs(app, deployment)
         known |= _logged_ids(app, deployment, wanted - known.keys())
     # one row labelled twice in the file: the last label is the one kept

@@ -38,9 +38,10 @@ def build_report(app: Appliance, deployment: str, window: float = 3600.0) -> dic
     behind = ship_for_reading(app, deployment, LOG_KINDS)
     now = time.time()
     start = now - window
-    if not log_files(app, deployment, "requests", start, now) and wait_for_open_logs(
-        app, deployment
-    ):  # requests answered moments ago, still in a worker's open file: one look more
+    if not log_files(app, deployment, "requests", start, now):
+        # requests answered moments ago, in a worker's open file or one closed since the
+        # look above: one look more
+        wait_for_open_logs(app, deployment)
         behind = ship_for_reading(app, deployment, LOG_KINDS)
         now = time.time()
         start = now - window

@@ -891,11 +891,13 @@ def ship_for_reading(
     return waiting_logs(app, deployment, kinds, why)
 
 
-def wait_for_open_logs(app: Appliance, deployment: str, kinds: tuple[str, ...] = KINDS) -> bool:
+def wait_for_open_logs(app: Appliance, deployment: str, kinds: tuple[str, ...] = KINDS) -> None:
     """Wait until the spool files of `kinds` the deployment's workers have open now are
     closed (they close every ROTATE_SECONDS), so that a reader that found nothing of
-    requests answered moments ago finds them; False when none was open. A worker writes what
-    it answered within WRITE_SECONDS, perhaps to a file it opens then: those count too."""
+    requests answered moments ago finds them when it ships and looks again. A worker writes
+    what it answered within WRITE_SECONDS, perhaps to a file it opens then: those count too.
+    The reader looks again even when none was open: a file may have closed (and the agent
+    shipped it) between the reader's first look and this wait."""
     directory = spool_dir(app.settings.home, deployment)
 
     def open_files() -> set[str]:
@@ -907,7 +909,6 @@ def wait_for_open_logs(app: Appliance, deployment: str, kinds: tuple[str, ...] =
     deadline = time.monotonic() + ROTATE_SECONDS + 2 * WRITE_SECONDS + 1
     while waiting & open_files() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return bool(waiting)
 
 
 def shipping_held(result: dict[str, Any]) -> str | None:
