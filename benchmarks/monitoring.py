@@ -329,7 +329,7 @@ def main() -> int:
     )
     print(
         f"  the same, the other 15 features drifting a little (+0.01): "
-        f"{found['seconds_mild']:.2f} s; flagged {', '.join(found['flagged_mild'])}"
+        f"{found['seconds_mild']:.2f} s (target < 5 s); flagged {', '.join(found['flagged_mild'])}"
     )
     print(json.dumps({"load": load, "drift": found}))
     return 0

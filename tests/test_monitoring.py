@@ -955,8 +955,11 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         plog.record("batch", 1, 1, "stable", 200, 0.001, 3, three, np.full(3, 0.5))
         _written(plog, 1)
 
-        def lookup_then_rotate(*args: Any) -> dict[str, int]:
-            found = real_lookup(*args)
+        looks: list[int] = []
+
+        def lookup_then_rotate(*args: Any, after: int = 0) -> dict[str, int]:
+            looks.append(after)
+            found = real_lookup(*args, after=after)
             if plog.files:
                 plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
             return found
@@ -964,8 +967,12 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         monkeypatch.setattr(feedback_module, "_logged_ids", lookup_then_rotate)
         batch = tmp_path / "batch.csv"
         batch.write_text("request_id,row,label\nbatch,0,0\nbatch,1,1\nbatch,2,0\n")
+        mark = prediction_log.shipped_mark(app)
         added = add_feedback(app, "syn", batch)
     assert (added["stored"], added["unmatched"]) == (3, 0)
+    assert looks == [0, mark] and mark > 0  # the second look reads what was shipped since
+    since = prediction_log.log_files(app, "syn", "inputs", after=mark)
+    assert len(since) == 1 < len(prediction_log.log_files(app, "syn", "inputs"))
 
 
 def test_a_command_line_that_needs_a_shell_is_found_as_typed() -> None:
@@ -1293,8 +1300,16 @@ def test_the_report_is_text_and_one_self_contained_page(
     from appliance.core import prediction_log
     from appliance.core.monitor_report import build_report, render_html, render_text
 
-    # requests answered moments ago, in a worker's file that closes just after the report's
-    # first look (drift's and feedback's tests wait for one still open): it looks again
+    # requests answered moments ago, still in a worker's open file: the report waits for them
+    monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 1.0)
+    with _live_log(app, "syn") as plog:
+        for i in range(20):
+            plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, _one_row(), np.full(1, 0.5))
+        _written(plog, 20)
+        assert build_report(app, "syn", 3600)["versions"][0]["requests"] == 20
+    # ... or in one that closes just after its first look: it looks again all the same. The
+    # record of what was shipped is forgotten first, so that the first look finds nothing
+    app.db.execute("DELETE FROM prediction_logs WHERE deployment = 'syn'")
     real_files = prediction_log.log_files
     with _live_log(app, "syn") as plog:
         for i in range(20):

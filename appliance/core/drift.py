@@ -26,8 +26,8 @@ from appliance.store.db import utcnow
 
 EPSILON = 1e-4  # a bin with no rows counts as this share (PSI's usual guard)
 PSI_BINS = 10
-# Past this effective sample size (m*n/(m+n)) the KS p-value is Kolmogorov's limiting
-# distribution: a little above the finite-n one (2% at most where p > 1e-6), and in
+# From this effective sample size (m*n/(m+n)) on, the KS p-value is Kolmogorov's limiting
+# distribution: a little above the finite-n one (by about 2% at most where p > 1e-6), in
 # milliseconds where the finite-n one can take a second a feature (n = 1e6)
 KS_LIMIT_N = 10_000
 KEEP_ENV = "APPLIANCE_DRIFT_KEEP_DAYS"  # how long stored results stay (30 days)
@@ -89,7 +89,7 @@ def numeric_drift(reference: Any, current: Any) -> dict[str, Any]:
     out["ks"] = ks
     if n < 1:
         out["p_value"] = None
-    elif n < KS_LIMIT_N:  # scipy's ks_2samp(method="asymp")
+    elif n < KS_LIMIT_N:  # as scipy's ks_2samp(method="asymp")
         out["p_value"] = float(distributions.kstwo.sf(ks, round(n)))
     else:
         out["p_value"] = float(distributions.kstwobign.sf(ks * math.sqrt(n)))

@@ -29,6 +29,7 @@ from appliance.core.prediction_log import (
     log_files,
     ship_for_reading,
     ship_logs,
+    shipped_mark,
     spool_dir,
     wait_for_open_logs,
 )
@@ -237,13 +238,14 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
         rows.append((request_id, row, _check_label(label, objective, labels, where)))
     ship_logs(app, deployment)  # every logged id, however long the shipper takes
     wanted = {r[0] for r in rows}
+    mark = shipped_mark(app)  # before the look: a file shipped meanwhile is read twice
     known = _logged_ids(app, deployment, wanted)
     if wanted - known.keys():
         # requests answered moments ago: in a worker's open spool file, or in one closed
-        # (and perhaps shipped by the agent) since the look above
+        # (and perhaps shipped by the agent) since the look above; only those are read
         wait_for_open_logs(app, deployment)
         ship_logs(app, deployment)
-        known |= _logged_ids(app, deployment, wanted - known.keys())
+        known |= _logged_ids(app, deployment, wanted - known.keys(), after=mark)
     # one row labelled twice in the file: the last label is the one kept
     kept = {(r[0], r[1]): r[2] for r in rows if r[1] < known.get(r[0], 0)}
     now = time.time()
@@ -269,10 +271,12 @@ def add_feedback(app: Appliance, deployment: str, path: str | Path) -> dict[str,
     }
 
 
-def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> dict[str, int]:
+def _logged_ids(
+    app: Appliance, deployment: str, wanted: set[str], after: int = 0
+) -> dict[str, int]:
     """Which of `wanted` a deployment logged (request metadata or inputs), with how many rows
     each predicted; a request refused before a version was chosen predicted nothing a label
-    could judge."""
+    could judge. `after`: in the files shipped after that `shipped_mark` only."""
     import duckdb
 
     from appliance.core import duck
@@ -282,7 +286,7 @@ def _logged_ids(app: Appliance, deployment: str, wanted: set[str]) -> dict[str, 
         ("requests", "rows", f" WHERE {ROUTED}"),
         ("inputs", "row + 1", ""),
     ):
-        files = log_files(app, deployment, kind)
+        files = log_files(app, deployment, kind, after=after)
         if files:
             listing = ", ".join(duck.sql_string(f) for f in files)
             sources.append(

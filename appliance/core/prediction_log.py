@@ -1346,17 +1346,26 @@ def _as_values(name: str, kind: str) -> str:
     return column
 
 
+def shipped_mark(app: Appliance) -> int:
+    """Where the record of shipped log files ends now (its rows are never removed, so ids
+    only grow): `log_files(after=...)` then lists what was shipped since."""
+    return int(app.db.scalar("SELECT coalesce(max(id), 0) FROM prediction_logs"))
+
+
 def log_files(
     app: Appliance,
     deployment: str,
     kind: str,
     since: float | None = None,
     until: float | None = None,
+    after: int = 0,
 ) -> list[str]:
-    """The local paths of a deployment's shipped log files that overlap [since, until]."""
+    """The local paths of a deployment's shipped log files that overlap [since, until];
+    `after`: only those recorded after that `shipped_mark` (a second look reads what was
+    shipped since the first, not the whole history again)."""
     rows = app.db.rows(
         "SELECT sha256 FROM prediction_logs WHERE deployment = ? AND kind = ? "
-        "AND last_ts >= ? AND first_ts <= ? ORDER BY first_ts",
-        (deployment, kind, since or 0.0, until or 1e18),
+        "AND last_ts >= ? AND first_ts <= ? AND id > ? ORDER BY first_ts",
+        (deployment, kind, since or 0.0, until or 1e18, after),
     )
     return [str(app.objects.get_file(r["sha256"])) for r in rows]
