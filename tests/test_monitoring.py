@@ -90,6 +90,30 @@ def _written(plog: PredictionLog, count: int) -> None:
     assert plog.written == count and list(plog.directory.glob("*.part"))
 
 
+@contextlib.contextmanager
+def _closed_after_first_look(
+    monkeypatch: pytest.MonkeyPatch, target: Any, name: str, plog: PredictionLog
+) -> Iterator[list[dict[str, Any]]]:
+    """A reader's look (`target.name`) after which the worker's open file closes, as it does
+    every ROTATE_SECONDS: no file is open by the time the reader waits. Yields each look's
+    keywords."""
+    real = getattr(target, name)
+    looks: list[dict[str, Any]] = []
+
+    def look_then_rotate(*args: Any, **kw: Any) -> Any:
+        looks.append(kw)
+        found = real(*args, **kw)
+        if plog.files:
+            plog.flush()
+        return found
+
+    monkeypatch.setattr(target, name, look_then_rotate)
+    try:
+        yield looks
+    finally:
+        monkeypatch.setattr(target, name, real)
+
+
 def _one_row() -> dict[str, Any]:
     """One logged request's inputs: a and b zero, c "x"."""
     return {"a": np.zeros(1), "b": np.zeros(1), "c": np.array(["x"], dtype=object)}
@@ -441,23 +465,14 @@ def test_drift_needs_logs_and_a_training_lineage(
         drift(app, "syn", window=60)
     assert app.db.scalar("SELECT count(*) FROM drift_results") == stored + 2
     # ... or in one that closes just after drift's first look: no file is open any more
-    real_files = prediction_log.log_files
     with _live_log(app, "syn") as plog:
         after = time.time()  # a window of these rows alone
         for i in range(220):
             cols = {"a": rng.normal(0, 1, 1), "b": rng.normal(0, 1, 1), "c": np.array(["x"])}
             plog.record(f"late{i}", 1, 1, "stable", 200, 0.001, 1, cols, np.full(1, 0.5))
         _written(plog, 220)
-
-        def look_then_rotate(*args: Any) -> list[str]:
-            found = real_files(*args)
-            if plog.files:
-                plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
-            return found
-
-        monkeypatch.setattr(prediction_log, "log_files", look_then_rotate)
-        report = drift(app, "syn", window=60, end=after + 60)
-        monkeypatch.setattr(prediction_log, "log_files", real_files)
+        with _closed_after_first_look(monkeypatch, prediction_log, "log_files", plog):
+            report = drift(app, "syn", window=60, end=after + 60)
     assert report["versions"][0]["rows"] == 220
     # a version registered with no training data in its lineage has nothing to compare with
     _log(app, "syn", [{"a": np.zeros(3), "b": np.zeros(3), "c": np.array(["x"] * 3, dtype=object)}])
@@ -949,28 +964,17 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
     # it: no file is open any more, and the look after the wait finds it all the same
     from appliance.core import feedback as feedback_module
 
-    real_lookup = feedback_module._logged_ids
     with _live_log(app, "syn") as plog:
         three = {k: np.repeat(v, 3) for k, v in cols.items()}
         plog.record("batch", 1, 1, "stable", 200, 0.001, 3, three, np.full(3, 0.5))
         _written(plog, 1)
-
-        looks: list[int] = []
-
-        def lookup_then_rotate(*args: Any, after: int = 0) -> dict[str, int]:
-            looks.append(after)
-            found = real_lookup(*args, after=after)
-            if plog.files:
-                plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
-            return found
-
-        monkeypatch.setattr(feedback_module, "_logged_ids", lookup_then_rotate)
         batch = tmp_path / "batch.csv"
         batch.write_text("request_id,row,label\nbatch,0,0\nbatch,1,1\nbatch,2,0\n")
         mark = prediction_log.shipped_mark(app)
-        added = add_feedback(app, "syn", batch)
+        with _closed_after_first_look(monkeypatch, feedback_module, "_logged_ids", plog) as looks:
+            added = add_feedback(app, "syn", batch)
     assert (added["stored"], added["unmatched"]) == (3, 0)
-    assert looks == [0, mark] and mark > 0  # the second look reads what was shipped since
+    assert looks == [{}, {"after": mark}] and mark > 0  # the second reads what was shipped since
     since = prediction_log.log_files(app, "syn", "inputs", after=mark)
     assert len(since) == 1 < len(prediction_log.log_files(app, "syn", "inputs"))
 
@@ -1310,21 +1314,12 @@ def test_the_report_is_text_and_one_self_contained_page(
     # ... or in one that closes just after its first look: it looks again all the same. The
     # record of what was shipped is forgotten first, so that the first look finds nothing
     app.db.execute("DELETE FROM prediction_logs WHERE deployment = 'syn'")
-    real_files = prediction_log.log_files
     with _live_log(app, "syn") as plog:
         for i in range(20):
             plog.record(f"now{i}", 1, 1, "stable", 200, 0.001, 1, _one_row(), np.full(1, 0.5))
         _written(plog, 20)
-
-        def look_then_rotate(*args: Any) -> list[str]:
-            found = real_files(*args)
-            if plog.files:
-                plog.flush()  # the writer closes its file, as it does every ROTATE_SECONDS
-            return found
-
-        monkeypatch.setattr(prediction_log, "log_files", look_then_rotate)
-        assert build_report(app, "syn", 3600)["versions"][0]["requests"] == 20
-        monkeypatch.setattr(prediction_log, "log_files", real_files)
+        with _closed_after_first_look(monkeypatch, prediction_log, "log_files", plog):
+            assert build_report(app, "syn", 3600)["versions"][0]["requests"] == 20
     rng = np.random.default_rng(4)
     _log(
         app,
