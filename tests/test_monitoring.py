@@ -932,6 +932,8 @@ def test_feedback_finds_requests_just_answered_and_reads_files_as_people_write_t
         (b'{"feedback": [{"request_id": "now1", "label": 7}]}', "b.json", r"b.json: feedback\[0\]"),
         (b'{"feedback": []}', "none.json", r"none.json: no labels in it"),
         (b"request_id,label\n", "header.csv", r"header.csv: no labels in it"),
+        (b"", "empty.csv", r"empty.csv: no labels in it \(the file is empty\)"),
+        (b" \n\n", "blank.csv", r"blank.csv: no labels in it"),
         (b"\n\n", "blank.jsonl", r"blank.jsonl: no labels in it"),
         (b'{"feedback": null}', "null.json", r"null.json: feedback: expected a list"),
         (

@@ -171,6 +171,8 @@ def _read(path: Path) -> list[tuple[str, Any]]:
         at = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
         line = raw[:at].count(b"\n") + 1
         raise InvalidInput(f"{path.name}:{line}: not UTF-8 text (byte {at})") from None
+    if not text.strip():  # before the CSV reader asks an empty file for its header
+        raise InvalidInput(f"{path.name}: no labels in it (the file is empty)")
     items = _items(path.name, path.suffix.lower(), text)
     if not items:
         raise InvalidInput(f"{path.name}: no labels in it")
