@@ -965,12 +965,14 @@ def behind_note(behind: dict[str, Any] | None) -> str | None:
     """One line saying which logs are not shipped yet, for the CLI, the report and the TUI."""
     if not behind:
         return None
+    from appliance.core.monitor_report import clock  # times read as the report shows them
+
     size, files = behind["bytes"], behind["files"]
     if size >= 999_950:
         shown = f"{size / 1e6:.1f} MB"
     else:
         shown = f"{size / 1e3:.1f} kB" if size >= 1000 else f"{size} bytes"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(behind["since"]))
+    since = clock(behind["since"], seconds=True)
     many = files != 1
     return (
         f"{files} log file{'s' if many else ''} of {shown}, the oldest written {since}, "
