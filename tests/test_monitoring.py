@@ -844,6 +844,27 @@ def test_an_alert_resolved_while_its_action_waits_says_so_and_thresholds_are_che
     assert len(list_alerts(app)) == 1  # the one resolved above: nothing new fired
 
 
+def test_monitor_check_exits_non_zero_when_one_fires_and_strict_when_one_is_blind(
+    app: Appliance, deployed: str, cli: Any
+) -> None:
+    home = ("--home", str(app.settings.home))
+    _log(app, "syn", [_one_row()])  # one request in the last hour
+    for name, rule in [("calm", "rps > 1000 over 1h"), ("blind", "psi(a) > 0.2 over 1h")]:
+        said = cli("monitor", "add", name, "--deployment", "syn", "--rule", rule, *home)
+        assert said.code == 0, said.err
+    said = cli("monitor", "check", *home)  # ok, and no data (200 rows needed): a pass
+    assert said.code == 0 and "failing" not in said.err
+    said = cli("monitor", "check", "--strict", *home)
+    assert said.code == 1 and "failing: blind" in said.err and "calm" not in said.err
+    assert cli("monitor", "check", "calm", "--strict", *home).code == 0  # the one named only
+    said = cli("monitor", "add", "busy", "--deployment", "syn", "--rule", "rps > 0", *home)
+    assert said.code == 0, said.err
+    said = cli("monitor", "check", "--json", *home)
+    assert said.code == 1 and "failing: busy" in said.err and "blind" not in said.err
+    states = {r["monitor"]: r["state"] for r in said.json()}  # the table still comes whole
+    assert states == {"blind": "no_data", "busy": "firing", "calm": "ok"}
+
+
 def test_the_cli_names_the_flag_it_refuses(
     app: Appliance, deployed: str, tmp_path: Path, cli: Any
 ) -> None:

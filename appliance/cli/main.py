@@ -1740,11 +1740,20 @@ def monitor_remove(app: Any, as_json: bool, name: str) -> None:
 
 @command(monitor_group, "check")
 @click.argument("name", required=False)
-def monitor_check(app: Any, as_json: bool, name: str | None) -> None:
-    """Evaluate monitors now (the agent does it on their schedule)."""
-    from appliance.core.monitors import check_monitors
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Also exit 1 when a monitor has no data or an error, not only when one fires.",
+)
+def monitor_check(app: Any, as_json: bool, name: str | None, strict: bool) -> None:
+    """Evaluate monitors now (the agent does it on their schedule); exit 1 if one fires."""
+    from appliance.core.monitors import check_monitors, failing
 
-    emit(check_monitors(app, name, force=True), as_json, ["monitor", "state", "value", "error"])
+    results = check_monitors(app, name, force=True)
+    emit(results, as_json, ["monitor", "state", "value", "error"])
+    if names := failing(results, strict):
+        click.echo(f"failing: {', '.join(names)}", err=True)
+        sys.exit(1)
 
 
 @command(monitor_group, "alerts")

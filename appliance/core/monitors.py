@@ -638,6 +638,18 @@ def check_monitors(
     return [_check_one(app, row, now, shared, held.get(row["deployment"])) for row in due]
 
 
+def failing(results: list[dict[str, Any]], strict: bool = False) -> list[str]:
+    """The monitors of a check that a script should act on: those firing, and with `strict`
+    those that could not be measured (no data) or say what they were judged without or that
+    their action failed (an error). `monitor check` exits non-zero on them, so cron or a
+    deploy script can act without parsing the table."""
+    return [
+        r["monitor"]
+        for r in results
+        if r["state"] == "firing" or (strict and (r["state"] == "no_data" or r["error"]))
+    ]
+
+
 def _check_one(
     app: Appliance,
     row: dict[str, Any],
