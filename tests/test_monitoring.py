@@ -865,6 +865,27 @@ def test_monitor_check_exits_non_zero_when_one_fires_and_strict_when_one_is_blin
     assert states == {"blind": "no_data", "busy": "firing", "calm": "ok"}
 
 
+@pytest.mark.parametrize(
+    "state, error, fails, strict_fails",
+    [
+        ("ok", None, False, False),
+        ("ok", "version 2: 40 rows in the window, judged from 200", False, True),  # a note
+        ("no_data", None, False, True),
+        ("no_data", "no logged inputs", False, True),
+        ("firing", None, True, True),
+        ("firing", "failed: not rolled back", True, True),
+    ],
+)
+def test_a_check_fails_on_a_firing_monitor_and_strictly_on_one_not_measured_whole(
+    state: str, error: str | None, fails: bool, strict_fails: bool
+) -> None:
+    from appliance.core.monitors import failing
+
+    checked = [{"monitor": "m", "state": state, "error": error}]
+    assert failing(checked) == (["m"] if fails else [])
+    assert failing(checked, strict=True) == (["m"] if strict_fails else [])
+
+
 def test_the_cli_names_the_flag_it_refuses(
     app: Appliance, deployed: str, tmp_path: Path, cli: Any
 ) -> None:
