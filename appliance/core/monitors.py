@@ -640,9 +640,9 @@ def check_monitors(
 
 def failing(results: list[dict[str, Any]], strict: bool = False) -> list[str]:
     """The monitors of a check that a script should act on: those firing, and with `strict`
-    those that could not be measured (no data) or say what they were judged without or that
-    their action failed (an error). `monitor check` exits non-zero on them, so cron or a
-    deploy script can act without parsing the table."""
+    those with no data or anything in their error (why they could not be measured, logs
+    they were judged without, an action that failed). `monitor check` exits non-zero on
+    them, so a cron job can act without parsing the table."""
     return [
         r["monitor"]
         for r in results
