@@ -1582,7 +1582,7 @@ def monitor_quality(
     import time
 
     from appliance.core.feedback import quality
-    from appliance.core.monitor_report import clock
+    from appliance.core.times import clock
 
     result = quality(
         app,
@@ -1624,7 +1624,7 @@ def _say_behind(behind: dict[str, Any] | None) -> None:
 def monitor_drift(app: Any, as_json: bool, deployment: str, window: str) -> None:
     """Drift of the window's logged inputs (and outputs) against the training data."""
     from appliance.core.drift import drift
-    from appliance.core.monitor_report import clock
+    from appliance.core.times import clock
 
     report = drift(app, deployment, _seconds(window, "--window"))
     if as_json:
@@ -1710,8 +1710,8 @@ def monitor_add(
 def monitor_list(app: Any, as_json: bool, deployment: str | None) -> None:
     """Monitors with their state, last value and when they were last checked."""
     from appliance.core.agent import agent_running
-    from appliance.core.monitor_report import clock
     from appliance.core.monitors import list_monitors
+    from appliance.core.times import clock
 
     monitors = list_monitors(app, deployment)
     emit(

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from appliance.core.context import Appliance
+from appliance.core.times import clock
 from appliance.errors import InvalidInput
 from appliance.store.db import utcnow
 
@@ -164,7 +165,6 @@ def drift(
     from appliance.core.datasets import get_dataset_version
     from appliance.core.deployments import get_deployment
     from appliance.core.inference import ModelRuntime
-    from appliance.core.monitor_report import clock  # times read as the report shows them
     from appliance.core.prediction_log import (
         behind_note,
         log_files,

@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import behind_note
+from appliance.core.times import clock
 from appliance.core.traffic import ROUTED, UNROUTED, dropped_note
 from appliance.errors import ApplianceError, InvalidInput
 
@@ -136,13 +137,6 @@ def _by_version(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Traffic rows as shown: version 0 holds the requests refused before a version was
     chosen (a malformed body, no model loaded)."""
     return [{**row, "version": row["version"] or UNROUTED[1]} for row in rows]
-
-
-def clock(ts: float | None, seconds: bool = False) -> str:
-    """A stored time as people read it, local, to the minute (or second); "" for none. The
-    report, the CLI and the TUI show times alike."""
-    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
-    return "" if ts is None else time.strftime(form, time.localtime(ts))
 
 
 def _span(seconds: float) -> str:

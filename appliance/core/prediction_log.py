@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.context import Appliance
+from appliance.core.times import clock
 from appliance.errors import ApplianceError, StoreUnavailable
 from appliance.store.db import utcnow
 
@@ -965,8 +966,6 @@ def behind_note(behind: dict[str, Any] | None) -> str | None:
     """One line saying which logs are not shipped yet, for the CLI, the report and the TUI."""
     if not behind:
         return None
-    from appliance.core.monitor_report import clock  # times read as the report shows them
-
     size, files = behind["bytes"], behind["files"]
     if size >= 999_950:
         shown = f"{size / 1e6:.1f} MB"

@@ -23,6 +23,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 from appliance.core import deployments, drift, monitor_report, monitors
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import behind_note
+from appliance.core.times import clock
 from appliance.errors import ApplianceError
 from appliance.tui.tables import fill_table
 
@@ -242,7 +243,7 @@ class MonitoringScreen(Screen[None]):
                     m["rule"],
                     Text(m["state"], style=STATE_STYLE.get(m["state"], "")),
                     _num(m["value"]),
-                    monitor_report.clock(m["checked_at"], seconds=True),
+                    clock(m["checked_at"], seconds=True),
                     m["action"],
                     Text(m["error"] or ""),  # the store's words: never markup
                 ]
