@@ -73,6 +73,7 @@ def test_schema_pragmas_and_idempotent_migrations(home: Path) -> None:
         "m014_pipelines",
         "m015_monitoring",
         "m016_alert_claims",
+        "m017_drift_results_by_end",
     ]
     again.close()
 

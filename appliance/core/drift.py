@@ -8,8 +8,9 @@ the model never saw; for both, the change in the missing-value rate. The output'
 the same test on the predictions: the window's against the model's own predictions on its
 training data. DuckDB reads the Parquet logs and the training file; the statistics are
 numpy over the columns. Each result is stored with its window, and results whose window
-ended more than `keep_days()` ago are removed as new ones are stored: a monitor checked
-every minute stores one a minute, which on an edge box must not grow without end.
+ended more than `keep_days()` ago are removed as new ones are stored, every deployment's:
+a monitor checked every minute stores one a minute, which on an edge box must not grow
+without end, nor stay for a deployment nothing checks any more.
 """
 
 from __future__ import annotations
@@ -290,8 +291,7 @@ def drift(
     if store:
         with app.db.transaction() as conn:
             conn.execute(
-                "DELETE FROM drift_results WHERE deployment = ? AND window_end < ?",
-                (deployment, time.time() - keep * 86400),
+                "DELETE FROM drift_results WHERE window_end < ?", (time.time() - keep * 86400,)
             )
             for item in results:
                 conn.execute(

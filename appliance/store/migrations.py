@@ -624,6 +624,12 @@ def m016_alert_claims(db: Any) -> None:
     )
 
 
+def m017_drift_results_by_end(db: Any) -> None:
+    # Expired drift results are removed across every deployment as any result is stored (a
+    # deployment nothing checks any more must not keep its results for ever): by window end.
+    _run_script(db, "CREATE INDEX drift_results_by_end ON drift_results (window_end)")
+
+
 def _widen_check(db: Any, table: str, old: str, new: str) -> None:
     """Rewrite a CHECK in `table`'s schema to allow more values: SQLite's documented
     writable_schema procedure for a change that leaves every stored row valid (rebuilding the
@@ -666,6 +672,7 @@ STEPS: list[Callable[[Any], None]] = [
     m014_pipelines,
     m015_monitoring,
     m016_alert_claims,
+    m017_drift_results_by_end,
 ]
 
 
