@@ -1345,6 +1345,60 @@ def test_a_monitor_with_no_data_is_not_firing_and_commands_get_the_alert(
     assert [a["monitor"] for a in list_alerts(app)] == ["cmd"]
 
 
+def test_the_traffic_series_has_every_interval_and_a_quiet_one_is_a_gap(
+    app: Appliance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A minute with no requests is 0 requests and no p99, a minute of refusals only has no
+    p99: the Monitoring screen and the report draw them as gaps, not as 0 ms."""
+    from appliance.core import prediction_log
+    from appliance.core.monitor_report import render_html, traffic_series
+    from appliance.core.traffic import UNROUTED
+
+    now = time.time()
+    plog = PredictionLog(app.settings.home, "gaps")  # request metadata only, as by default
+    for ago, version, role, status in [
+        (50, 1, "stable", 200),
+        (50, 1, "stable", 200),
+        (20, *UNROUTED, 400),  # refused before a version was chosen
+        (2, 1, "stable", 500),
+    ]:
+        monkeypatch.setattr(prediction_log.time, "time", lambda ago=ago: now - ago * 60)
+        plog.record(f"r{ago}", version, 1, role, status, 0.004, 1, None, None)
+    monkeypatch.undo()
+    plog.flush()
+    assert ship_logs(app, "gaps")["failed"] == 0
+    series = traffic_series(app, "gaps", 3600, 60)
+    assert len(series) == 61  # the window's first, partial, minute to this one
+    assert [s["t"] for s in series] == [series[0]["t"] + 60 * i for i in range(61)]
+    by_minute = {round((now - s["t"]) // 60): s for s in series}
+    assert by_minute[50]["requests"] == 2 and by_minute[50]["p99_ms"] == pytest.approx(4.0)
+    assert by_minute[20]["requests"] == 1 and by_minute[20]["p99_ms"] is None
+    assert by_minute[2]["errors"] == 1 and by_minute[2]["p99_ms"] == pytest.approx(4.0)
+    quiet = [s for m, s in by_minute.items() if m not in (50, 20, 2)]
+    assert len(quiet) == 58 and all(s["requests"] == s["errors"] == 0 for s in quiet)
+    assert all(s["p99_ms"] is None for s in quiet)
+    assert traffic_series(app, "never-logged", 3600, 60) == []
+    # the page's p99 line breaks at the gaps: two lone points, each a dot and no line
+    report = {
+        "deployment": "gaps",
+        "model": "m",
+        "version": 1,
+        "revision": 1,
+        "status": "serving",
+        "window_s": 3600,
+        "generated_at": now,
+        "versions": [],
+        "series": series,
+        "drift": None,
+        "quality": {"labels": 0, "windows": []},
+        "alerts": [],
+    }
+    page = render_html(report, tmp_path / "gaps.html").read_text()
+    latency = page[page.index("p99 latency</figcaption>") :].split("</figure>")[0]
+    assert latency.count("<circle") == 2
+    assert all(len(p.split()) == 1 for p in re.findall(r'<polyline[^>]*points="([^"]*)"', latency))
+
+
 def test_the_report_is_text_and_one_self_contained_page(
     app: Appliance, deployed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from textual.widgets import DataTable, Sparkline, Static
+from textual.widgets import DataTable, Static
 
 from appliance.core.context import Appliance
 from appliance.core.drift import drift_history
 from appliance.tui.app import ApplianceApp
+from appliance.tui.sparkline import GapSparkline, bars
 from tests.pilot import until
 from tests.test_monitoring import _log, _refuse, _train_model
 
@@ -56,8 +57,13 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
             assert monitors.get_row_at(0)[4] == time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(checked)
             )
-            spark = screen.query_one("#requests-spark", Sparkline)
-            assert sum(spark.data or []) == 10  # ten logged requests in the last hour
+            spark = screen.query_one("#requests-spark", GapSparkline)
+            assert sum(v or 0 for v in spark.data) == 10  # ten logged requests in the last hour
+            assert len(spark.data) == 61  # every minute of the hour, the quiet ones as 0
+            latency = screen.query_one("#latency-spark", GapSparkline)
+            assert None in latency.data  # a quiet minute has no p99, not one of 0 ms
+            drawn = str(spark.render()).splitlines()
+            assert len(drawn) == 3 and "█" in drawn[0] and " " in drawn[-1]  # the quiet minutes
             # the monitor's check stored a drift result: shown worst first
             await until(pilot, lambda: drift.row_count == 3, "drift rows")
             assert drift.get_row_at(0)[0].plain == "a"
@@ -91,3 +97,23 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
             )
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("values", "width", "height", "drawn"),
+    [
+        ([], 4, 1, ["    "]),
+        ([None, None], 4, 1, ["    "]),  # nothing measured: nothing drawn
+        ([8, 0, None, 4], 4, 1, ["█  ▄"]),  # 0 and None blank, bars from zero
+        ([1, 100], 2, 1, ["▁█"]),  # the smallest value still shows
+        ([2, 4], 4, 1, ["▄▄██"]),  # fewer values than columns: stretched over them all
+        ([1, 2, 4], 4, 1, ["▂▂▄█"]),
+        ([2, None, 4, 8], 2, 1, ["▂█"]),  # more: the highest of each group
+        ([None, None, 1, None], 2, 1, [" █"]),  # a group all None stays blank
+        ([16, 8, 1], 3, 2, ["█  ", "██▁"]),  # two lines: 16 steps, 8 fill the lower one
+    ],
+)
+def test_a_gap_sparkline_draws_bars_from_zero_and_blank_gaps(
+    values: list[float | None], width: int, height: int, drawn: list[str]
+) -> None:
+    assert bars(values, width, height) == drawn

@@ -108,7 +108,9 @@ def traffic_series(
     app: Appliance, deployment: str, window: float = 3600.0, step: float = 60.0
 ) -> list[dict[str, Any]]:
     """Requests, p99 latency and errors per `step` seconds over the window, from the
-    request log (the Monitoring screen's sparklines)."""
+    request log (the Monitoring screen's sparklines, the report's plots): every interval
+    of the window, a quiet one as 0 requests and no p99, so that a chart drawn point by
+    point shows an outage as one rather than closing the gap; [] when nothing is logged."""
     import duckdb
 
     from appliance.core import duck
@@ -122,7 +124,7 @@ def traffic_series(
     con = duckdb.connect(config={"threads": 1})
     try:
         rows = con.execute(
-            f"SELECT floor(ts / {step}) * {step} AS t, count(*), "
+            f"SELECT CAST(floor(ts / {step!r}) AS BIGINT) AS k, count(*), "
             f"quantile_cont(latency_ms, 0.99) FILTER (WHERE {ROUTED}), "
             "count(*) FILTER (WHERE status >= 500) "
             f"FROM read_parquet([{listing}], union_by_name = true) "
@@ -130,7 +132,16 @@ def traffic_series(
         ).fetchall()
     finally:
         con.close()
-    return [{"t": t, "requests": n, "p99_ms": p99, "errors": e} for t, n, p99, e in rows]
+    if not rows:
+        return []
+    found = {k: (n, p99, e) for k, n, p99, e in rows}
+    # a clock stepped back can leave rows ahead of now: they are shown, not dropped
+    first, last = int((now - window) // step), max(int(now // step), rows[-1][0])
+    series = []
+    for k in range(first, last + 1):
+        n, p99, e = found.get(k, (0, None, 0))
+        series.append({"t": k * step, "requests": n, "p99_ms": p99, "errors": e})
+    return series
 
 
 def _by_version(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,13 +225,15 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _svg_line(points: list[tuple[float, float]], title: str, unit: str = "") -> str:
-    """A small line chart as inline SVG (no scripts, no fonts fetched)."""
+def _svg_line(points: list[tuple[float, float | None]], title: str, unit: str = "") -> str:
+    """A small line chart as inline SVG (no scripts, no fonts fetched); the line breaks
+    where a value is None (an interval with nothing to measure)."""
     width, height, pad = 560, 160, 32
-    if not points:
+    valued = [(x, y) for x, y in points if y is not None]
+    if not valued:
         return f"<p><em>{html.escape(title)}: no data</em></p>"
     xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
+    ys = [p[1] for p in valued]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
 
@@ -230,20 +243,32 @@ def _svg_line(points: list[tuple[float, float]], title: str, unit: str = "") -> 
     def sy(y: float) -> float:
         return height - pad - (y - y0) / (y1 - y0 or 1) * (height - 2 * pad)
 
-    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    # a line needs two points: a few points are also drawn as dots, so one window shows
-    dots = (
-        "".join(
-            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="#2563eb"/>' for x, y in points
-        )
-        if len(points) <= 60
-        else ""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for x, y in points:
+        if y is None:
+            if runs[-1]:
+                runs.append([])
+        else:
+            runs[-1].append((x, y))
+    lines = "".join(
+        '<polyline fill="none" stroke="#2563eb" stroke-width="2" points="'
+        + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in run)
+        + '"/>'
+        for run in runs
+        if run
+    )
+    # a line needs two points: a few points, or a point alone between gaps, is also a dot
+    dots = "".join(
+        f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="#2563eb"/>'
+        for run in runs
+        for x, y in run
+        if len(valued) <= 60 or len(run) == 1
     )
     return (
         f"<figure><figcaption>{html.escape(title)}</figcaption>"
         f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>'
-        f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{path}"/>{dots}'
+        f"{lines}{dots}"
         f'<text x="4" y="14" font-size="11">{_num(y1)}{html.escape(unit)}</text>'
         f'<text x="4" y="{height - 4}" font-size="11">{clock(x0)} – {clock(x1)}</text>'
         "</svg></figure>"
@@ -291,9 +316,7 @@ def render_html(report: dict[str, Any], path: str | Path) -> Path:
             else []
         ),
         _svg_line([(s["t"], s["requests"]) for s in series], "requests per interval"),
-        _svg_line(
-            [(s["t"], s["p99_ms"]) for s in series if s["p99_ms"] is not None], "p99 latency", " ms"
-        ),
+        _svg_line([(s["t"], s["p99_ms"]) for s in series], "p99 latency", " ms"),
         "<h2>Drift</h2>",
     ]
     drift = report.get("drift")

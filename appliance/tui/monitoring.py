@@ -18,13 +18,14 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Sparkline, Static
+from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.core import deployments, drift, monitor_report, monitors
 from appliance.core.context import Appliance
 from appliance.core.prediction_log import behind_note
 from appliance.core.times import clock
 from appliance.errors import ApplianceError
+from appliance.tui.sparkline import GapSparkline
 from appliance.tui.tables import fill_table
 
 REFRESH_SECONDS = 2.0
@@ -68,7 +69,7 @@ class MonitoringScreen(Screen[None]):
     MonitoringScreen #deployments { height: 1fr; }
     MonitoringScreen #sparks { height: 5; }
     MonitoringScreen #sparks > Vertical { width: 1fr; padding: 0 1; }
-    MonitoringScreen Sparkline { height: 3; }
+    MonitoringScreen GapSparkline { height: 3; }
     MonitoringScreen #drift { height: 2fr; }
     MonitoringScreen #monitors { height: 1fr; }
     MonitoringScreen #alerts { height: 1fr; }
@@ -89,10 +90,10 @@ class MonitoringScreen(Screen[None]):
         with Horizontal(id="sparks"):
             with Vertical():
                 yield Static("requests / min", id="requests-label")
-                yield Sparkline([], id="requests-spark")
+                yield GapSparkline(id="requests-spark")
             with Vertical():
                 yield Static("p99 ms / min", id="latency-label")
-                yield Sparkline([], id="latency-spark")
+                yield GapSparkline(id="latency-spark")
         yield DataTable(id="drift", cursor_type="row", zebra_stripes=True)
         yield DataTable(id="monitors", cursor_type="row", zebra_stripes=True)
         yield DataTable(id="alerts", cursor_type="row", zebra_stripes=True)
@@ -203,10 +204,9 @@ class MonitoringScreen(Screen[None]):
             status.update("no deployments yet: appliance deploy MODEL@ALIAS --name NAME")
             return
         series = shown["series"]
-        self.query_one("#requests-spark", Sparkline).data = [s["requests"] for s in series] or [0]
-        self.query_one("#latency-spark", Sparkline).data = [s["p99_ms"] or 0.0 for s in series] or [
-            0
-        ]
+        # every minute of the hour, a quiet one blank: an outage shows as a gap
+        self.query_one("#requests-spark", GapSparkline).data = [s["requests"] for s in series]
+        self.query_one("#latency-spark", GapSparkline).data = [s["p99_ms"] for s in series]
         last = series[-1] if series else None
         self.query_one("#requests-label", Static).update(
             f"requests / min (last {last['requests'] if last else 0})"
