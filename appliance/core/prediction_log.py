@@ -73,6 +73,11 @@ FRAME_PREFIX = struct.Struct("<4sII")
 FRAMES, JSONL = ".frames", ".jsonl"
 # The log kinds, as spool files and shipped Parquet are named: what each reader reads
 LOG_KINDS = ("requests", "inputs", "feedback")
+# A frame is written as its parts: an array of at least BIG_ARRAY bytes (a batch request's
+# inputs) goes from its own buffer to the file, as copying megabytes costs more than the
+# writes (fresh pages to fault in, on the serving worker's cores)
+BIG_ARRAY = 64 << 10
+Chunk = bytes | list[Any]  # a frame as bytes, or its parts (bytes and byte views) in order
 # How long a reader that wants fresh numbers (drift, quality, report, a monitor) waits for
 # the agent's shipper to finish with a deployment; past it, it reads what is shipped.
 FRESH_WAIT = 10.0
@@ -97,9 +102,13 @@ class _SpoolFile:
         self.opened = time.monotonic()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
-        self.handle.write(data)
-        self.size += len(data)
+    def write(self, data: Chunk) -> None:
+        if isinstance(data, bytes):
+            self.handle.write(data)
+        else:  # a frame as its parts: large arrays from their own buffers, not joined
+            for part in data:
+                self.handle.write(part)
+        self.size += _size(data)
 
     def close(self) -> None:
         self.handle.close()
@@ -149,7 +158,7 @@ class PredictionLog:
         self.hour: _Hour | None = None  # what the request path fills
         self.sealed: list[_Hour] = []  # hours past, for the writer
         self.held = 0  # requests logged and not yet taken by the writer
-        self.encoded: list[tuple[int, list[tuple[str, float, str, bytes]]]] = []
+        self.encoded: list[tuple[int, list[tuple[str, float, str, Chunk]]]] = []
         self.encoded_bytes = 0  # held as bytes: inputs buffered or encoded
         self.next_encode = 0.0
 
@@ -265,15 +274,19 @@ class PredictionLog:
             if y.dtype.kind != "f" or group.ytype.kind != "f":
                 return False
             y = y.astype(group.ytype)
-        data, out = x.tobytes(), y.tobytes()
-        group.x += data
+        # the request's own matrix, not a copy of it: a batch's megabytes are written from it
+        # (nothing changes it once answered); the predictions, a few bytes a row, as bytes
+        out = y.tobytes()
+        group.xs.append(x)
         group.y += out
         group.ts.append(ts)
         group.ids.append(request_id)
         group.version.append(version)
         group.revision.append(revision)
         group.count.append(len(y))
-        self.encoded_bytes += len(data) + len(out)
+        size = x.nbytes
+        group.xbytes += size
+        self.encoded_bytes += size + len(out)
         return True
 
     def _encode_pending(self, writer: bool = False) -> int:
@@ -293,7 +306,7 @@ class PredictionLog:
             self._lose(len(items), f"{type(exc).__name__}: {exc}", writer)
             return len(items)
         self.encoded.append((len(items), chunks))
-        self.encoded_bytes += sum(len(chunk[3]) for chunk in chunks)
+        self.encoded_bytes += sum(_size(chunk[3]) for chunk in chunks)
         return len(items)
 
     def _lose(self, count: int, why: str, writer: bool = False) -> None:
@@ -398,9 +411,9 @@ class PredictionLog:
             )
         return current
 
-    def _put(self, kind: str, ts: float, suffix: str, data: bytes) -> None:
+    def _put(self, kind: str, ts: float, suffix: str, data: Chunk) -> None:
         self._file(kind, ts, suffix).write(data)
-        self.spool_bytes += len(data)
+        self.spool_bytes += _size(data)
 
     def _rotate(self, force: bool) -> None:
         now = time.monotonic()
@@ -426,24 +439,53 @@ class PredictionLog:
 _DTYPES: dict[Any, str] = {}  # numpy builds a dtype's name on every ask
 
 
+def _size(data: Chunk) -> int:
+    return len(data) if isinstance(data, bytes) else sum(map(len, data))
+
+
 def _frame(columns: list[tuple[str, Any]], features: Any = None) -> bytes:
-    """One binary frame: numeric arrays as their bytes, anything else as JSON."""
+    """One binary frame as bytes: numeric arrays as their bytes, anything else as JSON."""
+    return b"".join(_frame_parts(columns, features))
+
+
+def _frame_parts(columns: list[tuple[str, Any]], features: Any = None) -> list[Any]:
+    """One binary frame as the parts to write in order. A numeric column is an array, or
+    a list of arrays of one dtype and row width stacked (their buffers one after another
+    are the stacked array's); an array of BIG_ARRAY bytes or more is a view of its own
+    buffer, not a copy."""
     import numpy as np
     import orjson
 
     head, body = [], []
     for name, values in columns:
-        if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
-            data = values.tobytes()
-            dtype = _DTYPES.get(values.dtype) or _DTYPES.setdefault(values.dtype, values.dtype.str)
-            head.append((name, dtype, values.shape, len(data)))
+        stack = (
+            values
+            if type(values) is list and values and isinstance(values[0], np.ndarray)
+            else None
+        )
+        if stack is not None or isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+            arrays = stack or [values]
+            first = arrays[0]
+            shape = (sum(len(a) for a in arrays), *first.shape[1:]) if stack else first.shape
+            size = 0
+            for a in arrays:
+                if a.nbytes >= BIG_ARRAY:
+                    view = memoryview(np.ascontiguousarray(a)).cast("B")
+                    body.append(view)
+                    size += len(view)
+                else:
+                    data = a.tobytes()
+                    body.append(data)
+                    size += len(data)
+            dtype = _DTYPES.get(first.dtype) or _DTYPES.setdefault(first.dtype, first.dtype.str)
+            head.append((name, dtype, shape, size))
         else:
             data = orjson.dumps(values)
             head.append((name, "json", None, len(data)))
-        body.append(data)
+            body.append(data)
     header = orjson.dumps({"columns": head, "features": features})
-    data = b"".join(body)
-    return FRAME_PREFIX.pack(FRAME_MAGIC, len(header), len(data)) + header + data
+    length = sum(map(len, body))
+    return [FRAME_PREFIX.pack(FRAME_MAGIC, len(header), length) + header, *body]
 
 
 def _request_columns(ts: Any, ids: Any, ver: Any, rev: Any) -> list[tuple[str, Any]]:
@@ -458,13 +500,13 @@ def _request_columns(ts: Any, ids: Any, ver: Any, rev: Any) -> list[tuple[str, A
     ]
 
 
-def _chunks(items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, bytes]]:
+def _chunks(items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, Chunk]]:
     """Queued inputs as one frame per model (or a columnar line) per hour, each as (kind,
     time, suffix, bytes); the shipper unnests them. Per-item Python work is kept to a few
     C-level passes over the batch."""
     import orjson
 
-    chunks: list[tuple[str, float, str, bytes]] = []
+    chunks: list[tuple[str, float, str, Chunk]] = []
     stamps = [item[0] for item in items]
     if int(min(stamps) // 3600) == int(max(stamps) // 3600):  # nearly always
         batches = [items]
@@ -531,7 +573,7 @@ class _Hour:
         for group in self.tensors.values():
             group.realign()
 
-    def chunks(self) -> list[tuple[str, float, str, bytes]]:
+    def chunks(self) -> list[tuple[str, float, str, Chunk]]:
         """The metadata and each model's tensors as frames, as (kind, time, suffix, bytes)."""
         import numpy as np
 
@@ -543,7 +585,7 @@ class _Hour:
                     "requests",
                     at,
                     FRAMES,
-                    _frame(
+                    _frame_parts(
                         [
                             *_request_columns(self.ts, self.ids, self.version, self.revision),
                             ("role", self.role),
@@ -562,8 +604,8 @@ class _Hour:
 
 class _Tensors:
     """Sampled requests that sent one numeric [N, F] tensor of one model's features and got
-    one number per row, held as bytes: the matrices stacked, the predictions, and per request
-    its time, id, version, revision and row count."""
+    one number per row: the matrices as they came (a list), the predictions as bytes, and per
+    request its time, id, version, revision and row count."""
 
     __slots__ = (
         "ndarray",
@@ -576,7 +618,8 @@ class _Tensors:
         "version",
         "revision",
         "count",
-        "x",
+        "xs",
+        "xbytes",
         "y",
     )
 
@@ -585,7 +628,9 @@ class _Tensors:
         self.xtype, self.ytype = xtype, ytype
         self.ts, self.ids = array("d"), []
         self.version, self.revision, self.count = array("q"), array("q"), array("q")
-        self.x, self.y = bytearray(), bytearray()
+        self.xs: list[Any] = []  # one [N, F] array a request, of xtype
+        self.xbytes = 0
+        self.y = bytearray()
 
     @classmethod
     def of(cls, names: Any, x: Any, y: Any) -> _Tensors | None:
@@ -603,16 +648,18 @@ class _Tensors:
         shortest = min(map(len, columns))
         for column in columns:
             del column[shortest:]
-        rows = sum(self.count)
-        del self.x[rows * self.width * self.xtype.itemsize :]
-        del self.y[rows * self.ytype.itemsize :]
+        del self.xs[shortest:]
+        self.xbytes = sum(x.nbytes for x in self.xs)
+        del self.y[sum(self.count) * self.ytype.itemsize :]
 
-    def frame(self) -> bytes:
-        """The buffers as one inputs frame, the same as a queued batch of tensors gives."""
+    def frame(self) -> list[Any]:
+        """The buffers as one inputs frame, the same as a queued batch of tensors gives: the
+        matrices written one after another when they are large (batches), else stacked."""
         import numpy as np
 
-        x = np.frombuffer(self.x, dtype=self.xtype).reshape(-1, self.width)
-        return _frame(
+        xs = self.xs
+        x = xs if self.xbytes >= BIG_ARRAY * len(xs) else np.concatenate(xs)
+        return _frame_parts(
             [
                 *_request_columns(self.ts, self.ids, self.version, self.revision),
                 ("count", np.frombuffer(self.count, dtype=np.int64)),
@@ -630,7 +677,7 @@ def _widened(dtype: Any) -> Any:
     return np.dtype(np.float64) if dtype.kind == "f" else dtype
 
 
-def _tensor_frames(items: list[tuple[Any, ...]]) -> tuple[list[bytes], list[tuple[Any, ...]]]:
+def _tensor_frames(items: list[tuple[Any, ...]]) -> tuple[list[Chunk], list[tuple[Any, ...]]]:
     """Sampled requests that sent tensors, as a frame per model's feature list (one runtime
     gives every request the same list object), and the requests left for a JSON line."""
     first = items[0][8]
@@ -654,7 +701,7 @@ def _tensor_frames(items: list[tuple[Any, ...]]) -> tuple[list[bytes], list[tupl
     return frames, rest
 
 
-def _tensor_frame(items: list[tuple[Any, ...]]) -> bytes | None:
+def _tensor_frame(items: list[tuple[Any, ...]]) -> Chunk | None:
     """Requests that each sent a numeric [N, F] tensor of the same features and got one
     number per row, as one frame: their matrices stacked, the predictions, and per request
     its time, id, version and row count. None if they did not."""
@@ -681,7 +728,7 @@ def _tensor_frame(items: list[tuple[Any, ...]]) -> bytes | None:
         x = x.astype(np.float64)
     if y.dtype.kind == "f" and y.dtype.itemsize < 8:
         y = y.astype(np.float64)
-    return _frame(
+    return _frame_parts(
         [
             *_request_columns(ts, ids, ver, rev),
             ("count", counts),
