@@ -1,24 +1,27 @@
 """Monitoring speed: the prediction log's cost under load, and drift over a million rows.
 
     .venv/bin/python benchmarks/monitoring.py [--seconds 4] [--connections 8] [--rounds 12]
-                                             [--log-rows 1000000] [--train-rows 200000] [--aa]
+        [--other-rounds 6] [--loads single,unloaded,json,binary] [--log-rows 1000000]
+        [--train-rows 200000] [--aa]
 
-1. The serving benchmark's model and load (single-row V2 requests, closed loop on
-   127.0.0.1), in pairs of short rounds with logging off (no request metadata, no inputs)
-   and with inputs and outputs logged at 100%, the order alternating (off-on, on-off): on
-   two shared cores the machine's own speed drifts by more than the effect measured, and
-   short paired rounds put a slow spell on both sides. Rounds with logging are measured in
-   the steady state (after SETTLE seconds of logged load, so the agent ships during them,
-   at the product's own 5-s intervals, and the spool left at the end of each is reported);
-   rounds without start once the agent has shipped everything, after SETTLE seconds of
-   load too. p50 and p99 of each (medians over rounds), the p99 ratio (target within 5%)
-   and each pair's ratio, failed requests, and the samples the log dropped (target: none
-   dropped, and never a request). Beside them, the CPU the deployment's serving workers
-   spend per request in each round, every thread counted (Linux): the difference between
-   the two sides is the serving process's share of the logging's cost (the agent's shipping
-   is a process of its own), where the latencies show its effect on a queue. `--aa`
-   runs the same protocol with logging off on both sides: what the ratio reads when there
-   is nothing to measure (the machine's own noise).
+1. The serving benchmark's model and loads (closed loop on 127.0.0.1): single-row V2
+   requests on CONNECTIONS connections (its loaded case, ROUNDS pairs) and on one, and
+   1,000-row batches as JSON and as binary tensors (OTHER_ROUNDS pairs each), in pairs of
+   short rounds with logging off (no request metadata, no inputs) and with inputs and
+   outputs logged at 100%, the order alternating (off-on, on-off): on two shared cores the
+   machine's own speed drifts by more than the effect measured, and short paired rounds put
+   a slow spell on both sides. Rounds with logging are measured in the steady state (after
+   SETTLE seconds of logged load, so the agent ships during them, at the product's own 5-s
+   intervals, and the spool left at the end of each is reported); rounds without start
+   once the agent has shipped everything, after SETTLE seconds of load too. Per load: p50
+   and p99 of each (medians over rounds), the p99 ratio (target within 5%) and each pair's
+   ratio, failed requests, and the samples the log dropped (target: none dropped, and never
+   a request). Beside them, the CPU the deployment's serving workers spend per request in
+   each round, every thread counted (Linux): the difference between the two sides is the
+   serving process's share of the logging's cost (the agent's shipping is a process of its
+   own), where the latencies show its effect on a queue. `--aa` runs the same protocol
+   with logging off on both sides: what the ratio reads when there is nothing to measure
+   (the machine's own noise).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
    TRAIN_ROWS-row training set: the whole `drift()` call, PSI, KS and missing rates for
    every feature and the prediction drift (target under 5 s on 2 cores).
@@ -35,86 +38,121 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import http_request, run_load  # noqa: E402
-from benchmarks.serving import FEATURES, build_home, v2_body  # noqa: E402
+from benchmarks.serving import FEATURES, build_home, v2_binary, v2_body  # noqa: E402
+
+# The serving benchmark's loads (benchmarks/serving.py): (what, connections, rows a request,
+# binary tensor); "single" is its loaded case, the one the target was first measured on
+LOADS = {
+    "single": ("single-row JSON", None, 1, False),
+    "unloaded": ("single-row JSON, one connection", 1, 1, False),
+    "json": ("1,000-row JSON batches", None, 1000, False),
+    "binary": ("1,000-row binary batches", None, 1000, True),
+}
 
 
-def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
+def logging_overhead(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """Each load of `args.loads` against one deployment, in pairs of rounds (see above)."""
     import numpy as np
 
     from appliance.core import deployments
     from appliance.core.agent import stop_agent
     from appliance.core.prediction_log import spool_dir
-    from appliance.core.serving import state_dir
-    from appliance.core.traffic import read_snapshots
 
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         app, versions = build_home(home, args.model_rows)
         dep = deployments.create_deployment(app, "bench", versions[0]["ref"])
         port = int(dep["port"])
+        batch = np.random.default_rng(11).normal(size=(1000, len(FEATURES))).round(6).tolist()
         row = np.random.default_rng(3).normal(size=(1, len(FEATURES))).round(6).tolist()
-        single = http_request("/v2/models/bench/infer", v2_body(row))
-        off, on = [], []
-        # CPU per request of each pair's rounds, [off, on]; None where a round went unmeasured
-        cpu: list[list[float | None]] = [[None, None] for _ in range(args.rounds)]
-        workers = state_dir(app, "bench")
-        spool = spool_dir(home, "bench")
-        shipped_rows, backlog = 0, []
+        path = "/v2/models/bench/infer"
         try:
-            run_load(port, single, args.connections, 3)  # warm-up
-            logging_now = False
-            for i in range(args.rounds):
-                # ABBA: a slow spell of the machine falls on both sides of a pair
-                order = ((False, off), (True, on)) if i % 2 == 0 else ((True, on), (False, off))
-                for logging, into in order:
-                    if logging != logging_now:
-                        logs = logging and not args.aa
-                        deployments.set_logging(
-                            app, "bench", sample=1.0 if logs else 0.0, requests=logs
-                        )
-                        time.sleep(0.2)  # workers follow within 20 ms
-                        if not logging:  # a baseline that carries none of the shipping
-                            _wait_for_empty(spool, 60)
-                        # both sides start warm; with logging, in the steady state, the agent
-                        # shipping as it goes
-                        run_load(port, single, args.connections, args.settle)
-                        logging_now = logging
-                    before = _worker_cpu(workers)
-                    into.append(run_load(port, single, args.connections, args.seconds))
-                    after = _worker_cpu(workers)
-                    # the same processes before and after: a restarted worker voids the round
-                    if before and before.keys() == after.keys() and into[-1].requests:
-                        used = sum(after.values()) - sum(before.values())
-                        cpu[i][int(logging)] = used / into[-1].requests * 1e6
-                    if logging:  # what the agent had not shipped yet: it must keep up
-                        backlog.append(_spool_bytes(spool))
-            deployments.set_logging(app, "bench", sample=0.0, requests=False)
-            _wait_for_empty(spool, 60)
-            shipped_rows = int(
-                app.db.scalar(
-                    "SELECT coalesce(sum(rows), 0) FROM prediction_logs "
-                    "WHERE deployment = 'bench' AND kind = 'inputs'"
+            for name in args.loads:
+                _, connections, rows, binary = LOADS[name]
+                sent = batch[:rows] if rows > 1 else row
+                if binary:
+                    body, headers = v2_binary(sent)
+                    request = http_request(path, body, headers)
+                else:
+                    request = http_request(path, v2_body(sent))
+                rounds = args.rounds if name == "single" else args.other_rounds
+                results[name] = _pairs(
+                    app, port, request, connections or args.connections, rounds, args
                 )
-            )
-            time.sleep(1.5)
-            dropped = sum(
-                int((s.get("log") or {}).get("dropped", 0))
-                for s in read_snapshots(state_dir(app, "bench"))
-            )
+            deployments.set_logging(app, "bench", sample=0.0, requests=False)
+            _wait_for_empty(spool_dir(home, "bench"), 300)
         finally:
             deployments.stop_deployment(app, "bench")
             stop_agent(app)
             app.close()
+    return results
+
+
+def _pairs(
+    app: Any,
+    port: int,
+    request: bytes,
+    connections: int,
+    rounds: int,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    """One load's pairs of rounds, logging off and inputs logged at 100%."""
+    from appliance.core import deployments
+    from appliance.core.prediction_log import spool_dir
+    from appliance.core.serving import state_dir
+
+    off, on = [], []
+    # CPU per request of each pair's rounds, [off, on]; None where a round went unmeasured
+    cpu: list[list[float | None]] = [[None, None] for _ in range(rounds)]
+    workers = state_dir(app, "bench")
+    spool = spool_dir(app.settings.home, "bench")
+    backlog = []
+    deployments.set_logging(app, "bench", sample=0.0, requests=False)
+    _wait_for_empty(spool, 300)
+    shipped_before = _shipped_rows(app)
+    dropped_before = _dropped(workers)
+    run_load(port, request, connections, 3)  # warm-up
+    logging_now = False
+    for i in range(rounds):
+        # ABBA: a slow spell of the machine falls on both sides of a pair
+        order = ((False, off), (True, on)) if i % 2 == 0 else ((True, on), (False, off))
+        for logging, into in order:
+            if logging != logging_now:
+                logs = logging and not args.aa
+                deployments.set_logging(app, "bench", sample=1.0 if logs else 0.0, requests=logs)
+                time.sleep(0.2)  # workers follow within 20 ms
+                if not logging:  # a baseline that carries none of the shipping
+                    _wait_for_empty(spool, 300)
+                # both sides start warm; with logging, in the steady state, the agent
+                # shipping as it goes
+                run_load(port, request, connections, args.settle)
+                logging_now = logging
+            before = _worker_cpu(workers)
+            into.append(run_load(port, request, connections, args.seconds))
+            after = _worker_cpu(workers)
+            # the same processes before and after: a restarted worker voids the round
+            if before and before.keys() == after.keys() and into[-1].requests:
+                used = sum(after.values()) - sum(before.values())
+                cpu[i][int(logging)] = used / into[-1].requests * 1e6
+            if logging:  # what the agent had not shipped yet: it must keep up
+                backlog.append(_spool_bytes(spool))
+    deployments.set_logging(app, "bench", sample=0.0, requests=False)
+    _wait_for_empty(spool, 300)
+    time.sleep(1.5)  # the workers' snapshots, every second
 
     def p(results: list, q: float) -> float:
         return statistics.median(r.percentile(q) for r in results) * 1000
 
     return {
+        "connections": connections,
+        "rounds": rounds,
         "p50_off_ms": p(off, 0.5),
         "p99_off_ms": p(off, 0.99),
         "p50_on_ms": p(on, 0.5),
@@ -130,10 +168,26 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, object]:
         "cpu_us_pairs": sorted(b - a for a, b in cpu if a is not None and b is not None),
         "failed": sum(r.failures for r in off + on),
         "requests_logged": sum(r.requests for r in on),
-        "dropped": dropped,
-        "shipped_rows": shipped_rows,
+        "dropped": _dropped(workers) - dropped_before,
+        "shipped_rows": _shipped_rows(app) - shipped_before,
         "max_backlog_mb": max(backlog, default=0) / 1e6,
     }
+
+
+def _shipped_rows(app: Any) -> int:
+    return int(
+        app.db.scalar(
+            "SELECT coalesce(sum(rows), 0) FROM prediction_logs "
+            "WHERE deployment = 'bench' AND kind = 'inputs'"
+        )
+    )
+
+
+def _dropped(workers: Path) -> int:
+    """Samples the deployment's running workers have dropped since they started."""
+    from appliance.core.traffic import read_snapshots
+
+    return sum(int((s.get("log") or {}).get("dropped", 0)) for s in read_snapshots(workers))
 
 
 def _median(values: list[float]) -> float | None:
@@ -262,28 +316,12 @@ def drift_speed(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="per load round")
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=12, help="pairs of rounds, off and on")
-    parser.add_argument(
-        "--settle", type=float, default=10.0, help="load before the first round of each kind"
-    )
-    parser.add_argument("--model-rows", type=int, default=20000)
-    parser.add_argument("--log-rows", type=int, default=1_000_000)
-    parser.add_argument("--train-rows", type=int, default=200_000)
-    parser.add_argument(
-        "--aa", action="store_true", help="logging off on both sides: the protocol's own noise"
-    )
-    args = parser.parse_args()
-
-    load = logging_overhead(args)
+def _print_load(name: str, load: dict[str, Any], args: argparse.Namespace) -> None:
     ratio = load["p99_on_ms"] / load["p99_off_ms"]
     pairs = load["pair_ratios"]
     print(
-        f"single-row load, {args.connections} connections, {args.rounds} pairs of "
-        f"{args.seconds:g}-s rounds, alternating (medians)"
+        f"{LOADS[name][0]} load, {load['connections']} connection(s), {load['rounds']} pairs "
+        f"of {args.seconds:g}-s rounds, alternating (medians)"
     )
     print(
         f"  logging off   p50 {load['p50_off_ms']:.2f} ms  p99 {load['p99_off_ms']:.2f} ms  "
@@ -322,6 +360,39 @@ def main() -> int:
         f"  spool not yet shipped at the end of a logged round: at most "
         f"{load['max_backlog_mb']:.1f} MB (the agent keeps up when it stays small)"
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per load round")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="pairs of rounds, off and on, of the single load"
+    )
+    parser.add_argument("--other-rounds", type=int, default=6, help="of each other load")
+    parser.add_argument(
+        "--loads",
+        type=lambda text: [w for w in text.split(",") if w],
+        default=list(LOADS),
+        help=f"which, comma-separated: {', '.join(LOADS)} (all)",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="load before the first round of each kind"
+    )
+    parser.add_argument("--model-rows", type=int, default=20000)
+    parser.add_argument("--log-rows", type=int, default=1_000_000)
+    parser.add_argument("--train-rows", type=int, default=200_000)
+    parser.add_argument(
+        "--aa", action="store_true", help="logging off on both sides: the protocol's own noise"
+    )
+    args = parser.parse_args()
+    unknown = [name for name in args.loads if name not in LOADS]
+    if unknown:
+        parser.error(f"--loads: {', '.join(unknown)}: expected some of {', '.join(LOADS)}")
+
+    loads = logging_overhead(args)
+    for name, load in loads.items():
+        _print_load(name, load, args)
     found = drift_speed(args)
     print(
         f"drift of {args.log_rows:,} logged rows x 20 features vs {args.train_rows:,} training "
@@ -331,7 +402,7 @@ def main() -> int:
         f"  the same, the other 15 features drifting a little (+0.01): "
         f"{found['seconds_mild']:.2f} s (target < 5 s); flagged {', '.join(found['flagged_mild'])}"
     )
-    print(json.dumps({"load": load, "drift": found}))
+    print(json.dumps({"loads": loads, "drift": found}))
     return 0
 
 

@@ -43,6 +43,8 @@ CPU_LINE = ("serving worker CPU per request",) if Path("/proc/self/stat").exists
                 "1",
                 "--rounds",
                 "1",
+                "--other-rounds",
+                "1",
                 "--settle",
                 "1",
                 "--log-rows",
