@@ -36,7 +36,7 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from appliance.core.context import Appliance
 from appliance.core.times import clock
@@ -73,7 +73,7 @@ FRAME_PREFIX = struct.Struct("<4sII")
 FRAMES, JSONL = ".frames", ".jsonl"
 # The log kinds, as spool files and shipped Parquet are named: what each reader reads
 LOG_KINDS = ("requests", "inputs", "feedback")
-# A frame is written as its parts: an array of at least BIG_ARRAY bytes (a batch request's
+# A frame is written as its parts: a matrix of at least BIG_ARRAY bytes (a batch request's
 # inputs) goes from its own buffer to the file, as copying megabytes costs more than the
 # writes (fresh pages to fault in, on the serving worker's cores)
 BIG_ARRAY = 64 << 10
@@ -274,17 +274,24 @@ class PredictionLog:
             if y.dtype.kind != "f" or group.ytype.kind != "f":
                 return False
             y = y.astype(group.ytype)
-        # the request's own matrix, not a copy of it: a batch's megabytes are written from it
-        # (nothing changes it once answered); the predictions, a few bytes a row, as bytes
         out = y.tobytes()
-        group.xs.append(x)
+        size = x.nbytes
+        if size >= BIG_ARRAY:  # a batch: its own matrix is written (nothing changes it once
+            # answered), not copied here and again by the writer
+            group.pieces.append(memoryview(x if x.flags.c_contiguous else x.copy()).cast("B"))
+            group.tail = None
+        else:  # rows: appended to the bytes of the requests before it
+            tail = group.tail
+            if tail is None:
+                tail = group.tail = bytearray()
+                group.pieces.append(tail)
+            tail += x.tobytes()
         group.y += out
         group.ts.append(ts)
         group.ids.append(request_id)
         group.version.append(version)
         group.revision.append(revision)
         group.count.append(len(y))
-        size = x.nbytes
         group.xbytes += size
         self.encoded_bytes += size + len(out)
         return True
@@ -448,41 +455,39 @@ def _frame(columns: list[tuple[str, Any]], features: Any = None) -> bytes:
     return b"".join(_frame_parts(columns, features))
 
 
+class _Stacked(NamedTuple):
+    """A numeric column given as its bytes in pieces, written one after another."""
+
+    pieces: list[Any]
+    dtype: Any
+    shape: tuple[int, ...]
+
+
 def _frame_parts(columns: list[tuple[str, Any]], features: Any = None) -> list[Any]:
-    """One binary frame as the parts to write in order. A numeric column is an array, or
-    a list of arrays of one dtype and row width stacked (their buffers one after another
-    are the stacked array's); an array of BIG_ARRAY bytes or more is a view of its own
-    buffer, not a copy."""
+    """One binary frame as the parts to write in order: numeric arrays as their bytes (one
+    of BIG_ARRAY bytes or more as a view of its own buffer, not a copy), a `_Stacked`
+    column as its pieces, anything else as JSON."""
     import numpy as np
     import orjson
 
     head, body = [], []
     for name, values in columns:
-        stack = (
-            values
-            if type(values) is list and values and isinstance(values[0], np.ndarray)
-            else None
-        )
-        if stack is not None or isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
-            arrays = stack or [values]
-            first = arrays[0]
-            shape = (sum(len(a) for a in arrays), *first.shape[1:]) if stack else first.shape
-            size = 0
-            for a in arrays:
-                if a.nbytes >= BIG_ARRAY:
-                    view = memoryview(np.ascontiguousarray(a)).cast("B")
-                    body.append(view)
-                    size += len(view)
-                else:
-                    data = a.tobytes()
-                    body.append(data)
-                    size += len(data)
-            dtype = _DTYPES.get(first.dtype) or _DTYPES.setdefault(first.dtype, first.dtype.str)
-            head.append((name, dtype, shape, size))
+        if type(values) is _Stacked:
+            parts, dtype, shape = values.pieces, values.dtype, values.shape
+        elif isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+            dtype, shape = values.dtype, values.shape
+            if values.nbytes >= BIG_ARRAY:
+                parts = [memoryview(np.ascontiguousarray(values)).cast("B")]
+            else:
+                parts = [values.tobytes()]
         else:
             data = orjson.dumps(values)
             head.append((name, "json", None, len(data)))
             body.append(data)
+            continue
+        code = _DTYPES.get(dtype) or _DTYPES.setdefault(dtype, dtype.str)
+        head.append((name, code, shape, sum(map(len, parts))))
+        body.extend(parts)
     header = orjson.dumps({"columns": head, "features": features})
     length = sum(map(len, body))
     return [FRAME_PREFIX.pack(FRAME_MAGIC, len(header), length) + header, *body]
@@ -604,8 +609,9 @@ class _Hour:
 
 class _Tensors:
     """Sampled requests that sent one numeric [N, F] tensor of one model's features and got
-    one number per row: the matrices as they came (a list), the predictions as bytes, and per
-    request its time, id, version, revision and row count."""
+    one number per row: the matrices' bytes in order (in pieces: a run of small ones copied
+    into one buffer, a batch's its own), the predictions as bytes, and per request its time,
+    id, version, revision and row count."""
 
     __slots__ = (
         "ndarray",
@@ -618,7 +624,8 @@ class _Tensors:
         "version",
         "revision",
         "count",
-        "xs",
+        "pieces",
+        "tail",
         "xbytes",
         "y",
     )
@@ -628,7 +635,8 @@ class _Tensors:
         self.xtype, self.ytype = xtype, ytype
         self.ts, self.ids = array("d"), []
         self.version, self.revision, self.count = array("q"), array("q"), array("q")
-        self.xs: list[Any] = []  # one [N, F] array a request, of xtype
+        self.pieces: list[bytearray | memoryview] = []  # the matrices' bytes, in order
+        self.tail: bytearray | None = None  # the last piece, while small matrices fill it
         self.xbytes = 0
         self.y = bytearray()
 
@@ -648,17 +656,28 @@ class _Tensors:
         shortest = min(map(len, columns))
         for column in columns:
             del column[shortest:]
-        del self.xs[shortest:]
-        self.xbytes = sum(x.nbytes for x in self.xs)
-        del self.y[sum(self.count) * self.ytype.itemsize :]
+        rows = sum(self.count)
+        keep = rows * self.width * self.xtype.itemsize
+        pieces: list[bytearray | memoryview] = []
+        for piece in self.pieces:  # a request's own piece is kept whole or not at all
+            if keep <= 0:
+                break
+            if len(piece) > keep and isinstance(piece, bytearray):
+                del piece[keep:]
+            keep -= len(piece)
+            pieces.append(piece)
+        self.pieces = pieces
+        self.tail = pieces[-1] if pieces and isinstance(pieces[-1], bytearray) else None
+        self.xbytes = sum(map(len, pieces))
+        del self.y[rows * self.ytype.itemsize :]
 
     def frame(self) -> list[Any]:
-        """The buffers as one inputs frame, the same as a queued batch of tensors gives: the
-        matrices written one after another when they are large (batches), else stacked."""
+        """The buffers as one inputs frame, the same as a queued batch of tensors gives; the
+        matrices' pieces are written as they are."""
         import numpy as np
 
-        xs = self.xs
-        x = xs if self.xbytes >= BIG_ARRAY * len(xs) else np.concatenate(xs)
+        rows = self.xbytes // (self.width * self.xtype.itemsize)
+        x = _Stacked(self.pieces, self.xtype, (rows, self.width))
         return _frame_parts(
             [
                 *_request_columns(self.ts, self.ids, self.version, self.revision),
