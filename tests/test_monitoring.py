@@ -1427,6 +1427,7 @@ def test_the_traffic_series_has_every_interval_and_a_quiet_one_is_a_gap(
         (50, 1, "stable", 200),
         (20, *UNROUTED, 400),  # refused before a version was chosen
         (2, 1, "stable", 500),
+        (-1, 1, "stable", 200),  # ahead of now (a clock stepped back): not drawn yet
     ]:
         monkeypatch.setattr(prediction_log.time, "time", lambda ago=ago: now - ago * 60)
         plog.record(f"r{ago}", version, 1, role, status, 0.004, 1, None, None)
@@ -1435,6 +1436,7 @@ def test_the_traffic_series_has_every_interval_and_a_quiet_one_is_a_gap(
     assert ship_logs(app, "gaps")["failed"] == 0
     series = traffic_series(app, "gaps", 3600, 60)
     assert len(series) == 61  # the window's first, partial, minute to this one
+    assert sum(s["requests"] for s in series) == 4
     assert [s["t"] for s in series] == [series[0]["t"] + 60 * i for i in range(61)]
     by_minute = {round((now - s["t"]) // 60): s for s in series}
     assert by_minute[50]["requests"] == 2 and by_minute[50]["p99_ms"] == pytest.approx(4.0)

@@ -121,6 +121,8 @@ def traffic_series(
     if not files:
         return []
     listing = ", ".join(duck.sql_string(f) for f in files)
+    # the window's intervals up to this one: rows a clock stepped back put ahead of now wait
+    first, last = int((now - window) // step), int(now // step)
     con = duckdb.connect(config={"threads": 1})
     try:
         rows = con.execute(
@@ -128,15 +130,13 @@ def traffic_series(
             f"quantile_cont(latency_ms, 0.99) FILTER (WHERE {ROUTED}), "
             "count(*) FILTER (WHERE status >= 500) "
             f"FROM read_parquet([{listing}], union_by_name = true) "
-            f"WHERE ts >= {now - window!r} GROUP BY 1 ORDER BY 1"
+            f"WHERE ts >= {now - window!r} AND ts < {(last + 1) * step!r} GROUP BY 1 ORDER BY 1"
         ).fetchall()
     finally:
         con.close()
     if not rows:
         return []
     found = {k: (n, p99, e) for k, n, p99, e in rows}
-    # a clock stepped back can leave rows ahead of now: they are shown, not dropped
-    first, last = int((now - window) // step), max(int(now // step), rows[-1][0])
     series = []
     for k in range(first, last + 1):
         n, p99, e = found.get(k, (0, None, 0))
