@@ -372,7 +372,7 @@ def main() -> int:
     parser.add_argument("--other-rounds", type=int, default=6, help="of each other load")
     parser.add_argument(
         "--loads",
-        type=lambda text: [w for w in text.split(",") if w],
+        type=lambda text: list(dict.fromkeys(w for w in text.split(",") if w)),
         default=list(LOADS),
         help=f"which, comma-separated: {', '.join(LOADS)} (all)",
     )
@@ -387,6 +387,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     unknown = [name for name in args.loads if name not in LOADS]
+    if not args.loads:
+        parser.error(f"--loads: none given: expected some of {', '.join(LOADS)}")
     if unknown:
         parser.error(f"--loads: {', '.join(unknown)}: expected some of {', '.join(LOADS)}")
 

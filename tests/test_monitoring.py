@@ -291,9 +291,17 @@ def test_the_request_path_appends_to_buffers_and_the_writer_thread_frames_them(
     assert plog.hour is not None and list(plog.hour.ids) == ["ok"]
     assert list(plog.hour.tensors[id(names)].ids) == ["ok"]
     assert [len(p) for p in plog.hour.tensors[id(names)].pieces] == [8]
+    # one failing between two in the same buffer: its row is cut from it, the rest ships
+    plog.requests = False
+    plog.record("bad", "v", 1, "stable", 200, 0.001, 1, (names, np.full((1, 1), 9.0)), np.ones(1))
+    plog.requests = True
+    plog.record("ok2", 1, 1, "stable", 200, 0.001, 1, (names, np.full((1, 1), 2.0)), np.ones(1))
+    group = plog.hour.tensors[id(names)]
+    assert list(group.ids) == ["ok", "ok2"] and group.xbytes == 16
+    assert bytes(group.pieces[0]) == np.array([1.0, 2.0]).tobytes()
     plog.next_encode = time.monotonic() - 1  # inputs orjson cannot write: counted once
     plog.record("obj", 1, 1, "stable", 200, 0.001, 1, {"a": [object()]}, np.ones(1))
-    assert plog.counters()["dropped"] == 3 and plog.counters()["queued"] == 1
+    assert plog.counters()["dropped"] == 4 and plog.counters()["queued"] == 2
 
 
 def test_a_batch_is_logged_from_its_own_matrix_and_ships_row_for_row(

@@ -111,6 +111,7 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
         ([2, None, 4, 8], 2, 1, ["▂█"]),  # more: the highest of each group
         ([None, None, 1, None], 2, 1, [" █"]),  # a group all None stays blank
         ([16, 8, 1], 3, 2, ["█  ", "██▁"]),  # two lines: 16 steps, 8 fill the lower one
+        ([float("nan"), 1, float("inf")], 3, 1, [" █ "]),  # not a number: nothing drawn
     ],
 )
 def test_a_gap_sparkline_draws_bars_from_zero_and_blank_gaps(

@@ -5,6 +5,7 @@ terminal or one self-contained HTML page (inline SVG plots, no network resources
 from __future__ import annotations
 
 import html
+import math
 import os
 import time
 from pathlib import Path
@@ -122,7 +123,8 @@ def traffic_series(
         return []
     listing = ", ".join(duck.sql_string(f) for f in files)
     # the window's intervals up to this one: rows a clock stepped back put ahead of now wait
-    first, last = int((now - window) // step), int(now // step)
+    # (math.floor of the quotient, as DuckDB floors it: `//` can differ by one at a bound)
+    first, last = math.floor((now - window) / step), math.floor(now / step)
     con = duckdb.connect(config={"threads": 1})
     try:
         rows = con.execute(

@@ -7,13 +7,14 @@ sampled share (`log_sample`). Code that runs once per batch runs cold (encoding 
 30 logged requests took 7 µs a request in a loaded worker, 2 µs in a loop), so `record`
 appends each request to column buffers as it comes: its metadata, and inputs that came as
 one numeric tensor of the model's features (the common case) as their bytes (1.5 µs a
-request for metadata, 2 µs more for a tensor). Inputs of any other shape (named columns,
-text, mixed types) are queued, and encoded by the serving loop every 10 ms as columnar
-JSON lines, which DuckDB reads and unifies. A thread takes the buffers every 0.2 s, frames
-them (`.frames`: numbers as their raw bytes, text as JSON) and writes them to files in the
-home's spool (`spool/predictions/<deployment>/`), closed every few seconds. Buffers and
-spool are bounded, so a store that cannot take files for a while costs samples, never
-requests.
+request for metadata, 2 µs more for a tensor), or a batch's matrix (64 KiB or more) as it
+came, by reference, since copying megabytes costs more. Inputs of any other shape (named
+columns, text, mixed types) are queued, and encoded by the serving loop every 10 ms as
+columnar JSON lines, which DuckDB reads and unifies. A thread takes the buffers every
+0.2 s, frames them (`.frames`: numbers as their raw bytes, text as JSON; written as parts,
+a batch's matrix from its own buffer) and writes them to files in the home's spool
+(`spool/predictions/<deployment>/`), closed every few seconds. Buffers and spool are
+bounded, so a store that cannot take files for a while costs samples, never requests.
 
 The agent ships closed spool files (`ship_logs`): each becomes Parquet (inputs one row per
 predicted row, a column per feature), the object store takes it by sha256, and one row per
@@ -47,7 +48,7 @@ QUEUE_SIZE = 50_000  # requests logged, not yet written; beyond it samples are d
 # Encoding a batch of Python objects holds the worker's interpreter, so requests in flight
 # wait for it (350 requests, every 100 ms, took 1.5 ms): inputs the buffers cannot take are
 # encoded by the serving loop in short batches, ENCODE_SECONDS apart. The writer thread
-# wakes WRITE_SECONDS apart; framing the buffers is a few copies of bytes.
+# wakes WRITE_SECONDS apart; framing the buffers copies small columns only.
 ENCODE_SECONDS = float(os.environ.get("APPLIANCE_LOG_ENCODE_SECONDS", "0.01"))
 WRITE_SECONDS = float(os.environ.get("APPLIANCE_LOG_WRITE_SECONDS", "0.2"))
 ENCODED_LIMIT = 64 << 20  # encoded bytes the writer has not taken; beyond it samples drop
@@ -246,7 +247,8 @@ class PredictionLog:
         predictions: Any,
     ) -> bool:
         """Append a request that sent one numeric [N, F] tensor and got one number per row
-        to its model's buffers, as bytes; False for any other shape (the JSON path)."""
+        to its model's buffers (its matrix as bytes, or kept whole if it is a batch's);
+        False for any other shape (the JSON path)."""
         if type(columns) is not tuple:
             return False
         names, x = columns
@@ -507,8 +509,8 @@ def _request_columns(ts: Any, ids: Any, ver: Any, rev: Any) -> list[tuple[str, A
 
 def _chunks(items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, Chunk]]:
     """Queued inputs as one frame per model (or a columnar line) per hour, each as (kind,
-    time, suffix, bytes); the shipper unnests them. Per-item Python work is kept to a few
-    C-level passes over the batch."""
+    time, suffix, the frame as bytes or its parts); the shipper unnests them. Per-item
+    Python work is kept to a few C-level passes over the batch."""
     import orjson
 
     chunks: list[tuple[str, float, str, Chunk]] = []
@@ -579,7 +581,8 @@ class _Hour:
             group.realign()
 
     def chunks(self) -> list[tuple[str, float, str, Chunk]]:
-        """The metadata and each model's tensors as frames, as (kind, time, suffix, bytes)."""
+        """The metadata and each model's tensors as frames, as (kind, time, suffix, frame's
+        parts)."""
         import numpy as np
 
         at = self.end - 1.0  # names the hour

@@ -8,6 +8,7 @@ requests) is blank, and so is None (no p99 to show).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from rich.text import Text
@@ -21,7 +22,8 @@ def bars(values: Sequence[float | None], width: int, height: int) -> list[str]:
     """The chart as `height` lines of `width` characters, top line first, across the whole
     width: fewer values than columns are stretched (a blank right edge would read as quiet
     minutes), more are taken as the highest of each column's group (a spike stays
-    visible), None where a whole group is None."""
+    visible), None where a whole group is None; a value that is not finite is drawn as
+    None."""
     if width <= 0 or height <= 0:
         return []
     n = len(values)
@@ -30,6 +32,7 @@ def bars(values: Sequence[float | None], width: int, height: int) -> list[str]:
     else:
         groups = [values[c * n // width : (c + 1) * n // width] for c in range(width)]
         columns = [max((v for v in g if v is not None), default=None) for g in groups]
+    columns = [v if v is not None and math.isfinite(v) else None for v in columns]
     top = max((v for v in columns if v is not None), default=0.0)
     steps = len(BARS) * height
     levels = [
