@@ -382,8 +382,13 @@ def test_resume_refuses_a_finished_study_unless_its_budget_grows(
     assert {t["number"]: t["params"] for t in extended["trial_rows"][:12]} == first
 
 
-def _kill_group(pid: int | None) -> None:
-    if pid:
+def _kill_group(pid: int | None, known: str | None = None) -> None:
+    """SIGKILL the process group of `pid`, if it is still the process recorded (`known`, its
+    identity): a pid whose process ended may already be another's, such as a job supervisor
+    of a test in another process of the suite, and killing its group would fail that test."""
+    from appliance.core.processes import is_same
+
+    if pid and (known is None or is_same(pid, known)):
         try:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
@@ -429,7 +434,7 @@ def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
         # trials whose supervisors are up (a job caught between its claim and its supervisor
         # is the job system's case: settled after its claim grace, not tested here)
         return app.db.rows(
-            "SELECT t.number, j.pid FROM trials t JOIN jobs j ON j.id = t.job_id "
+            "SELECT t.number, j.pid, j.pid_identity FROM trials t JOIN jobs j ON j.id = t.job_id "
             "WHERE t.study_id = ? AND t.state = 'running' AND j.pid IS NOT NULL",
             (study["id"],),
         )
@@ -440,13 +445,13 @@ def test_resume_after_the_driver_the_agent_and_the_trials_are_killed(
         )
     )
     running = started()
-    row = app.db.one("SELECT driver_pid FROM studies WHERE id = ?", (study["id"],))
+    row = app.db.one("SELECT driver_pid, driver_identity FROM studies WHERE id = ?", (study["id"],))
     assert row is not None
-    _kill_group(row["driver_pid"])
+    _kill_group(row["driver_pid"], row["driver_identity"])
     _kill_group(agent_status(app)["pid"])
     if kill_trials:
         for trial in running:
-            _kill_group(trial["pid"])
+            _kill_group(trial["pid"], trial["pid_identity"])
     wait_for(lambda: studies.get_study(app, study["id"])["state"] == "interrupted")
     before = {t["number"]: t for t in studies.list_trials(app, study["id"])}
     resumed = studies.resume_study(app, study["id"])
@@ -685,8 +690,8 @@ def test_an_in_process_study_killed_keeps_the_time_it_ran(app: Appliance, script
     )
     study = studies.create_study(app, spec)
     wait_for(lambda: studies.get_study(app, study["id"])["trials"] >= 12)
-    row = app.db.one("SELECT driver_pid FROM studies WHERE id = ?", (study["id"],))
+    row = app.db.one("SELECT driver_pid, driver_identity FROM studies WHERE id = ?", (study["id"],))
     assert row is not None
-    _kill_group(row["driver_pid"])
+    _kill_group(row["driver_pid"], row["driver_identity"])
     wait_for(lambda: studies.get_study(app, study["id"])["state"] == "interrupted")
     assert studies.get_study(app, study["id"])["elapsed_s"] >= 0.6
