@@ -319,6 +319,25 @@ def test_a_job_started_while_another_thread_has_the_database_open_runs(
     assert took < 2.0, took
 
 
+def test_a_process_is_known_as_ours_while_its_exec_is_under_way() -> None:
+    """`posix_spawn` returns before the new program's command line is in place (nearly
+    always, here): a job checked at that moment read as gone while its supervisor ran, and
+    was failed or retried (the job-start test above failed so under load)."""
+    from appliance.core.processes import is_ours
+
+    sleep = "import time; time.sleep(0.1)"
+    for argv, ours in (
+        ([sys.executable, "-c", sleep, "appliance-supervisor"], True),
+        ([sys.executable, "-c", sleep], False),  # someone else's, once it shows its line
+    ):
+        for _ in range(5):
+            pid = os.posix_spawn(sys.executable, argv, dict(os.environ))
+            try:
+                assert is_ours(pid) is ours
+            finally:
+                os.waitpid(pid, 0)
+
+
 def test_the_agent_reaps_what_it_started_and_nothing_its_threads_wait_for(
     app: Appliance,
 ) -> None:

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+EXEC_WAIT = 2.0  # the longest a process is given to show the command line it exec'd
+
 
 def alive(pid: int | None) -> bool:
     """True while `pid` runs; a zombie counts as gone (and is reaped if it is our child)."""
@@ -52,14 +54,23 @@ def is_same(pid: int | None, known: str | None) -> bool:
 
 
 def is_ours(pid: int | None) -> bool:
-    """True if `pid` is still an appliance process (guards against PID reuse before a kill)."""
+    """True if `pid` is still an appliance process (guards against PID reuse before a kill).
+
+    A process whose exec is under way shows an empty command line: `posix_spawn` returns
+    before the new program's arguments are in place (nearly always, measured), so a job
+    checked the moment its supervisor was spawned read as gone. Wait for them, briefly."""
     if not alive(pid):
         return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return True  # no procfs: alive() is all we can know
-    return b"appliance" in cmdline
+    deadline = time.monotonic() + EXEC_WAIT
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return alive(pid)  # gone meanwhile; or no procfs: alive() is all we can know
+        if cmdline or time.monotonic() > deadline or not alive(pid):
+            break
+        time.sleep(0.001)
+    return b"appliance" in cmdline.replace(b"\0", b" ")
 
 
 def signal_ours(pid: int | None, signum: int) -> bool:
