@@ -62,7 +62,6 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, dict[str, object]]:
 
     from appliance.core import deployments
     from appliance.core.agent import stop_agent
-    from appliance.core.prediction_log import spool_dir
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +85,6 @@ def logging_overhead(args: argparse.Namespace) -> dict[str, dict[str, object]]:
                 results[name] = _pairs(
                     app, port, request, connections or args.connections, rounds, args
                 )
-            deployments.set_logging(app, "bench", sample=0.0, requests=False)
-            _wait_for_empty(spool_dir(home, "bench"), 300)
         finally:
             deployments.stop_deployment(app, "bench")
             stop_agent(app)

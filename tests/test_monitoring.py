@@ -349,8 +349,7 @@ def test_a_batch_is_logged_from_its_own_matrix_and_ships_row_for_row(
         False,  # made C-ordered first
     ]
     plog.flush()
-    views = [part for data in written if type(data) is list for part in data]
-    views = [part for part in views if isinstance(part, memoryview)]
+    views = [part for data in written for part in data if isinstance(part, memoryview)]
     assert len(views) == 3  # the three large matrices, each from its own buffer
     assert bytes(views[0]) == sent[0].tobytes() and bytes(views[2]) == sent[3].tobytes()
     assert ship_logs(app, "batch")["failed"] == 0
@@ -1737,7 +1736,7 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
     import duckdb
 
     from appliance.core.drift import drift
-    from appliance.core.prediction_log import _frame
+    from appliance.core.prediction_log import _frame_parts
 
     rng = np.random.default_rng(6)
     first = {
@@ -1801,12 +1800,12 @@ def test_review_faults_missing_categories_bad_files_and_dead_workers(
     orphan.write_bytes(data)
     (directory / "inputs-2026010100-1-2bad.frames").write_bytes(data[:30] + b"\x00" * 40)
     one = np.ones(1, dtype=np.int64)
-    miscounted = _frame(  # whole, but says 2 rows for 1
+    miscounted = _frame_parts(  # whole, but says 2 rows for 1
         [("ts", np.zeros(1)), ("request_id", ["r"]), ("version", one), ("revision", one)]
         + [("count", one * 2), ("x", np.zeros((1, 2))), ("y", np.zeros(1))],
         features=["a", "b"],
     )
-    (directory / "inputs-2026010100-1-3bad.frames").write_bytes(miscounted)
+    (directory / "inputs-2026010100-1-3bad.frames").write_bytes(b"".join(miscounted))
     shipped = ship_logs(app)
     assert shipped["shipped"] == 1 and shipped["failed"] == 2
     # a file that fails to ship is said before the open file still stuck
@@ -1831,7 +1830,7 @@ def test_the_writer_outlives_a_lost_spool_and_a_failed_write_is_retried_not_reje
     import duckdb
 
     from appliance.core import prediction_log
-    from appliance.core.prediction_log import _frame
+    from appliance.core.prediction_log import _frame_parts
 
     tensor = (["a"], np.array([[1.0], [2.0], [3.0]]))
     # rows are split by each request's predictions (its `rows` argument is not trusted)
@@ -1851,9 +1850,9 @@ def test_the_writer_outlives_a_lost_spool_and_a_failed_write_is_retried_not_reje
     shutil.rmtree(plog.directory)  # removed under the writer: its file cannot be closed
     monkeypatch.setattr(prediction_log, "ROTATE_SECONDS", 0.0)
     plog._drain()  # no exception: the writer thread would have died
-    plog._put("inputs", time.time(), ".frames", b"x")  # an open file, then its directory gone
+    plog._put("inputs", time.time(), ".frames", [b"x"])  # an open file, then its directory gone
     shutil.rmtree(plog.directory)
-    plog._put("inputs", time.time() + 3600, ".frames", b"")  # a new hour: the old file
+    plog._put("inputs", time.time() + 3600, ".frames", [b""])  # a new hour: the old file
     assert list(plog.files) == [("inputs", ".frames")]  # could not close, and is not retried
     plog._rotate(force=True)
     plog.record("r3", 1, 1, "stable", 200, 0.001, 1, tensor, np.ones(3))
@@ -1877,7 +1876,7 @@ def test_the_writer_outlives_a_lost_spool_and_a_failed_write_is_retried_not_reje
     # a requests frame without its times is set aside, not retried on every pass
     one = np.ones(1, dtype=np.int64)
     (directory / "requests-2026010100-1-4bad.frames").write_bytes(
-        _frame([("request_id", ["r"]), ("version", one), ("revision", one)])
+        b"".join(_frame_parts([("request_id", ["r"]), ("version", one), ("revision", one)]))
     )
     result = ship_logs(app, "w")
     assert (

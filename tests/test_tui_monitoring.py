@@ -112,6 +112,7 @@ def test_monitoring_screen_shows_traffic_drift_monitors_and_alerts(
         ([None, None, 1, None], 2, 1, [" █"]),  # a group all None stays blank
         ([16, 8, 1], 3, 2, ["█  ", "██▁"]),  # two lines: 16 steps, 8 fill the lower one
         ([float("nan"), 1, float("inf")], 3, 1, [" █ "]),  # not a number: nothing drawn
+        ([float("nan"), 4, None, None], 2, 1, ["█ "]),  # ... nor hiding a number beside it
     ],
 )
 def test_a_gap_sparkline_draws_bars_from_zero_and_blank_gaps(

@@ -78,7 +78,7 @@ LOG_KINDS = ("requests", "inputs", "feedback")
 # inputs) goes from its own buffer to the file, as copying megabytes costs more than the
 # writes (fresh pages to fault in, on the serving worker's cores)
 BIG_ARRAY = 64 << 10
-Chunk = bytes | list[Any]  # a frame as bytes, or its parts (bytes and byte views) in order
+Chunk = list[Any]  # what is written to a spool file at once: its parts (bytes and byte views)
 # How long a reader that wants fresh numbers (drift, quality, report, a monitor) waits for
 # the agent's shipper to finish with a deployment; past it, it reads what is shipped.
 FRESH_WAIT = 10.0
@@ -104,11 +104,8 @@ class _SpoolFile:
         self.size = 0
 
     def write(self, data: Chunk) -> None:
-        if isinstance(data, bytes):
-            self.handle.write(data)
-        else:  # a frame as its parts: large arrays from their own buffers, not joined
-            for part in data:
-                self.handle.write(part)
+        for part in data:  # large arrays from their own buffers, not joined
+            self.handle.write(part)
         self.size += _size(data)
 
     def close(self) -> None:
@@ -449,12 +446,7 @@ _DTYPES: dict[Any, str] = {}  # numpy builds a dtype's name on every ask
 
 
 def _size(data: Chunk) -> int:
-    return len(data) if isinstance(data, bytes) else sum(map(len, data))
-
-
-def _frame(columns: list[tuple[str, Any]], features: Any = None) -> bytes:
-    """One binary frame as bytes: numeric arrays as their bytes, anything else as JSON."""
-    return b"".join(_frame_parts(columns, features))
+    return sum(map(len, data))
 
 
 class _Stacked(NamedTuple):
@@ -509,7 +501,7 @@ def _request_columns(ts: Any, ids: Any, ver: Any, rev: Any) -> list[tuple[str, A
 
 def _chunks(items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, Chunk]]:
     """Queued inputs as one frame per model (or a columnar line) per hour, each as (kind,
-    time, suffix, the frame as bytes or its parts); the shipper unnests them. Per-item
+    time, suffix, parts); the shipper unnests them. Per-item
     Python work is kept to a few C-level passes over the batch."""
     import orjson
 
@@ -537,7 +529,7 @@ def _chunks(items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, Chunk]]
                 orjson.dumps(_inputs_columns(group), option=option)
                 for group in _by_output_shape(rest)
             )
-        chunks.append(("inputs", ts0, JSONL, line))
+        chunks.append(("inputs", ts0, JSONL, [line]))
     return chunks
 
 

@@ -69,7 +69,6 @@ class MonitoringScreen(Screen[None]):
     MonitoringScreen #deployments { height: 1fr; }
     MonitoringScreen #sparks { height: 5; }
     MonitoringScreen #sparks > Vertical { width: 1fr; padding: 0 1; }
-    MonitoringScreen GapSparkline { height: 3; }
     MonitoringScreen #drift { height: 2fr; }
     MonitoringScreen #monitors { height: 1fr; }
     MonitoringScreen #alerts { height: 1fr; }

@@ -26,13 +26,13 @@ def bars(values: Sequence[float | None], width: int, height: int) -> list[str]:
     None."""
     if width <= 0 or height <= 0:
         return []
+    values = [v if v is not None and math.isfinite(v) else None for v in values]
     n = len(values)
     if n <= width:
         columns = [values[c * n // width] if n else None for c in range(width)]
     else:
         groups = [values[c * n // width : (c + 1) * n // width] for c in range(width)]
         columns = [max((v for v in g if v is not None), default=None) for g in groups]
-    columns = [v if v is not None and math.isfinite(v) else None for v in columns]
     top = max((v for v in columns if v is not None), default=0.0)
     steps = len(BARS) * height
     levels = [
