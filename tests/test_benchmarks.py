@@ -80,3 +80,28 @@ def test_benchmark_runs(script: str, args: list[str], expect: str | tuple[str, .
     assert result.returncode == 0, result.stderr
     for line in (expect,) if isinstance(expect, str) else expect:
         assert line in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--loads", ","], "--loads: none given"),
+        (["--loads", "single,burst"], "--loads: burst"),
+        (["--sample", "0"], "--sample: 0: expected a share above 0, at most 1"),
+        (["--sample", "1.5"], "--sample: 1.5"),
+        (["--sample", "nan"], "--sample: nan"),
+    ],
+)
+def test_the_monitoring_benchmark_refuses_what_it_cannot_measure(
+    args: list[str], needle: str
+) -> None:
+    # refused before a home is built: a typo costs no minutes of load
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "monitoring.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert needle in result.stderr
