@@ -102,7 +102,7 @@ def _pairs(
     rounds: int,
     args: argparse.Namespace,
 ) -> dict[str, object]:
-    """One load's pairs of rounds, logging off and inputs logged at 100%."""
+    """One load's pairs of rounds, logging off and inputs logged at `args.sample` (1: all)."""
     from appliance.core import deployments
     from appliance.core.prediction_log import spool_dir
     from appliance.core.serving import state_dir
@@ -323,19 +323,18 @@ def _print_load(name: str, load: dict[str, Any], args: argparse.Namespace) -> No
         f"{LOADS[name][0]} load, {load['connections']} connection(s), {load['rounds']} pairs "
         f"of {args.seconds:g}-s rounds, alternating (medians)"
     )
+    side = _side(args)
+    width = max(len("logging off"), len(side))
     print(
-        f"  logging off   p50 {load['p50_off_ms']:.2f} ms  p99 {load['p99_off_ms']:.2f} ms  "
-        f"{load['rps_off']:,.0f} req/s"
+        f"  {'logging off':<{width}}   p50 {load['p50_off_ms']:.2f} ms  "
+        f"p99 {load['p99_off_ms']:.2f} ms  {load['rps_off']:,.0f} req/s"
     )
-    side = "off (A/A)" if args.aa else f"inputs {args.sample * 100:g}%"
-    side = side.ljust(len("inputs 100%"))
     print(
-        f"  {side}   p50 {load['p50_on_ms']:.2f} ms  p99 {load['p99_on_ms']:.2f} ms  "
+        f"  {side:<{width}}   p50 {load['p50_on_ms']:.2f} ms  p99 {load['p99_on_ms']:.2f} ms  "
         f"{load['rps_on']:,.0f} req/s"
     )
     what = "off / off, nothing to measure" if args.aa else "with logging / without"
-    target = "target <= 1.05" if args.sample == 1 or args.aa else "the target is at 100%"
-    print(f"  p99 {what}: {ratio:.3f} ({target})")
+    print(f"  p99 {what}: {ratio:.3f} ({_target(args)})")
     print(
         f"  per pair: median {statistics.median(pairs):.3f}, "
         f"quartiles {pairs[len(pairs) // 4]:.3f} to {pairs[(3 * len(pairs)) // 4]:.3f}"
@@ -351,7 +350,7 @@ def _print_load(name: str, load: dict[str, Any], args: argparse.Namespace) -> No
         )
         print(
             f"  serving worker CPU per request: off {load['cpu_us_off']:.1f} µs, "
-            f"{side.strip()} {load['cpu_us_on']:.1f} µs{extra}"
+            f"{side} {load['cpu_us_on']:.1f} µs{extra}"
         )
     print(
         f"  failed requests {load['failed']}; {load['requests_logged']:,} requests logged in "
@@ -364,7 +363,20 @@ def _print_load(name: str, load: dict[str, Any], args: argparse.Namespace) -> No
     )
 
 
-def main() -> int:
+def _side(args: argparse.Namespace) -> str:
+    """What the second round of each pair is, as the figures name it."""
+    return "off (A/A)" if args.aa else f"inputs {args.sample * 100:g}%"
+
+
+def _target(args: argparse.Namespace) -> str:
+    """What the p99 ratio is held to: the target is for inputs logged at 100%."""
+    if args.aa:
+        return "nothing logged: 1.00 but for noise; the target, <= 1.05, is at 100%"
+    return "target <= 1.05" if args.sample == 1 else "the target, <= 1.05, is at 100%"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, refused whole (exit 2, the flag named) before any minute of load."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per load round")
     parser.add_argument("--connections", type=int, default=8)
@@ -393,15 +405,23 @@ def main() -> int:
     parser.add_argument(
         "--aa", action="store_true", help="logging off on both sides: the protocol's own noise"
     )
-    args = parser.parse_args()
-    if not 0 < args.sample <= 1:  # also NaN
-        parser.error(f"--sample: {args.sample:g}: expected a share above 0, at most 1")
+    args = parser.parse_args(argv)
+    given = args.sample
+    args.sample = float(f"{given:.3g}")  # as the figures print it
+    if not 0.001 <= args.sample <= 1:  # also NaN
+        parser.error(f"--sample: {given:g}: expected a share from 0.001 to 1")
+    if args.aa and args.sample != 1:
+        parser.error("--sample: nothing is logged on either side with --aa")
     unknown = [name for name in args.loads if name not in LOADS]
     if not args.loads:
         parser.error(f"--loads: none given: expected some of {', '.join(LOADS)}")
     if unknown:
         parser.error(f"--loads: {', '.join(unknown)}: expected some of {', '.join(LOADS)}")
+    return args
 
+
+def main() -> int:
+    args = parse_args()
     loads = logging_overhead(args)
     for name, load in loads.items():
         _print_load(name, load, args)
@@ -414,7 +434,8 @@ def main() -> int:
         f"  the same, the other 15 features drifting a little (+0.01): "
         f"{found['seconds_mild']:.2f} s (target < 5 s); flagged {', '.join(found['flagged_mild'])}"
     )
-    print(json.dumps({"sample": args.sample, "loads": loads, "drift": found}))
+    sample = 0.0 if args.aa else args.sample
+    print(json.dumps({"aa": args.aa, "sample": sample, "loads": loads, "drift": found}))
     return 0
 
 
