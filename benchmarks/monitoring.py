@@ -15,15 +15,14 @@
    with logging are measured in the steady state (after SETTLE seconds of logged load, so
    the agent ships during them, at the product's own 5-s intervals, and the spool left at
    the end of each is reported); rounds without start once the agent has shipped
-   everything, after SETTLE seconds of load too. Per load: p50
-   and p99 of each (medians over rounds), the p99 ratio (target within 5%) and each pair's
-   ratio, failed requests, and the samples the log dropped (target: none dropped, and never
-   a request). Beside them, the CPU the deployment's serving workers spend per request in
-   each round, every thread counted (Linux): the difference between the two sides is the
-   serving process's share of the logging's cost (the agent's shipping is a process of its
-   own), where the latencies show its effect on a queue. `--aa` runs the same protocol
-   with logging off on both sides: what the ratio reads when there is nothing to measure
-   (the machine's own noise).
+   everything, after SETTLE seconds of load too. Per load: p50 and p99 of each (medians over
+   rounds), the p99 ratio (target within 5%) and each pair's ratio, failed requests, and the
+   samples the log dropped (target: none dropped, and never a request). Beside them, the CPU
+   the deployment's serving workers spend per request in each round, every thread counted
+   (Linux): the difference between the two sides is the serving process's share of the
+   logging's cost (the agent's shipping is a process of its own), where the latencies show
+   its effect on a queue. `--aa` runs the same protocol with logging off on both sides: what
+   the ratio reads when there is nothing to measure (the machine's own noise).
 2. Drift of LOG_ROWS logged rows x 20 features (one Parquet log file, as shipped) against a
    TRAIN_ROWS-row training set: the whole `drift()` call, PSI, KS and missing rates for
    every feature and the prediction drift (target under 5 s on 2 cores).
