@@ -457,7 +457,7 @@ class _Stacked(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _frame_parts(columns: list[tuple[str, Any]], features: Any = None) -> list[Any]:
+def _frame_parts(columns: list[tuple[str, Any]], features: Any = None) -> Chunk:
     """One binary frame as the parts to write in order: numeric arrays as their bytes (one
     of BIG_ARRAY bytes or more as a view of its own buffer, not a copy), a `_Stacked`
     column as its pieces, anything else as JSON."""
@@ -501,8 +501,8 @@ def _request_columns(ts: Any, ids: Any, ver: Any, rev: Any) -> list[tuple[str, A
 
 def _chunks(items: list[tuple[Any, ...]]) -> list[tuple[str, float, str, Chunk]]:
     """Queued inputs as one frame per model (or a columnar line) per hour, each as (kind,
-    time, suffix, parts); the shipper unnests them. Per-item
-    Python work is kept to a few C-level passes over the batch."""
+    time, suffix, parts); the shipper unnests them. Per-item Python work is kept to a few
+    C-level passes over the batch."""
     import orjson
 
     chunks: list[tuple[str, float, str, Chunk]] = []
@@ -666,7 +666,7 @@ class _Tensors:
         self.xbytes = sum(map(len, pieces))
         del self.y[rows * self.ytype.itemsize :]
 
-    def frame(self) -> list[Any]:
+    def frame(self) -> Chunk:
         """The buffers as one inputs frame, the same as a queued batch of tensors gives; the
         matrices' pieces are written as they are."""
         import numpy as np
